@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[all,testing]"
+	@touch $(STAMP)
+
+# With a display: napari with the plugin's widgets and the sample images.
+# Without one: the same job headless (`microclf demo`).
+demo: $(STAMP)
+	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
+		$(BIN)/python -m napari_microclf._demo; \
+	else \
+		echo "No display found (DISPLAY is not set): running the headless demo, microclf demo."; \
+		$(BIN)/microclf demo --out demo-output; \
+	fi
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,423 @@
+"""Reading microscopy images page by page, and turning a page into model input.
+
+A *page* here is one 2D image with its channels, shaped ``(Y, X, C)``: one plane of a
+Z-stack or time-lapse, one frame of a multi-page TIFF, or a whole PNG. Channels that a TIFF
+stores as separate planes (ImageJ / OME ``C`` axis) are gathered back into one page.
+
+Pages of a TIFF are read lazily: opening a multi-GB stack reads its header only, and each
+``page(i)`` reads the planes of that page alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read; the message names the file and what to do."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file holds. ``axes`` uses tifffile's letters (e.g. ``TCYX``, ``ZYXS``)."""
+
+    path: str
+    axes: str
+    shape: tuple[int, ...]
+    dtype: str
+    n_pages: int
+    n_channels: int
+    page_axes: str  # the axes that enumerate pages, e.g. "TZ"; "" for a single image
+    channel_axis: str | None  # "C" (planes) or "S" (samples in a plane), None for gray
+
+    @property
+    def page_shape(self) -> tuple[int, int, int]:
+        y = self.shape[self.axes.index("Y")]
+        x = self.shape[self.axes.index("X")]
+        return (y, x, self.n_channels)
+
+
+class ImageFile:
+    """A lazily read image file. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ImageReadError(f"{self.path}: no such file")
+        self._tif = None
+        self._array: np.ndarray | None = None
+        try:
+            if self.path.suffix.lower() in TIFF_SUFFIXES:
+                self._open_tiff()
+            else:
+                self._open_other()
+        except ImageReadError:
+            self.close()
+            raise
+        except Exception as exc:  # any decoder error becomes one clear message
+            self.close()
+            raise ImageReadError(
+                f"{self.path}: cannot read this image ({type(exc).__name__}: {exc}). "
+                "Is the file complete and a TIFF/PNG/JPEG? Re-export it or remove it."
+            ) from exc
+
+    # -- opening -------------------------------------------------------------------
+    def _open_tiff(self) -> None:
+        import tifffile
+
+        self._tif = tifffile.TiffFile(self.path)
+        series = self._tif.series[0]
+        axes, shape = series.axes, tuple(series.shape)
+        page = series.keyframe
+        page_axes_in_plane = page.axes
+        n_lead = len(axes) - len(page_axes_in_plane)
+        if n_lead < 0 or axes[n_lead:] != page_axes_in_plane or len(series.pages) != math.prod(
+            shape[:n_lead]
+        ):
+            # An unusual layout: fall back to reading the series whole.
+            self._array = series.asarray()
+            self._set_layout(axes, shape, str(series.dtype), lead_shape=None)
+            return
+        self._plane_axes = page_axes_in_plane
+        self._set_layout(axes, shape, str(series.dtype), lead_shape=shape[:n_lead])
+
+    def _open_other(self) -> None:
+        import imageio.v3 as iio
+
+        arr = np.asarray(iio.imread(self.path))
+        if arr.ndim == 2:
+            axes = "YX"
+        elif arr.ndim == 3 and arr.shape[-1] <= 4:
+            axes = "YXS"
+        elif arr.ndim == 3:  # animated formats: frames first
+            axes = "IYX"
+        elif arr.ndim == 4:
+            axes = "IYXS"
+        else:
+            raise ImageReadError(f"{self.path}: unsupported image shape {arr.shape}")
+        self._array = arr
+        self._set_layout(axes, arr.shape, str(arr.dtype), lead_shape=None)
+
+    def _set_layout(self, axes, shape, dtype, lead_shape) -> None:
+        if "Y" not in axes or "X" not in axes:
+            raise ImageReadError(f"{self.path}: no Y/X axes found (axes {axes!r}, shape {shape})")
+        chan = [a for a in "CS" if a in axes and shape[axes.index(a)] > 1]
+        if len(chan) > 1:
+            raise ImageReadError(
+                f"{self.path}: both C and S channel axes (axes {axes!r}); save the channels "
+                "along one axis"
+            )
+        channel_axis = chan[0] if chan else None
+        page_axes = "".join(a for a in axes if a not in "YXCS")
+        n_pages = math.prod(shape[axes.index(a)] for a in page_axes)
+        n_channels = shape[axes.index(channel_axis)] if channel_axis else 1
+        self.info = ImageInfo(
+            path=str(self.path),
+            axes=axes,
+            shape=tuple(int(s) for s in shape),
+            dtype=dtype,
+            n_pages=int(n_pages),
+            n_channels=int(n_channels),
+            page_axes=page_axes,
+            channel_axis=channel_axis,
+        )
+        self._lead_shape = lead_shape
+
+    # -- reading -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.info.n_pages
+
+    def page(self, index: int) -> np.ndarray:
+        """Page ``index`` as ``(Y, X, C)`` in the file's dtype."""
+        info = self.info
+        if not 0 <= index < info.n_pages:
+            raise IndexError(f"{self.path}: page {index} out of range (0..{info.n_pages - 1})")
+        try:
+            if self._array is not None:
+                return self._page_from_array(index)
+            return self._page_from_tiff(index)
+        except (IndexError, ImageReadError):
+            raise
+        except Exception as exc:
+            raise ImageReadError(
+                f"{self.path}: page {index} cannot be read ({type(exc).__name__}: {exc}); "
+                "the file may be truncated"
+            ) from exc
+
+    def pages(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.page(i)
+
+    def _page_index(self, index: int) -> dict[str, int]:
+        info = self.info
+        dims = [info.shape[info.axes.index(a)] for a in info.page_axes]
+        coords = np.unravel_index(index, dims) if dims else ()
+        return dict(zip(info.page_axes, (int(c) for c in coords), strict=True))
+
+    def _page_from_array(self, index: int) -> np.ndarray:
+        info = self.info
+        at = self._page_index(index)
+        sl = tuple(at.get(a, slice(None)) for a in info.axes)
+        sub = self._array[sl]
+        sub_axes = "".join(a for a in info.axes if a not in at)
+        return _to_yxc(sub, sub_axes)
+
+    def _page_from_tiff(self, index: int) -> np.ndarray:
+        info = self.info
+        at = self._page_index(index)
+        lead_axes = info.axes[: len(self._lead_shape)]
+        if info.channel_axis == "C" and "C" in lead_axes:
+            keys = []
+            for c in range(info.n_channels):
+                coords = [c if a == "C" else at.get(a, 0) for a in lead_axes]
+                keys.append(int(np.ravel_multi_index(coords, self._lead_shape)))
+        else:
+            coords = [at.get(a, 0) for a in lead_axes]
+            keys = [int(np.ravel_multi_index(coords, self._lead_shape))] if coords else [0]
+        planes = [self._tif.series[0].pages[k].asarray() for k in keys]
+        if len(planes) > 1:  # channels stored as planes
+            return _to_yxc(np.stack(planes, axis=0), "C" + self._plane_axes)
+        return _to_yxc(planes[0], self._plane_axes)
+
+    def close(self) -> None:
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_yxc(arr: np.ndarray, axes: str) -> np.ndarray:
+    """Reorder an array with ``axes`` (a subset of Y, X, C, S and size-1 others) to YXC."""
+    keep = [i for i, a in enumerate(axes) if a in "YXCS" or arr.shape[i] != 1]
+    extra = [axes[i] for i in keep if axes[i] not in "YXCS"]
+    if extra:
+        raise ImageReadError(f"unexpected extra axes {extra} in a page (axes {axes!r})")
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "CS"]
+    arr = np.transpose(arr, order)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    elif arr.ndim == 4:  # both C and S of size > 1 is refused earlier; merge the rest
+        arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+    return arr
+
+
+def open_image(path: str | Path) -> ImageFile:
+    """Open ``path`` for lazy page reading (PNG, JPEG, TIFF incl. multi-page and OME)."""
+    return ImageFile(path)
+
+
+def read_page(path: str | Path, index: int = 0) -> np.ndarray:
+    with open_image(path) as f:
+        return f.page(index)
+
+
+def count_pages(path: str | Path) -> int:
+    with open_image(path) as f:
+        return len(f)
+
+
+# -- preprocessing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a page becomes the model's ``(size, size, 3)`` float input in [0, 255].
+
+    - ``pmin``/``pmax``: per-channel percentiles mapped to 0 and 255 (then clipped), so a
+      12-bit image in a 16-bit container and an 8-bit image look alike to the model.
+    - ``channel_map``: which source channel feeds R, G and B; ``None`` in a slot is black.
+      ``None`` as a whole means automatic: gray is repeated to 3 channels, 2 channels become
+      (ch0, ch1, black), 3 channels stay, 4 or more keep the first three.
+    - ``resize_mode``: ``"pad"`` pads the shorter side with black to a square, then resizes,
+      so shapes keep their proportions and nothing is cropped; ``"stretch"`` resizes each
+      side independently.
+    """
+
+    image_size: int = 224
+    pmin: float = 1.0
+    pmax: float = 99.8
+    channel_map: tuple[int | None, int | None, int | None] | None = None
+    resize_mode: str = "pad"
+
+    def __post_init__(self):
+        if self.image_size < 8:
+            raise ValueError(f"image size must be at least 8 pixels, got {self.image_size}")
+        if not 0 <= self.pmin < self.pmax <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= pmin < pmax <= 100, got "
+                             f"{self.pmin}, {self.pmax}")
+        if self.resize_mode not in ("pad", "stretch"):
+            raise ValueError(f"resize_mode must be 'pad' or 'stretch', got {self.resize_mode!r}")
+        if self.channel_map is not None:
+            cm = tuple(self.channel_map)
+            if len(cm) != 3 or any(c is not None and (int(c) != c or c < 0) for c in cm):
+                raise ValueError(f"channel_map needs 3 entries of channel index or None, got {cm}")
+            object.__setattr__(self, "channel_map", cm)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_map"] = list(self.channel_map) if self.channel_map is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessSpec:
+        d = dict(d)
+        if d.get("channel_map") is not None:
+            d["channel_map"] = tuple(d["channel_map"])
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def parse_channel_map(text: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """``"auto"`` -> None; ``"0,1,-"`` -> (0, 1, None)."""
+    if text is None or text.strip().lower() in ("", "auto"):
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"channel map needs three entries like '0,1,-', got {text!r}")
+    return tuple(None if p in ("-", "none", "") else int(p) for p in parts)  # type: ignore
+
+
+def normalize_percentile(page: np.ndarray, pmin: float = 1.0, pmax: float = 99.8) -> np.ndarray:
+    """Per-channel percentile normalisation of a ``(Y, X, C)`` page to float32 in [0, 255].
+
+    A constant channel (no contrast at all) becomes 0.
+    """
+    page = np.asarray(page, dtype=np.float32)
+    if page.ndim == 2:
+        page = page[..., None]
+    out = np.empty_like(page, dtype=np.float32)
+    for c in range(page.shape[-1]):
+        ch = page[..., c]
+        finite = np.isfinite(ch)
+        if not finite.all():
+            ch = np.where(finite, ch, np.nanmin(np.where(finite, ch, np.nan)) if finite.any() else 0)
+        lo, hi = np.percentile(ch, [pmin, pmax])
+        if hi > lo:
+            out[..., c] = (ch - lo) * (255.0 / (hi - lo))
+        else:
+            out[..., c] = 0.0
+    np.clip(out, 0.0, 255.0, out=out)
+    return out
+
+
+def select_channels(page: np.ndarray, channel_map=None) -> np.ndarray:
+    """Pick/arrange channels of a ``(Y, X, C)`` page into 3 channels (see PreprocessSpec)."""
+    if page.ndim == 2:
+        page = page[..., None]
+    n = page.shape[-1]
+    if channel_map is None:
+        if n == 1:
+            return np.repeat(page, 3, axis=-1)
+        if n == 2:
+            channel_map = (0, 1, None)
+        else:
+            channel_map = (0, 1, 2)
+    bad = [c for c in channel_map if c is not None and c >= n]
+    if bad:
+        raise ImageReadError(
+            f"channel map {list(channel_map)} asks for channel {bad[0]} but the image has "
+            f"{n} channel(s); choose a channel map within 0..{n - 1}"
+        )
+    zeros = np.zeros(page.shape[:2], dtype=page.dtype)
+    return np.stack([page[..., c] if c is not None else zeros for c in channel_map], axis=-1)
+
+
+def resize_to_square(page: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Resize a ``(Y, X, 3)`` float page to ``(size, size, 3)`` without cropping."""
+    from skimage.transform import resize
+
+    h, w = page.shape[:2]
+    if mode == "pad" and h != w:
+        side = max(h, w)
+        padded = np.zeros((side, side, page.shape[2]), dtype=page.dtype)
+        y0, x0 = (side - h) // 2, (side - w) // 2
+        padded[y0 : y0 + h, x0 : x0 + w] = page
+        page = padded
+    if page.shape[0] == size and page.shape[1] == size:
+        return page.astype(np.float32, copy=False)
+    out = resize(page, (size, size), order=1, anti_aliasing=page.shape[0] > size,
+                 preserve_range=True)
+    return out.astype(np.float32, copy=False)
+
+
+def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """One page (``(Y, X)`` or ``(Y, X, C)``, any dtype) to ``(S, S, 3)`` float32 in [0, 255]."""
+    page = np.asarray(page)
+    if page.ndim == 2:
+        page = page[..., None]
+    if page.ndim != 3 or min(page.shape[:2]) < 2:
+        raise ImageReadError(
+            f"expected a 2D image with optional channels (Y, X[, C]), got shape {page.shape}"
+        )
+    chosen = select_channels(page, spec.channel_map)
+    norm = normalize_percentile(chosen, spec.pmin, spec.pmax)
+    return resize_to_square(norm, spec.image_size, spec.resize_mode)
+
+
+@dataclass
+class PageRef:
+    """One page of one file: the unit of training and prediction."""
+
+    path: Path
+    page: int = 0
+    label: int | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def iter_page_refs(paths: Sequence[str | Path]) -> Iterator[PageRef]:
+    """Expand files into their pages (reads headers only)."""
+    for p in paths:
+        n = count_pages(p)
+        for i in range(n):
+            yield PageRef(Path(p), i)
+
+
+def preprocess_refs(refs: Sequence[PageRef], spec: PreprocessSpec, on_progress=None,
+                    should_stop=None) -> np.ndarray | None:
+    """Read and preprocess pages into one ``(N, S, S, 3)`` float32 array (each file opened once).
+
+    ``on_progress(done, total)`` is called after each page; returns None if ``should_stop()``.
+    """
+    s = spec.image_size
+    out = np.empty((len(refs), s, s, 3), dtype=np.float32)
+    order = sorted(range(len(refs)), key=lambda i: (str(refs[i].path), refs[i].page))
+    current: ImageFile | None = None
+    try:
+        for done, i in enumerate(order, 1):
+            ref = refs[i]
+            if current is None or current.path != Path(ref.path):
+                if current is not None:
+                    current.close()
+                current = open_image(ref.path)
+            try:
+                out[i] = preprocess(current.page(ref.page), spec)
+            except ImageReadError as exc:
+                msg = str(exc)
+                raise ImageReadError(msg if str(ref.path) in msg else f"{ref.path}: {msg}") from exc
+            if on_progress is not None:
+                on_progress(done, len(refs))
+            if should_stop is not None and should_stop():
+                return None
+    finally:
+        if current is not None:
+            current.close()
+    return out

@@ -1,0 +1,140 @@
+"""Prediction: per page class, confidence and all probabilities, for arrays, files and folders.
+
+Pages of a stack are streamed in batches, so memory is bounded by the batch, not the stack.
+The model is loaded once per :class:`Predictor` and its forward pass traced once.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .images import ImageReadError, is_image_file, open_image, preprocess
+from .model import Bundle, load_bundle
+
+
+@dataclass(frozen=True)
+class PagePrediction:
+    file: str | None
+    page: int
+    class_name: str
+    confidence: float
+    probabilities: dict[str, float]
+
+    def label(self, threshold: float = 0.0) -> str:
+        """The class, or ``"uncertain"`` below ``threshold``."""
+        return self.class_name if self.confidence >= threshold else "uncertain"
+
+
+class Predictor:
+    """A loaded bundle ready to classify pages."""
+
+    def __init__(self, bundle: Bundle | str | Path, batch_size: int = 32):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.class_names = self.bundle.class_names
+        self.spec = self.bundle.preprocess
+        self.batch_size = int(batch_size)
+        self._forward = None
+
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        if self._forward is None:
+            import tensorflow as tf
+
+            model = self.bundle.model
+            size = self.spec.image_size
+            self._forward = tf.function(
+                lambda x: model(x, training=False), reduce_retracing=True,
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        return np.asarray(self._forward(batch))
+
+    def _result(self, probs: np.ndarray, file, page) -> PagePrediction:
+        i = int(probs.argmax())
+        return PagePrediction(
+            None if file is None else str(file), int(page), self.class_names[i],
+            float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)})
+
+    def predict_pages(self, pages: Iterable[tuple[object, int, np.ndarray]],
+                      should_stop=None) -> Iterator[PagePrediction]:
+        """Classify ``(file, page, array)`` items, batching as they stream in."""
+        size = self.spec.image_size
+        buf = np.empty((self.batch_size, size, size, 3), dtype=np.float32)
+        keys: list = []
+        for file, page, array in pages:
+            buf[len(keys)] = preprocess(array, self.spec)
+            keys.append((file, page))
+            if len(keys) == self.batch_size:
+                yield from self._flush(buf, keys)
+                keys = []
+                if should_stop is not None and should_stop():
+                    return
+        if keys:
+            yield from self._flush(buf[: len(keys)], keys)
+
+    def _flush(self, buf, keys):
+        probs = self._probabilities(buf)
+        for (file, page), p in zip(keys, probs, strict=True):
+            yield self._result(p, file, page)
+
+    def predict_array(self, array: np.ndarray, pages: bool = False) -> list[PagePrediction]:
+        """One image ``(Y, X[, C])``, or with ``pages=True`` a stack ``(P, Y, X[, C])``."""
+        array = np.asarray(array)
+        items = ((None, i, a) for i, a in enumerate(array)) if pages else [(None, 0, array)]
+        return list(self.predict_pages(items))
+
+    def predict_file(self, path: str | Path, should_stop=None) -> Iterator[PagePrediction]:
+        with open_image(path) as f:
+            yield from self.predict_pages(((path, i, f.page(i)) for i in range(len(f))),
+                                          should_stop)
+
+    def predict_paths(self, paths: Sequence[str | Path], should_stop=None
+                      ) -> Iterator[PagePrediction]:
+        """Files and folders (searched recursively for images), in sorted order."""
+        for path in expand_paths(paths):
+            yield from self.predict_file(path, should_stop)
+            if should_stop is not None and should_stop():
+                return
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)
+                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ImageReadError(f"{p}: no such file or folder")
+    return out
+
+
+def predict(bundle, image_or_path, batch_size: int = 32) -> list[PagePrediction]:
+    """Classify an array (one page), a file (every page), a folder, or a list of paths."""
+    predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
+    if isinstance(image_or_path, np.ndarray):
+        return predictor.predict_array(image_or_path)
+    paths = [image_or_path] if isinstance(image_or_path, (str, Path)) else list(image_or_path)
+    return list(predictor.predict_paths(paths))
+
+
+def write_csv(predictions: Iterable[PagePrediction], path: str | Path,
+              class_names: Sequence[str], threshold: float = 0.0) -> int:
+    """CSV with file, page, class, confidence and one probability column per class."""
+    from .dataset import atomic_write_text
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "page", "class", "confidence", *class_names])
+    n = 0
+    for p in predictions:
+        w.writerow([p.file or "", p.page, p.label(threshold), f"{p.confidence:.4f}",
+                    *(f"{p.probabilities[c]:.4f}" for c in class_names)])
+        n += 1
+    atomic_write_text(path, buf.getvalue())
+    return n
