@@ -138,6 +138,13 @@ def build_classifier(
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="predictions")(x)
     model = keras.Model(inputs, outputs, name="microclf")
     set_fine_tune(model, fine_tune, keep_batchnorm_frozen=not from_scratch)
+    if from_scratch:
+        # BatchNorm's moving statistics (momentum 0.99) need thousands of steps to settle;
+        # a small dataset gives a few hundred, and validation would then run on statistics
+        # that are still near their initial values. 0.9 settles within ~50 steps.
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
     if weights is None and fine_tune == 0:
         warnings.warn(FROZEN_RANDOM_WARNING, stacklevel=2)
     return model
