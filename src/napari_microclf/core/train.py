@@ -331,7 +331,7 @@ def train(
             monitor=monitor, patience=config.early_stopping_patience,
             restore_best_weights=True, verbose=0))
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
-              callbacks=callbacks, verbose=0)
+              callbacks=callbacks, shuffle=False, verbose=0)  # tf.data shuffles
     if reporter.stopped:
         return stopped_result(names, history, reporter.epochs_run)
     if reporter.epochs_run < config.epochs:
@@ -375,7 +375,7 @@ def train(
     if report["accuracy"] is not None:
         emit(Message(f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"))
     for f in report["diagnosis"]:
-        emit(Message(f"{f['finding']}: {f['evidence']}. {f['remedy']}"))
+        emit(Message(f"{f['finding']}: {f['evidence'].rstrip('.')}. {f['remedy']}"))
     emit(Message(f"Model saved to {bundle}"))
     return TrainResult(bundle, names, history, report, False, reporter.epochs_run,
                        time.perf_counter() - t_start, meta)

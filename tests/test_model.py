@@ -1,0 +1,136 @@
+"""The classifier's structure, its weights options, and bundle checks (no network)."""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from napari_microclf.core import model as m
+from napari_microclf.core.model import BundleError, WeightsError
+
+
+def _bn_trainable(base):
+    return [ly.trainable for ly in base.layers if isinstance(ly, keras.layers.BatchNormalization)]
+
+
+def test_frozen_base_with_a_trained_head():
+    with pytest.warns(UserWarning, match="frozen and has no pretrained weights"):
+        model = m.build_classifier(3, image_size=32, weights=None, dropout=0.3)
+    names = [ly.name for ly in model.layers]
+    assert names[-4:] == ["efficientnetb0", "avg_pool", "dropout", "predictions"]
+    assert "augmentation" in names
+    assert model.get_layer("dropout").rate == 0.3
+    assert model.output_shape == (None, 3)
+    trainable = {w.path.split("/")[0] for w in model.trainable_weights}
+    assert trainable == {"predictions"}
+
+
+def test_fine_tune_unfreezes_whole_top_stages_with_batchnorm_frozen():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fine-tuning a random base is not the frozen case
+        model = m.build_classifier(2, image_size=32, weights=None, fine_tune=2, augment=False)
+    base = model.get_layer("efficientnetb0")
+    open_layers = {ly.name.split("_")[0] for ly in base.layers
+                   if ly.trainable and ly.weights}
+    assert open_layers == {"block6a", "block6b", "block6c", "block6d", "block7a", "top"}
+    assert not any(_bn_trainable(base))
+    everything = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
+    base = everything.get_layer("efficientnetb0")
+    assert all(ly.trainable for ly in base.layers)  # from scratch: BatchNorm learns too
+    assert all(_bn_trainable(base))
+    with pytest.raises(ValueError, match="fine_tune"):
+        m.parse_fine_tune(9)
+
+
+def test_imagenet_offline_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+
+    def offline(*args, **kwargs):  # what keras' download raises without network
+        raise Exception("URL fetch failure on efficientnetb0_notop.h5: None -- Name unknown")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    from keras.src.applications import efficientnet
+
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", offline)
+    with pytest.raises(WeightsError) as err:
+        m.build_classifier(2, image_size=32, weights="imagenet")
+    msg = str(err.value)
+    assert "efficientnetb0_notop.h5" in msg and str(tmp_path / "kh" / "models") in msg
+    assert "--weights none" in msg
+
+
+def test_weights_file_must_exist_and_fit(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        m.normalize_weights(tmp_path / "nope.h5")
+    assert m.normalize_weights("none") is None and m.normalize_weights("ImageNet") == "imagenet"
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(WeightsError, match="bad.weights.h5"):
+        m.build_classifier(2, image_size=32, weights=str(bad))
+
+
+def test_weights_file_round_trip(tmp_path):
+    """A local weights file (e.g. a copy of the ImageNet one) is loaded into the base."""
+    base = keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                             input_shape=(32, 32, 3))
+    path = tmp_path / "mine.weights.h5"
+    base.save_weights(path)
+    model = m.build_classifier(2, image_size=32, weights=str(path), augment=False)
+    loaded = model.get_layer("efficientnetb0").get_layer("stem_conv").get_weights()[0]
+    np.testing.assert_array_equal(loaded, base.get_layer("stem_conv").get_weights()[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "model"
+    model = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
+    meta = {"class_names": ["a", "b"],
+            "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8}}
+    m.write_bundle(out, model, meta)
+    return out
+
+
+def test_bundle_round_trip(tiny_bundle):
+    b = m.load_bundle(tiny_bundle)
+    assert b.class_names == ["a", "b"] and b.preprocess.image_size == 32
+    assert b.model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 2)
+
+
+def test_bundle_errors(tiny_bundle, tmp_path):
+    import shutil
+
+    with pytest.raises(BundleError, match="does not exist"):
+        m.load_bundle(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not a microclf model folder"):
+        m.load_bundle(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / m.META_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        m.load_bundle(broken)
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(tiny_bundle, mismatch)
+    meta = json.loads((mismatch / m.META_FILE).read_text())
+    meta["class_names"] = ["a", "b", "c"]
+    (mismatch / m.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="predicts 2 classes but"):
+        m.load_bundle(mismatch)
+    nomodel = tmp_path / "nomodel"
+    shutil.copytree(tiny_bundle, nomodel)
+    (nomodel / m.MODEL_FILE).unlink()
+    with pytest.raises(BundleError, match="has no model.keras"):
+        m.load_bundle(nomodel)
+
+
+def test_write_bundle_never_touches_a_foreign_folder(tmp_path):
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.docx").write_text("years of work")
+    model = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
+    with pytest.raises(BundleError, match="not a microclf model folder"):
+        m.write_bundle(precious, model, {"class_names": ["a", "b"]})
+    assert (precious / "thesis.docx").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]

@@ -1,0 +1,218 @@
+"""Training from scratch on the sample data, its lines, its bundle, prediction, CLI, stopping.
+
+One real training (weights none, whole network trainable, 48 px, fixed seed) is shared by
+the tests of this module; the others use one-epoch runs on 32 px images.
+"""
+
+import csv
+import hashlib
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from napari_microclf.cli import main as cli_main
+from napari_microclf.core.predict import Predictor, predict, write_csv
+from napari_microclf.core.sample import CLASSES, write_sample
+from napari_microclf.core.train import BatchEnd, EpochEnd, Message, TrainConfig, train
+
+EPOCH_LINE = re.compile(
+    r"^(\d+)/\1 - \d+s - loss: \d+\.\d{4} - accuracy: \d\.\d{4} - val_loss: \d+\.\d{4} - "
+    r"val_accuracy: \d\.\d{4} - lr: \d\.\d{4}e-\d\d - \d+s/epoch - \d+ms/step$"
+)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return write_sample(tmp_path_factory.mktemp("sample"), n_per_class=100, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "model"
+    config = TrainConfig(str(sample["dataset"]), str(out), epochs=16, batch_size=16,
+                         learning_rate=1e-3, image_size=48, weights=None, fine_tune="all",
+                         augment=False, early_stopping=False, seed=0)
+    updates = []
+    result = train(config, on_update=updates.append)
+    return result, updates
+
+
+def test_from_scratch_training_beats_chance(trained):
+    result, _ = trained
+    assert not result.stopped and result.epochs_run == 16
+    chance = 1 / len(CLASSES)
+    assert result.report["n"] == 30
+    assert result.report["accuracy"] >= chance + 0.3, result.report
+    assert result.history["val_accuracy"][-1] > chance + 0.2
+
+
+def test_reports_the_training_guides_lines(trained):
+    result, updates = trained
+    texts = [u.text for u in updates if isinstance(u, Message)]
+    dist = next(t for t in texts if t.startswith("Class distribution: "))
+    assert dist == "Class distribution: {0: 70, 1: 70, 2: 70}"
+    weights = next(t for t in texts if t.startswith("Class weights: "))
+    assert weights == "Class weights: {0: 1.0, 1: 1.0, 2: 1.0}"
+    epoch_starts = [u.text for u in updates if type(u).__name__ == "EpochStart"]
+    assert epoch_starts[0] == "Epoch 1/16" and epoch_starts[-1] == "Epoch 16/16"
+    lines = [u.line for u in updates if isinstance(u, EpochEnd)]
+    assert len(lines) == 16 and all(EPOCH_LINE.match(li) for li in lines), lines[0]
+    assert lines[0].startswith("14/14 - ")  # 210 training images / batch 16
+    batches = [u for u in updates if isinstance(u, BatchEnd)]
+    assert len(batches) == 16 * 14 and batches[-1].batch == batches[-1].steps == 14
+
+
+def test_bundle_holds_model_metadata_and_report(trained, sample):
+    result, _ = trained
+    b = result.bundle
+    assert {p.name for p in b.iterdir()} == {"model.keras", "microclf.json", "report.json",
+                                              "report.md"}
+    meta = json.loads((b / "microclf.json").read_text())
+    assert meta["class_names"] == list(CLASSES)
+    assert meta["preprocessing"]["image_size"] == 48 and meta["preprocessing"]["pmax"] == 99.8
+    assert meta["weights"] == "none" and meta["config"]["epochs"] == 16
+    assert len(meta["history"]["loss"]) == 16 and len(meta["history"]["lr"]) == 16
+    assert set(meta["versions"]) == {"napari_microclf", "tensorflow", "keras"}
+    assert meta["split"]["assignments"] == json.loads(
+        (sample["dataset"] / "split.json").read_text())["assignments"]
+    report = json.loads((b / "report.json").read_text())
+    assert np.array(report["confusion_matrix"]).sum() == 30
+    assert {c["class"] for c in report["per_class"]} == set(CLASSES)
+    assert report["diagnosis"] and "## Diagnosis" in (b / "report.md").read_text()
+    for mis in report["misclassified"]:
+        assert mis["true"] != mis["predicted"] and "split.json" not in mis["file"]
+
+
+def test_predict_a_stack_page_by_page_and_export_csv(trained, sample, tmp_path):
+    result, _ = trained
+    preds = predict(result.bundle, sample["stack"])
+    assert [p.page for p in preds] == list(range(12))
+    for p in preds:
+        assert abs(sum(p.probabilities.values()) - 1) < 1e-4
+        assert p.confidence == max(p.probabilities.values())
+    right = sum(p.class_name == t for p, t in zip(preds, sample["stack_labels"], strict=True))
+    assert right >= 7, [(p.class_name, t) for p, t in zip(preds, sample["stack_labels"])]
+    csv_path = tmp_path / "out.csv"
+    write_csv(preds, csv_path, list(CLASSES), threshold=0.99)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert list(rows[0]) == ["file", "page", "class", "confidence", *CLASSES]
+    assert len(rows) == 12 and rows[3]["page"] == "3"
+    for row, p in zip(rows, preds, strict=True):
+        assert row["class"] == (p.class_name if p.confidence >= 0.99 else "uncertain")
+        assert abs(float(row[p.class_name]) - p.probabilities[p.class_name]) < 1e-4
+    # an in-memory page gives the same answer as the file
+    predictor = Predictor(result.bundle)
+    from napari_microclf.core.images import read_page
+
+    same = predictor.predict_array(read_page(sample["stack"], 5))[0]
+    assert same.class_name == preds[5].class_name
+    assert abs(same.confidence - preds[5].confidence) < 1e-4
+
+
+def test_cli_evaluate_predict_and_errors(trained, sample, tmp_path, capsys):
+    result, _ = trained
+    assert cli_main(["evaluate", str(result.bundle), str(sample["dataset"])]) == 0
+    out = capsys.readouterr().out
+    assert f"Accuracy: **{result.report['accuracy']:.2%}**" in out
+    csv_out = tmp_path / "p.csv"
+    assert cli_main(["predict", str(result.bundle), str(sample["stack"]),
+                     str(sample["dataset"] / "round"), "--csv", str(csv_out), "--quiet"]) == 0
+    assert len(list(csv.DictReader(csv_out.open()))) == 12 + 100
+    assert cli_main(["predict", str(tmp_path / "no-model"), str(sample["stack"])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "Traceback" not in err[0]
+    assert cli_main(["train", str(tmp_path / "nodata"), "--out", str(tmp_path / "m")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _tiny_config(sample, out, **kw):
+    args = dict(epochs=1, batch_size=8, image_size=32, weights=None, fine_tune="all",
+                early_stopping=False, seed=1)
+    args.update(kw)
+    return TrainConfig(str(sample["dataset"]), str(out), **args)
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_stop_within_a_batch_keeps_the_earlier_bundle(trained, sample, tmp_path):
+    import shutil
+
+    earlier = tmp_path / "model"
+    shutil.copytree(trained[0].bundle, earlier)
+    before = _digest(earlier)
+    seen = []
+
+    def on_update(u):
+        seen.append(u)
+
+    def should_stop():
+        return sum(isinstance(u, BatchEnd) for u in seen) >= 3
+
+    result = train(_tiny_config(sample, earlier, epochs=3), on_update, should_stop)
+    assert result.stopped and result.bundle is None
+    assert sum(isinstance(u, BatchEnd) for u in seen) == 3  # stopped right after batch 3
+    assert not any(isinstance(u, EpochEnd) for u in seen)
+    assert _digest(earlier) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folders left
+
+
+def test_a_failed_run_keeps_the_earlier_bundle(trained, sample, tmp_path):
+    import shutil
+
+    earlier = tmp_path / "model"
+    shutil.copytree(trained[0].bundle, earlier)
+    before = _digest(earlier)
+
+    def explode(u):
+        if isinstance(u, EpochEnd):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(_tiny_config(sample, earlier), explode)
+    assert _digest(earlier) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_stop_while_loading_images(sample, tmp_path):
+    result = train(_tiny_config(sample, tmp_path / "m"), None, lambda: True)
+    assert result.stopped and not (tmp_path / "m").exists()
+
+
+def test_class_weights_follow_the_distribution(tmp_path):
+    from napari_microclf.core.dataset import add_example
+    from napari_microclf.core.sample import make_image
+
+    rng = np.random.default_rng(0)
+    for cls, n in {"round": 30, "fragmented": 10}.items():
+        for i in range(n):
+            add_example(tmp_path / "data", cls, make_image(cls, rng, 32), source="s", page=i)
+    updates = []
+    train(TrainConfig(str(tmp_path / "data"), str(tmp_path / "m"), epochs=1, batch_size=8,
+                      image_size=32, weights=None, fine_tune="all"), updates.append)
+    texts = [u.text for u in updates if isinstance(u, Message)]
+    assert "Class distribution: {0: 7, 1: 21}" in texts  # 70% of 10 and 30
+    assert "Class weights: {0: 2.0, 1: 0.67}" in texts
+
+
+def test_core_and_training_import_neither_qt_nor_napari(sample, tmp_path):
+    code = f"""
+import sys
+import napari_microclf, napari_microclf.core
+from napari_microclf.core.train import TrainConfig, train
+assert "tensorflow" not in sys.modules, "TensorFlow imported eagerly"
+train(TrainConfig({str(sample['dataset'])!r}, {str(tmp_path / 'm')!r}, epochs=1, batch_size=16,
+                  image_size=32, weights=None, fine_tune="all"))
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ("qtpy", "PyQt5", "PyQt6",
+             "PySide2", "PySide6", "napari", "magicgui"))
+print("BAD", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BAD []" in out.stdout
