@@ -86,8 +86,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .core.evaluate import format_report_md
     from .core.evaluate import evaluate as run_evaluate
+    from .core.evaluate import format_report_md
 
     report = run_evaluate(args.model, args.data, subset=args.subset)
     print(format_report_md(report, f"{args.subset} report for {args.model}"))

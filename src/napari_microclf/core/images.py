@@ -308,8 +308,9 @@ def normalize_percentile(page: np.ndarray, pmin: float = 1.0, pmax: float = 99.8
     for c in range(page.shape[-1]):
         ch = page[..., c]
         finite = np.isfinite(ch)
-        if not finite.all():
-            ch = np.where(finite, ch, np.nanmin(np.where(finite, ch, np.nan)) if finite.any() else 0)
+        if not finite.all():  # NaN / inf pixels take the darkest finite value
+            fill = ch[finite].min() if finite.any() else 0.0
+            ch = np.where(finite, ch, fill)
         lo, hi = np.percentile(ch, [pmin, pmax])
         if hi > lo:
             out[..., c] = (ch - lo) * (255.0 / (hi - lo))

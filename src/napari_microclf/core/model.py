@@ -135,7 +135,9 @@ def build_classifier(
     x = base(x) if from_scratch else base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout", seed=seed)(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+    outputs = keras.layers.Dense(
+        n_classes, activation="softmax", name="predictions",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     model = keras.Model(inputs, outputs, name="microclf")
     set_fine_tune(model, fine_tune, keep_batchnorm_frozen=not from_scratch)
     if from_scratch:
@@ -182,8 +184,14 @@ def set_fine_tune(model, fine_tune, keep_batchnorm_frozen: bool = True) -> None:
         layer.trainable = unfrozen
 
 
-def head_layers(model):
-    return model.get_layer("dropout"), model.get_layer("predictions")
+def build_head(model, n_features: int):
+    """A model from pooled backbone features to class probabilities that *shares* the
+    classifier's ``dropout`` and ``predictions`` layers: training it trains the classifier."""
+    import keras
+
+    features = keras.Input((n_features,), name="features")
+    x = model.get_layer("dropout")(features)
+    return keras.Model(features, model.get_layer("predictions")(x), name="head")
 
 
 # -- bundles -------------------------------------------------------------------------------

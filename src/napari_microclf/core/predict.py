@@ -125,8 +125,9 @@ def predict(bundle, image_or_path, batch_size: int = 32) -> list[PagePrediction]
 def write_csv(predictions: Iterable[PagePrediction], path: str | Path,
               class_names: Sequence[str], threshold: float = 0.0) -> int:
     """CSV with file, page, class, confidence and one probability column per class."""
-    from .dataset import atomic_write_text
     import io
+
+    from .dataset import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -52,6 +52,10 @@ class TrainConfig:
     channel_map: tuple | None = None
     resize_mode: str = "pad"
     resplit: bool = False
+    # Frozen base: train the head on backbone features computed once (cached in the
+    # dataset) for each image and `views` augmented views of it. Fine-tuning ignores this.
+    cache: bool = True
+    views: int = 4
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -62,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.views < 0:
+            raise ValueError(f"views must be 0 or more, got {self.views}")
         if not 0 <= self.augment_strength <= 0.5:
             raise ValueError(f"augmentation strength must be in [0, 0.5], got "
                              f"{self.augment_strength}")
@@ -243,6 +249,7 @@ def train(
     from .model import (
         FROZEN_RANDOM_WARNING,
         build_classifier,
+        build_head,
         normalize_weights,
         parse_fine_tune,
         versions,
@@ -276,27 +283,15 @@ def train(
     emit(Message(f"Images: {len(samples.train)} train, {len(samples.val)} validation, "
                  f"{len(samples.test)} test"))
 
-    # Decode and normalise every page once for the whole training.
-    arrays = {}
-    total = len(samples.train) + len(samples.val) + len(samples.test)
-    loaded = [0]
-    t_load = time.perf_counter()
-
-    def loading(done, _n):
-        n = loaded[0] + done
-        if n % 16 == 0 or n == total:
-            dt = time.perf_counter() - t_load
-            rate = n / dt if dt > 0 else None
-            emit(Progress("loading", n, total, rate, (total - n) / rate if rate else None))
-
-    for subset in ("train", "val", "test"):
-        refs = getattr(samples, subset)
-        arrays[subset] = preprocess_refs(refs, spec, loading, should_stop)
-        if arrays[subset] is None:
-            return stopped_result(names, {})
-        loaded[0] += len(refs)
     y = {s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
          for s in ("train", "val", "test")}
+    cached = config.cache and fine_tune == 0
+    if cached:
+        inputs = _features(config, samples, weights, emit, should_stop)
+    else:
+        inputs = _images(config, samples, emit, should_stop)
+    if inputs is None:
+        return stopped_result(names, {})
 
     distribution = samples.distribution("train")
     emit(Message(f"Class distribution: {distribution}"))
@@ -309,15 +304,22 @@ def train(
         warnings.simplefilter("ignore")  # said above as a Message
         model = build_classifier(len(names), config.image_size, weights, config.dropout,
                                  config.augment, config.augment_strength, fine_tune, config.seed)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # With cached features only the head is trained; it shares the classifier's layers.
+    trained = build_head(model, inputs["train"].shape[-1]) if cached else model
+    trained.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     autotune = tf.data.AUTOTUNE
-    train_ds = (tf.data.Dataset.from_tensor_slices((arrays["train"], y["train"]))
-                .shuffle(len(y["train"]), seed=config.seed, reshuffle_each_iteration=True)
-                .batch(config.batch_size).prefetch(autotune))
+    train_ds = (tf.data.Dataset.from_tensor_slices((inputs["train"], y["train"]))
+                .shuffle(len(y["train"]), seed=config.seed, reshuffle_each_iteration=True))
+    if cached:  # each epoch sees one of the cached views of every training image
+        n_views = inputs["train"].shape[1]
+        view_seed = tf.random.Generator.from_seed(config.seed)
+        train_ds = train_ds.map(
+            lambda f, label: (f[view_seed.uniform((), 0, n_views, tf.int32)], label))
+    train_ds = train_ds.batch(config.batch_size).prefetch(autotune)
     has_val = len(y["val"]) > 0
-    val_ds = (tf.data.Dataset.from_tensor_slices((arrays["val"], y["val"]))
+    val_ds = (tf.data.Dataset.from_tensor_slices((inputs["val"], y["val"]))
               .batch(config.batch_size).prefetch(autotune)) if has_val else None
     steps = int(np.ceil(len(y["train"]) / config.batch_size))
     monitor = "val_loss" if has_val else "loss"
@@ -330,7 +332,7 @@ def train(
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=monitor, patience=config.early_stopping_patience,
             restore_best_weights=True, verbose=0))
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
+    trained.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
               callbacks=callbacks, shuffle=False, verbose=0)  # tf.data shuffles
     if reporter.stopped:
         return stopped_result(names, history, reporter.epochs_run)
@@ -341,7 +343,7 @@ def train(
     report = None
     if len(y["test"]):
         emit(Progress("evaluating", 0, len(y["test"])))
-        probs = model.predict(arrays["test"], batch_size=config.batch_size, verbose=0)
+        probs = trained.predict(inputs["test"], batch_size=config.batch_size, verbose=0)
         emit(Progress("evaluating", len(y["test"]), len(y["test"])))
         report = classification_report(y["test"], probs, names, samples.test)
     else:
@@ -358,6 +360,7 @@ def train(
         "preprocessing": spec.to_dict(),
         "weights": weights or "none",
         "fine_tune": fine_tune,
+        "cached_features": cached,
         "config": config.to_dict(),
         "history": history,
         "epochs_run": reporter.epochs_run,
@@ -379,3 +382,62 @@ def train(
     emit(Message(f"Model saved to {bundle}"))
     return TrainResult(bundle, names, history, report, False, reporter.epochs_run,
                        time.perf_counter() - t_start, meta)
+
+
+def _images(config: TrainConfig, samples, emit, should_stop) -> dict | None:
+    """Every page decoded and normalised once for the whole training."""
+    spec = config.preprocessing
+    total = len(samples.train) + len(samples.val) + len(samples.test)
+    arrays, loaded, t0 = {}, 0, time.perf_counter()
+
+    def loading(done, _n):
+        n = loaded + done
+        if n % 16 == 0 or n == total:
+            rate = n / max(time.perf_counter() - t0, 1e-9)
+            emit(Progress("loading", n, total, rate, (total - n) / rate))
+
+    for subset in ("train", "val", "test"):
+        refs = getattr(samples, subset)
+        arrays[subset] = preprocess_refs(refs, spec, loading, should_stop)
+        if arrays[subset] is None:
+            return None
+        loaded += len(refs)
+    return arrays
+
+
+def _features(config: TrainConfig, samples, weights, emit, should_stop) -> dict | None:
+    """Backbone features from the dataset's cache, computing only what is missing."""
+    from .features import FeatureCache, FeatureExtractor, cache_key, extract_features
+
+    spec = config.preprocessing
+    views = 1 + (config.views if config.augment else 0)
+    strength = config.augment_strength if config.augment else None
+    cache = FeatureCache(config.data_dir, cache_key(spec, weights, config.seed, strength))
+    extractor = FeatureExtractor(config.image_size, weights, config.seed,
+                                 config.augment_strength, config.batch_size)
+    plan = [("train", views), ("val", 1), ("test", 1)]
+    earlier = {"done": 0, "last": 0}  # images of the subsets already finished
+
+    def progress(done, total, seconds):
+        rate = done / seconds if seconds > 0 else None
+        earlier["last"] = total
+        emit(Progress("features", earlier["done"] + done, earlier["done"] + total, rate,
+                      (total - done) / rate if rate else None))
+
+    out = {}
+    t0 = time.perf_counter()
+    for subset, n_views in plan:
+        refs = getattr(samples, subset)
+        feats = extract_features(refs, n_views, spec, extractor, cache, progress, should_stop)
+        if feats is None:
+            return None
+        out[subset] = feats if subset == "train" else feats[:, 0]
+        earlier["done"] += earlier["last"]
+        earlier["last"] = 0
+    if cache.unwritable:
+        emit(Message(f"Could not write the feature cache in {cache.folder} ({cache.unwritable})"
+                     "; features will be computed again next time.", "warning"))
+    emit(Message(f"Backbone features: {cache.computed} image(s) computed, {cache.hits} "
+                 f"reused from the cache ({views} view(s) per training image) in "
+                 f"{time.perf_counter() - t0:.1f}s"))
+    return out

@@ -1,0 +1,228 @@
+"""Cached backbone features: the frozen EfficientNetB0 runs once per image, not once per epoch.
+
+With a frozen base the classifier is ``head(backbone(augment(image)))`` and only the head
+learns, so the backbone's output (the 1280 pooled features) can be computed once for each
+training image and for ``K`` augmented views of it, and once for each validation and test
+image. Each epoch then trains the head on one randomly chosen view per image.
+
+The cache lives in the dataset, in ``.microclf-cache/<key>/``, one ``.npy`` per file
+content hash holding ``(pages, views, features)``. ``key`` hashes everything that changes
+the features: preprocessing (image size, percentiles, channel map, resize), the weights
+(ImageNet, the content of a weights file, or the seed of a random base), the augmentation
+strength and the Keras version. A changed setting therefore never reuses stale features, an
+edited file gets new ones (its content hash changes), and a retraining computes only what
+is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .images import PageRef, PreprocessSpec, preprocess_refs
+
+CACHE_DIR = ".microclf-cache"
+DEFAULT_VIEWS = 4  # augmented views per training image; see docs/performance.md
+
+
+def file_digest(path: str | Path, _memo: dict = {}) -> str:  # noqa: B006 - a deliberate memo
+    """sha1 of the file's bytes, memoised by (path, size, mtime)."""
+    st = os.stat(path)
+    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    if memo_key not in _memo:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _memo[memo_key] = h.hexdigest()
+    return _memo[memo_key]
+
+
+def cache_key(spec: PreprocessSpec, weights: str | None, seed: int,
+              augment_strength: float | None) -> str:
+    import keras
+
+    if weights is None:
+        weights_id = f"random-seed-{seed}"
+    elif weights == "imagenet":
+        weights_id = "imagenet"
+    else:
+        weights_id = "file-" + file_digest(weights)
+    text = json.dumps({"backbone": "EfficientNetB0", "spec": spec.to_dict(),
+                       "weights": weights_id, "augment": augment_strength,
+                       "keras": keras.__version__}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Features per file content hash in ``root/.microclf-cache/<key>/``."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.folder = Path(root) / CACHE_DIR / key
+        self.hits = 0
+        self.computed = 0
+        self.unwritable: str | None = None  # why saving failed (a read-only dataset)
+
+    def _path(self, digest: str) -> Path:
+        return self.folder / f"{digest}.npy"
+
+    def load(self, digest: str) -> np.ndarray | None:
+        path = self._path(digest)
+        if not path.exists():
+            return None
+        try:
+            return np.load(path)
+        except (OSError, ValueError):  # a damaged cache entry is recomputed
+            return None
+
+    def save(self, digest: str, feats: np.ndarray) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.folder)
+        except OSError as exc:
+            self.unwritable = str(exc)
+            return
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, feats)
+            os.replace(tmp, self._path(digest))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def make_backbone(image_size: int, weights: str | None, seed: int):
+    """The frozen base with global average pooling, as inside the classifier."""
+    import warnings
+
+    import keras
+
+    from .model import build_classifier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = build_classifier(2, image_size, weights, augment=False, seed=seed)
+    return keras.Model(full.input, full.get_layer("avg_pool").output, name="backbone")
+
+
+class FeatureExtractor:
+    """Runs the backbone (optionally after augmentation) over preprocessed images in batches."""
+
+    def __init__(self, image_size: int, weights: str | None, seed: int,
+                 augment_strength: float = 0.05, batch_size: int = 32):
+        import tensorflow as tf
+
+        from .model import build_augmentation
+
+        self.backbone = make_backbone(image_size, weights, seed)
+        self.augmentation = build_augmentation(augment_strength, seed)
+        self.batch_size = batch_size
+        spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
+        backbone, aug = self.backbone, self.augmentation
+        self._plain = tf.function(lambda x: backbone(x, training=False), input_signature=spec)
+        self._augmented = tf.function(lambda x: backbone(aug(x, training=True), training=False),
+                                      input_signature=spec)
+
+    def __call__(self, images: np.ndarray, augmented: bool = False) -> np.ndarray:
+        fn = self._augmented if augmented else self._plain
+        out = [np.asarray(fn(images[i: i + self.batch_size]))
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.backbone.output_shape[-1]),
+                                                        np.float32)
+
+
+def extract_features(
+    refs: Sequence[PageRef],
+    views: int,
+    spec: PreprocessSpec,
+    extractor: FeatureExtractor,
+    cache: FeatureCache | None,
+    on_progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray | None:
+    """``(len(refs), views, D)`` features; view 0 is the plain image, 1.. are augmented.
+
+    Only pages whose file is missing from the cache (or has fewer views cached) are read
+    and run through the backbone; ``on_progress(done, total, seconds)`` counts backbone
+    images. Returns None if stopped.
+    """
+    by_file: dict[Path, list[int]] = {}
+    for i, r in enumerate(refs):
+        by_file.setdefault(Path(r.path), []).append(i)
+    digests = {p: file_digest(p) for p in by_file}
+    result: list[np.ndarray | None] = [None] * len(refs)
+    todo: list[tuple[int, int]] = []  # (ref index, first missing view)
+    for path, idx in by_file.items():
+        cached = cache.load(digests[path]) if cache is not None else None
+        for i in idx:
+            page = refs[i].page
+            have = cached[page] if cached is not None and page < len(cached) else None
+            if have is not None:  # views are stored as a prefix; NaN rows were never computed
+                have = have[: int(np.isfinite(have).all(axis=1).cumprod().sum())] if len(have) \
+                    else None
+                have = have if have is not None and len(have) else None
+            if have is not None and have.shape[0] >= views:
+                result[i] = have[:views]
+                if cache is not None:
+                    cache.hits += 1
+            else:
+                todo.append((i, 0 if have is None else have.shape[0]))
+                result[i] = have
+    total = sum(views - start for _, start in todo)
+    done, t0 = 0, time.perf_counter()
+    step = max(extractor.batch_size, 1)
+    chunks = [todo[b: b + step] for b in range(0, len(todo), step)]
+    # Decoding the next chunk overlaps the backbone's work on this one.
+    pool = ThreadPoolExecutor(max_workers=1)
+    load = lambda chunk: preprocess_refs([refs[i] for i, _ in chunk], spec)  # noqa: E731
+    pending = pool.submit(load, chunks[0]) if chunks else None
+    for c, chunk in enumerate(chunks):
+        images = pending.result()
+        pending = pool.submit(load, chunks[c + 1]) if c + 1 < len(chunks) else None
+        for v in range(views):
+            rows = [k for k, (_, start) in enumerate(chunk) if start <= v]
+            if not rows:
+                continue
+            feats = extractor(images[rows], augmented=v > 0)
+            for k, f in zip(rows, feats, strict=True):
+                i = chunk[k][0]
+                prev = result[i]
+                result[i] = f[None] if prev is None else np.concatenate([prev[:v], f[None]])
+            done += len(rows)
+            if on_progress is not None:
+                on_progress(done, total, time.perf_counter() - t0)
+            if should_stop is not None and should_stop():
+                pool.shutdown(wait=True, cancel_futures=True)
+                return None
+    pool.shutdown()
+    if cache is not None and todo:
+        changed = {i for i, _ in todo}
+        for path, idx in by_file.items():
+            if changed.intersection(idx):
+                n_pages = max(refs[i].page for i in idx) + 1
+                old = cache.load(digests[path])
+                stored = _merge(old, {refs[i].page: result[i] for i in idx}, n_pages)
+                cache.save(digests[path], stored)
+        cache.computed += len(todo)
+    return np.stack(result) if result else np.zeros((0, views, 1280), np.float32)
+
+
+def _merge(old: np.ndarray | None, pages: dict[int, np.ndarray], n_pages: int) -> np.ndarray:
+    """Combine cached and new per-page views into one ``(pages, views, D)`` array."""
+    n_pages = max(n_pages, 0 if old is None else len(old))
+    views = max([a.shape[0] for a in pages.values()] + ([old.shape[1]] if old is not None else []))
+    dim = next(iter(pages.values())).shape[-1]
+    out = np.full((n_pages, views, dim), np.nan, np.float32)
+    if old is not None:
+        out[: len(old), : old.shape[1]] = old
+    for p, a in pages.items():
+        out[p, : a.shape[0]] = a
+    return out
