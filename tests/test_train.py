@@ -94,8 +94,8 @@ def test_predict_a_stack_page_by_page_and_export_csv(trained, sample, tmp_path):
     for p in preds:
         assert abs(sum(p.probabilities.values()) - 1) < 1e-4
         assert p.confidence == max(p.probabilities.values())
-    right = sum(p.class_name == t for p, t in zip(preds, sample["stack_labels"], strict=True))
-    assert right >= 7, [(p.class_name, t) for p, t in zip(preds, sample["stack_labels"], strict=True)]
+    pairs = [(p.class_name, t) for p, t in zip(preds, sample["stack_labels"], strict=True)]
+    assert sum(p == t for p, t in pairs) >= 7, pairs
     csv_path = tmp_path / "out.csv"
     write_csv(preds, csv_path, list(CLASSES), threshold=0.99)
     rows = list(csv.DictReader(csv_path.open()))
