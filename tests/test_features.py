@@ -132,3 +132,17 @@ def test_stack_prediction_memory_does_not_grow_with_pages(tmp_path):
     stack_bytes = 320 * 256 * 256 * 2
     assert big < 1.5 * small + 1_000_000, (small, big)
     assert big < stack_bytes / 4
+
+
+def test_augmented_views_flip_rotate_zoom_and_keep_the_range():
+    from napari_microclf.core.features import make_augment
+
+    img = np.zeros((1, 32, 32, 3), np.float32)
+    img[0, 4:10, 4:10] = 255  # a bright square near the top-left corner
+    views = np.concatenate([np.asarray(make_augment(0.05, seed=s)(img)) for s in range(12)])
+    assert views.min() >= 0 and views.max() <= 255
+    quadrants = {int(np.argmax([v[:16, :16].mean(), v[:16, 16:].mean(), v[16:, :16].mean(),
+                                v[16:, 16:].mean()])) for v in views}
+    assert len(quadrants) >= 3  # the square lands in different quadrants: flips happen
+    same = make_augment(0.0, seed=0)(img)  # strength 0: flips only
+    assert np.isclose(np.asarray(same).sum(), img.sum(), rtol=1e-3)

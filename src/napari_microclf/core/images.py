@@ -320,48 +320,63 @@ def normalize_percentile(page: np.ndarray, pmin: float = 1.0, pmax: float = 99.8
     return out
 
 
-def select_channels(page: np.ndarray, channel_map=None) -> np.ndarray:
-    """Pick/arrange channels of a ``(Y, X, C)`` page into 3 channels (see PreprocessSpec)."""
-    if page.ndim == 2:
-        page = page[..., None]
-    n = page.shape[-1]
-    if channel_map is None:
-        if n == 1:
-            return np.repeat(page, 3, axis=-1)
-        if n == 2:
-            channel_map = (0, 1, None)
-        else:
-            channel_map = (0, 1, 2)
+def _auto_channel_map(n: int) -> tuple[int | None, int | None, int | None]:
+    if n == 1:
+        return (0, 0, 0)
+    if n == 2:
+        return (0, 1, None)
+    return (0, 1, 2)
+
+
+def _check_channel_map(channel_map, n: int):
+    channel_map = _auto_channel_map(n) if channel_map is None else tuple(channel_map)
     bad = [c for c in channel_map if c is not None and c >= n]
     if bad:
         raise ImageReadError(
             f"channel map {list(channel_map)} asks for channel {bad[0]} but the image has "
             f"{n} channel(s); choose a channel map within 0..{n - 1}"
         )
+    return channel_map
+
+
+def select_channels(page: np.ndarray, channel_map=None) -> np.ndarray:
+    """Pick/arrange channels of a ``(Y, X, C)`` page into 3 channels (see PreprocessSpec)."""
+    if page.ndim == 2:
+        page = page[..., None]
+    channel_map = _check_channel_map(channel_map, page.shape[-1])
     zeros = np.zeros(page.shape[:2], dtype=page.dtype)
     return np.stack([page[..., c] if c is not None else zeros for c in channel_map], axis=-1)
 
 
-def resize_to_square(page: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
-    """Resize a ``(Y, X, 3)`` float page to ``(size, size, 3)`` without cropping."""
+def resize_plane(plane: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Resize a 2D float plane to ``(size, size)`` without cropping (pad or stretch)."""
     from skimage.transform import resize
 
-    h, w = page.shape[:2]
+    h, w = plane.shape
     if mode == "pad" and h != w:
         side = max(h, w)
-        padded = np.zeros((side, side, page.shape[2]), dtype=page.dtype)
+        padded = np.zeros((side, side), dtype=plane.dtype)
         y0, x0 = (side - h) // 2, (side - w) // 2
-        padded[y0 : y0 + h, x0 : x0 + w] = page
-        page = padded
-    if page.shape[0] == size and page.shape[1] == size:
-        return page.astype(np.float32, copy=False)
-    out = resize(page, (size, size), order=1, anti_aliasing=page.shape[0] > size,
+        padded[y0 : y0 + h, x0 : x0 + w] = plane
+        plane = padded
+    if plane.shape == (size, size):
+        return plane.astype(np.float32, copy=False)
+    out = resize(plane, (size, size), order=1, anti_aliasing=max(plane.shape) > size,
                  preserve_range=True)
     return out.astype(np.float32, copy=False)
 
 
+def resize_to_square(page: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Resize a ``(Y, X, C)`` page to ``(size, size, C)`` without cropping."""
+    return np.stack([resize_plane(page[..., c], size, mode) for c in range(page.shape[-1])], -1)
+
+
 def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """One page (``(Y, X)`` or ``(Y, X, C)``, any dtype) to ``(S, S, 3)`` float32 in [0, 255]."""
+    """One page (``(Y, X)`` or ``(Y, X, C)``, any dtype) to ``(S, S, 3)`` float32 in [0, 255].
+
+    Each source channel used is normalised and resized once (a gray page once, not three
+    times), then placed into R, G and B by the channel map.
+    """
     page = np.asarray(page)
     if page.ndim == 2:
         page = page[..., None]
@@ -369,9 +384,20 @@ def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         raise ImageReadError(
             f"expected a 2D image with optional channels (Y, X[, C]), got shape {page.shape}"
         )
-    chosen = select_channels(page, spec.channel_map)
-    norm = normalize_percentile(chosen, spec.pmin, spec.pmax)
-    return resize_to_square(norm, spec.image_size, spec.resize_mode)
+    channel_map = _check_channel_map(spec.channel_map, page.shape[-1])
+    size = spec.image_size
+    out = np.zeros((size, size, 3), np.float32)
+    done: dict[int, int] = {}
+    for slot, c in enumerate(channel_map):
+        if c is None:
+            continue
+        if c in done:
+            out[..., slot] = out[..., done[c]]
+            continue
+        plane = normalize_percentile(page[..., c : c + 1], spec.pmin, spec.pmax)[..., 0]
+        out[..., slot] = resize_plane(plane, size, spec.resize_mode)
+        done[c] = slot
+    return out
 
 
 @dataclass
