@@ -1,0 +1,1 @@
+"""The dock widgets (Annotate, Train, Predict) and their Qt helpers; computation lives in core."""

@@ -1,0 +1,111 @@
+"""From napari image layers to pages: which page is in view, a page's pixels, channel groups.
+
+A layer's last two axes (three for RGB) are the image; the axes before them enumerate its
+pages (a Z-stack, a time-lapse, ...), numbered in C order like :mod:`core.images` does.
+
+Multichannel images arrive as several layers (napari's ``channel_axis``). Layers that the
+plugin's reader made from one file carry ``metadata["microclf"]["channel"]``; together they
+form a *channel group* and a page of the group is ``(Y, X, C)`` with the channels in file
+order. Any other layer is used alone (one gray or one RGB image per page).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def image_layers(viewer) -> list:
+    from napari.layers import Image
+
+    return [lyr for lyr in viewer.layers if isinstance(lyr, Image)]
+
+
+def _data(layer):
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def lead_shape(layer) -> tuple[int, ...]:
+    """Shape of the page axes: ``()`` for a 2D image, ``(Z,)`` for a stack, ..."""
+    # layer.ndim leaves out the colour axis of an RGB layer
+    return tuple(int(s) for s in _data(layer).shape[: max(layer.ndim - 2, 0)])
+
+
+def n_pages(layer) -> int:
+    return int(np.prod(lead_shape(layer))) if lead_shape(layer) else 1
+
+
+def source_of(layer) -> str:
+    """A file path when the layer came from one, else the layer name (for provenance)."""
+    meta = layer.metadata.get("microclf", {}) if isinstance(layer.metadata, dict) else {}
+    return str(meta.get("source") or layer.source.path or layer.name)
+
+
+def channel_group(viewer, layer) -> list:
+    """The layers holding the channels of ``layer``'s image, in channel order."""
+    meta = layer.metadata.get("microclf", {}) if isinstance(layer.metadata, dict) else {}
+    if "channel" not in meta or layer.rgb:
+        return [layer]
+    group = [lyr for lyr in image_layers(viewer)
+             if isinstance(lyr.metadata, dict)
+             and lyr.metadata.get("microclf", {}).get("source") == meta.get("source")
+             and "channel" in lyr.metadata.get("microclf", {})
+             and _data(lyr).shape == _data(layer).shape]
+    return sorted(group, key=lambda lyr: lyr.metadata["microclf"]["channel"])
+
+
+def page_in_view(viewer, layer) -> tuple[int, ...]:
+    """Index of the page the dims sliders show for ``layer`` (``()`` for a 2D image)."""
+    shape = lead_shape(layer)
+    if not shape:
+        return ()
+    coords = layer.world_to_data(viewer.dims.point)[: len(shape)]
+    return tuple(int(np.clip(round(float(c)), 0, s - 1)) for c, s in zip(coords, shape,
+                                                                           strict=True))
+
+
+def flat_page(layer, index: tuple[int, ...]) -> int | None:
+    """The page number (C order) of ``index``, None for a 2D image."""
+    shape = lead_shape(layer)
+    return int(np.ravel_multi_index(index, shape)) if shape else None
+
+
+def page_index(layer, page: int) -> tuple[int, ...]:
+    shape = lead_shape(layer)
+    return tuple(int(i) for i in np.unravel_index(page, shape)) if shape else ()
+
+
+@dataclass(frozen=True)
+class PageSource:
+    """A snapshot of what is needed to read pages, safe to hand to a worker thread.
+
+    It holds references to the layers' arrays, never the layers themselves.
+    """
+
+    name: str  # the layer name (the group's first layer for channels)
+    source: str
+    arrays: tuple  # one array per channel layer (or the one layer)
+    lead: tuple[int, ...]
+
+    @property
+    def n_pages(self) -> int:
+        return int(np.prod(self.lead)) if self.lead else 1
+
+    def page(self, page: int) -> np.ndarray:
+        """Pixels of page ``page``: ``(Y, X)``, ``(Y, X, 3)`` RGB or ``(Y, X, C)``."""
+        index = tuple(int(i) for i in np.unravel_index(page, self.lead)) if self.lead else ()
+        planes = [np.asarray(a[index]) for a in self.arrays]
+        return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+
+
+def page_source(viewer, layer) -> PageSource:
+    group = channel_group(viewer, layer)
+    return PageSource(group[0].name, source_of(group[0]), tuple(_data(lyr) for lyr in group),
+                      lead_shape(group[0]))
+
+
+def group_label(group: list) -> str:
+    if len(group) == 1:
+        return group[0].name
+    return f"{len(group)} channel layers of {source_of(group[0])}"

@@ -1,0 +1,91 @@
+"""Matplotlib canvases for dock widgets: ``FigureCanvasQTAgg`` + ``Figure`` (no pyplot),
+coloured like napari's dark theme, drawn in the main thread only."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+
+BG, FG, GRID = "#262930", "#d6d6d6", "#414851"
+TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#9fdf6f"
+
+
+class Canvas(FigureCanvasQTAgg):
+    def __init__(self, width: float = 4.0, height: float = 3.0, dpi: int = 80):
+        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=BG,
+                             layout="constrained")
+        super().__init__(self.figure)
+        self.setMinimumHeight(int(height * dpi * 0.8))
+
+    def _style(self, ax, title: str) -> None:
+        ax.set_facecolor(BG)
+        ax.set_title(title, color=FG, fontsize=10)
+        ax.tick_params(colors=FG, labelsize=8)
+        for s in ax.spines.values():
+            s.set_color(GRID)
+        ax.grid(True, color=GRID, linewidth=0.5)
+
+
+class CurvesCanvas(Canvas):
+    """Loss, accuracy and learning rate per epoch, training vs validation."""
+
+    def __init__(self):
+        super().__init__(4.0, 5.2)
+        self.plot({})
+
+    def plot(self, history: dict) -> None:
+        fig = self.figure
+        fig.clear()
+        axes = fig.subplots(3, 1, sharex=True)
+        panels = (("Loss (lower is better)", "loss", "val_loss"),
+                  ("Accuracy (higher is better)", "accuracy", "val_accuracy"),
+                  ("Learning rate", "lr", None))
+        for ax, (title, key, val_key) in zip(axes, panels, strict=True):
+            self._style(ax, title)
+            y = history.get(key, [])
+            x = np.arange(1, len(y) + 1)
+            if len(y):
+                label = "learning rate" if key == "lr" else "training"
+                ax.plot(x, y, "o-", color=LR if key == "lr" else TRAIN, ms=3, label=label)
+            if val_key and history.get(val_key):
+                v = history[val_key]
+                ax.plot(np.arange(1, len(v) + 1), v, "o-", color=VAL, ms=3, label="validation")
+            if key == "lr" and len(y):
+                ax.set_yscale("log")
+            if key == "accuracy":
+                ax.set_ylim(-0.02, 1.02)
+            if len(y) and val_key:
+                ax.legend(fontsize=7, facecolor=BG, edgecolor=GRID, labelcolor=FG)
+        axes[-1].set_xlabel("epoch", color=FG, fontsize=9)
+        if not history:
+            axes[0].text(0.5, 0.5, "curves appear after the first epoch", color=FG,
+                         ha="center", va="center", transform=axes[0].transAxes, fontsize=9)
+        self.draw_idle()
+
+
+class ConfusionCanvas(Canvas):
+    """Confusion matrix: rows the true class, columns the predicted class, with counts."""
+
+    def __init__(self):
+        super().__init__(4.0, 4.0)
+
+    def plot(self, matrix, class_names) -> None:
+        fig = self.figure
+        fig.clear()
+        ax = fig.subplots()
+        self._style(ax, "Confusion matrix (test images)")
+        ax.grid(False)
+        cm = np.asarray(matrix, dtype=int)
+        k = len(class_names)
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+        ax.set_yticks(range(k), class_names)
+        ax.set_xlabel("predicted class", color=FG, fontsize=9)
+        ax.set_ylabel("true class", color=FG, fontsize=9)
+        half = cm.max() / 2 if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if cm[i, j] > half else "black")
+        self.draw_idle()

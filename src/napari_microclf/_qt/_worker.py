@@ -1,0 +1,64 @@
+"""Run a callback-style core function (``fn(..., on_update, should_stop)``) as a generator.
+
+``updates(fn, ...)`` starts ``fn`` in a plain thread, gives it ``on_update`` (puts on a
+queue) and ``should_stop`` (reads a threading.Event), and yields what arrives, so that a
+napari ``thread_worker`` generator can relay it to the main thread. Batch updates are
+throttled: a burst of queued ``BatchEnd`` keeps only the newest, and at most one every
+``min_interval`` seconds (the last batch of an epoch always passes). Closing the generator
+(``worker.quit()``) sets the stop event and waits for the thread. The function's return
+value is the generator's return value; its exception is raised in the generator.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator
+
+_DONE = object()
+
+
+def updates(fn: Callable, *args, stop: threading.Event | None = None,
+            min_interval: float = 0.1, **kwargs) -> Generator[object, None, object]:
+    from ..core.train import BatchEnd
+
+    q: queue.Queue = queue.Queue()
+    stop = stop or threading.Event()
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, on_update=q.put, should_stop=stop.is_set, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the generator below
+            box["error"] = exc
+        finally:
+            q.put(_DONE)
+
+    thread = threading.Thread(target=target, name=f"microclf-{fn.__name__}", daemon=True)
+    thread.start()
+    last_batch = 0.0
+    try:
+        while True:
+            try:
+                item = q.get(timeout=0.05)
+            except queue.Empty:
+                yield None  # lets worker.quit() take effect while the core is busy
+                continue
+            if item is _DONE:
+                break
+            if isinstance(item, BatchEnd):
+                # only the newest of a burst, and not more often than min_interval
+                newer = q.queue and isinstance(q.queue[0], BatchEnd)
+                now = time.perf_counter()
+                if newer or (item.batch < item.steps and now - last_batch < min_interval):
+                    continue
+                last_batch = now
+            yield item
+    finally:
+        if thread.is_alive():  # closed early (worker.quit()): ask the core to stop
+            stop.set()
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")

@@ -1,0 +1,488 @@
+"""Annotate: put slices of image layers into class folders of a dataset.
+
+The dataset is ``<folder>/<class>/<image>.tif`` (see :mod:`core.dataset`). A slice is the
+2D image the dims sliders show for a layer: a plain image, one page of a stack, an RGB
+image, or, for a multichannel file opened with this plugin's reader, the channels of all its
+channel layers together (saved as one ``(C, Y, X)`` example, the way the file stores them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core import dataset as ds
+from . import _layers
+from ._session import SESSION
+
+KEYS = [str(i) for i in range(1, 10)]
+DEFAULT_DATASET = "microclf-dataset"
+
+
+def _notify(kind: str, text: str) -> None:
+    from napari.utils import notifications
+
+    getattr(notifications, f"show_{kind}")(text)
+
+
+class AnnotateWidget(QWidget):
+    """Dataset folder, classes with live counts, layer picker, add / undo, keys 1-9."""
+
+    def __init__(self, napari_viewer, dataset: str | Path | None = None):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.history: list[Path] = []  # files written, newest last (for Undo)
+        self._worker = None
+
+        # -- dataset folder
+        self.folder_edit = QLineEdit(str(Path(dataset or DEFAULT_DATASET).expanduser()))
+        self.folder_edit.setToolTip("The dataset: one sub-folder per class, created if missing.")
+        self.folder_edit.editingFinished.connect(self.refresh)
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self._browse)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_edit, 1)
+        folder_row.addWidget(browse)
+
+        # -- classes
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["Key", "Class", "Images"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.Stretch)
+        header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
+        self.table.setMinimumHeight(130)
+        self.new_class_edit = QLineEdit()
+        self.new_class_edit.setPlaceholderText("new class name, e.g. mitotic")
+        self.new_class_edit.returnPressed.connect(lambda: self.add_class())
+        add_btn = QPushButton("Add class")
+        add_btn.clicked.connect(lambda: self.add_class())
+        self.rename_btn = QPushButton("Rename...")
+        self.rename_btn.clicked.connect(lambda: self.rename_class())
+        self.remove_btn = QPushButton("Remove...")
+        self.remove_btn.setToolTip("Moves the class folder with its images into the dataset's "
+                                   ".trash folder; nothing is deleted.")
+        self.remove_btn.clicked.connect(lambda: self.remove_class())
+        new_row = QHBoxLayout()
+        new_row.addWidget(self.new_class_edit, 1)
+        new_row.addWidget(add_btn)
+        edit_row = QHBoxLayout()
+        edit_row.addWidget(self.rename_btn)
+        edit_row.addWidget(self.remove_btn)
+        classes_box = QGroupBox("Classes")
+        cl = QVBoxLayout(classes_box)
+        cl.addWidget(self.table)
+        cl.addLayout(new_row)
+        cl.addLayout(edit_row)
+
+        # -- adding
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("The image layer whose slices are added by the buttons.")
+        self.layer_combo.currentIndexChanged.connect(self._update_layer_info)
+        self.layer_info = QLabel()
+        self.layer_info.setWordWrap(True)
+        self.add_slice_btn = QPushButton("Add slice in view")
+        self.add_slice_btn.setToolTip("Save the slice the viewer shows now into the selected "
+                                      "class.")
+        self.add_slice_btn.clicked.connect(lambda: self.add_slice())
+        self.add_all_btn = QPushButton("Add all slices")
+        self.add_all_btn.setToolTip("Save every slice (page) of the layer into the selected "
+                                    "class.")
+        self.add_all_btn.clicked.connect(lambda: self.add_all_slices())
+        self.undo_btn = QPushButton("Undo last")
+        self.undo_btn.setToolTip("Move the last saved example to the dataset's .trash folder.")
+        self.undo_btn.clicked.connect(lambda: self.undo())
+        add_row = QHBoxLayout()
+        add_row.addWidget(self.add_slice_btn)
+        add_row.addWidget(self.add_all_btn)
+        add_box = QGroupBox("Add examples")
+        form = QFormLayout(add_box)
+        form.addRow("Image layer", self.layer_combo)
+        form.addRow(self.layer_info)
+        form.addRow(add_row)
+        form.addRow(self.undo_btn)
+        self.keys_label = QLabel()
+        self.keys_label.setWordWrap(True)
+        form.addRow(self.keys_label)
+
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        intro = QLabel("Save slices of your images as training examples, one folder per class.")
+        intro.setWordWrap(True)
+        layout.addWidget(intro)
+        layout.addWidget(QLabel("Dataset folder"))
+        layout.addLayout(folder_row)
+        layout.addWidget(classes_box)
+        layout.addWidget(add_box)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        events = self.viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.connect(self._refresh_layers)
+        events.inserted.connect(self._bind_layer_keys)
+        self.viewer.layers.selection.events.active.connect(self._follow_active)
+        self.viewer.dims.events.current_step.connect(self._update_layer_info)
+        self._bind_keys()
+        self._refresh_layers()
+        self.refresh()
+
+    # -- dataset and classes --------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.folder_edit.text().strip() or DEFAULT_DATASET).expanduser()
+
+    def set_dataset(self, path: str | Path) -> None:
+        self.folder_edit.setText(str(path))
+        self.refresh()
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset folder", str(self.root))
+        if path:
+            self.set_dataset(path)
+
+    def classes(self) -> list[str]:
+        return ds.list_classes(self.root)
+
+    def refresh(self) -> None:
+        """Re-read the class folders and their counts."""
+        selected = self.selected_class()
+        counts = ds.class_counts(self.root)
+        self.table.setRowCount(len(counts))
+        for row, (name, n) in enumerate(counts.items()):
+            key = KEYS[row] if row < len(KEYS) else ""
+            for col, text in enumerate((key, name, str(n))):
+                item = QTableWidgetItem(text)
+                if col != 1:
+                    item.setTextAlignment(Qt.AlignCenter)
+                self.table.setItem(row, col, item)
+        if selected in counts:
+            self.table.selectRow(list(counts).index(selected))
+        elif counts:
+            self.table.selectRow(0)
+        total = sum(counts.values())
+        where = "" if self.root.is_dir() else " (the folder is created when you add a class)"
+        self.table.setToolTip(f"{total} images in {len(counts)} classes in {self.root}{where}")
+        mapping = ", ".join(f"{KEYS[i]} = {c}" for i, c in enumerate(list(counts)[:9]))
+        self.keys_label.setText(
+            "Keys: " + (mapping + " puts the slice in view of the selected image layer into "
+                        "that class." if mapping else "add classes to use keys 1-9."))
+        self.undo_btn.setEnabled(bool(self.history))
+        SESSION.set_dataset(self.root)
+
+    def counts(self) -> dict[str, int]:
+        return {self.table.item(r, 1).text(): int(self.table.item(r, 2).text())
+                for r in range(self.table.rowCount())}
+
+    def selected_class(self) -> str | None:
+        rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
+        if rows:
+            item = self.table.item(rows[0].row(), 1)
+            return item.text() if item else None
+        return None
+
+    def select_class(self, name: str) -> None:
+        names = self.classes()
+        if name in names:
+            self.table.selectRow(names.index(name))
+
+    def add_class(self, name: str | None = None) -> None:
+        name = self.new_class_edit.text() if name is None else name
+        try:
+            name = ds.check_class_name(name)
+            if name in self.classes():
+                raise ds.DatasetError(f"class {name!r} already exists")
+            ds.add_class(self.root, name)
+        except (ds.DatasetError, OSError) as exc:
+            _notify("error", f"Cannot add the class: {exc}")
+            return
+        self.new_class_edit.clear()
+        self.refresh()
+        self.select_class(name)
+        self._say(f"Class '{name}' added.")
+
+    def rename_class(self, old: str | None = None, new: str | None = None) -> None:
+        old = old or self.selected_class()
+        if not old:
+            _notify("warning", "Select a class to rename.")
+            return
+        if new is None:
+            new, ok = QInputDialog.getText(self, "Rename class", f"New name for '{old}':",
+                                           text=old)
+            if not ok:
+                return
+        try:
+            ds.rename_class(self.root, old, new)
+        except (ds.DatasetError, OSError) as exc:
+            _notify("error", f"Cannot rename the class: {exc}")
+            return
+        new = new.strip()
+        prefix = str(self.root / old) + "/"
+        self.history = [Path(str(p).replace(prefix, str(self.root / new) + "/", 1))
+                        for p in self.history]
+        self.refresh()
+        self.select_class(new)
+        self._say(f"Class '{old}' renamed to '{new}'.")
+
+    def confirm(self, text: str) -> bool:
+        """Ask the user; tests replace this."""
+        answer = QMessageBox.question(self, "Remove class", text,
+                                      QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
+    def remove_class(self, name: str | None = None) -> None:
+        name = name or self.selected_class()
+        if not name:
+            _notify("warning", "Select a class to remove.")
+            return
+        n = ds.class_counts(self.root).get(name, 0)
+        if not self.confirm(f"Remove class '{name}' and its {n} image(s)? They are moved to "
+                            f"{self.root / ds.TRASH_DIR}, not deleted."):
+            return
+        try:
+            dst = ds.remove_class(self.root, name)
+        except (ds.DatasetError, OSError) as exc:
+            _notify("error", f"Cannot remove the class: {exc}")
+            return
+        self.history = [p for p in self.history if p.parent.name != name]
+        self.refresh()
+        self._say(f"Class '{name}' moved to {dst}.")
+
+    # -- layers ----------------------------------------------------------------------------
+    def _refresh_layers(self, *_) -> None:
+        current = self.layer_combo.currentText()
+        names = [lyr.name for lyr in _layers.image_layers(self.viewer)]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        active = self.viewer.layers.selection.active
+        want = current if current in names else (
+            active.name if active is not None and active.name in names else None)
+        if want:
+            self.layer_combo.setCurrentText(want)
+        self.layer_combo.blockSignals(False)
+        self._update_layer_info()
+
+    def _follow_active(self, event=None) -> None:
+        active = self.viewer.layers.selection.active
+        if active is not None and active.name in [self.layer_combo.itemText(i)
+                                                  for i in range(self.layer_combo.count())]:
+            self.layer_combo.setCurrentText(active.name)
+
+    def layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _update_layer_info(self, *_) -> None:
+        layer = self.layer()
+        if layer is None:
+            self.layer_info.setText("Open an image (File > Open) to add examples.")
+            return
+        group = _layers.channel_group(self.viewer, layer)
+        pages = _layers.n_pages(layer)
+        parts = []
+        if pages > 1:
+            index = _layers.page_in_view(self.viewer, layer)
+            parts.append(f"slice {_layers.flat_page(layer, index) + 1} of {pages} in view")
+        if layer.rgb:
+            parts.append("RGB")
+        if len(group) > 1:
+            parts.append(f"{len(group)} channels saved together ("
+                         + ", ".join(lyr.name for lyr in group) + ")")
+        self.layer_info.setText("; ".join(parts) or "a single 2D image")
+
+    def _layer_for_keys(self):
+        active = self.viewer.layers.selection.active
+        from napari.layers import Image
+
+        return active if isinstance(active, Image) else self.layer()
+
+    # -- adding ------------------------------------------------------------------------------
+    def _target_class(self, class_name):
+        name = class_name or self.selected_class()
+        if not name:
+            _notify("warning", "Add a class first (type a name and press Add class).")
+        return name
+
+    def add_slice(self, class_name: str | None = None, layer=None):
+        """Save the slice in view of ``layer`` (default: the picked one) into the class."""
+        name = self._target_class(class_name)
+        layer = layer or self.layer()
+        if not name:
+            return None
+        if layer is None:
+            _notify("warning", "Open an image layer first.")
+            return None
+        src = _layers.page_source(self.viewer, layer)
+        index = _layers.page_in_view(self.viewer, layer)
+        page = _layers.flat_page(layer, index)
+        try:
+            result = ds.add_example(self.root, name, src.page(page or 0), src.source, page)
+        except (ds.DatasetError, OSError, ValueError) as exc:
+            _notify("error", f"Cannot add the slice: {exc}")
+            return None
+        where = f"slice {page + 1} of " if page is not None else ""
+        self._report(result, f"{where}{src.name}")
+        self.refresh()
+        return result
+
+    def _report(self, result, what: str) -> None:
+        if result.written:
+            self.history.append(result.path)
+            self._say(f"Added {what} to '{result.class_name}' ({result.path.name}).")
+        else:
+            _notify("info", f"{what} is already in the dataset, in class "
+                            f"'{result.class_name}' ({result.path.name}); not written again.")
+
+    def add_all_slices(self, class_name: str | None = None, layer=None):
+        """Save every page of the layer into the class, in a worker; returns the worker."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        name = self._target_class(class_name)
+        layer = layer or self.layer()
+        if not name or layer is None:
+            if layer is None:
+                _notify("warning", "Open an image layer first.")
+            return None
+        src = _layers.page_source(self.viewer, layer)
+        root = self.root
+        multi = src.n_pages > 1
+
+        def work():
+            for page in range(src.n_pages):
+                yield ds.add_example(root, name, src.page(page), src.source,
+                                     page if multi else None)
+
+        pbar = progress(total=src.n_pages, desc=f"Adding {src.name} to {name}")
+        worker = thread_worker(work, ignore_errors=True)()
+        summary = {"written": 0, "duplicate": 0}
+
+        def on_result(result):
+            pbar.update(1)
+            if result.written:
+                self.history.append(result.path)
+                summary["written"] += 1
+            else:
+                summary["duplicate"] += 1
+            self.refresh()
+
+        def on_error(exc):
+            _notify("error", f"Adding slices stopped: {exc}")
+
+        def on_finished():
+            pbar.close()
+            self.add_all_btn.setEnabled(True)
+            self.refresh()
+            text = f"Added {summary['written']} slice(s) of {src.name} to '{name}'."
+            if summary["duplicate"]:
+                _notify("info", f"{summary['duplicate']} slice(s) of {src.name} were already "
+                                "in the dataset and were not written again.")
+            self._say(text)
+
+        worker.yielded.connect(on_result)
+        worker.errored.connect(on_error)
+        worker.finished.connect(on_finished)
+        self.add_all_btn.setEnabled(False)
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def undo(self) -> Path | None:
+        """Move the newest written example to the dataset's trash."""
+        while self.history:
+            path = self.history.pop()
+            if path.exists():
+                try:
+                    dst = ds.move_to_trash(self.root, path)
+                except (ds.DatasetError, OSError) as exc:
+                    _notify("error", f"Cannot undo: {exc}")
+                    return None
+                self.refresh()
+                self._say(f"Moved {path.name} to {dst.parent}.")
+                return dst
+        _notify("info", "Nothing to undo.")
+        self.refresh()
+        return None
+
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+    # -- keys 1-9 -----------------------------------------------------------------------------
+    def key_pressed(self, number: int):
+        """Put the slice in view of the active image layer into class ``number`` (1-based)."""
+        names = self.classes()
+        if number > len(names):
+            _notify("warning", f"Key {number}: there is no class {number} (the dataset has "
+                               f"{len(names)}).")
+            return None
+        layer = self._layer_for_keys()
+        if layer is None:
+            _notify("warning", "Select an image layer first.")
+            return None
+        self.select_class(names[number - 1])
+        return self.add_slice(names[number - 1], layer)
+
+    def _make_handler(self, number):
+        def handler(_target):
+            self.key_pressed(number)
+
+        handler.__name__ = f"microclf_assign_class_{number}"
+        handler.__doc__ = f"Annotate: put the slice in view into class {number}"
+        return handler
+
+    def _bind_keys(self) -> None:
+        # The viewer's keymap answers when no image layer is active; an active image layer's
+        # own keymap comes first (it binds 1 and 2 to its modes), so each image layer gets
+        # the same bindings.
+        for i, key in enumerate(KEYS, 1):
+            self.viewer.bind_key(key, self._make_handler(i), overwrite=True)
+        for layer in _layers.image_layers(self.viewer):
+            self._bind_layer(layer)
+        viewer = self.viewer
+
+        def unbind():  # no reference to self: it runs when the widget is gone
+            from napari.utils.key_bindings import coerce_keybinding
+
+            for owner in [viewer, *_layers.image_layers(viewer)]:
+                for key in KEYS:
+                    func = owner.keymap.get(coerce_keybinding(key))
+                    if getattr(func, "__name__", "").startswith("microclf_assign_class_"):
+                        owner.bind_key(key, None)
+
+        self.destroyed.connect(lambda *_: unbind())
+
+    def _bind_layer(self, layer) -> None:
+        for i, key in enumerate(KEYS, 1):
+            layer.bind_key(key, self._make_handler(i), overwrite=True)
+
+    def _bind_layer_keys(self, event) -> None:
+        from napari.layers import Image
+
+        if isinstance(event.value, Image):
+            self._bind_layer(event.value)

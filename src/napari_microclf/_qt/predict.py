@@ -1,0 +1,500 @@
+"""Predict: classify image layers (every page of a stack) and folders with a trained model.
+
+Per image layer the results are
+
+- drawn on the canvas by a Points layer ``"<layer> classes"`` with one text point per page,
+  at the page's top-left corner: napari shows a point only on its own slice, so the label
+  follows the dims slider through a stack;
+- stored on the image layer in ``metadata["microclf"]["predictions"]`` (model, class names,
+  per page class, confidence and probabilities) and on the Points layer as ``features``;
+- listed in the results table, which exports to CSV in the ``microclf predict`` format
+  (its ``file`` column holds the layer name).
+
+The model is loaded once per bundle (and reloaded only when the bundle is rewritten).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.images import ImageReadError, count_pages
+from ..core.model import MODEL_FILE, BundleError, read_meta
+from ..core.predict import PagePrediction, Predictor, expand_paths, write_csv
+from . import _layers
+from ._session import SESSION, connect_widget
+from ._tf import ensure_tensorflow
+
+ERRORS = (BundleError, ImageReadError, ValueError, OSError)
+UNCERTAIN = "uncertain"
+
+_CACHE: dict[tuple[str, float], Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+LOADS = {"n": 0}  # how many times a model was loaded (the tests read it)
+
+
+def get_predictor(bundle: str | Path) -> Predictor:
+    """The Predictor of ``bundle``, loaded once and reused until the bundle is rewritten."""
+    folder = Path(bundle).expanduser().resolve()
+    model = folder / MODEL_FILE
+    key = (str(folder), model.stat().st_mtime if model.exists() else 0.0)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            for old in [k for k in _CACHE if k[0] == key[0]]:
+                del _CACHE[old]
+            _CACHE[key] = Predictor(folder)
+            LOADS["n"] += 1
+        return _CACHE[key]
+
+
+def _notify(kind: str, text: str) -> None:
+    from napari.utils import notifications
+
+    getattr(notifications, f"show_{kind}")(text)
+
+
+def _predict_layers(bundle: str, sources: list):
+    """Worker: yields ``(layer name, PagePrediction)`` for every page of every source."""
+    try:
+        predictor = get_predictor(bundle)
+    except ERRORS as exc:
+        return str(exc)
+    yield ("__model__", predictor.class_names)
+    for src in sources:
+        items = ((src.name, p, src.page(p)) for p in range(src.n_pages))
+        try:
+            for pred in predictor.predict_pages(items):
+                yield (src.name, pred)
+        except ERRORS as exc:
+            return f"{src.name}: {exc}"
+    return None
+
+
+def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float):
+    """Worker: classifies every image under ``folder``; yields progress, writes the CSV."""
+    try:
+        predictor = get_predictor(bundle)
+        paths = expand_paths([folder])
+        total = sum(count_pages(p) for p in paths)
+        yield ("total", total)
+        results = []
+        for pred in predictor.predict_paths(paths):
+            results.append(pred)
+            yield ("page", len(results))
+        n = write_csv(results, csv_path, predictor.class_names, threshold)
+    except ERRORS as exc:
+        return f"Classify folder: {exc}"
+    return n
+
+
+class PredictWidget(QWidget):
+    """Model picker, layer choice, Run, labels on the canvas, results table, CSV, folders."""
+
+    def __init__(self, napari_viewer, bundle: str | Path | None = None):
+        super().__init__()
+        ensure_tensorflow()
+        self.viewer = napari_viewer
+        self.class_names: list[str] = []
+        self.results: dict[str, list[PagePrediction]] = {}  # layer name -> pages
+        self.worker = None
+        self._pbar = None
+
+        self.bundle_edit = QLineEdit(str(bundle or SESSION.last_bundle or ""))
+        self.bundle_edit.setPlaceholderText("model folder (train one with the Train widget)")
+        self.bundle_edit.setToolTip("A model folder written by Train (model.keras + "
+                                    "microclf.json); the last trained model is preselected.")
+        self.bundle_edit.editingFinished.connect(self._show_model)
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self._browse)
+        bundle_row = QHBoxLayout()
+        bundle_row.addWidget(self.bundle_edit, 1)
+        bundle_row.addWidget(browse)
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        connect_widget(SESSION.bundle_trained, self, "set_bundle")
+
+        self.layer_list = QListWidget()
+        self.layer_list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.layer_list.setToolTip("Image layers to classify: click one, Ctrl/Shift-click "
+                                   "several, or use All.")
+        self.layer_list.setMaximumHeight(110)
+        all_btn = QPushButton("All")
+        all_btn.clicked.connect(self.layer_list.selectAll)
+        layer_row = QHBoxLayout()
+        layer_row.addWidget(self.layer_list, 1)
+        layer_row.addWidget(all_btn, 0, Qt.AlignTop)
+
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.5)
+        self.threshold.setToolTip("Below this confidence a page reads 'uncertain'.")
+        self.threshold.valueChanged.connect(self._relabel)
+
+        self.run_btn = QPushButton("Run")
+        self.run_btn.setToolTip("Classify every page of the chosen layers.")
+        self.run_btn.clicked.connect(lambda: self.run())
+        self.folder_btn = QPushButton("Classify folder...")
+        self.folder_btn.setToolTip("Classify every image (and stack page) in a folder and its "
+                                   "sub-folders into a CSV file, without opening them.")
+        self.folder_btn.clicked.connect(lambda: self.classify_folder())
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.run_btn)
+        run_row.addWidget(self.folder_btn)
+        self.bar = QProgressBar()
+        self.bar.setFormat("%v/%m pages")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.in_view = QLabel("")
+        self.in_view.setWordWrap(True)
+        self.in_view.setStyleSheet("font-weight: bold;")
+
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.table.setMinimumHeight(180)
+        self.table.cellDoubleClicked.connect(self._go_to_row)
+        self.export_btn = QPushButton("Export CSV...")
+        self.export_btn.clicked.connect(lambda: self.export_csv())
+
+        form = QFormLayout()
+        form.addRow("Model", bundle_row)
+        form.addRow(self.model_info)
+        form.addRow("Image layers", layer_row)
+        form.addRow("Confidence threshold", self.threshold)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(run_row)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.in_view)
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.export_btn)
+
+        events = self.viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.connect(self._refresh_layers)
+        self.viewer.dims.events.current_step.connect(self._update_in_view)
+        self.viewer.layers.selection.events.active.connect(self._update_in_view)
+        self._refresh_layers()
+        self._show_model()
+
+    # -- model ---------------------------------------------------------------------------
+    def bundle(self) -> str:
+        return self.bundle_edit.text().strip()
+
+    def set_bundle(self, path) -> None:
+        self.bundle_edit.setText(str(path))
+        self._show_model()
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Model folder", self.bundle() or ".")
+        if path:
+            self.set_bundle(path)
+
+    def _show_model(self) -> None:
+        if not self.bundle():
+            self.model_info.setText("No model yet: train one with the Train widget or pick a "
+                                    "model folder.")
+            return
+        try:
+            meta = read_meta(self.bundle())
+        except BundleError as exc:
+            self.model_info.setText(str(exc))
+            return
+        acc = (meta.get("metrics") or {}).get("accuracy")
+        self.model_info.setText(
+            f"Classes: {', '.join(meta['class_names'])}"
+            + (f"; test accuracy {acc:.0%}" if acc is not None else "")
+            + (f"; trained {meta['date'][:16].replace('T', ' ')}" if meta.get("date") else ""))
+
+    # -- layers --------------------------------------------------------------------------
+    def _refresh_layers(self, *_) -> None:
+        chosen = set(self.chosen_names())
+        names = [lyr.name for lyr in _layers.image_layers(self.viewer)]
+        self.layer_list.clear()
+        self.layer_list.addItems(names)
+        for i, name in enumerate(names):
+            self.layer_list.item(i).setSelected(name in chosen)
+
+    def chosen_names(self) -> list[str]:
+        return [item.text() for item in self.layer_list.selectedItems()]
+
+    def choose(self, names) -> None:
+        for i in range(self.layer_list.count()):
+            item = self.layer_list.item(i)
+            item.setSelected(item.text() in set(names))
+
+    def _chosen_sources(self) -> list:
+        names = self.chosen_names()
+        if not names:
+            active = self.viewer.layers.selection.active
+            names = [active.name] if active is not None and active.name in [
+                lyr.name for lyr in _layers.image_layers(self.viewer)] else []
+        sources, seen = [], set()
+        for name in names:
+            src = _layers.page_source(self.viewer, self.viewer.layers[name])
+            if src.name not in seen:  # channel layers of one image are classified once
+                seen.add(src.name)
+                sources.append(src)
+        return sources
+
+    # -- run ---------------------------------------------------------------------------
+    def run(self):
+        """Classify the chosen layers in a worker; returns the worker (None if refused)."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        if self.worker is not None:
+            return None
+        try:
+            read_meta(self.bundle())
+        except BundleError as exc:
+            _notify("error", f"Cannot predict: {exc}")
+            return None
+        sources = self._chosen_sources()
+        if not sources:
+            _notify("warning", "Choose an image layer to classify (or open one).")
+            return None
+        total = sum(s.n_pages for s in sources)
+        self.bar.setRange(0, total)
+        self.bar.setValue(0)
+        self._pbar = progress(total=total, desc="Classifying pages")
+        new: dict[str, list[PagePrediction]] = {s.name: [] for s in sources}
+        bundle = self.bundle()
+
+        def on_yield(item):
+            name, value = item
+            if name == "__model__":
+                self.class_names = list(value)
+                return
+            new[name].append(value)
+            self.bar.setValue(self.bar.value() + 1)
+            self._pbar.update(1)
+
+        def on_return(error):
+            if error:
+                _notify("error", f"Cannot predict: {error}")
+            for name, preds in new.items():
+                if preds:
+                    self.results[name] = preds
+                    self._store(name, bundle)
+            self._fill_table()
+            self._update_in_view()
+            n = sum(len(p) for p in new.values())
+            self.status.setText(f"Classified {n} page(s) of {len(new)} layer(s).")
+
+        worker = thread_worker(_predict_layers, ignore_errors=False)(bundle, sources)
+        worker.yielded.connect(on_yield)
+        worker.returned.connect(on_return)
+        worker.finished.connect(self._done)
+        self.worker = worker
+        self.run_btn.setEnabled(False)
+        self.folder_btn.setEnabled(False)
+        self.status.setText("Loading the model..." if not _CACHE else "Classifying...")
+        worker.start()
+        return worker
+
+    def _done(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.worker = None
+        self.run_btn.setEnabled(True)
+        self.folder_btn.setEnabled(True)
+
+    # -- results on layers ---------------------------------------------------------------
+    def label(self, pred: PagePrediction) -> str:
+        return pred.label(self.threshold.value())
+
+    def points_name(self, name: str) -> str:
+        return f"{name} classes"
+
+    def _store(self, name: str, bundle: str) -> None:
+        """Metadata on the image layer, a text Points layer following the slider."""
+        layer = self.viewer.layers[name]
+        preds = self.results[name]
+        meta = dict(layer.metadata.get("microclf", {}))
+        meta["predictions"] = {
+            "model": str(Path(bundle).expanduser().resolve()),
+            "class_names": self.class_names,
+            "pages": [{"page": p.page, "class": p.class_name, "confidence": p.confidence,
+                       "probabilities": p.probabilities} for p in preds],
+        }
+        layer.metadata["microclf"] = meta
+        coords = np.array([[*_layers.page_index(layer, p.page), 0, 0] for p in preds], float)
+        features = {"page": [p.page for p in preds],
+                    "class": [p.class_name for p in preds],
+                    "confidence": [round(p.confidence, 4) for p in preds],
+                    "label": [self.label(p) for p in preds]}
+        text = {"string": "{label} ({confidence:.2f})", "anchor": "upper_left", "size": 12,
+                "color": "yellow"}
+        pname = self.points_name(name)
+        active = self.viewer.layers.selection.active
+        if pname in self.viewer.layers:
+            pts = self.viewer.layers[pname]
+            pts.data = coords
+            pts.features = features
+            pts.text = text
+        else:
+            pts = self.viewer.add_points(
+                coords, features=features, text=text, name=pname, size=1,
+                face_color="transparent", border_width=0, scale=layer.scale[-coords.shape[1]:],
+                translate=layer.translate[-coords.shape[1]:], blending="translucent_no_depth")
+            pts.metadata["microclf"] = {"image_layer": name}
+        if active is not None and active in self.viewer.layers:
+            self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
+
+    def _relabel(self, *_) -> None:
+        for name, preds in self.results.items():
+            pname = self.points_name(name)
+            if pname in self.viewer.layers:
+                pts = self.viewer.layers[pname]
+                feats = pts.features.copy()
+                feats["label"] = [self.label(p) for p in preds]
+                pts.features = feats
+                pts.refresh_text()
+        self._fill_table()
+        self._update_in_view()
+
+    def rows(self) -> list[tuple[str, int, str, float]]:
+        return [(name, p.page, self.label(p), p.confidence)
+                for name, preds in self.results.items() for p in preds]
+
+    def _fill_table(self) -> None:
+        rows = self.rows()
+        self.table.setRowCount(len(rows))
+        for r, (name, page, label, conf) in enumerate(rows):
+            for c, text in enumerate((name, str(page), label, f"{conf:.3f}")):
+                item = QTableWidgetItem(text)
+                if c:
+                    item.setTextAlignment(Qt.AlignCenter)
+                self.table.setItem(r, c, item)
+
+    def _go_to_row(self, row: int, _col: int) -> None:
+        name, page = self.table.item(row, 0).text(), int(self.table.item(row, 1).text())
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            index = _layers.page_index(layer, page)
+            world = layer.data_to_world([*index, 0, 0])
+            offset = self.viewer.dims.ndim - len(world)
+            for axis, value in enumerate(world[: len(index)]):
+                self.viewer.dims.set_point(axis + offset, value)
+            self.viewer.layers.selection.active = layer
+
+    def in_view_text(self) -> str:
+        active = self.viewer.layers.selection.active
+        name = active.name if active is not None else None
+        if name not in self.results:
+            meta = active.metadata.get("microclf", {}) if active is not None else {}
+            name = meta.get("image_layer") if isinstance(meta, dict) else None
+        if name not in self.results:
+            name = next(iter(self.results), None)
+        if name is None or name not in self.viewer.layers:
+            return ""
+        layer = self.viewer.layers[name]
+        page = _layers.flat_page(layer, _layers.page_in_view(self.viewer, layer)) or 0
+        pred = next((p for p in self.results[name] if p.page == page), None)
+        if pred is None:
+            return ""
+        where = f", page {page}" if _layers.lead_shape(layer) else ""
+        return f"In view: {name}{where}: {self.label(pred)} (confidence {pred.confidence:.2f})"
+
+    def _update_in_view(self, *_) -> None:
+        self.in_view.setText(self.in_view_text())
+
+    # -- CSV -------------------------------------------------------------------------------
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        if not self.results:
+            _notify("warning", "Nothing to export: run a prediction first.")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Export predictions", "predictions.csv",
+                                                  "CSV (*.csv)")
+            if not path:
+                return None
+        preds = [p for preds in self.results.values() for p in preds]
+        try:
+            n = write_csv(preds, path, self.class_names, self.threshold.value())
+        except OSError as exc:
+            _notify("error", f"Cannot write {path}: {exc}")
+            return None
+        self.status.setText(f"Wrote {n} rows to {path}.")
+        return Path(path)
+
+    def classify_folder(self, folder: str | Path | None = None,
+                        csv_path: str | Path | None = None):
+        """Classify a folder into a CSV in a worker; returns the worker."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        if self.worker is not None:
+            return None
+        try:
+            read_meta(self.bundle())
+        except BundleError as exc:
+            _notify("error", f"Cannot predict: {exc}")
+            return None
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Folder of images to classify")
+            if not folder:
+                return None
+        if csv_path is None:
+            csv_path, _ = QFileDialog.getSaveFileName(
+                self, "Write predictions to", str(Path(folder) / "microclf_predictions.csv"),
+                "CSV (*.csv)")
+            if not csv_path:
+                return None
+        self._pbar = progress(total=0, desc=f"Classifying {Path(folder).name}")
+
+        def on_yield(item):
+            kind, n = item
+            if kind == "total":
+                self.bar.setRange(0, max(n, 1))
+                self._pbar.total = n
+            else:
+                self.bar.setValue(n)
+                self._pbar.update(1)
+
+        def on_return(result):
+            if isinstance(result, str):
+                _notify("error", result)
+                return
+            self.status.setText(f"Classified {result} page(s) in {folder}; CSV: {csv_path}")
+            _notify("info", f"Wrote {result} predictions to {csv_path}")
+
+        worker = thread_worker(_predict_folder, ignore_errors=False)(
+            self.bundle(), str(folder), str(csv_path), self.threshold.value())
+        worker.yielded.connect(on_yield)
+        worker.returned.connect(on_return)
+        worker.finished.connect(self._done)
+        self.worker = worker
+        self.run_btn.setEnabled(False)
+        self.folder_btn.setEnabled(False)
+        self.bar.setValue(0)
+        self.status.setText(f"Classifying {folder}...")
+        worker.start()
+        return worker

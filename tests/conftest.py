@@ -1,0 +1,31 @@
+"""Shared test set-up: the order of OpenGL and TensorFlow.
+
+On Linux with Mesa OpenGL (Xvfb's llvmpipe included) Mesa and TensorFlow each bring an LLVM.
+napari works when the OpenGL driver is loaded first and TensorFlow after it, through
+``ensure_tensorflow`` (RTLD_DEEPBIND; see ``napari_microclf/_qt/_tf.py``), which is the
+order of a real napari session. Some core test modules import Keras at collection, so before
+collection (and after pytest-xvfb has started the display) an OpenGL context is made once
+and TensorFlow imported the safe way.
+"""
+
+import pytest
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    from napari_microclf._qt._tf import ensure_tensorflow
+
+    try:
+        from napari.qt import get_qapp
+        from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+
+        app = get_qapp()
+        surface = QOffscreenSurface()
+        surface.create()
+        context = QOpenGLContext()
+        if context.create() and context.makeCurrent(surface):
+            context.doneCurrent()
+        config._microclf_gl = (app, surface, context)  # keep them alive
+    except Exception as exc:  # noqa: BLE001 - no display: nothing to order
+        config._microclf_gl = exc
+    ensure_tensorflow()

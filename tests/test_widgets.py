@@ -1,0 +1,332 @@
+"""The plugin in napari: manifest, Annotate (buttons and keys 1-9), Train, Predict."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from napari.utils.notifications import notification_manager
+from qtpy.QtCore import Qt, QTimer
+
+from napari_microclf._qt import predict as predict_mod
+from napari_microclf._qt._session import SESSION
+from napari_microclf._qt.annotate import AnnotateWidget
+from napari_microclf._qt.predict import PredictWidget
+from napari_microclf._qt.train import State, TrainWidget
+from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
+from napari_microclf.core.train import BatchEnd, TrainConfig, train
+
+PLUGIN = "napari-microclf"
+TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "weights": "none", "fine_tune": "all",
+        "learning_rate": 1e-3, "early_stopping": False}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    SESSION.last_bundle = SESSION.dataset = None
+    yield
+    SESSION.last_bundle = SESSION.dataset = None
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    return make_sample_dataset(tmp_path_factory.mktemp("data") / "ds", n_per_class=8, size=32)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "model"
+    result = train(TrainConfig(str(tiny_dataset), str(out), epochs=1, batch_size=8,
+                               image_size=32, weights=None, fine_tune="all"))
+    return result.bundle
+
+
+def _messages(level=None):
+    return [str(n.message) for n in notification_manager.records
+            if level is None or str(n.severity).lower().endswith(level)]
+
+
+def _tiny(widget: TrainWidget, **changes):
+    for name, value in {**TINY, **changes}.items():
+        getattr(widget.form, name).value = value
+
+
+# -- manifest ------------------------------------------------------------------------------
+
+
+def test_manifest_contributions_load_through_napari(make_napari_viewer):
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution(PLUGIN)
+    assert {w.display_name for w in manifest.contributions.widgets} == {
+        "Annotate", "Train", "Predict"}
+    viewer = make_napari_viewer()
+    kinds = {}
+    for name in ("Annotate", "Train", "Predict"):
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        kinds[name] = type(widget)
+    assert kinds == {"Annotate": AnnotateWidget, "Train": TrainWidget,
+                     "Predict": PredictWidget}
+    layers = viewer.open_sample(PLUGIN, "microscopy_classes")
+    assert [lyr.name for lyr in layers][-1] == "mixed stack"
+    assert viewer.layers["mixed stack"].data.shape == (12, 96, 96)
+    assert len(viewer.layers["mixed stack"].metadata["true_classes"]) == 12
+
+
+# -- annotate ------------------------------------------------------------------------------
+
+
+def _press(viewer, qtbot, key: str):
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
+
+
+def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer(show=True)
+    stack, _ = make_sample_stack(n_pages=4, size=32)
+    viewer.add_image(stack, name="stack")
+    rgb = viewer.add_image(np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8),
+                           name="rgb", rgb=True)
+    two = np.stack([stack[:2], stack[2:]], axis=-1)  # 2 pages, 2 channels
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, np.moveaxis(two, -1, 1), metadata={"axes": "ZCYX"})
+    viewer.open(str(path), plugin=PLUGIN)
+    root = tmp_path / "new" / "dataset"
+    widget = AnnotateWidget(viewer, root)
+    viewer.window.add_dock_widget(widget)
+
+    widget.add_class("bad/name")
+    assert not root.exists() and any("bad/name" in m for m in _messages())
+    widget.add_class("alive")
+    widget.add_class("dead")
+    assert widget.counts() == {"alive": 0, "dead": 0}
+    assert "1 = alive, 2 = dead" in widget.keys_label.text()
+
+    # key 2 on the stack, slice 3 in view
+    viewer.layers.selection.active = viewer.layers["stack"]
+    viewer.dims.set_current_step(0, 3)
+    _press(viewer, qtbot, "2")
+    files = list((root / "dead").glob("*.tif"))
+    assert [f.name.split("_")[1] for f in files] == ["p0003"]
+    np.testing.assert_array_equal(tifffile.imread(files[0]), stack[3])
+    from napari_microclf.core.dataset import read_provenance
+
+    assert read_provenance(files[0])["page"] == 3
+    # the same slice again: reported, not written twice
+    _press(viewer, qtbot, "2")
+    assert widget.counts() == {"alive": 0, "dead": 1}
+    assert any("already in the dataset" in m for m in _messages())
+
+    # key 1 on the RGB layer
+    viewer.layers.selection.active = rgb
+    _press(viewer, qtbot, "1")
+    (rgb_file,) = (root / "alive").glob("rgb*.tif")
+    assert tifffile.imread(rgb_file).shape == (3, 20, 24)
+
+    # a multichannel file: both channel layers saved together, with its source path
+    viewer.layers.selection.active = viewer.layers["two [C1]"]
+    viewer.dims.set_current_step(0, 1)
+    result = widget.add_slice("alive", viewer.layers["two [C1]"])
+    saved = tifffile.imread(result.path)
+    np.testing.assert_array_equal(np.moveaxis(saved, 0, -1), two[1])
+    assert read_provenance(result.path)["source"] == str(path)
+    assert widget.counts() == {"alive": 2, "dead": 1}
+
+    # undo moves the newest example to the trash
+    widget.undo()
+    assert not result.path.exists()
+    assert (root / ".trash" / "alive" / result.path.name).exists()
+    assert widget.counts() == {"alive": 1, "dead": 1}
+
+    # add all slices of the stack (slice 3 is already in "dead")
+    worker = widget.add_all_slices("alive", viewer.layers["stack"])
+    with qtbot.waitSignal(worker.finished, timeout=30000):
+        pass
+    assert widget.counts() == {"alive": 4, "dead": 1}
+
+    # rename, then remove after asking
+    widget.rename_class("alive", "living")
+    assert widget.counts() == {"dead": 1, "living": 4}
+    widget.confirm = lambda text: False
+    widget.remove_class("dead")
+    assert (root / "dead").is_dir()
+    asked = []
+    widget.confirm = lambda text: asked.append(text) or True
+    widget.remove_class("dead")
+    assert not (root / "dead").exists() and (root / ".trash" / "dead").is_dir()
+    assert "1 image" in asked[0]
+
+
+# -- train ---------------------------------------------------------------------------------
+
+
+def test_train_runs_to_the_end_and_the_gui_stays_responsive(make_napari_viewer, qtbot,
+                                                            tiny_dataset, tmp_path):
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
+    viewer.window.add_dock_widget(widget)
+    _tiny(widget)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(50)
+    t0 = time.perf_counter()
+    worker = widget.start()
+    assert widget.state is State.RUNNING and widget.start_btn.text() == "Stop"
+    with qtbot.waitSignal(worker.finished, timeout=240000):
+        pass
+    elapsed = time.perf_counter() - t0
+    timer.stop()
+    # the event loop served the 50 ms timer throughout the training
+    gaps = np.diff([t0, *ticks])
+    assert len(ticks) > 0.4 * elapsed / 0.05, (len(ticks), elapsed)
+    assert gaps.max() < 2.0, gaps.max()
+
+    result = widget.result
+    assert result is not None and not result.stopped
+    assert (result.bundle / "model.keras").exists()
+    assert widget.state is State.IDLE and widget.start_btn.text() == "Start training"
+    assert widget.epoch_bar.value() == 2
+    log = widget.log.toPlainText()
+    assert "Class distribution: {0: 6, 1: 6, 2: 6}" in log and "Class weights" in log
+    assert "Epoch 2/2" in log and "val_accuracy" in log
+    loss_axis, acc_axis, lr_axis = widget.curves.figure.axes
+    assert [len(line.get_xdata()) for line in loss_axis.lines] == [2, 2]
+    assert len(lr_axis.lines) == 1
+    assert widget.class_table.rowCount() == 3
+    assert "Test accuracy" in widget.report_label.text()
+    assert widget.confusion.figure.axes and "Diagnosis" in widget.diagnosis.text()
+    # offered to Predict
+    assert SESSION.last_bundle == str(result.bundle)
+    assert PredictWidget(viewer).bundle() == str(result.bundle)
+
+
+def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
+    _tiny(widget, epochs=20)
+    worker = widget.start()
+
+    def stop_on_first_batch(update):
+        if isinstance(update, BatchEnd) and widget.state is State.RUNNING:
+            qtbot.mouseClick(widget.start_btn, Qt.LeftButton)
+
+    worker.yielded.connect(stop_on_first_batch)
+    with qtbot.waitSignal(worker.finished, timeout=240000):
+        pass
+    assert widget.result.stopped and widget.result.epochs_run < 20
+    assert not (tmp_path / "model").exists()
+    assert widget.state is State.IDLE and "no model was written" in widget.status.text()
+
+
+@pytest.mark.parametrize("problem", ["no dataset", "one class", "empty class", "unwritable"])
+def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
+    data = tmp_path / "ds"
+    out = tmp_path / "model"
+    if problem != "no dataset":
+        make_sample_dataset(data, n_per_class=3, size=16)
+    if problem == "one class":
+        import shutil
+
+        for name in ("elongated", "fragmented"):
+            shutil.rmtree(data / name)
+    if problem == "empty class":
+        (data / "empty").mkdir()
+    if problem == "unwritable":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "model"
+    widget = TrainWidget(make_napari_viewer(), data, out)
+    notification_manager.records.clear()
+    assert widget.start() is None
+    assert widget.state is State.IDLE and widget.worker is None
+    errors = _messages("error")
+    assert len(errors) == 1 and errors[0].startswith("Cannot train")
+    expected = {"no dataset": "does not exist", "one class": "at least 2 classes",
+                "empty class": "no images", "unwritable": "a-file"}[problem]
+    assert expected in errors[0]
+
+
+def test_from_scratch_settings_say_why(make_napari_viewer):
+    widget = TrainWidget(make_napari_viewer())
+    widget.use_from_scratch()
+    config = widget.config()
+    assert (config.weights, config.fine_tune, config.image_size) == ("none", "all", 64)
+    assert "No ImageNet weights" in widget.note.text()
+
+
+# -- predict --------------------------------------------------------------------------------
+
+
+def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qtbot,
+                                                          trained_bundle, tmp_path):
+    viewer = make_napari_viewer()
+    stack, _ = make_sample_stack(n_pages=6, size=40)
+    image = viewer.add_image(stack, name="stack", scale=(1, 0.5, 0.5))
+    viewer.add_image(stack[0], name="single")
+    widget = PredictWidget(viewer, trained_bundle)
+    viewer.window.add_dock_widget(widget)
+    widget.threshold.setValue(0.0)
+    widget.choose(["stack", "single"])
+    loads = predict_mod.LOADS["n"]
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    assert predict_mod.LOADS["n"] - loads <= 1
+
+    points = viewer.layers["stack classes"]
+    assert len(points.data) == 6 and list(points.features["page"]) == list(range(6))
+    np.testing.assert_array_equal(points.scale, image.scale)
+    pages = image.metadata["microclf"]["predictions"]["pages"]
+    assert [p["page"] for p in pages] == list(range(6))
+    assert list(points.features["class"]) == [p["class"] for p in pages]
+    assert len(viewer.layers["single classes"].data) == 1
+
+    viewer.layers.selection.active = image
+    for page in (4, 1):
+        viewer.dims.set_current_step(0, page)
+        drawn = list(points._view_text)  # napari draws only this page's label
+        assert len(drawn) == 1 and drawn[0].startswith(pages[page]["class"])
+        assert widget.in_view.text().startswith(f"In view: stack, page {page}: "
+                                                f"{pages[page]['class']}")
+
+    # results table and CSV agree
+    assert widget.table.rowCount() == 7
+    out = widget.export_csv(tmp_path / "layers.csv")
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    table = [[widget.table.item(r, c).text() for c in range(4)] for r in range(7)]
+    assert [[r["file"], r["page"], r["class"]] for r in rows] == [t[:3] for t in table]
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(
+        [float(t[3]) for t in table], abs=1e-3)
+
+    # the threshold turns low confidences into "uncertain" on canvas and in the table
+    widget.threshold.setValue(1.0)
+    assert set(points.features["label"]) == {"uncertain"}
+    assert {widget.table.item(r, 2).text() for r in range(7)} == {"uncertain"}
+
+    # a second run reuses the loaded model
+    loads = predict_mod.LOADS["n"]
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    assert predict_mod.LOADS["n"] == loads
+    assert len(viewer.layers["stack classes"].data) == 6  # updated, not duplicated
+
+
+def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stack, _ = make_sample_stack(n_pages=3, size=32)
+    tifffile.imwrite(folder / "a.tif", stack, metadata={"axes": "ZYX"})
+    tifffile.imwrite(folder / "b.tif", stack[0])
+    widget = PredictWidget(make_napari_viewer(), trained_bundle)
+    worker = widget.classify_folder(folder, tmp_path / "out.csv")
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    with open(tmp_path / "out.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["file"].rsplit("/", 1)[-1], r["page"]) for r in rows] == [
+        ("a.tif", "0"), ("a.tif", "1"), ("a.tif", "2"), ("b.tif", "0")]
+    assert widget.bar.value() == 4
