@@ -7,6 +7,8 @@ The model is loaded once per :class:`Predictor` and its forward pass traced once
 from __future__ import annotations
 
 import csv
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Predictor:
         self.class_names = self.bundle.class_names
         self.spec = self.bundle.preprocess
         self.batch_size = int(batch_size)
+        self.prefetch = 1
         self._forward = None
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -57,9 +60,7 @@ class Predictor:
             None if file is None else str(file), int(page), self.class_names[i],
             float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)})
 
-    def predict_pages(self, pages: Iterable[tuple[object, int, np.ndarray]],
-                      should_stop=None) -> Iterator[PagePrediction]:
-        """Classify ``(file, page, array)`` items, batching as they stream in."""
+    def _batches(self, pages):
         size = self.spec.image_size
         buf = np.empty((self.batch_size, size, size, 3), dtype=np.float32)
         keys: list = []
@@ -67,17 +68,25 @@ class Predictor:
             buf[len(keys)] = preprocess(array, self.spec)
             keys.append((file, page))
             if len(keys) == self.batch_size:
-                yield from self._flush(buf, keys)
+                yield buf, keys
+                buf = np.empty_like(buf)  # the consumer still holds the last one
                 keys = []
-                if should_stop is not None and should_stop():
-                    return
         if keys:
-            yield from self._flush(buf[: len(keys)], keys)
+            yield buf[: len(keys)], keys
 
-    def _flush(self, buf, keys):
-        probs = self._probabilities(buf)
-        for (file, page), p in zip(keys, probs, strict=True):
-            yield self._result(p, file, page)
+    def predict_pages(self, pages: Iterable[tuple[object, int, np.ndarray]],
+                      should_stop=None) -> Iterator[PagePrediction]:
+        """Classify ``(file, page, array)`` items, batching as they stream in.
+
+        Pages are read and preprocessed in a background thread while the model works on the
+        previous batch; at most ``prefetch`` + 2 batches exist at any time.
+        """
+        for buf, keys in _prefetch(self._batches(pages), self.prefetch):
+            probs = self._probabilities(buf)
+            for (file, page), p in zip(keys, probs, strict=True):
+                yield self._result(p, file, page)
+            if should_stop is not None and should_stop():
+                return
 
     def predict_array(self, array: np.ndarray, pages: bool = False) -> list[PagePrediction]:
         """One image ``(Y, X[, C])``, or with ``pages=True`` a stack ``(P, Y, X[, C])``."""
@@ -97,6 +106,50 @@ class Predictor:
             yield from self.predict_file(path, should_stop)
             if should_stop is not None and should_stop():
                 return
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _prefetch(iterable, depth: int = 1):
+    """Run ``iterable`` in a thread, ``depth`` items ahead of the consumer."""
+    items: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failed(exc))
+
+    worker = threading.Thread(target=produce, name="microclf-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is end:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:

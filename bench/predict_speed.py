@@ -1,0 +1,102 @@
+"""Prediction speed on a stack: napari-microclf's streaming Predictor against the raw model.
+
+    python bench/predict_speed.py [--pages 500] [--size 256] [--image-size 224]
+
+"raw" is the classifier alone on pages already decoded, normalised and resized, in batches;
+"ours" reads the TIFF page by page, preprocesses and classifies (what a user runs). Also
+prints the peak of Python/NumPy memory during prediction against the stack's size, and
+whether XLA compilation (jit_compile) makes the raw forward pass faster here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import machine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pages", type=int, default=500)
+    p.add_argument("--size", type=int, default=256, help="page side in pixels")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--work", default=None)
+    args = p.parse_args()
+
+    import tensorflow as tf
+    import tifffile
+
+    from napari_microclf.core.images import PreprocessSpec, open_image, preprocess
+    from napari_microclf.core.model import build_classifier, write_bundle
+    from napari_microclf.core.predict import Predictor
+    from napari_microclf.core.sample import make_sample_stack
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="microclf-bench-"))
+    stack_path = work / f"stack-{args.pages}x{args.size}.tif"
+    if not stack_path.exists():
+        stack, _ = make_sample_stack(args.pages, args.size, seed=5)
+        tifffile.imwrite(stack_path, stack, photometric="minisblack")
+    spec = PreprocessSpec(args.image_size)
+    model = build_classifier(3, args.image_size, None, fine_tune="all", augment=False)
+    bundle = write_bundle(work / "predict-model", model, {
+        "class_names": ["a", "b", "c"], "preprocessing": spec.to_dict()})
+    predictor = Predictor(bundle, batch_size=args.batch_size)
+    model = predictor.bundle.model
+    print(f"Machine: {machine()}")
+    print(f"Stack: {args.pages} pages of {args.size}x{args.size} uint16 "
+          f"({stack_path.stat().st_size / 1e6:.0f} MB), model input {args.image_size} px, "
+          f"batch {args.batch_size}")
+
+    with open_image(stack_path) as f:  # decoded outside any timing
+        pages = np.stack([preprocess(f.page(i), spec) for i in range(len(f))])
+    sig = [tf.TensorSpec([None, args.image_size, args.image_size, 3], tf.float32)]
+
+    def raw_rate(pages, jit: bool) -> float:
+        fn = tf.function(lambda x: model(x, training=False), input_signature=sig,
+                         jit_compile=jit)
+        fn(pages[: args.batch_size])  # compile both batch shapes outside the timing
+        fn(pages[len(pages) - len(pages) % args.batch_size:] if len(pages) % args.batch_size
+           else pages[: args.batch_size])
+        t0 = time.perf_counter()
+        for i in range(0, len(pages), args.batch_size):
+            np.asarray(fn(pages[i: i + args.batch_size]))
+        return len(pages) / (time.perf_counter() - t0)
+
+    raw = raw_rate(pages, False)
+    print(f"raw model:           {raw:7.1f} images/s", flush=True)
+    try:
+        xla = raw_rate(pages, True)
+        print(f"raw model with XLA:  {xla:7.1f} images/s  ({xla / raw:.2f}x)", flush=True)
+    except Exception as exc:  # XLA not available for this build/device
+        print(f"raw model with XLA:  not available ({type(exc).__name__})")
+    del pages
+
+    list(predictor.predict_file(stack_path))  # warm-up (tracing) on the same file
+    t0 = time.perf_counter()
+    n = sum(1 for _ in predictor.predict_file(stack_path))
+    seconds = time.perf_counter() - t0
+    tracemalloc.start()  # a separate pass: tracing allocations slows NumPy down
+    sum(1 for _ in predictor.predict_file(stack_path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    ours = n / seconds
+    stack_mb = args.pages * args.size * args.size * 2 / 1e6
+    batch_mb = args.batch_size * args.image_size ** 2 * 3 * 4 / 1e6
+    print(f"ours (read+preprocess+predict): {ours:7.1f} images/s")
+    print(f"ours / raw model: {ours / raw:.2f}x")
+    print(f"peak Python/NumPy memory while predicting: {peak / 1e6:.1f} MB "
+          f"(stack {stack_mb:.0f} MB, one input batch {batch_mb:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
