@@ -77,7 +77,8 @@ def cmd_train(args) -> int:
         dropout=args.dropout, class_weights=not args.no_class_weights,
         early_stopping=not args.no_early_stopping, weights=args.weights,
         fine_tune=args.fine_tune, seed=args.seed, channel_map=parse_channel_map(args.channels),
-        resize_mode=args.resize, resplit=args.resplit,
+        resize_mode=args.resize, resplit=args.resplit, cache=not args.no_cache,
+        views=args.views,
     )
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels", default="auto", help="channel map to RGB, e.g. '0,1,-' (auto)")
     t.add_argument("--resize", choices=["pad", "stretch"], default="pad",
                    help="pad to square then resize (no cropping), or stretch")
+    t.add_argument("--views", type=int, default=4, help="augmented views per training image "
+                   "whose backbone features are cached (4)")
+    t.add_argument("--no-cache", action="store_true", help="frozen base: run the full "
+                   "pipeline every epoch instead of cached backbone features")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a model on the dataset's persisted test split")
