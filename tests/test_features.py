@@ -146,3 +146,23 @@ def test_augmented_views_flip_rotate_zoom_and_keep_the_range():
     assert len(quadrants) >= 3  # the square lands in different quadrants: flips happen
     same = make_augment(0.0, seed=0)(img)  # strength 0: flips only
     assert np.isclose(np.asarray(same).sum(), img.sum(), rtol=1e-3)
+
+
+def test_streaming_prediction_passes_errors_on_and_stops(tmp_path):
+    model = build_classifier(2, 32, None, fine_tune="all", augment=False)
+    bundle = write_bundle(tmp_path / "b", model, {
+        "class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()})
+    predictor = Predictor(bundle, batch_size=4)
+    rng = np.random.default_rng(0)
+
+    def pages(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"page {i} is unreadable")
+            yield ("stack.tif", i, rng.integers(0, 4000, (40, 40)).astype(np.uint16))
+
+    assert [p.page for p in predictor.predict_pages(pages(10))] == list(range(10))
+    with pytest.raises(ValueError, match="page 6 is unreadable"):
+        list(predictor.predict_pages(pages(10, fail_at=6)))
+    got = list(predictor.predict_pages(pages(40), should_stop=lambda: True))
+    assert len(got) == 4  # one batch, then the stop request is honoured

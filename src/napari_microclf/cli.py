@@ -148,8 +148,8 @@ def cmd_demo(args) -> int:
               "network from scratch on small images instead. With the weights the defaults "
               "(frozen base, 224 px) apply.")
         config = TrainConfig(str(info["dataset"]), str(out / "model"), epochs=args.epochs,
-                             image_size=args.image_size or 64, batch_size=8, learning_rate=1e-3,
-                             weights=None, fine_tune="all", early_stopping=False)
+                             image_size=args.image_size or 48, batch_size=16, learning_rate=1e-3,
+                             weights=None, fine_tune="all", augment=False, early_stopping=False)
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
     bar.clear()
@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")
     d.add_argument("--out", default="microclf-demo")
-    d.add_argument("--epochs", type=int, default=12)
-    d.add_argument("--per-class", type=int, default=50)
+    d.add_argument("--epochs", type=int, default=16)
+    d.add_argument("--per-class", type=int, default=100)
     d.add_argument("--image-size", type=int, default=None)
     d.set_defaults(func=cmd_demo)
     return p
