@@ -1,0 +1,82 @@
+"""Regenerate the widget screenshots of the docs (run under ``xvfb-run -a -s "-screen 0
+1600x1000x24"``): the demo viewer, a few annotations, a short training, a prediction."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import warnings
+import time
+from pathlib import Path
+
+warnings.filterwarnings("ignore")  # no PyQt5-deprecation toast on the screenshots
+
+from qtpy.QtCore import QEventLoop, Qt, QTimer
+from qtpy.QtWidgets import QApplication, QDockWidget
+
+from napari_microclf._demo import build
+
+DOCS = Path(__file__).parent
+
+
+def wait(worker, timeout=600):
+    loop = QEventLoop()
+    worker.finished.connect(loop.quit)
+    QTimer.singleShot(timeout * 1000, loop.quit)
+    loop.exec_()
+
+
+def pause(seconds=0.5):
+    t = time.time()
+    while time.time() - t < seconds:
+        QApplication.processEvents()
+
+
+def shot(viewer, name, dock_name):
+    window = viewer.window._qt_window
+    dock = next(d for d in window.findChildren(QDockWidget) if d.windowTitle() == dock_name)
+    dock.raise_()
+    window.resizeDocks([dock], [560], Qt.Horizontal)
+    pause(1.0)
+    path = DOCS / f"{name}.png"
+    img = viewer.window._qt_window.grab()
+    img.scaledToWidth(1400).save(str(path), "PNG")  # keeps each PNG small
+    print(f"{path}: {path.stat().st_size // 1024} KB")
+
+
+def main():
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / "microclf-demo"
+    viewer, w = build(out)
+    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.show()
+    pause(1)
+    # Annotate: three classes, a few slices of the stack by the 1-9 keys' handler
+    ann = w["Annotate"]
+    stack = viewer.layers["mixed stack"]
+    labels = stack.metadata["true_classes"]
+    names = ann.classes()
+    for page in range(4):
+        viewer.dims.set_current_step(0, page)
+        ann.key_pressed(names.index(labels[page]) + 1)
+    viewer.dims.set_current_step(0, 4)
+    shot(viewer, "annotate", "Annotate (napari-microclf)")
+    # Train
+    tr = w["Train"]
+    tr.form.epochs.value = 10
+    wait(tr.start())
+    tr.tabs.setCurrentWidget(tr.curves)
+    shot(viewer, "train-curves", "Train (napari-microclf)")
+    tr.tabs.setCurrentIndex(3)
+    shot(viewer, "train-report", "Train (napari-microclf)")
+    # Predict the mixed stack
+    pr = w["Predict"]
+    pr.choose(["mixed stack"])
+    wait(pr.run())
+    viewer.layers.selection.active = stack
+    viewer.dims.set_current_step(0, 5)
+    shot(viewer, "predict", "Predict (napari-microclf)")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
