@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")  # no PyQt5-deprecation toast on the screenshots
 
-from qtpy.QtCore import QEventLoop, Qt, QTimer
-from qtpy.QtWidgets import QApplication, QDockWidget
+from qtpy.QtCore import QEventLoop, Qt, QTimer  # noqa: E402
+from qtpy.QtWidgets import QApplication, QDockWidget  # noqa: E402
 
-from napari_microclf._demo import build
+from napari_microclf._demo import build  # noqa: E402
 
 DOCS = Path(__file__).parent
 

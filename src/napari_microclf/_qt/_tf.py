@@ -35,8 +35,8 @@ def ensure_tensorflow() -> None:
     try:
         if deepbind:
             sys.setdlopenflags(old | os.RTLD_DEEPBIND)
-        import tensorflow  # noqa: F401
         import keras  # noqa: F401
+        import tensorflow  # noqa: F401
     finally:
         if deepbind:
             sys.setdlopenflags(old)

@@ -228,10 +228,11 @@ class TrainWidget(QWidget):
             self.note.hide()
             self.scratch_btn.hide()
         else:
+            cached = keras_home() / "models" / IMAGENET_FILE
             self.note.setText(
-                f"No ImageNet weights in the Keras cache ({keras_home() / 'models' / IMAGENET_FILE})"
-                ". They are downloaded on the first training if this computer is online; "
-                "offline, train from scratch instead:")
+                f"No ImageNet weights in the Keras cache ({cached}). They are downloaded on "
+                "the first training if this computer is online; offline, train from scratch "
+                "instead:")
 
         # -- start / stop and progress
         self.start_btn = QPushButton("Start training")
