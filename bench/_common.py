@@ -49,9 +49,15 @@ def clear_cache(data: Path) -> None:
 def time_backbone(n_images: int, image_size: int, weights, batch_size: int, seed: int = 0
                   ) -> float:
     """Seconds for the frozen backbone alone to run over ``n_images`` already in memory."""
-    from napari_microclf.core.features import FeatureExtractor
+    import warnings
 
-    extractor = FeatureExtractor(image_size, weights, seed, batch_size=batch_size)
+    from napari_microclf.core.features import FeatureExtractor
+    from napari_microclf.core.model import build_classifier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_classifier(2, image_size, weights, augment=False, seed=seed)
+    extractor = FeatureExtractor(model, seed, batch_size=batch_size)
     batch = np.random.default_rng(0).uniform(0, 255, (batch_size, image_size, image_size, 3)
                                              ).astype(np.float32)
     extractor(batch)  # trace once, outside the timing

@@ -40,7 +40,9 @@ def test_cached_features_equal_the_full_models(data):
 
     refs = load_samples(data).train[:6]
     images = preprocess_refs(refs, PreprocessSpec(32))
-    cached = FeatureExtractor(32, None, seed=0)(images)
+    # the extractor of the cached path, on a classifier with augmentation layers...
+    cached = FeatureExtractor(build_classifier(3, 32, None, seed=0), seed=0)(images)
+    # ...against a separately built classifier's own pooled output
     full = build_classifier(3, 32, None, augment=False, seed=0)
     pooled = keras.Model(full.input, full.get_layer("avg_pool").output)
     expected = pooled.predict(images, verbose=0)

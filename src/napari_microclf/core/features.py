@@ -99,18 +99,15 @@ class FeatureCache:
                 os.unlink(tmp)
 
 
-def make_backbone(image_size: int, weights: str | None, seed: int):
-    """The frozen base with global average pooling, as inside the classifier."""
-    import warnings
+def make_backbone(classifier):
+    """The classifier's own frozen base and pooling, as a model of its own (shared weights).
 
+    Called with ``training=False`` the classifier's augmentation layers pass images through.
+    """
     import keras
 
-    from .model import build_classifier
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = build_classifier(2, image_size, weights, augment=False, seed=seed)
-    return keras.Model(full.input, full.get_layer("avg_pool").output, name="backbone")
+    return keras.Model(classifier.input, classifier.get_layer("avg_pool").output,
+                       name="backbone")
 
 
 def make_augment(strength: float, seed: int):
@@ -155,12 +152,13 @@ def make_augment(strength: float, seed: int):
 class FeatureExtractor:
     """Runs the backbone (optionally after augmentation) over preprocessed images in batches."""
 
-    def __init__(self, image_size: int, weights: str | None, seed: int,
-                 augment_strength: float = 0.05, batch_size: int = 32):
+    def __init__(self, classifier, seed: int, augment_strength: float = 0.05,
+                 batch_size: int = 32):
         import tensorflow as tf
 
-        self.backbone = make_backbone(image_size, weights, seed)
+        self.backbone = make_backbone(classifier)
         self.batch_size = batch_size
+        image_size = classifier.input_shape[1]
         spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
         backbone, aug = self.backbone, make_augment(augment_strength, seed)
         self._plain = tf.function(lambda x: backbone(x, training=False), input_signature=spec)

@@ -283,16 +283,6 @@ def train(
     emit(Message(f"Images: {len(samples.train)} train, {len(samples.val)} validation, "
                  f"{len(samples.test)} test"))
 
-    y = {s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
-         for s in ("train", "val", "test")}
-    cached = config.cache and fine_tune == 0
-    if cached:
-        inputs = _features(config, samples, weights, emit, should_stop)
-    else:
-        inputs = _images(config, samples, emit, should_stop)
-    if inputs is None:
-        return stopped_result(names, {})
-
     distribution = samples.distribution("train")
     emit(Message(f"Class distribution: {distribution}"))
     class_weight = None
@@ -304,6 +294,16 @@ def train(
         warnings.simplefilter("ignore")  # said above as a Message
         model = build_classifier(len(names), config.image_size, weights, config.dropout,
                                  config.augment, config.augment_strength, fine_tune, config.seed)
+    y = {s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
+         for s in ("train", "val", "test")}
+    cached = config.cache and fine_tune == 0
+    if cached:
+        inputs = _features(config, samples, model, weights, emit, should_stop)
+    else:
+        inputs = _images(config, samples, emit, should_stop)
+    if inputs is None:
+        return stopped_result(names, {})
+
     # With cached features only the head is trained; it shares the classifier's layers.
     trained = build_head(model, inputs["train"].shape[-1]) if cached else model
     trained.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
@@ -405,7 +405,7 @@ def _images(config: TrainConfig, samples, emit, should_stop) -> dict | None:
     return arrays
 
 
-def _features(config: TrainConfig, samples, weights, emit, should_stop) -> dict | None:
+def _features(config: TrainConfig, samples, model, weights, emit, should_stop) -> dict | None:
     """Backbone features from the dataset's cache, computing only what is missing."""
     from .features import FeatureCache, FeatureExtractor, cache_key, extract_features
 
@@ -413,8 +413,7 @@ def _features(config: TrainConfig, samples, weights, emit, should_stop) -> dict 
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None
     cache = FeatureCache(config.data_dir, cache_key(spec, weights, config.seed, strength))
-    extractor = FeatureExtractor(config.image_size, weights, config.seed,
-                                 config.augment_strength, config.batch_size)
+    extractor = FeatureExtractor(model, config.seed, config.augment_strength, config.batch_size)
     plan = [("train", views), ("val", 1), ("test", 1)]
     earlier = {"done": 0, "last": 0}  # images of the subsets already finished
 
