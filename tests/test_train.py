@@ -1,7 +1,9 @@
 """Training from scratch on the sample data, its lines, its bundle, prediction, CLI, stopping.
 
 One real training (weights none, whole network trainable, 48 px, fixed seed) is shared by
-the tests of this module; the others use one-epoch runs on 32 px images.
+the tests of this module; the others use one-epoch runs on 32 px images. From scratch, the
+recipe that learns reliably here is 150 images per class, 20 epochs at learning rate 1e-3
+without reduction on plateau (over 2 seeds: test accuracy 0.87 and 0.91).
 """
 
 import csv
@@ -27,15 +29,15 @@ EPOCH_LINE = re.compile(
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    return write_sample(tmp_path_factory.mktemp("sample"), n_per_class=100, size=64, seed=0)
+    return write_sample(tmp_path_factory.mktemp("sample"), n_per_class=150, size=96, seed=0)
 
 
 @pytest.fixture(scope="module")
 def trained(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "model"
-    config = TrainConfig(str(sample["dataset"]), str(out), epochs=16, batch_size=16,
+    config = TrainConfig(str(sample["dataset"]), str(out), epochs=20, batch_size=16,
                          learning_rate=1e-3, image_size=48, weights=None, fine_tune="all",
-                         augment=False, early_stopping=False, seed=0)
+                         augment=False, early_stopping=False, reduce_lr_patience=20, seed=0)
     updates = []
     result = train(config, on_update=updates.append)
     return result, updates
@@ -43,9 +45,9 @@ def trained(sample, tmp_path_factory):
 
 def test_from_scratch_training_beats_chance(trained):
     result, _ = trained
-    assert not result.stopped and result.epochs_run == 16
+    assert not result.stopped and result.epochs_run == 20
     chance = 1 / len(CLASSES)
-    assert result.report["n"] == 30
+    assert result.report["n"] == 45
     assert result.report["accuracy"] >= chance + 0.3, result.report
     assert result.history["val_accuracy"][-1] > chance + 0.2
 
@@ -54,16 +56,16 @@ def test_reports_the_training_guides_lines(trained):
     result, updates = trained
     texts = [u.text for u in updates if isinstance(u, Message)]
     dist = next(t for t in texts if t.startswith("Class distribution: "))
-    assert dist == "Class distribution: {0: 70, 1: 70, 2: 70}"
+    assert dist == "Class distribution: {0: 105, 1: 105, 2: 105}"
     weights = next(t for t in texts if t.startswith("Class weights: "))
     assert weights == "Class weights: {0: 1.0, 1: 1.0, 2: 1.0}"
     epoch_starts = [u.text for u in updates if type(u).__name__ == "EpochStart"]
-    assert epoch_starts[0] == "Epoch 1/16" and epoch_starts[-1] == "Epoch 16/16"
+    assert epoch_starts[0] == "Epoch 1/20" and epoch_starts[-1] == "Epoch 20/20"
     lines = [u.line for u in updates if isinstance(u, EpochEnd)]
-    assert len(lines) == 16 and all(EPOCH_LINE.match(li) for li in lines), lines[0]
-    assert lines[0].startswith("14/14 - ")  # 210 training images / batch 16
+    assert len(lines) == 20 and all(EPOCH_LINE.match(li) for li in lines), lines[0]
+    assert lines[0].startswith("20/20 - ")  # 315 training images / batch 16
     batches = [u for u in updates if isinstance(u, BatchEnd)]
-    assert len(batches) == 16 * 14 and batches[-1].batch == batches[-1].steps == 14
+    assert len(batches) == 20 * 20 and batches[-1].batch == batches[-1].steps == 20
 
 
 def test_bundle_holds_model_metadata_and_report(trained, sample):
@@ -74,13 +76,13 @@ def test_bundle_holds_model_metadata_and_report(trained, sample):
     meta = json.loads((b / "microclf.json").read_text())
     assert meta["class_names"] == list(CLASSES)
     assert meta["preprocessing"]["image_size"] == 48 and meta["preprocessing"]["pmax"] == 99.8
-    assert meta["weights"] == "none" and meta["config"]["epochs"] == 16
-    assert len(meta["history"]["loss"]) == 16 and len(meta["history"]["lr"]) == 16
+    assert meta["weights"] == "none" and meta["config"]["epochs"] == 20
+    assert len(meta["history"]["loss"]) == 20 and len(meta["history"]["lr"]) == 20
     assert set(meta["versions"]) == {"napari_microclf", "tensorflow", "keras"}
     assert meta["split"]["assignments"] == json.loads(
         (sample["dataset"] / "split.json").read_text())["assignments"]
     report = json.loads((b / "report.json").read_text())
-    assert np.array(report["confusion_matrix"]).sum() == 30
+    assert np.array(report["confusion_matrix"]).sum() == 45
     assert {c["class"] for c in report["per_class"]} == set(CLASSES)
     assert report["diagnosis"] and "## Diagnosis" in (b / "report.md").read_text()
     for mis in report["misclassified"]:
@@ -95,7 +97,7 @@ def test_predict_a_stack_page_by_page_and_export_csv(trained, sample, tmp_path):
         assert abs(sum(p.probabilities.values()) - 1) < 1e-4
         assert p.confidence == max(p.probabilities.values())
     pairs = [(p.class_name, t) for p, t in zip(preds, sample["stack_labels"], strict=True)]
-    assert sum(p == t for p, t in pairs) >= 7, pairs
+    assert sum(p == t for p, t in pairs) >= 8, pairs
     csv_path = tmp_path / "out.csv"
     write_csv(preds, csv_path, list(CLASSES), threshold=0.99)
     rows = list(csv.DictReader(csv_path.open()))
@@ -121,7 +123,7 @@ def test_cli_evaluate_predict_and_errors(trained, sample, tmp_path, capsys):
     csv_out = tmp_path / "p.csv"
     assert cli_main(["predict", str(result.bundle), str(sample["stack"]),
                      str(sample["dataset"] / "round"), "--csv", str(csv_out), "--quiet"]) == 0
-    assert len(list(csv.DictReader(csv_out.open()))) == 12 + 100
+    assert len(list(csv.DictReader(csv_out.open()))) == 12 + 150
     assert cli_main(["predict", str(tmp_path / "no-model"), str(sample["stack"])]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0] and "Traceback" not in err[0]

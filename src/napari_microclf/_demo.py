@@ -19,7 +19,7 @@ def build(out: Path):
 
     from .core.sample import write_sample
 
-    info = write_sample(out, n_per_class=40, size=96, seed=0)
+    info = write_sample(out, n_per_class=150, size=96, seed=0)
     viewer = napari.Viewer(title="napari-microclf demo")
     viewer.open_sample(PLUGIN, "microscopy_classes")
     _, annotate = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
@@ -31,7 +31,6 @@ def build(out: Path):
 
     if not imagenet_available():
         train.use_from_scratch()  # and the widget says why
-        train.form.epochs.value = 12
     if (out / "model" / "microclf.json").exists():
         predict.set_bundle(out / "model")
     predict.choose(["mixed stack"])

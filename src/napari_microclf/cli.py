@@ -132,7 +132,7 @@ def cmd_demo(args) -> int:
     """Headless end to end: sample data, a short training, prediction of a stack."""
     from .core.predict import Predictor, write_csv
     from .core.sample import write_sample
-    from .core.train import TrainConfig, train
+    from .core.train import FROM_SCRATCH, TrainConfig, train
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -147,9 +147,10 @@ def cmd_demo(args) -> int:
         print("No ImageNet weights in the Keras cache (no download here): training the whole "
               "network from scratch on small images instead. With the weights the defaults "
               "(frozen base, 224 px) apply.")
-        config = TrainConfig(str(info["dataset"]), str(out / "model"), epochs=args.epochs,
-                             image_size=args.image_size or 48, batch_size=16, learning_rate=1e-3,
-                             weights=None, fine_tune="all", augment=False, early_stopping=False)
+        settings = {**FROM_SCRATCH, "epochs": args.epochs}
+        if args.image_size:
+            settings["image_size"] = args.image_size
+        config = TrainConfig(str(info["dataset"]), str(out / "model"), **settings)
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
     bar.clear()
@@ -233,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")
     d.add_argument("--out", default="microclf-demo")
-    d.add_argument("--epochs", type=int, default=16)
-    d.add_argument("--per-class", type=int, default=100)
+    d.add_argument("--epochs", type=int, default=20)
+    d.add_argument("--per-class", type=int, default=150)
     d.add_argument("--image-size", type=int, default=None)
     d.set_defaults(func=cmd_demo)
     return p

@@ -39,6 +39,7 @@ from ..core.dataset import DatasetError, check_dataset
 from ..core.images import ImageReadError
 from ..core.model import IMAGENET_FILE, META_FILE, BundleError, WeightsError, keras_home
 from ..core.train import (
+    FROM_SCRATCH,
     BatchEnd,
     EpochEnd,
     EpochStart,
@@ -104,12 +105,11 @@ class Failed:
 
 
 # The settings that train without ImageNet weights in minutes (as ``microclf demo`` does).
-FROM_SCRATCH = {"weights": "none", "fine_tune": "all", "image_size": 64, "batch_size": 8,
-                "learning_rate": 1e-3, "early_stopping": False}
 FROM_SCRATCH_NOTE = (
     "No ImageNet weights in the Keras cache ({path}), so the settings train the whole network "
-    "from scratch on 64 px images (weights none, fine-tuning all, learning rate 0.001). With "
-    "the weights in place, the guide's defaults (ImageNet, frozen base, 224 px) apply."
+    "from scratch on 48 px images (weights none, fine-tuning all, learning rate 0.001, no "
+    "augmentation, 20 epochs). With the weights in place, the guide's defaults (ImageNet, "
+    "frozen base, 224 px) apply."
 )
 
 
@@ -170,6 +170,7 @@ class TrainWidget(QWidget):
         self.history: dict = {}
         self._stop = threading.Event()
         self._pbars: dict = {}
+        self._overrides: dict = {}  # from-scratch settings that have no field in the form
         self._dataset_set_by_user = dataset is not None
 
         # -- folders
@@ -321,7 +322,10 @@ class TrainWidget(QWidget):
     def use_from_scratch(self, note: bool = True) -> None:
         """Settings that train in minutes without ImageNet weights, and say why."""
         for name, value in FROM_SCRATCH.items():
-            getattr(self.form, name).value = value
+            if hasattr(self.form, name):
+                getattr(self.form, name).value = value
+            else:  # settings without a field in the form travel with the config
+                self._overrides[name] = value
         if note:
             self.note.setText(FROM_SCRATCH_NOTE.format(
                 path=keras_home() / "models" / IMAGENET_FILE))
@@ -342,7 +346,7 @@ class TrainWidget(QWidget):
             augment=f.augment.value, augment_strength=f.augment_strength.value,
             dropout=f.dropout.value, class_weights=f.class_weights.value,
             early_stopping=f.early_stopping.value, weights=weights,
-            fine_tune=f.fine_tune.value, seed=f.seed.value)
+            fine_tune=f.fine_tune.value, seed=f.seed.value, **self._overrides)
 
     # -- start / stop --------------------------------------------------------------------
     def toggle(self) -> None:

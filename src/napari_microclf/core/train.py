@@ -81,6 +81,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Without pretrained weights a frozen base learns nothing; this is the recipe that trains the
+# whole network from scratch reliably on the sample data (150 images per class: test accuracy
+# 0.87-0.91 over two seeds, about a minute on 2 cores). The demo and the Train widget offer it
+# when the ImageNet weights are not in the Keras cache.
+FROM_SCRATCH = {"weights": "none", "fine_tune": "all", "image_size": 48, "batch_size": 16,
+                "learning_rate": 1e-3, "epochs": 20, "augment": False, "early_stopping": False,
+                "reduce_lr_patience": 20}
+
+
 # -- typed updates ------------------------------------------------------------------------
 
 
