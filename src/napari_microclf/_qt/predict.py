@@ -263,17 +263,23 @@ class PredictWidget(QWidget):
         return sources
 
     # -- run ---------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        """No run in progress and a model folder that looks right (else say why)."""
+        if self.worker is not None:
+            return False
+        try:
+            read_meta(self.bundle())
+        except BundleError as exc:
+            _notify("error", f"Cannot predict: {exc}")
+            return False
+        return True
+
     def run(self):
         """Classify the chosen layers in a worker; returns the worker (None if refused)."""
         from napari.qt.threading import thread_worker
         from napari.utils import progress
 
-        if self.worker is not None:
-            return None
-        try:
-            read_meta(self.bundle())
-        except BundleError as exc:
-            _notify("error", f"Cannot predict: {exc}")
+        if not self._ready():
             return None
         sources = self._chosen_sources()
         if not sources:
@@ -451,12 +457,7 @@ class PredictWidget(QWidget):
         from napari.qt.threading import thread_worker
         from napari.utils import progress
 
-        if self.worker is not None:
-            return None
-        try:
-            read_meta(self.bundle())
-        except BundleError as exc:
-            _notify("error", f"Cannot predict: {exc}")
+        if not self._ready():
             return None
         if folder is None:
             folder = QFileDialog.getExistingDirectory(self, "Folder of images to classify")
