@@ -62,4 +62,4 @@ def train_plain(samples, config) -> dict:
                                 patience=config.reduce_lr_patience, min_lr=config.min_lr)])
     return {"seconds": time.perf_counter() - t0,
             "val_accuracy": float(history.history["val_accuracy"][-1]),
-            "epochs": len(history.history["loss"])}
+            "epochs": len(history.history["loss"]), "history": history.history}

@@ -62,7 +62,6 @@ def main():
     shot(viewer, "annotate", "Annotate (napari-microclf)")
     # Train
     tr = w["Train"]
-    tr.form.epochs.value = 10
     wait(tr.start())
     tr.tabs.setCurrentWidget(tr.curves)
     shot(viewer, "train-curves", "Train (napari-microclf)")
