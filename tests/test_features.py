@@ -118,11 +118,16 @@ def _peak_bytes(predictor, path):
     return n, peak
 
 
-def test_stack_prediction_memory_does_not_grow_with_pages(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A two-class bundle of a random 32 px model: prediction mechanics, not accuracy."""
     model = build_classifier(2, 32, None, fine_tune="all", augment=False)
-    bundle = write_bundle(tmp_path / "b", model, {
+    return write_bundle(tmp_path_factory.mktemp("bundle") / "b", model, {
         "class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()})
-    predictor = Predictor(bundle, batch_size=8)
+
+
+def test_stack_prediction_memory_does_not_grow_with_pages(tiny_bundle, tmp_path):
+    predictor = Predictor(tiny_bundle, batch_size=8)
     rng = np.random.default_rng(0)
     for n in (16, 320):
         tifffile.imwrite(tmp_path / f"s{n}.tif",
@@ -150,11 +155,8 @@ def test_augmented_views_flip_rotate_zoom_and_keep_the_range():
     assert np.isclose(np.asarray(same).sum(), img.sum(), rtol=1e-3)
 
 
-def test_streaming_prediction_passes_errors_on_and_stops(tmp_path):
-    model = build_classifier(2, 32, None, fine_tune="all", augment=False)
-    bundle = write_bundle(tmp_path / "b", model, {
-        "class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()})
-    predictor = Predictor(bundle, batch_size=4)
+def test_streaming_prediction_passes_errors_on_and_stops(tiny_bundle):
+    predictor = Predictor(tiny_bundle, batch_size=4)
     rng = np.random.default_rng(0)
 
     def pages(n, fail_at=None):

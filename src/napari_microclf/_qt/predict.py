@@ -314,13 +314,18 @@ class PredictWidget(QWidget):
             self.status.setText(f"Classified {n} page(s) of {len(new)} layer(s).")
 
         worker = thread_worker(_predict_layers, ignore_errors=False)(bundle, sources)
+        return self._start(worker, on_yield, on_return,
+                           "Loading the model..." if not _CACHE else "Classifying...")
+
+    def _start(self, worker, on_yield, on_return, status: str):
+        """Wire a worker's signals, lock the buttons until it ends, and start it."""
         worker.yielded.connect(on_yield)
         worker.returned.connect(on_return)
         worker.finished.connect(self._done)
         self.worker = worker
         self.run_btn.setEnabled(False)
         self.folder_btn.setEnabled(False)
-        self.status.setText("Loading the model..." if not _CACHE else "Classifying...")
+        self.status.setText(status)
         worker.start()
         return worker
 
@@ -489,13 +494,5 @@ class PredictWidget(QWidget):
 
         worker = thread_worker(_predict_folder, ignore_errors=False)(
             self.bundle(), str(folder), str(csv_path), self.threshold.value())
-        worker.yielded.connect(on_yield)
-        worker.returned.connect(on_return)
-        worker.finished.connect(self._done)
-        self.worker = worker
-        self.run_btn.setEnabled(False)
-        self.folder_btn.setEnabled(False)
         self.bar.setValue(0)
-        self.status.setText(f"Classifying {folder}...")
-        worker.start()
-        return worker
+        return self._start(worker, on_yield, on_return, f"Classifying {folder}...")
