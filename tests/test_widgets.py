@@ -333,3 +333,12 @@ def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, t
     assert [(r["file"].rsplit("/", 1)[-1], r["page"]) for r in rows] == [
         ("a.tif", "0"), ("a.tif", "1"), ("a.tif", "2"), ("b.tif", "0")]
     assert widget.bar.value() == 4
+
+
+def test_feature_cache_settings_reach_the_config(make_napari_viewer):
+    widget = TrainWidget(make_napari_viewer())
+    assert widget.config().cache is True and widget.config().views == 4  # the defaults
+    widget.form.cache.value = False
+    widget.form.views.value = 2
+    config = widget.config()
+    assert (config.cache, config.views) == (False, 2)

@@ -88,6 +88,10 @@ TIPS = {
                "learning). None: start from random weights (then train all layers).",
     "weights_file": "An EfficientNetB0 (no top) .h5 weights file.",
     "seed": "Random seed: the same seed gives the same split and the same training.",
+    "cache": "With a frozen base, compute each image's features once (kept in the dataset's "
+             ".microclf-cache) and train only the head each epoch; off: the full pipeline.",
+    "views": "Augmented views per training image whose features are computed once; each "
+             "epoch uses one of them (4: chosen by measurement, see docs/performance.md).",
 }
 
 
@@ -212,6 +216,9 @@ class TrainWidget(QWidget):
             FileEdit(name="weights_file", label="weights file", mode="r",
                      filter="*.h5", visible=False),
             SpinBox(name="seed", value=d.seed, min=0, max=2**31 - 1),
+            CheckBox(name="cache", text="cache backbone features (fast, frozen base)",
+                     value=d.cache),
+            SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
         ], labels=True)
         for w in self.form:
             w.tooltip = TIPS[w.name]
@@ -346,7 +353,8 @@ class TrainWidget(QWidget):
             augment=f.augment.value, augment_strength=f.augment_strength.value,
             dropout=f.dropout.value, class_weights=f.class_weights.value,
             early_stopping=f.early_stopping.value, weights=weights,
-            fine_tune=f.fine_tune.value, seed=f.seed.value, **self._overrides)
+            fine_tune=f.fine_tune.value, seed=f.seed.value, cache=f.cache.value,
+            views=f.views.value, **self._overrides)
 
     # -- start / stop --------------------------------------------------------------------
     def toggle(self) -> None:
