@@ -14,7 +14,6 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -32,6 +31,7 @@ from qtpy.QtWidgets import (
 
 from ..core import dataset as ds
 from . import _layers
+from ._rows import folder_row
 from ._session import SESSION
 
 KEYS = [str(i) for i in range(1, 10)]
@@ -57,11 +57,7 @@ class AnnotateWidget(QWidget):
         self.folder_edit = QLineEdit(str(Path(dataset or DEFAULT_DATASET).expanduser()))
         self.folder_edit.setToolTip("The dataset: one sub-folder per class, created if missing.")
         self.folder_edit.editingFinished.connect(self.refresh)
-        browse = QPushButton("Browse...")
-        browse.clicked.connect(self._browse)
-        folder_row = QHBoxLayout()
-        folder_row.addWidget(self.folder_edit, 1)
-        folder_row.addWidget(browse)
+        dataset_row = folder_row(self.folder_edit, "Dataset folder", self)
 
         # -- classes
         self.table = QTableWidget(0, 3)
@@ -136,7 +132,7 @@ class AnnotateWidget(QWidget):
         intro.setWordWrap(True)
         layout.addWidget(intro)
         layout.addWidget(QLabel("Dataset folder"))
-        layout.addLayout(folder_row)
+        layout.addLayout(dataset_row)
         layout.addWidget(classes_box)
         layout.addWidget(add_box)
         layout.addWidget(self.status)
@@ -160,11 +156,6 @@ class AnnotateWidget(QWidget):
     def set_dataset(self, path: str | Path) -> None:
         self.folder_edit.setText(str(path))
         self.refresh()
-
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Dataset folder", str(self.root))
-        if path:
-            self.set_dataset(path)
 
     def classes(self) -> list[str]:
         return ds.list_classes(self.root)

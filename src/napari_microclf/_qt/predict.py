@@ -42,6 +42,7 @@ from ..core.images import ImageReadError, count_pages
 from ..core.model import MODEL_FILE, BundleError, read_meta
 from ..core.predict import PagePrediction, Predictor, expand_paths, write_csv
 from . import _layers
+from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
 
@@ -124,11 +125,7 @@ class PredictWidget(QWidget):
         self.bundle_edit.setToolTip("A model folder written by Train (model.keras + "
                                     "microclf.json); the last trained model is preselected.")
         self.bundle_edit.editingFinished.connect(self._show_model)
-        browse = QPushButton("Browse...")
-        browse.clicked.connect(self._browse)
-        bundle_row = QHBoxLayout()
-        bundle_row.addWidget(self.bundle_edit, 1)
-        bundle_row.addWidget(browse)
+        bundle_row = folder_row(self.bundle_edit, "Model folder", self)
         self.model_info = QLabel()
         self.model_info.setWordWrap(True)
         connect_widget(SESSION.bundle_trained, self, "set_bundle")
@@ -209,11 +206,6 @@ class PredictWidget(QWidget):
     def set_bundle(self, path) -> None:
         self.bundle_edit.setText(str(path))
         self._show_model()
-
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Model folder", self.bundle() or ".")
-        if path:
-            self.set_bundle(path)
 
     def _show_model(self) -> None:
         if not self.bundle():

@@ -17,10 +17,8 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinB
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
-    QFileDialog,
     QFormLayout,
-        QHBoxLayout,
-    QHeaderView,
+        QHeaderView,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
@@ -50,6 +48,7 @@ from ..core.train import (
     train,
 )
 from ._plots import ConfusionCanvas, CurvesCanvas
+from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
 from ._worker import updates
@@ -144,20 +143,6 @@ def check_out_dir(out: str | Path) -> None:
                           "choose a folder you can write to") from exc
 
 
-def _folder_row(edit: QLineEdit, title: str, parent: QWidget) -> QHBoxLayout:
-    row = QHBoxLayout()
-    row.addWidget(edit, 1)
-    browse = QPushButton("Browse...")
-
-    def pick():
-        path = QFileDialog.getExistingDirectory(parent, title, edit.text())
-        if path:
-            edit.setText(path)
-            edit.editingFinished.emit()
-
-    browse.clicked.connect(pick)
-    row.addWidget(browse)
-    return row
 
 
 class TrainWidget(QWidget):
@@ -185,8 +170,8 @@ class TrainWidget(QWidget):
         self.out_edit.setToolTip("The model folder to write; an earlier model there is "
                                  "replaced only when training succeeds.")
         folders = QFormLayout()
-        folders.addRow("Dataset", _folder_row(self.data_edit, "Dataset folder", self))
-        folders.addRow("Model folder", _folder_row(self.out_edit, "Model folder", self))
+        folders.addRow("Dataset", folder_row(self.data_edit, "Dataset folder", self))
+        folders.addRow("Model folder", folder_row(self.out_edit, "Model folder", self))
         connect_widget(SESSION.dataset_changed, self, "_follow_dataset")
 
         # -- settings (magicgui widgets, the guide's defaults)
