@@ -134,3 +134,28 @@ def test_write_bundle_never_touches_a_foreign_folder(tmp_path):
         m.write_bundle(precious, model, {"class_names": ["a", "b"]})
     assert (precious / "thesis.docx").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_a_frozen_base_gives_the_same_features_in_training_and_inference():
+    """Keras 3 passes fit's training=True into the base despite base(x, training=False);
+    the frozen stages' stochastic depth must not drop residual branches then."""
+    x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+
+    def train_vs_inference(model):
+        pooled = keras.Model(model.input, model.get_layer("avg_pool").output)
+        return np.abs(np.asarray(pooled(x, training=True))
+                      - np.asarray(pooled(x, training=False))).max()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = m.build_classifier(2, 64, None, augment=False, seed=0)
+    assert train_vs_inference(frozen) == 0.0
+    drops = [ly for ly in frozen.get_layer("efficientnetb0").layers
+             if isinstance(ly, keras.layers.Dropout)]
+    assert drops and all(ly.rate == 0 for ly in drops)
+    # fine-tuning the top 2 stages keeps their stochastic depth (and only theirs)
+    tuned = m.build_classifier(2, 64, None, augment=False, seed=0, fine_tune=2)
+    active = {ly.name.split("_")[0] for ly in tuned.get_layer("efficientnetb0").layers
+              if isinstance(ly, keras.layers.Dropout) and ly.rate > 0}
+    assert active and all(name.startswith("block6") for name in active)
+    assert train_vs_inference(tuned) > 0  # the measurement sees stochastic depth

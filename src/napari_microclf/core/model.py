@@ -162,23 +162,32 @@ FROZEN_RANDOM_WARNING = (
 def set_fine_tune(model, fine_tune, keep_batchnorm_frozen: bool = True) -> None:
     """Freeze the base, then unfreeze its top ``fine_tune`` stages (-1: all of it).
 
-    BatchNorm layers stay frozen unless ``keep_batchnorm_frozen`` is False. Recompile after.
+    BatchNorm layers stay frozen unless ``keep_batchnorm_frozen`` is False. The frozen
+    stages also lose their stochastic depth (the ``*_drop`` layers): Keras 3 passes
+    ``fit``'s ``training=True`` into a nested model even when it was called with
+    ``training=False``, so those layers would drop whole residual branches of a frozen,
+    pretrained base during training (features up to 10^5 away from the inference ones)
+    while inference never does. Frozen stages thus give the same features in training and
+    inference, as a feature extractor should; unfrozen stages keep it. Recompile after.
     """
     import keras
 
     n = parse_fine_tune(fine_tune)
     base = model.get_layer("efficientnetb0")
-    if n == 0:
-        base.trainable = False
-        return
-    base.trainable = True
-    first_open = 1 if n == -1 else N_STAGES - n + 1
+    first_open = N_STAGES + 1 if n == 0 else 1 if n == -1 else N_STAGES - n + 1
+    base.trainable = n != 0
     for layer in base.layers:
         name = layer.name
         if name.startswith("block"):
             unfrozen = int(name[5]) >= first_open
         else:  # stem_* belongs with block1; top_* with block7
-            unfrozen = n == -1 or name.startswith("top")
+            unfrozen = n == -1 or (n != 0 and name.startswith("top"))
+        if isinstance(layer, keras.layers.Dropout):
+            if not hasattr(layer, "_microclf_rate"):
+                layer._microclf_rate = layer.rate
+            layer.rate = layer._microclf_rate if unfrozen else 0.0
+        if n == 0:
+            continue  # base.trainable = False already freezes every layer
         if keep_batchnorm_frozen and isinstance(layer, keras.layers.BatchNormalization):
             unfrozen = False
         layer.trainable = unfrozen
