@@ -194,8 +194,9 @@ def extract_features(
     digests = {p: file_digest(p) for p in by_file}
     result: list[np.ndarray | None] = [None] * len(refs)
     todo: list[tuple[int, int]] = []  # (ref index, first missing view)
+    loaded: dict[Path, np.ndarray | None] = {}  # read once, merged into when saving
     for path, idx in by_file.items():
-        cached = cache.load(digests[path]) if cache is not None else None
+        cached = loaded[path] = cache.load(digests[path]) if cache is not None else None
         for i in idx:
             page = refs[i].page
             have = cached[page] if cached is not None and page < len(cached) else None
@@ -242,8 +243,7 @@ def extract_features(
         for path, idx in by_file.items():
             if changed.intersection(idx):
                 n_pages = max(refs[i].page for i in idx) + 1
-                old = cache.load(digests[path])
-                stored = _merge(old, {refs[i].page: result[i] for i in idx}, n_pages)
+                stored = _merge(loaded[path], {refs[i].page: result[i] for i in idx}, n_pages)
                 cache.save(digests[path], stored)
         cache.computed += len(todo)
     return np.stack(result) if result else np.zeros((0, views, 1280), np.float32)

@@ -372,11 +372,6 @@ def resize_plane(plane: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def resize_to_square(page: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
-    """Resize a ``(Y, X, C)`` page to ``(size, size, C)`` without cropping."""
-    return np.stack([resize_plane(page[..., c], size, mode) for c in range(page.shape[-1])], -1)
-
-
 def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """One page (``(Y, X)`` or ``(Y, X, C)``, any dtype) to ``(S, S, 3)`` float32 in [0, 255].
 
@@ -414,14 +409,6 @@ class PageRef:
     page: int = 0
     label: int | None = None
     meta: dict = field(default_factory=dict)
-
-
-def iter_page_refs(paths: Sequence[str | Path]) -> Iterator[PageRef]:
-    """Expand files into their pages (reads headers only)."""
-    for p in paths:
-        n = count_pages(p)
-        for i in range(n):
-            yield PageRef(Path(p), i)
 
 
 def preprocess_refs(refs: Sequence[PageRef], spec: PreprocessSpec, on_progress=None,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import load_samples
+from .features import DEFAULT_VIEWS
 from .images import PreprocessSpec, preprocess_refs
 
 
@@ -55,7 +56,7 @@ class TrainConfig:
     # Frozen base: train the head on backbone features computed once (cached in the
     # dataset) for each image and `views` augmented views of it. Fine-tuning ignores this.
     cache: bool = True
-    views: int = 4
+    views: int = DEFAULT_VIEWS
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -161,10 +162,6 @@ class TrainResult:
     epochs_run: int = 0
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
-
-
-class TrainingStopped(Exception):
-    pass
 
 
 # -- formatting ---------------------------------------------------------------------------
