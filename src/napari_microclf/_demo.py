@@ -27,9 +27,9 @@ def build(out: Path):
     _, predict = viewer.window.add_plugin_dock_widget(PLUGIN, "Predict", tabify=True)
     annotate.set_dataset(info["dataset"])
     train.set_folders(info["dataset"], out / "model")
-    from .cli import imagenet_available
+    from .core.model import imagenet_cached
 
-    if not imagenet_available():
+    if not imagenet_cached():
         train.use_from_scratch()  # and the widget says why
     if (out / "model" / "microclf.json").exists():
         predict.set_bundle(out / "model")

@@ -122,14 +122,9 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def imagenet_available() -> bool:
-    from .core.model import IMAGENET_FILE, keras_home
-
-    return (keras_home() / "models" / IMAGENET_FILE).is_file()
-
-
 def cmd_demo(args) -> int:
     """Headless end to end: sample data, a short training, prediction of a stack."""
+    from .core.model import imagenet_cached
     from .core.predict import Predictor, write_csv
     from .core.sample import write_sample
     from .core.train import FROM_SCRATCH, TrainConfig, train
@@ -139,7 +134,7 @@ def cmd_demo(args) -> int:
     info = write_sample(out, n_per_class=args.per_class, size=96, seed=0)
     print(f"Sample data in {out}: 3 classes x {args.per_class} images, and a "
           f"{len(info['stack_labels'])}-page mixed stack")
-    if imagenet_available():
+    if imagenet_cached():
         print("Using the cached ImageNet weights: frozen EfficientNetB0 base, trained head.")
         config = TrainConfig(str(info["dataset"]), str(out / "model"), epochs=args.epochs,
                              image_size=args.image_size or 224, batch_size=16, weights="imagenet")

@@ -32,10 +32,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..cli import imagenet_available
 from ..core.dataset import DatasetError, check_dataset
 from ..core.images import ImageReadError
-from ..core.model import IMAGENET_FILE, META_FILE, BundleError, WeightsError, keras_home
+from ..core.model import (
+    IMAGENET_FILE,
+    META_FILE,
+    BundleError,
+    WeightsError,
+    imagenet_cached,
+    keras_home,
+)
 from ..core.train import (
     FROM_SCRATCH,
     BatchEnd,
@@ -217,7 +223,7 @@ class TrainWidget(QWidget):
         self.note.setStyleSheet("color: #ffbf5f;")
         self.scratch_btn = QPushButton("Use settings that work without ImageNet weights")
         self.scratch_btn.clicked.connect(lambda: self.use_from_scratch())
-        if imagenet_available():
+        if imagenet_cached():
             self.note.hide()
             self.scratch_btn.hide()
         else:

@@ -38,6 +38,11 @@ def keras_home() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
 
 
+def imagenet_cached() -> bool:
+    """Whether the EfficientNetB0 ImageNet weights are already in the Keras cache."""
+    return (keras_home() / "models" / IMAGENET_FILE).is_file()
+
+
 def normalize_weights(weights) -> str | None:
     """``"imagenet"``, a file path, or ``None`` (from None, "none" or "")."""
     if weights is None or str(weights).strip().lower() in ("", "none", "null", "random"):
