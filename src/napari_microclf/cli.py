@@ -65,21 +65,61 @@ def _parse_fraction(text: str) -> float:
     return v / 100 if v >= 1 else v
 
 
-def cmd_train(args) -> int:
-    from .core.images import parse_channel_map
-    from .core.train import TrainConfig, train
+def _parse_fine_tune(text: str):
+    return text if text.strip().lower() == "all" else int(text)
 
-    config = TrainConfig(
-        data_dir=args.data, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, image_size=args.image_size,
-        val_split=_parse_fraction(args.val_split), test_split=_parse_fraction(args.test_split),
-        augment=not args.no_augment, augment_strength=args.augment_strength,
-        dropout=args.dropout, class_weights=not args.no_class_weights,
-        early_stopping=not args.no_early_stopping, weights=args.weights,
-        fine_tune=args.fine_tune, seed=args.seed, channel_map=parse_channel_map(args.channels),
-        resize_mode=args.resize, resplit=args.resplit, cache=not args.no_cache,
-        views=args.views,
-    )
+
+# TrainConfig fields that the command line offers; the help of each comes from the field.
+_PARSERS = {"fraction": _parse_fraction, "intensity": str}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per documented TrainConfig setting, its help and default from the field.
+
+    Options default to None (unset), so ``--preset`` can fill exactly the ones not given.
+    """
+    from .core.train import TrainConfig
+
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        md = f.metadata
+        if "help" not in md:
+            continue
+        flag = md.get("cli") or "--" + name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=name, action="store_const", default=None,
+                                const=not f.default, help=md["help"])
+            continue
+        kind = {"channels": str}.get(md.get("parse"), _PARSERS.get(md.get("parse")))
+        if kind is None:
+            kind = {int: int, float: float}.get(type(f.default), str)
+        if name == "fine_tune":
+            kind = _parse_fine_tune
+        parser.add_argument(flag, dest=name, type=kind, default=None, choices=md.get("choices"),
+                            metavar=None if md.get("choices") else name.upper(),
+                            help=md["help"])
+
+
+def _config_from_args(args, out: str):
+    from .core.images import parse_channel_map
+    from .core.train import TrainConfig, count_images, suggest_settings
+
+    given = {k: v for k, v in vars(args).items()
+             if k in TrainConfig.__dataclass_fields__ and v is not None and k != "data_dir"}
+    if "channel_map" in given:
+        given["channel_map"] = parse_channel_map(given["channel_map"])
+    if getattr(args, "preset", "none") == "auto":
+        preset = suggest_settings(count_images(args.data))
+        kept = sorted(k for k in preset.settings if k in given)
+        print(preset.text + (f" Kept from the command line: {', '.join(kept)}." if kept else ""),
+              flush=True)
+        given = {**preset.settings, **given}
+    return TrainConfig(data_dir=args.data, out_dir=out, **given)
+
+
+def cmd_train(args) -> int:
+    from .core.train import train
+
+    config = _config_from_args(args, args.out)
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
     bar.clear()
@@ -90,8 +130,37 @@ def cmd_evaluate(args) -> int:
     from .core.evaluate import evaluate as run_evaluate
     from .core.evaluate import format_report_md
 
-    report = run_evaluate(args.model, args.data, subset=args.subset)
-    print(format_report_md(report, f"{args.subset} report for {args.model}"))
+    report = run_evaluate(args.model, args.data, subset=args.subset, all_images=args.all)
+    print(format_report_md(report))
+    if report.get("saved"):
+        print(f"Report saved to {report['saved']}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import datetime as _dt
+
+    from .core.features import cache_entries, clear_cache
+
+    if args.action == "clear":
+        freed = clear_cache(args.data)
+        print(f"Removed the feature cache of {args.data} ({freed / 2**20:.1f} MB).")
+        return 0
+    entries = cache_entries(args.data)
+    if not entries:
+        print(f"{args.data} has no feature cache.")
+        return 0
+    total = sum(e["bytes"] for e in entries)
+    print(f"Feature cache of {args.data}: {len(entries)} folder(s), {total / 2**20:.1f} MB")
+    for e in entries:
+        f = e["fields"]
+        spec = f.get("spec", {})
+        when = _dt.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
+        print(f"  {e['key']}: {e['files']} file(s), {e['bytes'] / 2**20:.1f} MB, last used "
+              f"{when}; {f.get('weights', '?')}, {spec.get('image_size', '?')} px, "
+              f"{spec.get('intensity', 'percentile')} intensity, augmentation "
+              f"{f.get('augment')}, code v{f.get('features_version', '?')}, TF "
+              f"{f.get('tensorflow', '?')}")
     return 0
 
 
@@ -123,29 +192,20 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Headless end to end: sample data, a short training, prediction of a stack."""
-    from .core.model import imagenet_cached
+    """Headless end to end: sample data, a training with the defaults, prediction of a stack."""
     from .core.predict import Predictor, write_csv
     from .core.sample import write_sample
-    from .core.train import FROM_SCRATCH, TrainConfig, train
+    from .core.train import TrainConfig, train
 
     out = Path(args.out)
     t0 = time.perf_counter()
     info = write_sample(out, n_per_class=args.per_class, size=96, seed=0)
     print(f"Sample data in {out}: 3 classes x {args.per_class} images, and a "
           f"{len(info['stack_labels'])}-page mixed stack")
-    if imagenet_cached():
-        print("Using the cached ImageNet weights: frozen EfficientNetB0 base, trained head.")
-        config = TrainConfig(str(info["dataset"]), str(out / "model"), epochs=args.epochs,
-                             image_size=args.image_size or 224, batch_size=16, weights="imagenet")
-    else:
-        print("No ImageNet weights in the Keras cache (no download here): training the whole "
-              "network from scratch on small images instead. With the weights the defaults "
-              "(frozen base, 224 px) apply.")
-        settings = {**FROM_SCRATCH, "epochs": args.epochs}
-        if args.image_size:
-            settings["image_size"] = args.image_size
-        config = TrainConfig(str(info["dataset"]), str(out / "model"), **settings)
+    # weights "auto": ImageNet B0 if cached or downloadable, else ImageNet Lite0 (installed
+    # with microclf), else the from-scratch recipe; frozen base, head on cached features
+    config = TrainConfig(str(info["dataset"]), str(out / "model"), epochs=args.epochs,
+                         image_size=args.image_size or 224, weights="auto")
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
     bar.clear()
@@ -175,40 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Train a classifier ({DEFAULTS_NOTE}).")
     t.add_argument("data", help="dataset folder with one sub-folder per class")
     t.add_argument("--out", required=True, help="model folder to write (replaced only on success)")
-    t.add_argument("--epochs", type=int, default=15, help="passes over the training set (15)")
-    t.add_argument("--batch-size", type=int, default=32, help="images per step (32; 8-16 for "
-                   "under 100 images per class)")
-    t.add_argument("--learning-rate", type=float, default=1e-4, help="starting learning rate "
-                   "(1e-4), reduced when the validation loss plateaus")
-    t.add_argument("--image-size", type=int, default=224, help="model input side in pixels (224)")
-    t.add_argument("--weights", default="imagenet", help="'imagenet' (Keras cache), a .h5 "
-                   "file, or 'none'")
-    t.add_argument("--fine-tune", default="0", help="unfreeze the top N of 7 stages, or 'all' (0)")
-    t.add_argument("--val-split", default="0.2", help="validation fraction or percent (0.2)")
-    t.add_argument("--test-split", default="0.1", help="test fraction or percent (0.1)")
-    t.add_argument("--resplit", action="store_true", help="draw a new split.json (the test set "
-                   "changes)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    t.add_argument("--dropout", type=float, default=0.2, help="dropout before the last layer (0.2)")
-    t.add_argument("--augment-strength", type=float, default=0.05,
-                   help="rotation/zoom/contrast range (0.05 = ±5%%)")
-    t.add_argument("--no-augment", action="store_true", help="no flips/rotation/zoom/contrast")
-    t.add_argument("--no-class-weights", action="store_true", help="do not weight rare classes")
-    t.add_argument("--no-early-stopping", action="store_true", help="always run every epoch")
-    t.add_argument("--channels", default="auto", help="channel map to RGB, e.g. '0,1,-' (auto)")
-    t.add_argument("--resize", choices=["pad", "stretch"], default="pad",
-                   help="pad to square then resize (no cropping), or stretch")
-    t.add_argument("--views", type=int, default=4, help="augmented views per training image "
-                   "whose backbone features are cached (4)")
-    t.add_argument("--no-cache", action="store_true", help="frozen base: run the full "
-                   "pipeline every epoch instead of cached backbone features")
+    t.add_argument("--preset", choices=["auto", "none"], default="none",
+                   help="auto: the training guide's settings for the dataset's size (under 100, "
+                   "100-1000, over 1000 images) for every option not given")
+    _add_config_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a model on the dataset's persisted test split")
+    e = sub.add_parser("evaluate", help="score a model on its own test list, or on new images",
+                       description="Score a model on the test list stored with it (default), "
+                       "another of its lists (--subset), or every image of a labelled folder "
+                       "it never saw (--all). Writes a new dated report into MODEL/reports/.")
     e.add_argument("model")
-    e.add_argument("data")
+    e.add_argument("data", nargs="?", help="the labelled folder (default: the model's dataset)")
     e.add_argument("--subset", choices=["test", "val", "train"], default="test")
+    e.add_argument("--all", action="store_true", help="every image of DATA that the model never "
+                   "saw (images of its training and validation lists are flagged, not scored)")
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("cache", help="show or clear a dataset's feature cache")
+    c.add_argument("action", choices=["info", "clear"])
+    c.add_argument("data")
+    c.set_defaults(func=cmd_cache)
 
     pr = sub.add_parser("predict", help="classify images, stacks or folders")
     pr.add_argument("model")
@@ -229,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")
     d.add_argument("--out", default="microclf-demo")
-    d.add_argument("--epochs", type=int, default=20)
+    d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--per-class", type=int, default=150)
     d.add_argument("--image-size", type=int, default=None)
     d.set_defaults(func=cmd_demo)

@@ -1,8 +1,15 @@
 """Test-set evaluation and a plain-words diagnosis of the training curves.
 
 The report has accuracy, per-class precision/recall/F1, the confusion matrix (rows: true
-class, columns: predicted), the misclassified files, and the diagnosis. It is stored in the
-bundle as ``report.json`` and ``report.md``.
+class, columns: predicted), the misclassified files, and the diagnosis. Training stores it in
+the bundle as ``report.json`` and ``report.md``.
+
+:func:`evaluate` scores a model on *its own* test list (stored in the bundle's
+``split.json`` with each file's content hash when it was trained), so a later resplit or a
+renamed class folder cannot put its training images into the score; ``all_images=True``
+scores every image of a labelled folder that the model never saw (the guide's "test on new
+data"). Each evaluation writes a new, dated report into the model's ``reports/`` folder and
+never overwrites the training report.
 """
 
 from __future__ import annotations
@@ -115,15 +122,18 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
     return findings
 
 
-def format_report_md(report: dict, title: str = "microclf test report") -> str:
+def format_report_md(report: dict, title: str | None = None) -> str:
     names = report["class_names"]
-    lines = [f"# {title}", ""]
+    lines = [f"# {title or report.get('title') or 'microclf test report'}", ""]
+    if report.get("data"):
+        lines += [f"Data: {report['data']}  "]
     if not report.get("n"):
-        lines += ["No test images: the test split is empty. Add images or raise the test "
+        lines += ["No images to score: the subset is empty. Add images or raise the test "
                   "fraction to measure the model on unseen data.", ""]
     else:
-        lines += [f"Test images: {report['n']}  ", f"Accuracy: **{report['accuracy']:.2%}**", "",
-                  "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        groups = f" from {report['groups']} groups (sources)" if report.get("groups") else ""
+        lines += [f"Images: {report['n']}{groups}  ", f"Accuracy: **{report['accuracy']:.2%}**",
+                  "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {c['class']} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | "
                   f"{c['support']} |" for c in report["per_class"]]
         lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "",
@@ -131,7 +141,13 @@ def format_report_md(report: dict, title: str = "microclf test report") -> str:
                   "|---" * (len(names) + 1) + "|"]
         lines += [f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
                   for i, row in enumerate(report["confusion_matrix"])]
-    lines += ["", "## Diagnosis", ""]
+    for key, heading in (("notes", "Notes"), ("flagged", "Excluded: seen in training"),
+                         ("missing", "Excluded: missing"), ("changed", "Excluded: changed "
+                                                            "since training")):
+        if report.get(key):
+            lines += ["", f"## {heading}", ""] + [f"- {x}" for x in report[key]]
+    if report.get("diagnosis"):
+        lines += ["", "## Diagnosis", ""]
     for f in report.get("diagnosis", []):
         lines.append(f"- **{f['finding']}**: {f['evidence']}. *What to do:* {f['remedy']}")
     if report.get("misclassified"):
@@ -142,42 +158,177 @@ def format_report_md(report: dict, title: str = "microclf test report") -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_files(report: dict) -> dict[str, str]:
-    return {REPORT_JSON: json.dumps(report, indent=1), REPORT_MD: format_report_md(report)}
+def report_files(report: dict, stem: str = "report") -> dict[str, str]:
+    return {f"{stem}.json": json.dumps(report, indent=1), f"{stem}.md": format_report_md(report)}
 
 
-def evaluate(bundle_path: str | Path, data_dir: str | Path, subset: str = "test",
-             batch_size: int = 32, save: bool = True) -> dict:
-    """Evaluate a bundle on the dataset's persisted ``subset`` and (re)write its report."""
-    from .dataset import DatasetError, atomic_write_text, load_split
-    from .images import PageRef, preprocess_refs
+REPORTS_DIR = "reports"
+SUBSETS = ("test", "val", "train")
+
+
+def own_split(bundle_path: str | Path) -> dict | None:
+    """The model's own ``{subset: [{"key", "sha1", "group"}...]}`` (None: an older bundle)."""
+    from .train import SPLIT_FILE
+
+    path = Path(bundle_path) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        return {s: list(d.get(s, [])) for s in SUBSETS}
+    except (ValueError, AttributeError) as exc:
+        from .model import BundleError
+
+        raise BundleError(f"{path} is corrupt ({exc}); retrain or restore the model") from exc
+
+
+def _index_by_hash(data_dir: Path, classes: list[str]) -> dict[str, Path]:
+    from .dataset import class_files
+    from .features import file_digest
+
+    return {file_digest(p): p for c in classes for p in class_files(data_dir, c)}
+
+
+def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset: str = "test",
+             all_images: bool = False, batch_size: int = 32, save: bool = True) -> dict:
+    """Score a model on its own ``subset`` (by default its test list), or on every image of a
+    labelled folder it never saw (``all_images``).
+
+    Parameters
+    ----------
+    bundle_path : path
+        The model folder.
+    data_dir : path, optional
+        The class-folder dataset; default: the one the model was trained on.
+    subset : {"test", "val", "train"}
+        Which of the model's own lists to score (files found by their recorded name, or by
+        content if they moved; missing and changed files are listed, not scored).
+    all_images : bool
+        Score every image of ``data_dir`` whose content is not in the model's training or
+        validation lists (those are listed as flagged, not scored).
+    save : bool
+        Write ``reports/<date>-<subset>.md`` and ``.json`` into the model folder.
+
+    Returns
+    -------
+    dict
+        The report (see :func:`classification_report`) with ``title``, ``data``,
+        ``notes``, ``missing``, ``changed``, ``flagged`` and, when saved, ``saved``.
+    """
+    from .dataset import DatasetError, class_files, list_classes, load_split
+    from .features import file_digest
+    from .images import PageRef, count_pages
     from .model import load_bundle
 
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
     bundle = load_bundle(bundle_path)
-    data_dir = Path(data_dir)
-    split = load_split(data_dir)
-    if split is None:
-        raise DatasetError(f"{data_dir} has no split.json: train on it first so the test set "
-                           "is fixed, or pass the dataset the model was trained on")
     names = bundle.class_names
-    refs = []
-    for key in split.files(subset):
-        cls, _ = key.split("/", 1)
-        if cls not in names:
-            raise DatasetError(f"class {cls!r} in {data_dir} is not one the model knows "
-                               f"({names}); evaluate on the dataset it was trained on")
-        path = data_dir / key
-        if path.exists():
-            from .images import count_pages
-
-            refs += [PageRef(path, i, names.index(cls)) for i in range(count_pages(path))]
-    x = preprocess_refs(refs, bundle.preprocess)
-    probs = bundle.model.predict(x, batch_size=batch_size, verbose=0) if len(refs) else \
-        np.zeros((0, len(names)))
+    data_dir = Path(data_dir if data_dir is not None else bundle.meta.get("data_dir", ""))
+    if not data_dir.is_dir():
+        raise DatasetError(f"dataset folder {data_dir} does not exist; pass the labelled "
+                           "folder to evaluate on")
+    classes = list_classes(data_dir)
+    own = own_split(bundle.path)
+    notes, missing, changed, flagged, files = [], [], [], [], []  # files: (path, class)
+    if all_images:
+        label = "all images the model never saw"
+        if own is None:
+            notes.append("This model predates stored split lists: images it trained on cannot "
+                         "be recognised and are scored too.")
+        seen = {e["sha1"]: s for s in ("train", "val") for e in (own or {}).get(s, [])}
+        for c in classes:
+            if c not in names:
+                notes.append(f"Folder {c!r} is not a class of the model ({', '.join(names)}): "
+                             "skipped.")
+                continue
+            for p in class_files(data_dir, c):
+                s = seen.get(file_digest(p))
+                if s:
+                    flagged.append(f"{c}/{p.name} (in the model's {s} list)")
+                else:
+                    files.append((p, c))
+    elif own is not None:
+        label = f"its own {subset} list"
+        by_hash = None
+        for e in own[subset]:
+            path = data_dir / e["key"]
+            if path.is_file() and file_digest(path) == e["sha1"]:
+                files.append((path, path.parent.name))
+                continue
+            if by_hash is None:  # moved or renamed since: look the content up
+                by_hash = _index_by_hash(data_dir, classes)
+            if e["sha1"] in by_hash:
+                p = by_hash[e["sha1"]]
+                files.append((p, p.parent.name))
+            elif path.is_file():
+                changed.append(e["key"])
+            else:
+                missing.append(e["key"])
+        for p, c in [f for f in files if f[1] not in names]:
+            notes.append(f"{c}/{p.name}: class {c!r} is not one the model knows; skipped.")
+        files = [f for f in files if f[1] in names]
+    else:
+        label = f"the dataset's current {subset} split"
+        notes.append("This model predates stored split lists: scored on the dataset's current "
+                     "split.json, which may differ from the one it was trained with.")
+        split = load_split(data_dir)
+        if split is None:
+            raise DatasetError(f"{data_dir} has no split.json and the model stores no split: "
+                               "pass the dataset the model was trained on")
+        for key in split.files(subset):
+            cls = key.split("/", 1)[0]
+            if cls not in names:
+                raise DatasetError(f"class {cls!r} in {data_dir} is not one the model knows "
+                                   f"({names}); evaluate on the dataset it was trained on")
+            if (data_dir / key).exists():
+                files.append((data_dir / key, cls))
+    refs = [PageRef(p, i, names.index(c)) for p, c in files for i in range(count_pages(p))]
+    probs = _probabilities(bundle, refs, batch_size)
     report = classification_report([r.label for r in refs], probs, names, refs)
-    report["subset"] = subset
-    report["diagnosis"] = diagnose(bundle.meta.get("history", {}), report)
+    report.update(subset="all" if all_images else subset, data=str(data_dir.resolve()),
+                  notes=notes, missing=missing, changed=changed, flagged=flagged,
+                  title=f"Evaluation of {bundle.path.name} on {label}")
+    if own is not None and not all_images:
+        groups = {e.get("group") for e in own[subset] if e.get("group") is not None}
+        report["groups"] = len(groups) or None
+    if missing or changed:
+        notes.append(f"{len(missing)} image(s) of the list are missing and {len(changed)} "
+                     "changed since training: not scored.")
+    if flagged:
+        notes.append(f"{len(flagged)} image(s) were seen in training or validation: not "
+                     "scored.")
+    report["diagnosis"] = diagnose({}, report)
     if save:
-        for name, text in report_files(report).items():
-            atomic_write_text(bundle.path / name, text)
+        report["saved"] = str(save_report(bundle.path, report))
     return report
+
+
+def _probabilities(bundle, refs, batch_size: int) -> np.ndarray:
+    """Class probabilities of ``refs``, read and run in chunks (memory bounded by a chunk)."""
+    from .images import preprocess_refs
+
+    out = [np.zeros((0, len(bundle.class_names)), np.float32)]
+    chunk = max(batch_size, 1) * 8
+    for i in range(0, len(refs), chunk):
+        x = preprocess_refs(refs[i: i + chunk], bundle.preprocess)
+        out.append(bundle.model.predict(x, batch_size=batch_size, verbose=0))
+    return np.concatenate(out)
+
+
+def save_report(model_dir: str | Path, report: dict) -> Path:
+    """Write ``reports/<date>-<subset>.md`` and ``.json`` (a new name each time)."""
+    import datetime as _dt
+
+    from .dataset import atomic_write_text
+
+    folder = Path(model_dir) / REPORTS_DIR
+    folder.mkdir(exist_ok=True)
+    stem = f"{_dt.datetime.now():%Y-%m-%d-%H%M%S}-{report.get('subset', 'test')}"
+    n = 1
+    while (folder / f"{stem}.md").exists() or (folder / f"{stem}.json").exists():
+        n += 1
+        stem = f"{stem.rsplit('~', 1)[0]}~{n}"
+    for name, text in report_files(report, stem).items():
+        atomic_write_text(folder / name, text)
+    return folder / f"{stem}.md"

@@ -7,11 +7,15 @@ image. Each epoch then trains the head on one randomly chosen view per image.
 
 The cache lives in the dataset, in ``.microclf-cache/<key>/``, one ``.npy`` per file
 content hash holding ``(pages, views, features)``. ``key`` hashes everything that changes
-the features: preprocessing (image size, percentiles, channel map, resize), the weights
-(ImageNet, the content of a weights file, or the seed of a random base), the augmentation
-strength and the Keras version. A changed setting therefore never reuses stale features, an
-edited file gets new ones (its content hash changes), and a retraining computes only what
-is new.
+the features (:func:`cache_key`): the backbone and the *content* of its weights (the
+ImageNet file included), :data:`FEATURES_VERSION` of our preprocessing and augmentation
+code, the TensorFlow and Keras versions, the preprocessing (image size, normalisation,
+channel map, resize), the augmentation strength and the seed of the augmented views. A
+changed setting or an upgrade therefore never reuses stale features, an edited file gets new
+ones (its content hash changes), and a retraining computes only what is new. Each key folder
+has a ``key.json`` saying what it was made with and a ``last-used`` stamp; folders unused for
+30 days, or beyond the size cap (``$MICROCLF_CACHE_MAX_GB``, 10 GB), are pruned
+(:func:`prune_cache`); ``microclf cache info|clear DATA`` shows or empties the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +36,13 @@ from .images import PageRef, PreprocessSpec, preprocess_refs
 
 CACHE_DIR = ".microclf-cache"
 DEFAULT_VIEWS = 4  # augmented views per training image; see docs/performance.md
+# Bump on any change to preprocessing (images.preprocess and what it calls) or to the
+# augmentation (make_augment) that alters features: cached features of older code are then
+# never reused. tests/test_features.py pins the features of a fixed image to this number.
+# 2: sparse images fall back to min-max normalisation; fixed-intensity mode.
+FEATURES_VERSION = 2
+MAX_AGE_DAYS = 30
+KEY_FILE, STAMP_FILE = "key.json", "last-used"
 
 
 def file_digest(path: str | Path, _memo: dict = {}) -> str:  # noqa: B006 - a deliberate memo
@@ -46,27 +58,91 @@ def file_digest(path: str | Path, _memo: dict = {}) -> str:  # noqa: B006 - a de
     return _memo[memo_key]
 
 
-def cache_key(spec: PreprocessSpec, weights: str | None, seed: int,
-              augment_strength: float | None) -> str:
+def key_fields(spec: PreprocessSpec, weights_id: str, seed: int,
+               augment_strength: float | None) -> dict:
+    """What the cached features depend on; ``weights_id`` from ``model.weights_identity``."""
     import keras
+    import tensorflow as tf
 
-    if weights is None:
-        weights_id = f"random-seed-{seed}"
-    elif weights == "imagenet":
-        weights_id = "imagenet"
-    else:
-        weights_id = "file-" + file_digest(weights)
-    text = json.dumps({"backbone": "EfficientNetB0", "spec": spec.to_dict(),
-                       "weights": weights_id, "augment": augment_strength,
-                       "keras": keras.__version__}, sort_keys=True)
+    return {"features_version": FEATURES_VERSION, "weights": weights_id,
+            "spec": spec.to_dict(), "augment": augment_strength,
+            "views_seed": seed if augment_strength is not None else None,
+            "tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def cache_key(spec: PreprocessSpec, weights_id: str, seed: int,
+              augment_strength: float | None) -> str:
+    text = json.dumps(key_fields(spec, weights_id, seed, augment_strength), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def cache_max_bytes() -> int:
+    return int(float(os.environ.get("MICROCLF_CACHE_MAX_GB", "10")) * 2**30)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _last_used(folder: Path) -> float:
+    stamp = folder / STAMP_FILE
+    return (stamp if stamp.exists() else folder).stat().st_mtime
+
+
+def cache_entries(root: str | Path) -> list[dict]:
+    """The cache folders of a dataset, most recently used first, with what made them."""
+    base = Path(root) / CACHE_DIR
+    out = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
+        try:
+            fields = json.loads((folder / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            fields = {}
+        out.append({"key": folder.name, "folder": folder, "fields": fields,
+                    "files": sum(1 for _ in folder.glob("*.npy")),
+                    "bytes": _folder_bytes(folder), "last_used": _last_used(folder)})
+    return sorted(out, key=lambda e: -e["last_used"])
+
+
+def prune_cache(root: str | Path, keep: str | None = None, max_age_days: float = MAX_AGE_DAYS,
+                max_bytes: int | None = None) -> list[str]:
+    """Remove cache folders unused for ``max_age_days`` and, oldest first, those beyond
+    ``max_bytes`` (never ``keep``, the one in use), and temporary files of killed runs.
+    Returns the removed keys."""
+    max_bytes = cache_max_bytes() if max_bytes is None else max_bytes
+    now, removed, total = time.time(), [], 0
+    for entry in cache_entries(root):
+        for tmp in entry["folder"].glob(".tmp-*"):
+            if now - tmp.stat().st_mtime > 3600:  # a killed run's half-written entry
+                tmp.unlink(missing_ok=True)
+        if entry["key"] == keep:
+            total += entry["bytes"]
+            continue
+        too_old = now - entry["last_used"] > max_age_days * 86400
+        if too_old or total + entry["bytes"] > max_bytes:
+            shutil.rmtree(entry["folder"], ignore_errors=True)
+            removed.append(entry["key"])
+        else:
+            total += entry["bytes"]
+    return removed
+
+
+def clear_cache(root: str | Path) -> int:
+    """Delete a dataset's whole feature cache (it is derived data); returns bytes freed."""
+    base = Path(root) / CACHE_DIR
+    if not base.is_dir():
+        return 0
+    freed = _folder_bytes(base)
+    shutil.rmtree(base)
+    return freed
 
 
 class FeatureCache:
     """Features per file content hash in ``root/.microclf-cache/<key>/``."""
 
-    def __init__(self, root: str | Path, key: str):
+    def __init__(self, root: str | Path, key: str, fields: dict | None = None):
         self.folder = Path(root) / CACHE_DIR / key
+        self.fields = fields or {}
         self.hits = 0
         self.computed = 0
         self.unwritable: str | None = None  # why saving failed (a read-only dataset)
@@ -82,6 +158,16 @@ class FeatureCache:
             return np.load(path)
         except (OSError, ValueError):  # a damaged cache entry is recomputed
             return None
+
+    def touch(self) -> None:
+        """Mark the folder as used now (pruning goes by this), writing ``key.json`` once."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not (self.folder / KEY_FILE).exists():
+                (self.folder / KEY_FILE).write_text(json.dumps(self.fields, indent=1))
+            (self.folder / STAMP_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        except OSError as exc:
+            self.unwritable = str(exc)
 
     def save(self, digest: str, feats: np.ndarray) -> None:
         try:

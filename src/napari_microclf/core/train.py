@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -24,39 +25,79 @@ from .features import DEFAULT_VIEWS
 from .images import PreprocessSpec, preprocess_refs
 
 
+def _opt(default, help: str, cli: str | None = None, **extra):
+    """A setting with its one description: the CLI's help and the widget's tip come from it."""
+    return field(default=default, metadata={"help": help, "cli": cli, **extra})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings; the defaults are the training guide's."""
+    """Training settings; the defaults are the training guide's.
+
+    Each field's ``metadata["help"]`` is its only description: ``microclf train --help`` and
+    the Train widget's tips are made from it.
+
+    Examples
+    --------
+    >>> from napari_microclf import TrainConfig, train
+    >>> result = train(TrainConfig("dataset", out_dir="model", epochs=15))  # doctest: +SKIP
+    """
 
     data_dir: str
     out_dir: str = "microclf-model"
-    epochs: int = 15
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    image_size: int = 224
-    val_split: float = 0.2
-    test_split: float = 0.1
-    augment: bool = True
-    augment_strength: float = 0.05  # rotation/zoom/contrast of ±5%; flips always
-    dropout: float = 0.2
-    class_weights: bool = True
-    early_stopping: bool = True
+    epochs: int = _opt(15, "passes over the training set (15; 10-20 for small datasets)")
+    batch_size: int = _opt(32, "images per step (32; 8-16 for under 100 images per class)")
+    learning_rate: float = _opt(1e-4, "starting learning rate (1e-4), reduced when the "
+                                "validation loss plateaus")
+    image_size: int = _opt(224, "model input side in pixels (224)")
+    val_split: float = _opt(0.2, "validation fraction or percent (0.2)", parse="fraction")
+    test_split: float = _opt(0.1, "test fraction or percent (0.1); never used in training",
+                             parse="fraction")
+    augment: bool = _opt(True, "no flips/rotation/zoom/contrast", cli="--no-augment")
+    augment_strength: float = _opt(0.05, "rotation/zoom/contrast range (0.05 = ±5%%; 0.1-0.2 "
+                                   "for larger datasets)")
+    dropout: float = _opt(0.2, "dropout before the last layer (0.2)")
+    class_weights: bool = _opt(True, "do not weight rare classes more",
+                               cli="--no-class-weights")
+    early_stopping: bool = _opt(True, "always run every epoch (no early stopping)",
+                                cli="--no-early-stopping")
     early_stopping_patience: int = 5
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.2
     min_lr: float = 1e-7
-    weights: str | None = "imagenet"  # "imagenet", a .h5 file, or None
-    fine_tune: int | str = 0  # 0: frozen base; 1-7: top stages; "all"
-    seed: int = 0
+    backbone: str = _opt("efficientnet-b0", "efficientnet-b0 (the guide's) or "
+                         "efficientnet-lite0 (ImageNet weights installed with microclf, no "
+                         "network needed)", choices=("efficientnet-b0", "efficientnet-lite0"))
+    weights: str | None = _opt("auto", "'auto' (ImageNet B0 if in the Keras cache or "
+                               "downloadable, else ImageNet Lite0), 'imagenet', a .h5 file, "
+                               "or 'none'")
+    fine_tune: int | str = _opt(0, "unfreeze the top N of 7 stages, or 'all' (0: frozen "
+                                "base); a pretrained base first trains its head frozen")
+    head_epochs: int = _opt(5, "fine-tuning, phase 1: epochs of the head on the frozen base "
+                            "before the top stages unfreeze (5)")
+    fine_tune_lr_factor: float = _opt(0.1, "fine-tuning, phase 2: learning rate multiplied "
+                                      "by this (0.1)")
+    seed: int = _opt(0, "random seed of the split, the augmentation and the head (0)")
     pmin: float = 1.0
     pmax: float = 99.8
-    channel_map: tuple | None = None
-    resize_mode: str = "pad"
-    resplit: bool = False
+    intensity: str = _opt("percentile", "'percentile' (1-99.8%% per channel), 'fixed' "
+                          "(the dtype's range) or 'fixed:MIN,MAX' to keep absolute "
+                          "brightness", parse="intensity")
+    intensity_range: tuple | None = None
+    channel_map: tuple | None = _opt(None, "channel map to RGB, e.g. '0,1,-' (auto)",
+                                     cli="--channels", parse="channels")
+    resize_mode: str = _opt("pad", "pad to square then resize (no cropping), or stretch",
+                            cli="--resize", choices=("pad", "stretch"))
+    group_by: str | None = _opt(None, "regular expression taking an image's group from its "
+                                "file name, e.g. '^(plate\\d+_well\\w+)'; images of a group "
+                                "stay in one subset (default: the source file)")
+    resplit: bool = _opt(False, "draw a new split.json (the test set changes)")
     # Frozen base: train the head on backbone features computed once (cached in the
-    # dataset) for each image and `views` augmented views of it. Fine-tuning ignores this.
-    cache: bool = True
-    views: int = DEFAULT_VIEWS
+    # dataset) for each image and `views` augmented views of it.
+    cache: bool = _opt(True, "frozen base: run the full pipeline every epoch instead of "
+                       "cached backbone features", cli="--no-cache")
+    views: int = _opt(DEFAULT_VIEWS, f"augmented views per training image whose backbone "
+                      f"features are cached ({DEFAULT_VIEWS})")
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -72,23 +113,97 @@ class TrainConfig:
         if not 0 <= self.augment_strength <= 0.5:
             raise ValueError(f"augmentation strength must be in [0, 0.5], got "
                              f"{self.augment_strength}")
+        if self.head_epochs < 0:
+            raise ValueError(f"head epochs must be 0 or more, got {self.head_epochs}")
+        if not 0 < self.fine_tune_lr_factor <= 1:
+            raise ValueError(f"fine-tuning learning-rate factor must be in (0, 1], got "
+                             f"{self.fine_tune_lr_factor}")
+        if ":" in self.intensity or "," in self.intensity:  # "fixed:0,4095" in one string
+            from .images import parse_intensity
+
+            mode, rng = parse_intensity(self.intensity)
+            object.__setattr__(self, "intensity", mode)
+            object.__setattr__(self, "intensity_range", rng)
+        if self.intensity_range is not None:
+            object.__setattr__(self, "intensity_range", tuple(self.intensity_range))
+        if self.group_by:
+            import re
+
+            try:
+                re.compile(self.group_by)
+            except re.error as exc:
+                raise ValueError(f"group-by pattern {self.group_by!r} is not a valid regular "
+                                 f"expression ({exc})") from None
+        self.preprocessing  # noqa: B018 - checks the preprocessing settings now
 
     @property
     def preprocessing(self) -> PreprocessSpec:
         return PreprocessSpec(self.image_size, self.pmin, self.pmax, self.channel_map,
-                              self.resize_mode)
+                              self.resize_mode, self.intensity, self.intensity_range)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def help_of(name: str) -> str:
+    """The one description of a TrainConfig setting (CLI help, widget tip)."""
+    return TrainConfig.__dataclass_fields__[name].metadata.get("help", "").replace("%%", "%")
+
+
 # Without pretrained weights a frozen base learns nothing; this is the recipe that trains the
 # whole network from scratch reliably on the sample data (150 images per class: test accuracy
-# 0.87-0.91 over two seeds, about a minute on 2 cores). The demo and the Train widget offer it
-# when the ImageNet weights are not in the Keras cache.
+# 0.87-0.91 over two seeds, about a minute on 2 cores). weights="auto" falls back to it when
+# no pretrained weights can be had at all.
 FROM_SCRATCH = {"weights": "none", "fine_tune": "all", "image_size": 48, "batch_size": 16,
                 "learning_rate": 1e-3, "epochs": 20, "augment": False, "early_stopping": False,
                 "reduce_lr_patience": 20}
+
+
+# -- the training guide's dataset-size table -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    row: str  # the guide's row
+    n_images: int
+    reason: str
+    settings: dict
+
+    @property
+    def text(self) -> str:
+        values = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.settings.items())
+        return f"Preset '{self.row}' ({self.reason}): {values}."
+
+
+def suggest_settings(n_images: int) -> Preset:
+    """The training guide's advice for very small (< 100), medium (100-1000) and large
+    (> 1000) datasets, as settings. Every value stays editable."""
+    if n_images < 100:
+        return Preset("very small dataset", n_images, f"{n_images} images, under 100", {
+            "augment": True, "augment_strength": 0.1, "learning_rate": 5e-5, "batch_size": 8,
+            "dropout": 0.35, "fine_tune": 0, "epochs": 15})
+    if n_images <= 1000:
+        return Preset("medium dataset", n_images, f"{n_images} images, 100 to 1000", {
+            "augment": True, "augment_strength": 0.05, "learning_rate": 1e-4,
+            "batch_size": 32, "dropout": 0.2, "fine_tune": 0, "epochs": 15})
+    return Preset("large dataset", n_images, f"{n_images} images, over 1000", {
+        "augment": True, "augment_strength": 0.1, "learning_rate": 1e-3, "batch_size": 64,
+        "dropout": 0.15, "fine_tune": 2, "epochs": 15})
+
+
+def count_images(data_dir: str | Path) -> int:
+    """Pages in the dataset's class folders (a multi-page file counts each page)."""
+    from .dataset import class_files, list_classes
+    from .images import ImageReadError, count_pages
+
+    n = 0
+    for c in list_classes(data_dir):
+        for p in class_files(data_dir, c):
+            try:
+                n += count_pages(p)
+            except ImageReadError:
+                n += 1  # said by the training's own checks
+    return n
 
 
 # -- typed updates ------------------------------------------------------------------------
@@ -126,6 +241,15 @@ class EpochStart:
     @property
     def text(self) -> str:
         return f"Epoch {self.epoch}/{self.epochs}"
+
+
+@dataclass(frozen=True)
+class PhaseStart:
+    """Fine-tuning's phase 2 begins (the curves mark this epoch)."""
+
+    phase: int
+    epoch: int  # the first epoch of the phase, 1-based
+    text: str
 
 
 @dataclass(frozen=True)
@@ -199,6 +323,7 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
             super().__init__()
             self.stopped = False
             self.epochs_run = 0
+            self.history, self.emit = history, emit
 
         def _check_stop(self):
             if should_stop is not None and should_stop():
@@ -247,18 +372,40 @@ def train(
     on_update: Callable[[object], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train a classifier on ``config.data_dir`` and write the bundle to ``config.out_dir``."""
-    import keras
-    import tensorflow as tf
+    """Train a classifier on ``config.data_dir`` and write the bundle to ``config.out_dir``.
 
+    Parameters
+    ----------
+    config : TrainConfig
+        The settings (the training guide's defaults).
+    on_update : callable, optional
+        Called from the training thread with :class:`Message`, :class:`Progress`,
+        :class:`PhaseStart`, :class:`EpochStart`, :class:`BatchEnd` and :class:`EpochEnd`.
+    should_stop : callable, optional
+        Polled after every batch and image; when it returns True the training stops and
+        writes nothing.
+
+    Returns
+    -------
+    TrainResult
+        The bundle path (None when stopped), history, test report and the bundle's metadata.
+
+    A frozen pretrained base trains its head on cached backbone features. With ``fine_tune``
+    and pretrained weights the training has two phases: the head on the frozen base
+    (``head_epochs``, from cached features), then the top stages unfrozen at the learning
+    rate times ``fine_tune_lr_factor`` for the remaining epochs, starting from that head.
+    """
+
+    from .dataset import split_manifest
     from .evaluate import classification_report, diagnose, report_files
     from .model import (
         FROZEN_RANDOM_WARNING,
         build_classifier,
-        build_head,
-        normalize_weights,
         parse_fine_tune,
+        resolve_weights,
+        set_fine_tune,
         versions,
+        weights_identity,
         write_bundle,
     )
 
@@ -275,19 +422,26 @@ def train(
         return TrainResult(None, names, history, None, True, epochs_run,
                            time.perf_counter() - t_start)
 
-    weights = normalize_weights(config.weights)
+    resolved = resolve_weights(config.backbone, config.weights)
+    if resolved.note:
+        emit(Message(resolved.note, resolved.level))
+    if resolved.weights is None and str(config.weights).lower() == "auto":
+        config = dataclasses.replace(config, **{**FROM_SCRATCH, "epochs": config.epochs})
+    backbone, weights = resolved.backbone, resolved.weights
     fine_tune = parse_fine_tune(config.fine_tune)
     samples = load_samples(config.data_dir, config.val_split, config.test_split, config.seed,
-                           config.resplit)
+                           config.resplit, group_by=config.group_by)
     names = samples.class_names
     for note in samples.notes:
         emit(Message(note))
     if weights is None and fine_tune == 0:
         emit(Message(FROZEN_RANDOM_WARNING, "warning"))
     spec = config.preprocessing
+    emit(Message(f"Backbone: {backbone}, weights: {weights or 'none (random start)'}"))
     emit(Message(f"Classes: {dict(enumerate(names))}"))
-    emit(Message(f"Images: {len(samples.train)} train, {len(samples.val)} validation, "
-                 f"{len(samples.test)} test"))
+    for line in samples.split_lines():
+        is_warning = line.startswith("Warning: ")
+        emit(Message(line.removeprefix("Warning: "), "warning" if is_warning else "info"))
 
     distribution = samples.distribution("train")
     emit(Message(f"Class distribution: {distribution}"))
@@ -296,55 +450,52 @@ def train(
         class_weight = balanced_class_weights(distribution)
         emit(Message(f"Class weights: { {k: round(v, 2) for k, v in class_weight.items()} }"))
 
+    # Fine-tuning a pretrained base starts from a head trained on the frozen base.
+    two_phase = fine_tune != 0 and weights is not None and config.head_epochs > 0 \
+        and config.epochs > 1
+    head_epochs = min(config.head_epochs, config.epochs - 1) if two_phase else config.epochs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said above as a Message
         model = build_classifier(len(names), config.image_size, weights, config.dropout,
-                                 config.augment, config.augment_strength, fine_tune, config.seed)
+                                 config.augment, config.augment_strength,
+                                 0 if two_phase else fine_tune, config.seed, backbone)
     y = {s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
          for s in ("train", "val", "test")}
-    cached = config.cache and fine_tune == 0
+    cached = config.cache and (fine_tune == 0 or two_phase)
+    weights_id = weights_identity(backbone, weights, config.seed)
     if cached:
-        inputs = _features(config, samples, model, weights, emit, should_stop)
+        inputs = _features(config, samples, model, weights_id, emit, should_stop,
+                           subsets=("train", "val") if two_phase else ("train", "val", "test"))
     else:
         inputs = _images(config, samples, emit, should_stop)
     if inputs is None:
         return stopped_result(names, {})
 
-    # With cached features only the head is trained; it shares the classifier's layers.
-    trained = build_head(model, inputs["train"].shape[-1]) if cached else model
-    trained.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-
-    autotune = tf.data.AUTOTUNE
-    train_ds = (tf.data.Dataset.from_tensor_slices((inputs["train"], y["train"]))
-                .shuffle(len(y["train"]), seed=config.seed, reshuffle_each_iteration=True))
-    if cached:  # each epoch sees one of the cached views of every training image
-        n_views = inputs["train"].shape[1]
-        view_seed = tf.random.Generator.from_seed(config.seed)
-        train_ds = train_ds.map(
-            lambda f, label: (f[view_seed.uniform((), 0, n_views, tf.int32)], label))
-    train_ds = train_ds.batch(config.batch_size).prefetch(autotune)
-    has_val = len(y["val"]) > 0
-    val_ds = (tf.data.Dataset.from_tensor_slices((inputs["val"], y["val"]))
-              .batch(config.batch_size).prefetch(autotune)) if has_val else None
-    steps = int(np.ceil(len(y["train"]) / config.batch_size))
-    monitor = "val_loss" if has_val else "loss"
     history: dict = {}
+    steps = int(np.ceil(len(y["train"]) / config.batch_size))
     reporter = _make_callback(config.epochs, steps, emit, should_stop, history)
-    callbacks = [reporter, keras.callbacks.ReduceLROnPlateau(
-        monitor=monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience,
-        min_lr=config.min_lr, verbose=0)]
-    if config.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=config.early_stopping_patience,
-            restore_best_weights=True, verbose=0))
-    trained.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
-              callbacks=callbacks, shuffle=False, verbose=0)  # tf.data shuffles
+    fit = _Fitter(config, y, class_weight, reporter)
+    # Phase 1 (or the only phase). With cached features only the head is trained; it shares
+    # the classifier's layers.
+    trained = fit.run(model, inputs, cached, config.learning_rate, 0, head_epochs, phase=1)
     if reporter.stopped:
         return stopped_result(names, history, reporter.epochs_run)
-    if reporter.epochs_run < config.epochs:
-        emit(Message(f"Early stopping after epoch {reporter.epochs_run}: the validation loss "
-                     f"stopped improving; the best epoch's weights are kept."))
+    if two_phase:
+        lr2 = config.learning_rate * config.fine_tune_lr_factor
+        stages = "all stages" if fine_tune == -1 else f"the top {fine_tune} of 7 stages"
+        emit(PhaseStart(2, reporter.epochs_run + 1,
+                        f"Phase 2: fine-tuning {stages} from the trained head, learning rate "
+                        f"{lr2:.1e}, epochs {reporter.epochs_run + 1}-{config.epochs}"))
+        set_fine_tune(model, fine_tune)
+        if cached:  # phase 2 needs the images themselves
+            inputs = _images(config, samples, emit, should_stop)
+            if inputs is None:
+                return stopped_result(names, history, reporter.epochs_run)
+        trained = fit.run(model, inputs, False, lr2, reporter.epochs_run, config.epochs,
+                          phase=2)
+        cached = False
+        if reporter.stopped:
+            return stopped_result(names, history, reporter.epochs_run)
 
     report = None
     if len(y["test"]):
@@ -357,6 +508,9 @@ def train(
         emit(Message("No test images in the split: the test report is empty. Add images or "
                      "raise the test fraction.", "warning"))
     report["subset"] = "test"
+    report["groups"] = samples.group_counts().get("test") if hasattr(samples, "group_counts") \
+        else None
+    report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
     report["diagnosis"] = diagnose(history, report)
 
     meta = {
@@ -364,9 +518,12 @@ def train(
         "class_names": names,
         "input_size": [config.image_size, config.image_size, 3],
         "preprocessing": spec.to_dict(),
+        "backbone": backbone,
         "weights": weights or "none",
+        "weights_id": weights_id,
         "fine_tune": fine_tune,
-        "cached_features": cached,
+        "phases": fit.phases,
+        "cached_features": config.cache and (fine_tune == 0 or two_phase),
         "config": config.to_dict(),
         "history": history,
         "epochs_run": reporter.epochs_run,
@@ -374,20 +531,89 @@ def train(
         "class_weights": ({names[k]: v for k, v in class_weight.items()} if class_weight
                           else None),
         "split": {"file": str(Path(config.data_dir).resolve() / "split.json"),
-                  **samples.split.to_dict()},
+                  **{k: v for k, v in samples.split.to_dict().items() if k != "assignments"}},
         "metrics": {k: report[k] for k in ("n", "accuracy", "per_class", "confusion_matrix")},
         "versions": versions(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "data_dir": str(Path(config.data_dir).resolve()),
     }
-    bundle = write_bundle(config.out_dir, model, meta, report_files(report))
+    extra = report_files(report)
+    extra[SPLIT_FILE] = json.dumps(split_manifest(config.data_dir, samples.split), indent=1)
+    bundle = write_bundle(config.out_dir, model, meta, extra)
     if report["accuracy"] is not None:
-        emit(Message(f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"))
+        emit(Message(f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"
+                     + (f" from {report['groups']} groups" if report.get("groups") else "")))
     for f in report["diagnosis"]:
         emit(Message(f"{f['finding']}: {f['evidence'].rstrip('.')}. {f['remedy']}"))
     emit(Message(f"Model saved to {bundle}"))
     return TrainResult(bundle, names, history, report, False, reporter.epochs_run,
                        time.perf_counter() - t_start, meta)
+
+
+SPLIT_FILE = "split.json"  # in a bundle: the model's own train/val/test files and hashes
+
+
+class _Fitter:
+    """One ``fit`` per phase, with the same reporter, LR reduction and early stopping."""
+
+    def __init__(self, config: TrainConfig, y: dict, class_weight, reporter):
+        self.config, self.y, self.class_weight, self.reporter = config, y, class_weight, reporter
+        self.phases: list[dict] = []
+
+    def run(self, model, inputs: dict, cached: bool, lr: float, first: int, last: int,
+            phase: int):
+        """Train epochs ``first+1..last``; returns the model that maps inputs to classes."""
+        import keras
+        import tensorflow as tf
+
+        from .model import base_layer, build_head
+
+        config, y = self.config, self.y
+        trained = build_head(model, inputs["train"].shape[-1]) if cached else model
+        trained.compile(optimizer=keras.optimizers.Adam(lr),
+                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        autotune = tf.data.AUTOTUNE
+        train_ds = (tf.data.Dataset.from_tensor_slices((inputs["train"], y["train"]))
+                    .shuffle(len(y["train"]), seed=config.seed + phase - 1,
+                             reshuffle_each_iteration=True))
+        if cached:  # each epoch sees one of the cached views of every training image
+            n_views = inputs["train"].shape[1]
+            view_seed = tf.random.Generator.from_seed(config.seed)
+            train_ds = train_ds.map(
+                lambda f, label: (f[view_seed.uniform((), 0, n_views, tf.int32)], label))
+        train_ds = train_ds.batch(config.batch_size).prefetch(autotune)
+        has_val = len(y["val"]) > 0
+        val_ds = (tf.data.Dataset.from_tensor_slices((inputs["val"], y["val"]))
+                  .batch(config.batch_size).prefetch(autotune)) if has_val else None
+        monitor = "val_loss" if has_val else "loss"
+        callbacks = [self.reporter, keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience,
+            min_lr=config.min_lr, verbose=0)]
+        early = None
+        if config.early_stopping:
+            early = keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=config.early_stopping_patience,
+                restore_best_weights=True, verbose=0)
+            callbacks.append(early)
+        history = self.reporter.history
+        n_before = len(history.get("loss", []))
+        trained.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
+                    class_weight=self.class_weight, callbacks=callbacks, shuffle=False,
+                    verbose=0)  # tf.data shuffles
+        ran = len(history.get("loss", [])) - n_before
+        history.setdefault("phase", []).extend([phase] * ran)
+        base_trains = any(w.trainable for w in base_layer(model).weights)
+        info = {"phase": phase, "epochs": [first + 1, first + ran], "learning_rate": lr,
+                "trained": "head on cached features" if cached else
+                ("head and unfrozen stages" if base_trains else "head on the frozen base")}
+        if early is not None and early.stopped_epoch > 0 and not self.reporter.stopped:
+            best = early.best_epoch + 1
+            info["early_stopped"] = {"after_epoch": first + ran, "best_epoch": best}
+            self.reporter.emit(Message(
+                f"Early stopping after epoch {first + ran}: the {monitor.replace('_', ' ')} "
+                f"stopped improving; the weights of epoch {best} (the best) are kept."))
+        self.phases.append(info)
+        return trained
 
 
 def _images(config: TrainConfig, samples, emit, should_stop) -> dict | None:
@@ -411,16 +637,31 @@ def _images(config: TrainConfig, samples, emit, should_stop) -> dict | None:
     return arrays
 
 
-def _features(config: TrainConfig, samples, model, weights, emit, should_stop) -> dict | None:
+def _features(config: TrainConfig, samples, model, weights_id: str, emit, should_stop,
+              subsets=("train", "val", "test")) -> dict | None:
     """Backbone features from the dataset's cache, computing only what is missing."""
-    from .features import FeatureCache, FeatureExtractor, cache_key, extract_features
+    from .features import (
+        FeatureCache,
+        FeatureExtractor,
+        cache_key,
+        extract_features,
+        key_fields,
+        prune_cache,
+    )
 
     spec = config.preprocessing
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None
-    cache = FeatureCache(config.data_dir, cache_key(spec, weights, config.seed, strength))
+    key = cache_key(spec, weights_id, config.seed, strength)
+    cache = FeatureCache(config.data_dir, key, key_fields(spec, weights_id, config.seed,
+                                                          strength))
+    cache.touch()
+    removed = prune_cache(config.data_dir, keep=key)
+    if removed:
+        emit(Message(f"Feature cache: removed {len(removed)} folder(s) unused for 30 days or "
+                     "beyond the size cap."))
     extractor = FeatureExtractor(model, config.seed, config.augment_strength, config.batch_size)
-    plan = [("train", views), ("val", 1), ("test", 1)]
+    plan = [(s, views if s == "train" else 1) for s in subsets]
     earlier = {"done": 0, "last": 0}  # images of the subsets already finished
 
     def progress(done, total, seconds):
