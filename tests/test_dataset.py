@@ -15,9 +15,11 @@ def _img(seed, shape=(16, 16)):
 
 
 def _fill(root, counts):
+    """``n`` examples per class, each from its own source file (so each is its own group)."""
     for cls, n in counts.items():
         for i in range(n):
-            ds.add_example(root, cls, _img(hash((cls, i)) % 2**32), source=f"{cls}.tif", page=i)
+            ds.add_example(root, cls, _img(hash((cls, i)) % 2**32), source=f"{cls}_{i}.tif",
+                           page=0)
 
 
 def test_add_example_writes_a_tiff_with_provenance(tmp_path):

@@ -4,9 +4,17 @@
   cache, ...). Every other sub-folder is a class, even while it is empty.
 - :func:`add_example` writes a TIFF atomically and never overwrites: the file name carries a
   hash of the pixels, so the same image is recognised and reported instead of written twice.
-- The train/val/test split is stratified, seeded and stored in ``root/split.json``. Later
-  trainings and evaluations reuse it; new files are assigned to the subsets without moving
-  any file already assigned, so a test image never drifts into training.
+- The train/val/test split is grouped, stratified, seeded and stored in
+  ``root/split.json``. Files of one group always share a subset, so neighbouring slices of
+  the same cells never sit in both train and test. A file's group is the source file named
+  in its provenance (every page and crop of one stack or image); with ``group_by`` (a
+  regular expression) it is the part of the file name that the pattern matches instead, for
+  datasets made outside napari. A file without provenance, or whose name does not match, is
+  its own group, and files with identical bytes are always one group. Within those rules the
+  split is stratified by class. Later trainings and evaluations reuse the split; new files
+  of a known group join its subset, new groups are assigned without moving any file already
+  assigned, and when groups must be made whole (an old per-file split, a changed
+  ``group_by``) files move only towards test, so a test image never drifts into training.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -232,15 +241,38 @@ def read_provenance(path: str | Path) -> dict:
 
 # -- the split ----------------------------------------------------------------------------
 
+SPLIT_VERSION = 2
+_MAX_NOTES = 10  # detailed notes of one kind; the rest are summed up in one more note
+_GROUP_PRIORITY = {"source": 0, "name": 1, "file": 2}
+
 
 @dataclass
 class Split:
-    """``assignments`` maps ``"<class>/<file>"`` to ``"train"``, ``"val"`` or ``"test"``."""
+    """The persisted train/val/test split of a dataset (``root/split.json``).
+
+    Every map is keyed by ``"<class>/<file>"``:
+
+    - ``assignments``: the file's subset, ``"train"``, ``"val"`` or ``"test"``;
+    - ``groups``: the file's group, recorded the first time the file is seen:
+      ``"source:<resolved path>"`` (the source file named in the provenance that
+      :func:`add_example` writes), ``"name:<text>"`` (the part of the file name that the
+      ``group_by`` pattern matched) or ``"file:<sha1>"`` (a file that is its own group);
+    - ``sha1``: the sha1 of the file's bytes, recorded with its group.
+
+    Files with identical bytes belong to one group whatever their recorded groups say;
+    :meth:`group_map` gives the groups with such copies joined. ``group_by`` is the file name
+    pattern the groups were taken from (None: from the source files). ``version`` is the
+    schema version the split was read from; it is always written back as version 2.
+    """
 
     val_fraction: float = 0.2
     test_fraction: float = 0.1
     seed: int = 0
     assignments: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+    group_by: str | None = None
+    sha1: dict[str, str] = field(default_factory=dict)
+    version: int = SPLIT_VERSION
 
     def files(self, subset: str) -> list[str]:
         return sorted(k for k, v in self.assignments.items() if v == subset)
@@ -248,29 +280,76 @@ class Split:
     def counts(self) -> dict[str, int]:
         return {s: sum(v == s for v in self.assignments.values()) for s in SUBSETS}
 
+    def group_map(self) -> dict[str, str]:
+        """The group of each assigned file, files with identical bytes joined into one group.
+
+        Groups that share a file content (a copy of an image under another name) are one
+        group, named after one of its recorded groups (a source file first, then a file name
+        match, then a single file). A file without a recorded group is its own group.
+        """
+        return _joined_groups(self, self.assignments)
+
     def to_dict(self) -> dict:
         return {
-            "version": 1,
+            "version": SPLIT_VERSION,
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "seed": self.seed,
+            "group_by": self.group_by,
             "assignments": dict(sorted(self.assignments.items())),
+            "groups": dict(sorted(self.groups.items())),
+            "sha1": dict(sorted(self.sha1.items())),
         }
 
 
+def _corrupt(path: Path, why) -> DatasetError:
+    return DatasetError(
+        f"{path} is corrupt ({why}); delete it to let microclf make a new split "
+        "(the test set will then be drawn again)"
+    )
+
+
 def load_split(root: str | Path) -> Split | None:
+    """The split stored in ``root/split.json`` (version 1 or 2), or None if there is none.
+
+    A version-1 file (per-file assignments, no groups) loads with empty ``groups``;
+    :func:`update_split` migrates it. A corrupt file or one of an unknown version raises a
+    :class:`DatasetError` that says what to do.
+    """
     path = Path(root) / SPLIT_FILE
     if not path.exists():
         return None
     try:
         d = json.loads(path.read_text())
-        return Split(float(d["val_fraction"]), float(d["test_fraction"]), int(d["seed"]),
-                     {str(k): str(v) for k, v in d["assignments"].items()})
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(d, dict):
+            raise TypeError("not a JSON object")
+        version = d.get("version", 1)
+    except (ValueError, TypeError, OSError) as exc:
+        raise _corrupt(path, exc) from exc
+    if version not in (1, 2) or isinstance(version, bool):
         raise DatasetError(
-            f"{path} is corrupt ({exc}); delete it to let microclf make a new split "
-            "(the test set will then be drawn again)"
-        ) from exc
+            f"{path} has version {version!r}, which this napari-microclf cannot read (it reads "
+            "versions 1 and 2): update napari-microclf, or delete the file to let microclf "
+            "make a new split (the test set will then be drawn again)"
+        )
+    try:
+        assignments = {str(k): str(v) for k, v in d["assignments"].items()}
+        bad = sorted({v for v in assignments.values() if v not in SUBSETS})
+        if bad:
+            raise ValueError(f"unknown subset(s) {bad}")
+        split = Split(float(d["val_fraction"]), float(d["test_fraction"]), int(d["seed"]),
+                      assignments, version=int(version))
+        if version == 2:
+            group_by = d["group_by"]
+            if group_by is not None and not isinstance(group_by, str):
+                raise TypeError(f"group_by is {group_by!r}")
+            split.group_by = group_by
+            split.groups = {str(k): str(v) for k, v in d["groups"].items() if k in assignments}
+            split.sha1 = {str(k): str(v) for k, v in d.get("sha1", {}).items()
+                          if k in assignments}
+        return split
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _corrupt(path, exc) from exc
 
 
 def _save_split(root: Path, split: Split) -> None:
@@ -281,15 +360,218 @@ def _rename_in_split(root: Path, old: str, new: str) -> None:
     split = load_split(root)
     if split is None:
         return
-    split.assignments = {
-        (f"{new}/{k.split('/', 1)[1]}" if k.split("/", 1)[0] == old else k): v
-        for k, v in split.assignments.items()
-    }
+
+    def renamed(mapping: dict[str, str]) -> dict[str, str]:
+        return {(f"{new}/{k.split('/', 1)[1]}" if k.split("/", 1)[0] == old else k): v
+                for k, v in mapping.items()}
+
+    split.assignments = renamed(split.assignments)
+    split.groups = renamed(split.groups)  # a group is not named after the class: it follows
+    split.sha1 = renamed(split.sha1)
     _save_split(root, split)
 
 
 def _order_key(seed: int, key: str) -> str:
     return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
+
+
+def _class_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def _compile_group_by(group_by: str | None) -> re.Pattern | None:
+    if group_by is None:
+        return None
+    try:
+        return re.compile(group_by)
+    except (re.error, TypeError) as exc:
+        raise DatasetError(
+            f"group_by {group_by!r} is not a valid regular expression ({exc}); give a pattern "
+            r"that matches the part of the file name shared by one source, e.g. "
+            r"'^(plate\d+_well[A-Z]\d+)'"
+        ) from exc
+
+
+def grouping_text(group_by: str | None) -> str:
+    """How the groups of a split are made, in words (for reports)."""
+    return "source file" if group_by is None else f"file name pattern {group_by!r}"
+
+
+def _digest(path: Path) -> str:
+    from .features import file_digest
+
+    try:
+        return file_digest(path)
+    except OSError as exc:
+        raise DatasetError(f"{path} cannot be read ({exc}); fix or remove this file") from exc
+
+
+def _file_group(path: Path, digest: str, pattern: re.Pattern | None,
+                resolved: dict[str, str]) -> str:
+    """The recorded group of one file (see :class:`Split`); reads a TIFF's provenance."""
+    if pattern is not None:
+        m = pattern.search(path.name)
+        text = (m.group(1) if pattern.groups else m.group(0)) if m else None
+        return f"name:{text}" if text else f"file:{digest}"
+    source = None
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            source = read_provenance(path).get("source")
+        except Exception:  # noqa: BLE001 - an unreadable file has no provenance
+            source = None
+    if not source:
+        return f"file:{digest}"
+    text = str(source)
+    if text not in resolved:
+        try:
+            resolved[text] = str(Path(text).expanduser().resolve())
+        except (OSError, RuntimeError, ValueError):
+            resolved[text] = text
+    return f"source:{resolved[text]}"
+
+
+def _joined_groups(split: Split, keys) -> dict[str, str]:
+    """``{key: group}`` for ``keys``, groups sharing a file content joined (union-find)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    own = {k: split.groups.get(k) or (f"file:{split.sha1[k]}" if k in split.sha1 else
+                                       f"key:{k}") for k in keys}
+    for k, g in own.items():
+        a = find(g)
+        if k in split.sha1:
+            b = find(f"sha1:{split.sha1[k]}")
+            if a != b:
+                parent[a] = b
+    best: dict[str, tuple[int, str]] = {}
+    for g in set(own.values()):
+        r = find(g)
+        cand = (_GROUP_PRIORITY.get(g.split(":", 1)[0], 3), g)
+        if r not in best or cand < best[r]:
+            best[r] = cand
+    return {k: best[find(g)][1] for k, g in own.items()}
+
+
+def _describe_group(group: str, keys: list[str]) -> str:
+    kind, _, text = group.partition(":")
+    if kind == "source":
+        return f"source {text}"
+    if kind == "name":
+        return f"file name group {text!r}"
+    first = min(keys)
+    return f"file {first}" + (" and its identical copies" if len(keys) > 1 else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _assign(split: Split, keys: list[str], reason: str) -> tuple[list[str], int]:
+    """Make every group whole, then assign the files not yet assigned. Returns a note for
+    each group made whole and the number of files moved for that.
+
+    A group whose assigned files are in several subsets goes whole to the most protected
+    one: test if any of its files is in test, else val if any is in val, else train. Files of
+    a group that already has a subset join it.
+
+    The remaining (new) groups are taken largest first (sizes in powers of two; the seed
+    orders groups of similar size) and each goes to the subset furthest below its target
+    share for the classes of its files. For one class that is ``1 - held / target``, where
+    ``target`` is the subset's share of the class's files (this group included) and
+    ``held`` the class's files already in the subset, rounded up the Huntington-Hill way in
+    units of this group's size (``m * sqrt(h * (h + 1))`` with ``h = held / m``). A subset
+    without any file of the class is thus always furthest below, so as soon as a class has
+    three groups each subset gets one; beyond that groups are shared in proportion. A group
+    of several classes averages the measure over its files. Ties favour train, then val.
+    Deterministic for a given seed; O(n log n).
+    """
+    gmap = _joined_groups(split, keys)
+    members: dict[str, list[str]] = {}
+    for k in keys:
+        members.setdefault(gmap[k], []).append(k)
+    notes: list[str] = []
+    moved_total = 0
+    new_groups = []
+    for group, ks in members.items():
+        held = {split.assignments[k] for k in ks if k in split.assignments}
+        if not held:
+            new_groups.append(group)
+            continue
+        target = "test" if "test" in held else "val" if "val" in held else "train"
+        if len(held) > 1:
+            moved: dict[str, int] = {}
+            for k in ks:
+                s = split.assignments.get(k)
+                if s is not None and s != target:
+                    moved[s] = moved.get(s, 0) + 1
+            moved_total += sum(moved.values())
+            straddled = "/".join(s for s in SUBSETS if s in held)
+            what = ", ".join(f"{_plural(n, 'file')} moved from {s} to {target}"
+                             for s, n in sorted(moved.items()))
+            notes.append(f"{reason}: {_describe_group(group, ks)} straddled {straddled}; "
+                         f"the whole group is now in {target} ({what}).")
+        for k in ks:
+            split.assignments[k] = target
+
+    fractions = {"train": 1 - split.val_fraction - split.test_fraction,
+                 "val": split.val_fraction, "test": split.test_fraction}
+    open_subsets = [s for s in SUBSETS if fractions[s] > 0]
+    counts: dict[str, dict[str, int]] = {}
+    for k, s in split.assignments.items():
+        counts.setdefault(_class_of(k), dict.fromkeys(SUBSETS, 0))[s] += 1
+    new_groups.sort(key=lambda g: (-len(members[g]).bit_length(),
+                                   _order_key(split.seed, min(members[g]))))
+    for group in new_groups:
+        ks = members[group]
+        composition: dict[str, int] = {}
+        for k in ks:
+            composition[_class_of(k)] = composition.get(_class_of(k), 0) + 1
+        for c in composition:
+            counts.setdefault(c, dict.fromkeys(SUBSETS, 0))
+
+        def score(s: str, ks=ks, composition=composition) -> tuple:
+            total = 0.0
+            for c, m in composition.items():
+                n = sum(counts[c].values()) + m  # the class's files with this group
+                held = counts[c][s] / m  # in units of this group's size
+                total += m * (1 - m * math.sqrt(held * (held + 1)) / (fractions[s] * n))
+            return (round(total / len(ks), 9), s == "train", -SUBSETS.index(s))
+
+        subset = max(open_subsets, key=score)
+        for k in ks:
+            split.assignments[k] = subset
+        for c, m in composition.items():
+            counts[c][subset] += m
+    return notes, moved_total
+
+
+def _duplicate_notes(split: Split) -> list[str]:
+    by_digest: dict[str, list[str]] = {}
+    for k, d in split.sha1.items():
+        if k in split.assignments:
+            by_digest.setdefault(d, []).append(k)
+    sets = sorted(sorted(ks) for ks in by_digest.values() if len(ks) > 1)
+    notes = []
+    for ks in sets[:_MAX_NOTES]:
+        subsets = sorted({split.assignments[k] for k in ks}, key=SUBSETS.index)
+        note = (f"Identical files (same bytes): {', '.join(ks)}; kept together in "
+                f"{'/'.join(subsets)}.")
+        classes = sorted({_class_of(k) for k in ks})
+        if len(classes) > 1:
+            note += (f" They are in different classes ({', '.join(classes)}): at most one "
+                     "label is right; remove the wrong copy.")
+        notes.append(note)
+    if len(sets) > _MAX_NOTES:
+        notes.append(f"... and {_plural(len(sets) - _MAX_NOTES, 'more set')} of identical files, "
+                     "each kept together in one subset.")
+    return notes
 
 
 def update_split(
@@ -298,48 +580,120 @@ def update_split(
     test_fraction: float = 0.1,
     seed: int = 0,
     resplit: bool = False,
+    *,
+    group_by: str | None = None,
 ) -> tuple[Split, list[str]]:
     """Load ``split.json``, assign new files, drop vanished ones, save; return (split, notes).
 
+    The split is grouped: files of one group are always in the same subset, so pages of one
+    stack never straddle train and test. A file's group is the source file named in its
+    provenance (all pages and crops of one stack or image; sources compared by resolved
+    path), or, with ``group_by`` (a regular expression searched in the file name), the first
+    capture group of the match (the whole match if the pattern has no group). A file without
+    provenance, or whose name does not match, is its own group. Files with identical bytes
+    are one group too, whatever their names or classes. A group may hold several classes.
+
+    Each file's group and sha1 are recorded in ``split.json`` when the file is first seen,
+    so provenance is read once per new file. New files of a group that already has a subset
+    join it; new groups are assigned by the stratified greedy rule of :func:`_assign`;
+    already assigned files never move, except to keep a group whole: a group found in
+    several subsets (an old version-1 split, a changed ``group_by``, or a new file that is a
+    copy of a file in another group) goes whole to test if any of its files is in test, else
+    to val if any is in val; each such case is reported in a note. So a test file never
+    moves into training.
+
     An existing split keeps its fractions and seed (a note says so when the arguments
-    differ); ``resplit=True`` draws a new one.
+    differ); ``resplit=True`` draws a new one. A changed ``group_by`` recomputes the groups.
+    The notes also name every set of identical files, and (with ``group_by``) how many file
+    names did not match the pattern.
     """
     root = Path(root)
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DatasetError("validation and test fractions must be in [0, 1) and sum below 1")
+    pattern = _compile_group_by(group_by)
     notes: list[str] = []
     split = None if resplit else load_split(root)
+    regrouped = False
     if split is None:
-        split = Split(val_fraction, test_fraction, seed)
-    elif (split.val_fraction, split.test_fraction, split.seed) != (val_fraction, test_fraction,
-                                                                    seed):
-        notes.append(
-            f"Reusing the split stored in {root / SPLIT_FILE} (val {split.val_fraction:.0%}, "
-            f"test {split.test_fraction:.0%}, seed {split.seed}) so the test set stays unseen; "
-            "use a new split (--resplit) to change it."
-        )
-    current = {f"{c}/{p.name}" for c in list_classes(root) for p in class_files(root, c)}
-    before = dict(split.assignments)
+        split = Split(val_fraction, test_fraction, seed, group_by=group_by)
+    else:
+        if (split.val_fraction, split.test_fraction, split.seed) != (val_fraction,
+                                                                       test_fraction, seed):
+            notes.append(
+                f"Reusing the split stored in {root / SPLIT_FILE} (val "
+                f"{split.val_fraction:.0%}, test {split.test_fraction:.0%}, seed {split.seed}) "
+                "so the test set stays unseen; use a new split (--resplit) to change it."
+            )
+        if split.group_by != group_by and split.version >= 2:
+            regrouped = True
+            notes.append(
+                f"Grouping changed from {grouping_text(split.group_by)} to "
+                f"{grouping_text(group_by)}: the groups of all files were recomputed."
+            )
+        if split.group_by != group_by:
+            split.groups = {}
+            split.group_by = group_by
+    before = split.to_dict() if split.version >= 2 else None
+
+    current = {f"{c}/{p.name}": p for c in list_classes(root) for p in class_files(root, c)}
     split.assignments = {k: v for k, v in split.assignments.items() if k in current}
-    fractions = {"train": 1 - split.val_fraction - split.test_fraction,
-                 "val": split.val_fraction, "test": split.test_fraction}
-    for c in list_classes(root):
-        keys = [k for k in current if k.split("/", 1)[0] == c]
-        counts = {s: 0 for s in SUBSETS}
-        for k in keys:
-            if k in split.assignments:
-                counts[split.assignments[k]] += 1
-        new = sorted((k for k in keys if k not in split.assignments),
-                     key=lambda k: _order_key(split.seed, k))
-        for k in new:
-            n = sum(counts.values()) + 1
-            # the subset furthest below its share of n takes the file; ties favour train
-            subset = max(SUBSETS, key=lambda s: (n * fractions[s] - counts[s], s == "train"))
-            split.assignments[k] = subset
-            counts[subset] += 1
-    if split.assignments != before or not (root / SPLIT_FILE).exists():
+    split.groups = {k: v for k, v in split.groups.items() if k in current}
+    split.sha1 = {k: v for k, v in split.sha1.items() if k in current}
+    ungrouped = sum(k not in split.groups for k in split.assignments)
+    resolved: dict[str, str] = {}
+    for key in sorted(current):
+        if key not in split.sha1:
+            split.sha1[key] = _digest(current[key])
+        if key not in split.groups:
+            split.groups[key] = _file_group(current[key], split.sha1[key], pattern, resolved)
+
+    migrating = split.version < 2 or (ungrouped and not regrouped)
+    reason = ("split.json upgrade" if migrating else "Regrouping" if regrouped
+              else "Keeping groups whole")
+    group_notes, moved = _assign(split, sorted(current), reason)
+    if migrating:
+        notes.append(
+            (f"Upgraded {root / SPLIT_FILE} to version 2 (a grouped split): the groups of "
+             if split.version < 2 else f"{root / SPLIT_FILE}: the groups of ")
+            + f"{_plural(ungrouped, 'assigned file')} were recorded; "
+            + (f"{_plural(len(group_notes), 'group')} straddled subsets and were made whole, "
+               f"{_plural(moved, 'file')} moved towards test (none out of test)."
+               if group_notes else "no group straddled subsets, no file moved.")
+        )
+    notes += group_notes[:_MAX_NOTES]
+    if len(group_notes) > _MAX_NOTES:
+        notes.append(f"{reason}: {_plural(len(group_notes) - _MAX_NOTES, 'more group')} made "
+                     "whole the same way (towards test, never out of test).")
+    if before is None or split.to_dict() != before or not (root / SPLIT_FILE).exists():
         _save_split(root, split)
+        split.version = SPLIT_VERSION
+    notes += _duplicate_notes(split)
+    if pattern is not None:
+        unmatched = sorted(k for k, g in split.groups.items() if not g.startswith("name:"))
+        if unmatched:
+            notes.append(
+                f"{_plural(len(unmatched), 'file name')} did not match the group_by pattern "
+                f"{group_by!r} (e.g. {unmatched[0]}); each such file is its own group."
+            )
     return split, notes
+
+
+def split_manifest(root: str | Path, split: Split) -> dict[str, list[dict]]:
+    """The files a split assigns, per subset, for a model bundle to keep.
+
+    ``{subset: [{"key": "<class>/<file>", "sha1": <sha1 of the file's bytes now>,
+    "group": <group>}, ...]}`` for each assigned file that exists, sorted by key; groups are
+    those of :meth:`Split.group_map` (identical files joined).
+    """
+    root = Path(root)
+    groups = split.group_map()
+    out: dict[str, list[dict]] = {s: [] for s in SUBSETS}
+    for key in sorted(split.assignments):
+        path = root / key
+        if path.is_file():
+            out[split.assignments[key]].append(
+                {"key": key, "sha1": _digest(path), "group": groups[key]})
+    return out
 
 
 # -- samples for training ---------------------------------------------------------------
@@ -347,16 +701,55 @@ def update_split(
 
 @dataclass
 class DatasetSamples:
+    """The labelled pages of each subset, the split they come from, and a report on it.
+
+    ``image_counts[subset][class]`` counts images (pages) and ``group_counts[subset][class]``
+    the groups with an image of that class in the subset; ``subset_groups[subset]`` counts
+    the groups of a subset (a group holding several classes counted once) and
+    ``class_groups[class]`` the groups holding images of a class. ``notes`` are informative
+    (a reused split, a migration, identical files); ``warnings`` say where the test accuracy
+    rests on too few groups. :meth:`split_lines` puts it all in words.
+    """
+
     class_names: list[str]
     train: list[PageRef]
     val: list[PageRef]
     test: list[PageRef]
     split: Split
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)
+    image_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    group_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    subset_groups: dict[str, int] = field(default_factory=dict)
+    class_groups: dict[str, int] = field(default_factory=dict)
 
     def distribution(self, subset: str = "train") -> dict[int, int]:
         refs = getattr(self, subset)
         return {i: sum(r.label == i for r in refs) for i in range(len(self.class_names))}
+
+    def split_lines(self) -> list[str]:
+        """The split in words: one summary line, one line per class, then the warnings.
+
+        e.g. ``Split: train 210 images in 14 groups, val 60 in 4, test 30 in 2 (grouped by
+        source file)``. The warning lines start with ``Warning:`` and are the items of
+        ``warnings``, so a caller can show them as warnings.
+        """
+
+        def counts(images: dict[str, int], groups: dict[str, int]) -> str:
+            first, *rest = SUBSETS
+            return ", ".join(
+                [f"{first} {_plural(images[first], 'image')} in "
+                 f"{_plural(groups[first], 'group')}"]
+                + [f"{s} {images[s]} in {groups[s]}" for s in rest])
+
+        totals = {s: sum(self.image_counts.get(s, {}).values()) for s in SUBSETS}
+        lines = [f"Split: {counts(totals, self.subset_groups)} "
+                 f"(grouped by {grouping_text(self.split.group_by)})"]
+        for c in self.class_names:
+            lines.append(f"  class {c!r}: " + counts(
+                {s: self.image_counts[s].get(c, 0) for s in SUBSETS},
+                {s: self.group_counts[s].get(c, 0) for s in SUBSETS}))
+        return lines + list(self.warnings)
 
 
 def check_dataset(root: str | Path) -> list[str]:
@@ -379,18 +772,52 @@ def check_dataset(root: str | Path) -> list[str]:
     return list(counts)
 
 
+def _split_warnings(split: Split, classes: list[str], class_groups: dict[str, int],
+                    test_groups: dict[str, int]) -> list[str]:
+    out = []
+    for c in classes:
+        n, t = class_groups.get(c, 0), test_groups.get(c, 0)
+        if split.test_fraction > 0 and n < 3 and t == 0:
+            out.append(f"Warning: class {c!r} has only {_plural(n, 'group')} and none in the "
+                       "test set, so it has no test accuracy; add images from more sources.")
+        elif split.test_fraction > 0 and n < 3:
+            rests = "one source" if t == 1 else f"{t} sources"
+            out.append(f"Warning: class {c!r} has only {_plural(n, 'group')}: its test set "
+                       f"holds {_plural(t, 'group')}, so its test accuracy rests on {rests}.")
+        elif split.test_fraction > 0 and t == 0:
+            out.append(f"Warning: class {c!r} has no group in the test set (its {n} groups "
+                       "are all in train or val), so it has no test accuracy; add images "
+                       "from more sources or draw a new split.")
+        elif n < 3:
+            out.append(f"Warning: class {c!r} has only {_plural(n, 'group')}, so its "
+                       "validation accuracy rests on few sources.")
+    return out
+
+
 def load_samples(
     root: str | Path,
     val_fraction: float = 0.2,
     test_fraction: float = 0.1,
     seed: int = 0,
     resplit: bool = False,
+    *,
+    group_by: str | None = None,
 ) -> DatasetSamples:
-    """Check the dataset, update its split, and expand files into labelled pages."""
+    """Check the dataset, update its (grouped) split, and expand files into labelled pages.
+
+    ``group_by`` is passed to :func:`update_split`. The result carries the split report:
+    images and groups per subset and class, and warnings for classes whose test accuracy
+    rests on fewer than 3 groups or on none.
+    """
     root = Path(root)
     classes = check_dataset(root)
-    split, notes = update_split(root, val_fraction, test_fraction, seed, resplit)
+    split, notes = update_split(root, val_fraction, test_fraction, seed, resplit,
+                                group_by=group_by)
     subsets: dict[str, list[PageRef]] = {s: [] for s in SUBSETS}
+    groups = split.group_map()
+    image_counts = {s: dict.fromkeys(classes, 0) for s in SUBSETS}
+    subset_class_groups: dict[str, dict[str, set]] = {s: {c: set() for c in classes}
+                                                      for s in SUBSETS}
     for key, subset in sorted(split.assignments.items()):
         cls, name = key.split("/", 1)
         path = root / cls / name
@@ -400,6 +827,8 @@ def load_samples(
             raise DatasetError(f"{exc} (in class {cls!r}; fix or remove this file)") from exc
         for i in range(n):
             subsets[subset].append(PageRef(path, i, classes.index(cls), {"key": key}))
+        image_counts[subset][cls] += n
+        subset_class_groups[subset][cls].add(groups[key])
     if not subsets["train"]:
         raise DatasetError(f"{root}: no training images after the split; add more images")
     missing = [c for i, c in enumerate(classes) if not any(r.label == i for r in subsets["train"])]
@@ -410,8 +839,14 @@ def load_samples(
             f"{root}: too few images for a validation set ({sum(map(len, subsets.values()))} "
             "in all); add images (about 10 per class at least)"
         )
+    group_counts = {s: {c: len(g) for c, g in subset_class_groups[s].items()} for s in SUBSETS}
+    subset_groups = {s: len(set().union(*subset_class_groups[s].values())) for s in SUBSETS}
+    class_groups = {c: len(set().union(*(subset_class_groups[s][c] for s in SUBSETS)))
+                    for c in classes}
+    warnings = _split_warnings(split, classes, class_groups, group_counts["test"])
     return DatasetSamples(classes, subsets["train"], subsets["val"], subsets["test"], split,
-                          notes)
+                          notes, warnings, image_counts, group_counts, subset_groups,
+                          class_groups)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
