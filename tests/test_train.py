@@ -72,15 +72,17 @@ def test_bundle_holds_model_metadata_and_report(trained, sample):
     result, _ = trained
     b = result.bundle
     assert {p.name for p in b.iterdir()} == {"model.keras", "microclf.json", "report.json",
-                                              "report.md"}
+                                              "report.md", "split.json"}
     meta = json.loads((b / "microclf.json").read_text())
     assert meta["class_names"] == list(CLASSES)
     assert meta["preprocessing"]["image_size"] == 48 and meta["preprocessing"]["pmax"] == 99.8
     assert meta["weights"] == "none" and meta["config"]["epochs"] == 20
     assert len(meta["history"]["loss"]) == 20 and len(meta["history"]["lr"]) == 20
     assert set(meta["versions"]) == {"napari_microclf", "tensorflow", "keras"}
-    assert meta["split"]["assignments"] == json.loads(
-        (sample["dataset"] / "split.json").read_text())["assignments"]
+    assignments = json.loads((sample["dataset"] / "split.json").read_text())["assignments"]
+    own = json.loads((b / "split.json").read_text())  # the model's own lists, with hashes
+    assert {e["key"]: s for s in ("train", "val", "test") for e in own[s]} == assignments
+    assert meta["backbone"] == "efficientnet-b0" and meta["weights_id"].endswith("seed-0")
     report = json.loads((b / "report.json").read_text())
     assert np.array(report["confusion_matrix"]).sum() == 45
     assert {c["class"] for c in report["per_class"]} == set(CLASSES)
@@ -139,7 +141,8 @@ def _tiny_config(sample, out, **kw):
 
 
 def _digest(folder):
-    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_stop_within_a_batch_keeps_the_earlier_bundle(trained, sample, tmp_path):
@@ -193,7 +196,8 @@ def test_class_weights_follow_the_distribution(tmp_path):
     rng = np.random.default_rng(0)
     for cls, n in {"round": 30, "fragmented": 10}.items():
         for i in range(n):
-            add_example(tmp_path / "data", cls, make_image(cls, rng, 32), source="s", page=i)
+            add_example(tmp_path / "data", cls, make_image(cls, rng, 32),
+                        source=f"{cls}{i}.tif", page=0)
     updates = []
     train(TrainConfig(str(tmp_path / "data"), str(tmp_path / "m"), epochs=1, batch_size=8,
                       image_size=32, weights=None, fine_tune="all"), updates.append)

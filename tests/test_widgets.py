@@ -17,7 +17,7 @@ from napari_microclf._qt.annotate import AnnotateWidget
 from napari_microclf._qt.predict import PredictWidget
 from napari_microclf._qt.train import State, TrainWidget
 from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
-from napari_microclf.core.train import BatchEnd, TrainConfig, train
+from napari_microclf.core.train import BatchEnd, EpochEnd, TrainConfig, train
 
 PLUGIN = "napari-microclf"
 TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "weights": "none", "fine_tune": "all",
@@ -190,17 +190,55 @@ def test_train_runs_to_the_end_and_the_gui_stays_responsive(make_napari_viewer, 
     assert widget.state is State.IDLE and widget.start_btn.text() == "Start training"
     assert widget.epoch_bar.value() == 2
     log = widget.log.toPlainText()
-    assert "Class distribution: {0: 6, 1: 6, 2: 6}" in log and "Class weights" in log
+    assert "Class distribution: {0: " in log and "Class weights" in log
+    assert "Split: train" in log  # the dataset's split lines
     assert "Epoch 2/2" in log and "val_accuracy" in log
     loss_axis, acc_axis, lr_axis = widget.curves.figure.axes
     assert [len(line.get_xdata()) for line in loss_axis.lines] == [2, 2]
     assert len(lr_axis.lines) == 1
     assert widget.class_table.rowCount() == 3
-    assert "Test accuracy" in widget.report_label.text()
+    report = widget.report_label.text()
+    n, groups = result.report["n"], result.report["groups"]
+    assert f"on {n} images from {groups} source" in report  # grouped by source file
+    assert "EfficientNet-B0, random weights" in report
     assert widget.confusion.figure.axes and "Diagnosis" in widget.diagnosis.text()
     # offered to Predict
     assert SESSION.last_bundle == str(result.bundle)
     assert PredictWidget(viewer).bundle() == str(result.bundle)
+
+
+def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_dataset,
+                                             tmp_path):
+    """The default weights ("auto": ImageNet Lite0 here, offline), fine-tuned in two phases:
+    the log says when phase 2 starts, the curves mark it, report and Predict name the start."""
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
+    _tiny(widget, weights="auto", fine_tune=1, head_epochs=1, epochs=2, learning_rate=1e-4)
+    assert widget.form.head_epochs.enabled
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=240000):
+        pass
+    result = widget.result
+    assert result is not None and result.bundle is not None
+    assert result.history["phase"] == [1, 2]
+    assert "Phase 2: fine-tuning the top 1 of 7 stages" in widget.log.toPlainText()
+    for ax in widget.curves.figure.axes:
+        assert [list(line.get_xdata()) for line in ax.lines
+                if line.get_gid() == "fine-tuning"] == [[1.5, 1.5]]
+    # during phase 2 the core's history has the phases of the finished fits only: the marker
+    # is drawn from PhaseStart's epoch then
+    widget.curves.plot({})
+    widget._on_update(EpochEnd(2, 2, 2, 1.0, {}, "", {**result.history, "phase": [1]}))
+    assert [list(line.get_xdata()) for line in widget.curves.figure.axes[0].lines
+            if line.get_gid() == "fine-tuning"] == [[1.5, 1.5]]
+    report = widget.report_label.text()
+    assert "EfficientNet-Lite0, ImageNet weights" in report
+    assert "then the top 1 of 7 stages fine-tuned from epoch 2" in report
+    from napari_microclf.core.lite0 import LITE0_SHA256
+
+    predict = PredictWidget(viewer, result.bundle)
+    assert (f"Model: efficientnet-lite0 · imagenet {LITE0_SHA256[:12]}"
+            in predict.model_info.text())
 
 
 def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
@@ -248,15 +286,107 @@ def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
     assert expected in errors[0]
 
 
-def test_from_scratch_settings_say_why(make_napari_viewer):
-    widget = TrainWidget(make_napari_viewer())
-    widget.use_from_scratch()
-    config = widget.config()
-    from napari_microclf.core.train import FROM_SCRATCH
+def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_groups(
+        make_napari_viewer):
+    from napari_microclf.core.train import help_of
 
-    for name, value in FROM_SCRATCH.items():  # the CLI demo's tested recipe, all of it
-        assert getattr(config, name) == value, name
-    assert "No ImageNet weights" in widget.note.text()
+    widget = TrainWidget(make_napari_viewer())
+    f = widget.form
+    config = widget.config()
+    assert (config.backbone, config.weights, config.group_by) == ("efficientnet-b0", "auto",
+                                                                  None)
+    assert (config.intensity, config.intensity_range) == ("percentile", None)
+    # tips come from the settings' one description
+    assert f.head_epochs.tooltip.lower().startswith(help_of("head_epochs")[:30].lower())
+    assert "Unticked: no flips" in f.augment.tooltip
+    # the note says what "auto" starts from here (tests are offline, no B0 file cached)
+    assert widget.note.text().startswith("Pretrained start: ImageNet EfficientNet-")
+    # the phase-2 settings only matter when a pretrained base is fine-tuned
+    assert not f.head_epochs.enabled and not f.fine_tune_lr_factor.enabled
+    f.fine_tune.value = 2
+    assert f.head_epochs.enabled and f.fine_tune_lr_factor.enabled
+    f.weights.value = "none"
+    assert not f.head_epochs.enabled and "No pretrained start" in widget.note.text()
+
+    f.backbone.value = "efficientnet-lite0"
+    f.weights.value = "auto"
+    assert "Lite0" in widget.note.text()
+    f.head_epochs.value = 3
+    f.fine_tune_lr_factor.value = 0.2
+    f.intensity.value = "fixed"
+    assert not f.intensity_range.native.isHidden()  # the range field appears
+    f.intensity_range.value = "0,4095"
+    f.group_by.value = r"^(plate\d+_well\w+)"
+    config = widget.config()
+    assert (config.backbone, config.weights, config.fine_tune) == ("efficientnet-lite0",
+                                                                   "auto", 2)
+    assert (config.head_epochs, config.fine_tune_lr_factor) == (3, 0.2)
+    assert (config.intensity, config.intensity_range) == ("fixed", (0.0, 4095.0))
+    assert config.group_by == r"^(plate\d+_well\w+)"
+    f.intensity_range.value = ""  # fixed without a range: the image type's range
+    assert widget.config().intensity_range is None
+
+
+def test_invalid_group_by_is_refused_at_start(make_napari_viewer, tiny_dataset, tmp_path):
+    widget = TrainWidget(make_napari_viewer(), tiny_dataset, tmp_path / "model")
+    _tiny(widget)
+    widget.form.group_by.value = "plate(\\d+"
+    notification_manager.records.clear()
+    assert widget.start() is None
+    assert widget.state is State.IDLE and widget.worker is None
+    (error,) = _messages("error")
+    assert error.startswith("Cannot train") and "not a valid regular expression" in error
+    assert "plate(" in widget.status.text()
+
+
+@pytest.mark.parametrize(("n_per_class", "row", "batch_size"),
+                         [(20, "very small dataset", 8), (200, "medium dataset", 32)])
+def test_suggest_settings_from_the_dataset_size(make_napari_viewer, qtbot, tmp_path,
+                                                n_per_class, row, batch_size):
+    data = make_sample_dataset(tmp_path / "ds", n_per_class=n_per_class, size=16)
+    widget = TrainWidget(make_napari_viewer(), data, tmp_path / "model")
+    widget.form.batch_size.value = 5
+    worker = widget.suggest()
+    assert not widget.suggest_btn.isEnabled()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    n = 3 * n_per_class
+    assert widget.form.batch_size.value == batch_size
+    assert widget.config().batch_size == batch_size  # applied to the form, still editable
+    said = f"Suggested settings for a {row} ({n} images"
+    assert widget.status.text().startswith(said)
+    assert f"batch size {batch_size}," in widget.status.text()
+    assert said in widget.log.toPlainText()
+    assert widget.suggest_btn.isEnabled()
+    widget.form.batch_size.value = 12
+    assert widget.config().batch_size == 12
+
+
+def test_suggest_settings_without_a_dataset_says_why(make_napari_viewer, qtbot, tmp_path):
+    widget = TrainWidget(make_napari_viewer(), tmp_path / "missing", tmp_path / "model")
+    notification_manager.records.clear()
+    worker = widget.suggest()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    (error,) = _messages("error")
+    assert error.startswith("Cannot suggest settings") and "does not exist" in error
+
+
+def test_curves_mark_where_fine_tuning_starts():
+    from napari_microclf._qt._plots import CurvesCanvas
+
+    canvas = CurvesCanvas()
+    history = {"loss": [1.0, 0.8, 0.6, 0.5], "val_loss": [1.1, 0.9, 0.7, 0.6],
+               "accuracy": [0.4, 0.6, 0.7, 0.8], "val_accuracy": [0.3, 0.5, 0.6, 0.7],
+               "lr": [1e-4, 1e-4, 1e-5, 1e-5], "phase": [1, 1, 2, 2]}
+    canvas.plot(history)
+    for ax in canvas.figure.axes:  # all three panels, between epochs 2 and 3
+        (marker,) = [line for line in ax.lines if line.get_gid() == "fine-tuning"]
+        assert list(marker.get_xdata()) == [2.5, 2.5] and marker.get_linestyle() == "--"
+        assert any(t.get_text().strip() == "fine-tuning" for t in ax.texts)
+    canvas.plot({**history, "phase": [1, 1, 1, 1]})  # one phase: no marker
+    assert not any(line.get_gid() == "fine-tuning"
+                   for ax in canvas.figure.axes for line in ax.lines)
 
 
 # -- predict --------------------------------------------------------------------------------
@@ -316,6 +446,24 @@ def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qt
         pass
     assert predict_mod.LOADS["n"] == loads
     assert len(viewer.layers["stack classes"].data) == 6  # updated, not duplicated
+
+
+def test_predict_names_the_model_also_for_older_bundles(make_napari_viewer, trained_bundle,
+                                                         tmp_path):
+    import json
+    import shutil
+
+    widget = PredictWidget(make_napari_viewer(), trained_bundle)
+    assert "Model: efficientnet-b0 · random start" in widget.model_info.text()
+    old = tmp_path / "old"
+    shutil.copytree(trained_bundle, old)
+    meta = json.loads((old / "microclf.json").read_text())
+    for key in ("backbone", "weights_id", "phases"):  # written since backbones exist
+        del meta[key]
+    meta["weights"] = "imagenet"
+    (old / "microclf.json").write_text(json.dumps(meta))
+    widget.set_bundle(old)
+    assert "Model: efficientnet-b0 · imagenet" in widget.model_info.text()
 
 
 def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, tmp_path):

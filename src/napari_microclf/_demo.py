@@ -26,11 +26,10 @@ def build(out: Path):
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train", tabify=True)
     _, predict = viewer.window.add_plugin_dock_widget(PLUGIN, "Predict", tabify=True)
     annotate.set_dataset(info["dataset"])
+    # the guide's defaults: weights "auto" (ImageNet EfficientNet-B0 when Keras has it, else
+    # the installed ImageNet EfficientNet-Lite0), a frozen base, 224 px; the widget's note
+    # says which one this computer will use
     train.set_folders(info["dataset"], out / "model")
-    from .core.model import imagenet_cached
-
-    if not imagenet_cached():
-        train.use_from_scratch()  # and the widget says why
     if (out / "model" / "microclf.json").exists():
         predict.set_bundle(out / "model")
     predict.choose(["mixed stack"])

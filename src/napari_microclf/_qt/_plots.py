@@ -9,6 +9,13 @@ from matplotlib.figure import Figure
 
 BG, FG, GRID = "#262930", "#d6d6d6", "#414851"
 TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#9fdf6f"
+PHASE = "#b0b0b0"
+
+
+def phase_two_start(history: dict) -> int | None:
+    """The first epoch (1-based) of fine-tuning's phase 2, from ``history["phase"]``."""
+    phases = list(history.get("phase") or [])
+    return phases.index(2) + 1 if 2 in phases else None
 
 
 class Canvas(FigureCanvasQTAgg):
@@ -28,7 +35,12 @@ class Canvas(FigureCanvasQTAgg):
 
 
 class CurvesCanvas(Canvas):
-    """Loss, accuracy and learning rate per epoch, training vs validation."""
+    """Loss, accuracy and learning rate per epoch, training vs validation.
+
+    When fine-tuning ran in two phases, a dashed line labelled "fine-tuning" separates the
+    head's epochs from the fine-tuning epochs (at x = first phase-2 epoch - 0.5) in every
+    panel; its label is in the line's ``gid``.
+    """
 
     def __init__(self):
         super().__init__(4.0, 5.2)
@@ -41,6 +53,7 @@ class CurvesCanvas(Canvas):
         panels = (("Loss (lower is better)", "loss", "val_loss"),
                   ("Accuracy (higher is better)", "accuracy", "val_accuracy"),
                   ("Learning rate", "lr", None))
+        marker = phase_two_start(history)
         for ax, (title, key, val_key) in zip(axes, panels, strict=True):
             self._style(ax, title)
             y = history.get(key, [])
@@ -55,6 +68,11 @@ class CurvesCanvas(Canvas):
                 ax.set_yscale("log")
             if key == "accuracy":
                 ax.set_ylim(-0.02, 1.02)
+            if marker is not None:
+                x0 = marker - 0.5
+                ax.axvline(x0, color=PHASE, linestyle="--", linewidth=1, gid="fine-tuning")
+                ax.text(x0, 0.96, " fine-tuning", color=PHASE, fontsize=7, ha="left",
+                        va="top", transform=ax.get_xaxis_transform())
             if len(y) and val_key:
                 ax.legend(fontsize=7, facecolor=BG, edgecolor=GRID, labelcolor=FG)
         axes[-1].set_xlabel("epoch", color=FG, fontsize=9)

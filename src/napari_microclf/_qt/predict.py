@@ -108,6 +108,27 @@ def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float):
     return n
 
 
+def model_identity(meta: dict) -> str:
+    """'efficientnet-lite0 · imagenet 579344248a93': the backbone, how its weights started and
+    the first 12 characters of their digest (``weights_id``). Bundles older than backbones
+    have neither key: they are EfficientNetB0 with ``meta["weights"]``."""
+    backbone = meta.get("backbone") or "efficientnet-b0"
+    weights_id = str(meta.get("weights_id") or "")
+    if weights_id:
+        # "<backbone>:imagenet-sha256-<hex>", ":file-sha1-<hex>" or ":random-seed-<n>"
+        kind, _, digest = weights_id.split(":", 1)[-1].rpartition("-")
+        kind = kind.removesuffix("-sha256").removesuffix("-sha1")
+        if kind.startswith("random"):
+            return f"{backbone} · random start"
+        if not all(c in "0123456789abcdef" for c in digest):  # e.g. "download"
+            digest = ""
+        return f"{backbone} · {kind} {digest[:12]}".rstrip()
+    weights = str(meta.get("weights") or "none")
+    if weights not in ("imagenet", "none"):
+        weights = Path(weights).name
+    return f"{backbone} · {weights}"
+
+
 class PredictWidget(QWidget):
     """Model picker, layer choice, Run, labels on the canvas, results table, CSV, folders."""
 
@@ -221,7 +242,10 @@ class PredictWidget(QWidget):
         self.model_info.setText(
             f"Classes: {', '.join(meta['class_names'])}"
             + (f"; test accuracy {acc:.0%}" if acc is not None else "")
-            + (f"; trained {meta['date'][:16].replace('T', ' ')}" if meta.get("date") else ""))
+            + (f"; trained {meta['date'][:16].replace('T', ' ')}" if meta.get("date") else "")
+            + f"\nModel: {model_identity(meta)}")
+        self.model_info.setToolTip(f"Weights identity: {meta.get('weights_id') or 'not recorded'}"
+                                   f"\nBackbone: {meta.get('backbone') or 'efficientnet-b0'}")
 
     # -- layers --------------------------------------------------------------------------
     def _refresh_layers(self, *_) -> None:

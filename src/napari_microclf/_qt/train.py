@@ -8,17 +8,27 @@ frozen :class:`TrainConfig` and a stop event, never this widget. Updates come ba
 from __future__ import annotations
 
 import enum
+import os
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    LineEdit,
+    SpinBox,
+)
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
     QFormLayout,
-        QHeaderView,
+    QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
@@ -35,22 +45,30 @@ from qtpy.QtWidgets import (
 from ..core.dataset import DatasetError, check_dataset
 from ..core.images import ImageReadError
 from ..core.model import (
+    B0,
     IMAGENET_FILE,
+    LITE0,
     META_FILE,
+    OFFLINE_ENV,
     BundleError,
     WeightsError,
     imagenet_cached,
     keras_home,
+    resolve_weights,
 )
 from ..core.train import (
-    FROM_SCRATCH,
     BatchEnd,
     EpochEnd,
     EpochStart,
     Message,
+    PhaseStart,
+    Preset,
     Progress,
     TrainConfig,
     TrainResult,
+    count_images,
+    help_of,
+    suggest_settings,
     train,
 )
 from ._plots import ConfusionCanvas, CurvesCanvas
@@ -62,42 +80,63 @@ from ._worker import updates
 DEFAULT_MODEL = "microclf-model"
 SETUP_ERRORS = (DatasetError, WeightsError, BundleError, ImageReadError, ValueError, OSError)
 
-# One-line tooltips, in the training guide's words.
-TIPS = {
-    "epochs": "An epoch is one complete pass through the entire training dataset. Start with "
-              "15 (10-20 for small datasets, < 500 images).",
-    "batch_size": "A batch is a group of training examples processed together before "
-                  "updating model weights. 16-32 for most datasets; 8-16 if you have <100 "
-                  "images per class.",
-    "learning_rate": "Controls how much the model weights are adjusted during training; a "
-                     "conservative 0.0001 by default, reduced when performance plateaus.",
-    "image_size": "Side in pixels each image is resized to (padded, never cropped). "
-                  "EfficientNet B0 with ImageNet weights expects 224.",
-    "val_split": "Fraction of the images in the validation set, used to measure performance "
-                 "after each epoch (val_loss, val_accuracy).",
-    "test_split": "Fraction kept apart until the end: use the test accuracy as the true "
-                  "performance metric.",
-    "augment": "Small random transformations (flips, rotations, zoom, contrast) applied to "
-               "increase dataset diversity.",
-    "augment_strength": "Range of rotation, zoom and contrast: 0.05 is ±5% (gentle); for "
-                        "larger datasets you might want 10-20%.",
-    "dropout": "More dropout (0.3-0.4) for very small datasets, less (0.1-0.2) for large "
-               "ones; a remedy for overfitting.",
-    "class_weights": "Gives more importance to underrepresented classes, for imbalanced "
-                     "datasets.",
-    "early_stopping": "Stops when the validation loss stops improving and keeps the best "
-                      "epoch, for when validation accuracy peaks early then declines.",
-    "fine_tune": "0 uses the pre-trained base as a frozen feature extractor and trains only "
-                 "the head; for larger datasets, unfreeze top layers of the base model.",
-    "weights": "ImageNet: the base model was trained on millions of images (transfer "
-               "learning). None: start from random weights (then train all layers).",
-    "weights_file": "An EfficientNetB0 (no top) .h5 weights file.",
-    "seed": "Random seed: the same seed gives the same split and the same training.",
-    "cache": "With a frozen base, compute each image's features once (kept in the dataset's "
-             ".microclf-cache) and train only the head each epoch; off: the full pipeline.",
-    "views": "Augmented views per training image whose features are computed once; each "
-             "epoch uses one of them (4: chosen by measurement, see docs/performance.md).",
+# Tips of the form's widgets that are not TrainConfig fields (the fields' tips come from
+# their one description, ``help_of``).
+WIDGET_TIPS = {
+    "weights_file": "An EfficientNet-B0 or -Lite0 weights file without its top (.h5), of the "
+                    "backbone chosen above.",
+    "intensity_range": "With fixed intensity: the MIN,MAX values shown as black and white, "
+                       "e.g. 0,4095 for a 12-bit camera; empty: the image type's full range.",
 }
+
+
+def tip(name: str) -> str:
+    """A form widget's tooltip: the setting's one description (``TrainConfig`` metadata).
+
+    A check box whose CLI flag turns the setting off (``--no-augment``) is described by
+    that flag, so the tip says what unticking it does.
+    """
+    if name in WIDGET_TIPS:
+        return WIDGET_TIPS[name]
+    text = help_of(name)
+    if str(TrainConfig.__dataclass_fields__[name].metadata.get("cli") or "").startswith("--no-"):
+        return f"Unticked: {text}."
+    return text[:1].upper() + text[1:] + "."
+
+
+BACKBONE_NAMES = {B0: "EfficientNet-B0", LITE0: "EfficientNet-Lite0"}
+
+
+def weights_note(backbone: str, weights: str, fine_tune=0) -> tuple[str, str]:
+    """One line saying what the model will start from on this computer, and its level.
+
+    Uses ``resolve_weights(..., allow_download=False)``: nothing is downloaded or built.
+    """
+    if weights == "file":
+        return (f"Pretrained start: the weights file chosen below (for "
+                f"{BACKBONE_NAMES[backbone]}).", "info")
+    if weights == "none":
+        text = "No pretrained start: the network learns from random weights, which needs far " \
+               "more images"
+        return (text + (", and a frozen base cannot learn: choose fine-tuning all layers."
+                        if fine_tune == 0 else "."), "warning")
+    resolved = resolve_weights(backbone, weights, allow_download=False)
+    if resolved.weights is None:  # auto found no pretrained weights at all
+        return resolved.note or "No pretrained weights on this computer.", "warning"
+    name = BACKBONE_NAMES[resolved.backbone]
+    offline = os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+    if resolved.backbone == B0 and imagenet_cached():
+        return f"Pretrained start: ImageNet {name} (from the Keras cache).", "info"
+    if resolved.backbone == B0:  # weights="imagenet", not in the cache
+        if offline:
+            return (f"No ImageNet {name} weights in the Keras cache and downloads are off "
+                    f"(${OFFLINE_ENV}): choose auto.", "warning")
+        return (f"Pretrained start: ImageNet {name}, downloaded at the first training (not in "
+                "the Keras cache; offline, choose auto).", "warning")
+    if backbone == LITE0:
+        return f"Pretrained start: ImageNet {name} (installed, no network needed).", "info"
+    return (f"Pretrained start: ImageNet {name} (no EfficientNet-B0 weights in the Keras cache"
+            + ("" if offline else "; downloaded and used instead if online") + ").", "info")
 
 
 class State(enum.Enum):
@@ -113,19 +152,19 @@ class Failed:
     message: str
 
 
-# The settings that train without ImageNet weights in minutes (as ``microclf demo`` does).
-FROM_SCRATCH_NOTE = (
-    "No ImageNet weights in the Keras cache ({path}), so the settings train the whole network "
-    "from scratch on 48 px images (weights none, fine-tuning all, learning rate 0.001, no "
-    "augmentation, 20 epochs). With the weights in place, the guide's defaults (ImageNet, "
-    "frozen base, 224 px) apply."
-)
-
-
 def _train_job(config: TrainConfig, stop: threading.Event):
     """The worker: relays core.train's updates; a set-up problem becomes a Failed result."""
     try:
         return (yield from updates(train, config, stop=stop))
+    except SETUP_ERRORS as exc:
+        return Failed(str(exc))
+
+
+def _count_job(data_dir: str):
+    """The Suggest-settings worker: the dataset's image count (a Failed if it cannot)."""
+    try:
+        check_dataset(data_dir)
+        return count_images(data_dir)
     except SETUP_ERRORS as exc:
         return Failed(str(exc))
 
@@ -149,6 +188,25 @@ def check_out_dir(out: str | Path) -> None:
                           "choose a folder you can write to") from exc
 
 
+def model_start(meta: dict) -> str:
+    """'EfficientNet-Lite0, ImageNet weights; frozen base, head trained' from a bundle's
+    metadata ('' when it says nothing about its backbone)."""
+    backbone = meta.get("backbone")
+    if not backbone:
+        return ""
+    weights = meta.get("weights") or "none"
+    start = {"imagenet": "ImageNet weights", "none": "random weights (no pretraining)"}.get(
+        weights, f"weights from {Path(weights).name}")
+    phases = meta.get("phases") or []
+    text = f"{BACKBONE_NAMES.get(backbone, backbone)}, {start}"
+    fine_tune = meta.get("fine_tune", 0)
+    stages = "all layers" if fine_tune == -1 else f"the top {fine_tune} of 7 stages"
+    if fine_tune == 0:
+        return text + "; frozen base, head trained"
+    if len(phases) > 1:
+        return text + (f"; head on the frozen base, then {stages} fine-tuned from epoch "
+                       f"{phases[1]['epochs'][0]}")
+    return text + f"; {stages} trained"
 
 
 class TrainWidget(QWidget):
@@ -165,7 +223,7 @@ class TrainWidget(QWidget):
         self.history: dict = {}
         self._stop = threading.Event()
         self._pbars: dict = {}
-        self._overrides: dict = {}  # from-scratch settings that have no field in the form
+        self._phase_two: int | None = None
         self._dataset_set_by_user = dataset is not None
 
         # -- folders
@@ -183,55 +241,78 @@ class TrainWidget(QWidget):
         # -- settings (magicgui widgets, the guide's defaults)
         d = TrainConfig("")
         self.form = Container(widgets=[
-            SpinBox(name="epochs", value=d.epochs, min=1, max=1000),
-            SpinBox(name="batch_size", value=d.batch_size, min=1, max=1024),
-            FloatSpinBox(name="learning_rate", value=d.learning_rate, min=1e-6, max=0.1,
-                         step=1e-5),
-            SpinBox(name="image_size", value=d.image_size, min=32, max=1024, step=16),
-            FloatSpinBox(name="val_split", label="validation split", value=d.val_split, min=0,
-                         max=0.5, step=0.05),
-            FloatSpinBox(name="test_split", value=d.test_split, min=0, max=0.5, step=0.05),
-            CheckBox(name="augment", text="augmentation", value=d.augment),
-            FloatSpinBox(name="augment_strength", label="augmentation strength",
-                         value=d.augment_strength, min=0, max=0.5, step=0.01),
-            FloatSpinBox(name="dropout", value=d.dropout, min=0, max=0.9, step=0.05),
-            CheckBox(name="class_weights", text="class weights", value=d.class_weights),
-            CheckBox(name="early_stopping", text="early stopping", value=d.early_stopping),
-            ComboBox(name="fine_tune", label="fine-tuning", value=0, choices=[
-                ("frozen base (train the head)", 0),
-                *[(f"top {n} of 7 stages", n) for n in range(1, 8)],
-                ("all layers", "all")]),
-            ComboBox(name="weights", value="imagenet", choices=[
+            # the model and where it starts from
+            ComboBox(name="backbone", value=d.backbone, choices=[
+                (BACKBONE_NAMES[b], b) for b in (B0, LITE0)]),
+            ComboBox(name="weights", value="auto", choices=[
+                ("auto (ImageNet, offline fallback)", "auto"),
                 ("ImageNet (pretrained)", "imagenet"), ("from a file", "file"),
                 ("none (random start)", "none")]),
             FileEdit(name="weights_file", label="weights file", mode="r",
                      filter="*.h5", visible=False),
+            ComboBox(name="fine_tune", label="fine-tuning", value=0, choices=[
+                ("frozen base (train the head)", 0),
+                *[(f"top {n} of 7 stages", n) for n in range(1, 8)],
+                ("all layers", "all")]),
+            SpinBox(name="head_epochs", label="head-only epochs", value=d.head_epochs,
+                    min=0, max=1000),
+            FloatSpinBox(name="fine_tune_lr_factor", label="fine-tuning rate factor",
+                         value=d.fine_tune_lr_factor, min=0.001, max=1, step=0.05),
+            # the training run
+            SpinBox(name="epochs", value=d.epochs, min=1, max=1000),
+            SpinBox(name="batch_size", label="batch size", value=d.batch_size, min=1,
+                    max=1024),
+            FloatSpinBox(name="learning_rate", label="learning rate", value=d.learning_rate,
+                         min=1e-6, max=0.1, step=1e-5),
+            FloatSpinBox(name="dropout", value=d.dropout, min=0, max=0.9, step=0.05),
+            CheckBox(name="augment", text="augmentation", value=d.augment),
+            FloatSpinBox(name="augment_strength", label="augmentation strength",
+                         value=d.augment_strength, min=0, max=0.5, step=0.01),
+            CheckBox(name="class_weights", text="class weights", value=d.class_weights),
+            CheckBox(name="early_stopping", text="early stopping", value=d.early_stopping),
+            # the images
+            SpinBox(name="image_size", label="image size (px)", value=d.image_size, min=32,
+                    max=1024, step=16),
+            ComboBox(name="intensity", value=d.intensity, choices=[
+                ("percentile (per channel)", "percentile"),
+                ("fixed (keep brightness)", "fixed")]),
+            LineEdit(name="intensity_range", label="fixed range", value="", visible=False),
+            # the split
+            FloatSpinBox(name="val_split", label="validation split", value=d.val_split, min=0,
+                         max=0.5, step=0.05),
+            FloatSpinBox(name="test_split", label="test split", value=d.test_split, min=0,
+                         max=0.5, step=0.05),
+            LineEdit(name="group_by", label="group by", value=""),
             SpinBox(name="seed", value=d.seed, min=0, max=2**31 - 1),
+            # speed
             CheckBox(name="cache", text="cache backbone features (fast, frozen base)",
                      value=d.cache),
             SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
         ], labels=True)
         for w in self.form:
-            w.tooltip = TIPS[w.name]
+            w.tooltip = tip(w.name)
+        self.form.intensity_range.native.setPlaceholderText("MIN,MAX (empty: full range)")
+        self.form.group_by.native.setPlaceholderText("empty: by source file")
         self.form.weights.changed.connect(
             lambda v: setattr(self.form.weights_file, "visible", v == "file"))
+        self.form.intensity.changed.connect(
+            lambda v: setattr(self.form.intensity_range, "visible", v == "fixed"))
         self.form.augment.changed.connect(
             lambda v: setattr(self.form.augment_strength, "enabled", v))
+        for name in ("backbone", "weights", "fine_tune"):
+            getattr(self.form, name).changed.connect(self._update_note)
 
+        # what "auto" (or the chosen weights) starts from on this computer
         self.note = QLabel()
         self.note.setWordWrap(True)
-        self.note.setStyleSheet("color: #ffbf5f;")
-        self.scratch_btn = QPushButton("Use settings that work without ImageNet weights")
-        self.scratch_btn.clicked.connect(lambda: self.use_from_scratch())
-        if imagenet_cached():
-            self.note.hide()
-            self.scratch_btn.hide()
-        else:
-            cached = keras_home() / "models" / IMAGENET_FILE
-            self.note.setText(
-                f"No ImageNet weights in the Keras cache ({cached}). They are downloaded on "
-                "the first training if this computer is online; offline, train from scratch "
-                "instead:")
+        self.suggest_btn = QPushButton("Suggest settings")
+        self.suggest_btn.setToolTip(
+            "Count the dataset's images and fill in the training guide's settings for its "
+            "size: very small (< 100 images), medium (100-1000) or large (> 1000). Every "
+            "value stays editable.")
+        self.suggest_btn.clicked.connect(lambda: self.suggest())
+        self._counting = None  # the Suggest-settings worker while it counts
+        self._update_note()
 
         # -- start / stop and progress
         self.start_btn = QPushButton("Start training")
@@ -287,8 +368,10 @@ class TrainWidget(QWidget):
         layout = QVBoxLayout(inner)
         layout.addLayout(folders)
         layout.addWidget(self.note)
-        layout.addWidget(self.scratch_btn)
-        layout.addWidget(self.start_btn)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.suggest_btn)
+        buttons.addWidget(self.start_btn, 1)
+        layout.addLayout(buttons)
         layout.addWidget(self.epoch_bar)
         layout.addWidget(self.batch_bar)
         layout.addWidget(self.status)
@@ -317,35 +400,99 @@ class TrainWidget(QWidget):
         if out_dir is not None:
             self.out_edit.setText(str(out_dir))
 
-    def use_from_scratch(self, note: bool = True) -> None:
-        """Settings that train in minutes without ImageNet weights, and say why."""
-        for name, value in FROM_SCRATCH.items():
-            if hasattr(self.form, name):
-                getattr(self.form, name).value = value
-            else:  # settings without a field in the form travel with the config
-                self._overrides[name] = value
-        if note:
-            self.note.setText(FROM_SCRATCH_NOTE.format(
-                path=keras_home() / "models" / IMAGENET_FILE))
-            self.note.show()
-        self.scratch_btn.hide()
+    def _update_note(self, *_) -> None:
+        """Say what the model starts from; offer the fine-tuning phases only where they run."""
+        f = self.form
+        text, level = weights_note(f.backbone.value, f.weights.value, f.fine_tune.value)
+        self.note.setText(text)
+        self.note.setStyleSheet("color: #ffbf5f;" if level == "warning" else "")
+        self.note.setToolTip(f"The Keras cache: {keras_home() / 'models' / IMAGENET_FILE}")
+        # two phases (head first, then the unfrozen stages) need a pretrained, unfrozen base
+        two_phase = f.fine_tune.value != 0 and f.weights.value != "none"
+        f.head_epochs.enabled = f.fine_tune_lr_factor.enabled = two_phase
+
+    def apply_settings(self, settings: dict) -> None:
+        """Set form fields from a dict of TrainConfig values (each stays editable)."""
+        for name, value in settings.items():
+            getattr(self.form, name).value = value
+
+    def suggest(self):
+        """Count the dataset's images in a worker, then apply the guide's settings for that
+        size (:func:`core.train.suggest_settings`); returns the worker (None if refused).
+
+        Counting opens every file for its page count: about 0.4 ms a file on a local disk
+        (1.3 s for 3,000), far more on a network share, so it does not run in the GUI thread.
+        """
+        from napari.qt.threading import thread_worker
+
+        if self._counting is not None or self.state is not State.IDLE:
+            return None
+        data_dir = str(Path(self.data_edit.text().strip()).expanduser())
+        worker = thread_worker(_count_job)(data_dir)
+        worker.returned.connect(self._on_counted)
+        worker.finished.connect(self._counting_done)
+        self._counting = worker
+        self.suggest_btn.setEnabled(False)
+        self._say(f"Counting the images in {data_dir}...")
+        worker.start()
+        return worker
+
+    def _on_counted(self, n) -> None:
+        if isinstance(n, Failed):
+            from napari.utils.notifications import show_error
+
+            self._say(f"Cannot suggest settings: {n.message}")
+            show_error(f"Cannot suggest settings: {n.message}")
+            return
+        preset: Preset = suggest_settings(n)
+        if self.state is not State.IDLE:  # a training started meanwhile: leave its form alone
+            self._say(f"{preset.text} Not applied: a training is running.")
+            return
+        self.apply_settings(preset.settings)
+        text = self._preset_text(preset)
+        self._say(text)
+        self._append(text)
+
+    def _preset_text(self, preset: Preset) -> str:
+        """Preset.text in the form's words: 'batch size 8, fine-tuning frozen base ...'."""
+        parts = []
+        for name in preset.settings:
+            w = getattr(self.form, name)
+            if isinstance(w, CheckBox):
+                parts.append(f"{w.text} {'on' if w.value else 'off'}")
+            elif isinstance(w, ComboBox):
+                parts.append(f"{w.label} {w.current_choice}")
+            else:
+                parts.append(f"{w.label} {w.value:g}")
+        return (f"Suggested settings for a {preset.row} ({preset.reason}): "
+                f"{', '.join(parts)}. Every value can still be changed.")
+
+    def _counting_done(self) -> None:
+        self._counting = None
+        self.suggest_btn.setEnabled(self.state is State.IDLE)
 
     def config(self) -> TrainConfig:
+        """The form as a TrainConfig; a ValueError says which setting is wrong."""
         f = self.form
         weights = f.weights.value
         if weights == "file":
             weights = str(f.weights_file.value)
+        intensity = f.intensity.value
+        if intensity == "fixed" and f.intensity_range.value.strip():
+            intensity = f"fixed:{f.intensity_range.value.strip()}"
         return TrainConfig(
             data_dir=str(Path(self.data_edit.text().strip()).expanduser()),
             out_dir=str(Path(self.out_edit.text().strip() or DEFAULT_MODEL).expanduser()),
+            backbone=f.backbone.value, weights=weights, fine_tune=f.fine_tune.value,
+            head_epochs=f.head_epochs.value, fine_tune_lr_factor=f.fine_tune_lr_factor.value,
             epochs=f.epochs.value, batch_size=f.batch_size.value,
-            learning_rate=f.learning_rate.value, image_size=f.image_size.value,
-            val_split=f.val_split.value, test_split=f.test_split.value,
+            learning_rate=f.learning_rate.value, dropout=f.dropout.value,
             augment=f.augment.value, augment_strength=f.augment_strength.value,
-            dropout=f.dropout.value, class_weights=f.class_weights.value,
-            early_stopping=f.early_stopping.value, weights=weights,
-            fine_tune=f.fine_tune.value, seed=f.seed.value, cache=f.cache.value,
-            views=f.views.value, **self._overrides)
+            class_weights=f.class_weights.value, early_stopping=f.early_stopping.value,
+            image_size=f.image_size.value, intensity=intensity,
+            val_split=f.val_split.value, test_split=f.test_split.value,
+            group_by=f.group_by.value.strip() or None, seed=f.seed.value,
+            cache=f.cache.value, views=f.views.value)
 
     # -- start / stop --------------------------------------------------------------------
     def toggle(self) -> None:
@@ -360,6 +507,7 @@ class TrainWidget(QWidget):
                                 State.STOPPING: "Stopping..."}[state])
         self.start_btn.setEnabled(state is not State.STOPPING)
         self.form.enabled = state is State.IDLE
+        self.suggest_btn.setEnabled(state is State.IDLE and self._counting is None)
         self.data_edit.setEnabled(state is State.IDLE)
         self.out_edit.setEnabled(state is State.IDLE)
 
@@ -411,6 +559,7 @@ class TrainWidget(QWidget):
 
         self.result = None
         self.history = {}
+        self._phase_two = None  # the first epoch of fine-tuning's phase 2, once it starts
         self.log.clear()
         self.curves.plot({})
         self.tabs.setCurrentWidget(self.log)
@@ -437,6 +586,10 @@ class TrainWidget(QWidget):
             return
         if isinstance(u, Message):
             self._append(u.text, u.level == "warning")
+        elif isinstance(u, PhaseStart):
+            self._append(u.text)
+            self._say(u.text)
+            self._phase_two = u.epoch
         elif isinstance(u, Progress):
             self._say(u.text)
             self.batch_bar.setFormat(f"{u.phase} %v/%m")
@@ -467,9 +620,18 @@ class TrainWidget(QWidget):
             pbar = self._pbars.get("epochs")
             if pbar is not None:
                 pbar.update(u.epoch - pbar.n)
-            self.curves.plot(u.history)
+            self.curves.plot(self._with_phases(u.history))
             if u.epoch == 1:
                 self.tabs.setCurrentWidget(self.curves)
+
+    def _with_phases(self, history: dict) -> dict:
+        """``history`` with its per-epoch ``phase`` list complete: the core extends it when a
+        phase's fit ends, so during a phase it lags; ``PhaseStart`` said where phase 2 began."""
+        n = len(history.get("loss", []))
+        if self._phase_two is None or len(history.get("phase", [])) >= n:
+            return history
+        first = self._phase_two
+        return {**history, "phase": [1 if e < first else 2 for e in range(1, n + 1)]}
 
     def _on_returned(self, result) -> None:
         from napari.utils.notifications import show_info
@@ -481,7 +643,9 @@ class TrainWidget(QWidget):
         if result.stopped:
             self._say(f"Stopped after {result.epochs_run} epoch(s); no model was written.")
             return
-        self.show_report(result.report or {}, result.bundle)
+        self.history = result.history
+        self.curves.plot(result.history)  # the final history, its phases complete
+        self.show_report(result.report or {}, result.bundle, result.meta)
         SESSION.set_bundle(result.bundle)
         acc = (result.report or {}).get("accuracy")
         self._say(f"Done in {result.seconds:.0f}s: model saved to {result.bundle}"
@@ -493,18 +657,24 @@ class TrainWidget(QWidget):
         self._set_state(State.IDLE)
         self.worker = None
 
-    def show_report(self, report: dict, bundle=None) -> None:
-        """Test accuracy, per-class table, confusion matrix and the diagnosis."""
+    def show_report(self, report: dict, bundle=None, meta: dict | None = None) -> None:
+        """Test accuracy (images and sources), the model's start, per-class table, confusion
+        matrix and the diagnosis."""
         from html import escape
 
         names = report.get("class_names", [])
+        meta = meta or {}
         if report.get("n"):
-            head = (f"<b style='font-size:14pt'>Test accuracy: {report['accuracy']:.1%}</b> "
-                    f"on {report['n']} test images never seen in training.")
+            head = (f"<b style='font-size:14pt'>Test accuracy {report['accuracy']:.1%}</b> "
+                    f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
+                    "training.")
         else:
             head = "<b>No test images</b>: raise the test split or add images."
+        start = model_start(meta)
+        if start:
+            head += f"<br>Model: {escape(start)}"
         if bundle is not None:
-            head += f"<br>Model: {escape(str(bundle))} (report.md inside)"
+            head += f"<br>Saved in {escape(str(bundle))} (report.md inside)"
         self.report_label.setText(head)
         rows = report.get("per_class", [])
         self.class_table.setRowCount(len(rows))
@@ -522,6 +692,16 @@ class TrainWidget(QWidget):
                         for f in report.get("diagnosis", []))
         self.diagnosis.setText(f"<b>Diagnosis</b><ul>{items}</ul>" if items else "")
         self.tabs.setCurrentIndex(3)
+
+    @staticmethod
+    def _from_groups(report: dict, meta: dict) -> str:
+        """' from 12 sources' (grouped by source file) or ' from 12 groups' (by a pattern)."""
+        n = report.get("groups")
+        if not n:
+            return ""
+        by_pattern = (meta.get("config") or {}).get("group_by")
+        word = "group" if by_pattern else "source"
+        return f" from {n} {word}{'' if n == 1 else 's'}"
 
     def _say(self, text: str) -> None:
         self.status.setText(text)

@@ -89,7 +89,7 @@ class TrainConfig:
     resize_mode: str = _opt("pad", "pad to square then resize (no cropping), or stretch",
                             cli="--resize", choices=("pad", "stretch"))
     group_by: str | None = _opt(None, "regular expression taking an image's group from its "
-                                "file name, e.g. '^(plate\\d+_well\\w+)'; images of a group "
+                                "file name, e.g. '^(plate\\d+_well[A-Z]\\d+)'; images of a group "
                                 "stay in one subset (default: the source file)")
     resplit: bool = _opt(False, "draw a new split.json (the test set changes)")
     # Frozen base: train the head on backbone features computed once (cached in the
@@ -508,8 +508,7 @@ def train(
         emit(Message("No test images in the split: the test report is empty. Add images or "
                      "raise the test fraction.", "warning"))
     report["subset"] = "test"
-    report["groups"] = samples.group_counts().get("test") if hasattr(samples, "group_counts") \
-        else None
+    report["groups"] = samples.subset_groups.get("test")
     report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
     report["diagnosis"] = diagnose(history, report)
 
@@ -531,7 +530,9 @@ def train(
         "class_weights": ({names[k]: v for k, v in class_weight.items()} if class_weight
                           else None),
         "split": {"file": str(Path(config.data_dir).resolve() / "split.json"),
-                  **{k: v for k, v in samples.split.to_dict().items() if k != "assignments"}},
+                  **{k: v for k, v in samples.split.to_dict().items()
+                     if k in ("version", "val_fraction", "test_fraction", "seed", "group_by")},
+                  "own_files": SPLIT_FILE},
         "metrics": {k: report[k] for k in ("n", "accuracy", "per_class", "confusion_matrix")},
         "versions": versions(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
