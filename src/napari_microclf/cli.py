@@ -165,10 +165,14 @@ def cmd_cache(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .core.evaluate import describe_model
     from .core.predict import Predictor, write_csv
 
     predictor = Predictor(args.model, batch_size=args.batch_size)
     names = predictor.class_names
+    if not args.quiet:
+        print(f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
+              f"classes: {', '.join(names)}", flush=True)
     results = []
     for p in predictor.predict_paths(args.paths):
         results.append(p)

@@ -125,6 +125,8 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
 def format_report_md(report: dict, title: str | None = None) -> str:
     names = report["class_names"]
     lines = [f"# {title or report.get('title') or 'microclf test report'}", ""]
+    if report.get("model"):
+        lines += [f"Model: {report['model']}  "]
     if report.get("data"):
         lines += [f"Data: {report['data']}  "]
     if not report.get("n"):
@@ -160,6 +162,19 @@ def format_report_md(report: dict, title: str | None = None) -> str:
 
 def report_files(report: dict, stem: str = "report") -> dict[str, str]:
     return {f"{stem}.json": json.dumps(report, indent=1), f"{stem}.md": format_report_md(report)}
+
+
+def describe_model(meta: dict) -> str:
+    """``efficientnet-lite0, ImageNet weights (imagenet-sha256-579344248a93), frozen base``."""
+    backbone = meta.get("backbone", "efficientnet-b0")
+    weights = meta.get("weights", "?")
+    wid = meta.get("weights_id", "").split(":", 1)[-1]
+    what = {"imagenet": "ImageNet weights", "none": "no pretrained weights"}.get(
+        weights, f"weights from {weights}")
+    tune = meta.get("fine_tune", 0)
+    tuned = "frozen base" if not tune else ("whole network trained" if tune == -1 else
+                                            f"top {tune} of 7 stages fine-tuned")
+    return f"{backbone}, {what}" + (f" ({wid[:28]})" if wid else "") + f", {tuned}"
 
 
 REPORTS_DIR = "reports"
@@ -287,6 +302,7 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
     probs = _probabilities(bundle, refs, batch_size)
     report = classification_report([r.label for r in refs], probs, names, refs)
     report.update(subset="all" if all_images else subset, data=str(data_dir.resolve()),
+                  model=describe_model(bundle.meta),
                   notes=notes, missing=missing, changed=changed, flagged=flagged,
                   title=f"Evaluation of {bundle.path.name} on {label}")
     if own is not None and not all_images:

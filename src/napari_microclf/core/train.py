@@ -397,7 +397,7 @@ def train(
     """
 
     from .dataset import split_manifest
-    from .evaluate import classification_report, diagnose, report_files
+    from .evaluate import classification_report, describe_model, diagnose, report_files
     from .model import (
         FROZEN_RANDOM_WARNING,
         build_classifier,
@@ -538,6 +538,7 @@ def train(
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "data_dir": str(Path(config.data_dir).resolve()),
     }
+    report["model"] = describe_model(meta)
     extra = report_files(report)
     extra[SPLIT_FILE] = json.dumps(split_manifest(config.data_dir, samples.split), indent=1)
     bundle = write_bundle(config.out_dir, model, meta, extra)

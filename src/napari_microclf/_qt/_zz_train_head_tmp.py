@@ -1,0 +1,712 @@
+"""Train: the training guide's settings, one Start/Stop button, live log, curves and report.
+
+Training runs :func:`core.train.train` in a napari ``thread_worker``; the worker gets a
+frozen :class:`TrainConfig` and a stop event, never this widget. Updates come back through
+``yielded`` and are drawn here, in the main thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    LineEdit,
+    SpinBox,
+)
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QFont
+from qtpy.QtWidgets import (
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.dataset import DatasetError, check_dataset
+from ..core.images import ImageReadError
+from ..core.model import (
+    B0,
+    IMAGENET_FILE,
+    LITE0,
+    META_FILE,
+    OFFLINE_ENV,
+    BundleError,
+    WeightsError,
+    imagenet_cached,
+    keras_home,
+    resolve_weights,
+)
+from ..core.train import (
+    BatchEnd,
+    EpochEnd,
+    EpochStart,
+    Message,
+    PhaseStart,
+    Preset,
+    Progress,
+    TrainConfig,
+    TrainResult,
+    count_images,
+    help_of,
+    suggest_settings,
+    train,
+)
+from ._plots import ConfusionCanvas, CurvesCanvas
+from ._rows import folder_row
+from ._session import SESSION, connect_widget
+from ._tf import ensure_tensorflow
+from ._worker import updates
+
+DEFAULT_MODEL = "microclf-model"
+SETUP_ERRORS = (DatasetError, WeightsError, BundleError, ImageReadError, ValueError, OSError)
+
+# Tips of the form's widgets that are not TrainConfig fields (the fields' tips come from
+# their one description, ``help_of``).
+WIDGET_TIPS = {
+    "weights_file": "An EfficientNet-B0 or -Lite0 weights file without its top (.h5), of the "
+                    "backbone chosen above.",
+    "intensity_range": "With fixed intensity: the MIN,MAX values shown as black and white, "
+                       "e.g. 0,4095 for a 12-bit camera; empty: the image type's full range.",
+}
+
+
+def tip(name: str) -> str:
+    """A form widget's tooltip: the setting's one description (``TrainConfig`` metadata).
+
+    A check box whose CLI flag turns the setting off (``--no-augment``) is described by
+    that flag, so the tip says what unticking it does.
+    """
+    if name in WIDGET_TIPS:
+        return WIDGET_TIPS[name]
+    text = help_of(name)
+    if str(TrainConfig.__dataclass_fields__[name].metadata.get("cli") or "").startswith("--no-"):
+        return f"Unticked: {text}."
+    return text[:1].upper() + text[1:] + "."
+
+
+BACKBONE_NAMES = {B0: "EfficientNet-B0", LITE0: "EfficientNet-Lite0"}
+
+
+def weights_note(backbone: str, weights: str, fine_tune=0) -> tuple[str, str]:
+    """One line saying what the model will start from on this computer, and its level.
+
+    Uses ``resolve_weights(..., allow_download=False)``: nothing is downloaded or built.
+    """
+    if weights == "file":
+        return (f"Pretrained start: the weights file chosen below (for "
+                f"{BACKBONE_NAMES[backbone]}).", "info")
+    if weights == "none":
+        text = "No pretrained start: the network learns from random weights, which needs far " \
+               "more images"
+        return (text + (", and a frozen base cannot learn: choose fine-tuning all layers."
+                        if fine_tune == 0 else "."), "warning")
+    resolved = resolve_weights(backbone, weights, allow_download=False)
+    if resolved.weights is None:  # auto found no pretrained weights at all
+        return resolved.note or "No pretrained weights on this computer.", "warning"
+    name = BACKBONE_NAMES[resolved.backbone]
+    offline = os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+    if resolved.backbone == B0 and imagenet_cached():
+        return f"Pretrained start: ImageNet {name} (from the Keras cache).", "info"
+    if resolved.backbone == B0:  # weights="imagenet", not in the cache
+        if offline:
+            return (f"No ImageNet {name} weights in the Keras cache and downloads are off "
+                    f"(${OFFLINE_ENV}): choose auto.", "warning")
+        return (f"Pretrained start: ImageNet {name}, downloaded at the first training (not in "
+                "the Keras cache; offline, choose auto).", "warning")
+    if backbone == LITE0:
+        return f"Pretrained start: ImageNet {name} (installed, no network needed).", "info"
+    return (f"Pretrained start: ImageNet {name} (no EfficientNet-B0 weights in the Keras cache"
+            + ("" if offline else "; downloaded and used instead if online") + ").", "info")
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A set-up problem the core explained (no dataset, one class, unwritable folder...)."""
+
+    message: str
+
+
+def _train_job(config: TrainConfig, stop: threading.Event):
+    """The worker: relays core.train's updates; a set-up problem becomes a Failed result."""
+    try:
+        return (yield from updates(train, config, stop=stop))
+    except SETUP_ERRORS as exc:
+        return Failed(str(exc))
+
+
+def _count_job(data_dir: str):
+    """The Suggest-settings worker: the dataset's image count (a Failed if it cannot)."""
+    try:
+        check_dataset(data_dir)
+        return count_images(data_dir)
+    except SETUP_ERRORS as exc:
+        return Failed(str(exc))
+
+
+def check_out_dir(out: str | Path) -> None:
+    """Refuse before training an output folder that cannot be written or is not a model."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} is a file; choose a folder for the model")
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).exists():
+        raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
+                          "output folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise BundleError(f"cannot write the model next to {out} ({exc.strerror or exc}); "
+                          "choose a folder you can write to") from exc
+
+
+def model_start(meta: dict) -> str:
+    """'EfficientNet-Lite0, ImageNet weights; frozen base, head trained' from a bundle's
+    metadata ('' when it says nothing about its backbone)."""
+    backbone = meta.get("backbone")
+    if not backbone:
+        return ""
+    weights = meta.get("weights") or "none"
+    start = {"imagenet": "ImageNet weights", "none": "random weights (no pretraining)"}.get(
+        weights, f"weights from {Path(weights).name}")
+    phases = meta.get("phases") or []
+    text = f"{BACKBONE_NAMES.get(backbone, backbone)}, {start}"
+    fine_tune = meta.get("fine_tune", 0)
+    stages = "all layers" if fine_tune == -1 else f"the top {fine_tune} of 7 stages"
+    if fine_tune == 0:
+        return text + "; frozen base, head trained"
+    if len(phases) > 1:
+        return text + (f"; head on the frozen base, then {stages} fine-tuned from epoch "
+                       f"{phases[1]['epochs'][0]}")
+    return text + f"; {stages} trained"
+
+
+class TrainWidget(QWidget):
+    """Settings, Start/Stop, progress, and a live panel: log, curves, test report."""
+
+    def __init__(self, napari_viewer=None, dataset: str | Path | None = None,
+                 out_dir: str | Path | None = None):
+        super().__init__()
+        ensure_tensorflow()
+        self.viewer = napari_viewer
+        self.state = State.IDLE
+        self.worker = None
+        self.result: TrainResult | None = None
+        self.history: dict = {}
+        self._stop = threading.Event()
+        self._pbars: dict = {}
+        self._phase_two: int | None = None
+        self._dataset_set_by_user = dataset is not None
+
+        # -- folders
+        self.data_edit = QLineEdit(str(dataset or SESSION.dataset or "microclf-dataset"))
+        self.data_edit.setToolTip("The dataset: one sub-folder of images per class.")
+        self.data_edit.textEdited.connect(self._user_set_dataset)
+        self.out_edit = QLineEdit(str(out_dir or DEFAULT_MODEL))
+        self.out_edit.setToolTip("The model folder to write; an earlier model there is "
+                                 "replaced only when training succeeds.")
+        folders = QFormLayout()
+        folders.addRow("Dataset", folder_row(self.data_edit, "Dataset folder", self))
+        folders.addRow("Model folder", folder_row(self.out_edit, "Model folder", self))
+        connect_widget(SESSION.dataset_changed, self, "_follow_dataset")
+
+        # -- settings (magicgui widgets, the guide's defaults)
+        d = TrainConfig("")
+        self.form = Container(widgets=[
+            # the model and where it starts from
+            ComboBox(name="backbone", value=d.backbone, choices=[
+                (BACKBONE_NAMES[b], b) for b in (B0, LITE0)]),
+            ComboBox(name="weights", value="auto", choices=[
+                ("auto (ImageNet, offline fallback)", "auto"),
+                ("ImageNet (pretrained)", "imagenet"), ("from a file", "file"),
+                ("none (random start)", "none")]),
+            FileEdit(name="weights_file", label="weights file", mode="r",
+                     filter="*.h5", visible=False),
+            ComboBox(name="fine_tune", label="fine-tuning", value=0, choices=[
+                ("frozen base (train the head)", 0),
+                *[(f"top {n} of 7 stages", n) for n in range(1, 8)],
+                ("all layers", "all")]),
+            SpinBox(name="head_epochs", label="head-only epochs", value=d.head_epochs,
+                    min=0, max=1000),
+            FloatSpinBox(name="fine_tune_lr_factor", label="fine-tuning rate factor",
+                         value=d.fine_tune_lr_factor, min=0.001, max=1, step=0.05),
+            # the training run
+            SpinBox(name="epochs", value=d.epochs, min=1, max=1000),
+            SpinBox(name="batch_size", label="batch size", value=d.batch_size, min=1,
+                    max=1024),
+            FloatSpinBox(name="learning_rate", label="learning rate", value=d.learning_rate,
+                         min=1e-6, max=0.1, step=1e-5),
+            FloatSpinBox(name="dropout", value=d.dropout, min=0, max=0.9, step=0.05),
+            CheckBox(name="augment", text="augmentation", value=d.augment),
+            FloatSpinBox(name="augment_strength", label="augmentation strength",
+                         value=d.augment_strength, min=0, max=0.5, step=0.01),
+            CheckBox(name="class_weights", text="class weights", value=d.class_weights),
+            CheckBox(name="early_stopping", text="early stopping", value=d.early_stopping),
+            # the images
+            SpinBox(name="image_size", label="image size (px)", value=d.image_size, min=32,
+                    max=1024, step=16),
+            ComboBox(name="intensity", value=d.intensity, choices=[
+                ("percentile (per channel)", "percentile"),
+                ("fixed (keep brightness)", "fixed")]),
+            LineEdit(name="intensity_range", label="fixed range", value="", visible=False),
+            # the split
+            FloatSpinBox(name="val_split", label="validation split", value=d.val_split, min=0,
+                         max=0.5, step=0.05),
+            FloatSpinBox(name="test_split", label="test split", value=d.test_split, min=0,
+                         max=0.5, step=0.05),
+            LineEdit(name="group_by", label="group by", value=""),
+            SpinBox(name="seed", value=d.seed, min=0, max=2**31 - 1),
+            # speed
+            CheckBox(name="cache", text="cache backbone features (fast, frozen base)",
+                     value=d.cache),
+            SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
+        ], labels=True)
+        for w in self.form:
+            w.tooltip = tip(w.name)
+        self.form.intensity_range.native.setPlaceholderText("MIN,MAX (empty: full range)")
+        self.form.group_by.native.setPlaceholderText("empty: by source file")
+        self.form.weights.changed.connect(
+            lambda v: setattr(self.form.weights_file, "visible", v == "file"))
+        self.form.intensity.changed.connect(
+            lambda v: setattr(self.form.intensity_range, "visible", v == "fixed"))
+        self.form.augment.changed.connect(
+            lambda v: setattr(self.form.augment_strength, "enabled", v))
+        for name in ("backbone", "weights", "fine_tune"):
+            getattr(self.form, name).changed.connect(self._update_note)
+
+        # what "auto" (or the chosen weights) starts from on this computer
+        self.note = QLabel()
+        self.note.setWordWrap(True)
+        self.suggest_btn = QPushButton("Suggest settings")
+        self.suggest_btn.setToolTip(
+            "Count the dataset's images and fill in the training guide's settings for its "
+            "size: very small (< 100 images), medium (100-1000) or large (> 1000). Every "
+            "value stays editable.")
+        self.suggest_btn.clicked.connect(lambda: self.suggest())
+        self._counting = None  # the Suggest-settings worker while it counts
+        self._update_note()
+
+        # -- start / stop and progress
+        self.start_btn = QPushButton("Start training")
+        self.start_btn.clicked.connect(self.toggle)
+        self.epoch_bar = QProgressBar()
+        self.epoch_bar.setFormat("Epoch %v/%m")
+        self.batch_bar = QProgressBar()
+        self.batch_bar.setFormat("Batch %v/%m")
+        self.status = QLabel("Ready.")
+        self.status.setWordWrap(True)
+
+        # -- live panel
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setLineWrapMode(QPlainTextEdit.NoWrap)
+        mono = QFont("Monospace")
+        mono.setStyleHint(QFont.TypeWriter)
+        mono.setPointSize(8)
+        self.log.setFont(mono)
+        self.log.setMinimumHeight(160)
+        self.curves = CurvesCanvas()
+        self.report_label = QLabel("The test report appears when training ends.")
+        self.report_label.setWordWrap(True)
+        self.report_label.setTextFormat(Qt.RichText)
+        self.class_table = QTableWidget(0, 5)
+        self.class_table.setHorizontalHeaderLabels(["class", "precision", "recall", "F1",
+                                                    "support"])
+        self.class_table.verticalHeader().setVisible(False)
+        self.class_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        self.class_table.setMinimumHeight(110)
+        self.confusion = ConfusionCanvas()
+        self.diagnosis = QLabel("")
+        self.diagnosis.setWordWrap(True)
+        self.diagnosis.setTextFormat(Qt.RichText)
+        report = QWidget()
+        rl = QVBoxLayout(report)
+        for w in (self.report_label, self.class_table, self.confusion, self.diagnosis):
+            rl.addWidget(w)
+        settings = QScrollArea()
+        settings.setWidgetResizable(True)
+        settings.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        settings.setWidget(self.form.native)
+        settings.setToolTip("Defaults from the training guide; hover a setting for help.")
+        self.tabs = QTabWidget()
+        self.tabs.addTab(settings, "Settings")
+        self.tabs.addTab(self.log, "Log")
+        self.tabs.addTab(self.curves, "Curves")
+        self.tabs.addTab(report, "Test report")
+        self.tabs.setMinimumHeight(420)
+
+        inner = QWidget()
+        layout = QVBoxLayout(inner)
+        layout.addLayout(folders)
+        layout.addWidget(self.note)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.suggest_btn)
+        buttons.addWidget(self.start_btn, 1)
+        layout.addLayout(buttons)
+        layout.addWidget(self.epoch_bar)
+        layout.addWidget(self.batch_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.tabs, 1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setWidget(inner)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(380)
+
+    # -- settings ------------------------------------------------------------------------
+    def _user_set_dataset(self, *_):
+        self._dataset_set_by_user = True
+
+    def _follow_dataset(self, path: str) -> None:
+        if not self._dataset_set_by_user:
+            self.data_edit.setText(path)
+
+    def set_folders(self, dataset=None, out_dir=None) -> None:
+        if dataset is not None:
+            self.data_edit.setText(str(dataset))
+            self._dataset_set_by_user = True
+        if out_dir is not None:
+            self.out_edit.setText(str(out_dir))
+
+    def _update_note(self, *_) -> None:
+        """Say what the model starts from; offer the fine-tuning phases only where they run."""
+        f = self.form
+        text, level = weights_note(f.backbone.value, f.weights.value, f.fine_tune.value)
+        self.note.setText(text)
+        self.note.setStyleSheet("color: #ffbf5f;" if level == "warning" else "")
+        self.note.setToolTip(f"The Keras cache: {keras_home() / 'models' / IMAGENET_FILE}")
+        # two phases (head first, then the unfrozen stages) need a pretrained, unfrozen base
+        two_phase = f.fine_tune.value != 0 and f.weights.value != "none"
+        f.head_epochs.enabled = f.fine_tune_lr_factor.enabled = two_phase
+
+    def apply_settings(self, settings: dict) -> None:
+        """Set form fields from a dict of TrainConfig values (each stays editable)."""
+        for name, value in settings.items():
+            getattr(self.form, name).value = value
+
+    def suggest(self):
+        """Count the dataset's images in a worker, then apply the guide's settings for that
+        size (:func:`core.train.suggest_settings`); returns the worker (None if refused).
+
+        Counting opens every file for its page count: about 0.4 ms a file on a local disk
+        (1.3 s for 3,000), far more on a network share, so it does not run in the GUI thread.
+        """
+        from napari.qt.threading import thread_worker
+
+        if self._counting is not None or self.state is not State.IDLE:
+            return None
+        data_dir = str(Path(self.data_edit.text().strip()).expanduser())
+        worker = thread_worker(_count_job)(data_dir)
+        worker.returned.connect(self._on_counted)
+        worker.finished.connect(self._counting_done)
+        self._counting = worker
+        self.suggest_btn.setEnabled(False)
+        self._say(f"Counting the images in {data_dir}...")
+        worker.start()
+        return worker
+
+    def _on_counted(self, n) -> None:
+        if isinstance(n, Failed):
+            from napari.utils.notifications import show_error
+
+            self._say(f"Cannot suggest settings: {n.message}")
+            show_error(f"Cannot suggest settings: {n.message}")
+            return
+        preset: Preset = suggest_settings(n)
+        if self.state is not State.IDLE:  # a training started meanwhile: leave its form alone
+            self._say(f"{preset.text} Not applied: a training is running.")
+            return
+        self.apply_settings(preset.settings)
+        text = self._preset_text(preset)
+        self._say(text)
+        self._append(text)
+
+    def _preset_text(self, preset: Preset) -> str:
+        """Preset.text in the form's words: 'batch size 8, fine-tuning frozen base ...'."""
+        parts = []
+        for name in preset.settings:
+            w = getattr(self.form, name)
+            if isinstance(w, CheckBox):
+                parts.append(f"{w.text} {'on' if w.value else 'off'}")
+            elif isinstance(w, ComboBox):
+                parts.append(f"{w.label} {w.current_choice}")
+            else:
+                parts.append(f"{w.label} {w.value:g}")
+        return (f"Suggested settings for a {preset.row} ({preset.reason}): "
+                f"{', '.join(parts)}. Every value can still be changed.")
+
+    def _counting_done(self) -> None:
+        self._counting = None
+        self.suggest_btn.setEnabled(self.state is State.IDLE)
+
+    def config(self) -> TrainConfig:
+        """The form as a TrainConfig; a ValueError says which setting is wrong."""
+        f = self.form
+        weights = f.weights.value
+        if weights == "file":
+            weights = str(f.weights_file.value)
+        intensity = f.intensity.value
+        if intensity == "fixed" and f.intensity_range.value.strip():
+            intensity = f"fixed:{f.intensity_range.value.strip()}"
+        return TrainConfig(
+            data_dir=str(Path(self.data_edit.text().strip()).expanduser()),
+            out_dir=str(Path(self.out_edit.text().strip() or DEFAULT_MODEL).expanduser()),
+            backbone=f.backbone.value, weights=weights, fine_tune=f.fine_tune.value,
+            head_epochs=f.head_epochs.value, fine_tune_lr_factor=f.fine_tune_lr_factor.value,
+            epochs=f.epochs.value, batch_size=f.batch_size.value,
+            learning_rate=f.learning_rate.value, dropout=f.dropout.value,
+            augment=f.augment.value, augment_strength=f.augment_strength.value,
+            class_weights=f.class_weights.value, early_stopping=f.early_stopping.value,
+            image_size=f.image_size.value, intensity=intensity,
+            val_split=f.val_split.value, test_split=f.test_split.value,
+            group_by=f.group_by.value.strip() or None, seed=f.seed.value,
+            cache=f.cache.value, views=f.views.value)
+
+    # -- start / stop --------------------------------------------------------------------
+    def toggle(self) -> None:
+        if self.state is State.IDLE:
+            self.start()
+        elif self.state is State.RUNNING:
+            self.stop()
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.start_btn.setText({State.IDLE: "Start training", State.RUNNING: "Stop",
+                                State.STOPPING: "Stopping..."}[state])
+        self.start_btn.setEnabled(state is not State.STOPPING)
+        self.form.enabled = state is State.IDLE
+        self.suggest_btn.setEnabled(state is State.IDLE and self._counting is None)
+        self.data_edit.setEnabled(state is State.IDLE)
+        self.out_edit.setEnabled(state is State.IDLE)
+
+    def start(self):
+        """Check the set-up, then train in a worker; returns the worker (None if refused)."""
+        from napari.qt.threading import thread_worker
+
+        from ..core.model import normalize_weights
+
+        if self.state is not State.IDLE:
+            return None
+        try:
+            config = self.config()
+            check_dataset(config.data_dir)
+            normalize_weights(config.weights)
+            check_out_dir(config.out_dir)
+        except SETUP_ERRORS as exc:
+            self._fail(str(exc))
+            return None
+        self._reset_panel(config)
+        self._stop = threading.Event()
+        worker = thread_worker(_train_job, ignore_errors=True)(config, self._stop)
+        worker.yielded.connect(self._on_update)
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        worker.errored.connect(lambda exc: self._say(f"Training failed: {exc}"))
+        self.worker = worker
+        self._set_state(State.RUNNING)
+        self._say(f"Training on {config.data_dir}...")
+        worker.start()
+        return worker
+
+    def stop(self) -> None:
+        """Ask the training to stop after the current batch; nothing is written."""
+        if self.state is State.RUNNING:
+            self._stop.set()
+            self._set_state(State.STOPPING)
+            self._say("Stopping after the current batch...")
+
+    def _fail(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self._say(f"Cannot train: {message}")
+        show_error(f"Cannot train: {message}")
+
+    # -- the live panel ------------------------------------------------------------------
+    def _reset_panel(self, config: TrainConfig) -> None:
+        from napari.utils import progress
+
+        self.result = None
+        self.history = {}
+        self._phase_two = None  # the first epoch of fine-tuning's phase 2, once it starts
+        self.log.clear()
+        self.curves.plot({})
+        self.tabs.setCurrentWidget(self.log)
+        self.epoch_bar.setRange(0, config.epochs)
+        self.epoch_bar.setValue(0)
+        self.batch_bar.setRange(0, 1)
+        self.batch_bar.setValue(0)
+        self._close_pbars()
+        self._pbars["epochs"] = progress(total=config.epochs, desc="Training epochs")
+
+    def _close_pbars(self, *names) -> None:
+        for name in names or list(self._pbars):
+            pbar = self._pbars.pop(name, None)
+            if pbar is not None:
+                pbar.close()
+
+    def _append(self, text: str, warning: bool = False) -> None:
+        self.log.appendPlainText(("Warning: " if warning else "") + text)
+
+    def _on_update(self, u) -> None:
+        from napari.utils import progress
+
+        if u is None:
+            return
+        if isinstance(u, Message):
+            self._append(u.text, u.level == "warning")
+        elif isinstance(u, PhaseStart):
+            self._append(u.text)
+            self._say(u.text)
+            self._phase_two = u.epoch
+        elif isinstance(u, Progress):
+            self._say(u.text)
+            self.batch_bar.setFormat(f"{u.phase} %v/%m")
+            self.batch_bar.setRange(0, max(u.total, 1))
+            self.batch_bar.setValue(u.done)
+        elif isinstance(u, EpochStart):
+            self._append(u.text)
+            self._say(f"{u.text}...")
+            self._close_pbars("batches")
+            self._pbars["batches"] = progress(total=1, desc=u.text)
+            self.batch_bar.setFormat("Batch %v/%m")
+            self.batch_bar.setValue(0)
+        elif isinstance(u, BatchEnd):
+            self.batch_bar.setRange(0, u.steps)
+            self.batch_bar.setValue(u.batch)
+            pbar = self._pbars.get("batches")
+            if pbar is not None:
+                if pbar.total != u.steps:
+                    pbar.total = u.steps
+                pbar.update(u.batch - pbar.n)
+            logs = " - ".join(f"{k}: {v:.4f}" for k, v in u.logs.items()
+                              if k in ("loss", "accuracy"))
+            self._say(f"Epoch {u.epoch}/{u.epochs} - batch {u.batch}/{u.steps} - {logs}")
+        elif isinstance(u, EpochEnd):
+            self._append(u.text)
+            self.history = u.history
+            self.epoch_bar.setValue(u.epoch)
+            pbar = self._pbars.get("epochs")
+            if pbar is not None:
+                pbar.update(u.epoch - pbar.n)
+            self.curves.plot(self._with_phases(u.history))
+            if u.epoch == 1:
+                self.tabs.setCurrentWidget(self.curves)
+
+    def _with_phases(self, history: dict) -> dict:
+        """``history`` with its per-epoch ``phase`` list complete: the core extends it when a
+        phase's fit ends, so during a phase it lags; ``PhaseStart`` said where phase 2 began."""
+        n = len(history.get("loss", []))
+        if self._phase_two is None or len(history.get("phase", [])) >= n:
+            return history
+        first = self._phase_two
+        return {**history, "phase": [1 if e < first else 2 for e in range(1, n + 1)]}
+
+    def _on_returned(self, result) -> None:
+        from napari.utils.notifications import show_info
+
+        if isinstance(result, Failed):
+            self._fail(result.message)
+            return
+        self.result = result
+        if result.stopped:
+            self._say(f"Stopped after {result.epochs_run} epoch(s); no model was written.")
+            return
+        self.history = result.history
+        self.curves.plot(result.history)  # the final history, its phases complete
+        self.show_report(result.report or {}, result.bundle, result.meta)
+        SESSION.set_bundle(result.bundle)
+        acc = (result.report or {}).get("accuracy")
+        self._say(f"Done in {result.seconds:.0f}s: model saved to {result.bundle}"
+                  + (f"; test accuracy {acc:.1%}." if acc is not None else "."))
+        show_info(f"Model saved to {result.bundle}; the Predict widget will use it.")
+
+    def _on_finished(self) -> None:
+        self._close_pbars()
+        self._set_state(State.IDLE)
+        self.worker = None
+
+    def show_report(self, report: dict, bundle=None, meta: dict | None = None) -> None:
+        """Test accuracy (images and sources), the model's start, per-class table, confusion
+        matrix and the diagnosis."""
+        from html import escape
+
+        names = report.get("class_names", [])
+        meta = meta or {}
+        if report.get("n"):
+            head = (f"<b style='font-size:14pt'>Test accuracy {report['accuracy']:.1%}</b> "
+                    f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
+                    "training.")
+        else:
+            head = "<b>No test images</b>: raise the test split or add images."
+        start = model_start(meta)
+        if start:
+            head += f"<br>Model: {escape(start)}"
+        if bundle is not None:
+            head += f"<br>Saved in {escape(str(bundle))} (report.md inside)"
+        self.report_label.setText(head)
+        rows = report.get("per_class", [])
+        self.class_table.setRowCount(len(rows))
+        for r, c in enumerate(rows):
+            for col, text in enumerate((c["class"], f"{c['precision']:.2f}",
+                                        f"{c['recall']:.2f}", f"{c['f1']:.2f}",
+                                        str(c["support"]))):
+                item = QTableWidgetItem(text)
+                item.setTextAlignment(Qt.AlignCenter)
+                self.class_table.setItem(r, col, item)
+        if names and report.get("confusion_matrix") is not None:
+            self.confusion.plot(report["confusion_matrix"], names)
+        items = "".join(f"<li><b>{escape(f['finding'])}</b>: {escape(f['evidence'])}.<br>"
+                        f"<i>What to do:</i> {escape(f['remedy'])}</li>"
+                        for f in report.get("diagnosis", []))
+        self.diagnosis.setText(f"<b>Diagnosis</b><ul>{items}</ul>" if items else "")
+        self.tabs.setCurrentIndex(3)
+
+    @staticmethod
+    def _from_groups(report: dict, meta: dict) -> str:
+        """' from 12 sources' (grouped by source file) or ' from 12 groups' (by a pattern)."""
+        n = report.get("groups")
+        if not n:
+            return ""
+        by_pattern = (meta.get("config") or {}).get("group_by")
+        word = "group" if by_pattern else "source"
+        return f" from {n} {word}{'' if n == 1 else 's'}"
+
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+    def closeEvent(self, event):  # noqa: N802 - Qt's name
+        self._stop.set()
+        super().closeEvent(event)
+
