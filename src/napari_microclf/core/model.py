@@ -21,6 +21,8 @@ versions). TensorFlow and Keras are imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -106,7 +108,10 @@ def _download_b0(timeout: float = 20.0) -> bool:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models")
+        # Keras prints "Downloading data from ..." even when there is no network: the
+        # caller says in one line what was used instead
+        with contextlib.redirect_stdout(io.StringIO()):
+            keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models")
         return imagenet_cached()
     except Exception as exc:  # noqa: BLE001 - no network is an answer, not an error
         _DOWNLOAD_FAILED["b0"] = f"{type(exc).__name__}: {exc}"
@@ -130,8 +135,11 @@ def resolve_weights(backbone: str | None, weights, allow_download: bool = True
     weights = normalize_weights(weights)
     if weights != "auto":
         return ResolvedWeights(backbone, weights)
-    if backbone == B0 and (imagenet_cached() or (allow_download and _download_b0())):
+    if backbone == B0 and imagenet_cached():
         return ResolvedWeights(B0, "imagenet")
+    if backbone == B0 and allow_download and _download_b0():
+        return ResolvedWeights(B0, "imagenet", f"Downloaded the EfficientNetB0 ImageNet weights "
+                                               f"into {keras_home() / 'models'}.")
     if lite0.available():
         note = None if backbone == LITE0 else (
             "No EfficientNetB0 ImageNet weights here (none in the Keras cache, no download): "
