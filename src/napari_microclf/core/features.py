@@ -45,12 +45,13 @@ MAX_AGE_DAYS = 30
 KEY_FILE, STAMP_FILE = "key.json", "last-used"
 
 
-def file_digest(path: str | Path, _memo: dict = {}) -> str:  # noqa: B006 - a deliberate memo
-    """sha1 of the file's bytes, memoised by (path, size, mtime)."""
+def file_digest(path: str | Path, algorithm: str = "sha1",
+                _memo: dict = {}) -> str:  # noqa: B006 - a deliberate memo
+    """The hex digest of the file's bytes, memoised by (path, size, mtime, inode)."""
     st = os.stat(path)
-    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, algorithm)
     if memo_key not in _memo:
-        h = hashlib.sha1()
+        h = hashlib.new(algorithm)
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

