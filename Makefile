@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean system-deps demo-deps
+# Prerequisites in the order listed, also under -j: the system check comes before anything else.
+.NOTPARALLEL:
 
 venv: $(STAMP)
 
@@ -14,9 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[all,testing]"
 	@touch $(STAMP)
 
+# System libraries (Debian/Ubuntu: installed when missing, as root or with password-less sudo;
+# elsewhere one line says what to run). See scripts/system-deps.sh.
+system-deps:
+	@bash scripts/system-deps.sh
+
+# A window needs Qt's xcb libraries (not Xvfb); the headless demo needs none.
+demo-deps:
+	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then bash scripts/system-deps.sh --window; fi
+
 # With a display: napari with the plugin's widgets and the sample images.
 # Without one: the same job headless (`microclf demo`).
-demo: $(STAMP)
+demo: demo-deps $(STAMP)
 	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
 		$(BIN)/python -m napari_microclf._demo; \
 	else \
@@ -24,7 +35,7 @@ demo: $(STAMP)
 		$(BIN)/microclf demo --out demo-output; \
 	fi
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
