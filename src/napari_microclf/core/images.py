@@ -429,23 +429,52 @@ def select_channels(page: np.ndarray, channel_map=None) -> np.ndarray:
 
 
 def resize_plane(plane: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
-    """Resize a 2D float plane to ``(size, size)`` without cropping (pad or stretch)."""
+    """Resize a 2D float plane to ``(size, size)`` without cropping (pad or stretch).
+
+    ``"pad"`` scales the long side to ``size`` (keeping the aspect ratio), then pads the short
+    side with black, centred: the work is that of the output, not of a padded square (a 2 x
+    20000 line scan is never turned into a 20000 x 20000 square). A square plane gives what
+    padding first gave.
+    """
     from skimage.transform import resize
 
     h, w = plane.shape
+    long_side = max(h, w)
     if mode == "pad" and h != w:
-        side = max(h, w)
-        padded = np.zeros((side, side), dtype=plane.dtype)
-        y0, x0 = (side - h) // 2, (side - w) // 2
-        padded[y0 : y0 + h, x0 : x0 + w] = plane
-        plane = padded
-    if plane.shape == (size, size):
-        return plane.astype(np.float32, copy=False)
-    # Smoothing before downscaling by 1.5x or more; below that skimage's Gaussian (sigma =
-    # (factor - 1) / 2 < 0.25) changes no pixel by more than 0.1%, and costs 25% of the time.
-    out = resize(plane, (size, size), order=1, anti_aliasing=plane.shape[0] >= 1.5 * size,
-                 preserve_range=True)
-    return out.astype(np.float32, copy=False)
+        shape = (max(1, round(h * size / long_side)), max(1, round(w * size / long_side)))
+    else:
+        shape = (size, size)
+    if plane.shape == shape:
+        out = plane.astype(np.float32, copy=False)
+    else:
+        # Smoothing before downscaling by 1.5x or more; below that skimage's Gaussian (sigma =
+        # (factor - 1) / 2 < 0.25) changes no pixel by more than 0.1%, and costs 25% of the time.
+        out = resize(plane, shape, order=1, anti_aliasing=long_side >= 1.5 * size,
+                     preserve_range=True).astype(np.float32, copy=False)
+    if shape == (size, size):
+        return out
+    padded = np.zeros((size, size), np.float32)
+    y0, x0 = (size - shape[0]) // 2, (size - shape[1]) // 2
+    padded[y0 : y0 + shape[0], x0 : x0 + shape[1]] = out
+    return padded
+
+
+MAX_ASPECT = 20  # above this, padding to a square leaves a thin line: aspect_warning says so
+
+
+def aspect_warning(shape: Sequence[int], path: str | Path | None = None) -> str | None:
+    """A warning for a page whose sides differ more than ``MAX_ASPECT``-fold, else None.
+
+    ``shape`` is ``(Y, X[, C])``; the message names ``path`` and says what to do.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if min(h, w) < 1 or max(h, w) <= MAX_ASPECT * min(h, w):
+        return None
+    ratio = max(h, w) / min(h, w)
+    ratio_text = f"{ratio:.0f}" if ratio >= 100 else f"{ratio:.1f}".removesuffix(".0")
+    return (f"{path if path is not None else 'image'}: {h} x {w} pixels (height x width, "
+            f"aspect ratio {ratio_text}:1) \u2014 padded to a square it becomes a thin line; "
+            "crop or tile such images")
 
 
 def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -7,7 +7,10 @@ The model is loaded once per :class:`Predictor` and its forward pass traced once
 from __future__ import annotations
 
 import csv
+import os
 import queue
+import re
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -175,20 +178,56 @@ def predict(bundle, image_or_path, batch_size: int = 32) -> list[PagePrediction]
     return list(predictor.predict_paths(paths))
 
 
+# Cells a spreadsheet program would run as a formula (OWASP, "CSV Injection"): these starts.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_cell(value) -> str:
+    """``value`` as a CSV cell that spreadsheets show as text, never run as a formula.
+
+    Text starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a leading ``'``
+    (OWASP's advice), unless it is a plain number such as ``-0.5``.
+    """
+    text = str(value)
+    if text.startswith(_FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def _write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
+    """Write ``rows`` (header included) atomically: UTF-8, ``newline=""``, every cell made safe.
+
+    Returns the number of rows written after the header.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    written = 0
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            for row in rows:
+                w.writerow([csv_cell(v) for v in row])
+                written += 1
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return max(written - 1, 0)
+
+
 def write_csv(predictions: Iterable[PagePrediction], path: str | Path,
               class_names: Sequence[str], threshold: float = 0.0) -> int:
-    """CSV with file, page, class, confidence and one probability column per class."""
-    import io
+    """CSV with file, page, class, confidence and one probability column per class.
 
-    from .dataset import atomic_write_text
+    UTF-8 with ``\\r\\n`` line ends on every platform; text cells that start like a formula
+    (``=``, ``+``, ``-``, ``@``, tab, CR: class names come from folder names, file names from
+    users) are written with a leading ``'`` (see :func:`csv_cell`). Returns the row count.
+    """
+    def rows():
+        yield ["file", "page", "class", "confidence", *class_names]
+        for p in predictions:
+            yield [p.file or "", p.page, p.label(threshold), f"{p.confidence:.4f}",
+                   *(f"{p.probabilities[c]:.4f}" for c in class_names)]
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["file", "page", "class", "confidence", *class_names])
-    n = 0
-    for p in predictions:
-        w.writerow([p.file or "", p.page, p.label(threshold), f"{p.confidence:.4f}",
-                    *(f"{p.probabilities[c]:.4f}" for c in class_names)])
-        n += 1
-    atomic_write_text(path, buf.getvalue())
-    return n
+    return _write_csv_rows(path, rows())
