@@ -136,3 +136,12 @@ def test_not_debian(fake, tmp_path):
     r, _ = run(path=str(bin_))
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1
     assert "not checked" in r.stdout
+
+
+@pytest.mark.parametrize("system", ["Darwin", "MINGW64_NT-10.0-19045"])
+def test_macos_and_windows_need_nothing(fake, system):
+    setup, run, bin_ = fake
+    setup(debian=False)
+    _stub(bin_, "uname", f"echo {system}")
+    r, _ = run()
+    assert r.returncode == 0 and "Xvfb is Linux-only" in r.stdout and "native display" in r.stdout
