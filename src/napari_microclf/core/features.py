@@ -40,7 +40,8 @@ DEFAULT_VIEWS = 4  # augmented views per training image; see docs/performance.md
 # augmentation (make_augment) that alters features: cached features of older code are then
 # never reused. tests/test_features.py pins the features of a fixed image to this number.
 # 2: sparse images fall back to min-max normalisation; fixed-intensity mode.
-FEATURES_VERSION = 2
+# 3: a non-square page is resized before it is padded (not padded, then resized).
+FEATURES_VERSION = 3
 MAX_AGE_DAYS = 30
 KEY_FILE, STAMP_FILE = "key.json", "last-used"
 
