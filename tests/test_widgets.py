@@ -200,7 +200,7 @@ def test_train_runs_to_the_end_and_the_gui_stays_responsive(make_napari_viewer, 
     report = widget.report_label.text()
     n, groups = result.report["n"], result.report["groups"]
     assert f"on {n} images from {groups} source" in report  # grouped by source file
-    assert "EfficientNet-B0, random weights" in report
+    assert "Model: efficientnet-b0, no pretrained weights" in report
     assert widget.confusion.figure.axes and "Diagnosis" in widget.diagnosis.text()
     # offered to Predict
     assert SESSION.last_bundle == str(result.bundle)
@@ -232,8 +232,8 @@ def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_da
     assert [list(line.get_xdata()) for line in widget.curves.figure.axes[0].lines
             if line.get_gid() == "fine-tuning"] == [[1.5, 1.5]]
     report = widget.report_label.text()
-    assert "EfficientNet-Lite0, ImageNet weights" in report
-    assert "then the top 1 of 7 stages fine-tuned from epoch 2" in report
+    assert "Model: efficientnet-lite0, ImageNet weights" in report
+    assert "top 1 of 7 stages fine-tuned, from epoch 2 after 1 head-only epoch(s)" in report
     from napari_microclf.core.lite0 import LITE0_SHA256
 
     predict = PredictWidget(viewer, result.bundle)
@@ -463,6 +463,7 @@ def test_predict_names_the_model_also_for_older_bundles(make_napari_viewer, trai
     (old / "microclf.json").write_text(json.dumps(meta))
     widget.set_bundle(old)
     assert "Model: efficientnet-b0 · imagenet" in widget.model_info.text()
+    assert "not recorded (older model)" in widget.model_info.toolTip()
 
 
 def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 BG, FG, GRID = "#262930", "#d6d6d6", "#414851"
 TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#9fdf6f"
@@ -19,9 +20,9 @@ def phase_two_start(history: dict) -> int | None:
 
 
 class Canvas(FigureCanvasQTAgg):
-    def __init__(self, width: float = 4.0, height: float = 3.0, dpi: int = 80):
-        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=BG,
-                             layout="constrained")
+    def __init__(self, width: float = 4.0, height: float = 3.0, dpi: int = 80,
+                 layout: str | None = "constrained"):
+        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=BG, layout=layout)
         super().__init__(self.figure)
         self.setMinimumHeight(int(height * dpi * 0.8))
 
@@ -42,9 +43,29 @@ class CurvesCanvas(Canvas):
     panel; its label is in the line's ``gid``.
     """
 
+    # Fixed margins in inches instead of the constrained layout, which doubles the cost of
+    # every draw (0.19 s -> 0.42 s for this figure on a busy 2-core machine): the curves are
+    # redrawn in the GUI thread after every epoch while the training thread competes for it.
+    MARGINS = {"left": 0.72, "right": 0.15, "top": 0.28, "bottom": 0.45, "gap": 0.42}
+
     def __init__(self):
-        super().__init__(4.0, 5.2)
+        super().__init__(4.0, 5.2, layout=None)
         self.plot({})
+
+    def _fit(self) -> None:
+        """Margins that stay the same in inches whatever the canvas' size."""
+        m = self.MARGINS
+        w, h = self.figure.get_size_inches()
+        axes_h = max((h - m["top"] - m["bottom"] - 2 * m["gap"]) / 3, 0.1)
+        bottom = min(m["bottom"] / h, 0.3)
+        self.figure.subplots_adjust(left=min(m["left"] / w, 0.4),
+                                    right=max(1 - m["right"] / w, 0.6),
+                                    top=max(1 - m["top"] / h, bottom + 0.3), bottom=bottom,
+                                    hspace=m["gap"] / axes_h)
+
+    def resizeEvent(self, event):  # noqa: N802 - Qt's name
+        super().resizeEvent(event)  # sets the figure's new size, then asks for a draw
+        self._fit()
 
     def plot(self, history: dict) -> None:
         fig = self.figure
@@ -76,6 +97,8 @@ class CurvesCanvas(Canvas):
             if len(y) and val_key:
                 ax.legend(fontsize=7, facecolor=BG, edgecolor=GRID, labelcolor=FG)
         axes[-1].set_xlabel("epoch", color=FG, fontsize=9)
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.5
+        self._fit()
         if not history:
             axes[0].text(0.5, 0.5, "curves appear after the first epoch", color=FG,
                          ha="center", va="center", transform=axes[0].transAxes, fontsize=9)

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.evaluate import describe_model
 from ..core.images import ImageReadError, count_pages
 from ..core.model import MODEL_FILE, BundleError, read_meta
 from ..core.predict import PagePrediction, Predictor, expand_paths, write_csv
@@ -244,8 +245,8 @@ class PredictWidget(QWidget):
             + (f"; test accuracy {acc:.0%}" if acc is not None else "")
             + (f"; trained {meta['date'][:16].replace('T', ' ')}" if meta.get("date") else "")
             + f"\nModel: {model_identity(meta)}")
-        self.model_info.setToolTip(f"Weights identity: {meta.get('weights_id') or 'not recorded'}"
-                                   f"\nBackbone: {meta.get('backbone') or 'efficientnet-b0'}")
+        self.model_info.setToolTip(f"{describe_model(meta)}\nWeights identity: "
+                                   f"{meta.get('weights_id') or 'not recorded (older model)'}")
 
     # -- layers --------------------------------------------------------------------------
     def _refresh_layers(self, *_) -> None:

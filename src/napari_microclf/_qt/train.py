@@ -189,24 +189,16 @@ def check_out_dir(out: str | Path) -> None:
 
 
 def model_start(meta: dict) -> str:
-    """'EfficientNet-Lite0, ImageNet weights; frozen base, head trained' from a bundle's
-    metadata ('' when it says nothing about its backbone)."""
-    backbone = meta.get("backbone")
-    if not backbone:
+    """The model in the words of report.md and ``microclf predict`` (``describe_model``),
+    plus the epoch where fine-tuning's phase 2 began; '' for a bundle without a backbone."""
+    from ..core.evaluate import describe_model
+
+    if not meta.get("backbone"):
         return ""
-    weights = meta.get("weights") or "none"
-    start = {"imagenet": "ImageNet weights", "none": "random weights (no pretraining)"}.get(
-        weights, f"weights from {Path(weights).name}")
     phases = meta.get("phases") or []
-    text = f"{BACKBONE_NAMES.get(backbone, backbone)}, {start}"
-    fine_tune = meta.get("fine_tune", 0)
-    stages = "all layers" if fine_tune == -1 else f"the top {fine_tune} of 7 stages"
-    if fine_tune == 0:
-        return text + "; frozen base, head trained"
-    if len(phases) > 1:
-        return text + (f"; head on the frozen base, then {stages} fine-tuned from epoch "
-                       f"{phases[1]['epochs'][0]}")
-    return text + f"; {stages} trained"
+    return describe_model(meta) + (f", from epoch {phases[1]['epochs'][0]} after "
+                                   f"{phases[0]['epochs'][1]} head-only epoch(s)"
+                                   if len(phases) > 1 else "")
 
 
 class TrainWidget(QWidget):
