@@ -280,3 +280,5 @@ def test_fine_tuning_starts_from_the_trained_head(sample, tmp_path):
     assert (p2["epochs"], p2["trained"]) == ([3, 4], "head and unfrozen stages")
     lines = [u.text for u in updates if isinstance(u, EpochEnd)]
     assert len(lines) == 4 and all(EPOCH_LINE.match(t) for t in lines)
+    # each epoch's update already knows its phase (the curves mark phase 2 as it runs)
+    assert [u.history["phase"] for u in updates if isinstance(u, EpochEnd)][2] == [1, 1, 2]

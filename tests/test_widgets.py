@@ -17,7 +17,7 @@ from napari_microclf._qt.annotate import AnnotateWidget
 from napari_microclf._qt.predict import PredictWidget
 from napari_microclf._qt.train import State, TrainWidget
 from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
-from napari_microclf.core.train import BatchEnd, EpochEnd, TrainConfig, train
+from napari_microclf.core.train import BatchEnd, TrainConfig, train
 
 PLUGIN = "napari-microclf"
 TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "weights": "none", "fine_tune": "all",
@@ -225,12 +225,6 @@ def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_da
     for ax in widget.curves.figure.axes:
         assert [list(line.get_xdata()) for line in ax.lines
                 if line.get_gid() == "fine-tuning"] == [[1.5, 1.5]]
-    # during phase 2 the core's history has the phases of the finished fits only: the marker
-    # is drawn from PhaseStart's epoch then
-    widget.curves.plot({})
-    widget._on_update(EpochEnd(2, 2, 2, 1.0, {}, "", {**result.history, "phase": [1]}))
-    assert [list(line.get_xdata()) for line in widget.curves.figure.axes[0].lines
-            if line.get_gid() == "fine-tuning"] == [[1.5, 1.5]]
     report = widget.report_label.text()
     assert "Model: efficientnet-lite0, ImageNet weights" in report
     assert "top 1 of 7 stages fine-tuned, from epoch 2 after 1 head-only epoch(s)" in report
@@ -298,7 +292,7 @@ def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_group
     assert (config.intensity, config.intensity_range) == ("percentile", None)
     # tips come from the settings' one description
     assert f.head_epochs.tooltip.lower().startswith(help_of("head_epochs")[:30].lower())
-    assert "Unticked: no flips" in f.augment.tooltip
+    assert f.augment.tooltip.lower().startswith(help_of("augment")[:30].lower())
     # the note says what "auto" starts from here (tests are offline, no B0 file cached)
     assert widget.note.text().startswith("Pretrained start: ImageNet EfficientNet-")
     # the phase-2 settings only matter when a pretrained base is fine-tuned

@@ -87,7 +87,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = md.get("cli") or "--" + name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=name, action="store_const", default=None,
-                                const=not f.default, help=md["help"])
+                                const=not f.default, help=md.get("off", md["help"]))
             continue
         kind = {"channels": str}.get(md.get("parse"), _PARSERS.get(md.get("parse")))
         if kind is None:

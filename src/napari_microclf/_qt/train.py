@@ -91,16 +91,10 @@ WIDGET_TIPS = {
 
 
 def tip(name: str) -> str:
-    """A form widget's tooltip: the setting's one description (``TrainConfig`` metadata).
-
-    A check box whose CLI flag turns the setting off (``--no-augment``) is described by
-    that flag, so the tip says what unticking it does.
-    """
+    """A form widget's tooltip: the setting's one description (``TrainConfig`` metadata)."""
     if name in WIDGET_TIPS:
         return WIDGET_TIPS[name]
     text = help_of(name)
-    if str(TrainConfig.__dataclass_fields__[name].metadata.get("cli") or "").startswith("--no-"):
-        return f"Unticked: {text}."
     return text[:1].upper() + text[1:] + "."
 
 
@@ -215,7 +209,6 @@ class TrainWidget(QWidget):
         self.history: dict = {}
         self._stop = threading.Event()
         self._pbars: dict = {}
-        self._phase_two: int | None = None
         self._dataset_set_by_user = dataset is not None
 
         # -- folders
@@ -551,7 +544,6 @@ class TrainWidget(QWidget):
 
         self.result = None
         self.history = {}
-        self._phase_two = None  # the first epoch of fine-tuning's phase 2, once it starts
         self.log.clear()
         self.curves.plot({})
         self.tabs.setCurrentWidget(self.log)
@@ -581,7 +573,6 @@ class TrainWidget(QWidget):
         elif isinstance(u, PhaseStart):
             self._append(u.text)
             self._say(u.text)
-            self._phase_two = u.epoch
         elif isinstance(u, Progress):
             self._say(u.text)
             self.batch_bar.setFormat(f"{u.phase} %v/%m")
@@ -612,18 +603,9 @@ class TrainWidget(QWidget):
             pbar = self._pbars.get("epochs")
             if pbar is not None:
                 pbar.update(u.epoch - pbar.n)
-            self.curves.plot(self._with_phases(u.history))
+            self.curves.plot(u.history)
             if u.epoch == 1:
                 self.tabs.setCurrentWidget(self.curves)
-
-    def _with_phases(self, history: dict) -> dict:
-        """``history`` with its per-epoch ``phase`` list complete: the core extends it when a
-        phase's fit ends, so during a phase it lags; ``PhaseStart`` said where phase 2 began."""
-        n = len(history.get("loss", []))
-        if self._phase_two is None or len(history.get("phase", [])) >= n:
-            return history
-        first = self._phase_two
-        return {**history, "phase": [1 if e < first else 2 for e in range(1, n + 1)]}
 
     def _on_returned(self, result) -> None:
         from napari.utils.notifications import show_info

@@ -26,7 +26,10 @@ from .images import PreprocessSpec, preprocess_refs
 
 
 def _opt(default, help: str, cli: str | None = None, **extra):
-    """A setting with its one description: the CLI's help and the widget's tip come from it."""
+    """A setting with its one description: the CLI's help and the widget's tip come from it.
+
+    An on/off setting whose flag turns it off (``cli="--no-augment"``) also has ``off``, the
+    help of that flag."""
     return field(default=default, metadata={"help": help, "cli": cli, **extra})
 
 
@@ -53,14 +56,18 @@ class TrainConfig:
     val_split: float = _opt(0.2, "validation fraction or percent (0.2)", parse="fraction")
     test_split: float = _opt(0.1, "test fraction or percent (0.1); never used in training",
                              parse="fraction")
-    augment: bool = _opt(True, "no flips/rotation/zoom/contrast", cli="--no-augment")
+    augment: bool = _opt(True, "random flips, rotation, zoom and contrast of the training "
+                         "images", cli="--no-augment", off="no flips/rotation/zoom/contrast")
     augment_strength: float = _opt(0.05, "rotation/zoom/contrast range (0.05 = ±5%%; 0.1-0.2 "
                                    "for larger datasets)")
     dropout: float = _opt(0.2, "dropout before the last layer (0.2)")
-    class_weights: bool = _opt(True, "do not weight rare classes more",
-                               cli="--no-class-weights")
-    early_stopping: bool = _opt(True, "always run every epoch (no early stopping)",
-                                cli="--no-early-stopping")
+    class_weights: bool = _opt(True, "rarer classes weigh more in the loss (balanced class "
+                               "weights)", cli="--no-class-weights",
+                               off="do not weight rare classes more")
+    early_stopping: bool = _opt(True, "stop when the validation loss has not improved for 5 "
+                                "epochs and keep the best epoch's weights",
+                                cli="--no-early-stopping",
+                                off="always run every epoch (no early stopping)")
     early_stopping_patience: int = 5
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.2
@@ -94,8 +101,10 @@ class TrainConfig:
     resplit: bool = _opt(False, "draw a new split.json (the test set changes)")
     # Frozen base: train the head on backbone features computed once (cached in the
     # dataset) for each image and `views` augmented views of it.
-    cache: bool = _opt(True, "frozen base: run the full pipeline every epoch instead of "
-                       "cached backbone features", cli="--no-cache")
+    cache: bool = _opt(True, "frozen base: compute the backbone's features once per image "
+                       "and view and keep them in the dataset (fast retraining)",
+                       cli="--no-cache", off="frozen base: run the full pipeline every epoch "
+                       "instead of cached backbone features")
     views: int = _opt(DEFAULT_VIEWS, f"augmented views per training image whose backbone "
                       f"features are cached ({DEFAULT_VIEWS})")
 
@@ -324,6 +333,7 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
             self.stopped = False
             self.epochs_run = 0
             self.history, self.emit = history, emit
+            self.phase = 1  # fine-tuning's phase of the epochs now running
 
         def _check_stop(self):
             if should_stop is not None and should_stop():
@@ -352,6 +362,7 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
                 if key in logs:
                     history.setdefault(key, []).append(logs[key])
             history.setdefault("lr", []).append(lr)
+            history.setdefault("phase", []).append(self.phase)
             self.epochs_run = epoch + 1
             emit(EpochEnd(epoch + 1, epochs, steps, seconds, logs,
                           format_epoch_line(steps, seconds, logs, lr),
@@ -599,11 +610,11 @@ class _Fitter:
             callbacks.append(early)
         history = self.reporter.history
         n_before = len(history.get("loss", []))
+        self.reporter.phase = phase
         trained.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
                     class_weight=self.class_weight, callbacks=callbacks, shuffle=False,
                     verbose=0)  # tf.data shuffles
         ran = len(history.get("loss", [])) - n_before
-        history.setdefault("phase", []).extend([phase] * ran)
         base_trains = any(w.trainable for w in base_layer(model).weights)
         info = {"phase": phase, "epochs": [first + 1, first + ran], "learning_rate": lr,
                 "trained": "head on cached features" if cached else
