@@ -52,15 +52,18 @@ class TrainConfig:
     batch_size: int = _opt(32, "images per step (32; 8-16 for under 100 images per class)")
     learning_rate: float = _opt(1e-4, "starting learning rate (1e-4), reduced when the "
                                 "validation loss plateaus")
-    image_size: int = _opt(224, "model input side in pixels (224)")
-    val_split: float = _opt(0.2, "validation fraction or percent (0.2)", parse="fraction")
-    test_split: float = _opt(0.1, "test fraction or percent (0.1); never used in training",
-                             parse="fraction")
+    image_size: int = _opt(224, "model input side in pixels, each image padded (never "
+                           "cropped) and resized to it (224, what ImageNet weights expect)")
+    val_split: float = _opt(0.2, "validation fraction or percent (0.2), measured after each "
+                            "epoch (val_loss, val_accuracy)", parse="fraction")
+    test_split: float = _opt(0.1, "test fraction or percent (0.1), kept apart until the "
+                             "end: the test accuracy is the true performance", parse="fraction")
     augment: bool = _opt(True, "random flips, rotation, zoom and contrast of the training "
                          "images", cli="--no-augment", off="no flips/rotation/zoom/contrast")
     augment_strength: float = _opt(0.05, "rotation/zoom/contrast range (0.05 = ±5%%; 0.1-0.2 "
                                    "for larger datasets)")
-    dropout: float = _opt(0.2, "dropout before the last layer (0.2)")
+    dropout: float = _opt(0.2, "dropout before the last layer (0.2; 0.3-0.4 for very small "
+                          "datasets, 0.1-0.2 for large ones; a remedy for overfitting)")
     class_weights: bool = _opt(True, "rarer classes weigh more in the loss (balanced class "
                                "weights)", cli="--no-class-weights",
                                off="do not weight rare classes more")
