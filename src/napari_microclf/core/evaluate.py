@@ -183,7 +183,7 @@ SUBSETS = ("test", "val", "train")
 
 def own_split(bundle_path: str | Path) -> dict | None:
     """The model's own ``{subset: [{"key", "sha1", "group"}...]}`` (None: an older bundle)."""
-    from .train import SPLIT_FILE
+    from .dataset import SPLIT_FILE
 
     path = Path(bundle_path) / SPLIT_FILE
     if not path.is_file():

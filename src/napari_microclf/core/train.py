@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import load_samples
+# a bundle keeps its own train/val/test files and hashes under the dataset's file name
+from .dataset import SPLIT_FILE, load_samples
 from .features import DEFAULT_VIEWS
 from .images import PreprocessSpec, preprocess_refs
 
@@ -543,7 +544,7 @@ def train(
         "class_distribution": {names[k]: v for k, v in distribution.items()},
         "class_weights": ({names[k]: v for k, v in class_weight.items()} if class_weight
                           else None),
-        "split": {"file": str(Path(config.data_dir).resolve() / "split.json"),
+        "split": {"file": str(Path(config.data_dir).resolve() / SPLIT_FILE),
                   **{k: v for k, v in samples.split.to_dict().items()
                      if k in ("version", "val_fraction", "test_fraction", "seed", "group_by")},
                   "own_files": SPLIT_FILE},
@@ -564,9 +565,6 @@ def train(
     emit(Message(f"Model saved to {bundle}"))
     return TrainResult(bundle, names, history, report, False, reporter.epochs_run,
                        time.perf_counter() - t_start, meta)
-
-
-SPLIT_FILE = "split.json"  # in a bundle: the model's own train/val/test files and hashes
 
 
 class _Fitter:
