@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DatasetError
 from .images import ImageReadError, PageRef, count_pages, is_image_file
 
 SPLIT_FILE = "split.json"
@@ -39,9 +40,6 @@ TRASH_DIR = ".trash"
 SUBSETS = ("train", "val", "test")
 _BAD_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
-
-class DatasetError(ValueError):
-    """A dataset problem, said so that the user knows what to do."""
 
 
 # -- classes ----------------------------------------------------------------------------

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ImageReadError
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
-
-class ImageReadError(ValueError):
-    """An image file that cannot be read; the message names the file and what to do."""
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import BundleError, WeightsError
 from .images import PreprocessSpec
 
 MODEL_FILE = "model.keras"
@@ -45,12 +46,6 @@ BASE_NAMES = {B0: "efficientnetb0", LITE0: "efficientnet_lite0"}  # the base lay
 OFFLINE_ENV = "MICROCLF_OFFLINE"  # set to 1: weights="auto" never tries a download
 
 
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be had; the message says how to get them."""
-
-
-class BundleError(ValueError):
-    """A model bundle that is missing, corrupt or does not match; says what to do."""
 
 
 def keras_home() -> Path:
