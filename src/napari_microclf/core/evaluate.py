@@ -188,13 +188,14 @@ def own_split(bundle_path: str | Path) -> dict | None:
     path = Path(bundle_path) / SPLIT_FILE
     if not path.is_file():
         return None
-    try:
-        d = json.loads(path.read_text())
-        return {s: list(d.get(s, [])) for s in SUBSETS}
-    except (ValueError, AttributeError) as exc:
-        from .model import BundleError
+    from .model import BundleError, check_split_schema
 
-        raise BundleError(f"{path} is corrupt ({exc}); retrain or restore the model") from exc
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{path} is corrupt ({exc}); restore the previous model (microclf "
+                          f"restore {Path(bundle_path)}) or retrain") from exc
+    return check_split_schema(d, path)
 
 
 def _index_by_hash(data_dir: Path, classes: list[str]) -> dict[str, Path]:

@@ -25,7 +25,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,18 +48,34 @@ MAX_AGE_DAYS = 30
 KEY_FILE, STAMP_FILE = "key.json", "last-used"
 
 
-def file_digest(path: str | Path, algorithm: str = "sha1",
-                _memo: dict = {}) -> str:  # noqa: B006 - a deliberate memo
-    """The hex digest of the file's bytes, memoised by (path, size, mtime, inode)."""
+DIGEST_MEMO_SIZE = 4096  # file digests remembered (a few hundred kB), least recently used out
+_DIGEST_MEMO: OrderedDict = OrderedDict()
+_DIGEST_LOCK = threading.Lock()
+
+
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """The hex digest of the file's bytes, memoised by (path, size, mtime, inode).
+
+    The memo keeps the :data:`DIGEST_MEMO_SIZE` most recently used digests, so a long session
+    over many datasets does not grow without bound.
+    """
     st = os.stat(path)
     memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, algorithm)
-    if memo_key not in _memo:
-        h = hashlib.new(algorithm)
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _memo[memo_key] = h.hexdigest()
-    return _memo[memo_key]
+    with _DIGEST_LOCK:
+        digest = _DIGEST_MEMO.get(memo_key)
+        if digest is not None:
+            _DIGEST_MEMO.move_to_end(memo_key)
+            return digest
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _DIGEST_LOCK:
+        _DIGEST_MEMO[memo_key] = digest
+        while len(_DIGEST_MEMO) > DIGEST_MEMO_SIZE:
+            _DIGEST_MEMO.popitem(last=False)
+    return digest
 
 
 def key_fields(spec: PreprocessSpec, weights_id: str, seed: int,

@@ -15,8 +15,13 @@ pretrained weights (see :func:`resolve_weights`).
 The model takes float pixels in [0, 255] (the backbone normalises inside). Layers, in order:
 ``augmentation`` (active only in training), the base, ``avg_pool``, ``dropout`` and
 ``predictions`` (softmax). A *bundle* is a folder with ``model.keras`` and ``microclf.json``
-(class order, preprocessing, backbone and weights, config, history, split, metrics,
-versions). TensorFlow and Keras are imported inside functions only.
+(``format``, class order, preprocessing, backbone and weights, config, history, split,
+metrics, versions, and the list of the bundle's own ``files``: ``split.json``, ``report.md``,
+...). Anything else in the folder (notes, figures, evaluation ``reports/``) is the user's and
+stays when a retraining replaces the bundle's own files; the bundle they replace is kept in
+``previous/`` (:func:`restore_previous` brings it back). The swap is journalled, so a run
+killed half way is completed by the next command (:func:`repair_model_folder`). TensorFlow
+and Keras are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -252,11 +257,14 @@ def build_classifier(
     fine_tune=0,
     seed: int | None = None,
     backbone: str = B0,
+    *,
+    warn: bool = True,
 ):
     """Build (uncompiled) the classifier; the base is frozen unless ``fine_tune`` says.
 
     ``weights`` is ``"imagenet"``, a weights file of the backbone without top, ``None`` or
     ``"auto"`` (settled by :func:`resolve_weights`, which may change the backbone).
+    ``warn=False``: no ``FROZEN_RANDOM_WARNING`` warning (a caller that says it itself).
     """
     import keras
 
@@ -288,7 +296,7 @@ def build_classifier(
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = 0.9
-    if weights is None and fine_tune == 0:
+    if weights is None and fine_tune == 0 and warn:
         warnings.warn(FROZEN_RANDOM_WARNING, stacklevel=2)
     return model
 
@@ -362,36 +370,261 @@ class Bundle:
         return PreprocessSpec.from_dict(self.meta["preprocessing"])
 
 
+BUNDLE_FORMAT, BUNDLE_VERSION = "microclf-bundle", 1  # meta["format"]: "microclf-bundle/1"
+PREVIOUS_DIR = "previous"  # the bundle before the last retraining (one generation)
+JOURNAL_FILE = ".microclf-swap.json"  # present while a swap is under way
+# A bundle's own files when its microclf.json does not list them (bundles before "files")
+DEFAULT_FILES = (MODEL_FILE, META_FILE, "split.json", "report.json", "report.md")
+_TEMP_PREFIXES = (".incoming-", ".outgoing-", ".dropped-")
+_HOOK = {"step": None}  # tests: called with a step name after each step of a swap
+
+
+def _step(name: str) -> None:
+    if _HOOK["step"] is not None:
+        _HOOK["step"](name)
+
+
+def bundle_files(folder: str | Path) -> list[str]:
+    """The names of the bundle's own files present in ``folder`` (never the user's)."""
+    folder = Path(folder)
+    names = set(DEFAULT_FILES)
+    try:
+        listed = json.loads((folder / META_FILE).read_text()).get("files")
+        if isinstance(listed, list):
+            names |= {n for n in listed if isinstance(n, str) and _own_name(n)}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return sorted(n for n in names if (folder / n).is_file())
+
+
+def _own_name(name: str) -> bool:
+    """A plain file name a bundle may own (no folders, nothing of ours)."""
+    return (bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+            and name != PREVIOUS_DIR and not name.startswith(".microclf"))
+
+
+def _reserved(name: str) -> bool:
+    from .lock import MODEL_LOCK
+
+    return (name in (PREVIOUS_DIR, JOURNAL_FILE, MODEL_LOCK)
+            or name.startswith(_TEMP_PREFIXES) or name.startswith(f".{JOURNAL_FILE}."))
+
+
+def _write_journal(out: Path, journal: dict) -> None:
+    tmp = out / f".{JOURNAL_FILE}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(journal, indent=1))
+    os.replace(tmp, out / JOURNAL_FILE)
+
+
+def _run_swap(out: Path, journal: dict) -> None:
+    """Carry a swap from the state its journal records to the end; every step can be
+    repeated, so a swap killed at any instant is completed by running this again.
+
+    ``moving-out``: the current bundle's own files go into ``.outgoing-<id>/``;
+    ``moving-in``: the files of the incoming folder go into place;
+    ``rotating``: ``.outgoing-<id>/`` becomes ``previous/`` (the older one is dropped);
+    then the journal is removed, and the temporary folders with it.
+    """
+    sid = journal["id"]
+    incoming = out / journal["incoming"]
+    outgoing = out / f".outgoing-{sid}"
+    dropped = out / f".dropped-{sid}"
+    if journal["state"] == "moving-out":
+        outgoing.mkdir(exist_ok=True)
+        for name in journal["old"]:
+            if (out / name).is_file():
+                os.replace(out / name, outgoing / name)
+                _step(f"out:{name}")
+        journal = {**journal, "state": "moving-in"}
+        _write_journal(out, journal)
+        _step("moved-out")
+    if journal["state"] == "moving-in":
+        for name in journal["new"]:
+            if (incoming / name).is_file():
+                os.replace(incoming / name, out / name)
+                _step(f"in:{name}")
+        journal = {**journal, "state": "rotating"}
+        _write_journal(out, journal)
+        _step("moved-in")
+    if outgoing.is_dir():
+        if any(outgoing.iterdir()):
+            if (out / PREVIOUS_DIR).exists():
+                os.replace(out / PREVIOUS_DIR, dropped)
+                _step("dropped")
+            os.replace(outgoing, out / PREVIOUS_DIR)
+            _step("rotated")
+        else:
+            outgoing.rmdir()
+    (out / JOURNAL_FILE).unlink()
+    _step("committed")
+    for leftover in (dropped, incoming):
+        if leftover.is_dir() and (leftover.name != PREVIOUS_DIR or not any(leftover.iterdir())):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _swap(out: Path, incoming_name: str, new: list[str]) -> None:
+    """Replace the bundle's own files in ``out`` by those in ``out/incoming_name``."""
+    journal = {"id": uuid.uuid4().hex[:8], "incoming": incoming_name, "new": sorted(new),
+               "old": bundle_files(out), "state": "moving-out"}
+    _write_journal(out, journal)
+    _step("journal")
+    _run_swap(out, journal)
+
+
+def repair_model_folder(out: str | Path) -> list[str]:
+    """Complete an interrupted swap in model folder ``out`` and remove what killed runs left.
+
+    - a journal (``.microclf-swap.json``): the swap it records is carried to its end (the
+      new bundle was complete before the journal was written), so the folder holds the new
+      bundle and ``previous/`` the one before;
+    - ``.incoming-*``, ``.outgoing-*`` (empty) and ``.dropped-*`` folders of killed runs are
+      removed;
+    - beside ``out``, folders of the swap of microclf before 0.4 (``.OUT.old-*`` and
+      ``.OUT.tmp-*``) older than this process: when ``out`` is missing the newest
+      ``.OUT.old-*`` is restored as ``out``; the others are removed.
+
+    Nothing is done while another process (or thread) holds the folder's lock: it may be in
+    the middle of its swap. Returns one line per thing done.
+    """
+    from .errors import LockedError
+    from .lock import PROCESS_START, is_locked, model_lock
+
+    out = Path(out).expanduser().resolve()
+    done: list[str] = []
+    parent = out.parent
+    if parent.is_dir():  # the swap of earlier versions, beside the folder
+        olds = sorted(parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        tmps = list(parent.glob(f".{out.name}.tmp-*"))
+        olds = [p for p in olds if p.stat().st_mtime < PROCESS_START]
+        tmps = [p for p in tmps if p.stat().st_mtime < PROCESS_START]
+        if olds and not out.exists():
+            olds.pop().rename(out)
+            done.append(f"Restored {out} from an interrupted replacement.")
+        for p in olds + tmps:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"Removed {p.name}, left by an interrupted training.")
+    if not out.is_dir() or is_locked(out):
+        return done
+    names = os.listdir(out)
+    if JOURNAL_FILE not in names and not any(n.startswith(_TEMP_PREFIXES) for n in names) \
+            and not any(n.startswith(f".{JOURNAL_FILE}.") for n in names):
+        return done
+    try:
+        with model_lock(out, "microclf repair"):
+            journal_path = out / JOURNAL_FILE
+            if journal_path.exists():
+                try:
+                    journal = json.loads(journal_path.read_text())
+                except ValueError:  # killed while writing it: nothing was moved yet
+                    journal = None
+                if journal is None:
+                    journal_path.unlink()
+                else:
+                    _run_swap(out, journal)
+                    done.append(f"Completed the interrupted replacement of the model in {out}.")
+            for p in out.iterdir():
+                if p.is_file() and p.name.startswith(f".{JOURNAL_FILE}."):
+                    p.unlink()  # a journal killed while it was written
+                if p.is_dir() and p.name.startswith(_TEMP_PREFIXES):
+                    if p.name.startswith(".outgoing-") and any(p.iterdir()):
+                        continue  # never happens without a journal; keep what it holds
+                    shutil.rmtree(p, ignore_errors=True)
+                    done.append(f"Removed {p.name}, left by an interrupted run.")
+    except LockedError:
+        pass
+    return done
+
+
 def write_bundle(out: str | Path, model, meta: dict, extra_files: dict[str, str] | None = None
                  ) -> Path:
-    """Write a bundle to a temporary folder beside ``out``, then swap it into place.
+    """Write a bundle into model folder ``out``, replacing only the bundle's own files.
 
-    An existing bundle at ``out`` is replaced only once the new one is complete. A folder at
-    ``out`` that is not a bundle is never touched: a BundleError says to choose another.
+    The new files are written into ``out/.incoming-<id>/``; then, recorded by a journal, the
+    current bundle's own files move to ``out/previous/`` (the older ``previous/`` is dropped)
+    and the new ones into place (:func:`repair_model_folder` completes a swap killed half
+    way). Other files and folders in ``out`` (notes, figures, ``reports/``) stay. A folder
+    at ``out`` that is not a model folder and not empty is never touched: a BundleError says
+    to choose another. Holds the folder's lock (:func:`~.lock.model_lock`).
     """
+    from .lock import model_lock
+
     out = Path(out).expanduser().resolve()
-    if out.exists() and not (out / META_FILE).exists() and any(out.iterdir()):
+    repair_model_folder(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} is a file, not a folder; choose another output folder "
+                          "(nothing was written)")
+    if out.exists() and not (out / META_FILE).exists() and not (out / PREVIOUS_DIR).is_dir() \
+            and any(not _reserved(n) for n in os.listdir(out)):
         raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
                           "output folder (nothing was written)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        model.save(tmp / MODEL_FILE)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    extra = {k: v for k, v in (extra_files or {}).items()}
+    bad = [n for n in extra if not _own_name(n) or n in (MODEL_FILE, META_FILE)]
+    if bad:
+        raise ValueError(f"bundle files must be plain file names, got {bad}")
+    files = sorted({MODEL_FILE, META_FILE, *extra})
+    meta = {**meta, "files": files}
+    with model_lock(out, "microclf write"):
+        incoming = out / f".incoming-{uuid.uuid4().hex[:8]}"
+        incoming.mkdir()
+        try:
+            model.save(incoming / MODEL_FILE)
+            for name, text in extra.items():
+                (incoming / name).write_text(text, encoding="utf-8")
+            (incoming / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default),
+                                              encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        _step("incoming")
+        _swap(out, incoming.name, files)
     return out
+
+
+def restore_previous(out: str | Path) -> dict:
+    """Make ``out/previous/`` the active bundle again; the current one becomes ``previous/``
+    (so restoring twice is back where it was). Returns the now active bundle's metadata.
+
+    Raises a BundleError when there is no previous bundle, a LockedError while a training
+    writes into the folder.
+    """
+    from .lock import model_lock
+
+    out = Path(out).expanduser().resolve()
+    if out.is_file() and out.name in (MODEL_FILE, META_FILE):
+        out = out.parent
+    repair_model_folder(out)
+    if not out.is_dir():
+        raise BundleError(f"model folder {out} does not exist; nothing to restore")
+    previous = out / PREVIOUS_DIR
+    if not (previous / META_FILE).is_file() or not (previous / MODEL_FILE).is_file():
+        raise BundleError(f"{out} has no previous model to restore ({PREVIOUS_DIR}/ is made "
+                          "when a model folder is trained again); nothing was changed")
+    read_meta(previous)  # refuse a previous bundle this version cannot use
+    with model_lock(out, "microclf restore"):
+        names = sorted(n for n in os.listdir(previous)
+                       if (previous / n).is_file() and _own_name(n))
+        _swap(out, PREVIOUS_DIR, names)
+    return read_meta(out)
+
+
+def has_previous(out: str | Path) -> bool:
+    """Whether model folder ``out`` keeps a previous bundle that :func:`restore_previous`
+    can bring back."""
+    previous = Path(out).expanduser() / PREVIOUS_DIR
+    return (previous / META_FILE).is_file() and (previous / MODEL_FILE).is_file()
+
+
+def describe_bundle(meta: dict) -> str:
+    """``trained 2024-05-01 10:02, efficientnet-lite0, test accuracy 91.2%, classes a, b``."""
+    parts = []
+    if meta.get("date"):
+        parts.append("trained " + str(meta["date"])[:16].replace("T", " "))
+    parts.append(str(meta.get("backbone") or B0))
+    acc = (meta.get("metrics") or {}).get("accuracy")
+    if isinstance(acc, (int, float)):
+        parts.append(f"test accuracy {acc:.1%}")
+    parts.append("classes " + ", ".join(map(str, meta.get("class_names", []))))
+    return ", ".join(parts)
 
 
 def _json_default(o):
@@ -413,6 +646,8 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if path.is_file() and path.name in (MODEL_FILE, META_FILE):
         path = path.parent
+    repair_model_folder(path)
+    _wait_for_swap(path)
     if not path.is_dir():
         raise BundleError(f"model folder {path} does not exist; train a model first or pick the "
                           f"folder that holds {MODEL_FILE} and {META_FILE}")
@@ -424,6 +659,7 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise BundleError(f"{meta_path} is corrupt ({exc}); retrain or restore the model") from exc
+    check_format(meta, meta_path)
     problems = []
     names = meta.get("class_names") if isinstance(meta, dict) else None
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
@@ -437,6 +673,67 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def _wait_for_swap(folder: Path, timeout: float = 10.0) -> None:
+    """While another process swaps the bundle's files (a journal and its lock), wait for it
+    to finish (a swap takes a fraction of a second)."""
+    import time
+
+    from .lock import is_locked
+
+    deadline = time.monotonic() + timeout
+    while (folder / JOURNAL_FILE).exists() and is_locked(folder) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def check_format(meta, meta_path: str | Path) -> None:
+    """Refuse a ``microclf.json`` whose ``format`` this version cannot read.
+
+    ``"microclf-bundle/<version>"``; bundles from before the field have none (version 1).
+    """
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path} is not a JSON object: not a microclf model (retrain "
+                          "the model)")
+    fmt = meta.get("format")
+    if fmt is None:
+        return
+    name, _, version = str(fmt).partition("/")
+    if name != BUNDLE_FORMAT or not version.isdigit():
+        raise BundleError(f"{meta_path} has format {fmt!r}, not a microclf model "
+                          f"({BUNDLE_FORMAT}/{BUNDLE_VERSION}); pick a folder written by "
+                          "microclf")
+    if int(version) > BUNDLE_VERSION:
+        raise BundleError(f"{meta_path} was made by a newer microclf (format {version}; this "
+                          f"one reads up to {BUNDLE_VERSION}); upgrade napari-microclf "
+                          "(pip install -U napari-microclf)")
+
+
+def check_split_schema(data, path: str | Path) -> dict[str, list[dict]]:
+    """Check a bundle's ``split.json`` (``{subset: [{"key", "sha1", "group"}...]}``) and
+    return its three lists; a BundleError names the first problem and what to do."""
+    subsets = ("test", "val", "train")
+
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{path} is not a valid split list ({why}); restore the previous "
+                           f"model (microclf restore {Path(path).parent}) or retrain")
+
+    if not isinstance(data, dict):
+        raise bad(f"a JSON object was expected, found {type(data).__name__}")
+    out = {}
+    for s in subsets:
+        entries = data.get(s, [])
+        if not isinstance(entries, list):
+            raise bad(f"{s!r} must be a list, found {type(entries).__name__}")
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict) or not isinstance(e.get("key"), str) \
+                    or not isinstance(e.get("sha1"), str):
+                raise bad(f"{s}[{i}] must have a text 'key' and 'sha1', found {e!r:.80}")
+            if "/" not in e["key"]:
+                raise bad(f"{s}[{i}] key {e['key']!r} is not '<class>/<file>'")
+        out[s] = list(entries)
+    return out
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load a bundle with Keras' safe mode and check that model and metadata agree."""
     import keras
@@ -447,11 +744,25 @@ def load_bundle(path: str | Path) -> Bundle:
     model_path = folder / MODEL_FILE
     if not model_path.exists():
         raise BundleError(f"{folder} has no {MODEL_FILE}; retrain the model")
+    def unreadable(reason: str) -> BundleError:
+        what = ("restore the previous model (microclf restore "
+                f"{folder.resolve()}, or Restore previous in the Predict widget) or retrain it"
+                if has_previous(folder) else "retrain the model")
+        return BundleError(f"{model_path} is corrupt or unreadable ({reason}); {what}")
+
+    import zipfile
+
+    try:
+        whole = zipfile.is_zipfile(model_path)
+    except OSError as exc:
+        raise unreadable(exc.strerror or str(exc)) from exc
+    if not whole:  # Keras would say "File not found" of it
+        raise unreadable("not a complete .keras archive: truncated, overwritten or not a model")
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:
-        raise BundleError(f"{model_path} cannot be loaded ({type(exc).__name__}: "
-                          f"{str(exc)[:300]}); retrain the model") from exc
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise unreadable(f"{type(exc).__name__}: {text}") from exc
     n_out = int(model.output_shape[-1])
     if n_out != len(meta["class_names"]):
         raise BundleError(
