@@ -2,6 +2,11 @@
 
 Pages of a stack are streamed in batches, so memory is bounded by the batch, not the stack.
 The model is loaded once per :class:`Predictor` and its forward pass traced once.
+
+Folders are classified past bad files: :func:`predict_folder` classifies every page it can
+read, reports each file it cannot (unreadable, corrupt, too small, wrong channels) as a
+:class:`FileError`, streams the rows to the CSV as they come and says what happened in one
+summary line.
 """
 
 from __future__ import annotations
@@ -12,14 +17,24 @@ import queue
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .images import ImageReadError, is_image_file, open_image, preprocess
+from .errors import MicroclfError, OutputError
+from .images import IMAGE_SUFFIXES, ImageReadError, is_image_file, open_image, preprocess
 from .model import Bundle, load_bundle
+
+# preprocess() needs 2 pixels on each side (a 1-pixel side has nothing to interpolate).
+# TODO(merge): the same number as core.images.MIN_SIDE once images.py has it.
+MIN_SIDE = 2
+
+# What a bad file may raise while it is read and preprocessed: ours (ImageReadError, ...) and
+# the builtin errors of decoders that get past ImageFile's wrapping. Anything else is a bug
+# and stops the run with its traceback.
+_FILE_ERRORS = (MicroclfError, OSError, ValueError, IndexError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,120 @@ class PagePrediction:
     def label(self, threshold: float = 0.0) -> str:
         """The class, or ``"uncertain"`` below ``threshold``."""
         return self.class_name if self.confidence >= threshold else "uncertain"
+
+
+@dataclass(frozen=True)
+class FileError:
+    """A file (or the rest of a file, from ``page`` on) that could not be classified.
+
+    ``message`` is one line saying what is wrong, without the path; ``str()`` adds the path.
+    """
+
+    path: str
+    message: str
+    page: int | None = None  # the page that failed; None: the file could not be opened
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class FolderResult(Sequence):
+    """What :func:`predict_folder` did: the classified pages, in order, and the files it could
+    not read.
+
+    It is a sequence of :class:`PagePrediction` (``len``, indexing and iteration give the
+    pages), so code written for a plain list of pages keeps working.
+    """
+
+    predictions: list[PagePrediction] = field(default_factory=list)
+    errors: list[FileError] = field(default_factory=list)
+    n_files: int = 0  # files looked at (classified, failed, or both for a half-read stack)
+    stopped: bool = False  # should_stop() ended the run early
+    csv_path: Path | None = None  # the CSV written (the .partial file if the run was stopped)
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __getitem__(self, i):
+        return self.predictions[i]
+
+    def __iter__(self) -> Iterator[PagePrediction]:
+        return iter(self.predictions)
+
+    @property
+    def ok(self) -> bool:
+        """At least one page was classified."""
+        return bool(self.predictions)
+
+    def summary(self, max_listed: int = 3) -> str:
+        """One line: pages and files classified, files that failed (the first few with their
+        reason), and where the CSV is."""
+        pages = len(self.predictions)
+        files = len({p.file for p in self.predictions})
+        if pages:
+            text = (f"Classified {_plural(pages, 'page')} from "
+                    f"{files if files == self.n_files else f'{files} of {self.n_files}'} "
+                    f"file{'s' if self.n_files != 1 else ''}")
+        else:
+            text = f"No page could be classified ({_plural(self.n_files, 'file')} tried)"
+        if self.stopped:
+            text += " before the run was stopped"
+        if self.errors:
+            where = "the CSV's error column" if self.csv_path is not None else "above"
+            listed = "; ".join(f"{Path(e.path).name}: {e.message}"
+                               for e in self.errors[:max_listed])
+            more = len(self.errors) - max_listed
+            read = {p.file for p in self.predictions}
+            in_part = sum(e.path in read for e in self.errors)
+            text += (f"; {_plural(len(self.errors), 'file')} could not be read ("
+                     + (f"{in_part} only in part; " if in_part else "")
+                     + f"listed in {where}): {listed}" + (f"; and {more} more" if more > 0 else ""))
+        if self.csv_path is not None:
+            text += f". CSV: {self.csv_path}"
+        return text
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+_IMAGEIO_HINTS = re.compile(
+    r"\s*Based on the extension, the following plugins might add capable backends:"
+    r"(?:\s+[\w.-]+:\s+pip install \S+?(?=\)|\s|$))*")
+_IMAGEIO_NO_BACKEND = re.compile(r"Could not find a backend to open `[^`]*`*\s+with iomode "
+                                 r"`\w+`\.?")
+
+
+def one_line(message: str, path: str | Path | None = None) -> str:
+    """``message`` condensed to one line: imageio's plugin hints dropped, whitespace collapsed,
+    a leading ``"<path>: "`` or ``"<path> page <n>: "`` removed (the caller names the file)."""
+    text = _IMAGEIO_HINTS.sub("", str(message))
+    text = _IMAGEIO_NO_BACKEND.sub("no installed reader recognises its content", text)
+    text = " ".join(text.split())
+    if path is not None:
+        names = "|".join(re.escape(n) for n in (str(path), Path(path).name))
+        text = re.sub(rf"^(?:{names})(?: page \d+)?: ", "", text, count=1)
+    return text or "unknown error"
+
+
+def check_page(page: np.ndarray, where: str = "image") -> np.ndarray:
+    """``page`` as ``(Y, X, C)``, or an ImageReadError naming ``where`` and what is wrong.
+
+    Refuses what preprocessing cannot turn into model input: other numbers of dimensions and
+    sides under :data:`MIN_SIDE` pixels (a 1 x 20000 line has nothing to resize).
+    """
+    page = np.asarray(page)
+    if page.ndim == 2:
+        page = page[..., None]
+    if page.ndim != 3:
+        raise ImageReadError(f"{where}: shape {page.shape} is not one image (Y, X) or "
+                             "(Y, X, C); give a stack's page axis")
+    h, w = page.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ImageReadError(f"{where}: {h} x {w} pixels is too small to classify: each side "
+                             f"needs at least {MIN_SIDE} pixels; crop or remove it")
+    return page
 
 
 class Predictor:
@@ -63,52 +192,137 @@ class Predictor:
             None if file is None else str(file), int(page), self.class_names[i],
             float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)})
 
-    def _batches(self, pages):
+    def _prepare(self, array: np.ndarray, file, page) -> np.ndarray:
+        """One page to model input; errors name the file and page."""
+        where = "image" if file is None else str(file)
+        if file is not None:
+            where += f" page {page}" if page else ""
+        elif page:
+            where = f"page {page}"
+        page_array = check_page(array, where)
+        try:
+            return preprocess(page_array, self.spec)
+        except ImageReadError as exc:
+            raise ImageReadError(f"{where}: {one_line(exc)}") from exc
+
+    def _batches(self, entries):
+        """``(file, page, model input)`` and FileError entries into batches: ``(buf, keys)``
+        where keys lists ``(file, page)`` per row of ``buf`` and FileErrors where they came."""
         size = self.spec.image_size
         buf = np.empty((self.batch_size, size, size, 3), dtype=np.float32)
         keys: list = []
-        for file, page, array in pages:
-            buf[len(keys)] = preprocess(array, self.spec)
+        n = 0
+        for entry in entries:
+            if isinstance(entry, FileError):
+                keys.append(entry)
+                continue
+            file, page, x = entry
+            buf[n] = x
             keys.append((file, page))
-            if len(keys) == self.batch_size:
+            n += 1
+            if n == self.batch_size:
                 yield buf, keys
                 buf = np.empty_like(buf)  # the consumer still holds the last one
-                keys = []
+                keys, n = [], 0
         if keys:
-            yield buf[: len(keys)], keys
+            yield buf[:n], keys
+
+    def _classify(self, entries, should_stop=None) -> Iterator[list]:
+        """Batches of results (PagePrediction and FileError, in input order), one list per
+        batch; entries are read and prepared in a background thread."""
+        for buf, keys in _prefetch(self._batches(entries), self.prefetch):
+            probs = iter(self._probabilities(buf)) if len(buf) else iter(())
+            yield [k if isinstance(k, FileError) else self._result(next(probs), *k)
+                   for k in keys]
+            if should_stop is not None and should_stop():
+                return
 
     def predict_pages(self, pages: Iterable[tuple[object, int, np.ndarray]],
                       should_stop=None) -> Iterator[PagePrediction]:
         """Classify ``(file, page, array)`` items, batching as they stream in.
 
         Pages are read and preprocessed in a background thread while the model works on the
-        previous batch; at most ``prefetch`` + 2 batches exist at any time.
+        previous batch; at most ``prefetch`` + 2 batches exist at any time. An error raised
+        by ``pages`` or by a page's preprocessing is raised here (naming file and page).
         """
-        for buf, keys in _prefetch(self._batches(pages), self.prefetch):
-            probs = self._probabilities(buf)
-            for (file, page), p in zip(keys, probs, strict=True):
-                yield self._result(p, file, page)
-            if should_stop is not None and should_stop():
-                return
+        entries = ((f, p, self._prepare(a, f, p)) for f, p, a in pages)
+        for batch in self._classify(entries, should_stop):
+            yield from batch
 
-    def predict_array(self, array: np.ndarray, pages: bool = False) -> list[PagePrediction]:
-        """One image ``(Y, X[, C])``, or with ``pages=True`` a stack ``(P, Y, X[, C])``."""
+    def predict_array(self, array: np.ndarray, page_axis: int | None = None, *,
+                      pages: bool = False) -> list[PagePrediction]:
+        """Classify one image, or a stack along ``page_axis``; see :func:`predict`.
+
+        ``pages=True`` is the older spelling of ``page_axis=0``.
+        """
         array = np.asarray(array)
-        items = ((None, i, a) for i, a in enumerate(array)) if pages else [(None, 0, array)]
-        return list(self.predict_pages(items))
+        if pages and page_axis is None:
+            page_axis = 0
+        if page_axis is None:
+            if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= 4)):
+                raise ImageReadError(
+                    f"an array of shape {array.shape} is not one image ((Y, X) or (Y, X, C) "
+                    "with C <= 4); for a stack of pages say which axis enumerates them, "
+                    "e.g. page_axis=0")
+            return list(self.predict_pages([(None, 0, array)]))
+        try:
+            stack = np.moveaxis(array, page_axis, 0)
+        except ValueError as exc:  # numpy's AxisError
+            raise ImageReadError(f"page_axis={page_axis} does not exist in an array of shape "
+                                 f"{array.shape}") from exc
+        if stack.ndim not in (3, 4):
+            raise ImageReadError(
+                f"a stack of shape {array.shape} with page_axis={page_axis} has pages of shape "
+                f"{stack.shape[1:]}; each page must be (Y, X) or (Y, X, C)")
+        return list(self.predict_pages((None, i, a) for i, a in enumerate(stack)))
 
     def predict_file(self, path: str | Path, should_stop=None) -> Iterator[PagePrediction]:
+        """Every page of one file; an unreadable file or page raises ImageReadError."""
         with open_image(path) as f:
             yield from self.predict_pages(((path, i, f.page(i)) for i in range(len(f))),
                                           should_stop)
 
+    def _file_entries(self, path: Path):
+        """``(path, page, model input)`` per page, then a FileError if the file (or a page)
+        cannot be read or prepared; the pages after a bad page are skipped."""
+        page = None
+        try:
+            with open_image(path) as f:
+                for page in range(len(f)):
+                    yield (path, page, self._prepare(f.page(page), path, page))
+        except _FILE_ERRORS as exc:
+            message = one_line(exc, path)
+            if not isinstance(exc, MicroclfError):  # a library's error: say which kind
+                message = f"cannot be read ({type(exc).__name__}: {message})"
+            if page and not message.startswith(f"page {page}"):  # a stack's later page
+                message = f"page {page}: {message}"
+            yield FileError(str(path), message, page)
+
+    def classify_paths(self, paths: Sequence[str | Path], should_stop=None
+                       ) -> Iterator[list[PagePrediction | FileError]]:
+        """Every page of every file (folders searched recursively), past bad files.
+
+        Yields one list per batch: a PagePrediction per classified page and a FileError
+        where a file (or the rest of a stack) could not be read, in file order.
+        """
+        def entries():
+            for path in expand_paths(paths):
+                yield from self._file_entries(path)
+
+        yield from self._classify(entries(), should_stop)
+
     def predict_paths(self, paths: Sequence[str | Path], should_stop=None
                       ) -> Iterator[PagePrediction]:
-        """Files and folders (searched recursively for images), in sorted order."""
-        for path in expand_paths(paths):
-            yield from self.predict_file(path, should_stop)
-            if should_stop is not None and should_stop():
-                return
+        """Files and folders (searched recursively for images), in sorted order.
+
+        Stops at the first unreadable file with its ImageReadError; :func:`predict_folder`
+        classifies past bad files and reports them.
+        """
+        for batch in self.classify_paths(paths, should_stop):
+            for item in batch:
+                if isinstance(item, FileError):
+                    raise ImageReadError(str(item))
+                yield item
 
 
 class _Failed:
@@ -156,6 +370,8 @@ def _prefetch(iterable, depth: int = 1):
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files of ``paths`` (folders searched recursively, hidden ones skipped), sorted per
+    folder; a path that does not exist raises ImageReadError."""
     out: list[Path] = []
     for p in paths:
         p = Path(p).expanduser()
@@ -169,13 +385,225 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def predict(bundle, image_or_path, batch_size: int = 32) -> list[PagePrediction]:
-    """Classify an array (one page), a file (every page), a folder, or a list of paths."""
+def find_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """:func:`expand_paths`, and an ImageReadError when there is no image at all."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files = expand_paths(paths)
+    if not files:
+        raise ImageReadError(
+            f"no images in {', '.join(str(p) for p in paths)} (looked for "
+            f"{', '.join(IMAGE_SUFFIXES)} files); check the folder")
+    return files
+
+
+def check_csv_destination(path: str | Path) -> Path:
+    """``path`` if a CSV can be written there, else an OutputError saying what to do.
+
+    Checked before any model is loaded: the path is not a folder, its folder exists and a file
+    can be created in it (tried, not guessed from permission bits).
+    """
+    text = str(path).strip()
+    if not text:
+        raise OutputError("no CSV file name given; choose where to write the predictions")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise OutputError(f"CSV destination {path} is a folder; give a file name, e.g. "
+                          f"{path / 'predictions.csv'}")
+    folder = path.parent
+    if not folder.exists():
+        raise OutputError(f"cannot write {path}: the folder {folder} does not exist; create it "
+                          f"(mkdir -p {folder}) or choose another CSV path")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {folder} is a file, not a folder; choose "
+                          "another CSV path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: no permission to create files in {folder} "
+                          f"({exc.strerror or exc}); choose a CSV path in a folder you can "
+                          "write to") from exc
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
+                   csv_path: str | Path | None = None, *, threshold: float = 0.0,
+                   batch_size: int = 32, should_stop: Callable[[], bool] | None = None,
+                   on_item: Callable[[PagePrediction | FileError], None] | None = None
+                   ) -> FolderResult:
+    """Classify every page of every image under ``paths``, past files that cannot be read.
+
+    Parameters
+    ----------
+    bundle : Predictor, Bundle, str or Path
+        A loaded :class:`Predictor` or a model folder (loaded only after the checks below).
+    paths : str, Path or sequence of them
+        Folders (searched recursively; hidden files and folders skipped) and image files.
+    csv_path : str or Path, optional
+        Where to write the CSV (see :func:`write_csv`; with ``status`` and ``error`` columns).
+        Its folder is checked before the model is loaded (:func:`check_csv_destination`).
+        Rows are written to ``<csv_path>.partial`` as they come, flushed after each batch, and
+        the file is renamed to ``csv_path`` when the run is complete: an earlier CSV of that
+        name stays intact until then, and a stopped or failed run leaves its rows in the
+        ``.partial`` file.
+    threshold : float
+        Confidence below which the CSV's class reads ``"uncertain"``.
+    should_stop : callable, optional
+        Checked after each batch; when true the run ends (``result.stopped``).
+    on_item : callable, optional
+        Called with each PagePrediction and FileError as it comes (progress, printing).
+
+    Returns
+    -------
+    FolderResult
+        The pages (a sequence of :class:`PagePrediction`), ``errors`` (one
+        :class:`FileError` per file that could not be read, with its reason) and
+        ``summary()``, one line saying what happened.
+
+    Raises
+    ------
+    OutputError
+        The CSV cannot be written there (before anything else is done).
+    ImageReadError
+        A path does not exist, or there is no image under ``paths``.
+
+    Examples
+    --------
+    >>> result = predict_folder("model", "plates/", "plates.csv")  # doctest: +SKIP
+    >>> print(result.summary())  # doctest: +SKIP
+    Classified 118 pages from 38 of 40 files; 2 files could not be read (listed in the CSV's
+    error column): a.tif: ...; b.png: .... CSV: plates.csv
+    """
+    run = iter_folder(bundle, paths, csv_path, threshold=threshold, batch_size=batch_size,
+                      should_stop=should_stop)
+    try:
+        while True:
+            try:
+                item = next(run)
+            except StopIteration as end:
+                return end.value
+            if on_item is not None:
+                on_item(item)
+    finally:
+        run.close()  # an error in on_item: the partial CSV is closed now, not when collected
+
+
+def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
+                csv_path: str | Path | None = None, *, threshold: float = 0.0,
+                batch_size: int = 32, should_stop: Callable[[], bool] | None = None
+                ) -> Generator[PagePrediction | FileError, None, FolderResult]:
+    """:func:`predict_folder` as a generator (for a GUI worker): yields each PagePrediction
+    and FileError as it comes and returns the :class:`FolderResult`.
+
+    Each batch's rows are in the CSV (flushed) before its items are yielded. The checks run
+    at the first ``next()``; closing the generator early keeps the ``.partial`` CSV.
+    """
+    csv_path = check_csv_destination(csv_path) if csv_path is not None else None
+    files = find_images(paths)
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
+    result = FolderResult(n_files=len(files))
+    out = _CsvStream(csv_path, predictor.class_names, threshold) if csv_path else None
+    done = False
+    try:
+        for batch in predictor.classify_paths(files, should_stop):
+            for item in batch:
+                (result.errors if isinstance(item, FileError) else result.predictions
+                 ).append(item)
+            if out is not None:
+                out.write(batch)
+            yield from batch
+        result.stopped = should_stop is not None and should_stop()
+        done = not result.stopped
+    finally:
+        if out is not None:
+            result.csv_path = out.close(keep=done)
+    return result
+
+
+class _CsvStream:
+    """Rows written to ``<path>.partial`` as they come; renamed to ``path`` on completion."""
+
+    def __init__(self, path: Path, class_names: Sequence[str], threshold: float):
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.class_names = list(class_names)
+        self.threshold = threshold
+        try:
+            self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.partial} ({exc.strerror or exc}); choose "
+                              "another CSV path") from exc
+        self.writer = csv.writer(self.file)
+        self.writer.writerow([csv_cell(v) for v in _header(self.class_names, status=True)])
+
+    def write(self, items: Iterable[PagePrediction | FileError]) -> None:
+        """Write the rows of ``items`` and flush them to disk."""
+        for item in items:
+            row = _row(item, self.class_names, self.threshold, status=True)
+            self.writer.writerow([csv_cell(v) for v in row])
+        self.file.flush()
+
+    def close(self, keep: bool) -> Path:
+        """Close; ``keep`` (a complete run) renames the partial file to the CSV's name."""
+        self.file.close()
+        if keep:
+            os.replace(self.partial, self.path)
+            return self.path
+        return self.partial
+
+
+def predict(bundle, image_or_path, batch_size: int = 32, *, page_axis: int | None = None):
+    """Classify an image array, a stack array, an image file, a folder or a list of paths.
+
+    Parameters
+    ----------
+    bundle : Predictor, Bundle, str or Path
+        A model folder written by training (or a loaded bundle or Predictor).
+    image_or_path : numpy.ndarray, str, Path or sequence of paths
+        An array: with ``page_axis=None`` one image, ``(Y, X)`` or ``(Y, X, C)`` with
+        ``C <= 4``; with ``page_axis`` a stack whose pages lie along that axis (each page
+        ``(Y, X)`` or ``(Y, X, C)``). A file: every page of it (a TIFF stack page by page).
+        A folder or several paths: every page of every image, past files that cannot be read
+        (see :func:`predict_folder`).
+    batch_size : int
+        Pages per forward pass.
+    page_axis : int, optional
+        For arrays only: the axis that enumerates pages. Nothing is guessed: a
+        ``(10, 64, 64)`` array without ``page_axis`` is refused, not taken as 10 pages.
+
+    Returns
+    -------
+    list of PagePrediction or FolderResult
+        One :class:`PagePrediction` per page (``page`` counts along ``page_axis``). For a
+        folder or several paths a :class:`FolderResult`: the same sequence of pages, plus
+        ``errors``, the files that could not be read.
+
+    Raises
+    ------
+    ImageReadError
+        An array that is not one image without ``page_axis``; a single file that cannot be
+        read or whose page is too small (the message names the file and the minimum side).
+
+    Examples
+    --------
+    >>> stack = np.random.rand(5, 64, 64)               # 5 gray pages  # doctest: +SKIP
+    >>> pages = predict("model", stack, page_axis=0)    # doctest: +SKIP
+    >>> [(p.page, p.class_name) for p in pages]          # doctest: +SKIP
+    [(0, 'round'), (1, 'round'), (2, 'fragmented'), (3, 'round'), (4, 'elongated')]
+    >>> predict("model", np.random.rand(64, 64, 3))[0].confidence  # one RGB page  # doctest: +SKIP
+    0.93
+    """
+    predictor = bundle if isinstance(bundle, Predictor) else None
     if isinstance(image_or_path, np.ndarray):
-        return predictor.predict_array(image_or_path)
-    paths = [image_or_path] if isinstance(image_or_path, (str, Path)) else list(image_or_path)
-    return list(predictor.predict_paths(paths))
+        predictor = predictor or Predictor(bundle, batch_size)
+        return predictor.predict_array(image_or_path, page_axis)
+    if page_axis is not None:
+        raise TypeError("page_axis is for arrays; a file's pages come from its own axes")
+    if isinstance(image_or_path, (str, Path)) and Path(image_or_path).expanduser().is_file():
+        predictor = predictor or Predictor(bundle, batch_size)
+        return list(predictor.predict_file(Path(image_or_path).expanduser()))
+    return predict_folder(predictor or bundle, image_or_path, batch_size=batch_size)
 
 
 # Cells a spreadsheet program would run as a formula (OWASP, "CSV Injection"): these starts.
@@ -193,6 +621,24 @@ def csv_cell(value) -> str:
     if text.startswith(_FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(text):
         return "'" + text
     return text
+
+
+def _header(class_names: Sequence[str], status: bool) -> list[str]:
+    return ["file", "page", "class", "confidence", *class_names,
+            *(["status", "error"] if status else [])]
+
+
+def _row(item: PagePrediction | FileError, class_names: Sequence[str], threshold: float,
+         status: bool) -> list:
+    if isinstance(item, FileError):
+        if not status:
+            raise ValueError(f"{item}: a FileError needs the status and error columns "
+                             "(status=True)")
+        return [item.path, "" if item.page is None else item.page, "", "",
+                *("" for _ in class_names), "error", item.message]
+    return [item.file or "", item.page, item.label(threshold), f"{item.confidence:.4f}",
+            *(f"{item.probabilities[c]:.4f}" for c in class_names),
+            *(["ok", ""] if status else [])]
 
 
 def _write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
@@ -216,18 +662,32 @@ def _write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
     return max(written - 1, 0)
 
 
-def write_csv(predictions: Iterable[PagePrediction], path: str | Path,
-              class_names: Sequence[str], threshold: float = 0.0) -> int:
+def write_csv(predictions: Iterable[PagePrediction | FileError], path: str | Path,
+              class_names: Sequence[str], threshold: float = 0.0, *,
+              status: bool | None = None) -> int:
     """CSV with file, page, class, confidence and one probability column per class.
+
+    With ``status`` (the default when ``predictions`` is a :class:`FolderResult` or holds a
+    :class:`FileError`) two more columns: ``status`` (``ok`` or ``error``) and ``error`` (the
+    reason, one line); a FileError becomes a row with empty class and probabilities. A
+    FolderResult writes its pages, then its errors.
 
     UTF-8 with ``\\r\\n`` line ends on every platform; text cells that start like a formula
     (``=``, ``+``, ``-``, ``@``, tab, CR: class names come from folder names, file names from
-    users) are written with a leading ``'`` (see :func:`csv_cell`). Returns the row count.
+    users) are written with a leading ``'`` (see :func:`csv_cell`). Written to a temporary
+    file and renamed, so a failure leaves an earlier CSV intact. Returns the row count.
     """
+    if isinstance(predictions, FolderResult):
+        items: list = [*predictions.predictions, *predictions.errors]
+        status = True if status is None else status
+    else:
+        items = list(predictions)
+    if status is None:
+        status = any(isinstance(i, FileError) for i in items)
+
     def rows():
-        yield ["file", "page", "class", "confidence", *class_names]
-        for p in predictions:
-            yield [p.file or "", p.page, p.label(threshold), f"{p.confidence:.4f}",
-                   *(f"{p.probabilities[c]:.4f}" for c in class_names)]
+        yield _header(class_names, status)
+        for item in items:
+            yield _row(item, class_names, threshold, status)
 
     return _write_csv_rows(path, rows())
