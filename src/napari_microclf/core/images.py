@@ -10,8 +10,12 @@ Pages of a TIFF are read lazily: opening a multi-GB stack reads its header only,
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +26,75 @@ from .errors import ImageReadError
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
+# The smallest page microclf accepts. Each side needs two pixels (resizing interpolates
+# between neighbours; a 1-pixel row or column is a profile or an export mistake, not an
+# image), and the longer side 8 (below 8 x 8 each pixel would become a block of 28 x 28 or
+# more at 224 px: nothing left to classify). A 2 x 20000 line scan passes (with a warning).
+MIN_SIDE = 2
+MIN_LONG_SIDE = 8
+
+
+def shape_problem(shape: Sequence[int]) -> str | None:
+    """Why a page of ``shape`` (``(Y, X[, C])``) is too small to use, or None."""
+    h, w = int(shape[0]), int(shape[1])
+    if min(h, w) >= MIN_SIDE and max(h, w) >= MIN_LONG_SIDE:
+        return None
+    return (f"too small: {h} x {w} pixels (height x width); each side needs at least "
+            f"{MIN_SIDE} pixels and the longer one at least {MIN_LONG_SIDE}")
+
+
+def condense(exc: BaseException) -> str:
+    """A library's error as one short clause: imageio's list of plugins to install, tifffile's
+    and Pillow's multi-line texts are cut to what says what is wrong with the file."""
+    text = str(exc).strip()
+    if "Could not find a backend" in text or "cannot identify image file" in text:
+        return "no image reader recognises its contents"
+    first = text.splitlines()[0].strip().rstrip(".:") if text else ""
+    first = re.sub(r"\s+", " ", first)
+    first = re.sub(r":? ?header=b(['\"]).*?\1$", "", first)  # tifffile: the first raw bytes
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _reason(exc: BaseException, notes: list[str]) -> str:
+    """Why a file cannot be read: what tifffile logged first (it names the damage, where the
+    exception that follows is often a bare IndexError), then the exception, condensed."""
+    return f"{notes[0]}; {condense(exc)}" if notes else condense(exc)
+
+
+class _LibraryLog(logging.Filter):
+    """Keeps tifffile's log lines (``<tifffile.TiffPages @8> invalid page offset``) from the
+    terminal while this thread reads with :func:`library_log`; elsewhere they pass as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        box = getattr(self.local, "box", None)
+        if box is None:
+            return True
+        box.append(re.sub(r"^<tifffile\.\w+ [^>]*>\s*", "", record.getMessage()))
+        return False
+
+
+_LIBRARY_LOG = _LibraryLog()
+logging.getLogger("tifffile").addFilter(_LIBRARY_LOG)
+
+
+@contextmanager
+def library_log() -> Iterator[list[str]]:
+    """Collect (instead of printing) tifffile's log lines of this thread into a list."""
+    outer = getattr(_LIBRARY_LOG.local, "box", None)
+    box: list[str] = []
+    _LIBRARY_LOG.local.box = box
+    try:
+        yield box
+    finally:
+        _LIBRARY_LOG.local.box = outer
+        if outer is not None:
+            outer.extend(box)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -58,20 +131,25 @@ class ImageFile:
             raise ImageReadError(f"{self.path}: no such file")
         self._tif = None
         self._array: np.ndarray | None = None
-        try:
-            if self.path.suffix.lower() in TIFF_SUFFIXES:
-                self._open_tiff()
-            else:
-                self._open_other()
-        except ImageReadError:
-            self.close()
-            raise
-        except Exception as exc:  # any decoder error becomes one clear message
-            self.close()
-            raise ImageReadError(
-                f"{self.path}: cannot read this image ({type(exc).__name__}: {exc}). "
-                "Is the file complete and a TIFF/PNG/JPEG? Re-export it or remove it."
-            ) from exc
+        with library_log() as notes:
+            try:
+                if self.path.stat().st_size == 0:
+                    raise ImageReadError(f"{self.path}: empty file (0 bytes); re-export it or "
+                                         "remove it")
+                if self.path.suffix.lower() in TIFF_SUFFIXES:
+                    self._open_tiff()
+                else:
+                    self._open_other()
+            except ImageReadError:
+                self.close()
+                raise
+            except Exception as exc:  # any decoder error becomes one clear message
+                self.close()
+                raise ImageReadError(
+                    f"{self.path}: cannot read this image ({_reason(exc, notes)}). Is the file "
+                    "complete and a TIFF/PNG/JPEG? Re-export it or remove it."
+                ) from exc
+        self.notes = list(notes)  # what the library said while opening (damaged TIFF tags)
 
     # -- opening -------------------------------------------------------------------
     def _open_tiff(self) -> None:
@@ -97,42 +175,12 @@ class ImageFile:
         import imageio.v3 as iio
 
         arr = np.asarray(iio.imread(self.path))
-        if arr.ndim == 2:
-            axes = "YX"
-        elif arr.ndim == 3 and arr.shape[-1] <= 4:
-            axes = "YXS"
-        elif arr.ndim == 3:  # animated formats: frames first
-            axes = "IYX"
-        elif arr.ndim == 4:
-            axes = "IYXS"
-        else:
-            raise ImageReadError(f"{self.path}: unsupported image shape {arr.shape}")
+        axes = _other_axes(self.path, arr.shape)
         self._array = arr
         self._set_layout(axes, arr.shape, str(arr.dtype), lead_shape=None)
 
     def _set_layout(self, axes, shape, dtype, lead_shape) -> None:
-        if "Y" not in axes or "X" not in axes:
-            raise ImageReadError(f"{self.path}: no Y/X axes found (axes {axes!r}, shape {shape})")
-        chan = [a for a in "CS" if a in axes and shape[axes.index(a)] > 1]
-        if len(chan) > 1:
-            raise ImageReadError(
-                f"{self.path}: both C and S channel axes (axes {axes!r}); save the channels "
-                "along one axis"
-            )
-        channel_axis = chan[0] if chan else None
-        page_axes = "".join(a for a in axes if a not in "YXCS")
-        n_pages = math.prod(shape[axes.index(a)] for a in page_axes)
-        n_channels = shape[axes.index(channel_axis)] if channel_axis else 1
-        self.info = ImageInfo(
-            path=str(self.path),
-            axes=axes,
-            shape=tuple(int(s) for s in shape),
-            dtype=dtype,
-            n_pages=int(n_pages),
-            n_channels=int(n_channels),
-            page_axes=page_axes,
-            channel_axis=channel_axis,
-        )
+        self.info = _layout(self.path, axes, shape, dtype)
         self._lead_shape = lead_shape
 
     # -- reading -------------------------------------------------------------------
@@ -152,8 +200,8 @@ class ImageFile:
             raise
         except Exception as exc:
             raise ImageReadError(
-                f"{self.path}: page {index} cannot be read ({type(exc).__name__}: {exc}); "
-                "the file may be truncated"
+                f"{self.path}: page {index} cannot be read ({condense(exc)}); the file may be "
+                "truncated"
             ) from exc
 
     def pages(self) -> Iterator[np.ndarray]:
@@ -203,6 +251,115 @@ class ImageFile:
         self.close()
 
 
+def _other_axes(path: Path, shape: tuple) -> str:
+    """Axes of an array that imageio read (PNG, JPEG, BMP)."""
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3 and shape[-1] <= 4:
+        return "YXS"
+    if len(shape) == 3:  # animated formats: frames first
+        return "IYX"
+    if len(shape) == 4:
+        return "IYXS"
+    raise ImageReadError(f"{path}: unsupported image shape {tuple(shape)}")
+
+
+def _layout(path: Path, axes: str, shape, dtype: str) -> ImageInfo:
+    if "Y" not in axes or "X" not in axes:
+        raise ImageReadError(f"{path}: no Y/X axes found (axes {axes!r}, shape {shape})")
+    chan = [a for a in "CS" if a in axes and shape[axes.index(a)] > 1]
+    if len(chan) > 1:
+        raise ImageReadError(
+            f"{path}: both C and S channel axes (axes {axes!r}); save the channels along one "
+            "axis"
+        )
+    channel_axis = chan[0] if chan else None
+    page_axes = "".join(a for a in axes if a not in "YXCS")
+    n_pages = math.prod(shape[axes.index(a)] for a in page_axes)
+    n_channels = shape[axes.index(channel_axis)] if channel_axis else 1
+    return ImageInfo(
+        path=str(path),
+        axes=axes,
+        shape=tuple(int(s) for s in shape),
+        dtype=dtype,
+        n_pages=int(n_pages),
+        n_channels=int(n_channels),
+        page_axes=page_axes,
+        channel_axis=channel_axis,
+    )
+
+
+def _tiff_data_end(tif, series) -> int:
+    """The byte where the series' pixel data ends, from the header (0 if unknown)."""
+    if getattr(series, "dataoffset", None) is not None:  # contiguous (ImageJ, shaped)
+        return int(series.dataoffset) + int(series.nbytes)
+    end = 0
+    pages = series.pages
+    for page in {id(p): p for p in (pages[0], pages[len(pages) - 1]) if p is not None}.values():
+        offsets, counts = getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ())
+        if offsets and counts:
+            end = max(end, max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False)))
+    return end
+
+
+_MODE_LAYOUT: dict[str, tuple[tuple[int, ...], str]] = {}
+
+
+def _pillow_header(path: Path) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype of a PNG/JPEG/BMP as imageio reads it, from Pillow's header (a tenth
+    of ``imageio.v3.improps``' time); a PNG's chunks are checked too (a truncated file)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        mode = im.palette.mode if im.mode == "P" and im.palette is not None else im.mode
+        if mode not in _MODE_LAYOUT:
+            dummy = np.asarray(Image.new(mode, (1, 1)))
+            _MODE_LAYOUT[mode] = (dummy.shape[2:], str(dummy.dtype))
+        channels, dtype = _MODE_LAYOUT[mode]
+        shape = (im.height, im.width, *channels)
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1 and (im.format == "GIF" or im.custom_mimetype == "image/apng"):
+            shape = (n_frames, *shape)  # imageio reads every frame of these
+        if im.format == "PNG":
+            im.verify()
+    return tuple(int(s) for s in shape), dtype
+
+
+def read_header(path: str | Path) -> tuple[ImageInfo, list[str]]:
+    """What a file holds, from its header alone: ``(info, notes)``, no pixel data decoded.
+
+    TIFF: tifffile's series (axes, shape, dtype), and whether the pixel data the header
+    points to lies within the file (a truncated file is refused here). PNG/JPEG/BMP:
+    imageio's properties (Pillow reads the header only). ``notes`` holds what tifffile logged
+    (a damaged page list, say), condensed. Raises :class:`ImageReadError` naming the file.
+    """
+    path = Path(path)
+    with library_log() as notes:
+        try:
+            size = path.stat().st_size
+            if size == 0:
+                raise ImageReadError(f"{path}: empty file (0 bytes)")
+            if path.suffix.lower() in TIFF_SUFFIXES:
+                import tifffile
+
+                with tifffile.TiffFile(path) as tif:
+                    series = tif.series[0]
+                    info = _layout(path, series.axes, tuple(series.shape), str(series.dtype))
+                    end = _tiff_data_end(tif, series)
+                if end > size:
+                    raise ImageReadError(f"{path}: truncated (its pixel data should end at byte "
+                                         f"{end:,} but the file has {size:,} bytes)")
+            else:
+                shape, dtype = _pillow_header(path)
+                info = _layout(path, _other_axes(path, shape), shape, dtype)
+        except ImageReadError:
+            raise
+        except Exception as exc:
+            raise ImageReadError(f"{path}: cannot read this image "
+                                 f"({_reason(exc, notes)})") from exc
+    return info, list(notes)
+
+
 def _to_yxc(arr: np.ndarray, axes: str) -> np.ndarray:
     """Reorder an array with ``axes`` (a subset of Y, X, C, S and size-1 others) to YXC."""
     keep = [i for i, a in enumerate(axes) if a in "YXCS" or arr.shape[i] != 1]
@@ -231,8 +388,8 @@ def read_page(path: str | Path, index: int = 0) -> np.ndarray:
 
 
 def count_pages(path: str | Path) -> int:
-    with open_image(path) as f:
-        return len(f)
+    """Pages in ``path``, from its header (:func:`read_header`; no pixel data decoded)."""
+    return read_header(path)[0].n_pages
 
 
 # -- preprocessing ----------------------------------------------------------------------
@@ -485,10 +642,13 @@ def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     page = np.asarray(page)
     if page.ndim == 2:
         page = page[..., None]
-    if page.ndim != 3 or min(page.shape[:2]) < 2:
+    if page.ndim != 3:
         raise ImageReadError(
             f"expected a 2D image with optional channels (Y, X[, C]), got shape {page.shape}"
         )
+    problem = shape_problem(page.shape)
+    if problem is not None:
+        raise ImageReadError(problem)
     channel_map = _check_channel_map(spec.channel_map, page.shape[-1])
     size = spec.image_size
     out = np.zeros((size, size, 3), np.float32)
