@@ -204,3 +204,19 @@ def test_a_frozen_base_gives_the_same_features_in_training_and_inference(backbon
               if isinstance(ly, keras.layers.Dropout) and ly.rate > 0}
     assert active and all(name.startswith("block6") for name in active)
     assert train_vs_inference(tuned) > 0  # the measurement sees stochastic depth
+
+
+def test_write_bundle_refuses_a_file_and_foreign_names(tmp_path):
+    class Unsaved:
+        def save(self, path):
+            raise AssertionError("nothing may be written")
+
+    meta = {"class_names": ["a", "b"], "preprocessing": {"image_size": 32}}
+    target = tmp_path / "model"
+    target.write_text("a file, not a folder")
+    with pytest.raises(BundleError, match="is a file, not a folder"):
+        m.write_bundle(target, Unsaved(), meta)
+    with pytest.raises(ValueError, match="plain file names"):
+        m.write_bundle(tmp_path / "other", Unsaved(), meta, {"../escape.txt": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert target.read_text() == "a file, not a folder"
