@@ -371,3 +371,29 @@ def test_classify_folder_in_the_widget_goes_past_a_bad_file(make_napari_viewer, 
     assert status.endswith(f"CSV: {out}")
     assert widget.bar.value() == widget.bar.maximum()
     assert any("4 files could not be read" in m for m in _notifications("warning"))
+
+
+def test_classify_folder_shows_an_unexpected_error_with_its_traceback(
+        make_napari_viewer, qtbot, bundle, tmp_path, monkeypatch):
+    """Not a MicroclfError: re-raised in the main thread, where napari's excepthook shows it as
+    a notification with its traceback (pytest-qt captures it here)."""
+    from napari_microclf._qt import predict as qt_predict
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a bad file")
+        yield  # a generator, like iter_folder
+
+    monkeypatch.setattr(qt_predict, "iter_folder", broken)
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", _gray())
+    widget = qt_predict.PredictWidget(make_napari_viewer(), bundle)
+    with qtbot.capture_exceptions() as raised:
+        worker = widget.classify_folder(images, tmp_path / "out.csv")
+        with qtbot.waitSignal(worker.finished, timeout=120000):
+            pass
+        qtbot.waitUntil(lambda: len(raised) > 0, timeout=5000)
+    ((exc_type, exc, tb),) = raised
+    assert exc_type is TypeError and "a bug" in str(exc) and tb is not None
+    assert widget.worker is None and widget.folder_btn.isEnabled()
+    assert not any("a bug" in m for m in _notifications("error"))  # not a bare one-liner
