@@ -342,3 +342,71 @@ def test_training_keeps_global_random_state_and_warning_filters(data, tmp_path):
     after = np.random.get_state()
     assert all(np.array_equal(a, b) for a, b in zip(after, numpy_state, strict=True))
     assert warnings.filters == filters
+
+
+# -- the Train widget: ours as one line, the unexpected with their traceback ---------------
+
+
+def _widget_messages(level):
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records
+            if str(n.severity).lower().endswith(level)]
+
+
+def _tiny_widget(viewer, data, out):
+    from napari_microclf._qt.train import TrainWidget
+
+    widget = TrainWidget(viewer, data, out)
+    for name, value in {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none",
+                        "fine_tune": "all"}.items():
+        getattr(widget.form, name).value = value
+    return widget
+
+
+def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
+        make_napari_viewer, qtbot, data, tmp_path, no_model):
+    from napari.utils.notifications import notification_manager
+
+    cls = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
+    for kind in ("1x1", "corrupt", "empty"):
+        _write_bad(data / cls, kind)
+    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    notification_manager.records.clear()
+    worker = widget.start()  # the quick checks pass; the worker's preflight finds the images
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    (error,) = _widget_messages("error")
+    assert error == ("Cannot train: 3 of the 21 image files cannot be used for training; fix or "
+                     f"re-export the file(s), or move them out of the dataset folder {data}, "
+                     "then train again (listed in the Log tab)")
+    log = widget.log.toPlainText()
+    for name in ("dot.tif: too small", "corrupt.tif: cannot read", "empty.jpg: empty file"):
+        assert f"  {cls}/{name}" in log
+    assert "Traceback" not in log and not no_model
+    assert widget.tabs.currentWidget() is widget.log
+
+
+def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer, qtbot, data,
+                                                             tmp_path, monkeypatch):
+    from napari.utils.notifications import notification_manager
+
+    def broken(config, on_update=None, should_stop=None):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr("napari_microclf._qt.train.train", broken)
+    received = []
+    monkeypatch.setattr(notification_manager, "receive_error",
+                        lambda *args: received.append(args))
+    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    notification_manager.records.clear()
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    log = widget.log.toPlainText()
+    assert "unexpected error (a bug in microclf" in log and "Traceback (most recent call" in log
+    assert 'in broken\n    raise TypeError("unsupported operand type(s)")' in log
+    assert "Cannot train" not in log and not _widget_messages("error")
+    ((exc_type, exc, tb),) = received  # napari's error notification, with the traceback
+    assert exc_type is TypeError and tb is not None
+    assert widget.status.text().startswith("Training failed: TypeError: unsupported operand")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 import os
-import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,20 +42,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.dataset import DatasetError, check_dataset
-from ..core.images import ImageReadError
+from ..core.dataset import check_dataset
+from ..core.errors import MicroclfError
 from ..core.model import (
     B0,
     IMAGENET_FILE,
     LITE0,
-    META_FILE,
     OFFLINE_ENV,
-    BundleError,
-    WeightsError,
     imagenet_cached,
     keras_home,
     resolve_weights,
 )
+from ..core.preflight import check_dataset_writable, check_out_dir, user_message
 from ..core.train import (
     BatchEnd,
     EpochEnd,
@@ -78,7 +76,6 @@ from ._tf import ensure_tensorflow
 from ._worker import updates
 
 DEFAULT_MODEL = "microclf-model"
-SETUP_ERRORS = (DatasetError, WeightsError, BundleError, ImageReadError, ValueError, OSError)
 
 # Tips of the form's widgets that are not TrainConfig fields (the fields' tips come from
 # their one description, ``help_of``).
@@ -141,17 +138,23 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class Failed:
-    """A set-up problem the core explained (no dataset, one class, unwritable folder...)."""
+    """A problem the user can fix, as the core said it (a MicroclfError: no dataset, one
+    class, bad images, an unwritable folder...; or the disk is full): one line to show."""
 
     message: str
 
 
 def _train_job(config: TrainConfig, stop: threading.Event):
-    """The worker: relays core.train's updates; a set-up problem becomes a Failed result."""
+    """The worker: relays core.train's updates. Our errors (and the environment's, such as a
+    full disk) become a Failed result; anything else is raised: a bug, shown with its
+    traceback (:meth:`TrainWidget._on_error`)."""
     try:
         return (yield from updates(train, config, stop=stop))
-    except SETUP_ERRORS as exc:
-        return Failed(str(exc))
+    except Exception as exc:
+        text = user_message(exc)
+        if text is None:
+            raise
+        return Failed(text)
 
 
 def _count_job(data_dir: str):
@@ -159,27 +162,11 @@ def _count_job(data_dir: str):
     try:
         check_dataset(data_dir)
         return count_images(data_dir)
-    except SETUP_ERRORS as exc:
-        return Failed(str(exc))
-
-
-def check_out_dir(out: str | Path) -> None:
-    """Refuse before training an output folder that cannot be written or is not a model."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"{out} is a file; choose a folder for the model")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).exists():
-        raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
-                          "output folder")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise BundleError(f"cannot write the model next to {out} ({exc.strerror or exc}); "
-                          "choose a folder you can write to") from exc
+    except Exception as exc:
+        text = user_message(exc)
+        if text is None:
+            raise
+        return Failed(text)
 
 
 def model_start(meta: dict) -> str:
@@ -505,11 +492,16 @@ class TrainWidget(QWidget):
         if self.state is not State.IDLE:
             return None
         try:
-            config = self.config()
-            check_dataset(config.data_dir)
+            config = self.config()  # a setting's ValueError names the setting
             normalize_weights(config.weights)
+        except (MicroclfError, ValueError) as exc:
+            self._fail(str(exc))
+            return None
+        try:  # quick checks here; the worker's preflight checks every image
+            check_dataset(config.data_dir)
             check_out_dir(config.out_dir)
-        except SETUP_ERRORS as exc:
+            check_dataset_writable(config.data_dir, config.resplit, config.group_by)
+        except MicroclfError as exc:
             self._fail(str(exc))
             return None
         self._reset_panel(config)
@@ -518,7 +510,7 @@ class TrainWidget(QWidget):
         worker.yielded.connect(self._on_update)
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
-        worker.errored.connect(lambda exc: self._say(f"Training failed: {exc}"))
+        worker.errored.connect(self._on_error)
         self.worker = worker
         self._set_state(State.RUNNING)
         self._say(f"Training on {config.data_dir}...")
@@ -533,10 +525,29 @@ class TrainWidget(QWidget):
             self._say("Stopping after the current batch...")
 
     def _fail(self, message: str) -> None:
+        """A problem the user can fix: one line in the status, the Log tab and a
+        notification (a list of bad images: its first line, the list in the Log tab)."""
         from napari.utils.notifications import show_error
 
-        self._say(f"Cannot train: {message}")
-        show_error(f"Cannot train: {message}")
+        first, *rest = message.splitlines()
+        line = f"Cannot train: {first.rstrip(':')}" + (" (listed in the Log tab)" if rest else "")
+        self._append(f"Cannot train: {message}")
+        self._say(line)
+        show_error(line)
+        if rest:
+            self.tabs.setCurrentWidget(self.log)
+
+    def _on_error(self, exc: BaseException) -> None:
+        """An unexpected error (a bug): its traceback in the Log tab, and napari's error
+        notification, whose details (and napari's console) show the traceback too."""
+        from napari.utils.notifications import notification_manager
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self._append(f"Training failed with an unexpected error (a bug in microclf; please "
+                     f"report it with this traceback):\n{text}")
+        self.tabs.setCurrentWidget(self.log)
+        self._say(f"Training failed: {type(exc).__name__}: {exc} (traceback in the Log tab)")
+        notification_manager.receive_error(type(exc), exc, exc.__traceback__)
 
     # -- the live panel ------------------------------------------------------------------
     def _reset_panel(self, config: TrainConfig) -> None:
