@@ -108,15 +108,17 @@ class FolderResult(Sequence):
         if self.stopped:
             text += " before the run was stopped"
         if self.errors:
-            where = "the CSV's error column" if self.csv_path is not None else "above"
-            listed = "; ".join(f"{Path(e.path).name}: {e.message}"
-                               for e in self.errors[:max_listed])
-            more = len(self.errors) - max_listed
             read = {p.file for p in self.predictions}
             in_part = sum(e.path in read for e in self.errors)
-            text += (f"; {_plural(len(self.errors), 'file')} could not be read ("
-                     + (f"{in_part} only in part; " if in_part else "")
-                     + f"listed in {where}): {listed}" + (f"; and {more} more" if more > 0 else ""))
+            notes = [f"{in_part} only in part"] if in_part else []
+            if self.csv_path is not None:
+                notes.append("listed in the CSV's error column")
+            listed = "; ".join(f"{Path(e.path).name}: {e.message.rstrip('.')}"
+                               for e in self.errors[:max_listed])
+            more = len(self.errors) - max_listed
+            text += (f"; {_plural(len(self.errors), 'file')} could not be read"
+                     + (f" ({'; '.join(notes)})" if notes else "") + f": {listed}"
+                     + (f"; and {more} more" if more > 0 else ""))
         if self.csv_path is not None:
             text += f". CSV: {self.csv_path}"
         return text
