@@ -141,11 +141,21 @@ _BIG_SCRIPT = textwrap.dedent("""
     from napari.components import ViewerModel
     from napari_microclf._reader import napari_get_reader
 
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
     def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        try:  # Linux: VmHWM, which clear_refs below can restart
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f
+                            if line.startswith("VmHWM:"))
+        except OSError:  # ru_maxrss: bytes on macOS, KiB elsewhere
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
     path = sys.argv[1]
+    try:  # Linux: start the peak afresh from here (else it is the imports' peak)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     base, t0 = peak(), time.perf_counter()
     reader = napari_get_reader(path)
     (data, kwargs, _), = reader(path)

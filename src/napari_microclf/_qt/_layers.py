@@ -4,9 +4,10 @@ A layer's last two axes (three for RGB) are the image; the axes before them enum
 pages (a Z-stack, a time-lapse, ...), numbered in C order like :mod:`core.images` does.
 
 Multichannel images arrive as several layers (napari's ``channel_axis``). Layers that the
-plugin's reader made from one file carry ``metadata["microclf"]["channel"]``; together they
-form a *channel group* and a page of the group is ``(Y, X, C)`` with the channels in file
-order. Any other layer is used alone (one gray or one RGB image per page).
+plugin's reader made from one file carry ``metadata["microclf"]["channel"]`` and the
+``open_id`` of that opening; together they form a *channel group* and a page of the group
+is ``(Y, X, C)`` with the channels in file order. Any other layer is used alone (one gray
+or one RGB image per page).
 """
 
 from __future__ import annotations
@@ -36,23 +37,40 @@ def n_pages(layer) -> int:
     return int(np.prod(lead_shape(layer))) if lead_shape(layer) else 1
 
 
+def _meta(layer) -> dict:
+    meta = layer.metadata.get("microclf", {}) if isinstance(layer.metadata, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def source_of(layer) -> str:
     """A file path when the layer came from one, else the layer name (for provenance)."""
-    meta = layer.metadata.get("microclf", {}) if isinstance(layer.metadata, dict) else {}
-    return str(meta.get("source") or layer.source.path or layer.name)
+    return str(_meta(layer).get("source") or layer.source.path or layer.name)
 
 
 def channel_group(viewer, layer) -> list:
-    """The layers holding the channels of ``layer``'s image, in channel order."""
-    meta = layer.metadata.get("microclf", {}) if isinstance(layer.metadata, dict) else {}
+    """The layers holding the channels of ``layer``'s image, in channel order.
+
+    The channel layers of one opening of a file share ``open_id``: the same file opened
+    twice gives two groups that never mix (layers from before ``open_id`` are matched by
+    source path). One layer per channel: ``layer`` for its own, the first in the layer
+    list for the others (a duplicated layer copies its metadata).
+    """
+    meta = _meta(layer)
     if "channel" not in meta or layer.rgb:
         return [layer]
-    group = [lyr for lyr in image_layers(viewer)
-             if isinstance(lyr.metadata, dict)
-             and lyr.metadata.get("microclf", {}).get("source") == meta.get("source")
-             and "channel" in lyr.metadata.get("microclf", {})
-             and _data(lyr).shape == _data(layer).shape]
-    return sorted(group, key=lambda lyr: lyr.metadata["microclf"]["channel"])
+
+    def same_image(other) -> bool:
+        m = _meta(other)
+        if "channel" not in m or _data(other).shape != _data(layer).shape:
+            return False
+        if "open_id" in meta or "open_id" in m:
+            return m.get("open_id") == meta.get("open_id")
+        return m.get("source") == meta.get("source")
+
+    by_channel: dict = {}
+    for lyr in [layer, *(o for o in image_layers(viewer) if same_image(o))]:
+        by_channel.setdefault(_meta(lyr)["channel"], lyr)
+    return [by_channel[c] for c in sorted(by_channel)]
 
 
 def page_in_view(viewer, layer) -> tuple[int, ...]:

@@ -8,9 +8,11 @@ channel layers together (saved as one ``(C, Y, X)`` example, the way the file st
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -44,14 +46,40 @@ def _notify(kind: str, text: str) -> None:
     getattr(notifications, f"show_{kind}")(text)
 
 
+def _key(root: Path) -> Path:
+    """One key per dataset folder, however its path is written."""
+    return Path(root).expanduser().resolve()
+
+
+def _stoppable_progress(total: int, desc: str, on_cancel):
+    """napari's cancelable progress bar (with Cancel in the activity dock) that calls
+    ``on_cancel`` as soon as the user cancels; napari calls ``cancel_callback`` only for a bar
+    that is iterated, and this one is updated by hand from the worker's results."""
+    from napari.utils.progress import cancelable_progress
+
+    class _Stoppable(cancelable_progress):
+        def cancel(self) -> None:
+            super().cancel()
+            on_cancel()
+
+    return _Stoppable(total=total, desc=desc)
+
+
 class AnnotateWidget(QWidget):
     """Dataset folder, classes with live counts, layer picker, add / undo, keys 1-9."""
+
+    #: each page "Add all slices" has done: its ``core.dataset.AddResult`` (written or found)
+    added = Signal(object)
 
     def __init__(self, napari_viewer, dataset: str | Path | None = None):
         super().__init__()
         self.viewer = napari_viewer
-        self.history: list[Path] = []  # files written, newest last (for Undo)
+        # files written by this widget, newest last, per dataset folder (for Undo)
+        self._histories: dict[Path, list[Path]] = {}
+        self._shown: Path | None = None  # the key of the dataset the table shows
         self._worker = None
+        self._stop = threading.Event()
+        self._pbar = None  # napari's progress bar of "Add all slices" while it runs
 
         # -- dataset folder
         self.folder_edit = QLineEdit(str(Path(dataset or DEFAULT_DATASET).expanduser()))
@@ -104,12 +132,12 @@ class AnnotateWidget(QWidget):
         self.add_slice_btn.setToolTip("Save the slice the viewer shows now into the selected "
                                       "class.")
         self.add_slice_btn.clicked.connect(lambda: self.add_slice())
-        self.add_all_btn = QPushButton("Add all slices")
+        self.add_all_btn = QPushButton(self.ADD_ALL)
         self.add_all_btn.setToolTip("Save every slice (page) of the layer into the selected "
-                                    "class.")
-        self.add_all_btn.clicked.connect(lambda: self.add_all_slices())
+                                    "class. While it runs, the button stops it; the slices "
+                                    "saved until then stay.")
+        self.add_all_btn.clicked.connect(lambda: self._add_all_clicked())
         self.undo_btn = QPushButton("Undo last")
-        self.undo_btn.setToolTip("Move the last saved example to the dataset's .trash folder.")
         self.undo_btn.clicked.connect(lambda: self.undo())
         add_row = QHBoxLayout()
         add_row.addWidget(self.add_slice_btn)
@@ -148,10 +176,26 @@ class AnnotateWidget(QWidget):
         self._refresh_layers()
         self.refresh()
 
+    ADD_ALL, STOP_ADDING = "Add all slices", "Stop adding"
+
     # -- dataset and classes --------------------------------------------------------------
     @property
     def root(self) -> Path:
         return Path(self.folder_edit.text().strip() or DEFAULT_DATASET).expanduser()
+
+    @property
+    def history(self) -> list[Path]:
+        """Examples this widget wrote into the dataset shown, newest last (for Undo).
+
+        Each dataset folder keeps its own history, so Undo acts on the dataset in view and
+        never moves a file of a dataset the user has switched away from; switching back
+        makes that dataset's examples undoable again.
+        """
+        return self._histories.setdefault(_key(self.root), [])
+
+    @history.setter
+    def history(self, paths: list[Path]) -> None:
+        self._histories[_key(self.root)] = list(paths)
 
     def set_dataset(self, path: str | Path) -> None:
         self.folder_edit.setText(str(path))
@@ -183,7 +227,14 @@ class AnnotateWidget(QWidget):
         self.keys_label.setText(
             "Keys: " + (mapping + " puts the slice in view of the selected image layer into "
                         "that class." if mapping else "add classes to use keys 1-9."))
-        self.undo_btn.setEnabled(bool(self.history))
+        self._shown = _key(self.root)
+        history = self.history
+        self.undo_btn.setEnabled(bool(history))
+        self.undo_btn.setToolTip(
+            f"Move {history[-1].name}, the last example added to this dataset, to "
+            f"{self.root / ds.TRASH_DIR}." if history else
+            "Nothing added to this dataset yet. Undo acts on the dataset shown only, never "
+            "on another dataset folder you added examples to.")
         SESSION.set_dataset(self.root)
 
     def counts(self) -> dict[str, int]:
@@ -233,8 +284,7 @@ class AnnotateWidget(QWidget):
             _notify("error", f"Cannot rename the class: {exc}")
             return
         new = new.strip()
-        prefix = str(self.root / old) + "/"
-        self.history = [Path(str(p).replace(prefix, str(self.root / new) + "/", 1))
+        self.history = [p.parent.parent / new / p.name if p.parent.name == old else p
                         for p in self.history]
         self.refresh()
         self.select_class(new)
@@ -350,11 +400,25 @@ class AnnotateWidget(QWidget):
             _notify("info", f"{what} is already in the dataset, in class "
                             f"'{result.class_name}' ({result.path.name}); not written again.")
 
-    def add_all_slices(self, class_name: str | None = None, layer=None):
-        """Save every page of the layer into the class, in a worker; returns the worker."""
-        from napari.qt.threading import thread_worker
-        from napari.utils import progress
+    def _add_all_clicked(self) -> None:
+        if self._worker is not None:
+            self.stop_adding()
+        else:
+            self.add_all_slices()
 
+    def add_all_slices(self, class_name: str | None = None, layer=None):
+        """Save every page of the layer into the class, in a worker; returns the worker.
+
+        Each page costs the same however many are already in the dataset: duplicates are
+        looked up in a hash index made once, and the counts are bumped, not re-read. It stops
+        at the next page on :meth:`stop_adding` (the button, or Cancel in napari's activity
+        dock); every example is written atomically, so what was saved until then is whole.
+        """
+        from napari.qt.threading import thread_worker
+
+        if self._worker is not None:
+            _notify("warning", "Slices are being added; stop that first.")
+            return None
         name = self._target_class(class_name)
         layer = layer or self.layer()
         if not name or layer is None:
@@ -362,35 +426,58 @@ class AnnotateWidget(QWidget):
                 _notify("warning", "Open an image layer first.")
             return None
         src = _layers.page_source(self.viewer, layer)
-        root = self.root
+        root, key = self.root, _key(self.root)
+        history = self.history  # this dataset's, even if the user switches meanwhile
         multi = src.n_pages > 1
+        stop = self._stop = threading.Event()
 
         def work():
+            index = ds.hash_index(root)  # one pass over the dataset, then a lookup a page
             for page in range(src.n_pages):
+                if stop.is_set():
+                    return
                 yield ds.add_example(root, name, src.page(page), src.source,
-                                     page if multi else None)
+                                     page if multi else None, index=index)
 
-        pbar = progress(total=src.n_pages, desc=f"Adding {src.name} to {name}")
+        pbar = self._pbar = _stoppable_progress(src.n_pages, f"Adding {src.name} to {name}",
+                                                self.stop_adding)
         worker = thread_worker(work, ignore_errors=True)()
-        summary = {"written": 0, "duplicate": 0}
+        summary = {"written": 0, "duplicate": 0, "shown": 0, "at": time.monotonic()}
+
+        def move_bar(force=False):
+            # napari's bar runs the event loop when it moves (QtLabeledProgressBar.setValue),
+            # so the next results (and ``finished``) may run inside this call: it is made
+            # last, after this result is counted, and at most every 0.1 s.
+            done = summary["written"] + summary["duplicate"]
+            if done > summary["shown"] and (force or time.monotonic() - summary["at"] > 0.1):
+                step = done - summary["shown"]
+                summary.update(shown=done, at=time.monotonic())
+                pbar.update(step)
 
         def on_result(result):
-            pbar.update(1)
             if result.written:
-                self.history.append(result.path)
+                history.append(result.path)
                 summary["written"] += 1
+                self._bump(key, result.class_name)
             else:
                 summary["duplicate"] += 1
-            self.refresh()
+            self.added.emit(result)
+            move_bar()
 
         def on_error(exc):
             _notify("error", f"Adding slices stopped: {exc}")
 
         def on_finished():
+            move_bar(force=True)
             pbar.close()
+            self._worker = self._pbar = None
+            self.add_all_btn.setText(self.ADD_ALL)
             self.add_all_btn.setEnabled(True)
             self.refresh()
+            done = summary["written"] + summary["duplicate"]
             text = f"Added {summary['written']} slice(s) of {src.name} to '{name}'."
+            if stop.is_set() and done < src.n_pages:
+                text += f" Stopped after {done} of {src.n_pages} slices."
             if summary["duplicate"]:
                 _notify("info", f"{summary['duplicate']} slice(s) of {src.name} were already "
                                 "in the dataset and were not written again.")
@@ -399,15 +486,37 @@ class AnnotateWidget(QWidget):
         worker.yielded.connect(on_result)
         worker.errored.connect(on_error)
         worker.finished.connect(on_finished)
-        self.add_all_btn.setEnabled(False)
+        self.add_all_btn.setText(self.STOP_ADDING)
         self._worker = worker
         worker.start()
         return worker
 
+    def stop_adding(self) -> None:
+        """Stop "Add all slices" before its next page (the pages saved so far stay)."""
+        if self._worker is None:
+            return
+        self._stop.set()
+        self._worker.quit()
+        self.add_all_btn.setEnabled(False)
+        self.add_all_btn.setText("Stopping...")
+
+    def _bump(self, key: Path, class_name: str) -> None:
+        """Count one more example of a class in the table, without re-reading the folders."""
+        if key != self._shown:
+            return  # the table shows another dataset now
+        for row in range(self.table.rowCount()):
+            if self.table.item(row, 1).text() == class_name:
+                item = self.table.item(row, 2)
+                item.setText(str(int(item.text()) + 1))
+                self.undo_btn.setEnabled(True)
+                return
+        self.refresh()  # a class the table does not list yet
+
     def undo(self) -> Path | None:
-        """Move the newest written example to the dataset's trash."""
-        while self.history:
-            path = self.history.pop()
+        """Move the newest example written into the dataset shown to its trash."""
+        history = self.history
+        while history:
+            path = history.pop()
             if path.exists():
                 try:
                     dst = ds.move_to_trash(self.root, path)
