@@ -13,8 +13,7 @@ import pytest
 import tifffile
 
 from napari_microclf import _reader
-from napari_microclf._reader import napari_get_reader, read_header
-from napari_microclf.core.images import open_image
+from napari_microclf._reader import napari_get_reader
 
 
 def _stack(shape, dtype=np.uint16, seed=0):
@@ -75,7 +74,7 @@ def test_big_compressed_stack_is_lazy_page_by_page(tmp_path, monkeypatch):
     data = _stack((12, 32, 32))
     path = tmp_path / "zip.tif"
     tifffile.imwrite(path, data, compression="zlib", metadata={"axes": "ZYX"})
-    assert read_header(path).offset is None  # not memory-mappable
+    assert _reader.mapping(path) is None  # not memory-mappable
     monkeypatch.setattr(_reader, "LAZY_BYTES", 1000)
     (array, kwargs, _), = napari_get_reader(str(path))(str(path))
     assert kwargs["metadata"]["microclf"]["lazy"] and array.chunksize[0] == 1
@@ -114,12 +113,6 @@ def test_claiming_a_file_reads_its_header_only(tmp_path, monkeypatch):
     for path in files.values():
         assert napari_get_reader(str(path)) is _reader.read_tiff, path.name
     assert reads == []
-
-
-def test_header_layout_agrees_with_open_image(tmp_path):
-    for path in _files(tmp_path).values():
-        with open_image(path) as f:
-            assert read_header(path).info == f.info, path.name
 
 
 def test_truncated_imagej_hyperstack_is_memory_mapped(tmp_path, monkeypatch):

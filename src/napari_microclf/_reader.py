@@ -22,83 +22,47 @@ apart).
 
 from __future__ import annotations
 
-import math
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .core.images import TIFF_SUFFIXES, ImageInfo, ImageReadError, open_image
+from .core.images import TIFF_SUFFIXES, ImageReadError, open_image, read_header
 
 LAZY_BYTES = 256 * 2**20  # files larger than this are read page by page on demand
-
-
-@dataclass(frozen=True)
-class Header:
-    """What a TIFF holds, from its header alone."""
-
-    info: ImageInfo
-    offset: int | None  # where the pixels start when contiguous and uncompressed, else None
-    byteorder: str  # "<" or ">"
-
-    @property
-    def nbytes(self) -> int:
-        y, x, c = self.info.page_shape
-        return self.info.n_pages * y * x * c * np.dtype(self.info.dtype).itemsize
-
-
-def read_header(path: str | Path) -> Header | None:
-    """The layout of the first series of a TIFF, or None if it is not an image we can show.
-
-    Reads the file's IFDs and metadata, never its pixel data.
-    """
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            axes, shape = series.axes, tuple(int(s) for s in series.shape)
-            dtype, offset, byteorder = np.dtype(series.dtype), series.dataoffset, tif.byteorder
-    except Exception:  # noqa: BLE001 - a reader answers None for what it cannot read
-        return None
-    info = layout(path, axes, shape, dtype)
-    if info is None or info.n_pages < 1 or math.prod(shape) == 0:
-        return None
-    return Header(info, offset, byteorder)
-
-
-def layout(path, axes: str, shape: tuple[int, ...], dtype) -> ImageInfo | None:
-    """Pages and channels of an array with tifffile ``axes``, as :mod:`core.images` sees them.
-
-    The same rules as ``ImageFile`` (the test suite checks that both agree): ``C`` or ``S``
-    of size > 1 is the channel axis, Y and X the plane, every other axis enumerates pages.
-    """
-    if "Y" not in axes or "X" not in axes:
-        return None
-    chan = [a for a in "CS" if a in axes and shape[axes.index(a)] > 1]
-    if len(chan) > 1:
-        return None
-    page_axes = "".join(a for a in axes if a not in "YXCS")
-    return ImageInfo(
-        path=str(path), axes=axes, shape=tuple(shape), dtype=str(np.dtype(dtype)),
-        n_pages=int(math.prod(shape[axes.index(a)] for a in page_axes)),
-        n_channels=int(shape[axes.index(chan[0])]) if chan else 1,
-        page_axes=page_axes, channel_axis=chan[0] if chan else None)
 
 
 def napari_get_reader(path):
     """Return :func:`read_tiff` for a ``.tif``/``.tiff`` file napari can show, else None.
 
-    Decides from the file header alone.
+    Decides from the file header alone (:func:`core.images.read_header`).
     """
     paths = [path] if isinstance(path, (str, Path)) else list(path or [])
     if not paths or not all(str(p).lower().endswith(TIFF_SUFFIXES) for p in paths):
         return None
-    if any(read_header(p) is None for p in paths):
-        return None
+    for p in paths:
+        try:
+            if read_header(p)[0].n_pages < 1:
+                return None
+        except (ImageReadError, OSError, ValueError):
+            return None
     return read_tiff
+
+
+def mapping(path: str | Path) -> tuple[int, np.dtype] | None:
+    """``(offset, dtype)`` of the pixels of a TIFF's first series when they lie contiguous
+    and uncompressed in the file (ImageJ hyperstacks, over 4 GiB included), else None.
+
+    Reads the header only; the dtype carries the file's byte order.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        if series.dataoffset is None:
+            return None
+        return int(series.dataoffset), np.dtype(series.dtype).newbyteorder(tif.byteorder)
 
 
 def read_tiff(path) -> list[tuple] | None:
@@ -113,15 +77,14 @@ def read_tiff(path) -> list[tuple] | None:
 
 
 def _read_one(path: Path) -> list[tuple]:
-    head = read_header(path)
-    if head is None:
-        raise ImageReadError(f"{path}: not a TIFF image napari-microclf can open")
-    info = head.info
+    info, _notes = read_header(path)
     lead = tuple(info.shape[info.axes.index(a)] for a in info.page_axes)
     y, x, c = info.page_shape
-    lazy = info.n_pages > 1 and head.nbytes > LAZY_BYTES
-    if lazy and head.offset is not None:
-        data = _mapped_pages(path, head, lead)
+    nbytes = info.n_pages * y * x * c * np.dtype(info.dtype).itemsize
+    lazy = info.n_pages > 1 and nbytes > LAZY_BYTES
+    mapped = mapping(path) if lazy else None
+    if mapped is not None:
+        data = _mapped_pages(path, info, lead, *mapped)
     elif lazy:
         data = _lazy_pages(open_image(path), lead, (y, x, c), info.dtype)  # keeps it open
     else:
@@ -145,16 +108,14 @@ def _read_one(path: Path) -> list[tuple]:
     return [(data, kwargs, "image")]
 
 
-def _mapped_pages(path: Path, head: Header, lead: tuple):
+def _mapped_pages(path: Path, info, lead: tuple, offset: int, dtype: np.dtype):
     """A dask array ``(*lead, Y, X, C)`` over a memory map of the file, one page per chunk.
 
     Nothing is read until a chunk is computed; a page reads its own bytes only.
     """
     import dask.array as da
 
-    info = head.info
-    dtype = np.dtype(info.dtype).newbyteorder(head.byteorder)
-    mapped = np.memmap(path, dtype=dtype, mode="r", offset=head.offset, shape=info.shape)
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=info.shape)
     axes = info.axes
     order = [axes.index(a) for a in info.page_axes] + [axes.index("Y"), axes.index("X")]
     if info.channel_axis:
