@@ -16,6 +16,7 @@ The model is loaded once per bundle (and reloaded only when the bundle is rewrit
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,19 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.errors import MicroclfError
 from ..core.evaluate import describe_model
 from ..core.images import ImageReadError, count_pages
 from ..core.model import MODEL_FILE, BundleError, read_meta
-from ..core.predict import PagePrediction, Predictor, expand_paths, write_csv
+from ..core.predict import (
+    PagePrediction,
+    Predictor,
+    check_csv_destination,
+    find_images,
+    iter_folder,
+    one_line,
+    write_csv,
+)
 from . import _layers
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
@@ -50,7 +60,8 @@ from ._tf import ensure_tensorflow
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 UNCERTAIN = "uncertain"
 
-_CACHE: dict[tuple[str, float], Predictor] = {}
+CACHE_SIZE = 2  # loaded models kept; the least recently used one is dropped beyond this
+_CACHE: OrderedDict[tuple, Predictor] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 LOADS = {"n": 0}  # how many times a model was loaded (the tests read it)
 
@@ -59,14 +70,36 @@ def get_predictor(bundle: str | Path) -> Predictor:
     """The Predictor of ``bundle``, loaded once and reused until the bundle is rewritten."""
     folder = Path(bundle).expanduser().resolve()
     model = folder / MODEL_FILE
-    key = (str(folder), model.stat().st_mtime if model.exists() else 0.0)
+    # the files' identity, not just a time: a restored model.keras is another file whose
+    # time may equal the replaced one's
+    key = (str(folder),) + tuple(
+        (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None
+        for f in (model, folder / "microclf.json"))
     with _CACHE_LOCK:
         if key not in _CACHE:
             for old in [k for k in _CACHE if k[0] == key[0]]:
                 del _CACHE[old]
             _CACHE[key] = Predictor(folder)
             LOADS["n"] += 1
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
         return _CACHE[key]
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def forget_model(bundle: str | Path) -> None:
+    """Drop the loaded model of ``bundle`` from the cache (it was replaced or restored)."""
+    folder = str(Path(bundle).expanduser().resolve())
+    with _CACHE_LOCK:
+        for old in [k for k in _CACHE if k[0] == folder]:
+            del _CACHE[old]
 
 
 def _notify(kind: str, text: str) -> None:
@@ -92,21 +125,41 @@ def _predict_layers(bundle: str, sources: list):
     return None
 
 
+def _page_count(path: Path) -> int:
+    """Pages of ``path`` for the progress bar; a file that cannot be opened counts once (its
+    error row)."""
+    try:
+        return count_pages(path)
+    except (MicroclfError, OSError, ValueError):
+        return 1
+
+
 def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float):
-    """Worker: classifies every image under ``folder``; yields progress, writes the CSV."""
+    """Worker: classifies every image under ``folder`` past bad files, the rows streamed to
+    the CSV (see ``core.predict.predict_folder``). Yields ``("total", pages)``, then
+    ``("done", n)`` per page or bad file; returns the FolderResult, or one line for our
+    errors (an unexpected one raises and reaches napari's notification with its traceback).
+    """
     try:
         predictor = get_predictor(bundle)
-        paths = expand_paths([folder])
-        total = sum(count_pages(p) for p in paths)
-        yield ("total", total)
-        results = []
-        for pred in predictor.predict_paths(paths):
-            results.append(pred)
-            yield ("page", len(results))
-        n = write_csv(results, csv_path, predictor.class_names, threshold)
-    except ERRORS as exc:
-        return f"Classify folder: {exc}"
-    return n
+        files = find_images([folder])
+    except MicroclfError as exc:
+        return f"Classify folder: {one_line(exc)}"
+    yield ("total", sum(_page_count(p) for p in files))
+    run = iter_folder(predictor, files, csv_path, threshold=threshold)
+    done = 0
+    try:
+        while True:
+            try:
+                next(run)
+            except StopIteration as end:
+                return end.value
+            done += 1
+            yield ("done", done)
+    except MicroclfError as exc:
+        return f"Classify folder: {one_line(exc)}"
+    finally:
+        run.close()  # stopped or failed: the rows so far stay in the .partial CSV
 
 
 def model_identity(meta: dict) -> str:
@@ -148,6 +201,12 @@ class PredictWidget(QWidget):
                                     "microclf.json); the last trained model is preselected.")
         self.bundle_edit.editingFinished.connect(self._show_model)
         bundle_row = folder_row(self.bundle_edit, "Model folder", self)
+        self.restore_btn = QPushButton("Restore previous")
+        self.restore_btn.setToolTip("Make the model this folder had before its last training "
+                                    "the active one again (the current one is kept as "
+                                    "previous, so a second click switches back).")
+        self.restore_btn.clicked.connect(lambda: self.restore_previous_model())
+        bundle_row.addWidget(self.restore_btn)
         self.model_info = QLabel()
         self.model_info.setWordWrap(True)
         connect_widget(SESSION.bundle_trained, self, "set_bundle")
@@ -229,7 +288,30 @@ class PredictWidget(QWidget):
         self.bundle_edit.setText(str(path))
         self._show_model()
 
+    def restore_previous_model(self) -> dict | None:
+        """Swap the model folder's ``previous/`` back in (``microclf restore``); the next run
+        loads the restored model. Returns its metadata (None when refused)."""
+        from ..core.errors import MicroclfError
+        from ..core.model import describe_bundle, restore_previous
+
+        if self.worker is not None:
+            _notify("warning", "Wait for the running prediction to finish, then restore.")
+            return None
+        try:
+            meta = restore_previous(self.bundle())
+        except MicroclfError as exc:
+            _notify("error", f"Cannot restore: {exc}")
+            return None
+        finally:
+            forget_model(self.bundle())
+        self._show_model()
+        _notify("info", f"Restored the previous model: {describe_bundle(meta)}")
+        return meta
+
     def _show_model(self) -> None:
+        from ..core.model import has_previous
+
+        self.restore_btn.setEnabled(bool(self.bundle()) and has_previous(self.bundle()))
         if not self.bundle():
             self.model_info.setText("No model yet: train one with the Train widget or pick a "
                                     "model folder.")
@@ -491,6 +573,11 @@ class PredictWidget(QWidget):
                 "CSV (*.csv)")
             if not csv_path:
                 return None
+        try:  # before any model is loaded
+            check_csv_destination(csv_path)
+        except MicroclfError as exc:
+            _notify("error", f"Classify folder: {exc}")
+            return None
         self._pbar = progress(total=0, desc=f"Classifying {Path(folder).name}")
 
         def on_yield(item):
@@ -499,15 +586,19 @@ class PredictWidget(QWidget):
                 self.bar.setRange(0, max(n, 1))
                 self._pbar.total = n
             else:
-                self.bar.setValue(n)
+                self.bar.setValue(min(n, self.bar.maximum()))
                 self._pbar.update(1)
 
         def on_return(result):
             if isinstance(result, str):
+                self.status.setText(result)
                 _notify("error", result)
                 return
-            self.status.setText(f"Classified {result} page(s) in {folder}; CSV: {csv_path}")
-            _notify("info", f"Wrote {result} predictions to {csv_path}")
+            self.bar.setValue(self.bar.maximum())  # a stack cut short counted all its pages
+            summary = result.summary()
+            self.status.setText(summary)
+            _notify("error" if not result.ok else "warning" if result.errors else "info",
+                    summary)
 
         worker = thread_worker(_predict_folder, ignore_errors=False)(
             self.bundle(), str(folder), str(csv_path), self.threshold.value())
