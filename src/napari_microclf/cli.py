@@ -1,6 +1,8 @@
 """The ``microclf`` command: train, evaluate, predict, sample, demo.
 
-Errors exit with status 1 and one clear line; ``--debug`` shows the traceback.
+Errors a user can fix (ours, and the environment's: a full disk, a denied permission) exit
+with status 1 and one clear line (a list of bad images below it); anything else is a bug and
+shows its traceback. ``--debug`` raises every error with its traceback.
 """
 
 from __future__ import annotations
@@ -116,10 +118,33 @@ def _config_from_args(args, out: str):
     return TrainConfig(data_dir=args.data, out_dir=out, **given)
 
 
+def _train_config_checked(args):
+    """The training's settings and folders, checked before TensorFlow starts: a wrong value,
+    a missing dataset or an unwritable --out is said in one line within a second."""
+    from .core.dataset import check_dataset
+    from .core.errors import MicroclfError
+    from .core.model import check_backbone, normalize_weights, parse_fine_tune
+    from .core.preflight import check_dataset_writable, check_out_dir
+
+    try:
+        config = _config_from_args(args, args.out)
+        check_backbone(config.backbone)
+        parse_fine_tune(config.fine_tune)
+        normalize_weights(config.weights)
+    except MicroclfError:
+        raise
+    except ValueError as exc:  # a setting's own message names it and its allowed values
+        raise MicroclfError(str(exc)) from exc
+    check_dataset(config.data_dir)
+    check_out_dir(config.out_dir)
+    check_dataset_writable(config.data_dir, config.resplit, config.group_by)
+    return config
+
+
 def cmd_train(args) -> int:
     from .core.train import train
 
-    config = _config_from_args(args, args.out)
+    config = getattr(args, "config", None) or _train_config_checked(args)
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
     bar.clear()
@@ -165,23 +190,51 @@ def cmd_cache(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    """Classify past bad files: exit 0 when a page was classified, 1 when none was."""
     from .core.evaluate import describe_model
-    from .core.predict import Predictor, write_csv
+    from .core.predict import (
+        FileError,
+        Predictor,
+        check_csv_destination,
+        find_images,
+        predict_folder,
+    )
 
+    # before the model is loaded: where the CSV goes, and that there is something to classify
+    csv_path = check_csv_destination(args.csv) if args.csv else None
+    files = find_images(args.paths)
     predictor = Predictor(args.model, batch_size=args.batch_size)
-    names = predictor.class_names
     if not args.quiet:
         print(f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
-              f"classes: {', '.join(names)}", flush=True)
-    results = []
-    for p in predictor.predict_paths(args.paths):
-        results.append(p)
-        if not args.quiet:
-            print(f"{p.file}\tpage {p.page}\t{p.label(args.threshold)}\t{p.confidence:.3f}",
-                  flush=True)
-    if args.csv:
-        n = write_csv(results, args.csv, names, args.threshold)
-        print(f"Wrote {n} rows to {args.csv}")
+              f"classes: {', '.join(predictor.class_names)}", flush=True)
+
+    def show(item) -> None:
+        if args.quiet:
+            return
+        if isinstance(item, FileError):
+            page = "" if item.page is None else f"page {item.page}"
+            print(f"{item.path}\t{page}\terror\t{item.message}", flush=True)
+        else:
+            print(f"{item.file}\tpage {item.page}\t{item.label(args.threshold)}\t"
+                  f"{item.confidence:.3f}", flush=True)
+
+    try:
+        result = predict_folder(predictor, files, csv_path, threshold=args.threshold,
+                                on_item=show)
+    except KeyboardInterrupt:
+        if csv_path is not None:
+            print(f"Interrupted: the rows so far are in {csv_path}.partial", file=sys.stderr)
+        raise
+    print(result.summary(), flush=True)
+    return 0 if result.ok else 1
+
+
+def cmd_restore(args) -> int:
+    from .core.model import describe_bundle, restore_previous
+
+    meta = restore_previous(args.model)
+    print(f"Restored the previous model in {args.model}: {describe_bundle(meta)}. The model "
+          "it replaced is now in previous/ (run restore again to switch back).")
     return 0
 
 
@@ -261,15 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data")
     c.set_defaults(func=cmd_cache)
 
-    pr = sub.add_parser("predict", help="classify images, stacks or folders")
+    pr = sub.add_parser("predict", help="classify images, stacks or folders",
+                        description="Classify every page of every image, past files that "
+                        "cannot be read (each listed with its reason). Exit status 0 when a "
+                        "page was classified, 1 when none was.")
     pr.add_argument("model")
     pr.add_argument("paths", nargs="+", help="image files, stacks or folders")
-    pr.add_argument("--csv", help="write the results to this CSV file")
+    pr.add_argument("--csv", help="write the results to this CSV file (with status and error "
+                    "columns); rows go to CSV.partial as they come, renamed to CSV at the end")
     pr.add_argument("--threshold", type=float, default=0.0,
                     help="confidence below which the class reads 'uncertain' (0)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--quiet", action="store_true", help="print only the CSV summary")
     pr.set_defaults(func=cmd_predict)
+
+    r = sub.add_parser("restore", help="bring back the model a retraining replaced",
+                       description="Make MODEL/previous/ (the model before the last training "
+                       "into MODEL) the active model again; the current one becomes previous/, "
+                       "so restoring twice switches back. Other files in MODEL stay.")
+    r.add_argument("model", help="the model folder")
+    r.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("sample", help="write the synthetic sample dataset and stack")
     s.add_argument("out")
@@ -314,11 +378,25 @@ def _start_tensorflow_quietly() -> None:
             os.close(devnull)
 
 
+def _repair_model_folder(args) -> None:
+    """Complete or clean up what a killed run left in the model folder, before anything."""
+    folder = getattr(args, "model", None) or (getattr(args, "out", None)
+                                              if args.command == "train" else None)
+    if folder:
+        from .core.model import repair_model_folder
+
+        for line in repair_model_folder(folder):
+            print(line, flush=True)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "sample" and not args.debug:
+        _repair_model_folder(args)
+        if args.command == "train":  # refuse wrong settings and folders before TensorFlow
+            args.config = _train_config_checked(args)
+        if args.command not in ("sample", "restore") and not args.debug:
             _start_tensorflow_quietly()
         return args.func(args)
     except KeyboardInterrupt:
@@ -327,8 +405,23 @@ def main(argv=None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"microclf: error: {exc}", file=sys.stderr)
-        return 1
+        return _report_error(exc)
+
+
+def _report_error(exc: BaseException) -> int:
+    """Ours and the environment's errors (disk full, permission denied) in one line; anything
+    else is a bug: its traceback, and where to report it."""
+    import traceback
+
+    from .core.preflight import user_message
+
+    text = user_message(exc)
+    if text is None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        text = (f"unexpected {type(exc).__name__}: {exc} -- a bug in microclf; please report "
+                "it with the traceback above")
+    print(f"microclf: error: {text}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

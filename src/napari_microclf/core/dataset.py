@@ -171,19 +171,34 @@ def find_by_hash(root: str | Path, digest: str) -> Path | None:
     return None
 
 
+def hash_index(root: str | Path) -> dict[str, Path]:
+    """Pixel hash -> example file for every example in the dataset, in one pass.
+
+    For :func:`add_example`'s ``index``: adding N pages then costs N lookups, not N scans.
+    """
+    index: dict[str, Path] = {}
+    for c in list_classes(root):
+        for p in sorted((Path(root) / c).glob("*_*.tif")):
+            index.setdefault(p.stem.rsplit("_", 1)[-1], p)
+    return index
+
+
 def add_example(
     root: str | Path,
     class_name: str,
     array: np.ndarray,
     source: str | Path | None = None,
     page: int | None = None,
+    index: dict[str, Path] | None = None,
 ) -> AddResult:
     """Write ``array`` (``(Y, X)`` or ``(Y, X, C)``) as a TIFF into ``root/class_name``.
 
     The file is written to a temporary name and linked into place, so a crash never leaves
     half a file and an existing file is never overwritten. Provenance (source file, page,
     date) is stored in the TIFF description. If the same pixels are already anywhere in the
-    dataset the existing file is returned with ``written=False``.
+    dataset the existing file is returned with ``written=False``. ``index`` (from
+    :func:`hash_index`, for adding many examples) is looked up instead of scanning the class
+    folders, and the file written is added to it.
     """
     import tifffile
 
@@ -197,7 +212,9 @@ def add_example(
             f"shape {arr.shape}. For a stack, add its pages one by one."
         )
     digest = pixel_hash(arr)
-    existing = find_by_hash(root, digest)
+    existing = find_by_hash(root, digest) if index is None else index.get(digest)
+    if existing is not None and index is not None and not existing.is_file():
+        existing = find_by_hash(root, digest)  # moved or undone since the index was made
     if existing is not None:
         return AddResult(existing, False, existing.parent.name)
 
@@ -215,6 +232,8 @@ def add_example(
     try:
         tifffile.imwrite(tmp, data, photometric="minisblack",
                          metadata={"axes": axes, "microclf": provenance})
+        if index is not None:
+            index[digest] = final
         try:
             os.link(tmp, final)  # fails if ``final`` exists: never overwrites
         except FileExistsError:
@@ -354,6 +373,23 @@ def _save_split(root: Path, split: Split) -> None:
     atomic_write_text(root / SPLIT_FILE, json.dumps(split.to_dict(), indent=1))
 
 
+def _split_locked(fn):
+    """Hold ``DATASET/.split.json.lock`` while ``fn(root, ...)`` reads and rewrites
+    ``split.json``: two processes never update it at once (the second waits a few seconds,
+    then gets a LockedError naming the first)."""
+    from functools import wraps
+
+    @wraps(fn)
+    def locked(root, *args, **kwargs):
+        from .lock import split_lock
+
+        with split_lock(root, "microclf " + fn.__name__.strip("_").replace("_", " ")):
+            return fn(root, *args, **kwargs)
+
+    return locked
+
+
+@_split_locked
 def _rename_in_split(root: Path, old: str, new: str) -> None:
     split = load_split(root)
     if split is None:
@@ -572,6 +608,7 @@ def _duplicate_notes(split: Split) -> list[str]:
     return notes
 
 
+@_split_locked
 def update_split(
     root: str | Path,
     val_fraction: float = 0.2,

@@ -13,7 +13,6 @@ import dataclasses
 import datetime as _dt
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,10 @@ import numpy as np
 
 # a bundle keeps its own train/val/test files and hashes under the dataset's file name
 from .dataset import SPLIT_FILE, load_samples
+from .errors import OutputError
 from .features import DEFAULT_VIEWS
 from .images import PreprocessSpec, preprocess_refs
+from .preflight import preflight
 
 
 def _opt(default, help: str, cli: str | None = None, **extra):
@@ -382,6 +383,49 @@ def _floats(logs) -> dict:
 # -- train ------------------------------------------------------------------------------
 
 
+def _holding_model_lock(fn):
+    """``train`` holds its model folder's lock (``OUT/.microclf.lock``) for its whole run,
+    so a second training into the same folder is refused at once, naming this one; an
+    interrupted swap left there by a killed run is completed first."""
+    from functools import wraps
+
+    @wraps(fn)
+    def locked(config, on_update=None, should_stop=None):
+        from .lock import model_lock
+        from .model import repair_model_folder
+
+        with model_lock(config.out_dir, "microclf train") as lock:
+            notes = ([lock.note] if lock.note else []) + repair_model_folder(config.out_dir)
+            for note in notes if on_update is not None else ():
+                on_update(Message(note, "warning"))
+            return fn(config, on_update, should_stop)
+
+    return locked
+
+
+def _keeping_global_random_state(fn):
+    """Keras makes a training reproducible with ``keras.utils.set_random_seed``, which seeds
+    Python's and NumPy's global generators too; napari and the user's own code draw from
+    those, so their states are put back when the training ends (TensorFlow's global seed
+    stays: nothing else in napari uses it)."""
+    from functools import wraps
+
+    @wraps(fn)
+    def kept(*args, **kwargs):
+        import random
+
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    return kept
+
+
+@_holding_model_lock
+@_keeping_global_random_state
 def train(
     config: TrainConfig,
     on_update: Callable[[object], None] | None = None,
@@ -437,6 +481,12 @@ def train(
         return TrainResult(None, names, history, None, True, epochs_run,
                            time.perf_counter() - t_start)
 
+    # Every problem a user can fix, said before any TensorFlow work (all bad images at once).
+    checked = preflight(config)
+    for note in checked.notes:
+        emit(Message(note))
+    for warning in checked.warnings:
+        emit(Message(warning, "warning"))
     resolved = resolve_weights(config.backbone, config.weights)
     if resolved.note:
         emit(Message(resolved.note, resolved.level))
@@ -444,9 +494,22 @@ def train(
         config = dataclasses.replace(config, **{**FROM_SCRATCH, "epochs": config.epochs})
     backbone, weights = resolved.backbone, resolved.weights
     fine_tune = parse_fine_tune(config.fine_tune)
-    samples = load_samples(config.data_dir, config.val_split, config.test_split, config.seed,
-                           config.resplit, group_by=config.group_by)
+    try:
+        samples = load_samples(config.data_dir, config.val_split, config.test_split,
+                               config.seed, config.resplit, group_by=config.group_by)
+    except PermissionError as exc:
+        if SPLIT_FILE not in Path(str(exc.filename)).name:
+            raise
+        # the preflight found the split current, or the dataset turned read-only since
+        raise OutputError(f"cannot write {Path(config.data_dir) / SPLIT_FILE} (permission "
+                          "denied): make the dataset writable, or copy it to a writable "
+                          "folder and train on the copy") from exc
     names = samples.class_names
+    if config.resplit:
+        emit(Message(f"New split: {Path(config.data_dir) / SPLIT_FILE} was drawn again (seed "
+                     f"{config.seed}, validation {config.val_split:.0%}, test "
+                     f"{config.test_split:.0%}); the test set changed, so earlier models' "
+                     "test accuracies do not compare with this one's."))
     for note in samples.notes:
         emit(Message(note))
     if weights is None and fine_tune == 0:
@@ -469,11 +532,10 @@ def train(
     two_phase = fine_tune != 0 and weights is not None and config.head_epochs > 0 \
         and config.epochs > 1
     head_epochs = min(config.head_epochs, config.epochs - 1) if two_phase else config.epochs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # said above as a Message
-        model = build_classifier(len(names), config.image_size, weights, config.dropout,
-                                 config.augment, config.augment_strength,
-                                 0 if two_phase else fine_tune, config.seed, backbone)
+    model = build_classifier(len(names), config.image_size, weights, config.dropout,
+                             config.augment, config.augment_strength,
+                             0 if two_phase else fine_tune, config.seed, backbone,
+                             warn=False)  # said above as a Message
     y = {s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
          for s in ("train", "val", "test")}
     cached = config.cache and (fine_tune == 0 or two_phase)
