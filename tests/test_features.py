@@ -263,3 +263,21 @@ def test_streaming_prediction_passes_errors_on_and_stops(tiny_bundle):
         list(predictor.predict_pages(pages(10, fail_at=6)))
     got = list(predictor.predict_pages(pages(40), should_stop=lambda: True))
     assert len(got) == 4  # one batch, then the stop request is honoured
+
+
+def test_every_training_removes_a_killed_runs_cache_temporaries(tmp_path):
+    import os
+    import time
+
+    from napari_microclf.core.features import remove_stale_temporaries
+
+    folder = tmp_path / CACHE_DIR / "somekey"
+    folder.mkdir(parents=True)
+    killed, writing = folder / ".tmp-killed.npy", folder / ".tmp-writing.npy"
+    killed.write_bytes(b"x")
+    writing.write_bytes(b"x")  # another training's file, being written right now
+    old = time.time() - 3600
+    os.utime(killed, (old, old))
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not killed.exists() and writing.exists()
+    assert remove_stale_temporaries(tmp_path / "no-such-dataset") == 0

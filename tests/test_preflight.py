@@ -16,7 +16,7 @@ import tifffile
 import napari_microclf.core.model as model_module
 from napari_microclf.cli import main as cli_main
 from napari_microclf.core import preflight as pf
-from napari_microclf.core.errors import DatasetError, MicroclfError, OutputError
+from napari_microclf.core.errors import DatasetError, LockedError, MicroclfError, OutputError
 from napari_microclf.core.images import (
     MIN_LONG_SIDE,
     MIN_SIDE,
@@ -410,3 +410,34 @@ def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer,
     ((exc_type, exc, tb),) = received  # napari's error notification, with the traceback
     assert exc_type is TypeError and tb is not None
     assert widget.status.text().startswith("Training failed: TypeError: unsupported operand")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Graph execution error"),
+                                   LockedError("model folder m is being written by microclf "
+                                               "train (pid 1 on h, started 10:02)")])
+def test_widget_recovers_from_a_runtime_error(make_napari_viewer, qtbot, data, tmp_path,
+                                              monkeypatch, error):
+    """superqt drops a generator worker's RuntimeError without ``finished``: the widget would
+    stay busy for good. Ours (a LockedError) is one line; others come with their traceback."""
+    from napari.utils.notifications import notification_manager
+
+    def broken(config, on_update=None, should_stop=None):
+        raise error
+
+    monkeypatch.setattr("napari_microclf._qt.train.train", broken)
+    received = []
+    monkeypatch.setattr(notification_manager, "receive_error",
+                        lambda *args: received.append(args))
+    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    notification_manager.records.clear()
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    qtbot.waitUntil(lambda: widget.start_btn.text() == "Start training", timeout=5000)
+    if isinstance(error, LockedError):
+        assert _widget_messages("error") == [f"Cannot train: {error}"] and not received
+    else:
+        ((exc_type, exc, tb),) = received
+        assert exc is error and tb is not None
+        assert "raise error" in widget.log.toPlainText()
+        assert widget.status.text().startswith("Training failed: RuntimeError: Graph execution")

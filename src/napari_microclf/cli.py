@@ -195,14 +195,10 @@ def cmd_predict(args) -> int:
     from .core.predict import (
         FileError,
         Predictor,
-        check_csv_destination,
-        find_images,
         predict_folder,
     )
 
-    # before the model is loaded: where the CSV goes, and that there is something to classify
-    csv_path = check_csv_destination(args.csv) if args.csv else None
-    files = find_images(args.paths)
+    csv_path, files = args.checked if hasattr(args, "checked") else _predict_checked(args)
     predictor = Predictor(args.model, batch_size=args.batch_size)
     if not args.quiet:
         print(f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
@@ -227,6 +223,17 @@ def cmd_predict(args) -> int:
         raise
     print(result.summary(), flush=True)
     return 0 if result.ok else 1
+
+
+def _predict_checked(args):
+    """Before TensorFlow starts: the model folder, where the CSV goes, and that there is
+    something to classify (each a one-line error)."""
+    from .core.model import read_meta
+    from .core.predict import check_csv_destination, find_images
+
+    read_meta(args.model)
+    csv_path = check_csv_destination(args.csv) if args.csv else None
+    return csv_path, find_images(args.paths)
 
 
 def cmd_restore(args) -> int:
@@ -394,8 +401,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _repair_model_folder(args)
-        if args.command == "train":  # refuse wrong settings and folders before TensorFlow
+        # refuse wrong settings, folders and destinations before TensorFlow starts
+        if args.command == "train":
             args.config = _train_config_checked(args)
+        elif args.command == "predict":
+            args.checked = _predict_checked(args)
         if args.command not in ("sample", "restore") and not args.debug:
             _start_tensorflow_quietly()
         return args.func(args)

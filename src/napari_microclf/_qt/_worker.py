@@ -11,12 +11,41 @@ value is the generator's return value; its exception is raised in the generator.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
 from collections.abc import Callable, Generator
 
+from ..core.errors import MicroclfError
+
 _DONE = object()
+
+
+class WorkerError(Exception):
+    """A RuntimeError from a worker generator, raised again under another type.
+
+    superqt's generator workers take any RuntimeError for the sign of a deleted worker: they
+    drop it with a warning and never emit ``errored`` or ``finished``, which would leave a
+    widget's buttons disabled for good. The original is the ``__cause__`` (its traceback is
+    shown)."""
+
+
+def surfaced(gen_fn: Callable) -> Callable:
+    """Wrap a worker generator function so that its RuntimeErrors reach ``errored``.
+
+    Ours (a MicroclfError such as a LockedError) stay MicroclfErrors with the same message."""
+
+    @functools.wraps(gen_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return (yield from gen_fn(*args, **kwargs))
+        except RuntimeError as exc:
+            if isinstance(exc, MicroclfError):
+                raise MicroclfError(str(exc)) from exc
+            raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
 
 
 def updates(fn: Callable, *args, stop: threading.Event | None = None,

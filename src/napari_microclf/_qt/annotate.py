@@ -35,6 +35,7 @@ from ..core import dataset as ds
 from . import _layers
 from ._rows import folder_row
 from ._session import SESSION
+from ._worker import surfaced
 
 KEYS = [str(i) for i in range(1, 10)]
 DEFAULT_DATASET = "microclf-dataset"
@@ -441,7 +442,7 @@ class AnnotateWidget(QWidget):
 
         pbar = self._pbar = _stoppable_progress(src.n_pages, f"Adding {src.name} to {name}",
                                                 self.stop_adding)
-        worker = thread_worker(work, ignore_errors=True)()
+        worker = thread_worker(surfaced(work), ignore_errors=True)()
         summary = {"written": 0, "duplicate": 0, "shown": 0, "at": time.monotonic()}
 
         def move_bar(force=False):

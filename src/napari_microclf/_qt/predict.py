@@ -56,6 +56,7 @@ from . import _layers
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
+from ._worker import surfaced
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 UNCERTAIN = "uncertain"
@@ -108,6 +109,7 @@ def _notify(kind: str, text: str) -> None:
     getattr(notifications, f"show_{kind}")(text)
 
 
+@surfaced
 def _predict_layers(bundle: str, sources: list):
     """Worker: yields ``(layer name, PagePrediction)`` for every page of every source."""
     try:
@@ -134,6 +136,7 @@ def _page_count(path: Path) -> int:
         return 1
 
 
+@surfaced
 def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float):
     """Worker: classifies every image under ``folder`` past bad files, the rows streamed to
     the CSV (see ``core.predict.predict_folder``). Yields ``("total", pages)``, then

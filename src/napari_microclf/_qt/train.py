@@ -73,7 +73,7 @@ from ._plots import ConfusionCanvas, CurvesCanvas
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
-from ._worker import updates
+from ._worker import WorkerError, surfaced, updates
 
 DEFAULT_MODEL = "microclf-model"
 
@@ -144,6 +144,7 @@ class Failed:
     message: str
 
 
+@surfaced
 def _train_job(config: TrainConfig, stop: threading.Event):
     """The worker: relays core.train's updates. Our errors (and the environment's, such as a
     full disk) become a Failed result; anything else is raised: a bug, shown with its
@@ -542,6 +543,8 @@ class TrainWidget(QWidget):
         notification, whose details (and napari's console) show the traceback too."""
         from napari.utils.notifications import notification_manager
 
+        if isinstance(exc, WorkerError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # a RuntimeError, carried past superqt under another type
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self._append(f"Training failed with an unexpected error (a bug in microclf; please "
                      f"report it with this traceback):\n{text}")

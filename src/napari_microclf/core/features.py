@@ -124,17 +124,37 @@ def cache_entries(root: str | Path) -> list[dict]:
     return sorted(out, key=lambda e: -e["last_used"])
 
 
+STALE_TMP_S = 600  # a cache entry is written in well under a second: older temporaries are a
+# killed run's leftovers, never another running training's file
+
+
+def remove_stale_temporaries(root: str | Path, min_age_s: float = STALE_TMP_S) -> int:
+    """Remove half-written cache files (``.tmp-*``) that killed runs left in ``root``'s cache.
+
+    Returns how many were removed. Every training calls it, cached or not."""
+    cache = Path(root) / CACHE_DIR
+    if not cache.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for tmp in cache.glob("*/.tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > min_age_s:
+                tmp.unlink()
+                n += 1
+        except OSError:  # gone meanwhile, or a read-only dataset: nothing to clean there
+            continue
+    return n
+
+
 def prune_cache(root: str | Path, keep: str | None = None, max_age_days: float = MAX_AGE_DAYS,
                 max_bytes: int | None = None) -> list[str]:
     """Remove cache folders unused for ``max_age_days`` and, oldest first, those beyond
     ``max_bytes`` (never ``keep``, the one in use), and temporary files of killed runs.
     Returns the removed keys."""
     max_bytes = cache_max_bytes() if max_bytes is None else max_bytes
+    remove_stale_temporaries(root)
     now, removed, total = time.time(), [], 0
     for entry in cache_entries(root):
-        for tmp in entry["folder"].glob(".tmp-*"):
-            if now - tmp.stat().st_mtime > 3600:  # a killed run's half-written entry
-                tmp.unlink(missing_ok=True)
         if entry["key"] == keep:
             total += entry["bytes"]
             continue

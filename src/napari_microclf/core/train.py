@@ -22,7 +22,7 @@ import numpy as np
 # a bundle keeps its own train/val/test files and hashes under the dataset's file name
 from .dataset import SPLIT_FILE, load_samples
 from .errors import OutputError
-from .features import DEFAULT_VIEWS
+from .features import DEFAULT_VIEWS, remove_stale_temporaries
 from .images import PreprocessSpec, preprocess_refs
 from .preflight import preflight
 
@@ -458,7 +458,10 @@ def train(
     from .dataset import split_manifest
     from .evaluate import classification_report, describe_model, diagnose, report_files
     from .model import (
+        BUNDLE_FORMAT,
+        BUNDLE_VERSION,
         FROZEN_RANDOM_WARNING,
+        META_FILE,
         build_classifier,
         parse_fine_tune,
         resolve_weights,
@@ -475,8 +478,9 @@ def train(
             on_update(update)
 
     def stopped_result(names, history, epochs_run=0):
+        had_model = (Path(config.out_dir) / META_FILE).exists()
         emit(Message("Training stopped: no model was written"
-                     + (f" ({config.out_dir} is unchanged)." if Path(config.out_dir).exists()
+                     + (f" (the model in {config.out_dir} is unchanged)." if had_model
                         else "."), "warning"))
         return TrainResult(None, names, history, None, True, epochs_run,
                            time.perf_counter() - t_start)
@@ -487,6 +491,8 @@ def train(
         emit(Message(note))
     for warning in checked.warnings:
         emit(Message(warning, "warning"))
+    if n_stale := remove_stale_temporaries(config.data_dir):
+        emit(Message(f"Removed {n_stale} half-written cache file(s) left by an interrupted run."))
     resolved = resolve_weights(config.backbone, config.weights)
     if resolved.note:
         emit(Message(resolved.note, resolved.level))
@@ -590,7 +596,7 @@ def train(
     report["diagnosis"] = diagnose(history, report)
 
     meta = {
-        "format": "microclf-bundle/1",
+        "format": f"{BUNDLE_FORMAT}/{BUNDLE_VERSION}",
         "class_names": names,
         "input_size": [config.image_size, config.image_size, 3],
         "preprocessing": spec.to_dict(),
