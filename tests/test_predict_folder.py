@@ -112,7 +112,7 @@ def test_a_folder_with_bad_files_is_classified_to_the_end(bundle, tmp_path, caps
     assert summary.startswith("Classified 9 pages from 5 of 8 files; 4 files could not be "
                               "read (1 only in part; listed in the CSV's error column): "
                               "b_corrupt.png: ")
-    assert "d_line.tif: 1 x 20000 pixels" in summary and "and 1 more" in summary
+    assert "d_line.tif: too small: 1 x 20000 pixels" in summary and "and 1 more" in summary
     assert summary.endswith(f"CSV: {out}")
     assert any(line.startswith(str(tmp_path / "images" / "d_line.tif")) and "\terror\t" in line
                for line in printed)  # each bad file printed as it comes
@@ -129,7 +129,7 @@ def test_a_folder_of_only_bad_files_exits_1_with_a_summary(bundle, tmp_path, cap
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith(
         "No page could be classified (2 files tried); 2 files could not be read")
-    assert "x.jpg: cannot read" in printed[0] and "y.tif: 1 x 300 pixels" in printed[0]
+    assert "x.jpg: cannot read" in printed[0] and "y.tif: too small: 1 x 300 pixels" in printed[0]
     assert [r["status"] for r in _rows(out)] == ["error", "error"]
 
 
@@ -255,12 +255,12 @@ def test_the_api_returns_errors_with_the_results(predictor, bundle, tmp_path):
 
 def test_a_single_bad_file_raises_a_named_error(predictor, tmp_path):
     tifffile.imwrite(tmp_path / "line.tif", _gray(1, 20000))
-    with pytest.raises(ImageReadError, match=r"line\.tif: 1 x 20000 pixels .* at least 2 "
-                                             "pixels"):
+    with pytest.raises(ImageReadError, match=r"line\.tif: too small: 1 x 20000 pixels .* at "
+                                             "least 2 pixels"):
         predict(predictor, tmp_path / "line.tif")
-    with pytest.raises(ImageReadError, match=r"line\.tif: 1 x 20000"):
+    with pytest.raises(ImageReadError, match=r"line\.tif: too small: 1 x 20000"):
         list(predictor.predict_file(tmp_path / "line.tif"))
-    with pytest.raises(ImageReadError, match=r"^image: 1 x 1 pixels is too small"):
+    with pytest.raises(ImageReadError, match=r"^image: too small: 1 x 1 pixels"):
         predict(predictor, np.zeros((1, 1)))
 
 

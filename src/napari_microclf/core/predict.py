@@ -24,12 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MicroclfError, OutputError
-from .images import IMAGE_SUFFIXES, ImageReadError, is_image_file, open_image, preprocess
+from .images import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    is_image_file,
+    open_image,
+    preprocess,
+    shape_problem,
+)
 from .model import Bundle, load_bundle
-
-# preprocess() needs 2 pixels on each side (a 1-pixel side has nothing to interpolate).
-# TODO(merge): the same number as core.images.MIN_SIDE once images.py has it.
-MIN_SIDE = 2
 
 # What a bad file may raise while it is read and preprocessed: ours (ImageReadError, ...) and
 # the builtin errors of decoders that get past ImageFile's wrapping. Anything else is a bug
@@ -151,7 +154,7 @@ def check_page(page: np.ndarray, where: str = "image") -> np.ndarray:
     """``page`` as ``(Y, X, C)``, or an ImageReadError naming ``where`` and what is wrong.
 
     Refuses what preprocessing cannot turn into model input: other numbers of dimensions and
-    sides under :data:`MIN_SIDE` pixels (a 1 x 20000 line has nothing to resize).
+    pages smaller than training accepts (:func:`~napari_microclf.core.images.shape_problem`).
     """
     page = np.asarray(page)
     if page.ndim == 2:
@@ -159,10 +162,8 @@ def check_page(page: np.ndarray, where: str = "image") -> np.ndarray:
     if page.ndim != 3:
         raise ImageReadError(f"{where}: shape {page.shape} is not one image (Y, X) or "
                              "(Y, X, C); give a stack's page axis")
-    h, w = page.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise ImageReadError(f"{where}: {h} x {w} pixels is too small to classify: each side "
-                             f"needs at least {MIN_SIDE} pixels; crop or remove it")
+    if problem := shape_problem(page.shape):
+        raise ImageReadError(f"{where}: {problem}; crop or remove it")
     return page
 
 
