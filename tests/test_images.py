@@ -223,3 +223,16 @@ def test_shape_problem_states_the_minimum_sides():
     assert shape_problem((7, 7)).startswith("too small: 7 x 7 pixels")
     with pytest.raises(ImageReadError, match="too small: 1 x 1 pixels"):
         preprocess(np.zeros((1, 1), np.uint8), PreprocessSpec(32))
+
+
+def test_imagej_hyperstack_with_one_page_entry_is_memory_mapped_not_read_whole(tmp_path):
+    """ImageJ writes files over 4 GiB with one page table entry (the page count only in its
+    description): prediction maps them, so a page costs a page, not the whole file."""
+    from napari_microclf.core.images import ImageFile
+
+    d = np.arange(7 * 2 * 16 * 20, dtype=np.uint16).reshape(7, 2, 16, 20)
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, d, imagej=True, truncate=True, metadata={"axes": "ZCYX"})
+    f = ImageFile(path)
+    assert isinstance(f._array, np.memmap) and len(f) == 7
+    np.testing.assert_array_equal(f.page(4), np.moveaxis(d[4], 0, -1))

@@ -122,6 +122,19 @@ class ImageInfo:
         return (y, x, self.n_channels)
 
 
+def _memmap_series(tif, series) -> np.ndarray | None:
+    """``series`` as a read-only memory map, or None unless its data is one contiguous,
+    uncompressed block that the file holds in full."""
+    offset = getattr(series, "dataoffset", None)
+    if offset is None:
+        return None
+    dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+    shape = tuple(series.shape)
+    if offset + math.prod(shape) * dtype.itemsize > tif.filehandle.size:
+        return None  # truncated: reading says so, naming the file
+    return np.memmap(tif.filehandle.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 class ImageFile:
     """A lazily read image file. Use as a context manager or call :meth:`close`."""
 
@@ -164,8 +177,12 @@ class ImageFile:
         if n_lead < 0 or axes[n_lead:] != page_axes_in_plane or len(series.pages) != math.prod(
             shape[:n_lead]
         ):
-            # An unusual layout: fall back to reading the series whole.
-            self._array = series.asarray()
+            # An unusual layout (ImageJ's hyperstacks over 4 GiB: one page table entry, the
+            # page count in the description): memory-mapped when its pixels lie in one
+            # uncompressed block, so a page costs a page; otherwise read whole.
+            self._array = _memmap_series(self._tif, series)
+            if self._array is None:
+                self._array = series.asarray()
             self._set_layout(axes, shape, str(series.dtype), lead_shape=None)
             return
         self._plane_axes = page_axes_in_plane
