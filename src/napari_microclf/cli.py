@@ -119,12 +119,11 @@ def _config_from_args(args, out: str):
 
 
 def _train_config_checked(args):
-    """The training's settings and folders, checked before TensorFlow starts: a wrong value,
-    a missing dataset or an unwritable --out is said in one line within a second."""
-    from .core.dataset import check_dataset
+    """The training's settings, folders and images, checked before TensorFlow starts: a wrong
+    value, a missing dataset, an unwritable --out or bad images are said within seconds."""
     from .core.errors import MicroclfError
     from .core.model import check_backbone, normalize_weights, parse_fine_tune
-    from .core.preflight import check_dataset_writable, check_out_dir
+    from .core.preflight import preflight
 
     try:
         config = _config_from_args(args, args.out)
@@ -135,9 +134,7 @@ def _train_config_checked(args):
         raise
     except ValueError as exc:  # a setting's own message names it and its allowed values
         raise MicroclfError(str(exc)) from exc
-    check_dataset(config.data_dir)
-    check_out_dir(config.out_dir)
-    check_dataset_writable(config.data_dir, config.resplit, config.group_by)
+    preflight(config)  # the folders and every image's header; train() says its notes
     return config
 
 
