@@ -594,10 +594,9 @@ def _write_cache(model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name[: -len('.weights.h5')]}.{uuid.uuid4().hex}.weights.h5"
     try:
-        with warnings.catch_warnings():  # Keras' own numpy-2 notice, once per variable
-            warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy",
-                                    DeprecationWarning)
-            model.save_weights(str(tmp))
+        # Keras' numpy-2 DeprecationWarning here is hidden by Python's default filters; no
+        # catch_warnings: it swaps the process-wide filters, also for napari's other threads
+        model.save_weights(str(tmp))
         with h5py.File(tmp, "a") as f:
             f.attrs["lite0_source_sha256"] = LITE0_SHA256
             f.attrs["lite0_weights_sha256"] = _h5_digest(f)
