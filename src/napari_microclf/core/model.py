@@ -535,8 +535,8 @@ def repair_model_folder(out: str | Path) -> list[str]:
     return done
 
 
-def write_bundle(out: str | Path, model, meta: dict, extra_files: dict[str, str] | None = None
-                 ) -> Path:
+def write_bundle(out: str | Path, model, meta: dict,
+                 extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write a bundle into model folder ``out``, replacing only the bundle's own files.
 
     The new files are written into ``out/.incoming-<id>/``; then, recorded by a journal, the
@@ -568,8 +568,11 @@ def write_bundle(out: str | Path, model, meta: dict, extra_files: dict[str, str]
         incoming.mkdir()
         try:
             model.save(incoming / MODEL_FILE)
-            for name, text in extra.items():
-                (incoming / name).write_text(text, encoding="utf-8")
+            for name, content in extra.items():  # text, or bytes (familiarity.npz)
+                if isinstance(content, bytes):
+                    (incoming / name).write_bytes(content)
+                else:
+                    (incoming / name).write_text(content, encoding="utf-8")
             (incoming / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default),
                                               encoding="utf-8")
         except BaseException:

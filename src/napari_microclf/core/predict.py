@@ -47,9 +47,22 @@ class PagePrediction:
     class_name: str
     confidence: float
     probabilities: dict[str, float]
+    # the page's feature distance from the training data over the bundle's threshold (see
+    # core/familiar.py): above 1 the page is unlike the training images. None: the bundle
+    # has no familiarity description (trained before it existed).
+    unfamiliar_score: float | None = None
+
+    @property
+    def unfamiliar(self) -> bool:
+        """The page lies beyond the training data (its class means little, whatever the
+        confidence)."""
+        return self.unfamiliar_score is not None and self.unfamiliar_score > 1.0
 
     def label(self, threshold: float = 0.0) -> str:
-        """The class, or ``"uncertain"`` below ``threshold``."""
+        """The class; ``"unfamiliar"`` for a page unlike the training images, else
+        ``"uncertain"`` below ``threshold``."""
+        if self.unfamiliar:
+            return "unfamiliar"
         return self.class_name if self.confidence >= threshold else "uncertain"
 
 
@@ -177,23 +190,41 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.prefetch = 1
         self._forward = None
+        from .familiar import load_familiarity
 
-    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        # None for bundles trained before it existed: their pages get no unfamiliar score
+        self.familiarity = load_familiarity(self.bundle.path, self.bundle.meta)
+
+    def _outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, with a familiarity description, unfamiliar scores (one pass)."""
         if self._forward is None:
+            import keras
             import tensorflow as tf
 
+            from .familiar import FEATURE_LAYER
+
             model = self.bundle.model
+            if self.familiarity is not None:  # the pooled features too, from the same pass
+                model = keras.Model(model.input,
+                                    [model.output, model.get_layer(FEATURE_LAYER).output])
             size = self.spec.image_size
             self._forward = tf.function(
                 lambda x: model(x, training=False), reduce_retracing=True,
                 input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-        return np.asarray(self._forward(batch))
+        out = self._forward(batch)
+        if self.familiarity is None:
+            return np.asarray(out), None
+        return np.asarray(out[0]), self.familiarity.scores(np.asarray(out[1]))
 
-    def _result(self, probs: np.ndarray, file, page) -> PagePrediction:
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self._outputs(batch)[0]
+
+    def _result(self, probs: np.ndarray, file, page, score=None) -> PagePrediction:
         i = int(probs.argmax())
         return PagePrediction(
             None if file is None else str(file), int(page), self.class_names[i],
-            float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)})
+            float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)},
+            None if score is None else float(score))
 
     def _prepare(self, array: np.ndarray, file, page) -> np.ndarray:
         """One page to model input; errors name the file and page."""
@@ -234,9 +265,17 @@ class Predictor:
         """Batches of results (PagePrediction and FileError, in input order), one list per
         batch; entries are read and prepared in a background thread."""
         for buf, keys in _prefetch(self._batches(entries), self.prefetch):
-            probs = iter(self._probabilities(buf)) if len(buf) else iter(())
-            yield [k if isinstance(k, FileError) else self._result(next(probs), *k)
-                   for k in keys]
+            probs, scores = self._outputs(buf) if len(buf) else (np.zeros((0, 0)), None)
+            rows = iter(zip(probs, [None] * len(probs) if scores is None else scores,
+                            strict=True))
+            out = []
+            for k in keys:
+                if isinstance(k, FileError):
+                    out.append(k)
+                else:
+                    p, score = next(rows)
+                    out.append(self._result(p, *k, score))
+            yield out
             if should_stop is not None and should_stop():
                 return
 
@@ -506,7 +545,8 @@ def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
     files = find_images(paths)
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
     result = FolderResult(n_files=len(files))
-    out = _CsvStream(csv_path, predictor.class_names, threshold) if csv_path else None
+    out = _CsvStream(csv_path, predictor.class_names, threshold,
+                     predictor.familiarity is not None) if csv_path else None
     done = False
     try:
         for batch in predictor.classify_paths(files, should_stop):
@@ -527,23 +567,27 @@ def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
 class _CsvStream:
     """Rows written to ``<path>.partial`` as they come; renamed to ``path`` on completion."""
 
-    def __init__(self, path: Path, class_names: Sequence[str], threshold: float):
+    def __init__(self, path: Path, class_names: Sequence[str], threshold: float,
+                 unfamiliar: bool = False):
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.class_names = list(class_names)
         self.threshold = threshold
+        self.unfamiliar = unfamiliar  # the model scores familiarity: the `unfamiliar` column
         try:
             self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial} ({exc.strerror or exc}); choose "
                               "another CSV path") from exc
         self.writer = csv.writer(self.file)
-        self.writer.writerow([csv_cell(v) for v in _header(self.class_names, status=True)])
+        self.writer.writerow([csv_cell(v) for v in _header(self.class_names, status=True,
+                                                           unfamiliar=self.unfamiliar)])
 
     def write(self, items: Iterable[PagePrediction | FileError]) -> None:
         """Write the rows of ``items`` and flush them to disk."""
         for item in items:
-            row = _row(item, self.class_names, self.threshold, status=True)
+            row = _row(item, self.class_names, self.threshold, status=True,
+                       unfamiliar=self.unfamiliar)
             self.writer.writerow([csv_cell(v) for v in row])
         self.file.flush()
 
@@ -626,21 +670,24 @@ def csv_cell(value) -> str:
     return text
 
 
-def _header(class_names: Sequence[str], status: bool) -> list[str]:
+def _header(class_names: Sequence[str], status: bool, unfamiliar: bool = False) -> list[str]:
     return ["file", "page", "class", "confidence", *class_names,
-            *(["status", "error"] if status else [])]
+            *(["unfamiliar"] if unfamiliar else []), *(["status", "error"] if status else [])]
 
 
 def _row(item: PagePrediction | FileError, class_names: Sequence[str], threshold: float,
-         status: bool) -> list:
+         status: bool, unfamiliar: bool = False) -> list:
     if isinstance(item, FileError):
         if not status:
             raise ValueError(f"{item}: a FileError needs the status and error columns "
                              "(status=True)")
         return [item.path, "" if item.page is None else item.page, "", "",
-                *("" for _ in class_names), "error", item.message]
+                *("" for _ in class_names), *([""] if unfamiliar else []), "error",
+                item.message]
+    score = item.unfamiliar_score
     return [item.file or "", item.page, item.label(threshold), f"{item.confidence:.4f}",
             *(f"{item.probabilities[c]:.4f}" for c in class_names),
+            *([("" if score is None else f"{score:.4f}")] if unfamiliar else []),
             *(["ok", ""] if status else [])]
 
 
@@ -667,8 +714,13 @@ def _write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
 
 def write_csv(predictions: Iterable[PagePrediction | FileError], path: str | Path,
               class_names: Sequence[str], threshold: float = 0.0, *,
-              status: bool | None = None) -> int:
+              status: bool | None = None, unfamiliar: bool | None = None) -> int:
     """CSV with file, page, class, confidence and one probability column per class.
+
+    With ``unfamiliar`` (the default when a prediction has an ``unfamiliar_score``, i.e. the
+    model has a familiarity description) a column ``unfamiliar`` after the probabilities
+    holds the score (above 1: unlike the training images; the class then reads
+    ``unfamiliar``); empty for pages without a score.
 
     With ``status`` (the default when ``predictions`` is a :class:`FolderResult` or holds a
     :class:`FileError`) two more columns: ``status`` (``ok`` or ``error``) and ``error`` (the
@@ -687,10 +739,12 @@ def write_csv(predictions: Iterable[PagePrediction | FileError], path: str | Pat
         items = list(predictions)
     if status is None:
         status = any(isinstance(i, FileError) for i in items)
+    if unfamiliar is None:
+        unfamiliar = any(getattr(i, "unfamiliar_score", None) is not None for i in items)
 
     def rows():
-        yield _header(class_names, status)
+        yield _header(class_names, status, unfamiliar)
         for item in items:
-            yield _row(item, class_names, threshold, status)
+            yield _row(item, class_names, threshold, status, unfamiliar)
 
     return _write_csv_rows(path, rows())
