@@ -10,12 +10,16 @@ Per image layer the results are
 - listed in the results table, which exports to CSV in the ``microclf predict`` format
   (its ``file`` column holds the layer name).
 
+**Explain** adds, per chosen layer, an image layer ``"<layer> Grad-CAM"``: where the model
+looks (``core.explain``), page by page, on the source's pixels (same scale and translate).
+
 The model is loaded once per bundle (and reloaded only when the bundle is rewritten).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
@@ -124,6 +129,32 @@ def _predict_layers(bundle: str, sources: list):
                 yield (src.name, pred)
         except ERRORS as exc:
             return f"{src.name}: {exc}"
+    return None
+
+
+_EXPLAINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Predictor -> Explainer
+PREDICTED = "predicted class"
+
+
+@surfaced
+def _explain_layers(bundle: str, sources: list, class_name: str | None):
+    """Worker: yields ``(layer name, Explanation)`` for every page of every source."""
+    from ..core.explain import Explainer
+
+    try:
+        predictor = get_predictor(bundle)
+        explainer = _EXPLAINERS.get(predictor)
+        if explainer is None:
+            explainer = _EXPLAINERS[predictor] = Explainer(predictor.bundle)
+    except ERRORS as exc:
+        return str(exc)
+    for src in sources:
+        items = ((p, src.page(p)) for p in range(src.n_pages))
+        try:
+            for e in explainer.explain_pages(items, class_name):
+                yield (src.name, e)
+        except ERRORS as exc:
+            return f"{src.name}: {one_line(exc)}"
     return None
 
 
@@ -242,6 +273,20 @@ class PredictWidget(QWidget):
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_btn)
         run_row.addWidget(self.folder_btn)
+        self.explain_btn = QPushButton("Explain")
+        self.explain_btn.setToolTip(
+            "Where the model looks (Grad-CAM): adds a heatmap layer '<layer> Grad-CAM' over "
+            "each chosen layer, every page of a stack; bright = strongest evidence for the "
+            "class.")
+        self.explain_btn.clicked.connect(lambda: self.explain())
+        self.explain_class = QComboBox()
+        self.explain_class.setToolTip("The class whose evidence the heatmap shows: each "
+                                      "page's predicted class, or one chosen class.")
+        self.explain_class.addItem(PREDICTED)
+        explain_row = QHBoxLayout()
+        explain_row.addWidget(self.explain_btn)
+        explain_row.addWidget(QLabel("for"))
+        explain_row.addWidget(self.explain_class, 1)
         self.bar = QProgressBar()
         self.bar.setFormat("%v/%m pages")
         self.status = QLabel("")
@@ -269,6 +314,7 @@ class PredictWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(run_row)
+        layout.addLayout(explain_row)
         layout.addWidget(self.bar)
         layout.addWidget(self.status)
         layout.addWidget(self.in_view)
@@ -314,6 +360,7 @@ class PredictWidget(QWidget):
     def _show_model(self) -> None:
         from ..core.model import has_previous
 
+        self._fill_explain_classes()
         self.restore_btn.setEnabled(bool(self.bundle()) and has_previous(self.bundle()))
         if not self.bundle():
             self.model_info.setText("No model yet: train one with the Train widget or pick a "
@@ -427,6 +474,7 @@ class PredictWidget(QWidget):
         self.worker = worker
         self.run_btn.setEnabled(False)
         self.folder_btn.setEnabled(False)
+        self.explain_btn.setEnabled(False)
         self.status.setText(status)
         worker.start()
         return worker
@@ -438,6 +486,83 @@ class PredictWidget(QWidget):
         self.worker = None
         self.run_btn.setEnabled(True)
         self.folder_btn.setEnabled(True)
+        self.explain_btn.setEnabled(True)
+
+    # -- explain (Grad-CAM) ----------------------------------------------------------------
+    def _fill_explain_classes(self) -> None:
+        """The class chooser: 'predicted class', then the model's classes (kept if still
+        there)."""
+        try:
+            names = list(read_meta(self.bundle())["class_names"]) if self.bundle() else []
+        except BundleError:
+            names = []
+        current = self.explain_class.currentText()
+        self.explain_class.clear()
+        self.explain_class.addItems([PREDICTED, *names])
+        if current in names:
+            self.explain_class.setCurrentText(current)
+
+    def heatmap_name(self, name: str) -> str:
+        return f"{name} Grad-CAM"
+
+    def explain(self, class_name: str | None = None):
+        """Grad-CAM of every page of the chosen layers in a worker; each gets (or updates) a
+        heatmap layer aligned with it. ``class_name``: None takes the chooser's choice.
+        Returns the worker (None if refused)."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        if not self._ready():
+            return None
+        sources = self._chosen_sources()
+        if not sources:
+            _notify("warning", "Choose an image layer to explain (or open one).")
+            return None
+        if class_name is None and self.explain_class.currentText() != PREDICTED:
+            class_name = self.explain_class.currentText()
+        total = sum(s.n_pages for s in sources)
+        self.bar.setRange(0, total)
+        self.bar.setValue(0)
+        self._pbar = progress(total=total, desc="Grad-CAM")
+        maps: dict[str, list] = {s.name: [] for s in sources}
+        leads = {s.name: s.lead for s in sources}
+
+        def on_yield(item):
+            name, e = item
+            maps[name].append(e.heatmap)
+            self.bar.setValue(self.bar.value() + 1)
+            self._pbar.update(1)
+
+        def on_return(error):
+            if error:
+                _notify("error", f"Cannot explain: {error}")
+            done = [name for name, pages in maps.items()
+                    if pages and len(pages) == int(np.prod(leads[name] or (1,)))]
+            for name in done:
+                self._add_heatmap(name, np.stack(maps[name]).reshape(
+                    *leads[name], *maps[name][0].shape))
+            which = class_name or "the predicted class"
+            self.status.setText(f"Grad-CAM for {which}: {len(done)} layer(s).")
+
+        worker = thread_worker(_explain_layers, ignore_errors=False)(
+            self.bundle(), sources, class_name)
+        return self._start(worker, on_yield, on_return, "Computing Grad-CAM...")
+
+    def _add_heatmap(self, name: str, data: np.ndarray) -> None:
+        """The heatmap layer of image layer ``name``, on its pixels (same transforms)."""
+        source = self.viewer.layers[name]
+        hname = self.heatmap_name(name)
+        active = self.viewer.layers.selection.active
+        if hname in self.viewer.layers:
+            self.viewer.layers[hname].data = data
+            return
+        layer = self.viewer.add_image(
+            data, name=hname, colormap="inferno", opacity=0.5, blending="additive",
+            contrast_limits=(0.0, 1.0), scale=source.scale, translate=source.translate,
+            rotate=source.rotate, shear=source.shear, affine=source.affine)
+        layer.metadata["microclf"] = {"image_layer": name, "heatmap": "grad-cam"}
+        if active is not None and active in self.viewer.layers:
+            self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
 
     # -- results on layers ---------------------------------------------------------------
     def label(self, pred: PagePrediction) -> str:
