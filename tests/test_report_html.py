@@ -177,3 +177,25 @@ def test_a_bundle_without_split_or_history_still_renders(trained, tmp_path):
     meta.pop("history")
     html = render_report_html(meta, None)
     assert "Training curves" not in html and "No test images" in html
+
+
+def test_the_train_widget_opens_the_html_report_in_the_browser(trained, qtbot, monkeypatch):
+    from qtpy.QtGui import QDesktopServices
+
+    from napari_microclf._qt.train import TrainWidget
+
+    _, bundle = trained
+    opened = []
+    monkeypatch.setattr(QDesktopServices, "openUrl",
+                        staticmethod(lambda url: opened.append(url.toLocalFile()) or True))
+    widget = TrainWidget()
+    qtbot.addWidget(widget)
+    assert not widget.html_btn.isEnabled()  # nothing trained yet
+    report = json.loads((bundle / "report.json").read_text())
+    meta = json.loads((bundle / "microclf.json").read_text())
+    widget.show_report(report, bundle, meta)
+    assert widget.html_btn.isEnabled() and widget.html_btn.text() == "Open HTML report"
+    widget.html_btn.click()
+    assert opened == [str(bundle / REPORT_HTML)]
+    widget.show_report(report, bundle.parent / "no-such-model", meta)
+    assert not widget.html_btn.isEnabled()

@@ -321,9 +321,17 @@ class TrainWidget(QWidget):
         self.diagnosis = QLabel("")
         self.diagnosis.setWordWrap(True)
         self.diagnosis.setTextFormat(Qt.RichText)
+        self.html_btn = QPushButton("Open HTML report")
+        self.html_btn.setToolTip("The model's whole report (set-up, split, curves, confusion "
+                                 "matrix, misclassified images) in your web browser: "
+                                 "report.html in the model folder, one file that opens offline")
+        self.html_btn.setEnabled(False)
+        self.html_btn.clicked.connect(self.open_html_report)
+        self._html_report: Path | None = None
         report = QWidget()
         rl = QVBoxLayout(report)
-        for w in (self.report_label, self.class_table, self.confusion, self.diagnosis):
+        for w in (self.report_label, self.class_table, self.confusion, self.diagnosis,
+                  self.html_btn):
             rl.addWidget(w)
         settings = QScrollArea()
         settings.setWidgetResizable(True)
@@ -679,7 +687,29 @@ class TrainWidget(QWidget):
                         f"<i>What to do:</i> {escape(f['remedy'])}</li>"
                         for f in report.get("diagnosis", []))
         self.diagnosis.setText(f"<b>Diagnosis</b><ul>{items}</ul>" if items else "")
+        from ..core.report_html import REPORT_HTML
+
+        html = Path(bundle) / REPORT_HTML if bundle is not None else None
+        self._html_report = html if html is not None and html.is_file() else None
+        self.html_btn.setEnabled(self._html_report is not None)
         self.tabs.setCurrentIndex(3)
+
+    def open_html_report(self) -> bool:
+        """Open the model's report.html in the web browser; False (and a notification) when
+        it cannot be opened."""
+        from napari.utils.notifications import show_error
+        from qtpy.QtCore import QUrl
+        from qtpy.QtGui import QDesktopServices
+
+        path = self._html_report
+        if path is None or not path.is_file():
+            show_error(f"No HTML report to open{f' ({path} is gone)' if path else ''}: train "
+                       "a model, or write it with `microclf report MODEL`.")
+            return False
+        if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(path))):
+            show_error(f"Could not start a web browser; open {path} in one.")
+            return False
+        return True
 
     @staticmethod
     def _from_groups(report: dict, meta: dict) -> str:
