@@ -2,7 +2,8 @@
 
 The report has accuracy, per-class precision/recall/F1, the confusion matrix (rows: true
 class, columns: predicted), the misclassified files, and the diagnosis. Training stores it in
-the bundle as ``report.json`` and ``report.md``.
+the bundle as ``report.json`` and ``report.md``, and as a page with curves and thumbnails in
+``report.html`` (:mod:`.report_html`).
 
 :func:`evaluate` scores a model on *its own* test list (stored in the bundle's
 ``split.json`` with each file's content hash when it was trained), so a later resplit or a
