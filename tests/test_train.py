@@ -72,7 +72,7 @@ def test_bundle_holds_model_metadata_and_report(trained, sample):
     result, _ = trained
     b = result.bundle
     assert {p.name for p in b.iterdir()} == {"model.keras", "microclf.json", "report.json",
-                                              "report.md", "split.json"}
+                                              "report.md", "split.json", "familiarity.npz"}
     meta = json.loads((b / "microclf.json").read_text())
     assert meta["class_names"] == list(CLASSES)
     assert meta["preprocessing"]["image_size"] == 48 and meta["preprocessing"]["pmax"] == 99.8
@@ -103,10 +103,13 @@ def test_predict_a_stack_page_by_page_and_export_csv(trained, sample, tmp_path):
     csv_path = tmp_path / "out.csv"
     write_csv(preds, csv_path, list(CLASSES), threshold=0.99)
     rows = list(csv.DictReader(csv_path.open()))
-    assert list(rows[0]) == ["file", "page", "class", "confidence", *CLASSES]
+    # the model describes its training data: an `unfamiliar` score column (core/familiar.py)
+    assert list(rows[0]) == ["file", "page", "class", "confidence", *CLASSES, "unfamiliar"]
     assert len(rows) == 12 and rows[3]["page"] == "3"
     for row, p in zip(rows, preds, strict=True):
-        assert row["class"] == (p.class_name if p.confidence >= 0.99 else "uncertain")
+        assert row["class"] == ("unfamiliar" if p.unfamiliar else p.class_name
+                                if p.confidence >= 0.99 else "uncertain")
+        assert float(row["unfamiliar"]) == round(p.unfamiliar_score, 4)
         assert abs(float(row[p.class_name]) - p.probabilities[p.class_name]) < 1e-4
     # an in-memory page gives the same answer as the file
     predictor = Predictor(result.bundle)
