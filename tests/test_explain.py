@@ -184,9 +184,9 @@ def test_the_peak_follows_the_discriminative_object(square_model):
     for i, j in ((0, 1), (1, 0)):
         assert maps[i][masks[i]].mean() > 5 * maps[j][masks[i]].mean()
     # the heat's centre of mass lies on the side of its own square: at most half as far
-    # from it as from the other position (measured 0.32-0.39). (The hottest pixel itself is not asserted: with a 4 x 4 feature
-    # map a square near the border peaks one cell towards the centre, where the frozen
-    # features see it with more context.)
+    # from it as from the other position (measured 0.32-0.39). The hottest pixel itself is
+    # not asserted: with a 4 x 4 feature map a square at the border peaks one cell towards
+    # the centre, where the frozen features see it with more context.
     centres = [np.array([y + SQ / 2, x + SQ / 2]) for y, x in corners]
     yy, xx = np.mgrid[: PAGE[0], : PAGE[1]]
     for i, heat in enumerate(maps):
