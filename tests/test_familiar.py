@@ -94,7 +94,7 @@ def test_the_threshold_is_the_validation_images_99th_percentile(lite0):
     assert len(said) == 1 and f"{info['threshold']:.2f}" in said[0]
 
 
-def test_the_csv_has_the_score_and_the_class_says_unfamiliar(lite0, tmp_path):
+def test_the_csv_has_the_score_and_the_class_says_unfamiliar(lite0, tmp_path, capsys):
     import imageio.v3 as iio
     from skimage import data
 
@@ -125,6 +125,14 @@ def test_the_csv_has_the_score_and_the_class_says_unfamiliar(lite0, tmp_path):
     write_csv(run.predictions, path, CLASSES)
     with path.open() as f:
         assert next(csv.reader(f))[-1] == "unfamiliar"
+    # microclf predict prints the label and the score
+    from napari_microclf.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["predict", str(result.bundle), str(folder / "z_camera.png")]) == 0
+    (line,) = [li for li in capsys.readouterr().out.splitlines() if "z_camera" in li]
+    score = float(by_name["z_camera.png"]["unfamiliar"])
+    assert line.split("\t")[2] == "unfamiliar" and line.endswith(f"\tunfamiliar {score:.2f}")
 
 
 def test_a_bundle_without_the_description_predicts_without_a_score(lite0, tmp_path):
@@ -226,3 +234,36 @@ def test_few_validation_images_add_out_of_fold_training_distances(tmp_path):
     path.write_bytes(enough.to_bytes())
     back = Familiarity.from_file(path)
     np.testing.assert_allclose(back.scores(val), enough.scores(val), rtol=1e-5)
+
+
+def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qtbot):
+    import tifffile
+    from skimage import data
+
+    from napari_microclf._qt.predict import PredictWidget
+
+    result, _, files = lite0
+    viewer = make_napari_viewer()
+    viewer.add_image(tifffile.imread(files["test"][0]), name="cells")
+    viewer.add_image(data.camera(), name="camera")
+    widget = PredictWidget(viewer, str(result.bundle))
+    widget.threshold.setValue(0.0)
+    widget.choose(["cells", "camera"])
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    cells, camera = (viewer.layers[f"{n} classes"].features for n in ("cells", "camera"))
+    assert camera["label"][0] == "unfamiliar" and camera["unfamiliar"][0] > 1
+    assert cells["label"][0] == cells["class"][0] and cells["unfamiliar"][0] <= 1
+    header = widget.table.horizontalHeaderItem(4).text()
+    table = {widget.table.item(r, 0).text(): (widget.table.item(r, 2).text(),
+                                              float(widget.table.item(r, 4).text()))
+             for r in range(widget.table.rowCount())}
+    assert header == "unfamiliar" and table["camera"][0] == "unfamiliar"
+    assert table["camera"][1] == pytest.approx(camera["unfamiliar"][0], abs=0.01)
+    pages = viewer.layers["camera"].metadata["microclf"]["predictions"]["pages"]
+    assert pages[0]["unfamiliar_score"] == pytest.approx(camera["unfamiliar"][0], abs=1e-3)
+    viewer.layers.selection.active = viewer.layers["camera"]
+    widget._update_in_view()
+    assert "camera: unfamiliar" in widget.in_view.text()
+    assert "unlike the training images" in widget.in_view.text()
