@@ -267,3 +267,19 @@ def test_widget_adds_an_aligned_heatmap_layer(make_napari_viewer, qtbot, b0_bund
     np.testing.assert_allclose(viewer.layers["stack Grad-CAM"].data,
                                gradcam(b0, stack, "long", page_axis=0), atol=1e-5)
     assert widget.explain_btn.isEnabled()
+
+    # two channel layers of one file: one heatmap, on the first, from the same (Y, X, 2)
+    # pages the Run button classifies
+    two = np.random.default_rng(5).random((2, 44, 60)).astype(np.float32)
+    for c in range(2):
+        viewer.add_image(two[c], name=f"ch{c}", scale=(0.5, 0.5), metadata={"microclf": {
+            "channel": c, "open_id": "one-opening", "source": "two.tif"}})
+    widget.explain_class.setCurrentText("predicted class")
+    widget.choose(["ch0", "ch1"])
+    worker = widget.explain()
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    assert "ch1 Grad-CAM" not in viewer.layers
+    heat = viewer.layers["ch0 Grad-CAM"]
+    np.testing.assert_array_equal(heat.scale, (0.5, 0.5))
+    np.testing.assert_allclose(heat.data, gradcam(b0, np.moveaxis(two, 0, -1)), atol=1e-5)
