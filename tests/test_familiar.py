@@ -67,6 +67,12 @@ def test_own_test_images_are_familiar_and_unrelated_images_are_flagged(lite0):
         assert p.label(0.0) == "unfamiliar"  # whatever the confidence
     # unrelated images lie well beyond the farthest test image, not at the edge
     assert min(p.unfamiliar_score for p in others.values()) > 1.3 * test.max()
+    # the test report lists the test images beyond the threshold (report.html shows them)
+    report = json.loads((result.bundle / "report.json").read_text())
+    beyond = {str(f): s for f, s in zip(files["test"], test, strict=True) if s > 1}
+    assert {u["file"]: u["score"] for u in report["unfamiliar"]} == pytest.approx(beyond,
+                                                                                 abs=1e-3)
+    assert report["unfamiliar_threshold"] == 1.0
 
 
 def test_the_threshold_is_the_validation_images_99th_percentile(lite0):
