@@ -260,7 +260,9 @@ class PredictWidget(QWidget):
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
-        self.threshold.setToolTip("Below this confidence a page reads 'uncertain'.")
+        self.threshold.setToolTip("Below this confidence a page reads 'uncertain'. A page "
+                                  "unlike the model's training images reads 'unfamiliar' "
+                                  "whatever its confidence (its score is above 1).")
         self.threshold.valueChanged.connect(self._relabel)
 
         self.run_btn = QPushButton("Run")
@@ -295,8 +297,12 @@ class PredictWidget(QWidget):
         self.in_view.setWordWrap(True)
         self.in_view.setStyleSheet("font-weight: bold;")
 
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence"])
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence",
+                                              "unfamiliar"])
+        self.table.horizontalHeaderItem(4).setToolTip(
+            "Distance from the training images over the model's threshold: above 1 the page "
+            "is unlike them (blank: a model trained before this score existed).")
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
@@ -580,14 +586,17 @@ class PredictWidget(QWidget):
             "model": str(Path(bundle).expanduser().resolve()),
             "class_names": self.class_names,
             "pages": [{"page": p.page, "class": p.class_name, "confidence": p.confidence,
-                       "probabilities": p.probabilities} for p in preds],
+                       "probabilities": p.probabilities,
+                       "unfamiliar_score": p.unfamiliar_score} for p in preds],
         }
         layer.metadata["microclf"] = meta
         coords = np.array([[*_layers.page_index(layer, p.page), 0, 0] for p in preds], float)
         features = {"page": [p.page for p in preds],
                     "class": [p.class_name for p in preds],
                     "confidence": [round(p.confidence, 4) for p in preds],
-                    "label": [self.label(p) for p in preds]}
+                    "label": [self.label(p) for p in preds],
+                    "unfamiliar": [np.nan if p.unfamiliar_score is None
+                                   else round(p.unfamiliar_score, 3) for p in preds]}
         text = {"string": "{label} ({confidence:.2f})", "anchor": "upper_left", "size": 12,
                 "color": "yellow"}
         pname = self.points_name(name)
@@ -624,9 +633,11 @@ class PredictWidget(QWidget):
 
     def _fill_table(self) -> None:
         rows = self.rows()
+        scores = [p.unfamiliar_score for preds in self.results.values() for p in preds]
         self.table.setRowCount(len(rows))
-        for r, (name, page, label, conf) in enumerate(rows):
-            for c, text in enumerate((name, str(page), label, f"{conf:.3f}")):
+        for r, ((name, page, label, conf), score) in enumerate(zip(rows, scores, strict=True)):
+            for c, text in enumerate((name, str(page), label, f"{conf:.3f}",
+                                      "" if score is None else f"{score:.2f}")):
                 item = QTableWidgetItem(text)
                 if c:
                     item.setTextAlignment(Qt.AlignCenter)
@@ -659,7 +670,10 @@ class PredictWidget(QWidget):
         if pred is None:
             return ""
         where = f", page {page}" if _layers.lead_shape(layer) else ""
-        return f"In view: {name}{where}: {self.label(pred)} (confidence {pred.confidence:.2f})"
+        unlike = (f", unlike the training images: score {pred.unfamiliar_score:.2f}"
+                  if pred.unfamiliar else "")
+        return (f"In view: {name}{where}: {self.label(pred)} (confidence "
+                f"{pred.confidence:.2f}{unlike})")
 
     def _update_in_view(self, *_) -> None:
         self.in_view.setText(self.in_view_text())
