@@ -103,8 +103,8 @@ def to_page_geometry(cam: np.ndarray, page_shape: tuple[int, int], spec: Preproc
 
 def _scale(cam: np.ndarray) -> np.ndarray:
     """The ReLU of the map over its maximum (Selvaraju et al.): 0 is no evidence for the
-    class, 1 the strongest; all zero when nothing speaks for it. A map of one cell (a model
-    of under 64 px) is uniform: the whole page is the evidence."""
+    class, 1 the strongest; all zero when nothing speaks for it. A model of 32 px has a
+    feature map of one cell: its maps are uniform (the whole page is the evidence)."""
     cam = np.maximum(np.asarray(cam, np.float32), 0.0)
     top = float(cam.max())
     return cam / top if top > 0 else np.zeros_like(cam)
@@ -133,7 +133,8 @@ class Explainer:
         self._fn = None
 
     def _build(self):
-        """``x -> (feature map, gradients of every class's logit, probabilities)``.
+        """``(x, class or -1) -> (feature map, gradient of the class's logit, probabilities)``
+        (-1: each page's predicted class).
 
         The classifier is ``input -> [augmentation] -> base -> head layers``: the base is run
         on its own (its output is the feature map) and the head layers are applied to that
@@ -149,14 +150,12 @@ class Explainer:
         before, head = layers[:i], layers[i + 1 :]
         last = head[-1]
         softmax = getattr(last, "activation", None) is keras.activations.softmax
-        n = len(self.class_names)
         size = self.spec.image_size
 
-        # one tape, kept for one gradient per class (there are few classes)
-        def forward_all(x):
+        def forward(x, chosen):
             for layer in before:
                 x = layer(x, training=False)
-            with tf.GradientTape(persistent=True) as tape:
+            with tf.GradientTape() as tape:
                 features = base(x, training=False)
                 tape.watch(features)
                 y = features
@@ -169,13 +168,14 @@ class Explainer:
                     probs = tf.nn.softmax(logits)
                 else:
                     probs = logits = last(y, training=False)
-                scores = [tf.reduce_sum(logits[:, c]) for c in range(n)]
-            grads = tf.stack([tape.gradient(s, features) for s in scores], 0)
-            del tape
-            return features, grads, probs
+                # the probabilities' argmax, as prediction has it (ties: the first)
+                predicted = tf.argmax(probs, axis=1, output_type=tf.int32)
+                c = tf.where(chosen < 0, predicted, tf.fill(tf.shape(predicted), chosen))
+                score = tf.reduce_sum(tf.gather(logits, c, axis=1, batch_dims=1))
+            return features, tape.gradient(score, features), probs, c
 
-        self._fn = tf.function(forward_all, reduce_retracing=True, input_signature=[
-            tf.TensorSpec([None, size, size, 3], tf.float32)])
+        self._fn = tf.function(forward, reduce_retracing=True, input_signature=[
+            tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([], tf.int32)])
 
     def _prepare(self, array, page: int) -> np.ndarray:
         where = "image" if page == 0 else f"page {page}"
@@ -193,11 +193,12 @@ class Explainer:
         x = self._prepare(array, page)
         if self._fn is None:
             self._build()
-        features, grads, probs = (np.asarray(t) for t in self._fn(x[None]))
+        features, grads, probs, used = (np.asarray(t) for t in self._fn(
+            x[None], np.int32(-1 if chosen is None else chosen)))
         probs = probs[0]
         predicted = int(probs.argmax())
-        c = predicted if chosen is None else chosen
-        fmap, grad = features[0], grads[c, 0]  # (h, w, K)
+        c = int(used[0])
+        fmap, grad = features[0], grads[0]  # (h, w, K)
         weights = grad.mean(axis=(0, 1))  # alpha_k: the gradient pooled over the map
         cam = _scale(np.tensordot(fmap, weights, axes=([2], [0])))
         # scaled again on the page: its own strongest evidence is 1 (the padding is gone
