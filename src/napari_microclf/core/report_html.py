@@ -328,9 +328,9 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
                                                          if groups else "")),
              (str(len(names)), "classes"),
              (str(meta.get("epochs_run", len(history.get("loss") or []))), "epochs run"),
-             (e(meta.get("backbone", "?")), "backbone")]
+             (str(meta.get("backbone", "?")), "backbone")]
     parts.append("<div class='cards'>" + "".join(
-        f"<div class='card'><b>{v}</b><span>{e(k)}</span></div>" for v, k in cards) + "</div>")
+        f"<div class='card'><b>{e(v)}</b><span>{e(k)}</span></div>" for v, k in cards) + "</div>")
 
     # set-up
     parts.append("<h2>Set-up</h2>")
