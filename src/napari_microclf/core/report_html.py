@@ -425,7 +425,7 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
             parts.append("<p>None: every test image was classified right.</p>")
 
     unfamiliar = report.get("unfamiliar")
-    if isinstance(unfamiliar, list):
+    if isinstance(unfamiliar, list) and (unfamiliar or report.get("n")):
         threshold = report.get("unfamiliar_threshold",
                                (meta.get("familiarity") or {}).get("threshold"))
         parts.append(f"<h2>Unfamiliar test images ({len(unfamiliar)})</h2>")
