@@ -72,7 +72,8 @@ def test_bundle_holds_model_metadata_and_report(trained, sample):
     result, _ = trained
     b = result.bundle
     assert {p.name for p in b.iterdir()} == {"model.keras", "microclf.json", "report.json",
-                                              "report.md", "split.json", "familiarity.npz"}
+                                              "report.md", "split.json", "familiarity.npz",
+                                              "report.html"}
     meta = json.loads((b / "microclf.json").read_text())
     assert meta["class_names"] == list(CLASSES)
     assert meta["preprocessing"]["image_size"] == 48 and meta["preprocessing"]["pmax"] == 99.8

@@ -1,4 +1,4 @@
-"""The ``microclf`` command: train, evaluate, predict, sample, demo.
+"""The ``microclf`` command: train, evaluate, predict, explain, sample, demo.
 
 Errors a user can fix (ours, and the environment's: a full disk, a denied permission) exit
 with status 1 and one clear line (a list of bad images below it); anything else is a bug and
@@ -208,8 +208,10 @@ def cmd_predict(args) -> int:
             page = "" if item.page is None else f"page {item.page}"
             print(f"{item.path}\t{page}\terror\t{item.message}", flush=True)
         else:
+            score = item.unfamiliar_score  # None: a model from before familiarity scores
             print(f"{item.file}\tpage {item.page}\t{item.label(args.threshold)}\t"
-                  f"{item.confidence:.3f}", flush=True)
+                  f"{item.confidence:.3f}"
+                  + ("" if score is None else f"\tunfamiliar {score:.2f}"), flush=True)
 
     try:
         result = predict_folder(predictor, files, csv_path, threshold=args.threshold,
@@ -233,12 +235,58 @@ def _predict_checked(args):
     return csv_path, find_images(args.paths)
 
 
+def _explain_checked(args):
+    """Before TensorFlow starts: the model folder, the class name, the image, the page and
+    where the TIFF goes (each a one-line error)."""
+    from .core.explain import check_tiff_destination, class_index_of
+    from .core.images import count_pages
+    from .core.model import read_meta
+
+    meta = read_meta(args.model)
+    class_index_of(list(meta["class_names"]), args.class_name)
+    n = count_pages(args.image)
+    if args.page is not None and not 0 <= args.page < n:
+        from .core.images import ImageReadError
+
+        raise ImageReadError(f"{args.image} has {n} page(s) (0..{n - 1}), no page {args.page}")
+    return check_tiff_destination(args.out)
+
+
+def cmd_explain(args) -> int:
+    """Grad-CAM of every page (or --page N) of one image into a float32 TIFF."""
+    import numpy as np
+
+    from .core.explain import Explainer, explain_file, write_heatmaps
+
+    out = args.checked if hasattr(args, "checked") else _explain_checked(args)
+    explainer = Explainer(args.model)
+    pages = None if args.page is None else [args.page]
+    maps = []
+    for e in explain_file(explainer, args.image, args.class_name, pages):
+        maps.append(e.heatmap)
+        which = "" if e.class_index == e.predicted else f"; heatmap for {e.class_name}"
+        print(f"page {e.page}: {e.predicted_name} ({e.confidence:.3f}){which}", flush=True)
+    heat = np.stack(maps) if len(maps) > 1 else maps[0]
+    write_heatmaps(out, heat)
+    print(f"Wrote {'x'.join(str(s) for s in heat.shape)} float32 Grad-CAM heatmap"
+          f"{'s' if len(maps) > 1 else ''} (0-1) to {out}", flush=True)
+    return 0
+
+
 def cmd_restore(args) -> int:
     from .core.model import describe_bundle, restore_previous
 
     meta = restore_previous(args.model)
     print(f"Restored the previous model in {args.model}: {describe_bundle(meta)}. The model "
           "it replaced is now in previous/ (run restore again to switch back).")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .core.report_html import write_report_html
+
+    path = write_report_html(args.model, args.out)
+    print(f"Report written to {path} (open it in a web browser)")
     return 0
 
 
@@ -327,10 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--csv", help="write the results to this CSV file (with status and error "
                     "columns); rows go to CSV.partial as they come, renamed to CSV at the end")
     pr.add_argument("--threshold", type=float, default=0.0,
-                    help="confidence below which the class reads 'uncertain' (0)")
+                    help="confidence below which the class reads 'uncertain' (0); a page "
+                         "unlike the training images reads 'unfamiliar' whatever its "
+                         "confidence (its unfamiliar score, printed and in the CSV, is "
+                         "above 1)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--quiet", action="store_true", help="print only the CSV summary")
     pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("explain", help="where the model looks: Grad-CAM heatmaps as a TIFF",
+                       description="Grad-CAM of every page of IMAGE (or --page N): a float32 "
+                       "TIFF in [0, 1] with the image's pages, height and width (pages x Y x "
+                       "X for stacks), aligned with the image; 1 marks where the evidence "
+                       "for the class is strongest. Prints the predicted class per page.")
+    x.add_argument("model", help="the model folder")
+    x.add_argument("image", help="an image file or stack")
+    x.add_argument("--out", required=True, help="the TIFF to write, e.g. heatmap.tif")
+    x.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="the class to explain (default: each page's predicted class)")
+    x.add_argument("--page", type=int, default=None, metavar="N",
+                   help="only this page (from 0)")
+    x.set_defaults(func=cmd_explain)
 
     r = sub.add_parser("restore", help="bring back the model a retraining replaced",
                        description="Make MODEL/previous/ (the model before the last training "
@@ -338,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "so restoring twice switches back. Other files in MODEL stay.")
     r.add_argument("model", help="the model folder")
     r.set_defaults(func=cmd_restore)
+
+    rp = sub.add_parser("report", help="write the model's HTML report again (report.html)",
+                        description="Write MODEL's report as one self-contained HTML file "
+                        "(set-up, data and split, curves, test metrics, confusion matrix, "
+                        "misclassified thumbnails, diagnosis) from its own files, without "
+                        "retraining. Every training writes MODEL/report.html too.")
+    rp.add_argument("model", help="the model folder")
+    rp.add_argument("--out", help="the file to write (default: MODEL/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     s = sub.add_parser("sample", help="write the synthetic sample dataset and stack")
     s.add_argument("out")
@@ -403,7 +477,9 @@ def main(argv=None) -> int:
             args.config = _train_config_checked(args)
         elif args.command == "predict":
             args.checked = _predict_checked(args)
-        if args.command not in ("sample", "restore") and not args.debug:
+        elif args.command == "explain":
+            args.checked = _explain_checked(args)
+        if args.command not in ("sample", "restore", "report") and not args.debug:
             _start_tensorflow_quietly()
         return args.func(args)
     except KeyboardInterrupt:

@@ -594,6 +594,29 @@ def train(
     report["groups"] = samples.subset_groups.get("test")
     report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
     report["diagnosis"] = diagnose(history, report)
+    # where the training data lie in feature space, to flag unfamiliar images (familiar.py)
+    from .familiar import FAMILIARITY_FILE, fit_for_training
+
+    familiarity, fit_seconds = fit_for_training(model, inputs, y, len(names), cached,
+                                                config.batch_size, config.seed)
+    cal = familiarity.calibration
+    report["unfamiliar"], report["unfamiliar_threshold"] = [], 1.0  # scores: over threshold
+    if len(y["test"]):  # the test images beyond it (report.html shows them)
+        from .familiar import pooled_features
+
+        test_f = inputs["test"] if cached else pooled_features(model, inputs["test"],
+                                                               config.batch_size)
+        for ref, score, t, p in zip(samples.test, familiarity.scores(test_f), y["test"],
+                                    probs, strict=True):
+            if score > 1:
+                report["unfamiliar"].append({
+                    "file": str(ref.path), "page": int(ref.page), "score": round(float(score), 4),
+                    "true": names[t], "predicted": names[int(p.argmax())],
+                    "confidence": round(float(p.max()), 4)})
+    emit(Message(f"Unfamiliar images: threshold {familiarity.threshold:.2f} (feature distance "
+                 f"at the {cal['source']} images' 99th percentile, {cal['n']} images; "
+                 f"{fit_seconds:.1f}s); {len(report['unfamiliar'])} of {len(y['test'])} test "
+                 "images beyond it"))
 
     meta = {
         "format": f"{BUNDLE_FORMAT}/{BUNDLE_VERSION}",
@@ -617,13 +640,20 @@ def train(
                      if k in ("version", "val_fraction", "test_fraction", "seed", "group_by")},
                   "own_files": SPLIT_FILE},
         "metrics": {k: report[k] for k in ("n", "accuracy", "per_class", "confusion_matrix")},
+        "familiarity": familiarity.meta(),
         "versions": versions(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "data_dir": str(Path(config.data_dir).resolve()),
     }
     report["model"] = describe_model(meta)
     extra = report_files(report)
-    extra[SPLIT_FILE] = json.dumps(split_manifest(config.data_dir, samples.split), indent=1)
+    extra[FAMILIARITY_FILE] = familiarity.to_bytes()
+    manifest = split_manifest(config.data_dir, samples.split)
+    extra[SPLIT_FILE] = json.dumps(manifest, indent=1)
+    # report.html is one of the bundle's own files: a retraining moves it into previous/
+    from .report_html import REPORT_HTML, render_report_html
+
+    extra[REPORT_HTML] = render_report_html(meta, report, manifest)
     bundle = write_bundle(config.out_dir, model, meta, extra)
     if report["accuracy"] is not None:
         emit(Message(f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"
