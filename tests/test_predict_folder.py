@@ -390,9 +390,10 @@ def test_classify_folder_shows_an_unexpected_error_with_its_traceback(
     widget = qt_predict.PredictWidget(make_napari_viewer(), bundle)
     with qtbot.capture_exceptions() as raised:
         worker = widget.classify_folder(images, tmp_path / "out.csv")
-        with qtbot.waitSignal(worker.finished, timeout=120000):
-            pass
-        qtbot.waitUntil(lambda: len(raised) > 0, timeout=5000)
+        assert worker is not None
+        # not waitSignal(worker.finished) after the start: failing at once, the worker can
+        # finish before that connects; the widget's own slot is connected before the start
+        qtbot.waitUntil(lambda: widget.worker is None and len(raised) > 0, timeout=120000)
     ((exc_type, exc, tb),) = raised
     assert exc_type is TypeError and "a bug" in str(exc) and tb is not None
     assert widget.worker is None and widget.folder_btn.isEnabled()

@@ -354,6 +354,14 @@ def _widget_messages(level):
             if str(n.severity).lower().endswith(level)]
 
 
+def _wait_idle(qtbot, widget, worker) -> None:
+    """Until the widget's worker has finished. Not ``waitSignal(worker.finished)`` after the
+    start: a worker that fails at once can finish before that connects (a race on a loaded
+    machine); the widget's own slot is connected before the worker starts."""
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+
+
 def _tiny_widget(viewer, data, out):
     from napari_microclf._qt.train import TrainWidget
 
@@ -374,8 +382,7 @@ def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
     widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     worker = widget.start()  # the quick checks pass; the worker's preflight finds the images
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        pass
+    _wait_idle(qtbot, widget, worker)
     (error,) = _widget_messages("error")
     assert error == ("Cannot train: 3 of the 21 image files cannot be used for training; fix or "
                      f"re-export the file(s), or move them out of the dataset folder {data}, "
@@ -401,8 +408,7 @@ def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer,
     widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     worker = widget.start()
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        pass
+    _wait_idle(qtbot, widget, worker)
     log = widget.log.toPlainText()
     assert "unexpected error (a bug in microclf" in log and "Traceback (most recent call" in log
     assert 'in broken\n    raise TypeError("unsupported operand type(s)")' in log
@@ -431,9 +437,8 @@ def test_widget_recovers_from_a_runtime_error(make_napari_viewer, qtbot, data, t
     widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     worker = widget.start()
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        pass
-    qtbot.waitUntil(lambda: widget.start_btn.text() == "Start training", timeout=5000)
+    _wait_idle(qtbot, widget, worker)
+    assert widget.start_btn.text() == "Start training"
     if isinstance(error, LockedError):
         assert _widget_messages("error") == [f"Cannot train: {error}"] and not received
     else:
