@@ -394,12 +394,11 @@ def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
     assert widget.tabs.currentWidget() is widget.log
 
 
-def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer, qtbot, data,
-                                                             tmp_path, monkeypatch):
+def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch):
+    """A Train widget whose training is ``broken`` (it raises at once), run to its end.
+    Returns the widget and what napari's error notification received (type, exception,
+    traceback)."""
     from napari.utils.notifications import notification_manager
-
-    def broken(config, on_update=None, should_stop=None):
-        raise TypeError("unsupported operand type(s)")
 
     monkeypatch.setattr("napari_microclf._qt.train.train", broken)
     received = []
@@ -407,8 +406,17 @@ def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer,
                         lambda *args: received.append(args))
     widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
-    worker = widget.start()
-    _wait_idle(qtbot, widget, worker)
+    _wait_idle(qtbot, widget, widget.start())
+    return widget, received
+
+
+def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer, qtbot, data,
+                                                             tmp_path, monkeypatch):
+    def broken(config, on_update=None, should_stop=None):
+        raise TypeError("unsupported operand type(s)")
+
+    widget, received = _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path,
+                                      monkeypatch)
     log = widget.log.toPlainText()
     assert "unexpected error (a bug in microclf" in log and "Traceback (most recent call" in log
     assert 'in broken\n    raise TypeError("unsupported operand type(s)")' in log
@@ -425,19 +433,11 @@ def test_widget_recovers_from_a_runtime_error(make_napari_viewer, qtbot, data, t
                                               monkeypatch, error):
     """superqt drops a generator worker's RuntimeError without ``finished``: the widget would
     stay busy for good. Ours (a LockedError) is one line; others come with their traceback."""
-    from napari.utils.notifications import notification_manager
-
     def broken(config, on_update=None, should_stop=None):
         raise error
 
-    monkeypatch.setattr("napari_microclf._qt.train.train", broken)
-    received = []
-    monkeypatch.setattr(notification_manager, "receive_error",
-                        lambda *args: received.append(args))
-    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
-    notification_manager.records.clear()
-    worker = widget.start()
-    _wait_idle(qtbot, widget, worker)
+    widget, received = _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path,
+                                      monkeypatch)
     assert widget.start_btn.text() == "Start training"
     if isinstance(error, LockedError):
         assert _widget_messages("error") == [f"Cannot train: {error}"] and not received

@@ -403,6 +403,14 @@ def _own_name(name: str) -> bool:
             and name != PREVIOUS_DIR and not name.startswith(".microclf"))
 
 
+def is_foreign_folder(out: Path) -> bool:
+    """Whether folder ``out`` holds something and is no model folder: never written into
+    (:func:`write_bundle` refuses it; the training's preflight says so at the start)."""
+    if (out / META_FILE).exists() or (out / PREVIOUS_DIR).is_dir():
+        return False
+    return any(not _reserved(name) for name in os.listdir(out))
+
+
 def _reserved(name: str) -> bool:
     from .lock import MODEL_LOCK
 
@@ -553,8 +561,7 @@ def write_bundle(out: str | Path, model, meta: dict,
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out} is a file, not a folder; choose another output folder "
                           "(nothing was written)")
-    if out.exists() and not (out / META_FILE).exists() and not (out / PREVIOUS_DIR).is_dir() \
-            and any(not _reserved(n) for n in os.listdir(out)):
+    if out.is_dir() and is_foreign_folder(out):
         raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
                           "output folder (nothing was written)")
     extra = {k: v for k, v in (extra_files or {}).items()}

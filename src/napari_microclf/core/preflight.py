@@ -19,7 +19,6 @@ what to do; :func:`user_message` gives the one-line text of any error a user can
 from __future__ import annotations
 
 import errno
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from .errors import BundleError, DatasetError, ImageReadError, MicroclfError, OutputError
 from .images import aspect_warning, read_header, shape_problem
+from .model import is_foreign_folder
 
 MAX_LISTED = 10  # files named in one message; the rest are counted
 
@@ -47,20 +47,6 @@ def _why(exc: OSError) -> str:
             errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
 
 
-def _foreign_folder(out: Path) -> bool:
-    """A non-empty folder that is no model folder: ``write_bundle`` refuses it (after the
-    training), so the preflight does at the start, by the same rule."""
-    from . import model
-
-    if (out / model.META_FILE).exists():
-        return False
-    previous = getattr(model, "PREVIOUS_DIR", None)
-    if previous and (out / previous).is_dir():
-        return False
-    reserved = getattr(model, "_reserved", lambda name: name.startswith("."))
-    return any(not reserved(name) for name in os.listdir(out))
-
-
 def check_out_dir(out: str | Path) -> Path:
     """The model folder ``out`` is a folder, or can be created, and can be written.
 
@@ -74,7 +60,7 @@ def check_out_dir(out: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError(f"model folder {out} is a file; choose a folder for the model")
     if out.is_dir():
-        if _foreign_folder(out):
+        if is_foreign_folder(out):
             raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
                               "output folder (nothing was written)")
         problem = _probe(out)
