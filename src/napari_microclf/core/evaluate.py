@@ -42,13 +42,14 @@ def classification_report(y_true, probs, class_names, refs=None) -> dict:
         per_class.append({"class": name, "precision": round(float(precision), 4),
                           "recall": round(float(recall), 4), "f1": round(float(f1), 4),
                           "support": int(cm[i, :].sum())})
-    mis = []
-    for j in np.flatnonzero(y_pred != y_true):
+    pages = []
+    for j in range(len(y_true)):
         entry = {"true": class_names[y_true[j]], "predicted": class_names[y_pred[j]],
                  "confidence": round(float(probs[j, y_pred[j]]), 4)}
         if refs is not None:
             entry.update(file=str(refs[j].path), page=int(refs[j].page))
-        mis.append(entry)
+        pages.append(entry)
+    mis = [e for e in pages if e["true"] != e["predicted"]]
     return {
         "n": int(len(y_true)),
         "accuracy": round(float((y_pred == y_true).mean()), 4) if len(y_true) else None,
@@ -57,6 +58,7 @@ def classification_report(y_true, probs, class_names, refs=None) -> dict:
         "confusion_matrix": cm.tolist(),
         "predicted_counts": np.bincount(y_pred, minlength=k).tolist(),
         "misclassified": mis,
+        "pages": pages,  # every scored page: the cells of the confusion matrix, for review
     }
 
 
@@ -207,7 +209,8 @@ def _index_by_hash(data_dir: Path, classes: list[str]) -> dict[str, Path]:
 
 
 def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset: str = "test",
-             all_images: bool = False, batch_size: int = 32, save: bool = True) -> dict:
+             all_images: bool = False, batch_size: int = 32, save: bool = True,
+             lists_from: str | Path | None = None) -> dict:
     """Score a model on its own ``subset`` (by default its test list), or on every image of a
     labelled folder it never saw (``all_images``).
 
@@ -225,6 +228,9 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
         validation lists (those are listed as flagged, not scored).
     save : bool
         Write ``reports/<date>-<subset>.md`` and ``.json`` into the model folder.
+    lists_from : path, optional
+        Take the ``subset`` list from this other model folder instead (e.g. the ``previous/``
+        model, to score a retrained model on exactly the images its predecessor was scored on).
 
     Returns
     -------
@@ -246,7 +252,9 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
         raise DatasetError(f"dataset folder {data_dir} does not exist; pass the labelled "
                            "folder to evaluate on")
     classes = list_classes(data_dir)
-    own = own_split(bundle.path)
+    own = own_split(lists_from if lists_from is not None else bundle.path)
+    if lists_from is not None and own is None:
+        raise DatasetError(f"{lists_from} stores no split lists to score on")
     notes, missing, changed, flagged, files = [], [], [], [], []  # files: (path, class)
     if all_images:
         label = "all images the model never saw"
@@ -266,7 +274,8 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
                 else:
                     files.append((p, c))
     elif own is not None:
-        label = f"its own {subset} list"
+        label = (f"its own {subset} list" if lists_from is None
+                 else f"the {subset} list of {Path(lists_from).name}")
         by_hash = None
         for e in own[subset]:
             path = data_dir / e["key"]
