@@ -15,6 +15,7 @@ from napari_microclf._qt import predict as predict_mod
 from napari_microclf._qt._session import SESSION
 from napari_microclf._qt.annotate import AnnotateWidget
 from napari_microclf._qt.predict import PredictWidget
+from napari_microclf._qt.review import ReviewWidget
 from napari_microclf._qt.train import State, TrainWidget
 from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
 from napari_microclf.core.train import BatchEnd, TrainConfig, train
@@ -62,14 +63,14 @@ def test_manifest_contributions_load_through_napari(make_napari_viewer):
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Annotate", "Train", "Predict"}
+        "Annotate", "Train", "Predict", "Review errors"}
     viewer = make_napari_viewer()
     kinds = {}
-    for name in ("Annotate", "Train", "Predict"):
+    for name in ("Annotate", "Train", "Predict", "Review errors"):
         _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         kinds[name] = type(widget)
     assert kinds == {"Annotate": AnnotateWidget, "Train": TrainWidget,
-                     "Predict": PredictWidget}
+                     "Predict": PredictWidget, "Review errors": ReviewWidget}
     layers = viewer.open_sample(PLUGIN, "microscopy_classes")
     assert [lyr.name for lyr in layers][-1] == "mixed stack"
     assert viewer.layers["mixed stack"].data.shape == (12, 96, 96)

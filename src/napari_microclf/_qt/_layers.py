@@ -3,6 +3,11 @@
 A layer's last two axes (three for RGB) are the image; the axes before them enumerate its
 pages (a Z-stack, a time-lapse, ...), numbered in C order like :mod:`core.images` does.
 
+A layer made of pages of several files (error review, label next) names the file and page
+behind each of its pages in ``metadata["microclf"]["origins"]``: its pixels are for display
+(each page normalised, padded), and :class:`PageSource` reads the original page from its file,
+so an example added from it is the file's own page with the file as its provenance.
+
 Multichannel images arrive as several layers (napari's ``channel_axis``). Layers that the
 plugin's reader made from one file carry ``metadata["microclf"]["channel"]`` and the
 ``open_id`` of that opening; together they form a *channel group* and a page of the group
@@ -105,6 +110,7 @@ class PageSource:
     source: str
     arrays: tuple  # one array per channel layer (or the one layer)
     lead: tuple[int, ...]
+    origins: tuple = ()  # per page {"file", "page"} for a layer made of several files' pages
 
     @property
     def n_pages(self) -> int:
@@ -112,15 +118,35 @@ class PageSource:
 
     def page(self, page: int) -> np.ndarray:
         """Pixels of page ``page``: ``(Y, X)``, ``(Y, X, 3)`` RGB or ``(Y, X, C)``."""
+        if self.origins:
+            from ..core.images import read_page
+
+            o = self.origins[page]
+            return read_page(o["file"], int(o["page"]))
         index = tuple(int(i) for i in np.unravel_index(page, self.lead)) if self.lead else ()
         planes = [np.asarray(a[index]) for a in self.arrays]
         return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
 
 
+    def origin(self, page: int | None) -> tuple[str, int | None]:
+        """The provenance of page ``page``: (source file or name, page in that source)."""
+        if self.origins:
+            o = self.origins[page or 0]
+            return str(o["file"]), int(o["page"])
+        return self.source, page
+
+
+def origins_of(layer) -> tuple:
+    """The per-page files of a layer made of several files' pages (else ``()``)."""
+    origins = _meta(layer).get("origins") or ()
+    return tuple(origins) if len(origins) == n_pages(layer) else ()
+
+
 def page_source(viewer, layer) -> PageSource:
-    group = channel_group(viewer, layer)
+    origins = origins_of(layer)
+    group = [layer] if origins else channel_group(viewer, layer)
     return PageSource(group[0].name, source_of(group[0]), tuple(_data(lyr) for lyr in group),
-                      lead_shape(group[0]))
+                      lead_shape(group[0]), origins)
 
 
 def group_label(group: list) -> str:

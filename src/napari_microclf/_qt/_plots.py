@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from qtpy.QtCore import Signal
 
 BG, FG, GRID = "#262930", "#d6d6d6", "#414851"
 TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#9fdf6f"
@@ -106,16 +107,44 @@ class CurvesCanvas(Canvas):
 
 
 class ConfusionCanvas(Canvas):
-    """Confusion matrix: rows the true class, columns the predicted class, with counts."""
+    """Confusion matrix: rows the true class, columns the predicted class, with counts.
 
-    def __init__(self):
+    A click on a cell emits ``cell_clicked(true, predicted)`` (class names): the error review
+    opens that cell's images.
+    """
+
+    cell_clicked = Signal(str, str)
+
+    def __init__(self, title: str = "Confusion matrix (test images)"):
         super().__init__(4.0, 4.0)
+        self.title = title
+        self.class_names: list[str] = []
+        self._ax = None
+        self.mpl_connect("button_press_event", self._on_press)
+
+    def _on_press(self, event) -> None:
+        if event.inaxes is not self._ax or self._ax is None or event.xdata is None:
+            return
+        i, j = int(round(event.ydata)), int(round(event.xdata))
+        k = len(self.class_names)
+        if 0 <= i < k and 0 <= j < k:
+            self.click_cell(self.class_names[i], self.class_names[j])
+
+    def click_cell(self, true: str, predicted: str) -> None:
+        self.cell_clicked.emit(true, predicted)
+
+    def cell_center(self, true: str, predicted: str) -> tuple[float, float]:
+        """Display coordinates (pixels, origin bottom left) of a cell's centre."""
+        i, j = self.class_names.index(true), self.class_names.index(predicted)
+        x, y = self._ax.transData.transform((j, i))
+        return float(x), float(y)
 
     def plot(self, matrix, class_names) -> None:
         fig = self.figure
         fig.clear()
-        ax = fig.subplots()
-        self._style(ax, "Confusion matrix (test images)")
+        ax = self._ax = fig.subplots()
+        self.class_names = list(class_names)
+        self._style(ax, self.title)
         ax.grid(False)
         cm = np.asarray(matrix, dtype=int)
         k = len(class_names)
@@ -129,4 +158,5 @@ class ConfusionCanvas(Canvas):
             for j in range(k):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9,
                         color="white" if cm[i, j] > half else "black")
+        self.setToolTip("Click a cell to review its images in the viewer (Review widget).")
         self.draw_idle()

@@ -2,7 +2,8 @@
 
 Train announces the bundle it wrote (``bundle_trained``) and Predict preselects it; the
 Annotate widget's dataset folder becomes Train's (``dataset_changed``) until the user sets
-Train's own.
+Train's own. Widgets that move or add examples outside Annotate (error review, label next)
+announce it (``dataset_edited``) and Annotate re-reads its counts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from psygnal import Signal
 class Session:
     bundle_trained = Signal(str)
     dataset_changed = Signal(str)
+    dataset_edited = Signal(str)
 
     def __init__(self):
         self.last_bundle: str | None = None
@@ -25,6 +27,10 @@ class Session:
     def set_dataset(self, path) -> None:
         self.dataset = str(path)
         self.dataset_changed.emit(self.dataset)
+
+    def edited(self, path) -> None:
+        """Examples of the dataset ``path`` were moved, added or trashed."""
+        self.dataset_edited.emit(str(path))
 
 
 SESSION = Session()

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 from ..core import dataset as ds
 from . import _layers
 from ._rows import folder_row
-from ._session import SESSION
+from ._session import SESSION, connect_widget
 from ._worker import surfaced
 
 KEYS = [str(i) for i in range(1, 10)]
@@ -176,6 +176,7 @@ class AnnotateWidget(QWidget):
         self._bind_keys()
         self._refresh_layers()
         self.refresh()
+        connect_widget(SESSION.dataset_edited, self, "_dataset_edited")
 
     ADD_ALL, STOP_ADDING = "Add all slices", "Stop adding"
 
@@ -237,6 +238,10 @@ class AnnotateWidget(QWidget):
             "Nothing added to this dataset yet. Undo acts on the dataset shown only, never "
             "on another dataset folder you added examples to.")
         SESSION.set_dataset(self.root)
+
+    def _dataset_edited(self, path: str) -> None:
+        if _key(Path(path)) == _key(self.root):
+            self.refresh()
 
     def counts(self) -> dict[str, int]:
         return {self.table.item(r, 1).text(): int(self.table.item(r, 2).text())
@@ -384,7 +389,7 @@ class AnnotateWidget(QWidget):
         index = _layers.page_in_view(self.viewer, layer)
         page = _layers.flat_page(layer, index)
         try:
-            result = ds.add_example(self.root, name, src.page(page or 0), src.source, page)
+            result = ds.add_example(self.root, name, src.page(page or 0), *src.origin(page))
         except (ds.DatasetError, OSError, ValueError) as exc:
             _notify("error", f"Cannot add the slice: {exc}")
             return None
@@ -437,8 +442,9 @@ class AnnotateWidget(QWidget):
             for page in range(src.n_pages):
                 if stop.is_set():
                     return
-                yield ds.add_example(root, name, src.page(page), src.source,
-                                     page if multi else None, index=index)
+                where = src.origin(page) if src.origins else (src.source,
+                                                               page if multi else None)
+                yield ds.add_example(root, name, src.page(page), *where, index=index)
 
         pbar = self._pbar = _stoppable_progress(src.n_pages, f"Adding {src.name} to {name}",
                                                 self.stop_adding)

@@ -191,6 +191,8 @@ class TrainWidget(QWidget):
         super().__init__()
         ensure_tensorflow()
         self.viewer = napari_viewer
+        self.report: dict | None = None  # the report shown (its cells open in Review)
+        self.report_bundle = None
         self.state = State.IDLE
         self.worker = None
         self.result: TrainResult | None = None
@@ -318,6 +320,7 @@ class TrainWidget(QWidget):
         self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
         self.class_table.setMinimumHeight(110)
         self.confusion = ConfusionCanvas()
+        self.confusion.cell_clicked.connect(self.review_cell)
         self.diagnosis = QLabel("")
         self.diagnosis.setWordWrap(True)
         self.diagnosis.setTextFormat(Qt.RichText)
@@ -660,6 +663,7 @@ class TrainWidget(QWidget):
 
         names = report.get("class_names", [])
         meta = meta or {}
+        self.report, self.report_bundle = (report if names else None), bundle
         if report.get("n"):
             head = (f"<b style='font-size:14pt'>Test accuracy {report['accuracy']:.1%}</b> "
                     f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
@@ -693,6 +697,19 @@ class TrainWidget(QWidget):
         self._html_report = html if html is not None and html.is_file() else None
         self.html_btn.setEnabled(self._html_report is not None)
         self.tabs.setCurrentIndex(3)
+
+    def review_cell(self, true: str, predicted: str):
+        """Open the images of a confusion-matrix cell in the Review widget (docked on first
+        use); returns that widget's worker, or None."""
+        from .review import review_dock
+
+        if self.report is None:
+            return None
+        review = review_dock(self.viewer)
+        if review is None:
+            return None
+        review.load(self.report, self.report_bundle)
+        return review.open_cell(true, predicted)
 
     def open_html_report(self) -> bool:
         """Open the model's report.html in the web browser; False (and a notification) when
