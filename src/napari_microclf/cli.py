@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 DEFAULTS_NOTE = "defaults follow the training guide"
+_TTA_HELP = ("test-time augmentation: average each page's probabilities over the page and its "
+             "horizontal, vertical and double flips (about 4x the compute)")
 
 
 class _Bar:
@@ -152,7 +154,8 @@ def cmd_evaluate(args) -> int:
     from .core.evaluate import evaluate as run_evaluate
     from .core.evaluate import format_report_md
 
-    report = run_evaluate(args.model, args.data, subset=args.subset, all_images=args.all)
+    report = run_evaluate(args.model, args.data, subset=args.subset, all_images=args.all,
+                          tta=args.tta)
     print(format_report_md(report))
     if report.get("saved"):
         print(f"Report saved to {report['saved']}")
@@ -199,7 +202,9 @@ def cmd_predict(args) -> int:
     predictor = Predictor(args.model, batch_size=args.batch_size)
     if not args.quiet:
         print(f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
-              f"classes: {', '.join(predictor.class_names)}", flush=True)
+              f"classes: {', '.join(predictor.class_names)}"
+              + ("; test-time augmentation: probabilities averaged over 4 flipped views"
+                 if args.tta else ""), flush=True)
 
     def show(item) -> None:
         if args.quiet:
@@ -215,7 +220,7 @@ def cmd_predict(args) -> int:
 
     try:
         result = predict_folder(predictor, files, csv_path, threshold=args.threshold,
-                                on_item=show)
+                                on_item=show, tta=args.tta)
     except KeyboardInterrupt:
         if csv_path is not None:
             print(f"Interrupted: the rows so far are in {csv_path}.partial", file=sys.stderr)
@@ -359,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subset", choices=["test", "val", "train"], default="test")
     e.add_argument("--all", action="store_true", help="every image of DATA that the model never "
                    "saw (images of its training and validation lists are flagged, not scored)")
+    e.add_argument("--tta", action="store_true", help=f"{_TTA_HELP}; the report's metrics are "
+                   "then those of the averaged probabilities, with the plain accuracy beside")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("cache", help="show or clear a dataset's feature cache")
@@ -381,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "above 1)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--quiet", action="store_true", help="print only the CSV summary")
+    pr.add_argument("--tta", action="store_true", help=f"{_TTA_HELP}; the unfamiliar score "
+                    "stays the unflipped page's")
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("explain", help="where the model looks: Grad-CAM heatmaps as a TIFF",

@@ -137,7 +137,8 @@ def format_report_md(report: dict, title: str | None = None) -> str:
                   "fraction to measure the model on unseen data.", ""]
     else:
         groups = f" from {report['groups']} groups (sources)" if report.get("groups") else ""
-        lines += [f"Images: {report['n']}{groups}  ", f"Accuracy: **{report['accuracy']:.2%}**",
+        lines += [f"Images: {report['n']}{groups}  ", f"Accuracy: **{report['accuracy']:.2%}**"
+                  + _tta_md(report.get("tta")),
                   "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {c['class']} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | "
                   f"{c['support']} |" for c in report["per_class"]]
@@ -161,6 +162,19 @@ def format_report_md(report: dict, title: str | None = None) -> str:
         lines += [f"| {m.get('file', '')} | {m.get('page', '')} | {m['true']} | {m['predicted']} "
                   f"| {m['confidence']:.2f} |" for m in report["misclassified"]]
     return "\n".join(lines) + "\n"
+
+
+def _tta_md(tta: dict | None) -> str:
+    """The accuracy line's TTA part: how the accuracy above was scored and the other one."""
+    if not tta or tta.get("accuracy") is None:
+        return ""
+    views = tta.get("views", 4)
+    if tta.get("in_metrics"):
+        return (f" with flips (TTA: mean of {views} flipped views per image; plain "
+                f"{tta['plain_accuracy']:.2%})")
+    seconds = f"; {tta['seconds']:.1f}s" if tta.get("seconds") is not None else ""
+    return (f"  \nAccuracy with flips (TTA: mean of {views} flipped views per image): "
+            f"{tta['accuracy']:.2%}{seconds}")
 
 
 def report_files(report: dict, stem: str = "report") -> dict[str, str]:
@@ -210,7 +224,7 @@ def _index_by_hash(data_dir: Path, classes: list[str]) -> dict[str, Path]:
 
 def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset: str = "test",
              all_images: bool = False, batch_size: int = 32, save: bool = True,
-             lists_from: str | Path | None = None) -> dict:
+             lists_from: str | Path | None = None, tta: bool = False) -> dict:
     """Score a model on its own ``subset`` (by default its test list), or on every image of a
     labelled folder it never saw (``all_images``).
 
@@ -231,6 +245,13 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
     lists_from : path, optional
         Take the ``subset`` list from this other model folder instead (e.g. the ``previous/``
         model, to score a retrained model on exactly the images its predecessor was scored on).
+    tta : bool
+        Test-time augmentation: score each page by the mean of the model's probabilities on
+        the page and its horizontal, vertical and double flips (about four times the
+        compute). The report's accuracy and metrics are then those of the averaged
+        probabilities; its title and notes say so, and ``report["tta"]`` holds
+        ``{"accuracy", "plain_accuracy", "n", "views", "in_metrics": True}`` (the plain
+        accuracy is the unflipped views', computed in the same pass).
 
     Returns
     -------
@@ -310,12 +331,19 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
             if (data_dir / key).exists():
                 files.append((data_dir / key, cls))
     refs = [PageRef(p, i, names.index(c)) for p, c in files for i in range(count_pages(p))]
-    probs = _probabilities(bundle, refs, batch_size)
+    probs, plain = _probabilities(bundle, refs, batch_size, tta)
     report = classification_report([r.label for r in refs], probs, names, refs)
     report.update(subset="all" if all_images else subset, data=str(data_dir.resolve()),
                   model=describe_model(bundle.meta),
                   notes=notes, missing=missing, changed=changed, flagged=flagged,
-                  title=f"Evaluation of {bundle.path.name} on {label}")
+                  title=f"Evaluation of {bundle.path.name} on {label}"
+                        + (" with flips (TTA)" if tta else ""))
+    if tta:
+        report["tta"] = tta_summary(report["accuracy"], [r.label for r in refs], plain,
+                                    in_metrics=True)
+        notes.append("Test-time augmentation: each page is scored by the mean of the model's "
+                     "probabilities on the page and its horizontal, vertical and double "
+                     "flips; the accuracy and every metric here are those of the mean.")
     if own is not None and not all_images:
         groups = {e.get("group") for e in own[subset] if e.get("group") is not None}
         report["groups"] = len(groups) or None
@@ -331,16 +359,57 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
     return report
 
 
-def _probabilities(bundle, refs, batch_size: int) -> np.ndarray:
-    """Class probabilities of ``refs``, read and run in chunks (memory bounded by a chunk)."""
-    from .images import preprocess_refs
+def tta_summary(accuracy: float | None, y_true, plain_probs, in_metrics: bool,
+                seconds: float | None = None) -> dict | None:
+    """``report["tta"]``: the accuracy with flips next to the plain one (None: no images).
 
-    out = [np.zeros((0, len(bundle.class_names)), np.float32)]
+    ``in_metrics``: the report's accuracy and metrics are the TTA ones (``evaluate(tta=True)``)
+    rather than the plain ones (the training report).
+    """
+    from .predict import TTA_VIEWS
+
+    y_true = np.asarray(y_true, dtype=int)
+    if accuracy is None or not len(y_true):
+        return None
+    plain = float((np.asarray(plain_probs).argmax(axis=1) == y_true).mean())
+    out = {"accuracy": accuracy, "plain_accuracy": round(plain, 4), "n": int(len(y_true)),
+           "views": TTA_VIEWS, "in_metrics": bool(in_metrics)}
+    if seconds is not None:
+        out["seconds"] = round(float(seconds), 2)
+    return out
+
+
+def _probabilities(bundle, refs, batch_size: int, tta: bool = False):
+    """``(probabilities, plain)`` of ``refs``, read and run in chunks (memory bounded by a
+    chunk); with ``tta`` the probabilities are the mean over each page's four flipped views
+    and ``plain`` the unflipped views' own, else both are the plain ones."""
+    return model_probabilities(bundle.model, bundle.preprocess, refs, batch_size, tta)
+
+
+def model_probabilities(model, spec, refs, batch_size: int = 32, tta: bool = False):
+    """The full ``model``'s probabilities for the pages ``refs``, preprocessed with ``spec``
+    and run in chunks of ``8 * batch_size`` pages: ``(probabilities, plain)``. With ``tta``
+    each page's probabilities are the mean over its four flipped views
+    (:func:`~.predict.tta_probabilities`) and ``plain`` the unflipped views' (same pass);
+    without, both are the plain probabilities."""
+    from .images import preprocess_refs
+    from .predict import tta_probabilities, uses_eager
+
+    empty = np.zeros((0, *model.output_shape[1:]), np.float32)
+    out, plain = [empty], [empty]
     chunk = max(batch_size, 1) * 8
+    eager = uses_eager(model, len(refs), batch_size)
     for i in range(0, len(refs), chunk):
-        x = preprocess_refs(refs[i: i + chunk], bundle.preprocess)
-        out.append(bundle.model.predict(x, batch_size=batch_size, verbose=0))
-    return np.concatenate(out)
+        x = preprocess_refs(refs[i: i + chunk], spec)
+        if tta:
+            mean, unflipped = tta_probabilities(model, x, batch_size, with_plain=True,
+                                                eager=eager)
+            out.append(mean)
+            plain.append(unflipped)
+        else:
+            out.append(model.predict(x, batch_size=batch_size, verbose=0))
+            plain.append(out[-1])
+    return np.concatenate(out), np.concatenate(plain)
 
 
 def save_report(model_dir: str | Path, report: dict) -> Path:

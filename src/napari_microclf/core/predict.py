@@ -7,6 +7,9 @@ Folders are classified past bad files: :func:`predict_folder` classifies every p
 read, reports each file it cannot (unreadable, corrupt, too small, wrong channels) as a
 :class:`FileError`, streams the rows to the CSV as they come and says what happened in one
 summary line.
+
+Test-time augmentation (``tta=True``) classifies each page as itself and its three flips
+(:func:`flip_views`) in one forward pass and averages the four probability vectors.
 """
 
 from __future__ import annotations
@@ -39,6 +42,66 @@ from .model import Bundle, load_bundle
 # and stops the run with its traceback.
 _FILE_ERRORS = (MicroclfError, OSError, ValueError, IndexError, MemoryError)
 
+TTA_VIEWS = 4  # the page, its horizontal flip, its vertical flip and both flips
+
+
+def flip_views(x: np.ndarray) -> np.ndarray:
+    """``(B, H, W, C)`` model input as its :data:`TTA_VIEWS` flipped views, ``(4B, H, W, C)``.
+
+    Rows ``0..B-1`` are ``x`` itself, then its horizontal flips (mirrored left-right), its
+    vertical flips (upside down) and both (a 180-degree turn): view ``v`` of page ``i`` is row
+    ``v * B + i``. Model input is square, so each view has the input's shape.
+    """
+    x = np.asarray(x)
+    return np.concatenate([x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]])
+
+
+def mean_of_views(probs: np.ndarray, n_views: int = TTA_VIEWS) -> np.ndarray:
+    """The probabilities of :func:`flip_views`' ``(4B, K)`` rows averaged per page: ``(B, K)``."""
+    probs = np.asarray(probs)
+    return probs.reshape(n_views, len(probs) // n_views, *probs.shape[1:]).mean(axis=0)
+
+
+# Keras ``predict`` traces the model once (seconds for EfficientNet on a CPU), then runs a
+# batch faster than an eager call, which spends about half a second in Python per call: a
+# few batches (a typical test set) run eagerly, more through ``predict``.
+EAGER_PASSES = 8
+
+
+def uses_eager(model, n_images: int, batch_size: int) -> bool:
+    """Whether :func:`tta_probabilities` should call ``model`` eagerly for ``n_images``: a
+    few forward passes, and no ``predict`` function traced already."""
+    passes = -(-int(n_images) // max(int(batch_size), 1))
+    return passes <= EAGER_PASSES and getattr(model, "predict_function", None) is None
+
+
+def tta_probabilities(model, x: np.ndarray, batch_size: int = 32, *,
+                      with_plain: bool = False, eager: bool | None = None):
+    """A Keras classifier's probabilities for ``x`` ``(N, H, W, 3)`` averaged over the four
+    flipped views of each image (test-time augmentation).
+
+    Runs ``batch_size`` images (``4 * batch_size`` views) per forward pass, in inference
+    mode (augmentation layers off), so memory is bounded by the batch. ``eager``: call the
+    model directly rather than through Keras ``predict`` (default: :func:`uses_eager`).
+    Returns ``(N, n_classes)``; with ``with_plain`` also the unflipped views' own
+    probabilities (the plain prediction, at no extra cost): ``(tta, plain)``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    step = max(int(batch_size), 1)
+    if eager is None:
+        eager = uses_eager(model, len(x), step)
+    empty = np.zeros((0, *model.output_shape[1:]), np.float32)
+    mean, plain = [empty], [empty]
+    for i in range(0, len(x), step):
+        views = flip_views(x[i: i + step])
+        probs = (np.asarray(model(views, training=False)) if eager
+                 else model.predict(views, batch_size=len(views), verbose=0))
+        mean.append(mean_of_views(probs))
+        plain.append(probs[: len(views) // TTA_VIEWS])
+    if with_plain:
+        return np.concatenate(mean), np.concatenate(plain)
+    return np.concatenate(mean)
+
 
 @dataclass(frozen=True)
 class PagePrediction:
@@ -51,6 +114,9 @@ class PagePrediction:
     # core/familiar.py): above 1 the page is unlike the training images. None: the bundle
     # has no familiarity description (trained before it existed).
     unfamiliar_score: float | None = None
+    # the probabilities are the mean over the page's four flipped views (test-time
+    # augmentation); the unfamiliar score is still the unflipped page's
+    tta: bool = False
 
     @property
     def unfamiliar(self) -> bool:
@@ -195,8 +261,15 @@ class Predictor:
         # None for bundles trained before it existed: their pages get no unfamiliar score
         self.familiarity = load_familiarity(self.bundle.path, self.bundle.meta)
 
-    def _outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and, with a familiarity description, unfamiliar scores (one pass)."""
+    def _outputs(self, batch: np.ndarray, tta: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, with a familiarity description, unfamiliar scores (one pass).
+
+        With ``tta`` the pass runs the batch's four flipped views (:func:`flip_views`, a
+        batch of ``4 * len(batch)``) and the probabilities are their mean per page; the
+        unfamiliar scores are those of the unflipped pages (the description was fitted on
+        unflipped training images).
+        """
         if self._forward is None:
             import keras
             import tensorflow as tf
@@ -211,20 +284,25 @@ class Predictor:
             self._forward = tf.function(
                 lambda x: model(x, training=False), reduce_retracing=True,
                 input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-        out = self._forward(batch)
-        if self.familiarity is None:
-            return np.asarray(out), None
-        return np.asarray(out[0]), self.familiarity.scores(np.asarray(out[1]))
+        n = len(batch)
+        out = self._forward(flip_views(batch) if tta else batch)
+        probs, feats = (out, None) if self.familiarity is None else out
+        probs = np.asarray(probs)
+        if tta:
+            probs = mean_of_views(probs)
+        if feats is None:
+            return probs, None
+        return probs, self.familiarity.scores(np.asarray(feats)[:n])
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self._outputs(batch)[0]
 
-    def _result(self, probs: np.ndarray, file, page, score=None) -> PagePrediction:
+    def _result(self, probs: np.ndarray, file, page, score=None, tta=False) -> PagePrediction:
         i = int(probs.argmax())
         return PagePrediction(
             None if file is None else str(file), int(page), self.class_names[i],
             float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)},
-            None if score is None else float(score))
+            None if score is None else float(score), bool(tta))
 
     def _prepare(self, array: np.ndarray, file, page) -> np.ndarray:
         """One page to model input; errors name the file and page."""
@@ -261,11 +339,11 @@ class Predictor:
         if keys:
             yield buf[:n], keys
 
-    def _classify(self, entries, should_stop=None) -> Iterator[list]:
+    def _classify(self, entries, should_stop=None, tta: bool = False) -> Iterator[list]:
         """Batches of results (PagePrediction and FileError, in input order), one list per
         batch; entries are read and prepared in a background thread."""
         for buf, keys in _prefetch(self._batches(entries), self.prefetch):
-            probs, scores = self._outputs(buf) if len(buf) else (np.zeros((0, 0)), None)
+            probs, scores = self._outputs(buf, tta) if len(buf) else (np.zeros((0, 0)), None)
             rows = iter(zip(probs, [None] * len(probs) if scores is None else scores,
                             strict=True))
             out = []
@@ -274,28 +352,34 @@ class Predictor:
                     out.append(k)
                 else:
                     p, score = next(rows)
-                    out.append(self._result(p, *k, score))
+                    out.append(self._result(p, *k, score, tta))
             yield out
             if should_stop is not None and should_stop():
                 return
 
     def predict_pages(self, pages: Iterable[tuple[object, int, np.ndarray]],
-                      should_stop=None) -> Iterator[PagePrediction]:
+                      should_stop=None, *, tta: bool = False) -> Iterator[PagePrediction]:
         """Classify ``(file, page, array)`` items, batching as they stream in.
 
         Pages are read and preprocessed in a background thread while the model works on the
         previous batch; at most ``prefetch`` + 2 batches exist at any time. An error raised
         by ``pages`` or by a page's preprocessing is raised here (naming file and page).
+
+        ``tta=True`` (test-time augmentation): each page's probabilities are the mean of the
+        model's outputs on the page and its horizontal, vertical and double flips, run as one
+        batch of four times the pages (about four times the compute); the class and
+        confidence follow from that mean. The unfamiliar score stays the unflipped page's.
         """
         entries = ((f, p, self._prepare(a, f, p)) for f, p, a in pages)
-        for batch in self._classify(entries, should_stop):
+        for batch in self._classify(entries, should_stop, tta):
             yield from batch
 
     def predict_array(self, array: np.ndarray, page_axis: int | None = None, *,
-                      pages: bool = False) -> list[PagePrediction]:
+                      pages: bool = False, tta: bool = False) -> list[PagePrediction]:
         """Classify one image, or a stack along ``page_axis``; see :func:`predict`.
 
-        ``pages=True`` is the older spelling of ``page_axis=0``.
+        ``pages=True`` is the older spelling of ``page_axis=0``; ``tta``: see
+        :meth:`predict_pages`.
         """
         array = np.asarray(array)
         if pages and page_axis is None:
@@ -306,7 +390,7 @@ class Predictor:
                     f"an array of shape {array.shape} is not one image ((Y, X) or (Y, X, C) "
                     "with C <= 4); for a stack of pages say which axis enumerates them, "
                     "e.g. page_axis=0")
-            return list(self.predict_pages([(None, 0, array)]))
+            return list(self.predict_pages([(None, 0, array)], tta=tta))
         try:
             stack = np.moveaxis(array, page_axis, 0)
         except ValueError as exc:  # numpy's AxisError
@@ -316,13 +400,15 @@ class Predictor:
             raise ImageReadError(
                 f"a stack of shape {array.shape} with page_axis={page_axis} has pages of shape "
                 f"{stack.shape[1:]}; each page must be (Y, X) or (Y, X, C)")
-        return list(self.predict_pages((None, i, a) for i, a in enumerate(stack)))
+        return list(self.predict_pages(((None, i, a) for i, a in enumerate(stack)), tta=tta))
 
-    def predict_file(self, path: str | Path, should_stop=None) -> Iterator[PagePrediction]:
-        """Every page of one file; an unreadable file or page raises ImageReadError."""
+    def predict_file(self, path: str | Path, should_stop=None, *, tta: bool = False
+                     ) -> Iterator[PagePrediction]:
+        """Every page of one file; an unreadable file or page raises ImageReadError.
+        ``tta``: see :meth:`predict_pages`."""
         with open_image(path) as f:
             yield from self.predict_pages(((path, i, f.page(i)) for i in range(len(f))),
-                                          should_stop)
+                                          should_stop, tta=tta)
 
     def _file_entries(self, path: Path):
         """``(path, page, model input)`` per page, then a FileError if the file (or a page)
@@ -340,27 +426,28 @@ class Predictor:
                 message = f"page {page}: {message}"
             yield FileError(str(path), message, page)
 
-    def classify_paths(self, paths: Sequence[str | Path], should_stop=None
-                       ) -> Iterator[list[PagePrediction | FileError]]:
+    def classify_paths(self, paths: Sequence[str | Path], should_stop=None, *,
+                       tta: bool = False) -> Iterator[list[PagePrediction | FileError]]:
         """Every page of every file (folders searched recursively), past bad files.
 
         Yields one list per batch: a PagePrediction per classified page and a FileError
-        where a file (or the rest of a stack) could not be read, in file order.
+        where a file (or the rest of a stack) could not be read, in file order. ``tta``: see
+        :meth:`predict_pages`.
         """
         def entries():
             for path in expand_paths(paths):
                 yield from self._file_entries(path)
 
-        yield from self._classify(entries(), should_stop)
+        yield from self._classify(entries(), should_stop, tta)
 
-    def predict_paths(self, paths: Sequence[str | Path], should_stop=None
-                      ) -> Iterator[PagePrediction]:
+    def predict_paths(self, paths: Sequence[str | Path], should_stop=None, *,
+                      tta: bool = False) -> Iterator[PagePrediction]:
         """Files and folders (searched recursively for images), in sorted order.
 
         Stops at the first unreadable file with its ImageReadError; :func:`predict_folder`
-        classifies past bad files and reports them.
+        classifies past bad files and reports them. ``tta``: see :meth:`predict_pages`.
         """
-        for batch in self.classify_paths(paths, should_stop):
+        for batch in self.classify_paths(paths, should_stop, tta=tta):
             for item in batch:
                 if isinstance(item, FileError):
                     raise ImageReadError(str(item))
@@ -472,8 +559,8 @@ def check_csv_destination(path: str | Path) -> Path:
 def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
                    csv_path: str | Path | None = None, *, threshold: float = 0.0,
                    batch_size: int = 32, should_stop: Callable[[], bool] | None = None,
-                   on_item: Callable[[PagePrediction | FileError], None] | None = None
-                   ) -> FolderResult:
+                   on_item: Callable[[PagePrediction | FileError], None] | None = None,
+                   tta: bool = False) -> FolderResult:
     """Classify every page of every image under ``paths``, past files that cannot be read.
 
     Parameters
@@ -495,6 +582,10 @@ def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
         Checked after each batch; when true the run ends (``result.stopped``).
     on_item : callable, optional
         Called with each PagePrediction and FileError as it comes (progress, printing).
+    tta : bool
+        Test-time augmentation: each page's probabilities are the mean over the page and its
+        three flips (one forward pass of four times the batch; about four times the compute).
+        The unfamiliar score stays the unflipped page's. See :meth:`Predictor.predict_pages`.
 
     Returns
     -------
@@ -518,7 +609,7 @@ def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
     error column): a.tif: ...; b.png: .... CSV: plates.csv
     """
     run = iter_folder(bundle, paths, csv_path, threshold=threshold, batch_size=batch_size,
-                      should_stop=should_stop)
+                      should_stop=should_stop, tta=tta)
     try:
         while True:
             try:
@@ -533,7 +624,8 @@ def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
 
 def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
                 csv_path: str | Path | None = None, *, threshold: float = 0.0,
-                batch_size: int = 32, should_stop: Callable[[], bool] | None = None
+                batch_size: int = 32, should_stop: Callable[[], bool] | None = None,
+                tta: bool = False
                 ) -> Generator[PagePrediction | FileError, None, FolderResult]:
     """:func:`predict_folder` as a generator (for a GUI worker): yields each PagePrediction
     and FileError as it comes and returns the :class:`FolderResult`.
@@ -549,7 +641,7 @@ def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
                      predictor.familiarity is not None) if csv_path else None
     done = False
     try:
-        for batch in predictor.classify_paths(files, should_stop):
+        for batch in predictor.classify_paths(files, should_stop, tta=tta):
             for item in batch:
                 (result.errors if isinstance(item, FileError) else result.predictions
                  ).append(item)
@@ -600,7 +692,8 @@ class _CsvStream:
         return self.partial
 
 
-def predict(bundle, image_or_path, batch_size: int = 32, *, page_axis: int | None = None):
+def predict(bundle, image_or_path, batch_size: int = 32, *, page_axis: int | None = None,
+            tta: bool = False):
     """Classify an image array, a stack array, an image file, a folder or a list of paths.
 
     Parameters
@@ -618,6 +711,10 @@ def predict(bundle, image_or_path, batch_size: int = 32, *, page_axis: int | Non
     page_axis : int, optional
         For arrays only: the axis that enumerates pages. Nothing is guessed: a
         ``(10, 64, 64)`` array without ``page_axis`` is refused, not taken as 10 pages.
+    tta : bool
+        Test-time augmentation: average each page's probabilities over the page and its
+        horizontal, vertical and double flips (about four times the compute; the unfamiliar
+        score stays the unflipped page's). See :meth:`Predictor.predict_pages`.
 
     Returns
     -------
@@ -644,13 +741,13 @@ def predict(bundle, image_or_path, batch_size: int = 32, *, page_axis: int | Non
     predictor = bundle if isinstance(bundle, Predictor) else None
     if isinstance(image_or_path, np.ndarray):
         predictor = predictor or Predictor(bundle, batch_size)
-        return predictor.predict_array(image_or_path, page_axis)
+        return predictor.predict_array(image_or_path, page_axis, tta=tta)
     if page_axis is not None:
         raise TypeError("page_axis is for arrays; a file's pages come from its own axes")
     if isinstance(image_or_path, (str, Path)) and Path(image_or_path).expanduser().is_file():
         predictor = predictor or Predictor(bundle, batch_size)
-        return list(predictor.predict_file(Path(image_or_path).expanduser()))
-    return predict_folder(predictor or bundle, image_or_path, batch_size=batch_size)
+        return list(predictor.predict_file(Path(image_or_path).expanduser(), tta=tta))
+    return predict_folder(predictor or bundle, image_or_path, batch_size=batch_size, tta=tta)
 
 
 # Cells a spreadsheet program would run as a formula (OWASP, "CSV Injection"): these starts.

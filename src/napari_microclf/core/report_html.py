@@ -398,7 +398,7 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
     if report.get("n"):
         parts.append(f"<p>Accuracy <b>{acc:.2%}</b> on {report['n']} images"
                      + (f" from {groups} groups" if groups else "")
-                     + ", never seen in training.</p>")
+                     + ", never seen in training.</p>" + _tta_line(report.get("tta")))
         rows = [[e(c["class"]), f"{c['precision']:.2f}", f"{c['recall']:.2f}",
                  f"{c['f1']:.2f}", e(c["support"])] for c in report.get("per_class", [])]
         parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
@@ -463,6 +463,24 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
             f"<title>{e(heading)}</title><style>{STYLE}</style></head>\n"
             f"<body><main>\n{body}\n</main></body></html>\n")
     return page.encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
+def _tta_line(tta) -> str:
+    """The test accuracy with flips (test-time augmentation) beside the plain one."""
+    if not isinstance(tta, dict) or tta.get("accuracy") is None:
+        return ""
+    views = tta.get("views", 4)
+    plain = tta.get("plain_accuracy")
+    if tta.get("in_metrics"):  # the accuracy above is the TTA one
+        return (f"<p class='note'>Scored with flips (test-time augmentation: the mean of "
+                f"{e(views)} flipped views per image)"
+                + (f"; without flips {float(plain):.2%}" if plain is not None else "")
+                + ".</p>")
+    seconds = tta.get("seconds")
+    return (f"<p>With flips (test-time augmentation: the mean of {e(views)} flipped views "
+            f"per image) <b>{float(tta['accuracy']):.2%}</b>"
+            + (f" <span class='note'>({float(seconds):.1f}s)</span>" if seconds is not None
+               else "") + ".</p>")
 
 
 def _familiarity(meta: dict) -> list[tuple[str, str]]:

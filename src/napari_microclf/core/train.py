@@ -456,7 +456,14 @@ def train(
     """
 
     from .dataset import split_manifest
-    from .evaluate import classification_report, describe_model, diagnose, report_files
+    from .evaluate import (
+        classification_report,
+        describe_model,
+        diagnose,
+        model_probabilities,
+        report_files,
+        tta_summary,
+    )
     from .model import (
         BUNDLE_FORMAT,
         BUNDLE_VERSION,
@@ -586,6 +593,19 @@ def train(
         probs = trained.predict(inputs["test"], batch_size=config.batch_size, verbose=0)
         emit(Progress("evaluating", len(y["test"]), len(y["test"])))
         report = classification_report(y["test"], probs, names, samples.test)
+        # test-time augmentation: the full model on each test image and its three flips
+        # (cached features are of unflipped images, so the images are read again for it)
+        t_tta = time.perf_counter()
+        if cached:
+            tta_probs = model_probabilities(model, spec, samples.test, config.batch_size,
+                                            tta=True)[0]
+        else:
+            from .predict import tta_probabilities
+
+            tta_probs = tta_probabilities(model, inputs["test"], config.batch_size)
+        tta_acc = classification_report(y["test"], tta_probs, names)["accuracy"]
+        report["tta"] = tta_summary(tta_acc, y["test"], probs, in_metrics=False,
+                                    seconds=time.perf_counter() - t_tta)
     else:
         report = classification_report([], np.zeros((0, len(names))), names)
         emit(Message("No test images in the split: the test report is empty. Add images or "
@@ -658,6 +678,11 @@ def train(
     if report["accuracy"] is not None:
         emit(Message(f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"
                      + (f" from {report['groups']} groups" if report.get("groups") else "")))
+    if report.get("tta"):
+        tta = report["tta"]
+        emit(Message(f"Test accuracy with flips (TTA): {tta['accuracy']:.4f} (plain "
+                     f"{tta['plain_accuracy']:.4f}; {tta['views']} views per image, "
+                     f"{tta['seconds']:.1f}s)"))
     for f in report["diagnosis"]:
         emit(Message(f"{f['finding']}: {f['evidence'].rstrip('.')}. {f['remedy']}"))
     emit(Message(f"Model saved to {bundle}"))
