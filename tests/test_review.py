@@ -131,7 +131,8 @@ def test_page_stack_pads_pages_of_different_sizes_and_names_their_origins(datase
     stack = rv.page_stack(entries)
     assert stack.data.shape == (2, 40, 32)
     assert stack.data.min() >= 0 and stack.data.max() <= 1
-    assert stack.origins[0] == {"file": entries[0]["file"], "page": 1, "shape": [40, 24]}
+    assert stack.origins[0] == {"file": entries[0]["file"], "page": 1, "pages": 2,
+                                "shape": [40, 24]}
     assert np.all(stack.data[0, :, 24:] == 0)  # the padding of the narrower page
 
 

@@ -14,6 +14,7 @@ from qtpy.QtCore import Qt, QTimer
 from napari_microclf._qt import predict as predict_mod
 from napari_microclf._qt._session import SESSION
 from napari_microclf._qt.annotate import AnnotateWidget
+from napari_microclf._qt.label_next import LabelNextWidget
 from napari_microclf._qt.predict import PredictWidget
 from napari_microclf._qt.review import ReviewWidget
 from napari_microclf._qt.train import State, TrainWidget
@@ -63,14 +64,15 @@ def test_manifest_contributions_load_through_napari(make_napari_viewer):
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Annotate", "Train", "Predict", "Review errors"}
+        "Annotate", "Train", "Predict", "Review errors", "Label next"}
     viewer = make_napari_viewer()
     kinds = {}
-    for name in ("Annotate", "Train", "Predict", "Review errors"):
+    for name in ("Annotate", "Train", "Predict", "Review errors", "Label next"):
         _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         kinds[name] = type(widget)
     assert kinds == {"Annotate": AnnotateWidget, "Train": TrainWidget,
-                     "Predict": PredictWidget, "Review errors": ReviewWidget}
+                     "Predict": PredictWidget, "Review errors": ReviewWidget,
+                     "Label next": LabelNextWidget}
     layers = viewer.open_sample(PLUGIN, "microscopy_classes")
     assert [lyr.name for lyr in layers][-1] == "mixed stack"
     assert viewer.layers["mixed stack"].data.shape == (12, 96, 96)

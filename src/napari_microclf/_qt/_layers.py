@@ -132,7 +132,8 @@ class PageSource:
         """The provenance of page ``page``: (source file or name, page in that source)."""
         if self.origins:
             o = self.origins[page or 0]
-            return str(o["file"]), int(o["page"])
+            single = o.get("pages") == 1  # a page of a one-page file is the file itself
+            return str(o["file"]), None if single else int(o["page"])
         return self.source, page
 
 

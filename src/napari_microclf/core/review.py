@@ -85,7 +85,7 @@ class PageStack:
     """Pages of several files as one display stack ``(N, Y, X)`` or ``(N, Y, X, 3)``."""
 
     data: np.ndarray  # float32 in [0, 1]; each page normalised on its own, padded with 0
-    origins: list[dict]  # per stack page: {"file", "page", "shape"} (the page's own Y, X)
+    origins: list[dict]  # per stack page: {"file", "page", "pages" (of the file), "shape"}
 
 
 def _display_page(page: np.ndarray, rgb: bool) -> np.ndarray:
@@ -105,7 +105,7 @@ def page_stack(entries: list[dict], max_side: int = 1024) -> PageStack:
     ``max_side`` are shown subsampled (the dataset files are never changed). A page that
     cannot be read raises an :class:`ImageReadError` naming its file.
     """
-    from .images import read_page
+    from .images import count_pages, read_page
 
     pages = [np.asarray(read_page(e["file"], int(e.get("page", 0)))) for e in entries]
     if not pages:
@@ -116,6 +116,7 @@ def page_stack(entries: list[dict], max_side: int = 1024) -> PageStack:
         step = max(1, int(np.ceil(max(p.shape[:2]) / max_side)))
         shown.append(_display_page(p[::step, ::step], rgb))
         origins.append({"file": str(e["file"]), "page": int(e.get("page", 0)),
+                        "pages": count_pages(e["file"]),
                         "shape": [int(p.shape[0]), int(p.shape[1])]})
     h = max(s.shape[0] for s in shown)
     w = max(s.shape[1] for s in shown)
