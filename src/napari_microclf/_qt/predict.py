@@ -3,8 +3,17 @@
 Per image layer the results are
 
 - drawn on the canvas by a Points layer ``"<layer> classes"`` with one text point per page,
-  at the page's top-left corner: napari shows a point only on its own slice, so the label
-  follows the dims slider through a stack;
+  at the image's top-left corner: napari shows a point only on its own slice, so the label
+  follows the dims slider through a stack. A label follows its image: hidden with it,
+  removed with it, renamed with it (the results follow the new name). Labels of several
+  images never overlap: each sits at its image's top edge or, where another label is there
+  already, one text line lower, the line height taken at the current zoom
+  (:meth:`PredictWidget.label_boxes`);
+- for the active classified layer, written in a canvas overlay (``"<layer> page 3:
+  fragmented 0.97"``) that stays readable at any zoom and follows the slider and threshold;
+- plotted along a stack (probabilities per page, linked with the slider) in a dock under the
+  viewer (``stackplot.StackPlot``), opened when a stack is classified or by "Plot along
+  stack";
 - stored on the image layer in ``metadata["microclf"]["predictions"]`` (model, class names,
   per page class, confidence and probabilities) and on the Points layer as ``features``;
 - listed in the results table, which exports to CSV in the ``microclf predict`` format
@@ -65,6 +74,13 @@ from ._worker import surfaced
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 UNCERTAIN = "uncertain"
+
+LABEL_TEXT = "{label} ({confidence:.2f}) · "  # a page's label on the canvas, + layer name
+LABEL_SIZE = 12  # its font size
+LINE_PX = 2 * LABEL_SIZE  # screen pixels per label line: the text and a gap
+CHAR_PX = 0.75 * LABEL_SIZE  # screen pixels per character, generously
+OVERLAY = "microclf_in_view"  # key of the text overlay in viewer.canvas.overlays
+PLOT_NAME = "Probabilities along stack"
 
 CACHE_SIZE = 2  # loaded models kept; the least recently used one is dropped beyond this
 _CACHE: OrderedDict[tuple, Predictor] = OrderedDict()
@@ -311,6 +327,14 @@ class PredictWidget(QWidget):
         self.table.cellDoubleClicked.connect(self._go_to_row)
         self.export_btn = QPushButton("Export CSV...")
         self.export_btn.clicked.connect(lambda: self.export_csv())
+        self.plot_btn = QPushButton("Plot along stack")
+        self.plot_btn.setToolTip("Class probabilities per page of the active classified stack, "
+                                 "in a dock under the viewer; click a page to show it.")
+        self.plot_btn.clicked.connect(lambda: self.show_plot())
+        self.plot = None  # the StackPlot, made by show_plot
+        result_row = QHBoxLayout()
+        result_row.addWidget(self.export_btn)
+        result_row.addWidget(self.plot_btn)
 
         form = QFormLayout()
         form.addRow("Model", bundle_row)
@@ -325,13 +349,17 @@ class PredictWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.in_view)
         layout.addWidget(self.table, 1)
-        layout.addWidget(self.export_btn)
+        layout.addLayout(result_row)
 
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_layers)
+        events.removed.connect(self._on_removed)
+        self._linked: dict[int, str] = {}  # id(image layer) -> its name in self.results
+        self._boxes: dict[str, tuple] = {}  # see label_boxes
         self.viewer.dims.events.current_step.connect(self._update_in_view)
         self.viewer.layers.selection.events.active.connect(self._update_in_view)
+        self._camera().events.zoom.connect(self._place_labels)
         self._refresh_layers()
         self._show_model()
 
@@ -464,9 +492,14 @@ class PredictWidget(QWidget):
                     self.results[name] = preds
                     self._store(name, bundle)
             self._fill_table()
+            self._place_labels()
             self._update_in_view()
             n = sum(len(p) for p in new.values())
             self.status.setText(f"Classified {n} page(s) of {len(new)} layer(s).")
+            if any(len(p) > 1 for p in new.values()):
+                self.show_plot()
+            elif self.plot is not None:
+                self.plot.refresh()
 
         worker = thread_worker(_predict_layers, ignore_errors=False)(bundle, sources)
         return self._start(worker, on_yield, on_return,
@@ -597,8 +630,9 @@ class PredictWidget(QWidget):
                     "label": [self.label(p) for p in preds],
                     "unfamiliar": [np.nan if p.unfamiliar_score is None
                                    else round(p.unfamiliar_score, 3) for p in preds]}
-        text = {"string": "{label} ({confidence:.2f})", "anchor": "upper_left", "size": 12,
-                "color": "yellow"}
+        # "lower_left": the text hangs below its point (napari's y axis points down)
+        text = {"string": self.label_template(name), "anchor": "lower_left",
+                "size": LABEL_SIZE, "color": "yellow"}
         pname = self.points_name(name)
         active = self.viewer.layers.selection.active
         if pname in self.viewer.layers:
@@ -610,10 +644,17 @@ class PredictWidget(QWidget):
             pts = self.viewer.add_points(
                 coords, features=features, text=text, name=pname, size=1,
                 face_color="transparent", border_width=0, scale=layer.scale[-coords.shape[1]:],
-                translate=layer.translate[-coords.shape[1]:], blending="translucent_no_depth")
+                translate=layer.translate[-coords.shape[1]:], blending="translucent_no_depth",
+                visible=layer.visible)
             pts.metadata["microclf"] = {"image_layer": name}
+        self._link(layer, name)
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
+
+    def label_template(self, name: str) -> str:
+        """The label's napari text template: 'fragmented (0.97) · cells.tif' (the layer's
+        name tells the labels of images that lie on each other apart)."""
+        return LABEL_TEXT + name.replace("{", "{{").replace("}", "}}")
 
     def _relabel(self, *_) -> None:
         for name, preds in self.results.items():
@@ -625,7 +666,140 @@ class PredictWidget(QWidget):
                 pts.features = feats
                 pts.refresh_text()
         self._fill_table()
+        self._place_labels()  # the texts' widths changed
         self._update_in_view()
+        if self.plot is not None:
+            self.plot.refresh()
+
+    # -- a label follows its image ---------------------------------------------------------
+    def _label_layer(self, name: str):
+        pname = self.points_name(name)
+        return self.viewer.layers[pname] if pname in self.viewer.layers else None
+
+    def _link(self, layer, name: str) -> None:
+        """Follow ``layer``'s visibility, name and position with its label (once per layer)."""
+        if id(layer) not in self._linked:
+            layer.events.visible.connect(self._on_visible)
+            layer.events.name.connect(self._on_rename)
+            layer.events.scale.connect(self._place_labels)
+            layer.events.translate.connect(self._place_labels)
+        self._linked[id(layer)] = name
+
+    def _unlink(self, layer) -> str | None:
+        name = self._linked.pop(id(layer), None)
+        if name is not None:
+            layer.events.visible.disconnect(self._on_visible)
+            layer.events.name.disconnect(self._on_rename)
+            layer.events.scale.disconnect(self._place_labels)
+            layer.events.translate.disconnect(self._place_labels)
+        return name
+
+    def _on_visible(self, event) -> None:
+        name = self._linked.get(id(event.source))
+        pts = self._label_layer(name) if name is not None else None
+        if pts is not None:
+            pts.visible = event.source.visible
+        self._place_labels()
+        self._update_in_view()
+
+    def _on_rename(self, event) -> None:
+        """The label layer, the heatmap layer and the results take the image's new name."""
+        layer = event.source
+        old, new = self._linked.get(id(layer)), layer.name
+        if old is None or old == new:
+            return
+        self._linked[id(layer)] = new
+        self.results = {new if k == old else k: v for k, v in self.results.items()}
+        for old_name, new_name in ((self.points_name(old), self.points_name(new)),
+                                   (self.heatmap_name(old), self.heatmap_name(new))):
+            if old_name in self.viewer.layers:
+                other = self.viewer.layers[old_name]
+                other.metadata["microclf"] = {**other.metadata.get("microclf", {}),
+                                              "image_layer": new}
+                other.name = new_name
+        pts = self._label_layer(new)
+        if pts is not None:
+            pts.text.string = self.label_template(new)
+            pts.refresh_text()
+            self._place_labels()  # its width changed
+        self._fill_table()
+        self._update_in_view()
+        if self.plot is not None:
+            if self.plot.layer == old:
+                self.plot.layer = new
+            self.plot.refresh()
+
+    def _on_removed(self, event) -> None:
+        """A removed image takes its label layer and its results with it."""
+        name = self._unlink(event.value)
+        if name is not None:
+            pts = self._label_layer(name)
+            if pts is not None:
+                self.viewer.layers.remove(pts)
+            self.results.pop(name, None)
+            self._fill_table()
+            if self.plot is not None:
+                self.plot.refresh()
+        self._place_labels()
+        self._update_in_view()
+
+    def label_boxes(self) -> dict[str, tuple[float, float, float, float]]:
+        """World ``(top, left, bottom, right)`` of each label on the canvas at the current
+        zoom: one text line high, as wide as its longest text (a generous estimate)."""
+        return dict(self._boxes)
+
+    def _camera(self):
+        """The 2D camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``
+        before)."""
+        scene = getattr(self.viewer, "scene", None)
+        return scene.camera if hasattr(scene, "camera") else self.viewer.camera
+
+    def _place_labels(self, *_) -> None:
+        """Each shown label at its image's top-left corner, or lower by whole text lines
+        until it overlaps no label placed before it (labels taken top to bottom).
+
+        Text keeps its size on screen, so a line is ``LINE_PX / zoom`` world units high and
+        the labels are placed again when the zoom changes.
+        """
+        zoom = max(float(self._camera().zoom), 1e-12)
+        line = LINE_PX / zoom
+        entries = []
+        for name in self.results:
+            pts = self._label_layer(name)
+            if pts is None or name not in self.viewer.layers or not len(pts.data):
+                continue
+            image = self.viewer.layers[name]
+            n = pts.data.shape[1]
+            if not (np.array_equal(pts.scale, image.scale[-n:])
+                    and np.array_equal(pts.translate, image.translate[-n:])):
+                pts.scale, pts.translate = image.scale[-n:], image.translate[-n:]
+            (sy, sx), (ty, tx) = pts.scale[-2:], pts.translate[-2:]
+            # the pixel edges of the first row and column, not their centres
+            top, left = ty - 0.5 * abs(sy), tx - 0.5 * abs(sx)
+            chars = max(len(self.label_template(name).format(label=lab, confidence=0.0))
+                        for lab in pts.features["label"])
+            shown = image.visible and pts.visible
+            entries.append((top, left, chars * CHAR_PX / zoom, name, pts, shown))
+        placed: list[tuple[float, float, float]] = []  # (top, left, right)
+        self._boxes = {}
+        for top, left, width, name, pts, shown in sorted(entries, key=lambda e: e[:2]):
+            y = top
+            if shown:
+                moved = True
+                while moved:
+                    moved = False
+                    for p_top, p_left, p_right in placed:
+                        if (p_left < left + width and left < p_right
+                                and p_top < y + line and y < p_top + line):
+                            y, moved = p_top + line, True
+                placed.append((y, left, left + width))
+                self._boxes[name] = (y, left, y + line, left + width)
+            (sy, sx), (ty, tx) = pts.scale[-2:], pts.translate[-2:]
+            yx = np.array([(y - ty) / sy, (left - tx) / sx])
+            if not np.allclose(pts.data[:, -2:], yx):
+                data = pts.data.copy()
+                data[:, -2:] = yx
+                pts.data = data
 
     def rows(self) -> list[tuple[str, int, str, float]]:
         return [(name, p.page, self.label(p), p.confidence)
@@ -645,6 +819,10 @@ class PredictWidget(QWidget):
 
     def _go_to_row(self, row: int, _col: int) -> None:
         name, page = self.table.item(row, 0).text(), int(self.table.item(row, 1).text())
+        self.go_to_page(name, page)
+
+    def go_to_page(self, name: str, page: int) -> None:
+        """Move the dims sliders to page ``page`` of layer ``name`` and make it active."""
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
             index = _layers.page_index(layer, page)
@@ -675,8 +853,69 @@ class PredictWidget(QWidget):
         return (f"In view: {name}{where}: {self.label(pred)} (confidence "
                 f"{pred.confidence:.2f}{unlike})")
 
+    def active_classified(self) -> str | None:
+        """The classified image layer that is active (or whose label or heatmap layer is),
+        if it is visible; else None."""
+        active = self.viewer.layers.selection.active
+        if active is None:
+            return None
+        name = active.name
+        if name not in self.results:
+            meta = active.metadata.get("microclf", {}) if isinstance(active.metadata,
+                                                                     dict) else {}
+            name = meta.get("image_layer") if isinstance(meta, dict) else None
+        if name not in self.results or name not in self.viewer.layers:
+            return None
+        return name if self.viewer.layers[name].visible else None
+
+    def overlay_text(self) -> str:
+        """'cells.tif page 3: fragmented 0.97' for the active classified layer at the
+        slider's position ('' when no classified layer is active and visible)."""
+        name = self.active_classified()
+        if name is None:
+            return ""
+        layer = self.viewer.layers[name]
+        page = _layers.flat_page(layer, _layers.page_in_view(self.viewer, layer))
+        pred = next((p for p in self.results[name] if p.page == (page or 0)), None)
+        if pred is None:
+            return ""
+        where = f" page {page}" if page is not None else ""
+        what = (f"unfamiliar (score {pred.unfamiliar_score:.2f})" if pred.unfamiliar
+                else f"{self.label(pred)} {pred.confidence:.2f}")
+        return f"{name}{where}: {what}"
+
+    @property
+    def overlay(self):
+        """The canvas text overlay (napari's canvas overlays, tiled with the others)."""
+        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9 (before: _overlays)
+        overlays = canvas.overlays if hasattr(canvas, "overlays") else self.viewer._overlays
+        if OVERLAY not in overlays:
+            from napari.components.overlays import TextOverlay
+
+            overlays[OVERLAY] = TextOverlay(visible=False, position="bottom_center",
+                                            font_size=14, color="yellow", box=True)
+        return overlays[OVERLAY]
+
     def _update_in_view(self, *_) -> None:
         self.in_view.setText(self.in_view_text())
+        text = self.overlay_text()
+        overlay = self.overlay
+        overlay.text = text
+        overlay.visible = bool(text)
+
+    def show_plot(self):
+        """Dock the probabilities-along-stack plot under the viewer (again, if it was
+        closed) and show the active classified stack; returns the plot."""
+        from .stackplot import StackPlot
+
+        if self.plot is None:
+            self.plot = StackPlot(self.viewer, self)
+        window = getattr(self.viewer, "window", None)
+        if window is not None and not any(w is self.plot
+                                          for w in window.dock_widgets.values()):
+            window.add_dock_widget(self.plot, area="bottom", name=PLOT_NAME)
+        self.plot.refresh()
+        return self.plot
 
     # -- CSV -------------------------------------------------------------------------------
     def export_csv(self, path: str | Path | None = None) -> Path | None:
