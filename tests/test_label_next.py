@@ -39,23 +39,49 @@ def test_unfamiliar_pages_go_first_or_last():
         active.rank(probs, unfamiliar, unfamiliar_order="middle")
 
 
+@pytest.fixture(scope="module")
+def starved(tmp_path_factory):
+    """A model trained with one class starved (4 images), and a pool of new images."""
+    from napari_microclf.core.sample import CLASSES, make_sample_dataset
+    from napari_microclf.core.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("label_next")
+    root = make_sample_dataset(tmp / "ds", n_per_class=16, size=64, seed=0)
+    pool = make_sample_dataset(tmp / "pool", n_per_class=10, size=64, seed=7)
+    for p in ds.class_files(root, CLASSES[0])[4:]:
+        p.unlink()
+    model = tmp / "model"
+    first = train(TrainConfig(str(root), str(model), image_size=64, epochs=5,
+                              learning_rate=1e-3, batch_size=16, test_split=0.3))
+    return root, pool, model, first
+
+
+def test_cli_lists_the_pages_to_label_next(starved, tmp_path, capsys):
+    import csv
+
+    from napari_microclf.cli import main
+
+    root, pool, model, _ = starved
+    out = tmp_path / "next.csv"
+    assert main(["label-next", str(model), str(pool), "--top", "4", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    want = active.label_next(model, [pool], 4, dataset=root)
+    assert [(r["file"], int(r["page"])) for r in rows] == [(c.file, c.page) for c in want]
+    assert [float(r["uncertainty"]) for r in rows] == pytest.approx(
+        [c.uncertainty for c in want], abs=1e-4)
+    printed = capsys.readouterr().out
+    assert "4 page(s) to label next" in printed and Path(want[0].file).name in printed
+
+
 def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
-        make_napari_viewer, qtbot, tmp_path):
+        make_napari_viewer, qtbot, starved):
     """One class starved in training; labelling the 5 pages the model is least sure about in
     a pool of new images, then Retrain, changes the accuracy on the old test list."""
     from napari_microclf._qt.annotate import AnnotateWidget
     from napari_microclf._qt.label_next import LAYER, LabelNextWidget
     from napari_microclf.core.evaluate import evaluate
-    from napari_microclf.core.sample import CLASSES, make_sample_dataset
-    from napari_microclf.core.train import TrainConfig, train
 
-    root = make_sample_dataset(tmp_path / "ds", n_per_class=16, size=64, seed=0)
-    pool = make_sample_dataset(tmp_path / "pool", n_per_class=10, size=64, seed=7)
-    for p in ds.class_files(root, CLASSES[0])[4:]:
-        p.unlink()
-    model = tmp_path / "model"
-    first = train(TrainConfig(str(root), str(model), image_size=64, epochs=5,
-                              learning_rate=1e-3, batch_size=16, test_split=0.3))
+    root, pool, model, first = starved
     test_list = [e["key"] for e in
                  __import__("json").loads((model / "split.json").read_text())["test"]]
 

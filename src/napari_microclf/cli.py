@@ -278,6 +278,48 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_label_next(args) -> int:
+    """The pages most worth labelling next, most uncertain first (optionally as a CSV)."""
+    from .core.active import label_next
+    from .core.model import read_meta
+    from .core.predict import _write_csv_rows, check_csv_destination, find_images
+
+    meta = read_meta(args.model)
+    find_images(args.paths)  # nothing to rank: a one-line error before TensorFlow
+    if args.csv:
+        check_csv_destination(args.csv)
+    data = args.data or meta.get("data_dir")
+    cands = label_next(args.model, args.paths, args.top, args.by, args.unfamiliar, data)
+    print(f"{len(cands)} page(s) to label next ({args.by} uncertainty, unfamiliar "
+          f"{args.unfamiliar}; pages already in {data} left out):")
+    for i, c in enumerate(cands, 1):
+        print(f"{i:3d}. {c.file}\tpage {c.page}\tguess {c.guess} ({c.confidence:.3f})\t"
+              f"uncertainty {c.uncertainty:.3f}" + ("\tunfamiliar" if c.unfamiliar else ""))
+    if args.csv:
+        header = ["rank", "file", "page", "guess", "confidence", "uncertainty", "unfamiliar"]
+        rows = [[i, c.file, c.page, c.guess, f"{c.confidence:.4f}", f"{c.uncertainty:.4f}",
+                 int(c.unfamiliar)] for i, c in enumerate(cands, 1)]
+        _write_csv_rows(args.csv, [header, *rows])
+        print(f"Wrote {len(rows)} rows to {args.csv}")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    """Train MODEL again with its own settings, then compare on its old test list."""
+    from .core.active import retrain
+    from .core.model import read_meta
+
+    read_meta(args.model)
+    bar = _Bar()
+    result = retrain(args.model, on_update=lambda u: _print_update(u, bar))
+    bar.clear()
+    if result.train_result.bundle is None:
+        print("Stopped: the model is unchanged.")
+        return 2
+    print(result.summary())
+    return 0
+
+
 def cmd_restore(args) -> int:
     from .core.model import describe_bundle, restore_previous
 
@@ -405,6 +447,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--page", type=int, default=None, metavar="N",
                    help="only this page (from 0)")
     x.set_defaults(func=cmd_explain)
+
+    ln = sub.add_parser("label-next", help="the unlabelled pages most worth labelling next",
+                        description="Classify the pages of PATHS and list the N the model is "
+                        "least sure about (pages unlike its training images first or last), "
+                        "leaving out pages already in its dataset. Label them (e.g. with "
+                        "napari's Annotate), then `microclf retrain MODEL`.")
+    ln.add_argument("model", help="the model folder")
+    ln.add_argument("paths", nargs="+", help="unlabelled images, stacks or folders")
+    ln.add_argument("--top", type=int, default=20, help="how many pages (20)")
+    ln.add_argument("--by", choices=("margin", "entropy"), default="margin",
+                    help="margin: the two likeliest classes are close; entropy: the "
+                         "probability is spread over all classes (margin)")
+    ln.add_argument("--unfamiliar", choices=("first", "last"), default="first",
+                    help="where pages unlike the training images go (first)")
+    ln.add_argument("--data", help="the dataset whose pages are left out (default: the "
+                    "model's)")
+    ln.add_argument("--csv", help="also write the list to this CSV file")
+    ln.set_defaults(func=cmd_label_next)
+
+    rt = sub.add_parser("retrain", help="train a model folder again with its own settings",
+                        description="Train MODEL again with the settings it was trained with, "
+                        "on its dataset as it is now (new labels, moved files); a frozen base "
+                        "reuses the feature cache. Then the old model (now in previous/) and "
+                        "the new one are scored on the old model's test list, and both "
+                        "accuracies printed.")
+    rt.add_argument("model", help="the model folder")
+    rt.set_defaults(func=cmd_retrain)
 
     r = sub.add_parser("restore", help="bring back the model a retraining replaced",
                        description="Make MODEL/previous/ (the model before the last training "

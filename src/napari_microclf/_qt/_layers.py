@@ -23,9 +23,11 @@ import numpy as np
 
 
 def image_layers(viewer) -> list:
+    """The image layers to classify or annotate (not the heatmaps Explain adds)."""
     from napari.layers import Image
 
-    return [lyr for lyr in viewer.layers if isinstance(lyr, Image)]
+    return [lyr for lyr in viewer.layers
+            if isinstance(lyr, Image) and "heatmap" not in _meta(lyr)]
 
 
 def _data(layer):

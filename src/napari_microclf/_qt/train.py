@@ -668,6 +668,10 @@ class TrainWidget(QWidget):
             head = (f"<b style='font-size:14pt'>Test accuracy {report['accuracy']:.1%}</b> "
                     f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
                     "training.")
+            tta = report.get("tta") or {}
+            if tta.get("accuracy") is not None:
+                head += (f" With flips (test-time augmentation, Predict's option): "
+                         f"{tta['accuracy']:.1%}.")
         else:
             head = "<b>No test images</b>: raise the test split or add images."
         start = model_start(meta)
