@@ -4,7 +4,8 @@ improvement loop in napari, as a user sees it.
     xvfb-run -a python docs/make_loop_screenshots.py [MODEL]
 
 Without MODEL: the sample dataset and the short training of ``make_report_screenshot.py``
-(some test images misclassified, so the error review has something to show).
+(some test images misclassified, so the error review has something to show); then, for
+Grad-CAM and label next, a model trained with the defaults at a higher learning rate.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def main() -> None:
         viewer.window.remove_dock_widget(review.parent())
         viewer.layers.clear()
         data = read_meta(bundle)["data_dir"]
-        bundle = train(TrainConfig(data, str(tmp / "good"), image_size=96)).bundle
+        bundle = train(TrainConfig(data, str(tmp / "good"), image_size=96,
+                                   learning_rate=1e-3)).bundle
         sample = write_sample(tmp / "sample", n_per_class=1, size=96, seed=3)
         viewer.open(str(sample["stack"]), plugin="napari-microclf")
         predict = PredictWidget(viewer, bundle=bundle)
@@ -96,10 +98,13 @@ def main() -> None:
         predict.explain()
         wait(predict)
         viewer.dims.set_current_step(0, 3)
+        viewer.reset_view()
         save(viewer, "gradcam.png")
 
         # 3. label next over a folder of new images
-        viewer.window.remove_dock_widget(predict.parent())
+        for name, widget in dict(viewer.window.dock_widgets).items():
+            if name != "Train":  # Predict and its plot along the stack
+                viewer.window.remove_dock_widget(widget.parent())
         viewer.layers.clear()
         pool = write_sample(tmp / "pool", n_per_class=8, size=96, seed=11)["dataset"]
         label = LabelNextWidget(viewer, bundle=bundle)

@@ -73,6 +73,31 @@ def test_cli_lists_the_pages_to_label_next(starved, tmp_path, capsys):
     assert "4 page(s) to label next" in printed and Path(want[0].file).name in printed
 
 
+def test_pages_of_open_layers_are_ranked_and_shown_in_their_own_layers(
+        make_napari_viewer, qtbot, starved):
+    import tifffile
+
+    from napari_microclf._qt.label_next import LAYERS, LabelNextWidget
+
+    root, pool, model, _ = starved
+    files = sorted(pool.rglob("*.tif"))[:4]
+    viewer = make_napari_viewer()
+    for f in files:
+        viewer.add_image(tifffile.imread(f), name=f.stem + "_" + f.parent.name)
+    widget = LabelNextWidget(viewer, bundle=model)
+    widget.top.setValue(3)
+    assert widget.find(source=LAYERS) is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
+    names = {lyr.name for lyr in viewer.layers}
+    assert len(widget.candidates) == 3 and {c.file for c in widget.candidates} <= names
+    assert "Label next" not in names  # the pages are shown where they are
+    probs = np.array([list(c.probabilities.values()) for c in widget.candidates])
+    assert [c.uncertainty for c in widget.candidates] == pytest.approx(
+        list(active.uncertainty(probs)), abs=1e-6)
+    widget.list.setCurrentRow(2)
+    assert viewer.layers.selection.active.name == widget.candidates[2].file
+
+
 def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
         make_napari_viewer, qtbot, starved):
     """One class starved in training; labelling the 5 pages the model is least sure about in

@@ -292,3 +292,33 @@ def test_batched_tta_through_keras_predict_gives_the_same_mean(oriented):
     for eager in (True, False):
         np.testing.assert_allclose(tta_probabilities(model, x, 2, eager=eager), expected,
                                    atol=1e-5)
+
+
+def test_predict_widgets_flip_option_runs_layers_and_folders_with_tta(make_napari_viewer,
+                                                                      qtbot, oriented,
+                                                                      tmp_path):
+    """Predict's "Average over flips": the layer's probabilities and the folder CSV's are the
+    averaged ones, and unchecked they are the plain ones."""
+    from napari_microclf._qt.predict import PredictWidget
+
+    page = _page()
+    tifffile.imwrite(tmp_path / "one.tif", page)
+    viewer = make_napari_viewer()
+    viewer.add_image(page, name="one")
+    widget = PredictWidget(viewer, bundle=oriented)
+    want = {}
+    for tta in (False, True):
+        want[tta] = _probs(Predictor(oriented).predict_array(page, tta=tta))[0]
+    assert np.abs(want[True] - want[False]).max() > 1e-3
+    for tta in (False, True):
+        widget.tta.setChecked(tta)
+        widget.choose(["one"])
+        widget.run()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+        got = _probs(widget.results["one"])[0]
+        np.testing.assert_allclose(got, want[tta], atol=1e-5)
+        out = tmp_path / f"folder-{tta}.csv"
+        widget.classify_folder(tmp_path, out)
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+        row = next(csv.DictReader(out.open()))
+        np.testing.assert_allclose([float(row[n]) for n in NAMES], want[tta], atol=1e-4)

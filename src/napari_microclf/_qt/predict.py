@@ -604,11 +604,12 @@ class PredictWidget(QWidget):
         if hname in self.viewer.layers:
             self.viewer.layers[hname].data = data
             return
-        layer = self.viewer.add_image(
+        self.viewer.add_image(
             data, name=hname, colormap="inferno", opacity=0.5, blending="additive",
             contrast_limits=(0.0, 1.0), scale=source.scale, translate=source.translate,
-            rotate=source.rotate, shear=source.shear, affine=source.affine)
-        layer.metadata["microclf"] = {"image_layer": name, "heatmap": "grad-cam"}
+            rotate=source.rotate, shear=source.shear, affine=source.affine,
+            # in the metadata from the start: the layer lists skip heatmaps when it is added
+            metadata={"microclf": {"image_layer": name, "heatmap": "grad-cam"}})
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
 

@@ -374,7 +374,7 @@ BUNDLE_FORMAT, BUNDLE_VERSION = "microclf-bundle", 1  # meta["format"]: "microcl
 PREVIOUS_DIR = "previous"  # the bundle before the last retraining (one generation)
 JOURNAL_FILE = ".microclf-swap.json"  # present while a swap is under way
 # A bundle's own files when its microclf.json does not list them (bundles before "files")
-DEFAULT_FILES = (MODEL_FILE, META_FILE, "split.json", "report.json", "report.md")
+DEFAULT_FILES = (MODEL_FILE, META_FILE, "split.json", "report.json", "report.md", "report.html")
 _TEMP_PREFIXES = (".incoming-", ".outgoing-", ".dropped-")
 _HOOK = {"step": None}  # tests: called with a step name after each step of a swap
 
