@@ -759,10 +759,8 @@ class PredictWidget(QWidget):
         return dict(self._boxes)
 
     def _camera(self):
-        """The 2D camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera``
-        before)."""
-        scene = getattr(self.viewer, "scene", None)
-        return scene.camera if hasattr(scene, "camera") else self.viewer.camera
+        """The 2D camera (``viewer.scene.camera``; napari >= 0.9)."""
+        return self.viewer.scene.camera
 
     def _place_labels(self, *_) -> None:
         """Each shown label at its image's top-left corner, or lower by whole text lines
@@ -897,8 +895,7 @@ class PredictWidget(QWidget):
     @property
     def overlay(self):
         """The canvas text overlay (napari's canvas overlays, tiled with the others)."""
-        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9 (before: _overlays)
-        overlays = canvas.overlays if hasattr(canvas, "overlays") else self.viewer._overlays
+        overlays = self.viewer.canvas.overlays  # napari >= 0.9
         if OVERLAY not in overlays:
             from napari.components.overlays import TextOverlay
 
