@@ -259,3 +259,15 @@ def test_an_example_added_from_a_review_stack_is_the_files_own_page(make_napari_
     np.testing.assert_array_equal(tifffile.imread(result.path), original)
     prov = ds.read_provenance(result.path)
     assert prov["source"] == entries[0]["file"] and prov["page"] == 1
+
+
+def test_a_cell_click_in_the_tabbed_dock_uses_its_review_tab(make_napari_viewer):
+    from napari_microclf._qt.review import review_dock
+    from napari_microclf._qt.tabs import MicroclfWidget
+
+    viewer = make_napari_viewer()
+    tabs = MicroclfWidget(viewer)
+    viewer.window.add_dock_widget(tabs, name="Microscopy Classifier")
+    assert review_dock(viewer) is tabs.review
+    assert tabs.currentWidget() is tabs.review
+    assert len(viewer.window.dock_widgets) == 1  # no second Review dock

@@ -64,7 +64,8 @@ def test_manifest_contributions_load_through_napari(make_napari_viewer):
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Annotate", "Train", "Predict", "Review errors", "Label next"}
+        "Microscopy Classifier", "Annotate", "Train", "Predict", "Review errors",
+        "Label next"}
     viewer = make_napari_viewer()
     kinds = {}
     for name in ("Annotate", "Train", "Predict", "Review errors", "Label next"):
@@ -73,6 +74,25 @@ def test_manifest_contributions_load_through_napari(make_napari_viewer):
     assert kinds == {"Annotate": AnnotateWidget, "Train": TrainWidget,
                      "Predict": PredictWidget, "Review errors": ReviewWidget,
                      "Label next": LabelNextWidget}
+    # one entry with all of them as tabs, each with the whole height
+    _, tabs = viewer.window.add_plugin_dock_widget(PLUGIN, "Microscopy Classifier")
+    assert [type(tabs.widget(i)) for i in range(tabs.count())] == [
+        AnnotateWidget, TrainWidget, PredictWidget, ReviewWidget, LabelNextWidget]
+    assert [tabs.tabText(i) for i in range(tabs.count())] == [
+        "Annotate", "Train", "Predict", "Review errors", "Label next"]
+    # napari's Layers menu: Annotate under Layers > Annotate, the rest under Classify
+    from napari._app_model import get_app_model
+
+    menus = get_app_model().menus
+
+    def commands(menu_id):
+        return [i.command.id for i in menus.get_menu(menu_id) if hasattr(i, "command")]
+
+    assert "napari-microclf.annotate" in commands("napari/layers/annotate")
+    assert {f"napari-microclf.{c}" for c in ("all", "train", "predict", "review",
+                                            "label_next")} <= set(
+        commands("napari/layers/classify"))
+    assert set(manifest.categories) == {"Annotation", "Measurement"}
     layers = viewer.open_sample(PLUGIN, "microscopy_classes")
     assert [lyr.name for lyr in layers][-1] == "mixed stack"
     assert viewer.layers["mixed stack"].data.shape == (12, 96, 96)
@@ -107,10 +127,21 @@ def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tm
     assert widget.counts() == {"alive": 0, "dead": 0}
     assert "1 = alive, 2 = dead" in widget.keys_label.text()
 
-    # key 2 on the stack, slice 3 in view
+    # keys off (the default): 1 and 2 keep napari's meaning (pan/zoom and transform mode)
     viewer.layers.selection.active = viewer.layers["stack"]
     viewer.dims.set_current_step(0, 3)
+    assert not widget.keys_active and "turn on" in widget.keys_label.text()
     _press(viewer, qtbot, "2")
+    assert viewer.layers["stack"].mode == "transform"
+    assert widget.counts() == {"alive": 0, "dead": 0}
+    _press(viewer, qtbot, "1")
+    assert viewer.layers["stack"].mode == "pan_zoom"
+
+    # keys on: key 2 on the stack, slice 3 in view
+    widget.keys_toggle.setChecked(True)
+    assert widget.keys_active and "puts the slice" in widget.keys_label.text()
+    _press(viewer, qtbot, "2")
+    assert viewer.layers["stack"].mode == "pan_zoom"
     files = list((root / "dead").glob("*.tif"))
     assert [f.name.split("_")[1] for f in files] == ["p0003"]
     np.testing.assert_array_equal(tifffile.imread(files[0]), stack[3])
@@ -127,6 +158,13 @@ def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tm
     _press(viewer, qtbot, "1")
     (rgb_file,) = (root / "alive").glob("rgb*.tif")
     assert tifffile.imread(rgb_file).shape == (3, 20, 24)
+
+    # off again: napari's shortcuts are back, on layers added while it was on too
+    late = viewer.add_image(stack, name="late")
+    widget.keys_toggle.setChecked(False)
+    viewer.layers.selection.active = late
+    _press(viewer, qtbot, "2")
+    assert late.mode == "transform" and widget.counts() == {"alive": 1, "dead": 1}
 
     # a multichannel file: both channel layers saved together, with its source path
     viewer.layers.selection.active = viewer.layers["two [C1]"]

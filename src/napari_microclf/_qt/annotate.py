@@ -15,6 +15,7 @@ from pathlib import Path
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -149,8 +150,14 @@ class AnnotateWidget(QWidget):
         form.addRow(self.layer_info)
         form.addRow(add_row)
         form.addRow(self.undo_btn)
+        self.keys_toggle = QCheckBox("Annotate with keys 1-9")
+        self.keys_toggle.setToolTip(
+            "While on, keys 1-9 put the slice in view into that class, replacing napari's own "
+            "1-9 shortcuts (e.g. an image layer's 1/2 transform/pan modes); off gives them back.")
+        self.keys_toggle.toggled.connect(self.set_keys_active)
         self.keys_label = QLabel()
         self.keys_label.setWordWrap(True)
+        form.addRow(self.keys_toggle)
         form.addRow(self.keys_label)
 
         self.status = QLabel("")
@@ -173,7 +180,9 @@ class AnnotateWidget(QWidget):
         events.inserted.connect(self._bind_layer_keys)
         self.viewer.layers.selection.events.active.connect(self._follow_active)
         self.viewer.dims.events.current_step.connect(self._update_layer_info)
-        self._bind_keys()
+        self._keys_active = False
+        viewer = self.viewer
+        self.destroyed.connect(lambda *_: _unbind_keys(viewer))
         self._refresh_layers()
         self.refresh()
         connect_widget(SESSION.dataset_edited, self, "_dataset_edited")
@@ -225,10 +234,7 @@ class AnnotateWidget(QWidget):
         total = sum(counts.values())
         where = "" if self.root.is_dir() else " (the folder is created when you add a class)"
         self.table.setToolTip(f"{total} images in {len(counts)} classes in {self.root}{where}")
-        mapping = ", ".join(f"{KEYS[i]} = {c}" for i, c in enumerate(list(counts)[:9]))
-        self.keys_label.setText(
-            "Keys: " + (mapping + " puts the slice in view of the selected image layer into "
-                        "that class." if mapping else "add classes to use keys 1-9."))
+        self._update_keys_label(counts)
         self._shown = _key(self.root)
         history = self.history
         self.undo_btn.setEnabled(bool(history))
@@ -238,6 +244,19 @@ class AnnotateWidget(QWidget):
             "Nothing added to this dataset yet. Undo acts on the dataset shown only, never "
             "on another dataset folder you added examples to.")
         SESSION.set_dataset(self.root)
+
+    def _update_keys_label(self, counts: dict | None = None) -> None:
+        names = list(counts if counts is not None else ds.class_counts(self.root))
+        mapping = ", ".join(f"{KEYS[i]} = {c}" for i, c in enumerate(names[:9]))
+        if not mapping:
+            text = "Keys: add classes to use keys 1-9."
+        elif self._keys_active:
+            text = (f"Keys: {mapping} puts the slice in view of the selected image layer into "
+                    "that class.")
+        else:
+            text = (f"Keys {mapping}: turn on 'Annotate with keys' to use them (off, 1-9 keep "
+                    "napari's own shortcuts).")
+        self.keys_label.setText(text)
 
     def _dataset_edited(self, path: str) -> None:
         if _key(Path(path)) == _key(self.root):
@@ -563,26 +582,30 @@ class AnnotateWidget(QWidget):
         handler.__doc__ = f"Annotate: put the slice in view into class {number}"
         return handler
 
-    def _bind_keys(self) -> None:
-        # The viewer's keymap answers when no image layer is active; an active image layer's
-        # own keymap comes first (it binds 1 and 2 to its modes), so each image layer gets
-        # the same bindings.
-        for i, key in enumerate(KEYS, 1):
-            self.viewer.bind_key(key, self._make_handler(i), overwrite=True)
-        for layer in _layers.image_layers(self.viewer):
-            self._bind_layer(layer)
-        viewer = self.viewer
+    @property
+    def keys_active(self) -> bool:
+        return self._keys_active
 
-        def unbind():  # no reference to self: it runs when the widget is gone
-            from napari.utils.key_bindings import coerce_keybinding
+    def set_keys_active(self, on: bool) -> None:
+        """Keys 1-9 annotate while ``on``; off, napari's own 1-9 shortcuts are back.
 
-            for owner in [viewer, *_layers.image_layers(viewer)]:
-                for key in KEYS:
-                    func = owner.keymap.get(coerce_keybinding(key))
-                    if getattr(func, "__name__", "").startswith("microclf_assign_class_"):
-                        owner.bind_key(key, None)
-
-        self.destroyed.connect(lambda *_: unbind())
+        The viewer's keymap answers when no image layer is active; an active image layer's
+        own keymap comes first (it binds 1 and 2 to its modes), so each image layer gets the
+        same bindings, and unbinding ours lets the layer's class keymap answer again.
+        """
+        on = bool(on)
+        if self.keys_toggle.isChecked() != on:
+            self.keys_toggle.setChecked(on)  # comes back here through ``toggled``
+            return
+        self._keys_active = on
+        if on:
+            for i, key in enumerate(KEYS, 1):
+                self.viewer.bind_key(key, self._make_handler(i), overwrite=True)
+            for layer in _layers.image_layers(self.viewer):
+                self._bind_layer(layer)
+        else:
+            _unbind_keys(self.viewer)
+        self._update_keys_label()
 
     def _bind_layer(self, layer) -> None:
         for i, key in enumerate(KEYS, 1):
@@ -591,5 +614,17 @@ class AnnotateWidget(QWidget):
     def _bind_layer_keys(self, event) -> None:
         from napari.layers import Image
 
-        if isinstance(event.value, Image):
+        if self._keys_active and isinstance(event.value, Image):
             self._bind_layer(event.value)
+
+
+def _unbind_keys(viewer) -> None:
+    """Remove the Annotate key bindings from the viewer and its image layers (napari's own
+    bindings answer again). No reference to the widget: it also runs when the widget is gone."""
+    from napari.utils.key_bindings import coerce_keybinding
+
+    for owner in [viewer, *_layers.image_layers(viewer)]:
+        for key in KEYS:
+            func = owner.keymap.get(coerce_keybinding(key))
+            if getattr(func, "__name__", "").startswith("microclf_assign_class_"):
+                owner.bind_key(key, None)

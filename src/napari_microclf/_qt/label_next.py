@@ -140,8 +140,8 @@ class LabelNextWidget(QWidget):
         form.addRow("Show the top", self.top)
         layout = QVBoxLayout(self)
         intro = QLabel("Which pages would teach the model most? Label them with Annotate's "
-                       "keys 1-9 (the 'Label next' layer active; the slider or the list for "
-                       "the next), then Retrain.")
+                       "keys 1-9 ('Annotate with keys' on, the 'Label next' layer active; the "
+                       "slider or the list for the next), then Retrain.")
         intro.setWordWrap(True)
         layout.addWidget(intro)
         layout.addLayout(form)

@@ -367,6 +367,11 @@ def review_dock(viewer) -> ReviewWidget | None:
         if isinstance(inner, ReviewWidget):
             inner.parent().show()  # the dock around it, if the user closed it
             return inner
+        review = getattr(inner, "review", None)  # the tabbed "Microscopy Classifier" dock
+        if isinstance(review, ReviewWidget):
+            inner.parent().show()
+            inner.setCurrentWidget(review)
+            return review
     review = ReviewWidget(viewer)
     window.add_dock_widget(review, name="Review errors", area="right")
     return review
