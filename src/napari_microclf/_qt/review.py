@@ -213,9 +213,9 @@ class ReviewWidget(QWidget):
                 "review": {"true": true, "predicted": predicted, "data": str(self.data_dir),
                            "pages": self.entries}}
         rgb = stack.data.ndim == 4
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(self.points_name(name))
-            self.viewer.layers.remove(name)
+        for old in (self.points_name(name), name):  # a cell opened again: its fresh pages
+            if old in self.viewer.layers:
+                self.viewer.layers.remove(old)
         layer = self.viewer.add_image(stack.data, name=name, rgb=rgb, contrast_limits=(0, 1))
         layer.metadata["microclf"] = meta
         coords = np.array([[i, 0, 0] for i in range(len(self.entries))], float)
