@@ -145,3 +145,20 @@ def test_macos_and_windows_need_nothing(fake, system):
     _stub(bin_, "uname", f"echo {system}")
     r, _ = run()
     assert r.returncode == 0 and "Xvfb is Linux-only" in r.stdout and "native display" in r.stdout
+
+
+def test_package_metadata_as_the_hub_reads_it():
+    """One version (the package's ``__version__``), an SPDX license with its file, and the
+    classifiers the napari hub filters on."""
+    from importlib.metadata import distribution
+
+    import napari_microclf
+
+    meta = distribution("napari-microclf").metadata
+    assert meta["Version"] == napari_microclf.__version__
+    assert meta["License-Expression"] == "BSD-3-Clause"
+    assert "LICENSE" in (meta.get_all("License-File") or [])
+    classifiers = set(meta.get_all("Classifier"))
+    assert {"Framework :: napari", "Operating System :: OS Independent"} <= classifiers
+    assert any(c.startswith("Development Status ::") for c in classifiers)
+    assert not any(c.startswith("License ::") for c in classifiers)  # the SPDX field says it

@@ -40,3 +40,6 @@ def ensure_tensorflow() -> None:
     finally:
         if deepbind:
             sys.setdlopenflags(old)
+    from ..core.device import configure_gpus
+
+    configure_gpus()  # before anything touches a GPU: napari's canvas keeps its share

@@ -280,6 +280,12 @@ class TrainWidget(QWidget):
         # what "auto" (or the chosen weights) starts from on this computer
         self.note = QLabel()
         self.note.setWordWrap(True)
+        from ..core.device import describe_device
+
+        self.device = QLabel(f"Runs on: {describe_device()}")
+        self.device.setToolTip("The device TensorFlow trains on. With a GPU, TensorFlow "
+                               "takes the memory it needs as it goes (memory growth), not "
+                               "the whole card.")
         self.suggest_btn = QPushButton("Suggest settings")
         self.suggest_btn.setToolTip(
             "Count the dataset's images and fill in the training guide's settings for its "
@@ -352,6 +358,7 @@ class TrainWidget(QWidget):
         layout = QVBoxLayout(inner)
         layout.addLayout(folders)
         layout.addWidget(self.note)
+        layout.addWidget(self.device)
         buttons = QHBoxLayout()
         buttons.addWidget(self.suggest_btn)
         buttons.addWidget(self.start_btn, 1)

@@ -498,6 +498,9 @@ def train(
         emit(Message(note))
     for warning in checked.warnings:
         emit(Message(warning, "warning"))
+    from .device import configure_gpus
+
+    configure_gpus()  # memory growth on: TensorFlow takes what it uses, not the whole card
     if n_stale := remove_stale_temporaries(config.data_dir):
         emit(Message(f"Removed {n_stale} half-written cache file(s) left by an interrupted run."))
     resolved = resolve_weights(config.backbone, config.weights)

@@ -1,0 +1,48 @@
+"""The device TensorFlow uses: memory growth on for every GPU, and the line the Train widget
+shows (GPUs faked here: this machine has none)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from napari_microclf.core import device
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    import tensorflow as tf
+
+    gpus = [SimpleNamespace(name="/physical_device:GPU:0"),
+            SimpleNamespace(name="/physical_device:GPU:1")]
+    grown = []
+    monkeypatch.setattr(device, "_gpus", lambda: gpus)
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
+                        lambda gpu, on: grown.append((gpu.name, on)))
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda gpu: {"device_name": "NVIDIA H200"})
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    return gpus, grown
+
+
+def test_every_gpu_gets_memory_growth_and_is_named(fake_gpus):
+    gpus, grown = fake_gpus
+    assert device.configure_gpus() == 2
+    assert grown == [(g.name, True) for g in gpus]
+    assert device.describe_device() == "GPU: NVIDIA H200 (and 1 more), memory growth on"
+
+
+def test_an_explicit_no_growth_setting_is_kept(fake_gpus, monkeypatch):
+    _, grown = fake_gpus
+    monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", "false")
+    device.configure_gpus()
+    assert grown == []
+
+
+def test_this_cpu_machine_says_cpu(make_napari_viewer):
+    from napari_microclf._qt.train import TrainWidget
+
+    assert device.describe_device().startswith("CPU")
+    widget = TrainWidget(make_napari_viewer())
+    assert widget.device.text() == f"Runs on: {device.describe_device()}"
