@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MicroclfError, OutputError
-from .images import ImageReadError, PreprocessSpec, preprocess
+from .images import ImageReadError, PreprocessSpec, array_pages, preprocess
 from .model import Bundle, base_layer, load_bundle
 from .predict import check_page, one_line
 
@@ -260,22 +260,9 @@ def gradcam(bundle, image_or_page, class_index=None, page_axis: int | None = Non
         return np.stack([e.heatmap for e in explain_file(explainer, image_or_page,
                                                          class_index)])
     array = np.asarray(image_or_page)
-    if page_axis is None:
-        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= 4)):
-            raise ImageReadError(
-                f"an array of shape {array.shape} is not one image ((Y, X) or (Y, X, C) with "
-                "C <= 4); for a stack of pages say which axis enumerates them, e.g. "
-                "page_axis=0")
+    stack = array_pages(array, page_axis)
+    if stack is None:
         return explainer.explain(array, class_index).heatmap
-    try:
-        stack = np.moveaxis(array, page_axis, 0)
-    except ValueError as exc:  # numpy's AxisError
-        raise ImageReadError(f"page_axis={page_axis} does not exist in an array of shape "
-                             f"{array.shape}") from exc
-    if stack.ndim not in (3, 4):
-        raise ImageReadError(f"a stack of shape {array.shape} with page_axis={page_axis} has "
-                             f"pages of shape {stack.shape[1:]}; each page must be (Y, X) or "
-                             "(Y, X, C)")
     return np.stack([e.heatmap for e in explainer.explain_pages(enumerate(stack),
                                                                  class_index)])
 

@@ -404,6 +404,29 @@ def read_page(path: str | Path, index: int = 0) -> np.ndarray:
         return f.page(index)
 
 
+def array_pages(array: np.ndarray, page_axis: int | None) -> np.ndarray | None:
+    """The pages of an in-memory ``array``: None when it is one image (``page_axis`` None),
+    else the array with its pages along axis 0. A shape that is neither raises an
+    :class:`ImageReadError` that says how to call it."""
+    if page_axis is None:
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= 4)):
+            raise ImageReadError(
+                f"an array of shape {array.shape} is not one image ((Y, X) or (Y, X, C) "
+                "with C <= 4); for a stack of pages say which axis enumerates them, "
+                "e.g. page_axis=0")
+        return None
+    try:
+        stack = np.moveaxis(array, page_axis, 0)
+    except ValueError as exc:  # numpy's AxisError
+        raise ImageReadError(f"page_axis={page_axis} does not exist in an array of shape "
+                             f"{array.shape}") from exc
+    if stack.ndim not in (3, 4):
+        raise ImageReadError(
+            f"a stack of shape {array.shape} with page_axis={page_axis} has pages of shape "
+            f"{stack.shape[1:]}; each page must be (Y, X) or (Y, X, C)")
+    return stack
+
+
 def count_pages(path: str | Path) -> int:
     """Pages in ``path``, from its header (:func:`read_header`; no pixel data decoded)."""
     return read_header(path)[0].n_pages

@@ -30,6 +30,7 @@ from .errors import MicroclfError, OutputError
 from .images import (
     IMAGE_SUFFIXES,
     ImageReadError,
+    array_pages,
     is_image_file,
     open_image,
     preprocess,
@@ -384,22 +385,9 @@ class Predictor:
         array = np.asarray(array)
         if pages and page_axis is None:
             page_axis = 0
-        if page_axis is None:
-            if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] <= 4)):
-                raise ImageReadError(
-                    f"an array of shape {array.shape} is not one image ((Y, X) or (Y, X, C) "
-                    "with C <= 4); for a stack of pages say which axis enumerates them, "
-                    "e.g. page_axis=0")
+        stack = array_pages(array, page_axis)
+        if stack is None:
             return list(self.predict_pages([(None, 0, array)], tta=tta))
-        try:
-            stack = np.moveaxis(array, page_axis, 0)
-        except ValueError as exc:  # numpy's AxisError
-            raise ImageReadError(f"page_axis={page_axis} does not exist in an array of shape "
-                                 f"{array.shape}") from exc
-        if stack.ndim not in (3, 4):
-            raise ImageReadError(
-                f"a stack of shape {array.shape} with page_axis={page_axis} has pages of shape "
-                f"{stack.shape[1:]}; each page must be (Y, X) or (Y, X, C)")
         return list(self.predict_pages(((None, i, a) for i, a in enumerate(stack)), tta=tta))
 
     def predict_file(self, path: str | Path, should_stop=None, *, tta: bool = False
