@@ -101,6 +101,15 @@ def page_index(layer, page: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(page, shape)) if shape else ()
 
 
+def show_page(viewer, layer, page: int) -> None:
+    """Move the dims sliders to page ``page`` (C order) of ``layer``, through its transforms."""
+    index = page_index(layer, page)
+    world = layer.data_to_world([*index, 0, 0])
+    offset = viewer.dims.ndim - len(world)
+    for axis, value in enumerate(world[: len(index)]):
+        viewer.dims.set_point(axis + offset, value)
+
+
 @dataclass(frozen=True)
 class PageSource:
     """A snapshot of what is needed to read pages, safe to hand to a worker thread.

@@ -297,19 +297,13 @@ class LabelNextWidget(QWidget):
     def go_to(self, row: int) -> None:
         if not 0 <= row < len(self.candidates):
             return
-        if self.mode == FOLDER:
-            layer = self.viewer.layers[LAYER] if LAYER in self.viewer.layers else None
-            index = (row,)
-        else:
-            c = self.candidates[row]
-            layer = self.viewer.layers[c.file] if c.file in self.viewer.layers else None
-            index = _layers.page_index(layer, c.page) if layer is not None else ()
-        if layer is None:
+        # folder: row ``row`` of the Label next stack; open layers: the page in its own layer
+        name, page = ((LAYER, row) if self.mode == FOLDER
+                      else (self.candidates[row].file, self.candidates[row].page))
+        if name not in self.viewer.layers:
             return
-        world = layer.data_to_world([*index, 0, 0])
-        offset = self.viewer.dims.ndim - len(world)
-        for axis, value in enumerate(world[: len(index)]):
-            self.viewer.dims.set_point(axis + offset, value)
+        layer = self.viewer.layers[name]
+        _layers.show_page(self.viewer, layer, page)
         self.viewer.layers.selection.active = layer
 
     # -- retrain -------------------------------------------------------------------------

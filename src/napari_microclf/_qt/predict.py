@@ -833,11 +833,7 @@ class PredictWidget(QWidget):
         """Move the dims sliders to page ``page`` of layer ``name`` and make it active."""
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
-            index = _layers.page_index(layer, page)
-            world = layer.data_to_world([*index, 0, 0])
-            offset = self.viewer.dims.ndim - len(world)
-            for axis, value in enumerate(world[: len(index)]):
-                self.viewer.dims.set_point(axis + offset, value)
+            _layers.show_page(self.viewer, layer, page)
             self.viewer.layers.selection.active = layer
 
     def in_view_text(self) -> str:

@@ -273,9 +273,7 @@ class ReviewWidget(QWidget):
         layer = self.layer()
         if layer is None or not 0 <= row < len(self.entries):
             return
-        world = layer.data_to_world([row, 0, 0])
-        offset = self.viewer.dims.ndim - len(world)
-        self.viewer.dims.set_point(offset, world[0])
+        _layers.show_page(self.viewer, layer, row)
 
     def _show_row(self, row: int) -> None:
         self._go_to(row)
