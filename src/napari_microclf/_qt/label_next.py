@@ -10,6 +10,7 @@ layers are ranked the same way and the list steps through them in their own laye
 from __future__ import annotations
 
 import threading
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +65,7 @@ def _rank_layers(bundle: str, sources: list, n: int, method: str, order: str):
     for src in sources:
         items = ((src.name, p, src.page(p)) for p in range(src.n_pages))
         preds.extend(predictor.predict_pages(items))
-    if not preds:
-        return [], None
-    names = predictor.class_names
-    probs = np.array([[p.probabilities[c] for c in names] for p in preds])
-    u = active.uncertainty(probs, method)
-    order_ = active.rank(probs, [p.unfamiliar for p in preds], method, order)
-    cands = [active.Candidate(preds[i].file, preds[i].page, preds[i].class_name,
-                              preds[i].confidence, float(u[i]), preds[i].unfamiliar,
-                              preds[i].probabilities) for i in order_[:n]]
+    cands = list(islice(active.ranked(preds, predictor.class_names, method, order), n))
     return cands, None
 
 

@@ -13,7 +13,7 @@ seconds) and scores the old and the new model on the same test list: the old mod
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,20 @@ class Candidate:
         return dataclasses.asdict(self)
 
 
+def ranked(preds: Sequence, class_names: Sequence[str], method: str = "margin",
+           unfamiliar_order: str = "first", keys: Sequence | None = None) -> Iterator[Candidate]:
+    """``PagePrediction``s as :class:`Candidate`s, most worth labelling first (see
+    :func:`rank`), made as they are taken."""
+    if not preds:
+        return
+    probs = np.array([[p.probabilities[c] for c in class_names] for p in preds])
+    u = uncertainty(probs, method)
+    for i in rank(probs, [p.unfamiliar for p in preds], method, unfamiliar_order, keys):
+        p = preds[i]
+        yield Candidate(str(p.file), int(p.page), p.class_name, float(p.confidence),
+                        float(u[i]), bool(p.unfamiliar), dict(p.probabilities))
+
+
 def label_next(bundle, inputs, n: int = 20, method: str = "margin",
                unfamiliar_order: str = "first", dataset: str | Path | None = None,
                should_stop: Callable[[], bool] | None = None) -> list[Candidate]:
@@ -90,21 +104,13 @@ def label_next(bundle, inputs, n: int = 20, method: str = "margin",
              if root is None or root not in Path(p).resolve().parents]
     preds = [p for batch in predictor.classify_paths(paths, should_stop=should_stop)
              for p in batch if hasattr(p, "probabilities")]
-    if not preds:
-        return []
-    names = predictor.class_names
-    probs = np.array([[p.probabilities[c] for c in names] for p in preds])
-    u = uncertainty(probs, method)
-    order = rank(probs, [p.unfamiliar for p in preds], method, unfamiliar_order,
-                 keys=[(p.file, p.page) for p in preds])
     known = hash_index(root) if root is not None and root.is_dir() else {}
     out = []
-    for i in order:
-        p = preds[i]
-        if known and pixel_hash(_example_pixels(read_page(p.file, p.page))) in known:
+    for c in ranked(preds, predictor.class_names, method, unfamiliar_order,
+                    keys=[(p.file, p.page) for p in preds]):
+        if known and pixel_hash(_example_pixels(read_page(c.file, c.page))) in known:
             continue
-        out.append(Candidate(str(p.file), int(p.page), p.class_name, float(p.confidence),
-                             float(u[i]), bool(p.unfamiliar), dict(p.probabilities)))
+        out.append(c)
         if len(out) >= n:
             break
     return out
