@@ -32,10 +32,12 @@ def pause(seconds=0.5):
         QApplication.processEvents()
 
 
-def shot(viewer, name, dock_name):
+def shot(viewer, name, tab):
+    """Save the window with the tabbed dock showing ``tab`` (a widget of it) as docs/NAME.png."""
     window = viewer.window._qt_window
-    dock = next(d for d in window.findChildren(QDockWidget) if d.windowTitle() == dock_name)
-    dock.raise_()
+    tab.parent().parent().setCurrentWidget(tab)  # the QTabWidget's stack, then the tabs
+    dock = next(d for d in window.findChildren(QDockWidget)
+                if d.windowTitle().startswith("Microscopy Classifier"))
     window.resizeDocks([dock], [560], Qt.Horizontal)
     pause(1.0)
     path = DOCS / f"{name}.png"
@@ -55,11 +57,12 @@ def main():
     stack = viewer.layers["mixed stack"]
     labels = stack.metadata["true_classes"]
     names = ann.classes()
+    ann.set_keys_active(True)
     for page in range(4):
         viewer.dims.set_current_step(0, page)
         ann.key_pressed(names.index(labels[page]) + 1)
     viewer.dims.set_current_step(0, 4)
-    shot(viewer, "annotate", "Annotate (napari-microclf)")
+    shot(viewer, "annotate", ann)
     # Train
     tr = w["Train"]
     # the defaults (auto: a pretrained base), fine-tuned in two phases so the curves show
@@ -71,16 +74,16 @@ def main():
     wait(tr.start())
     print(f"training: {time.time() - t0:.0f}s, test accuracy {tr.result.report['accuracy']}")
     tr.tabs.setCurrentWidget(tr.curves)
-    shot(viewer, "train-curves", "Train (napari-microclf)")
+    shot(viewer, "train-curves", tr)
     tr.tabs.setCurrentIndex(3)
-    shot(viewer, "train-report", "Train (napari-microclf)")
+    shot(viewer, "train-report", tr)
     # Predict the mixed stack
     pr = w["Predict"]
     pr.choose(["mixed stack"])
     wait(pr.run())
     viewer.layers.selection.active = stack
     viewer.dims.set_current_step(0, 5)
-    shot(viewer, "predict", "Predict (napari-microclf)")
+    shot(viewer, "predict", pr)
     viewer.close()
 
 

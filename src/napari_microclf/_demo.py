@@ -1,5 +1,5 @@
-"""``python -m napari_microclf._demo``: napari with Annotate, Train and Predict docked and the
-sample data open, ready to train on a sample dataset written to ``./microclf-demo``.
+"""``python -m napari_microclf._demo``: napari with the plugin's tabbed dock (Annotate, Train,
+Predict, Review errors, Label next) and the sample data open, ready to train on a sample dataset written to ``./microclf-demo``.
 
 ``--out FOLDER`` moves the demo folder; ``--screenshots DIR`` (used for the docs) runs a
 short training and prediction, saves a PNG per widget and exits.
@@ -14,7 +14,8 @@ PLUGIN = "napari-microclf"
 
 
 def build(out: Path):
-    """The viewer with the three widgets and the sample data; returns (viewer, widgets)."""
+    """The viewer with the tabbed "Microscopy Classifier" dock and the sample data; returns
+    (viewer, widgets): the tab widget under "Tabs" and each tab's widget under its name."""
     import napari
 
     from .core.sample import write_sample
@@ -22,9 +23,8 @@ def build(out: Path):
     info = write_sample(out, n_per_class=150, size=96, seed=0)
     viewer = napari.Viewer(title="napari-microclf demo")
     viewer.open_sample(PLUGIN, "microscopy_classes")
-    _, annotate = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
-    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train", tabify=True)
-    _, predict = viewer.window.add_plugin_dock_widget(PLUGIN, "Predict", tabify=True)
+    _, tabs = viewer.window.add_plugin_dock_widget(PLUGIN, "Microscopy Classifier")
+    annotate, train, predict = tabs.annotate, tabs.train, tabs.predict
     annotate.set_dataset(info["dataset"])
     # the guide's defaults: weights "auto" (ImageNet EfficientNet-B0 when Keras has it, else
     # the installed ImageNet EfficientNet-Lite0), a frozen base, 224 px; the widget's note
@@ -34,7 +34,8 @@ def build(out: Path):
         predict.set_bundle(out / "model")
     predict.choose(["mixed stack"])
     viewer.layers.selection.active = viewer.layers["mixed stack"]
-    return viewer, {"Annotate": annotate, "Train": train, "Predict": predict}
+    return viewer, {"Tabs": tabs, "Annotate": annotate, "Train": train, "Predict": predict,
+                    "Review errors": tabs.review, "Label next": tabs.label_next}
 
 
 def main(argv=None) -> int:
