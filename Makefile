@@ -39,7 +39,8 @@ test: system-deps $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench docs scripts
+	$(BIN)/ruff format --check src tests bench docs scripts
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

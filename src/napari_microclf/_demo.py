@@ -1,5 +1,6 @@
 """``python -m napari_microclf._demo``: napari with the plugin's tabbed dock (Annotate, Train,
-Predict, Review errors, Label next) and the sample data open, ready to train on a sample dataset written to ``./microclf-demo``.
+Predict, Review errors, Label next) and the sample data open, ready to train on a sample
+dataset written to ``./microclf-demo``.
 
 ``--out FOLDER`` moves the demo folder; ``--screenshots DIR`` (used for the docs) runs a
 short training and prediction, saves a PNG per widget and exits.
