@@ -2,8 +2,8 @@
 Predict, Review errors, Label next) and the sample data open, ready to train on a sample
 dataset written to ``./microclf-demo``.
 
-``--out FOLDER`` moves the demo folder; ``--screenshots DIR`` (used for the docs) runs a
-short training and prediction, saves a PNG per widget and exits.
+``--out FOLDER`` moves the demo folder. ``docs/make_screenshots.py`` builds the same viewer
+for the docs' screenshots.
 """
 
 from __future__ import annotations
