@@ -11,12 +11,14 @@ so an example added from it is the file's own page with the file as its provenan
 Multichannel images arrive as several layers (napari's ``channel_axis``). Layers that the
 plugin's reader made from one file carry ``metadata["microclf"]["channel"]`` and the
 ``open_id`` of that opening; together they form a *channel group* and a page of the group
-is ``(Y, X, C)`` with the channels in file order. Any other layer is used alone (one gray
-or one RGB image per page).
+is ``(Y, X, C)`` with the channels in file order. The channel layers another reader made
+from one file are grouped by napari's ``layer.source`` (see :func:`channel_group`). Any
+other layer is used alone (one gray or one RGB image per page).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,9 +63,16 @@ def channel_group(viewer, layer) -> list:
     twice gives two groups that never mix (layers from before ``open_id`` are matched by
     source path). One layer per channel: ``layer`` for its own, the first in the layer
     list for the others (a duplicated layer copies its metadata).
+
+    Layers another reader opened carry no such metadata; :func:`_opened_together` groups
+    them by napari's ``layer.source``.
     """
     meta = _meta(layer)
-    if "channel" not in meta or layer.rgb:
+    if layer.rgb:
+        return [layer]
+    if not meta:
+        return _opened_together(viewer, layer)
+    if "channel" not in meta:
         return [layer]
 
     def same_image(other) -> bool:
@@ -78,6 +87,63 @@ def channel_group(viewer, layer) -> list:
     for lyr in [layer, *(o for o in image_layers(viewer) if same_image(o))]:
         by_channel.setdefault(_meta(lyr)["channel"], lyr)
     return [by_channel[c] for c in sorted(by_channel)]
+
+
+_DEDUPED = re.compile(r" \[\d+\]$")  # napari's suffix for a name already taken: "C0 [1]"
+
+
+def _opened_together(viewer, layer) -> list:
+    """The channel layers that another reader made, with ``layer``, from one opening of a
+    file, in layer-list order (a reader's channel order); ``[layer]`` when there are none.
+
+    napari gives every layer of a reader's result ``source.path`` and
+    ``source.reader_plugin``, but nothing that tells two openings of one file apart. So the
+    group is taken from the run of image layers, consecutive in the layer list, that share
+    ``layer``'s path, reader and shape, are not RGB and carry no microclf metadata; the run
+    is cut where an opening starts:
+
+    - at each layer whose blending is not additive, when the run has one: napari gives the
+      first channel layer of a ``channel_axis`` result ``translucent_no_depth`` and the
+      others ``additive`` (and a reader's separate layers ``translucent_no_depth`` each);
+    - else (a reader that made every layer additive) at a layer whose name, less napari's
+      `` [n]`` suffix, is already in the group: the second opening's ``C0 [1]`` after the
+      first's ``C0``.
+
+    When in doubt it cuts: a channel left out shows in the widgets' labels, channels of two
+    openings mixed would not. Moving a channel layer away from the others leaves it alone;
+    making the first channel layer of the second opening additive would join two openings.
+    """
+    path, plugin = layer.source.path, layer.source.reader_plugin
+    layers = image_layers(viewer)
+    if not path or not any(lyr is layer for lyr in layers):
+        return [layer]
+
+    def fits(other) -> bool:
+        return other is layer or (
+            not _meta(other) and not other.rgb and other.source.path == path
+            and other.source.reader_plugin == plugin
+            and _data(other).shape == _data(layer).shape)
+
+    at = next(i for i, lyr in enumerate(layers) if lyr is layer)
+    start, stop = at, at + 1
+    while start > 0 and fits(layers[start - 1]):
+        start -= 1
+    while stop < len(layers) and fits(layers[stop]):
+        stop += 1
+    run = layers[start:stop]
+    by_blending = any(lyr.blending != "additive" for lyr in run)
+    group: list = []
+    for lyr in run:
+        if by_blending:
+            starts = lyr.blending != "additive"
+        else:
+            starts = _DEDUPED.sub("", lyr.name) in {_DEDUPED.sub("", g.name) for g in group}
+        if group and starts:
+            if any(g is layer for g in group):
+                break
+            group = []  # an earlier opening ends here
+        group.append(lyr)
+    return group
 
 
 def page_in_view(viewer, layer) -> tuple[int, ...]:

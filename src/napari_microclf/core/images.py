@@ -114,6 +114,12 @@ class ImageInfo:
     n_channels: int
     page_axes: str  # the axes that enumerate pages, e.g. "TZ"; "" for a single image
     channel_axis: str | None  # "C" (planes) or "S" (samples in a plane), None for gray
+    # the physical size of a pixel in µm, (Z, Y, X), None where the file does not say
+    # (OME-XML, ImageJ or resolution tags: see :func:`_tiff_calibration`)
+    pixel_size: tuple[float | None, float | None, float | None] = (None, None, None)
+    # the channels' names in channel order (OME ``Channel Name``, ImageJ labels), "" where
+    # a channel has none; () when the file names none
+    channel_names: tuple[str, ...] = ()
 
     @property
     def page_shape(self) -> tuple[int, int, int]:
@@ -183,10 +189,12 @@ class ImageFile:
             self._array = _memmap_series(self._tif, series)
             if self._array is None:
                 self._array = series.asarray()
-            self._set_layout(axes, shape, str(series.dtype), lead_shape=None)
+            self._set_layout(axes, shape, str(series.dtype), lead_shape=None,
+                             calibration=_tiff_calibration(self._tif, series))
             return
         self._plane_axes = page_axes_in_plane
-        self._set_layout(axes, shape, str(series.dtype), lead_shape=shape[:n_lead])
+        self._set_layout(axes, shape, str(series.dtype), lead_shape=shape[:n_lead],
+                         calibration=_tiff_calibration(self._tif, series))
 
     def _open_other(self) -> None:
         import imageio.v3 as iio
@@ -196,8 +204,8 @@ class ImageFile:
         self._array = arr
         self._set_layout(axes, arr.shape, str(arr.dtype), lead_shape=None)
 
-    def _set_layout(self, axes, shape, dtype, lead_shape) -> None:
-        self.info = _layout(self.path, axes, shape, dtype)
+    def _set_layout(self, axes, shape, dtype, lead_shape, calibration=None) -> None:
+        self.info = _layout(self.path, axes, shape, dtype, calibration)
         self._lead_shape = lead_shape
 
     # -- reading -------------------------------------------------------------------
@@ -281,7 +289,8 @@ def _other_axes(path: Path, shape: tuple) -> str:
     raise ImageReadError(f"{path}: unsupported image shape {tuple(shape)}")
 
 
-def _layout(path: Path, axes: str, shape, dtype: str) -> ImageInfo:
+def _layout(path: Path, axes: str, shape, dtype: str, calibration: dict | None = None
+            ) -> ImageInfo:
     if "Y" not in axes or "X" not in axes:
         raise ImageReadError(f"{path}: no Y/X axes found (axes {axes!r}, shape {shape})")
     chan = [a for a in "CS" if a in axes and shape[axes.index(a)] > 1]
@@ -303,7 +312,20 @@ def _layout(path: Path, axes: str, shape, dtype: str) -> ImageInfo:
         n_channels=int(n_channels),
         page_axes=page_axes,
         channel_axis=channel_axis,
+        **_fit_calibration(calibration or {}, int(n_channels)),
     )
+
+
+def _fit_calibration(calibration: dict, n_channels: int) -> dict:
+    """The ImageInfo fields of ``calibration``; channel names only when there is one per
+    channel and at least one is not empty."""
+    out = {}
+    if any(v is not None for v in calibration.get("pixel_size", ())):
+        out["pixel_size"] = tuple(calibration["pixel_size"])
+    names = tuple(calibration.get("channel_names", ()))
+    if n_channels > 1 and len(names) == n_channels and any(names):
+        out["channel_names"] = names
+    return out
 
 
 def _tiff_data_end(tif, series) -> int:
@@ -317,6 +339,113 @@ def _tiff_data_end(tif, series) -> int:
         if offsets and counts:
             end = max(end, max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False)))
     return end
+
+
+# micrometres per unit, for the length units OME-XML and ImageJ write (lower case)
+_UM_PER_UNIT = {
+    "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+    "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
+    "pm": 1e-6, "å": 1e-4, "angstrom": 1e-4, "in": 25400.0, "inch": 25400.0,
+}
+_RESUNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit: centimeter, millimeter, µm
+
+
+def _um_per(unit) -> float | None:
+    """Micrometres in one ``unit`` ("micron", "\\u00B5m", "nm", ...), None if not a length."""
+    if not isinstance(unit, str):
+        return None
+    text = unit.strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ").replace("\u03bc", "µ")
+    return _UM_PER_UNIT.get(text.lower())
+
+
+def _size_um(value, unit) -> float | None:
+    """``value`` in ``unit`` as µm, None unless a positive, finite length."""
+    factor = _um_per(unit)
+    try:
+        size = float(value) * factor if factor is not None and value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return size if size is not None and math.isfinite(size) and size > 0 else None
+
+
+def _per_pixel(tag, unit_factor: float | None) -> float | None:
+    """A pixel's size in µm from an X/YResolution tag (pixels per unit, a rational)."""
+    if tag is None or unit_factor is None:
+        return None
+    value = tag.value
+    num, den = value if isinstance(value, tuple) else (value, 1)
+    try:
+        return _size_um(float(den) / float(num) * unit_factor, "µm")
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _tiff_calibration(tif, series) -> dict:
+    """Pixel size (Z, Y, X) in µm and channel names, from the header of ``tif``.
+
+    In order: OME-XML (``Pixels`` ``PhysicalSizeX/Y/Z`` with their units, µm when unnamed;
+    ``Channel`` ``Name``); ImageJ's description (``unit``, ``yunit``, ``zunit``; X and Y
+    from the resolution tags, Z from ``spacing``; channel names from the ``Labels`` when
+    the planes of each channel share one label); else the resolution tags of a plain TIFF
+    in centimetres, millimetres or micrometres (never inches: that is a photo's dpi). A unit
+    that is not a length, or a value that cannot be read, leaves that size out: the pixel
+    size is a help, never a reason to refuse a file.
+    """
+    page = series.keyframe
+    tags = page.tags
+    if tif.is_ome:
+        return _ome_calibration(tif.ome_metadata)
+    if tif.is_imagej:
+        meta = tif.imagej_metadata or {}
+        unit = meta.get("unit")
+        x = _per_pixel(tags.get("XResolution"), _um_per(unit))
+        y = _per_pixel(tags.get("YResolution"), _um_per(meta.get("yunit", unit)))
+        z = _size_um(meta.get("spacing"), meta.get("zunit", unit)) if "Z" in series.axes \
+            else None
+        return {"pixel_size": (z, y, x), "channel_names": _imagej_channel_names(series, meta)}
+    factor = _RESUNIT_UM.get(int(getattr(page, "resolutionunit", 1) or 1))
+    return {"pixel_size": (None, _per_pixel(tags.get("YResolution"), factor),
+                           _per_pixel(tags.get("XResolution"), factor))}
+
+
+def _ome_calibration(xml: str | None) -> dict:
+    """Pixel size in µm and channel names of the first ``Image`` of an OME-XML text."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml or "")
+    except ET.ParseError:
+        return {}
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return {}
+    size = {a: _size_um(pixels.get(f"PhysicalSize{a}"), pixels.get(f"PhysicalSize{a}Unit", "µm"))
+            for a in "ZYX"}
+    names = tuple(el.get("Name") or "" for el in pixels
+                  if el.tag.rsplit("}", 1)[-1] == "Channel")
+    return {"pixel_size": (size["Z"], size["Y"] or size["X"], size["X"] or size["Y"]),
+            "channel_names": names}
+
+
+def _imagej_channel_names(series, meta: dict) -> tuple[str, ...]:
+    """ImageJ's slice labels as channel names, when every plane of a channel has the same
+    one (Bio-Formats and Fiji name channels this way); per-slice labels are not names."""
+    labels = meta.get("Labels")
+    axes = series.axes
+    if not isinstance(labels, (list, tuple)) or "C" not in axes:
+        return ()
+    lead = tuple(series.shape[: axes.index("Y")])
+    lead_axes = axes[: axes.index("Y")]
+    n = series.shape[axes.index("C")]
+    if len(labels) == n:
+        return tuple(str(v) for v in labels)
+    if len(labels) != math.prod(lead):
+        return ()
+    by_channel = np.moveaxis(np.asarray(labels, dtype=object).reshape(lead),
+                             lead_axes.index("C"), 0).reshape(n, -1)
+    if any(len(set(row)) != 1 for row in by_channel):
+        return ()
+    return tuple(str(row[0]) for row in by_channel)
 
 
 _MODE_LAYOUT: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -361,7 +490,8 @@ def read_header(path: str | Path) -> tuple[ImageInfo, list[str]]:
 
                 with tifffile.TiffFile(path) as tif:
                     series = tif.series[0]
-                    info = _layout(path, series.axes, tuple(series.shape), str(series.dtype))
+                    info = _layout(path, series.axes, tuple(series.shape), str(series.dtype),
+                                   _tiff_calibration(tif, series))
                     end = _tiff_data_end(tif, series)
                 if end > size:
                     raise ImageReadError(f"{path}: truncated (its pixel data should end at byte "
