@@ -22,22 +22,32 @@ stays when a retraining replaces the bundle's own files; the bundle they replace
 ``previous/`` (:func:`restore_previous` brings it back). The swap is journalled, so a run
 killed half way is completed by the next command (:func:`repair_model_folder`). TensorFlow
 and Keras are imported inside functions only.
+
+A bundle also travels as one ``.zip`` (:func:`zip_bundle`); :func:`read_meta`,
+:func:`load_bundle` and everything built on them (predict, evaluate) take the zip as they
+take the folder: it is extracted once into a cache folder named by its SHA-256
+(:func:`resolve_bundle_path`). A ``model.keras`` that the installed Keras cannot read (one
+saved by another Keras version) is rebuilt from ``microclf.json`` and its weights loaded,
+with a :class:`BundleVersionWarning`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError, WeightsError
+from .errors import BundleError, OutputError, WeightsError
 from .images import PreprocessSpec
 
 MODEL_FILE = "model.keras"
@@ -357,9 +367,10 @@ def build_head(model, n_features: int):
 
 @dataclass
 class Bundle:
-    path: Path
+    path: Path  # the bundle's folder (for a zip: the folder it was extracted into)
     model: object
     meta: dict
+    source: Path | None = None  # the .zip it was opened from, if any
 
     @property
     def class_names(self) -> list[str]:
@@ -602,6 +613,9 @@ def restore_previous(out: str | Path) -> dict:
     out = Path(out).expanduser().resolve()
     if out.is_file() and out.name in (MODEL_FILE, META_FILE):
         out = out.parent
+    if is_zipped_bundle(out) and out.is_file():
+        raise BundleError(f"{out} is a zipped model: it keeps no previous model; restore in "
+                          "the model folder it was made from")
     repair_model_folder(out)
     if not out.is_dir():
         raise BundleError(f"model folder {out} does not exist; nothing to restore")
@@ -652,8 +666,19 @@ def _json_default(o):
 
 
 def read_meta(path: str | Path) -> dict:
-    """Read and check ``microclf.json`` of a bundle folder."""
-    path = Path(path).expanduser()
+    """Read and check ``microclf.json`` of a bundle folder (or of a zipped bundle)."""
+    source = Path(path).expanduser()
+    if not is_zipped_bundle(source):
+        return _read_meta(source)
+    folder = resolve_bundle_path(source)
+    try:
+        return _read_meta(folder)
+    except BundleError as exc:  # name the zip, not the cache folder it was extracted into
+        raise BundleError(str(exc).replace(str(folder / META_FILE), f"{META_FILE} in {source}")
+                          .replace(str(folder), str(source))) from exc
+
+
+def _read_meta(path: Path) -> dict:
     if path.is_file() and path.name in (MODEL_FILE, META_FILE):
         path = path.parent
     repair_model_folder(path)
@@ -745,22 +770,32 @@ def check_split_schema(data, path: str | Path) -> dict[str, list[dict]]:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle with Keras' safe mode and check that model and metadata agree."""
+    """Load a bundle (a folder or a zipped bundle) with Keras' safe mode and check that model
+    and metadata agree.
+
+    A ``model.keras`` the installed Keras cannot deserialise (saved by another Keras
+    version) is rebuilt from ``microclf.json`` (backbone, image size, classes, head) and its
+    weights are loaded from the archive, with a :class:`BundleVersionWarning` naming both
+    versions; when that fails too, a BundleError says what to do.
+    """
     import keras
 
-    meta = read_meta(path)
-    folder = Path(path).expanduser()
+    source = Path(path).expanduser()
+    zipped = is_zipped_bundle(source)
+    meta = read_meta(source)
+    folder = resolve_bundle_path(source)
     folder = folder.parent if folder.is_file() else folder
     model_path = folder / MODEL_FILE
+    shown = f"{model_path.name} in {source}" if zipped else str(model_path)
     if not model_path.exists():
-        raise BundleError(f"{folder} has no {MODEL_FILE}; retrain the model")
+        raise BundleError(f"{source if zipped else folder} has no {MODEL_FILE}; retrain the "
+                          "model")
+
     def unreadable(reason: str) -> BundleError:
         what = ("restore the previous model (microclf restore "
                 f"{folder.resolve()}, or Restore previous in the Predict widget) or retrain it"
                 if has_previous(folder) else "retrain the model")
-        return BundleError(f"{model_path} is corrupt or unreadable ({reason}); {what}")
-
-    import zipfile
+        return BundleError(f"{shown} is corrupt or unreadable ({reason}); {what}")
 
     try:
         whole = zipfile.is_zipfile(model_path)
@@ -771,20 +806,280 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise unreadable(f"{type(exc).__name__}: {text}") from exc
+        reason = _one_line(exc)
+        try:
+            model = rebuild_model(meta, model_path)
+        except Exception as exc2:
+            raise unreadable(f"{reason}; rebuilding it from {META_FILE} failed too: "
+                             f"{_one_line(exc2)}") from exc
+        warnings.warn(BundleVersionWarning(_version_note(meta, shown, reason)), stacklevel=2)
+    else:
+        newer = _newer_keras(meta)
+        if newer:
+            warnings.warn(BundleVersionWarning(
+                f"{shown} was saved by Keras {newer[0]} (napari-microclf {newer[2]}), newer "
+                f"than the installed Keras {newer[1]} (napari-microclf {newer[3]}); it loaded, "
+                "but if its predictions look wrong, upgrade (pip install -U keras "
+                "napari-microclf)"), stacklevel=2)
     n_out = int(model.output_shape[-1])
     if n_out != len(meta["class_names"]):
         raise BundleError(
-            f"{model_path} predicts {n_out} classes but {META_FILE} lists "
+            f"{shown} predicts {n_out} classes but {META_FILE} lists "
             f"{len(meta['class_names'])} ({meta['class_names']}); the files do not belong "
             "together: retrain or restore the model folder"
         )
     size = PreprocessSpec.from_dict(meta["preprocessing"]).image_size
     if tuple(model.input_shape[1:]) != (size, size, 3):
-        raise BundleError(f"{model_path} takes input {model.input_shape[1:]} but {META_FILE} "
+        raise BundleError(f"{shown} takes input {model.input_shape[1:]} but {META_FILE} "
                           f"says {size}x{size}x3; retrain or restore the model folder")
-    return Bundle(folder.resolve(), model, meta)
+    return Bundle(folder.resolve(), model, meta, source.resolve() if zipped else None)
+
+
+class BundleVersionWarning(UserWarning):
+    """A bundle made by another Keras (or microclf) version: it was loaded, but say so."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _recorded_and_installed(meta: dict) -> tuple[str, str, str, str]:
+    """(recorded Keras, installed Keras, recorded microclf, installed microclf)."""
+    import keras
+
+    from .. import __version__
+
+    recorded = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
+    return (str(recorded.get("keras") or "unknown"), str(keras.__version__),
+            str(recorded.get("napari_microclf") or "unknown"), str(__version__))
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return None
+
+
+def _newer_keras(meta: dict) -> tuple[str, str, str, str] | None:
+    """The versions when the bundle's recorded Keras major.minor is newer than the installed
+    one (an older one is what Keras promises to read); else None."""
+    versions_ = _recorded_and_installed(meta)
+    recorded, installed = _major_minor(versions_[0]), _major_minor(versions_[1])
+    return versions_ if recorded and installed and recorded > installed else None
+
+
+def _version_note(meta: dict, shown: str, reason: str) -> str:
+    rec_keras, keras_now, rec_mc, mc_now = _recorded_and_installed(meta)
+    return (f"{shown} was saved by Keras {rec_keras} (napari-microclf {rec_mc}); the installed "
+            f"Keras {keras_now} (napari-microclf {mc_now}) could not read its model "
+            f"({reason}). It was rebuilt from {META_FILE} and its weights loaded from the "
+            "archive; check a few predictions, or retrain (or re-save) the model with this "
+            "version to silence this warning")
+
+
+def rebuild_model(meta: dict, model_path: str | Path):
+    """Build the classifier ``meta`` describes (backbone, image size, classes, head and
+    augmentation as trained) and load the weights of the ``.keras`` archive into it.
+
+    For a ``model.keras`` whose architecture the installed Keras cannot deserialise: the
+    weights file inside (``model.weights.h5``) is keyed by the layers' structure, which is
+    microclf's own and does not depend on the Keras version.
+    """
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    size = PreprocessSpec.from_dict(meta["preprocessing"]).image_size
+    fine_tune = meta.get("fine_tune", config.get("fine_tune", 0))
+    model = build_classifier(
+        len(meta["class_names"]), size, weights=None,
+        dropout=float(config.get("dropout", 0.2)),
+        augment=bool(config.get("augment", True)),
+        augment_strength=float(config.get("augment_strength", 0.05)),
+        fine_tune=fine_tune, seed=None,
+        backbone=meta.get("backbone") or config.get("backbone") or B0, warn=False)
+    # Keras reads model.weights.h5 inside the archive. It raises for weights that do not fit;
+    # for a group it cannot find it may only warn and keep fresh weights: that is a failure
+    # here (a model with some random layers must not pass for the trained one).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(str(model_path))
+    partial = [w for w in caught if "freshly-initialized" in str(w.message)
+               or "Skipping" in str(w.message)]
+    if partial:
+        raise ValueError("its weights do not fit the model microclf.json describes ("
+                         + str(partial[0].message).splitlines()[0][:200] + ")")
+    for w in caught:  # anything else is said as it was
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+# -- zipped bundles ------------------------------------------------------------------------
+
+ZIP_SUFFIX = ".zip"
+CACHE_ENV = "MICROCLF_CACHE"  # where zipped bundles are extracted (default: the user cache)
+
+
+def is_zipped_bundle(path: str | Path) -> bool:
+    """Whether ``path`` names a zipped bundle (a ``.zip`` file; it need not exist yet)."""
+    path = Path(path)
+    return path.suffix.lower() == ZIP_SUFFIX and not path.is_dir()
+
+
+def bundle_cache_dir() -> Path:
+    """Where zipped bundles are extracted: ``$MICROCLF_CACHE``, else
+    ``$XDG_CACHE_HOME/napari-microclf/bundles`` (``~/.cache/...``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "napari-microclf" / "bundles"
+
+
+_SHA256: dict[tuple, str] = {}  # (path, size, mtime): digest, so read_meta + load hash once
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if len(_SHA256) > 64:
+            _SHA256.clear()
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def resolve_bundle_path(path: str | Path) -> Path:
+    """The folder to read a bundle from: ``path`` itself, or for a zipped bundle the cache
+    folder it is extracted into (once per content: the folder is named by the zip's
+    SHA-256, so a changed zip is extracted again). A BundleError names a zip that is
+    missing, corrupt or holds no bundle."""
+    path = Path(path).expanduser()
+    if not is_zipped_bundle(path):
+        return path
+    if not path.is_file():
+        raise BundleError(f"zipped model {path} does not exist; pick a model folder or a .zip "
+                          "written by microclf export")
+    try:
+        sha = _sha256(path)
+    except OSError as exc:
+        raise BundleError(f"cannot read zipped model {path} ({exc.strerror or exc}); check "
+                          "the file and its permissions") from exc
+    for root in (bundle_cache_dir(), Path(tempfile.gettempdir()) / "napari-microclf-bundles"):
+        dest = root / sha
+        if (dest / META_FILE).is_file():
+            return dest  # extracted before (the folder appears whole, by one rename)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return _extract_bundle(path, dest)
+        except OSError:
+            continue  # the cache cannot be written: try the temporary folder
+    raise BundleError(f"cannot extract zipped model {path}: neither {bundle_cache_dir()} nor "
+                      f"the temporary folder can be written; set {CACHE_ENV} to a writable "
+                      "folder, or unzip it and pick the folder")
+
+
+def _extract_bundle(zip_path: Path, dest: Path) -> Path:
+    """Extract the bundle in ``zip_path`` (at its top level or in one folder) into ``dest``,
+    atomically: into a temporary folder beside it, then one rename."""
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{zip_path} is not a zipped microclf model ({why}); pick a .zip "
+                           "written by microclf export, or a model folder")
+
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            names = [n for n in zf.namelist() if not n.startswith("__MACOSX/")]
+            if META_FILE in names:
+                prefix = ""
+            else:
+                inner = [n for n in names if n.count("/") == 1 and n.endswith("/" + META_FILE)]
+                if len(inner) != 1:
+                    raise bad(f"no {META_FILE} in it" if not inner else
+                              f"{len(inner)} folders with a {META_FILE}")
+                prefix = inner[0][: -len(META_FILE)]
+            if prefix + MODEL_FILE not in names:
+                raise bad(f"no {MODEL_FILE} beside its {META_FILE}")
+            members = [n for n in names if n.startswith(prefix) and _own_name(n[len(prefix):])]
+            tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.mkdir()
+            try:
+                for name in members:
+                    with zf.open(name) as src, open(tmp / name[len(prefix):], "wb") as out:
+                        shutil.copyfileobj(src, out)
+                try:
+                    os.replace(tmp, dest)
+                except OSError:
+                    if not (dest / META_FILE).is_file():
+                        raise
+                    # another process extracted the same zip first: use its folder
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise bad(f"not a readable zip: {exc}") from exc
+    return dest
+
+
+def zip_bundle(folder: str | Path, out_zip: str | Path) -> Path:
+    """Write the bundle of model folder ``folder`` into one ``.zip`` (atomically); returns it.
+
+    The zip holds the bundle's own files at its top level (``model.keras``,
+    ``microclf.json`` and those ``microclf.json`` lists: ``split.json``, ``report.md``, ...),
+    never ``previous/``, the user's files or locks. :func:`load_bundle`, :func:`read_meta`
+    and predict open it as they open the folder.
+
+    Examples
+    --------
+    >>> zip_bundle("model", "model.zip")  # doctest: +SKIP
+    >>> predict("model.zip", "images/")  # doctest: +SKIP
+    """
+    folder = Path(folder).expanduser()
+    if folder.is_file() and folder.name in (MODEL_FILE, META_FILE):
+        folder = folder.parent
+    out_zip = Path(out_zip).expanduser()
+    if is_zipped_bundle(folder):
+        raise BundleError(f"{folder} is already a zipped model; give the model folder to zip")
+    if out_zip.is_dir():
+        raise OutputError(f"{out_zip} is a folder; give the .zip file to write (e.g. "
+                          f"{out_zip / (folder.resolve().name + ZIP_SUFFIX)})")
+    for _attempt in range(3):
+        read_meta(folder)  # a model folder of a format this version reads, swap completed
+        meta_before = (folder / META_FILE).read_bytes()
+        names = bundle_files(folder)
+        if MODEL_FILE not in names:
+            raise BundleError(f"{folder} has no {MODEL_FILE}; retrain the model")
+        try:
+            out_zip.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{out_zip.name}.", suffix=".tmp",
+                                       dir=out_zip.parent)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out_zip} ({exc.strerror or exc}); choose "
+                              "another destination") from exc
+        try:
+            swapped = False
+            with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+                for name in names:
+                    try:
+                        zf.write(folder / name, arcname=name)
+                    except FileNotFoundError:
+                        swapped = True  # moved away by a swap under way
+                        break
+            # a retraining that swapped the files meanwhile: zip the new bundle instead
+            swapped = swapped or (folder / JOURNAL_FILE).exists() or \
+                (folder / META_FILE).read_bytes() != meta_before
+            if not swapped:
+                os.replace(tmp, out_zip)
+                return out_zip.resolve()
+        except OSError as exc:
+            raise OutputError(f"cannot write {out_zip} ({exc.strerror or exc}); choose "
+                              "another destination (nothing was written)") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise BundleError(f"{folder} kept changing while it was zipped (a training writing into "
+                      "it?); zip it when the training has finished")
 
 
 def versions() -> dict:
