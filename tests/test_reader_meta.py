@@ -14,7 +14,7 @@ from napari.layers._source import layer_source
 from napari_microclf import _reader
 from napari_microclf._qt import _layers
 from napari_microclf._reader import napari_get_reader
-from napari_microclf.core.images import read_header
+from napari_microclf.core.images import open_image, read_header
 
 PLUGIN = "napari-microclf"
 
@@ -114,6 +114,13 @@ def test_damaged_calibration_is_left_out_not_refused(tmp_path):
 def test_the_header_gives_the_calibration_without_pixel_data(tmp_path, monkeypatch):
     path = tmp_path / "cells.ome.tif"
     _ome(path)
+    ij = tmp_path / "ij.tif"
+    tifffile.imwrite(ij, _stack((3, 2, 16, 18)), imagej=True, truncate=True,
+                     resolution=(2.0, 2.0), metadata={"axes": "ZCYX", "unit": "nm"})
+    for p in (path, ij):  # reading for prediction says what the header says
+        with open_image(p) as f:
+            assert f.info == read_header(p)[0], p.name
+    assert read_header(ij)[0].pixel_size == (None, pytest.approx(5e-4), pytest.approx(5e-4))
 
     def no(*args, **kwargs):
         raise AssertionError("pixel data read")
