@@ -129,6 +129,8 @@ def test_a_rebuild_that_fails_too_is_a_clear_error(bundle, tmp_path):
     msg = str(err.value)
     assert "corrupt or unreadable" in msg and "DenseV9" in msg
     assert "rebuilding it from microclf.json failed too" in msg and "retrain" in msg
+    assert f"saved by Keras 9.0.0, this is Keras {keras.__version__}" in msg
+    assert "pip install keras==9.0.0" in msg
     # no weights in the archive
     folder = copy(bundle, tmp_path / "noweights")
     rewrite_archive(folder / m.MODEL_FILE,

@@ -810,8 +810,12 @@ def load_bundle(path: str | Path) -> Bundle:
         try:
             model = rebuild_model(meta, model_path)
         except Exception as exc2:
+            rec_keras, keras_now = _recorded_and_installed(meta)[:2]
+            other = (f" (it was saved by Keras {rec_keras}, this is Keras {keras_now}: "
+                     f"pip install keras=={rec_keras} may read it)"
+                     if rec_keras not in ("unknown", keras_now) else "")
             raise unreadable(f"{reason}; rebuilding it from {META_FILE} failed too: "
-                             f"{_one_line(exc2)}") from exc
+                             f"{_one_line(exc2)}{other}") from exc
         warnings.warn(BundleVersionWarning(_version_note(meta, shown, reason)), stacklevel=2)
     else:
         newer = _newer_keras(meta)
