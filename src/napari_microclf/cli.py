@@ -1,4 +1,4 @@
-"""The ``microclf`` command: train, evaluate, predict, explain, sample, demo.
+"""The ``microclf`` command: train, evaluate, predict, explain, export, sample, demo.
 
 Errors a user can fix (ours, and the environment's: a full disk, a denied permission) exit
 with status 1 and one clear line (a list of bad images below it); anything else is a bug and
@@ -381,6 +381,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _export_checked(args) -> Path:
+    """The export's format and destination, checked before TensorFlow starts."""
+    from .core.export import check_destination, check_format, default_out
+
+    fmt = check_format(args.format)
+    return check_destination(args.out or default_out(args.model, fmt), fmt, args.overwrite)
+
+
+def cmd_export(args) -> int:
+    from .core.export import export_model
+
+    result = export_model(args.model, args.format, args.checked, example=args.example,
+                          authors=args.author, overwrite=args.overwrite)
+    check = ("" if result.max_abs_diff is None else
+             f"; probabilities within {result.max_abs_diff:.1g} of the model's")
+    print(f"Exported {args.model} as {result.format} to {result.path} "
+          f"({result.size_bytes / 1e6:.1f} MB, {result.seconds:.0f} s{check})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microclf", description="Microscopy image classification "
                                 "with EfficientNetB0 transfer learning (napari-microclf).")
@@ -491,6 +511,24 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="the file to write (default: MODEL/report.html)")
     rp.set_defaults(func=cmd_report)
 
+    from .core.export import FORMAT_HELP, FORMATS
+
+    ex = sub.add_parser("export", help="export a model for bioimage.io, TensorFlow, ONNX, or "
+                        "as one zip", description="Export MODEL for use outside microclf: "
+                        + "; ".join(f"{k}: {v}" for k, v in FORMAT_HELP.items())
+                        + ". See docs/export.md.")
+    ex.add_argument("model", help="the model folder")
+    ex.add_argument("--format", required=True, choices=FORMATS)
+    ex.add_argument("--out", help="the file (or SavedModel folder) to write; default: next to "
+                    "the model folder (MODEL-bioimageio.zip, MODEL-savedmodel/, MODEL.onnx, "
+                    "MODEL.zip)")
+    ex.add_argument("--example", help="bioimageio: the image whose first page is the "
+                    "package's test input (default: the first of the model's test images)")
+    ex.add_argument("--author", action="append", help="bioimageio: an author of the package "
+                    "(repeat for more; default: your login name)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.set_defaults(func=cmd_export)
+
     s = sub.add_parser("sample", help="write the synthetic sample dataset and stack")
     s.add_argument("out")
     s.add_argument("--per-class", type=int, default=40)
@@ -557,7 +595,11 @@ def main(argv=None) -> int:
             args.checked = _predict_checked(args)
         elif args.command == "explain":
             args.checked = _explain_checked(args)
-        if args.command not in ("sample", "restore", "report") and not args.debug:
+        elif args.command == "export":
+            args.checked = _export_checked(args)
+        tf_free = ("sample", "restore", "report") + (
+            ("export",) if getattr(args, "format", None) == "zip" else ())
+        if args.command not in tf_free and not args.debug:
             _start_tensorflow_quietly()
         return args.func(args)
     except KeyboardInterrupt:
