@@ -9,11 +9,24 @@ and TensorFlow imported the safe way.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 # Tests never touch the network: weights="auto" does not try to download B0's ImageNet file.
 os.environ["MICROCLF_OFFLINE"] = "1"
+# ... nor the user's remembered widget settings (_qt/_settings.py): before any fixture, a
+# throw-away file for the session; each test gets its own (below).
+os.environ["MICROCLF_SETTINGS"] = str(Path(tempfile.mkdtemp(prefix="microclf-settings-"))
+                                      / "settings.json")
+
+
+@pytest.fixture(autouse=True)
+def _settings_in_tmp(tmp_path, monkeypatch):
+    """Each test's widgets remember their settings in its tmp_path, never in the user's
+    config folder, and start from the defaults."""
+    monkeypatch.setenv("MICROCLF_SETTINGS", str(tmp_path / "microclf-settings.json"))
 
 
 @pytest.hookimpl(trylast=True)

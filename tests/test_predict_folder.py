@@ -369,7 +369,7 @@ def test_classify_folder_in_the_widget_goes_past_a_bad_file(make_napari_viewer, 
     status = widget.status.text()
     assert status.startswith("Classified 9 pages from 5 of 8 files; 4 files could not be read")
     assert status.endswith(f"CSV: {out}")
-    assert widget.bar.value() == widget.bar.maximum()
+    assert widget.pbar.n == widget.pbar.total
     assert any("4 files could not be read" in m for m in _notifications("warning"))
 
 

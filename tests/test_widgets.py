@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import tifffile
+from napari.utils import progress
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt, QTimer
 
@@ -229,7 +230,11 @@ def test_train_runs_to_the_end_and_the_gui_stays_responsive(make_napari_viewer, 
     assert result is not None and not result.stopped
     assert (result.bundle / "model.keras").exists()
     assert widget.state is State.IDLE and widget.start_btn.text() == "Start training"
-    assert widget.epoch_bar.value() == 2
+    # napari's bars are the progress: the epochs and the batches, both closed at the end
+    assert not hasattr(widget, "epoch_bar") and not hasattr(widget, "batch_bar")
+    assert widget.epochs_pbar.n == widget.epochs_pbar.total == 2
+    assert widget.batches_pbar.n == widget.batches_pbar.total > 0
+    assert widget.epochs_pbar not in progress._all_instances
     log = widget.log.toPlainText()
     assert "Class distribution: {0: " in log and "Class weights" in log
     assert "Split: train" in log  # the dataset's split lines
@@ -292,6 +297,40 @@ def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, 
     assert widget.result.stopped and widget.result.epochs_run < 20
     assert not (tmp_path / "model").exists()
     assert widget.state is State.IDLE and "no model was written" in widget.status.text()
+
+
+@pytest.mark.parametrize("bar", ["epochs", "batches"])
+def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
+        make_napari_viewer, qtbot, tiny_dataset, trained_bundle, tmp_path, bar):
+    """napari's bars show in the activity dock, cancelable there: Cancel is the Stop button
+    (cooperative stop), and a stopped training leaves the last good model as it was."""
+    import shutil
+
+    from napari.utils.progress import cancelable_progress
+
+    viewer = make_napari_viewer()
+    out = tmp_path / "model"
+    shutil.copytree(trained_bundle, out)
+    before = (out / "model.keras").read_bytes()
+    widget = TrainWidget(viewer, tiny_dataset, out)
+    _tiny(widget, epochs=20)
+    worker = widget.start()
+    assert isinstance(widget.epochs_pbar, cancelable_progress)
+    assert widget.epochs_pbar in progress._all_instances  # what the activity dock shows
+
+    def cancel_on_first_batch(update):
+        if isinstance(update, BatchEnd) and widget.state is State.RUNNING:
+            assert widget.batches_pbar in progress._all_instances
+            getattr(widget, f"{bar}_pbar").cancel()  # the dock's Cancel button calls this
+            assert widget.state is State.STOPPING
+
+    worker.yielded.connect(cancel_on_first_batch)
+    with qtbot.waitSignal(worker.finished, timeout=240000):
+        pass
+    assert widget.result.stopped and widget.result.epochs_run < 20
+    assert (out / "model.keras").read_bytes() == before  # the last good model stays
+    assert widget.state is State.IDLE and "no model was written" in widget.status.text()
+    assert widget.start_btn.text() == "Start training" and widget.start_btn.isEnabled()
 
 
 @pytest.mark.parametrize("problem", ["no dataset", "one class", "empty class", "unwritable"])
@@ -515,7 +554,62 @@ def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, t
         rows = list(csv.DictReader(f))
     assert [(r["file"].rsplit("/", 1)[-1], r["page"]) for r in rows] == [
         ("a.tif", "0"), ("a.tif", "1"), ("a.tif", "2"), ("b.tif", "0")]
-    assert widget.bar.value() == 4
+    assert widget.pbar.n == widget.pbar.total == 4  # napari's bar, closed
+    assert not hasattr(widget, "bar")
+    assert widget.folder_btn.text() == widget.FOLDER
+
+
+def test_run_and_classify_folder_stop_keep_what_was_done(make_napari_viewer, qtbot,
+                                                         trained_bundle, tmp_path):
+    """Run and Classify folder turn into Stop while they run; Stop (or Cancel in the
+    activity dock) ends them at the next batch, keeps what was done and frees the UI."""
+    viewer = make_napari_viewer()
+    stack, _ = make_sample_stack(n_pages=3, size=32)
+    big = np.concatenate([stack] * 30)  # 90 pages: 3 batches of 32
+    viewer.add_image(big, name="big")
+    widget = PredictWidget(viewer, trained_bundle)
+    widget.choose(["big"])
+    worker = widget.run()
+    assert widget.run_btn.text() == "Stop" and widget.run_btn.isEnabled()
+    assert not widget.folder_btn.isEnabled() and not widget.explain_btn.isEnabled()
+    assert widget.pbar in progress._all_instances
+
+    def stop_on_first(item):
+        if item[0] == "big" and not widget._stop.is_set():
+            widget.run_btn.click()
+
+    worker.yielded.connect(stop_on_first)
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    done = len(widget.results["big"])
+    assert 0 < done < 90
+    assert len(viewer.layers["big classes"].data) == done  # the pages done are on the layer
+    assert widget.status.text().startswith(f"Stopped: classified {done} of 90 page(s)")
+    assert widget.run_btn.text() == "Run" and widget.run_btn.isEnabled()
+    assert widget.folder_btn.isEnabled() and widget.explain_btn.isEnabled()
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"s{i}.tif", big, metadata={"axes": "ZYX"})
+    worker = widget.classify_folder(folder, tmp_path / "out.csv")
+    assert widget.folder_btn.text() == "Stop"
+
+    def cancel_on_first(item):
+        if item[0] == "done" and not widget._stop.is_set():
+            widget.pbar.cancel()  # Cancel in the activity dock
+
+    worker.yielded.connect(cancel_on_first)
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    partial = tmp_path / "out.csv.partial"
+    assert not (tmp_path / "out.csv").exists() and partial.exists()
+    with open(partial) as f:
+        rows = list(csv.DictReader(f))
+    assert 0 < len(rows) < 270
+    text = widget.status.text()
+    assert text.startswith(f"Stopped: {len(rows)} page(s) classified") and str(partial) in text
+    assert widget.folder_btn.text() == widget.FOLDER and widget.worker is None
 
 
 def test_feature_cache_settings_reach_the_config(make_napari_viewer):
@@ -525,3 +619,78 @@ def test_feature_cache_settings_reach_the_config(make_napari_viewer):
     widget.form.views.value = 2
     config = widget.config()
     assert (config.cache, config.views) == (False, 2)
+
+
+# -- theme and remembered settings -------------------------------------------------------
+
+
+def _rgb(colour):
+    from matplotlib.colors import to_hex
+
+    return to_hex(colour)
+
+
+def test_plots_follow_napari_theme(make_napari_viewer):
+    from napari.utils.theme import get_theme
+
+    from napari_microclf._qt.stackplot import StackPlot
+
+    viewer = make_napari_viewer()
+    train = TrainWidget(viewer)
+    predict = PredictWidget(viewer)
+    plot = predict.show_plot()
+    assert isinstance(plot, StackPlot)
+    train.confusion.plot([[3, 1], [0, 4]], ["a", "b"])
+    canvases = (train.curves, train.confusion, plot.canvas)
+    for theme in ("light", "dark", "light"):
+        viewer.theme = theme
+        t = get_theme(theme)
+        bg, text = t.background.as_hex(), t.text.as_hex()
+        for canvas in canvases:
+            fig = canvas.figure
+            assert _rgb(fig.get_facecolor()) == bg, (theme, canvas)
+            ax = fig.axes[0]
+            assert _rgb(ax.get_facecolor()) == bg
+            assert _rgb(ax.title.get_color()) == text
+            assert _rgb(ax.xaxis.get_major_ticks()[0].label1.get_color()) == text
+    # the confusion matrix drawn again keeps its data
+    assert train.confusion.class_names == ["a", "b"] and train.confusion.figure.axes
+
+
+def test_widgets_remember_folders_and_settings(make_napari_viewer, tmp_path):
+    from napari_microclf._qt import _settings
+
+    assert str(_settings.path()).startswith(str(tmp_path))  # never the user's config
+    viewer = make_napari_viewer()
+    AnnotateWidget(viewer, tmp_path / "annotated")  # Train follows it until told otherwise
+    train = TrainWidget(viewer)
+    assert train.data_edit.text() == str((tmp_path / "annotated").resolve())
+    train.set_folders(tmp_path / "ds", tmp_path / "model")
+    train.form.epochs.value = 7
+    train.form.batch_size.value = 4
+    train.form.learning_rate.value = 0.002
+    train.form.backbone.value = train.form.backbone.choices[1]
+    train.form.fine_tune.value = "all"
+    predict = PredictWidget(viewer)
+    predict.bundle_edit.setText(str(tmp_path / "model"))
+    predict.threshold.setValue(0.7)
+    predict.tta.setChecked(True)
+
+    SESSION.last_bundle = SESSION.dataset = None  # a new napari session
+    again = TrainWidget(make_napari_viewer())
+    assert again.data_edit.text() == str(tmp_path / "ds")
+    assert again.out_edit.text() == str(tmp_path / "model")
+    f = again.form
+    assert (f.epochs.value, f.batch_size.value, f.fine_tune.value) == (7, 4, "all")
+    assert f.learning_rate.value == pytest.approx(0.002)
+    assert f.backbone.value == train.form.backbone.value
+    p = PredictWidget(make_napari_viewer())
+    assert p.bundle() == str(tmp_path / "model")
+    assert p.threshold.value() == pytest.approx(0.7) and p.tta.isChecked()
+    SESSION.dataset = None
+    assert AnnotateWidget(make_napari_viewer()).root == (tmp_path / "annotated").resolve()
+    # folders given to a widget (or a model Train just wrote) come first
+    SESSION.last_bundle = str(tmp_path / "new")
+    assert PredictWidget(make_napari_viewer()).bundle() == str(tmp_path / "new")
+    assert TrainWidget(make_napari_viewer(), tmp_path / "x").data_edit.text() == str(
+        tmp_path / "x")

@@ -1,7 +1,12 @@
 """Matplotlib canvases for dock widgets: ``FigureCanvasQTAgg`` + ``Figure`` (no pyplot),
-coloured like napari's dark theme, drawn in the main thread only."""
+drawn in the main thread only, coloured by napari's theme: :meth:`Canvas.follow` reads
+``viewer.theme`` (``napari.utils.theme.get_theme``) and redraws on ``viewer.events.theme``,
+as napari-matplotlib's ``base.py`` does."""
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -9,9 +14,30 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from qtpy.QtCore import Signal
 
-BG, FG, GRID = "#262930", "#d6d6d6", "#414851"
-TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#9fdf6f"
-PHASE = "#b0b0b0"
+TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#6fbf3f"
+
+
+@dataclass(frozen=True)
+class Palette:
+    """A figure's colours: background, text (titles, labels, ticks), grid and spines, and
+    the lines drawn over the data (the fine-tuning marker, the slider)."""
+
+    bg: str = "#262930"
+    fg: str = "#d6d6d6"
+    grid: str = "#414851"
+    mark: str = "#b0b0b0"
+
+
+DARK = Palette()
+
+
+def palette(theme: str) -> Palette:
+    """The colours of napari's theme ``theme`` ("dark", "light", "system" or a custom one)."""
+    from napari.utils.theme import get_theme
+
+    t = get_theme(theme)
+    return Palette(bg=t.background.as_hex(), fg=t.text.as_hex(), grid=t.primary.as_hex(),
+                   mark=t.icon.as_hex())
 
 
 def phase_two_start(history: dict) -> int | None:
@@ -21,19 +47,70 @@ def phase_two_start(history: dict) -> int | None:
 
 
 class Canvas(FigureCanvasQTAgg):
+    """A figure coloured by ``self.palette``; ``plot(*args)`` draws it, and a theme change
+    draws the last plot again in the new colours."""
+
     def __init__(self, width: float = 4.0, height: float = 3.0, dpi: int = 80,
                  layout: str | None = "constrained"):
-        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=BG, layout=layout)
+        self.palette = DARK
+        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=DARK.bg,
+                             layout=layout)
         super().__init__(self.figure)
         self.setMinimumHeight(int(height * dpi * 0.8))
+        self._args: tuple | None = None  # the last plot's arguments (redrawn on a theme)
+        self._followed = None  # a weak reference to the viewer whose theme this follows
+        from napari import current_viewer
+
+        self.follow(current_viewer())  # widgets that know their viewer call follow(viewer)
+
+    def follow(self, viewer) -> None:
+        """Take ``viewer``'s theme now and whenever it changes (until this canvas is gone)."""
+        if viewer is None or not hasattr(viewer, "events"):
+            return
+        if self._followed is not None and self._followed() is viewer:
+            return
+        self._followed = weakref.ref(viewer)
+        self.set_theme(viewer.theme)
+        ref, viewer_ref = weakref.ref(self), self._followed
+        emitter = viewer.events.theme
+
+        def on_theme(event):
+            canvas = ref()
+            try:
+                if canvas is not None and canvas._followed() is viewer_ref():
+                    canvas.objectName()  # raises RuntimeError once Qt deleted the canvas
+                    canvas.set_theme(event.value)
+                    return
+            except RuntimeError:
+                pass
+            emitter.disconnect(on_theme)
+
+        emitter.connect(on_theme)
+
+    def set_theme(self, theme: str) -> None:
+        """Colour the figure by napari's theme ``theme`` and draw the last plot again."""
+        self.palette = palette(theme)
+        self.figure.set_facecolor(self.palette.bg)
+        if self._args is not None:
+            self.plot(*self._args)
+        else:
+            self.draw_idle()
+
+    def plot(self, *args) -> None:  # each canvas draws its own figure
+        raise NotImplementedError
 
     def _style(self, ax, title: str) -> None:
-        ax.set_facecolor(BG)
-        ax.set_title(title, color=FG, fontsize=10)
-        ax.tick_params(colors=FG, labelsize=8)
+        p = self.palette
+        ax.set_facecolor(p.bg)
+        ax.set_title(title, color=p.fg, fontsize=10)
+        ax.tick_params(colors=p.fg, labelsize=8)
         for s in ax.spines.values():
-            s.set_color(GRID)
-        ax.grid(True, color=GRID, linewidth=0.5)
+            s.set_color(p.grid)
+        ax.grid(True, color=p.grid, linewidth=0.5)
+
+    def _legend(self, ax, **kwargs) -> None:
+        p = self.palette
+        ax.legend(facecolor=p.bg, edgecolor=p.grid, labelcolor=p.fg, **kwargs)
 
 
 class CurvesCanvas(Canvas):
@@ -69,6 +146,8 @@ class CurvesCanvas(Canvas):
         self._fit()
 
     def plot(self, history: dict) -> None:
+        self._args = (history,)
+        p = self.palette
         fig = self.figure
         fig.clear()
         axes = fig.subplots(3, 1, sharex=True)
@@ -92,16 +171,16 @@ class CurvesCanvas(Canvas):
                 ax.set_ylim(-0.02, 1.02)
             if marker is not None:
                 x0 = marker - 0.5
-                ax.axvline(x0, color=PHASE, linestyle="--", linewidth=1, gid="fine-tuning")
-                ax.text(x0, 0.96, " fine-tuning", color=PHASE, fontsize=7, ha="left",
+                ax.axvline(x0, color=p.mark, linestyle="--", linewidth=1, gid="fine-tuning")
+                ax.text(x0, 0.96, " fine-tuning", color=p.mark, fontsize=7, ha="left",
                         va="top", transform=ax.get_xaxis_transform())
             if len(y) and val_key:
-                ax.legend(fontsize=7, facecolor=BG, edgecolor=GRID, labelcolor=FG)
-        axes[-1].set_xlabel("epoch", color=FG, fontsize=9)
+                self._legend(ax, fontsize=7)
+        axes[-1].set_xlabel("epoch", color=p.fg, fontsize=9)
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.5
         self._fit()
         if not history:
-            axes[0].text(0.5, 0.5, "curves appear after the first epoch", color=FG,
+            axes[0].text(0.5, 0.5, "curves appear after the first epoch", color=p.fg,
                          ha="center", va="center", transform=axes[0].transAxes, fontsize=9)
         self.draw_idle()
 
@@ -140,6 +219,8 @@ class ConfusionCanvas(Canvas):
         return float(x), float(y)
 
     def plot(self, matrix, class_names) -> None:
+        self._args = (matrix, class_names)
+        p = self.palette
         fig = self.figure
         fig.clear()
         ax = self._ax = fig.subplots()
@@ -151,8 +232,8 @@ class ConfusionCanvas(Canvas):
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
         ax.set_xticks(range(k), class_names, rotation=30, ha="right")
         ax.set_yticks(range(k), class_names)
-        ax.set_xlabel("predicted class", color=FG, fontsize=9)
-        ax.set_ylabel("true class", color=FG, fontsize=9)
+        ax.set_xlabel("predicted class", color=p.fg, fontsize=9)
+        ax.set_ylabel("true class", color=p.fg, fontsize=9)
         half = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):

@@ -48,6 +48,26 @@ def surfaced(gen_fn: Callable) -> Callable:
     return wrapper
 
 
+def stoppable_progress(total: int, desc: str, on_cancel: Callable[[], None],
+                       nest_under=None):
+    """napari's cancelable progress bar (shown in the activity dock, with its Cancel button)
+    that calls ``on_cancel`` as soon as the user cancels there.
+
+    napari calls ``cancel_callback`` only for a bar that is iterated; ours are updated by
+    hand from a worker's results, so ``cancel`` itself calls ``on_cancel``: the widget's own
+    Stop, so that Cancel in the dock and the widget's Stop button do the same. ``nest_under``
+    shows the bar under another one (training's batches under its epochs).
+    """
+    from napari.utils.progress import cancelable_progress
+
+    class _Stoppable(cancelable_progress):
+        def cancel(self) -> None:
+            super().cancel()
+            on_cancel()
+
+    return _Stoppable(total=total, desc=desc, nest_under=nest_under)
+
+
 def updates(fn: Callable, *args, stop: threading.Event | None = None,
             min_interval: float = 0.1, **kwargs) -> Generator[object, None, object]:
     from ..core.train import BatchEnd

@@ -33,10 +33,10 @@ from qtpy.QtWidgets import (
 )
 
 from ..core import dataset as ds
-from . import _layers
+from . import _layers, _settings
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
-from ._worker import surfaced
+from ._worker import stoppable_progress, surfaced
 
 KEYS = [str(i) for i in range(1, 10)]
 DEFAULT_DATASET = "microclf-dataset"
@@ -51,20 +51,6 @@ def _notify(kind: str, text: str) -> None:
 def _key(root: Path) -> Path:
     """One key per dataset folder, however its path is written."""
     return Path(root).expanduser().resolve()
-
-
-def _stoppable_progress(total: int, desc: str, on_cancel):
-    """napari's cancelable progress bar (with Cancel in the activity dock) that calls
-    ``on_cancel`` as soon as the user cancels; napari calls ``cancel_callback`` only for a bar
-    that is iterated, and this one is updated by hand from the worker's results."""
-    from napari.utils.progress import cancelable_progress
-
-    class _Stoppable(cancelable_progress):
-        def cancel(self) -> None:
-            super().cancel()
-            on_cancel()
-
-    return _Stoppable(total=total, desc=desc)
 
 
 class AnnotateWidget(QWidget):
@@ -84,6 +70,8 @@ class AnnotateWidget(QWidget):
         self._pbar = None  # napari's progress bar of "Add all slices" while it runs
 
         # -- dataset folder
+        if dataset is None:  # the folder of the last session
+            dataset = _settings.load("annotate").get("dataset")
         self.folder_edit = QLineEdit(str(Path(dataset or DEFAULT_DATASET).expanduser()))
         self.folder_edit.setToolTip("The dataset: one sub-folder per class, created if missing.")
         self.folder_edit.editingFinished.connect(self.refresh)
@@ -244,6 +232,7 @@ class AnnotateWidget(QWidget):
             "Nothing added to this dataset yet. Undo acts on the dataset shown only, never "
             "on another dataset folder you added examples to.")
         SESSION.set_dataset(self.root)
+        _settings.save("annotate", {"dataset": str(_key(self.root))})
 
     def _update_keys_label(self, counts: dict | None = None) -> None:
         names = list(counts if counts is not None else ds.class_counts(self.root))
@@ -465,8 +454,8 @@ class AnnotateWidget(QWidget):
                                                                page if multi else None)
                 yield ds.add_example(root, name, src.page(page), *where, index=index)
 
-        pbar = self._pbar = _stoppable_progress(src.n_pages, f"Adding {src.name} to {name}",
-                                                self.stop_adding)
+        pbar = self._pbar = stoppable_progress(src.n_pages, f"Adding {src.name} to {name}",
+                                               self.stop_adding)
         worker = thread_worker(surfaced(work), ignore_errors=True)()
         summary = {"written": 0, "duplicate": 0, "shown": 0, "at": time.monotonic()}
 

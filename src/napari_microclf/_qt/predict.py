@@ -46,7 +46,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -67,11 +66,11 @@ from ..core.predict import (
     one_line,
     write_csv,
 )
-from . import _layers
+from . import _layers, _settings
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
-from ._worker import surfaced
+from ._worker import stoppable_progress, surfaced
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 UNCERTAIN = "uncertain"
@@ -132,17 +131,22 @@ def _notify(kind: str, text: str) -> None:
 
 
 @surfaced
-def _predict_layers(bundle: str, sources: list, tta: bool = False):
-    """Worker: yields ``(layer name, PagePrediction)`` for every page of every source."""
+def _predict_layers(bundle: str, sources: list, tta: bool = False,
+                    stop: threading.Event | None = None):
+    """Worker: yields ``(layer name, PagePrediction)`` for every page of every source; ``stop``
+    set ends it after the current batch (the pages classified so far are yielded)."""
+    stop = stop or threading.Event()
     try:
         predictor = get_predictor(bundle)
     except ERRORS as exc:
         return str(exc)
     yield ("__model__", predictor.class_names)
     for src in sources:
+        if stop.is_set():
+            break
         items = ((src.name, p, src.page(p)) for p in range(src.n_pages))
         try:
-            for pred in predictor.predict_pages(items, tta=tta):
+            for pred in predictor.predict_pages(items, stop.is_set, tta=tta):
                 yield (src.name, pred)
         except ERRORS as exc:
             return f"{src.name}: {exc}"
@@ -154,10 +158,13 @@ PREDICTED = "predicted class"
 
 
 @surfaced
-def _explain_layers(bundle: str, sources: list, class_name: str | None):
-    """Worker: yields ``(layer name, Explanation)`` for every page of every source."""
+def _explain_layers(bundle: str, sources: list, class_name: str | None,
+                    stop: threading.Event | None = None):
+    """Worker: yields ``(layer name, Explanation)`` for every page of every source, until
+    ``stop`` is set."""
     from ..core.explain import Explainer
 
+    stop = stop or threading.Event()
     try:
         predictor = get_predictor(bundle)
         explainer = _EXPLAINERS.get(predictor)
@@ -166,9 +173,11 @@ def _explain_layers(bundle: str, sources: list, class_name: str | None):
     except ERRORS as exc:
         return str(exc)
     for src in sources:
+        if stop.is_set():
+            break
         items = ((p, src.page(p)) for p in range(src.n_pages))
         try:
-            for e in explainer.explain_pages(items, class_name):
+            for e in explainer.explain_pages(items, class_name, stop.is_set):
                 yield (src.name, e)
         except ERRORS as exc:
             return f"{src.name}: {one_line(exc)}"
@@ -186,19 +195,25 @@ def _page_count(path: Path) -> int:
 
 @surfaced
 def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float,
-                    tta: bool = False):
+                    tta: bool = False, stop: threading.Event | None = None):
     """Worker: classifies every image under ``folder`` past bad files, the rows streamed to
     the CSV (see ``core.predict.predict_folder``). Yields ``("total", pages)``, then
     ``("done", n)`` per page or bad file; returns the FolderResult, or one line for our
     errors (an unexpected one raises and reaches napari's notification with its traceback).
+    ``stop`` set ends the run after the current batch: its FolderResult is ``stopped`` and
+    the rows so far stay in ``<csv>.partial``.
     """
+    stop = stop or threading.Event()
     try:
         predictor = get_predictor(bundle)
         files = find_images([folder])
     except MicroclfError as exc:
         return f"Classify folder: {one_line(exc)}"
     yield ("total", sum(_page_count(p) for p in files))
-    run = iter_folder(predictor, files, csv_path, threshold=threshold, tta=tta)
+    if stop.is_set():
+        return f"Classify folder: stopped before the first page; nothing written to {csv_path}."
+    run = iter_folder(predictor, files, csv_path, threshold=threshold, tta=tta,
+                      should_stop=stop.is_set)
     done = 0
     try:
         while True:
@@ -245,7 +260,11 @@ class PredictWidget(QWidget):
         self.class_names: list[str] = []
         self.results: dict[str, list[PagePrediction]] = {}  # layer name -> pages
         self.worker = None
-        self._pbar = None
+        self._stop = threading.Event()
+        self._running_btn = None  # the button that started the worker; it reads Stop meanwhile
+        # napari's progress bar of the current run (Cancel in the activity dock stops it);
+        # after the run, the closed bar of the last one (what it reached stays readable)
+        self.pbar = None
 
         self.bundle_edit = QLineEdit(str(bundle or SESSION.last_bundle or ""))
         self.bundle_edit.setPlaceholderText("model folder (train one with the Train widget)")
@@ -288,13 +307,16 @@ class PredictWidget(QWidget):
                             "images, 4x the time. The training report shows what it does to "
                             "the test accuracy.")
 
-        self.run_btn = QPushButton("Run")
-        self.run_btn.setToolTip("Classify every page of the chosen layers.")
-        self.run_btn.clicked.connect(lambda: self.run())
-        self.folder_btn = QPushButton("Classify folder...")
+        stop_tip = (" While it runs, this button stops it (as Cancel in napari's activity "
+                    "dock does); what was done is kept.")
+        self.run_btn = QPushButton(self.RUN)
+        self.run_btn.setToolTip("Classify every page of the chosen layers." + stop_tip)
+        self.run_btn.clicked.connect(lambda: self._clicked(self.run))
+        self.folder_btn = QPushButton(self.FOLDER)
         self.folder_btn.setToolTip("Classify every image (and stack page) in a folder and its "
-                                   "sub-folders into a CSV file, without opening them.")
-        self.folder_btn.clicked.connect(lambda: self.classify_folder())
+                                   "sub-folders into a CSV file, without opening them."
+                                   + stop_tip)
+        self.folder_btn.clicked.connect(lambda: self._clicked(self.classify_folder))
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_btn)
         run_row.addWidget(self.folder_btn)
@@ -302,8 +324,8 @@ class PredictWidget(QWidget):
         self.explain_btn.setToolTip(
             "Where the model looks (Grad-CAM): adds a heatmap layer '<layer> Grad-CAM' over "
             "each chosen layer, every page of a stack; bright = strongest evidence for the "
-            "class.")
-        self.explain_btn.clicked.connect(lambda: self.explain())
+            "class." + stop_tip)
+        self.explain_btn.clicked.connect(lambda: self._clicked(self.explain))
         self.explain_class = QComboBox()
         self.explain_class.setToolTip("The class whose evidence the heatmap shows: each "
                                       "page's predicted class, or one chosen class.")
@@ -312,8 +334,6 @@ class PredictWidget(QWidget):
         explain_row.addWidget(self.explain_btn)
         explain_row.addWidget(QLabel("for"))
         explain_row.addWidget(self.explain_class, 1)
-        self.bar = QProgressBar()
-        self.bar.setFormat("%v/%m pages")
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.in_view = QLabel("")
@@ -353,7 +373,6 @@ class PredictWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(run_row)
         layout.addLayout(explain_row)
-        layout.addWidget(self.bar)
         layout.addWidget(self.status)
         layout.addWidget(self.in_view)
         layout.addWidget(self.table, 1)
@@ -369,7 +388,32 @@ class PredictWidget(QWidget):
         self.viewer.layers.selection.events.active.connect(self._update_in_view)
         self._camera().events.zoom.connect(self._place_labels)
         self._refresh_layers()
+        saved = self._restore_settings(bundle)
         self._show_model()
+        if self.explain_class.findText(str(saved.get("explain_class"))) >= 0:
+            self.explain_class.setCurrentText(str(saved["explain_class"]))
+        self.bundle_edit.textChanged.connect(self._save_settings)
+        self.threshold.valueChanged.connect(self._save_settings)
+        self.tta.toggled.connect(self._save_settings)
+        self.explain_class.currentTextChanged.connect(self._save_settings)
+
+    # -- remembered across sessions --------------------------------------------------------
+    def _restore_settings(self, bundle) -> dict:
+        """The model folder and options of the last session (``_settings``); a model given to
+        the constructor, or the one Train just wrote, comes first."""
+        saved = _settings.load("predict")
+        if bundle is None and SESSION.last_bundle is None and saved.get("model"):
+            self.bundle_edit.setText(str(saved["model"]))
+        if isinstance(saved.get("threshold"), int | float):
+            self.threshold.setValue(float(saved["threshold"]))
+        self.tta.setChecked(bool(saved.get("tta", False)))
+        return saved
+
+    def _save_settings(self, *_) -> None:
+        model = str(Path(self.bundle()).expanduser().absolute()) if self.bundle() else ""
+        _settings.save("predict", {"model": model, "threshold": self.threshold.value(),
+                                   "tta": self.tta.isChecked(),
+                                   "explain_class": self.explain_class.currentText()})
 
     # -- model ---------------------------------------------------------------------------
     def bundle(self) -> str:
@@ -468,7 +512,6 @@ class PredictWidget(QWidget):
     def run(self):
         """Classify the chosen layers in a worker; returns the worker (None if refused)."""
         from napari.qt.threading import thread_worker
-        from napari.utils import progress
 
         if not self._ready():
             return None
@@ -477,9 +520,7 @@ class PredictWidget(QWidget):
             _notify("warning", "Choose an image layer to classify (or open one).")
             return None
         total = sum(s.n_pages for s in sources)
-        self.bar.setRange(0, total)
-        self.bar.setValue(0)
-        self._pbar = progress(total=total, desc="Classifying pages")
+        self._progress(total, "Classifying pages")
         new: dict[str, list[PagePrediction]] = {s.name: [] for s in sources}
         bundle = self.bundle()
 
@@ -489,8 +530,7 @@ class PredictWidget(QWidget):
                 self.class_names = list(value)
                 return
             new[name].append(value)
-            self.bar.setValue(self.bar.value() + 1)
-            self._pbar.update(1)
+            self.pbar.update(1)
 
         def on_return(error):
             if error:
@@ -503,38 +543,70 @@ class PredictWidget(QWidget):
             self._place_labels()
             self._update_in_view()
             n = sum(len(p) for p in new.values())
-            self.status.setText(f"Classified {n} page(s) of {len(new)} layer(s).")
+            text = f"Classified {n} page(s) of {len(new)} layer(s)."
+            if self._stop.is_set() and n < total:
+                text = (f"Stopped: classified {n} of {total} page(s) of {len(new)} layer(s); "
+                        "the labels show the pages classified.")
+            self.status.setText(text)
             if any(len(p) > 1 for p in new.values()):
                 self.show_plot()
             elif self.plot is not None:
                 self.plot.refresh()
 
         worker = thread_worker(_predict_layers, ignore_errors=False)(
-            bundle, sources, self.tta.isChecked())
+            bundle, sources, self.tta.isChecked(), self._stop)
         return self._start(worker, on_yield, on_return,
-                           "Loading the model..." if not _CACHE else "Classifying...")
+                           "Loading the model..." if not _CACHE else "Classifying...",
+                           self.run_btn)
 
-    def _start(self, worker, on_yield, on_return, status: str):
-        """Wire a worker's signals, lock the buttons until it ends, and start it."""
+    RUN, FOLDER, EXPLAIN, STOP = "Run", "Classify folder...", "Explain", "Stop"
+
+    def _clicked(self, action) -> None:
+        """A run button: starts its action, or stops the run it started."""
+        if self.worker is not None:
+            self.stop()
+        else:
+            action()
+
+    def _progress(self, total: int, desc: str) -> None:
+        """A new stop-able napari progress bar for the run about to start."""
+        self._stop = threading.Event()
+        self.pbar = stoppable_progress(total, desc, self.stop)
+
+    def _start(self, worker, on_yield, on_return, status: str, button):
+        """Wire a worker's signals, turn ``button`` into Stop and lock the others until it
+        ends, and start it."""
         worker.yielded.connect(on_yield)
         worker.returned.connect(on_return)
         worker.finished.connect(self._done)
         self.worker = worker
-        self.run_btn.setEnabled(False)
-        self.folder_btn.setEnabled(False)
-        self.explain_btn.setEnabled(False)
+        self._running_btn = button
+        for b in (self.run_btn, self.folder_btn, self.explain_btn):
+            b.setEnabled(b is button)
+        button.setText(self.STOP)
         self.status.setText(status)
         worker.start()
         return worker
 
+    def stop(self) -> None:
+        """Stop the run (Run, Classify folder or Explain) after the current batch of pages;
+        what was done is kept. The run's button (now Stop) or Cancel in the activity dock."""
+        if self.worker is None or self._stop.is_set():
+            return
+        self._stop.set()
+        if self._running_btn is not None:
+            self._running_btn.setText("Stopping...")
+            self._running_btn.setEnabled(False)
+        self.status.setText("Stopping after the current pages...")
+
     def _done(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self.worker = None
-        self.run_btn.setEnabled(True)
-        self.folder_btn.setEnabled(True)
-        self.explain_btn.setEnabled(True)
+        if self.pbar is not None:
+            self.pbar.close()  # kept as self.pbar: the last run's bar
+        self.worker = self._running_btn = None
+        for b, text in ((self.run_btn, self.RUN), (self.folder_btn, self.FOLDER),
+                        (self.explain_btn, self.EXPLAIN)):
+            b.setText(text)
+            b.setEnabled(True)
 
     # -- explain (Grad-CAM) ----------------------------------------------------------------
     def _fill_explain_classes(self) -> None:
@@ -558,7 +630,6 @@ class PredictWidget(QWidget):
         heatmap layer aligned with it. ``class_name``: None takes the chooser's choice.
         Returns the worker (None if refused)."""
         from napari.qt.threading import thread_worker
-        from napari.utils import progress
 
         if not self._ready():
             return None
@@ -569,17 +640,14 @@ class PredictWidget(QWidget):
         if class_name is None and self.explain_class.currentText() != PREDICTED:
             class_name = self.explain_class.currentText()
         total = sum(s.n_pages for s in sources)
-        self.bar.setRange(0, total)
-        self.bar.setValue(0)
-        self._pbar = progress(total=total, desc="Grad-CAM")
+        self._progress(total, "Grad-CAM")
         maps: dict[str, list] = {s.name: [] for s in sources}
         leads = {s.name: s.lead for s in sources}
 
         def on_yield(item):
             name, e = item
             maps[name].append(e.heatmap)
-            self.bar.setValue(self.bar.value() + 1)
-            self._pbar.update(1)
+            self.pbar.update(1)
 
         def on_return(error):
             if error:
@@ -590,11 +658,16 @@ class PredictWidget(QWidget):
                 self._add_heatmap(name, np.stack(maps[name]).reshape(
                     *leads[name], *maps[name][0].shape))
             which = class_name or "the predicted class"
-            self.status.setText(f"Grad-CAM for {which}: {len(done)} layer(s).")
+            text = f"Grad-CAM for {which}: {len(done)} layer(s)."
+            if self._stop.is_set() and len(done) < len(maps):
+                text = (f"Stopped: Grad-CAM for {which} of {len(done)} of {len(maps)} "
+                        "layer(s) (a layer gets its heatmap when all its pages are done).")
+            self.status.setText(text)
 
         worker = thread_worker(_explain_layers, ignore_errors=False)(
-            self.bundle(), sources, class_name)
-        return self._start(worker, on_yield, on_return, "Computing Grad-CAM...")
+            self.bundle(), sources, class_name, self._stop)
+        return self._start(worker, on_yield, on_return, "Computing Grad-CAM...",
+                           self.explain_btn)
 
     def _add_heatmap(self, name: str, data: np.ndarray) -> None:
         """The heatmap layer of image layer ``name``, on its pixels (same transforms)."""
@@ -943,7 +1016,6 @@ class PredictWidget(QWidget):
                         csv_path: str | Path | None = None):
         """Classify a folder into a CSV in a worker; returns the worker."""
         from napari.qt.threading import thread_worker
-        from napari.utils import progress
 
         if not self._ready():
             return None
@@ -962,23 +1034,29 @@ class PredictWidget(QWidget):
         except MicroclfError as exc:
             _notify("error", f"Classify folder: {exc}")
             return None
-        self._pbar = progress(total=0, desc=f"Classifying {Path(folder).name}")
+        self._progress(0, f"Classifying {Path(folder).name}")
 
         def on_yield(item):
             kind, n = item
             if kind == "total":
-                self.bar.setRange(0, max(n, 1))
-                self._pbar.total = n
-            else:
-                self.bar.setValue(min(n, self.bar.maximum()))
-                self._pbar.update(1)
+                self.pbar.total = n
+            elif n <= self.pbar.total:
+                self.pbar.update(1)
 
         def on_return(result):
             if isinstance(result, str):
                 self.status.setText(result)
-                _notify("error", result)
+                _notify("warning" if self._stop.is_set() else "error", result)
                 return
-            self.bar.setValue(self.bar.maximum())  # a stack cut short counted all its pages
+            if result.stopped:
+                text = (f"Stopped: {len(result)} page(s) classified, their rows written to "
+                        f"{result.csv_path} (the CSV of a stopped run keeps its .partial "
+                        f"name; {csv_path} was not written).")
+                self.status.setText(text)
+                _notify("warning", text)
+                return
+            if self.pbar.n < self.pbar.total:  # a stack cut short counted all its pages
+                self.pbar.update(self.pbar.total - self.pbar.n)
             summary = result.summary()
             self.status.setText(summary)
             _notify("error" if not result.ok else "warning" if result.errors else "info",
@@ -986,6 +1064,6 @@ class PredictWidget(QWidget):
 
         worker = thread_worker(_predict_folder, ignore_errors=False)(
             self.bundle(), str(folder), str(csv_path), self.threshold.value(),
-            self.tta.isChecked())
-        self.bar.setValue(0)
-        return self._start(worker, on_yield, on_return, f"Classifying {folder}...")
+            self.tta.isChecked(), self._stop)
+        return self._start(worker, on_yield, on_return, f"Classifying {folder}...",
+                           self.folder_btn)

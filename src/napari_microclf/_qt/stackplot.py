@@ -19,12 +19,11 @@ from matplotlib.ticker import MaxNLocator
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from . import _layers
-from ._plots import BG, FG, GRID, Canvas
+from ._plots import Canvas
 
-# class colours (matplotlib's tab10, readable on napari's dark background)
-COLOURS = ("#4ea8ff", "#ffa640", "#9fdf6f", "#ff6f6f", "#c39bff", "#e0b080", "#ff9fe0",
-           "#b0b0b0", "#e0e070", "#60e0e0")
-MARKER = "#ffffff"
+# class colours (matplotlib's tab10, readable on napari's dark and light backgrounds)
+COLOURS = ("#4ea8ff", "#ffa640", "#5fbf3f", "#ff6f6f", "#a37bff", "#c09060", "#ff7fd0",
+           "#909090", "#c0c030", "#30c0c0")
 
 
 def summary(preds, labels: list[str], class_names: list[str]) -> str:
@@ -51,6 +50,9 @@ class ProbabilityCanvas(Canvas):
 
     def plot(self, pages, probabilities: dict[str, list[float]], threshold: float | None,
              title: str) -> None:
+        self._args = (pages, probabilities, threshold, title)
+        p = self.palette
+        page = self.marker_page()
         fig = self.figure
         fig.clear()
         ax = self.ax = fig.subplots()
@@ -59,20 +61,27 @@ class ProbabilityCanvas(Canvas):
             ax.plot(pages, values, "o-", ms=3, lw=1.2, color=COLOURS[i % len(COLOURS)],
                     label=name)
         if threshold:
-            ax.axhline(threshold, color=GRID, linestyle="--", lw=1, gid="threshold")
+            ax.axhline(threshold, color=p.grid, linestyle="--", lw=1, gid="threshold")
         ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("page", color=FG, fontsize=9)
-        ax.set_ylabel("probability", color=FG, fontsize=9)
+        ax.set_xlabel("page", color=p.fg, fontsize=9)
+        ax.set_ylabel("probability", color=p.fg, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(pages):
             ax.set_xlim(-0.5, max(pages) + 0.5)
-            ax.legend(fontsize=8, facecolor=BG, edgecolor=GRID, labelcolor=FG,
-                      loc="center left", bbox_to_anchor=(1.0, 0.5))
+            self._legend(ax, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
         else:
-            ax.text(0.5, 0.5, "classify a stack (Run) to see its pages here", color=FG,
+            ax.text(0.5, 0.5, "classify a stack (Run) to see its pages here", color=p.fg,
                     ha="center", va="center", transform=ax.transAxes, fontsize=9)
-        self.marker = ax.axvline(0, color=MARKER, lw=1.5, gid="slider", visible=False)
+        self.marker = ax.axvline(0, color=p.fg, lw=1.5, gid="slider", visible=False)
+        if page is not None:  # drawn again (a theme change): the marker stays where it was
+            self.move_marker(page)
         self.draw_idle()
+
+    def marker_page(self) -> int | None:
+        """The page the slider marker is on (None: hidden)."""
+        if self.marker is None or not self.marker.get_visible():
+            return None
+        return int(self.marker.get_xdata()[0])
 
     def move_marker(self, page: int | None) -> None:
         if self.marker is None:
@@ -97,6 +106,7 @@ class StackPlot(QWidget):
         self.layer: str | None = None
         self.marker_page: int | None = None
         self.canvas = ProbabilityCanvas()
+        self.canvas.follow(viewer)
         self.canvas.mpl_connect("button_press_event", self._on_click)
         self.canvas.setToolTip("Click a page to show it (moves the slider).")
         self.summary_label = QLabel("")

@@ -32,7 +32,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QScrollArea,
     QTableWidget,
@@ -69,11 +68,12 @@ from ..core.train import (
     suggest_settings,
     train,
 )
+from . import _settings
 from ._plots import ConfusionCanvas, CurvesCanvas
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
-from ._worker import WorkerError, surfaced, updates
+from ._worker import WorkerError, stoppable_progress, surfaced, updates
 
 DEFAULT_MODEL = "microclf-model"
 
@@ -94,6 +94,10 @@ def tip(name: str) -> str:
     text = help_of(name)
     return text[:1].upper() + text[1:] + "."
 
+
+# napari's progress bar of each preparation step of core.train (``Progress.phase``)
+PHASES = {"loading": "Loading images", "features": "Computing backbone features",
+          "evaluating": "Testing the model"}
 
 BACKBONE_NAMES = {B0: "EfficientNet-B0", LITE0: "EfficientNet-Lite0"}
 
@@ -198,7 +202,9 @@ class TrainWidget(QWidget):
         self.result: TrainResult | None = None
         self.history: dict = {}
         self._stop = threading.Event()
-        self._pbars: dict = {}
+        self._pbars: dict = {}  # napari's progress bars while training runs
+        # the last run's bars (closed when it ended; what they reached stays readable)
+        self.epochs_pbar = self.batches_pbar = None
         self._dataset_set_by_user = dataset is not None
 
         # -- folders
@@ -298,10 +304,9 @@ class TrainWidget(QWidget):
         # -- start / stop and progress
         self.start_btn = QPushButton("Start training")
         self.start_btn.clicked.connect(self.toggle)
-        self.epoch_bar = QProgressBar()
-        self.epoch_bar.setFormat("Epoch %v/%m")
-        self.batch_bar = QProgressBar()
-        self.batch_bar.setFormat("Batch %v/%m")
+        self.start_btn.setToolTip("Start training; while it runs, stop it after the current "
+                                  "batch (Cancel in napari's activity dock, bottom right, "
+                                  "does the same). A stopped training writes no model.")
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
 
@@ -315,6 +320,7 @@ class TrainWidget(QWidget):
         self.log.setFont(mono)
         self.log.setMinimumHeight(160)
         self.curves = CurvesCanvas()
+        self.curves.follow(napari_viewer)
         self.report_label = QLabel("The test report appears when training ends.")
         self.report_label.setWordWrap(True)
         self.report_label.setTextFormat(Qt.RichText)
@@ -326,6 +332,7 @@ class TrainWidget(QWidget):
         self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
         self.class_table.setMinimumHeight(110)
         self.confusion = ConfusionCanvas()
+        self.confusion.follow(napari_viewer)
         self.confusion.cell_clicked.connect(self.review_cell)
         self.diagnosis = QLabel("")
         self.diagnosis.setWordWrap(True)
@@ -363,8 +370,6 @@ class TrainWidget(QWidget):
         buttons.addWidget(self.suggest_btn)
         buttons.addWidget(self.start_btn, 1)
         layout.addLayout(buttons)
-        layout.addWidget(self.epoch_bar)
-        layout.addWidget(self.batch_bar)
         layout.addWidget(self.status)
         layout.addWidget(self.tabs, 1)
         scroll = QScrollArea()
@@ -375,6 +380,36 @@ class TrainWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
         self.setMinimumWidth(380)
+        self._restore_settings(dataset, out_dir)
+        self.form.changed.connect(self._save_settings)
+        self.data_edit.textChanged.connect(self._save_settings)
+        self.out_edit.textChanged.connect(self._save_settings)
+
+    # -- remembered across sessions ------------------------------------------------------
+    def _restore_settings(self, dataset, out_dir) -> None:
+        """The folders and settings of the last session (``_settings``); folders given to
+        the constructor (or Annotate's dataset) come first."""
+        saved = _settings.load("train")
+        for name, value in (saved.get("form") or {}).items():
+            widget = getattr(self.form, name, None)
+            if widget is None or value is None:
+                continue
+            try:
+                widget.value = value
+            except (ValueError, TypeError):  # a setting another version wrote: the default
+                pass
+        if dataset is None and SESSION.dataset is None and saved.get("dataset"):
+            self.data_edit.setText(str(saved["dataset"]))
+        if out_dir is None and saved.get("model"):
+            self.out_edit.setText(str(saved["model"]))
+
+    def _save_settings(self, *_) -> None:
+        form = {w.name: str(w.value) if isinstance(w, FileEdit) else w.value
+                for w in self.form}
+        folders = {key: str(Path(edit.text().strip()).expanduser().absolute())
+                   for key, edit in (("dataset", self.data_edit), ("model", self.out_edit))
+                   if edit.text().strip()}  # absolute: napari may start elsewhere next time
+        _settings.save("train", {**folders, "form": form})
 
     # -- settings ------------------------------------------------------------------------
     def _user_set_dataset(self, *_):
@@ -572,22 +607,39 @@ class TrainWidget(QWidget):
 
     # -- the live panel ------------------------------------------------------------------
     def _reset_panel(self, config: TrainConfig) -> None:
-        from napari.utils import progress
-
         self.result = None
         self.history = {}
         self.log.clear()
         self.curves.plot({})
         self.tabs.setCurrentWidget(self.log)
-        self.epoch_bar.setRange(0, config.epochs)
-        self.epoch_bar.setValue(0)
-        self.batch_bar.setRange(0, 1)
-        self.batch_bar.setValue(0)
         self._close_pbars()
-        self._pbars["epochs"] = progress(total=config.epochs, desc="Training epochs")
+        self.batches_pbar = None
+        self.epochs_pbar = self._pbars["epochs"] = stoppable_progress(
+            config.epochs, "Training epochs", self.stop)
+
+    def _batch_pbar(self, total: int, desc: str):
+        """The bar of the batches (or of a preparation step), under the epochs' bar: one bar
+        for the whole training, reset at each epoch.
+
+        Not ``nest_under`` the epochs: napari 0.9.2's activity dock crashes (a segmentation
+        fault) when nested bars close, its ``destroyed`` handler walking the group's
+        children while Qt deletes them; two plain bars, both cancelable, close safely."""
+        if "batches" not in self._pbars:
+            self._pbars["batches"] = None  # making a bar runs the event loop: no second one
+            pbar = self.batches_pbar = self._pbars["batches"] = stoppable_progress(
+                total, desc, self.stop)
+            return pbar
+        pbar = self._pbars["batches"]
+        if pbar is None:  # being made (an update that came in meanwhile)
+            return None
+        pbar.n = 0
+        pbar.total = total  # emits napari's total event
+        pbar.events.value(value=0)
+        pbar.set_description(desc)
+        return pbar
 
     def _close_pbars(self, *names) -> None:
-        for name in names or list(self._pbars):
+        for name in names or ("batches", "epochs"):
             pbar = self._pbars.pop(name, None)
             if pbar is not None:
                 pbar.close()
@@ -596,8 +648,6 @@ class TrainWidget(QWidget):
         self.log.appendPlainText(("Warning: " if warning else "") + text)
 
     def _on_update(self, u) -> None:
-        from napari.utils import progress
-
         if u is None:
             return
         if isinstance(u, Message):
@@ -607,37 +657,40 @@ class TrainWidget(QWidget):
             self._say(u.text)
         elif isinstance(u, Progress):
             self._say(u.text)
-            self.batch_bar.setFormat(f"{u.phase} %v/%m")
-            self.batch_bar.setRange(0, max(u.total, 1))
-            self.batch_bar.setValue(u.done)
+            desc = PHASES.get(u.phase, u.phase)
+            pbar = self._pbars.get("batches")
+            if pbar is None or str(pbar.desc) != desc:
+                pbar = self._batch_pbar(max(u.total, 1), desc)
+            if pbar is not None:
+                self._move(pbar, u.done, max(u.total, 1))
         elif isinstance(u, EpochStart):
             self._append(u.text)
             self._say(f"{u.text}...")
-            self._close_pbars("batches")
-            self._pbars["batches"] = progress(total=1, desc=u.text)
-            self.batch_bar.setFormat("Batch %v/%m")
-            self.batch_bar.setValue(0)
+            self._batch_pbar(1, u.text)
         elif isinstance(u, BatchEnd):
-            self.batch_bar.setRange(0, u.steps)
-            self.batch_bar.setValue(u.batch)
             pbar = self._pbars.get("batches")
             if pbar is not None:
-                if pbar.total != u.steps:
-                    pbar.total = u.steps
-                pbar.update(u.batch - pbar.n)
+                self._move(pbar, u.batch, u.steps)
             logs = " - ".join(f"{k}: {v:.4f}" for k, v in u.logs.items()
                               if k in ("loss", "accuracy"))
             self._say(f"Epoch {u.epoch}/{u.epochs} - batch {u.batch}/{u.steps} - {logs}")
         elif isinstance(u, EpochEnd):
             self._append(u.text)
             self.history = u.history
-            self.epoch_bar.setValue(u.epoch)
             pbar = self._pbars.get("epochs")
             if pbar is not None:
-                pbar.update(u.epoch - pbar.n)
+                self._move(pbar, u.epoch)
             self.curves.plot(u.history)
             if u.epoch == 1:
                 self.tabs.setCurrentWidget(self.curves)
+
+    @staticmethod
+    def _move(pbar, n: int, total: int | None = None) -> None:
+        """Move a napari bar to ``n`` (of ``total``, when given)."""
+        if total is not None and pbar.total != total:
+            pbar.total = total
+        if n != pbar.n:
+            pbar.update(n - pbar.n)
 
     def _on_returned(self, result) -> None:
         from napari.utils.notifications import show_info
