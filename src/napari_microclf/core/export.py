@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,8 +317,10 @@ def _export_onnx(bundle_path, out: Path, overwrite: bool) -> float | None:
     with _atomic(out, overwrite) as tmp:
         tmp_onnx = tmp.with_name(tmp.name + ".onnx")  # Keras wants the suffix
         try:
-            model.export(str(tmp_onnx), format="onnx", verbose=False,
-                         opset_version=ONNX_OPSET)
+            with warnings.catch_warnings():  # Keras' tf2onnx patch probes np.object
+                warnings.filterwarnings("ignore", category=FutureWarning, module="keras")
+                model.export(str(tmp_onnx), format="onnx", verbose=False,
+                             opset_version=ONNX_OPSET)
             graph = onnx.load(str(tmp_onnx))
             initializers = {i.name for i in graph.graph.initializer}
             inputs = [i.name for i in graph.graph.input if i.name not in initializers]
@@ -443,6 +446,9 @@ def _export_bioimageio(bundle_path, out: Path, overwrite: bool, example, authors
         np.save(work / "test_input.npy", test_input)
         np.save(work / "test_output.npy", test_output)
         _sample_png(work / "sample_input.png", preprocess(page, spec))
+        import tifffile
+
+        tifffile.imwrite(work / "sample_output.tif", test_output.astype(np.float32))
         _cover(work / "cover.png", preprocess(page, spec), test_output[0], bundle.class_names)
         (work / "README.md").write_text(
             _readme(bundle, spec, source, diff, test_input.shape), encoding="utf-8")
@@ -512,6 +518,7 @@ def _describe(bundle, spec, work: Path, authors, keras):
             description="class probabilities (softmax), one channel per class",
             axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=list(names))],
             test_tensor=bio.FileDescr(source=work / "test_output.npy"),
+            sample_tensor=bio.FileDescr(source=work / "sample_output.tif"),
             data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
         )
         weights = bio.WeightsDescr(keras_v3=bio.KerasV3WeightsDescr(
