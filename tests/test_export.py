@@ -193,6 +193,27 @@ def test_zip_is_the_bundle_and_destinations_are_checked(bundle, tmp_path):
     assert ex.default_out(bundle, "onnx") == bundle.parent / "model.onnx"
 
 
+def test_a_zipped_model_exports_too(bundle, tmp_path):
+    """A model shared as one zip exports as its folder does, named after the zip."""
+    from bioimageio.spec import load_description
+
+    zipped = ex.export(bundle, "zip", tmp_path / "shared.zip")
+    page = Path(load_bundle(bundle).meta["data_dir"]) / "round" / "0.tif"
+    out = ex.export(zipped, "bioimageio", example=page)
+    assert out == tmp_path / "shared-bioimageio.zip"
+    descr = load_description(out, perform_io_checks=False)
+    assert descr.name == "microclf shared" and descr.outputs[0].axes[1].channel_names == CLASSES
+
+
+def test_without_the_dataset_the_example_must_be_given(bundle, tmp_path):
+    import dataclasses
+
+    b = load_bundle(bundle)
+    moved = dataclasses.replace(b, meta={**b.meta, "data_dir": str(tmp_path / "gone")})
+    with pytest.raises(ex.ExportError, match=r"--example IMAGE"):
+        ex.example_page(moved)
+
+
 def test_cli_export(bundle, tmp_path, capsys):
     out = tmp_path / "cli.zip"
     assert cli_main(["export", str(bundle), "--format", "zip", "--out", str(out)]) == 0

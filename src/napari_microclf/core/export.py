@@ -266,6 +266,12 @@ def _check_tensor(bundle):
     return np.random.default_rng(0).uniform(0, 255, (3, s, s, 3)).astype(np.float32)
 
 
+def model_name(bundle) -> str:
+    """The model's name for people: its folder's, or its zip's (not the cache folder's)."""
+    source = getattr(bundle, "source", None)  # the .zip a zipped bundle was opened from
+    return Path(source).stem if source else bundle.path.name
+
+
 def _load(bundle_path):
     from .model import load_bundle
 
@@ -392,7 +398,7 @@ def example_page(bundle, example: str | Path | None = None) -> tuple[np.ndarray,
                 if p.is_file():
                     return read_page(p), f"{entry['key']} (the model's {subset} list)"
     raise ExportError(f"no example image for the package's test tensors: the dataset of "
-                      f"{bundle.path} is not there; give one (--example IMAGE)")
+                      f"{model_name(bundle)} is not there; give one (--example IMAGE)")
 
 
 def bioimageio_preprocess(x: np.ndarray, spec) -> np.ndarray:
@@ -529,7 +535,7 @@ def _describe(bundle, spec, work: Path, authors, keras):
         acc = (bundle.meta.get("metrics") or {}).get("accuracy")
         acc_text = f", test accuracy {acc:.1%}" if isinstance(acc, (int, float)) else ""
         descr = bio.ModelDescr(
-            name=f"microclf {bundle.path.name}"[:128],
+            name=f"microclf {model_name(bundle)}"[:128],
             description=(f"Image classifier of {len(names)} classes ({', '.join(names)}) "
                          f"trained with napari-microclf{acc_text}.")[:1024],
             authors=who,
@@ -595,7 +601,7 @@ def _readme(bundle, spec, source: str, diff: float, shape) -> str:
            f"the intensities {spec.intensity_range[0]:g}..{spec.intensity_range[1]:g} are "
            "mapped to 0..255 (`scale_linear`) and clipped (`clip`)")
     lines = [
-        f"# microclf model: {bundle.path.name}",
+        f"# microclf model: {model_name(bundle)}",
         "",
         f"An image classifier trained with [napari-microclf]({CITATION_URL}), exported as a "
         "bioimage.io model package.",
