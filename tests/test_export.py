@@ -244,3 +244,26 @@ def test_export_row(bundle, tmp_path, qtbot):
         row.export_to(tmp_path / "row.zip")  # exists: an error notification
     assert isinstance(failed.args[0], MicroclfError) and "exists" in str(failed.args[0])
     qtbot.waitUntil(lambda: row.button.isEnabled(), timeout=10_000)
+
+
+def test_export_row_asks_where_with_the_default_name(bundle, tmp_path, qtbot, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_microclf._qt.export import ExportRow
+
+    asked = []
+
+    def save_as(parent, title, suggested):
+        asked.append(suggested)
+        return str(tmp_path / "picked.zip"), ""
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", save_as)
+    row = ExportRow()
+    qtbot.addWidget(row)
+    row.set_model(bundle)
+    row.set_format("zip")
+    with qtbot.waitSignal(row.exported, timeout=60_000):
+        row.button.click()
+    assert asked == [str(bundle.parent / "model.zip")]
+    assert (tmp_path / "picked.zip").is_file()
+    qtbot.waitUntil(lambda: row.button.isEnabled(), timeout=10_000)

@@ -74,7 +74,14 @@ class ExportRow(QWidget):
         else:
             path, _ = QFileDialog.getSaveFileName(self, f"Export as {LABELS[self.fmt]}",
                                                   suggested)
-        return self.export_to(path, overwrite=True) if path else None
+        if not path:
+            return None
+        # the save dialog asked before replacing a file; a SavedModel folder of that name is
+        # replaced only when it is one (the folder dialog asked nothing)
+        target = Path(path)
+        overwrite = self.fmt != "savedmodel" or not target.exists() \
+            or (target / "saved_model.pb").is_file()
+        return self.export_to(path, overwrite=overwrite)
 
     def export_to(self, path: str | Path, overwrite: bool = False):
         """Export the model to ``path`` in the chosen format, in a worker; returns it.
@@ -89,6 +96,10 @@ class ExportRow(QWidget):
         if self.model_folder is None or self.worker is not None:
             return None
         folder, fmt = self.model_folder, self.fmt
+        if fmt != "zip":
+            from ._tf import ensure_tensorflow
+
+            ensure_tensorflow()  # in the main thread, before the worker imports it
 
         def work():
             # superqt drops a worker's RuntimeError (the sign of a deleted worker) without
