@@ -36,3 +36,8 @@ class OutputError(MicroclfError, OSError):
 
 class LockedError(MicroclfError, RuntimeError):
     """A model folder or dataset another microclf process is writing right now."""
+
+
+class ExportError(MicroclfError, RuntimeError):
+    """An export that cannot be made (a missing package, an unsupported model); says what to
+    do."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, MicroclfError, OutputError
+from .errors import BundleError, ExportError, OutputError
 
 FORMATS = ("bioimageio", "savedmodel", "onnx", "zip")
 FORMAT_HELP = {
@@ -54,11 +54,6 @@ CITATION = ("napari-microclf: classify microscopy images in napari (annotate, tr
 CITATION_URL = "https://pypi.org/project/napari-microclf/"
 LICENSE = "BSD-3-Clause"
 ONNX_OPSET = 17
-
-
-class ExportError(MicroclfError, RuntimeError):
-    """An export that cannot be made (a missing package, an unsupported model); says what to
-    do."""
 
 
 def check_format(fmt: str) -> str:
