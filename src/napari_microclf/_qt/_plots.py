@@ -99,6 +99,15 @@ class Canvas(FigureCanvasQTAgg):
     def plot(self, *args) -> None:  # each canvas draws its own figure
         raise NotImplementedError
 
+    def draw(self) -> None:
+        """Draw, unless Qt deleted the canvas meanwhile (a ``draw_idle`` queued before its
+        dock closed, or a theme change on the way)."""
+        try:
+            self.objectName()
+        except RuntimeError:
+            return
+        super().draw()
+
     def _style(self, ax, title: str) -> None:
         p = self.palette
         ax.set_facecolor(p.bg)
