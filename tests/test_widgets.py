@@ -469,7 +469,8 @@ def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qt
                                                           trained_bundle, tmp_path):
     viewer = make_napari_viewer()
     stack, _ = make_sample_stack(n_pages=6, size=40)
-    image = viewer.add_image(stack, name="stack", scale=(1, 0.5, 0.5))
+    image = viewer.add_image(stack, name="stack", scale=(1, 0.5, 0.5),
+                             units=("pixel", "µm", "µm"))
     viewer.add_image(stack[0], name="single")
     widget = PredictWidget(viewer, trained_bundle)
     viewer.window.add_dock_widget(widget)
@@ -484,6 +485,7 @@ def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qt
     points = viewer.layers["stack classes"]
     assert len(points.data) == 6 and list(points.features["page"]) == list(range(6))
     np.testing.assert_array_equal(points.scale, image.scale)
+    assert points.units == image.units  # labels in the image's physical units
     pages = image.metadata["microclf"]["predictions"]["pages"]
     assert [p["page"] for p in pages] == list(range(6))
     assert list(points.features["class"]) == [p["class"] for p in pages]
@@ -526,8 +528,17 @@ def test_predict_names_the_model_also_for_older_bundles(make_napari_viewer, trai
     import json
     import shutil
 
+    from napari_microclf.core.model import zip_bundle
+
     widget = PredictWidget(make_napari_viewer(), trained_bundle)
     assert "Model: efficientnet-b0 · random start" in widget.model_info.text()
+    assert widget.export_row.button.isEnabled()  # the model row can share it
+    zipped = zip_bundle(trained_bundle, tmp_path / "shared.zip")
+    widget.set_bundle(zipped)  # a zipped model opens as its folder does
+    assert "Model: efficientnet-b0 · random start" in widget.model_info.text()
+    assert widget.export_row.model_folder == zipped
+    widget.set_bundle(tmp_path / "nothing-here")
+    assert not widget.export_row.button.isEnabled()
     old = tmp_path / "old"
     shutil.copytree(trained_bundle, old)
     meta = json.loads((old / "microclf.json").read_text())

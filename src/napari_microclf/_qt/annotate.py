@@ -2,8 +2,9 @@
 
 The dataset is ``<folder>/<class>/<image>.tif`` (see :mod:`core.dataset`). A slice is the
 2D image the dims sliders show for a layer: a plain image, one page of a stack, an RGB
-image, or, for a multichannel file opened with this plugin's reader, the channels of all its
-channel layers together (saved as one ``(C, Y, X)`` example, the way the file stores them).
+image, or, for a multichannel file opened as one layer per channel (by this plugin's reader
+or another; see :func:`_layers.channel_group`), the channels of all its channel layers
+together (saved as one ``(C, Y, X)`` example, the way the file stores them).
 """
 
 from __future__ import annotations

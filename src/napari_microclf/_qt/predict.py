@@ -71,6 +71,7 @@ from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
 from ._worker import stoppable_progress, surfaced
+from .export import ExportRow
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 UNCERTAIN = "uncertain"
@@ -94,9 +95,9 @@ def get_predictor(bundle: str | Path) -> Predictor:
     model = folder / MODEL_FILE
     # the files' identity, not just a time: a restored model.keras is another file whose
     # time may equal the replaced one's
+    files = (folder,) if folder.is_file() else (model, folder / "microclf.json")  # a .zip
     key = (str(folder),) + tuple(
-        (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None
-        for f in (model, folder / "microclf.json"))
+        (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None for f in files)
     with _CACHE_LOCK:
         if key not in _CACHE:
             for old in [k for k in _CACHE if k[0] == key[0]]:
@@ -366,6 +367,9 @@ class PredictWidget(QWidget):
         form = QFormLayout()
         form.addRow("Model", bundle_row)
         form.addRow(self.model_info)
+        # share the model: bioimage.io package, SavedModel, ONNX or one zip (docs/export.md)
+        self.export_row = ExportRow(self)
+        form.addRow(self.export_row)
         form.addRow("Image layers", layer_row)
         form.addRow("Confidence threshold", self.threshold)
         form.addRow(self.tta)
@@ -448,6 +452,7 @@ class PredictWidget(QWidget):
 
         self._fill_explain_classes()
         self.restore_btn.setEnabled(bool(self.bundle()) and has_previous(self.bundle()))
+        self.export_row.set_model(None)
         if not self.bundle():
             self.model_info.setText("No model yet: train one with the Train widget or pick a "
                                     "model folder.")
@@ -457,6 +462,7 @@ class PredictWidget(QWidget):
         except BundleError as exc:
             self.model_info.setText(str(exc))
             return
+        self.export_row.set_model(self.bundle())
         acc = (meta.get("metrics") or {}).get("accuracy")
         self.model_info.setText(
             f"Classes: {', '.join(meta['class_names'])}"
@@ -679,8 +685,9 @@ class PredictWidget(QWidget):
             return
         self.viewer.add_image(
             data, name=hname, colormap="inferno", opacity=0.5, blending="additive",
-            contrast_limits=(0.0, 1.0), scale=source.scale, translate=source.translate,
-            rotate=source.rotate, shear=source.shear, affine=source.affine,
+            contrast_limits=(0.0, 1.0), scale=source.scale, units=source.units,
+            translate=source.translate, rotate=source.rotate, shear=source.shear,
+            affine=source.affine,
             # in the metadata from the start: the layer lists skip heatmaps when it is added
             metadata={"microclf": {"image_layer": name, "heatmap": "grad-cam"}})
         if active is not None and active in self.viewer.layers:
@@ -727,6 +734,7 @@ class PredictWidget(QWidget):
             pts = self.viewer.add_points(
                 coords, features=features, text=text, name=pname, size=1,
                 face_color="transparent", border_width=0, scale=layer.scale[-coords.shape[1]:],
+                units=layer.units[-coords.shape[1]:],
                 translate=layer.translate[-coords.shape[1]:], blending="translucent_no_depth",
                 visible=layer.visible)
             pts.metadata["microclf"] = {"image_layer": name}
