@@ -56,7 +56,8 @@ def stoppable_progress(total: int, desc: str, on_cancel: Callable[[], None],
     napari calls ``cancel_callback`` only for a bar that is iterated; ours are updated by
     hand from a worker's results, so ``cancel`` itself calls ``on_cancel``: the widget's own
     Stop, so that Cancel in the dock and the widget's Stop button do the same. ``nest_under``
-    shows the bar under another one (training's batches under its epochs).
+    shows the bar under another one (Train does not nest: closing nested bars crashes napari
+    0.9.2's activity dialog, see ``TrainWidget._batch_pbar``).
     """
     from napari.utils.progress import cancelable_progress
 
