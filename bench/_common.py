@@ -25,9 +25,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}), "
-            f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}, "
-            f"TensorFlow {tf.__version__}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), "
+        f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}, "
+        f"TensorFlow {tf.__version__}"
+    )
 
 
 def sample_dataset(root: Path, n_per_class: int, size: int = 128, seed: int = 0) -> Path:
@@ -46,8 +48,7 @@ def clear_cache(data: Path) -> None:
     shutil.rmtree(Path(data) / CACHE_DIR, ignore_errors=True)
 
 
-def time_backbone(n_images: int, image_size: int, weights, batch_size: int, seed: int = 0
-                  ) -> float:
+def time_backbone(n_images: int, image_size: int, weights, batch_size: int, seed: int = 0) -> float:
     """Seconds for the frozen backbone alone to run over ``n_images`` already in memory."""
     import warnings
 
@@ -58,8 +59,11 @@ def time_backbone(n_images: int, image_size: int, weights, batch_size: int, seed
         warnings.simplefilter("ignore")
         model = build_classifier(2, image_size, weights, augment=False, seed=seed)
     extractor = FeatureExtractor(model, seed, batch_size=batch_size)
-    batch = np.random.default_rng(0).uniform(0, 255, (batch_size, image_size, image_size, 3)
-                                             ).astype(np.float32)
+    batch = (
+        np.random.default_rng(0)
+        .uniform(0, 255, (batch_size, image_size, image_size, 3))
+        .astype(np.float32)
+    )
     extractor(batch)  # trace once, outside the timing
     t0 = time.perf_counter()
     done = 0
@@ -71,10 +75,13 @@ def time_backbone(n_images: int, image_size: int, weights, batch_size: int, seed
 
 
 def add_weights_argument(parser) -> None:
-    parser.add_argument("--weights", default="sample-pretrained",
-                        help="'sample-pretrained' (a base trained here from scratch on other "
-                             "sample data, the default), 'none' (random base: same speed, "
-                             "nothing learned), 'imagenet', or an .h5 file of base weights")
+    parser.add_argument(
+        "--weights",
+        default="sample-pretrained",
+        help="'sample-pretrained' (a base trained here from scratch on other "
+        "sample data, the default), 'none' (random base: same speed, "
+        "nothing learned), 'imagenet', or an .h5 file of base weights",
+    )
 
 
 def pretrained_weights(work: Path, seed: int = 7) -> str:
@@ -91,12 +98,26 @@ def pretrained_weights(work: Path, seed: int = 7) -> str:
     path = work / "sample-pretrained-base.weights.h5"
     if not path.exists():
         data = make_sample_dataset(work / "pretrain-data", n_per_class=100, size=96, seed=seed)
-        result = train(TrainConfig(str(data), str(work / "pretrain-model"), epochs=20,
-                                   batch_size=16, learning_rate=1e-3, image_size=64,
-                                   weights=None, fine_tune="all", augment=False,
-                                   early_stopping=False, seed=seed))
-        print(f"(pretrained a base from scratch on separate sample data: test accuracy "
-              f"{result.report['accuracy']:.2f})", flush=True)
+        result = train(
+            TrainConfig(
+                str(data),
+                str(work / "pretrain-model"),
+                epochs=20,
+                batch_size=16,
+                learning_rate=1e-3,
+                image_size=64,
+                weights=None,
+                fine_tune="all",
+                augment=False,
+                early_stopping=False,
+                seed=seed,
+            )
+        )
+        print(
+            f"(pretrained a base from scratch on separate sample data: test accuracy "
+            f"{result.report['accuracy']:.2f})",
+            flush=True,
+        )
         load_bundle(result.bundle).model.get_layer("efficientnetb0").save_weights(path)
     return str(path)
 

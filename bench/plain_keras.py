@@ -33,8 +33,11 @@ def _dataset(refs, spec, batch_size, shuffle, seed):
     ds = tf.data.Dataset.from_tensor_slices((paths, pages, labels))
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    return ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(
-        tf.data.AUTOTUNE)
+    return (
+        ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def train_plain(samples, config) -> dict:
@@ -46,20 +49,44 @@ def train_plain(samples, config) -> dict:
 
     t0 = time.perf_counter()
     spec = config.preprocessing
-    model = build_classifier(len(samples.class_names), config.image_size, config.weights,
-                             config.dropout, config.augment, config.augment_strength, 0,
-                             config.seed)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = build_classifier(
+        len(samples.class_names),
+        config.image_size,
+        config.weights,
+        config.dropout,
+        config.augment,
+        config.augment_strength,
+        0,
+        config.seed,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     train_ds = _dataset(samples.train, spec, config.batch_size, True, config.seed)
     val_ds = _dataset(samples.val, spec, config.batch_size, False, config.seed)
-    weights = balanced_class_weights(samples.distribution("train")) if config.class_weights \
-        else None
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                        class_weight=weights, verbose=0, callbacks=[
-                            keras.callbacks.ReduceLROnPlateau(
-                                monitor="val_loss", factor=config.reduce_lr_factor,
-                                patience=config.reduce_lr_patience, min_lr=config.min_lr)])
-    return {"seconds": time.perf_counter() - t0,
-            "val_accuracy": float(history.history["val_accuracy"][-1]),
-            "epochs": len(history.history["loss"]), "history": history.history}
+    weights = (
+        balanced_class_weights(samples.distribution("train")) if config.class_weights else None
+    )
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        class_weight=weights,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=config.reduce_lr_factor,
+                patience=config.reduce_lr_patience,
+                min_lr=config.min_lr,
+            )
+        ],
+    )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "val_accuracy": float(history.history["val_accuracy"][-1]),
+        "epochs": len(history.history["loss"]),
+        "history": history.history,
+    }

@@ -48,28 +48,35 @@ def main() -> None:
         tifffile.imwrite(stack_path, stack, photometric="minisblack")
     spec = PreprocessSpec(args.image_size)
     model = build_classifier(3, args.image_size, None, fine_tune="all", augment=False)
-    bundle = write_bundle(work / "predict-model", model, {
-        "class_names": ["a", "b", "c"], "preprocessing": spec.to_dict()})
+    bundle = write_bundle(
+        work / "predict-model",
+        model,
+        {"class_names": ["a", "b", "c"], "preprocessing": spec.to_dict()},
+    )
     predictor = Predictor(bundle, batch_size=args.batch_size)
     model = predictor.bundle.model
     print(f"Machine: {machine()}")
-    print(f"Stack: {args.pages} pages of {args.size}x{args.size} uint16 "
-          f"({stack_path.stat().st_size / 1e6:.0f} MB), model input {args.image_size} px, "
-          f"batch {args.batch_size}")
+    print(
+        f"Stack: {args.pages} pages of {args.size}x{args.size} uint16 "
+        f"({stack_path.stat().st_size / 1e6:.0f} MB), model input {args.image_size} px, "
+        f"batch {args.batch_size}"
+    )
 
     with open_image(stack_path) as f:  # decoded outside any timing
         pages = np.stack([preprocess(f.page(i), spec) for i in range(len(f))])
     sig = [tf.TensorSpec([None, args.image_size, args.image_size, 3], tf.float32)]
 
     def raw_rate(pages, jit: bool) -> float:
-        fn = tf.function(lambda x: model(x, training=False), input_signature=sig,
-                         jit_compile=jit)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=sig, jit_compile=jit)
         fn(pages[: args.batch_size])  # compile both batch shapes outside the timing
-        fn(pages[len(pages) - len(pages) % args.batch_size:] if len(pages) % args.batch_size
-           else pages[: args.batch_size])
+        fn(
+            pages[len(pages) - len(pages) % args.batch_size :]
+            if len(pages) % args.batch_size
+            else pages[: args.batch_size]
+        )
         t0 = time.perf_counter()
         for i in range(0, len(pages), args.batch_size):
-            np.asarray(fn(pages[i: i + args.batch_size]))
+            np.asarray(fn(pages[i : i + args.batch_size]))
         return len(pages) / (time.perf_counter() - t0)
 
     raw = raw_rate(pages, False)
@@ -91,11 +98,13 @@ def main() -> None:
     tracemalloc.stop()
     ours = n / seconds
     stack_mb = args.pages * args.size * args.size * 2 / 1e6
-    batch_mb = args.batch_size * args.image_size ** 2 * 3 * 4 / 1e6
+    batch_mb = args.batch_size * args.image_size**2 * 3 * 4 / 1e6
     print(f"ours (read+preprocess+predict): {ours:7.1f} images/s")
     print(f"ours / raw model: {ours / raw:.2f}x")
-    print(f"peak Python/NumPy memory while predicting: {peak / 1e6:.1f} MB "
-          f"(stack {stack_mb:.0f} MB, one input batch {batch_mb:.1f} MB)")
+    print(
+        f"peak Python/NumPy memory while predicting: {peak / 1e6:.1f} MB "
+        f"(stack {stack_mb:.0f} MB, one input batch {batch_mb:.1f} MB)"
+    )
 
 
 if __name__ == "__main__":

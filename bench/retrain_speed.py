@@ -47,9 +47,15 @@ def main() -> None:
     data = work / "retrain-data"
     shutil.rmtree(data, ignore_errors=True)
     shutil.copytree(source, data, ignore=shutil.ignore_patterns(".microclf-cache", "split.json"))
-    config = TrainConfig(str(data), str(work / "retrain-model"), epochs=args.epochs,
-                         batch_size=args.batch_size, image_size=args.image_size,
-                         weights=resolve_weights(args.weights, work), early_stopping=False)
+    config = TrainConfig(
+        str(data),
+        str(work / "retrain-model"),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        weights=resolve_weights(args.weights, work),
+        early_stopping=False,
+    )
     print(f"Machine: {machine()}")
     clear_cache(data)
     t0 = time.perf_counter()
@@ -68,14 +74,19 @@ def main() -> None:
     ours = time.perf_counter() - t0
     line = next(m for m in messages if m.startswith("Backbone features"))
     computed = int(re.search(r"(\d+) image", line).group(1))
-    print(f"ours, retrain after +{args.new} images: {ours:8.1f} s   val_accuracy "
-          f"{result.history['val_accuracy'][-1]:.4f}   ({computed} images reached the "
-          "backbone)", flush=True)
+    print(
+        f"ours, retrain after +{args.new} images: {ours:8.1f} s   val_accuracy "
+        f"{result.history['val_accuracy'][-1]:.4f}   ({computed} images reached the "
+        "backbone)",
+        flush=True,
+    )
 
     samples = load_samples(data, config.val_split, config.test_split, config.seed)
     plain = train_plain(samples, config)
-    print(f"plain Keras retrain:               {plain['seconds']:8.1f} s   val_accuracy "
-          f"{plain['val_accuracy']:.4f}")
+    print(
+        f"plain Keras retrain:               {plain['seconds']:8.1f} s   val_accuracy "
+        f"{plain['val_accuracy']:.4f}"
+    )
     print(f"speed-up vs plain Keras: {plain['seconds'] / ours:.1f}x")
 
 

@@ -49,17 +49,25 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="microclf-bench-"))
     data = Path(args.data) if args.data else sample_dataset(work, args.per_class)
     extra = {"views": args.views} if args.views is not None else {}
-    config = TrainConfig(str(data), str(work / "model"), epochs=args.epochs,
-                         batch_size=args.batch_size, image_size=args.image_size,
-                         weights=resolve_weights(args.weights, work), early_stopping=False,
-                         **extra)
+    config = TrainConfig(
+        str(data),
+        str(work / "model"),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        weights=resolve_weights(args.weights, work),
+        early_stopping=False,
+        **extra,
+    )
     samples = load_samples(data, config.val_split, config.test_split, config.seed)
     n_train, n_val, n_test = len(samples.train), len(samples.val), len(samples.test)
     views = 1 + config.views
     print(f"Machine: {machine()}")
-    print(f"Data: {data} - {n_train} train / {n_val} val / {n_test} test images; "
-          f"{args.image_size} px, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{config.views} augmented views, weights {args.weights}")
+    print(
+        f"Data: {data} - {n_train} train / {n_val} val / {n_test} test images; "
+        f"{args.image_size} px, batch {args.batch_size}, {args.epochs} epochs, "
+        f"{config.views} augmented views, weights {args.weights}"
+    )
 
     clear_cache(data)
     t0 = time.perf_counter()
@@ -74,8 +82,10 @@ def main() -> None:
 
     if not args.skip_plain:
         plain = train_plain(samples, config)
-        print(f"plain: {plain['seconds']:8.1f} s   val_accuracy {plain['val_accuracy']:.4f}   "
-              f"({plain['seconds'] / args.epochs:.1f} s/epoch)")
+        print(
+            f"plain: {plain['seconds']:8.1f} s   val_accuracy {plain['val_accuracy']:.4f}   "
+            f"({plain['seconds'] / args.epochs:.1f} s/epoch)"
+        )
         print(f"speed-up vs plain Keras: {plain['seconds'] / ours_s:.2f}x")
     print(f"ours / floor: {ours_s / floor:.2f}x")
 

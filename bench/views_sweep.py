@@ -41,13 +41,26 @@ def main() -> None:
         rows = []
         for seed in range(args.seeds):
             clear_cache(data)
-            config = TrainConfig(str(data), str(work / "sweep-model"), epochs=args.epochs,
-                                 image_size=args.image_size, weights=weights, views=k,
-                                 augment=True, early_stopping=False, seed=seed)
+            config = TrainConfig(
+                str(data),
+                str(work / "sweep-model"),
+                epochs=args.epochs,
+                image_size=args.image_size,
+                weights=weights,
+                views=k,
+                augment=True,
+                early_stopping=False,
+                seed=seed,
+            )
             t0 = time.perf_counter()
             result = train(config)
-            rows.append((time.perf_counter() - t0, result.history["val_accuracy"][-1],
-                         result.report["accuracy"]))
+            rows.append(
+                (
+                    time.perf_counter() - t0,
+                    result.history["val_accuracy"][-1],
+                    result.report["accuracy"],
+                )
+            )
         s, v, t = (sum(c) / len(rows) for c in zip(*rows, strict=True))
         print(f"{k:>3} {s:8.1f} {v:8.4f} {t:8.4f}", flush=True)
 

@@ -28,18 +28,22 @@ def frame(name: str, caption: str, font) -> Image.Image:
     band = 44
     out = Image.new("RGB", (WIDTH, shot.height + band), (38, 41, 48))
     out.paste(shot, (0, band))
-    ImageDraw.Draw(out).text((14, band // 2), caption, fill=(240, 240, 240), font=font,
-                             anchor="lm")
+    ImageDraw.Draw(out).text((14, band // 2), caption, fill=(240, 240, 240), font=font, anchor="lm")
     return out
 
 
 def main() -> None:
     font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 22)
-    frames = [frame(n, c, font).quantize(colors=128, method=Image.Quantize.MEDIANCUT,
-                                          dither=Image.Dither.NONE) for n, c in STEPS]
+    frames = [
+        frame(n, c, font).quantize(
+            colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        )
+        for n, c in STEPS
+    ]
     path = DOCS / "loop.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=2600, loop=0,
-                   optimize=True)
+    frames[0].save(
+        path, save_all=True, append_images=frames[1:], duration=2600, loop=0, optimize=True
+    )
     print(f"{path}: {len(frames)} frames, {path.stat().st_size // 1024} KB")
 
 

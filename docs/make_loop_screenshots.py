@@ -76,8 +76,9 @@ def main() -> None:
         i, j = np.unravel_index(int(off.argmax()), off.shape) if off.any() else (0, 0)
         names = report["class_names"]
         train_w.review_cell(names[i], names[j])
-        review = next(w for w in viewer.window.dock_widgets.values()
-                      if type(w).__name__ == "ReviewWidget")
+        review = next(
+            w for w in viewer.window.dock_widgets.values() if type(w).__name__ == "ReviewWidget"
+        )
         wait(review)
         viewer.window.remove_dock_widget(viewer.window.dock_widgets["Train"].parent())
         save(viewer, "review.png")
@@ -86,8 +87,9 @@ def main() -> None:
         viewer.window.remove_dock_widget(review.parent())
         viewer.layers.clear()
         data = read_meta(bundle)["data_dir"]
-        bundle = train(TrainConfig(data, str(tmp / "good"), image_size=96,
-                                   learning_rate=1e-3)).bundle
+        bundle = train(
+            TrainConfig(data, str(tmp / "good"), image_size=96, learning_rate=1e-3)
+        ).bundle
         sample = write_sample(tmp / "sample", n_per_class=1, size=96, seed=3)
         viewer.open(str(sample["stack"]), plugin="napari-microclf")
         predict = PredictWidget(viewer, bundle=bundle)

@@ -29,10 +29,22 @@ def train_sample(root: Path) -> Path:
 
     data = write_sample(root, n_per_class=40, size=96, seed=0)["dataset"]
     # a short training at a low learning rate, so that the report has mistakes to show
-    result = train(TrainConfig(str(data), str(root / "model"), image_size=96, epochs=5,
-                               batch_size=16, backbone="efficientnet-lite0", weights="auto",
-                               fine_tune=1, head_epochs=3, learning_rate=1e-4, seed=0),
-                   on_update=lambda u: print(u.text) if hasattr(u, "line") else None)
+    result = train(
+        TrainConfig(
+            str(data),
+            str(root / "model"),
+            image_size=96,
+            epochs=5,
+            batch_size=16,
+            backbone="efficientnet-lite0",
+            weights="auto",
+            fine_tune=1,
+            head_epochs=3,
+            learning_rate=1e-4,
+            seed=0,
+        ),
+        on_update=lambda u: print(u.text) if hasattr(u, "line") else None,
+    )
     return result.bundle
 
 
@@ -41,9 +53,20 @@ def screenshot(html: Path, out: Path, width: int = 1200, height: int = 3600) -> 
     if browser is None:
         sys.exit("chromium not found: apt-get install chromium")
     raw = out.with_suffix(".raw.png")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={raw}", f"--window-size={width},{height}",
-                    html.resolve().as_uri()], check=True, capture_output=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={raw}",
+            f"--window-size={width},{height}",
+            html.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+    )
     img = np.asarray(Image.open(raw).convert("RGB"))
     rows = np.flatnonzero((img != BACKGROUND).any(axis=(1, 2)))
     Image.fromarray(img[: rows.max() + 12]).save(out, optimize=True)

@@ -36,8 +36,11 @@ def shot(viewer, name, tab):
     """Save the window with the tabbed dock showing ``tab`` (a widget of it) as docs/NAME.png."""
     window = viewer.window._qt_window
     tab.parent().parent().setCurrentWidget(tab)  # the QTabWidget's stack, then the tabs
-    dock = next(d for d in window.findChildren(QDockWidget)
-                if d.windowTitle().startswith("Microscopy Classifier"))
+    dock = next(
+        d
+        for d in window.findChildren(QDockWidget)
+        if d.windowTitle().startswith("Microscopy Classifier")
+    )
     window.resizeDocks([dock], [560], Qt.Horizontal)
     pause(1.0)
     path = DOCS / f"{name}.png"
@@ -67,8 +70,7 @@ def main():
     tr = w["Train"]
     # the defaults (auto: a pretrained base), fine-tuned in two phases so the curves show
     # the marker; 96 px (the sample images' size) keeps phase 2 short on a CPU
-    for name, value in {"fine_tune": 2, "epochs": 10, "head_epochs": 5,
-                        "image_size": 96}.items():
+    for name, value in {"fine_tune": 2, "epochs": 10, "head_epochs": 5, "image_size": 96}.items():
         getattr(tr.form, name).value = value
     t0 = time.time()
     wait(tr.start())

@@ -53,9 +53,17 @@ def train_model(out: Path) -> Path:
     data = make_sample_dataset(out / "data", n_per_class=20, size=96)
     t0 = time.time()
     print(f"model: {out / 'model'}")
-    result = train(TrainConfig(str(data), str(out / "model"), epochs=8, batch_size=16,
-                               image_size=96, backbone="efficientnet-lite0",
-                               learning_rate=1e-3))
+    result = train(
+        TrainConfig(
+            str(data),
+            str(out / "model"),
+            epochs=8,
+            batch_size=16,
+            image_size=96,
+            backbone="efficientnet-lite0",
+            learning_rate=1e-3,
+        )
+    )
     print(f"training: {time.time() - t0:.0f}s, test accuracy {result.report.get('accuracy')}")
     return result.bundle
 
@@ -71,14 +79,22 @@ def main():
     from napari_microclf.core.sample import make_sample_stack
 
     ensure_tensorflow()
-    bundle = Path(sys.argv[1]) if len(sys.argv) > 1 else train_model(
-        Path(tempfile.mkdtemp()))
+    bundle = Path(sys.argv[1]) if len(sys.argv) > 1 else train_model(Path(tempfile.mkdtemp()))
     big, _ = make_sample_stack(n_pages=12, size=96, seed=1)
     small, _ = make_sample_stack(n_pages=5, size=64, seed=2)
-    viewer.add_image(big, name="cells.tif", colormap="gray",
-                     contrast_limits=np.percentile(big, [1, 99.8]).tolist())
-    viewer.add_image(small, name="second field.tif", colormap="magenta", blending="additive",
-                     contrast_limits=np.percentile(small, [1, 99.8]).tolist())
+    viewer.add_image(
+        big,
+        name="cells.tif",
+        colormap="gray",
+        contrast_limits=np.percentile(big, [1, 99.8]).tolist(),
+    )
+    viewer.add_image(
+        small,
+        name="second field.tif",
+        colormap="magenta",
+        blending="additive",
+        contrast_limits=np.percentile(small, [1, 99.8]).tolist(),
+    )
     widget = PredictWidget(viewer, bundle)
     viewer.window.add_dock_widget(widget, name="Predict (napari-microclf)")
     widget.threshold.setValue(0.5)

@@ -42,16 +42,16 @@ def relative_targets(text: str) -> list[str]:
 
 def missing_files(readme: Path) -> list[str]:
     root = readme.parent
-    return [t for t in relative_targets(readme.read_text(encoding="utf-8"))
-            if not (root / t).exists()]
+    return [
+        t for t in relative_targets(readme.read_text(encoding="utf-8")) if not (root / t).exists()
+    ]
 
 
 def file_urls(repo: str, ref: str) -> tuple[str, str]:
     """(raw file URL prefix, file page URL prefix) for ``repo`` at ``ref``."""
     repo = repo.rstrip("/")
     m = re.match(r"^https://github\.com/([^/]+/[^/]+)$", repo)
-    raw = (f"https://raw.githubusercontent.com/{m.group(1)}/{ref}" if m
-           else f"{repo}/raw/{ref}")
+    raw = f"https://raw.githubusercontent.com/{m.group(1)}/{ref}" if m else f"{repo}/raw/{ref}"
     return raw, f"{repo}/blob/{ref}"
 
 
@@ -72,10 +72,12 @@ def absolute_readme(text: str, repo: str, ref: str) -> str:
 
 def project_urls(repo: str) -> dict[str, str]:
     repo = repo.rstrip("/")
-    return {"Bug Tracker": f"{repo}/issues",
-            "Documentation": f"{repo}#readme",
-            "Source Code": repo,
-            "User Support": SUPPORT}
+    return {
+        "Bug Tracker": f"{repo}/issues",
+        "Documentation": f"{repo}#readme",
+        "Source Code": repo,
+        "User Support": SUPPORT,
+    }
 
 
 def with_urls(pyproject: str, urls: dict[str, str]) -> str:
@@ -84,11 +86,11 @@ def with_urls(pyproject: str, urls: dict[str, str]) -> str:
     table = "[project.urls]\n" + "".join(f'"{k}" = "{v}"\n' for k, v in urls.items())
     old = re.search(r"^\[project\.urls\]\n(?:(?!\[).*\n)*", pyproject, re.M)
     if old:
-        return pyproject[:old.start()] + table + "\n" + pyproject[old.end():].lstrip("\n")
+        return pyproject[: old.start()] + table + "\n" + pyproject[old.end() :].lstrip("\n")
     project = re.search(r"^\[project\]\n", pyproject, re.M)
     if project is None:
         raise SystemExit("pyproject.toml has no [project] table")
-    after = re.search(r"^\[", pyproject[project.end():], re.M)
+    after = re.search(r"^\[", pyproject[project.end() :], re.M)
     at = project.end() + after.start() if after else len(pyproject)
     return pyproject[:at] + table + "\n" + pyproject[at:]
 
@@ -106,15 +108,19 @@ def main(argv=None) -> int:
         print(f"{readme} names files that do not exist: {', '.join(missing)}", file=sys.stderr)
         return 1
     if args.check:
-        print(f"{readme}: {len(relative_targets(readme.read_text(encoding='utf-8')))} "
-              "relative files, all present")
+        print(
+            f"{readme}: {len(relative_targets(readme.read_text(encoding='utf-8')))} "
+            "relative files, all present"
+        )
         return 0
     if not args.repo or not args.repo.startswith("https://"):
         ap.error("--repo https://... is needed (or --check)")
-    readme.write_text(absolute_readme(readme.read_text(encoding="utf-8"), args.repo, args.ref),
-                      encoding="utf-8")
-    pyproject.write_text(with_urls(pyproject.read_text(encoding="utf-8"),
-                                   project_urls(args.repo)), encoding="utf-8")
+    readme.write_text(
+        absolute_readme(readme.read_text(encoding="utf-8"), args.repo, args.ref), encoding="utf-8"
+    )
+    pyproject.write_text(
+        with_urls(pyproject.read_text(encoding="utf-8"), project_urls(args.repo)), encoding="utf-8"
+    )
     print(f"README.md and pyproject.toml point at {args.repo} ({args.ref})")
     return 0
 

@@ -18,8 +18,9 @@ import pytest
 os.environ["MICROCLF_OFFLINE"] = "1"
 # ... nor the user's remembered widget settings (_qt/_settings.py): before any fixture, a
 # throw-away file for the session; each test gets its own (below).
-os.environ["MICROCLF_SETTINGS"] = str(Path(tempfile.mkdtemp(prefix="microclf-settings-"))
-                                      / "settings.json")
+os.environ["MICROCLF_SETTINGS"] = str(
+    Path(tempfile.mkdtemp(prefix="microclf-settings-")) / "settings.json"
+)
 
 
 @pytest.fixture(autouse=True)

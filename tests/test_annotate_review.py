@@ -71,8 +71,7 @@ def test_undo_never_crosses_datasets(qtbot, tmp_path):
 # -- channel layers of two openings --------------------------------------------------------
 
 
-def test_same_file_opened_twice_keeps_its_channel_layers_apart(make_napari_viewer, qtbot,
-                                                              tmp_path):
+def test_same_file_opened_twice_keeps_its_channel_layers_apart(make_napari_viewer, qtbot, tmp_path):
     data = _pages(6, 20).reshape(3, 2, 20, 20)  # Z, C, Y, X
     path = tmp_path / "cells.tif"
     tifffile.imwrite(path, data, metadata={"axes": "ZCYX"})
@@ -86,8 +85,11 @@ def test_same_file_opened_twice_keeps_its_channel_layers_apart(make_napari_viewe
     assert _layers.channel_group(viewer, first[1]) == list(first)
     assert _layers.channel_group(viewer, second[0]) == list(second)
     # a duplicated layer (same metadata) does not add a channel either
-    dup = viewer.add_image(np.asarray(second[0].data), name="copy",
-                           metadata={"microclf": dict(second[0].metadata["microclf"])})
+    dup = viewer.add_image(
+        np.asarray(second[0].data),
+        name="copy",
+        metadata={"microclf": dict(second[0].metadata["microclf"])},
+    )
     assert _layers.channel_group(viewer, second[1]) == list(second)
     assert _layers.channel_group(viewer, dup) == [dup, second[1]]
 
@@ -135,6 +137,7 @@ def test_add_all_slices_is_linear_in_the_number_of_pages(qtbot, tmp_path, monkey
         def counted(*args, **kwargs):
             scans.append(name)
             return fn(*args, **kwargs)
+
         return counted
 
     for name in ("find_by_hash", "class_counts", "list_classes", "class_files"):
@@ -153,8 +156,10 @@ def test_add_all_slices_is_linear_in_the_number_of_pages(qtbot, tmp_path, monkey
             times[n].append(elapsed / n)
     per_page = {n: min(t) for n, t in times.items()}
     ratio = per_page[400] / per_page[100]
-    print(f"add all: {per_page[100] * 1e3:.2f} ms/page at 100 pages, {per_page[400] * 1e3:.2f} "
-          f"ms/page at 400 (ratio {ratio:.2f}); folder scans per run: {scan_counts}")
+    print(
+        f"add all: {per_page[100] * 1e3:.2f} ms/page at 100 pages, {per_page[400] * 1e3:.2f} "
+        f"ms/page at 400 (ratio {ratio:.2f}); folder scans per run: {scan_counts}"
+    )
     assert scan_counts[400] == scan_counts[100]  # a constant, not one per page
     assert ratio < 2.0
 

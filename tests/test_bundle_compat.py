@@ -34,16 +34,33 @@ def cache_home(tmp_path, monkeypatch):
 def bundle(tmp_path_factory):
     """A tiny trained-like bundle with the metadata training writes (config, versions)."""
     out = tmp_path_factory.mktemp("compat") / "model"
-    model = m.build_classifier(2, image_size=32, weights=None, fine_tune="all", seed=1,
-                               augment_strength=0.1, dropout=0.3)
-    meta = {"format": "microclf-bundle/1", "class_names": ["a", "b"],
-            "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8},
-            "backbone": m.B0, "weights": "none", "fine_tune": -1,
-            "config": {"image_size": 32, "dropout": 0.3, "augment": True,
-                       "augment_strength": 0.1, "fine_tune": "all", "backbone": m.B0},
-            "versions": m.versions(), "date": "2026-01-01T10:00:00"}
-    files = {"report.md": "# report\n", "split.json": json.dumps(
-        {"test": [{"key": "a/1.tif", "sha1": "x", "group": "g"}], "val": [], "train": []})}
+    model = m.build_classifier(
+        2, image_size=32, weights=None, fine_tune="all", seed=1, augment_strength=0.1, dropout=0.3
+    )
+    meta = {
+        "format": "microclf-bundle/1",
+        "class_names": ["a", "b"],
+        "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8},
+        "backbone": m.B0,
+        "weights": "none",
+        "fine_tune": -1,
+        "config": {
+            "image_size": 32,
+            "dropout": 0.3,
+            "augment": True,
+            "augment_strength": 0.1,
+            "fine_tune": "all",
+            "backbone": m.B0,
+        },
+        "versions": m.versions(),
+        "date": "2026-01-01T10:00:00",
+    }
+    files = {
+        "report.md": "# report\n",
+        "split.json": json.dumps(
+            {"test": [{"key": "a/1.tif", "sha1": "x", "group": "g"}], "val": [], "train": []}
+        ),
+    }
     m.write_bundle(out, model, meta, files)
     probs = model.predict(X, verbose=0)
     return out, probs
@@ -90,8 +107,11 @@ def as_keras_9(name, data):
 
 def from_the_future(folder):
     rewrite_archive(folder / m.MODEL_FILE, as_keras_9)
-    versions = {**json.loads((folder / m.META_FILE).read_text())["versions"],
-                "keras": "9.0.0", "napari_microclf": "7.0"}
+    versions = {
+        **json.loads((folder / m.META_FILE).read_text())["versions"],
+        "keras": "9.0.0",
+        "napari_microclf": "7.0",
+    }
     edit_meta(folder, versions=versions)
     return folder
 
@@ -107,9 +127,11 @@ def test_a_model_keras_this_keras_cannot_read_is_rebuilt_from_its_meta(bundle, t
     folder = from_the_future(copy(bundle, tmp_path / "model"))
     with pytest.raises(Exception, match="DenseV9"):  # what Keras alone makes of it
         keras.saving.load_model(folder / m.MODEL_FILE, compile=False)
-    expected = (rf"Keras 9\.0\.0 \(napari-microclf 7\.0\).*installed Keras "
-                rf"{re.escape(keras.__version__)} \(napari-microclf {re.escape(__version__)}\)"
-                r".*rebuilt from microclf\.json")
+    expected = (
+        rf"Keras 9\.0\.0 \(napari-microclf 7\.0\).*installed Keras "
+        rf"{re.escape(keras.__version__)} \(napari-microclf {re.escape(__version__)}\)"
+        r".*rebuilt from microclf\.json"
+    )
     with pytest.warns(m.BundleVersionWarning, match=expected) as caught:
         b = m.load_bundle(folder)
     assert len([w for w in caught if issubclass(w.category, m.BundleVersionWarning)]) == 1
@@ -133,8 +155,9 @@ def test_a_rebuild_that_fails_too_is_a_clear_error(bundle, tmp_path):
     assert "pip install keras==9.0.0" in msg
     # no weights in the archive
     folder = copy(bundle, tmp_path / "noweights")
-    rewrite_archive(folder / m.MODEL_FILE,
-                    lambda n, d: None if n.endswith(".h5") else as_keras_9(n, d))
+    rewrite_archive(
+        folder / m.MODEL_FILE, lambda n, d: None if n.endswith(".h5") else as_keras_9(n, d)
+    )
     with pytest.raises(BundleError, match="rebuilding it from microclf.json failed too"):
         m.load_bundle(folder)
 
@@ -149,9 +172,11 @@ def test_a_newer_recorded_keras_warns_once_and_loads(bundle, tmp_path):
     newer = f"{major}.{minor + 1}.0"
     versions = {**m.read_meta(folder)["versions"], "keras": newer}
     edit_meta(folder, versions=versions)
-    with pytest.warns(m.BundleVersionWarning,
-                      match=rf"saved by Keras {re.escape(newer)}.*newer than the installed "
-                            rf"Keras {re.escape(keras.__version__)}") as caught:
+    with pytest.warns(
+        m.BundleVersionWarning,
+        match=rf"saved by Keras {re.escape(newer)}.*newer than the installed "
+        rf"Keras {re.escape(keras.__version__)}",
+    ) as caught:
         b = m.load_bundle(folder)
     assert len([w for w in caught if issubclass(w.category, m.BundleVersionWarning)]) == 1
     np.testing.assert_allclose(b.model.predict(X, verbose=0), bundle[1], atol=1e-6)
@@ -163,13 +188,19 @@ def test_a_newer_recorded_keras_warns_once_and_loads(bundle, tmp_path):
     assert not [w for w in caught if issubclass(w.category, m.BundleVersionWarning)]
 
 
-@pytest.mark.parametrize("fmt, expected", [
-    ("microclf-bundle/99", r"newer microclf \(format 99; this one reads up to 1\); upgrade "
-                           r"napari-microclf \(pip install -U napari-microclf\)"),
-    ("garbage", "has format 'garbage', not a microclf model"),
-    ("microclf-bundle/two", "has format 'microclf-bundle/two', not a microclf model"),
-    (3, "has format 3, not a microclf model"),
-])
+@pytest.mark.parametrize(
+    "fmt, expected",
+    [
+        (
+            "microclf-bundle/99",
+            r"newer microclf \(format 99; this one reads up to 1\); upgrade "
+            r"napari-microclf \(pip install -U napari-microclf\)",
+        ),
+        ("garbage", "has format 'garbage', not a microclf model"),
+        ("microclf-bundle/two", "has format 'microclf-bundle/two', not a microclf model"),
+        (3, "has format 3, not a microclf model"),
+    ],
+)
 def test_a_format_this_version_cannot_read_is_refused(bundle, tmp_path, fmt, expected):
     folder = copy(bundle, tmp_path / "model")
     edit_meta(folder, format=fmt)
@@ -195,8 +226,12 @@ def test_a_format_this_version_cannot_read_is_refused(bundle, tmp_path, fmt, exp
 
 def test_zip_bundle_holds_the_bundle_only_and_loads_alike(bundle, tmp_path, cache_home):
     folder = copy(bundle, tmp_path / "model")
-    m.write_bundle(folder, keras.models.load_model(folder / m.MODEL_FILE, compile=False),
-                   m.read_meta(folder), {"report.md": "# report\n", "notes-of-b.txt": "b"})
+    m.write_bundle(
+        folder,
+        keras.models.load_model(folder / m.MODEL_FILE, compile=False),
+        m.read_meta(folder),
+        {"report.md": "# report\n", "notes-of-b.txt": "b"},
+    )
     (folder / "notes.txt").write_text("the user's")
     (folder / "reports").mkdir()
     (folder / "reports" / "eval.md").write_text("an evaluation")
@@ -262,12 +297,15 @@ def test_a_zip_that_is_no_bundle_names_the_file(bundle, tmp_path, cache_home):
     only_meta = tmp_path / "only-meta.zip"
     with zipfile.ZipFile(only_meta, "w") as zf:
         zf.write(bundle[0] / m.META_FILE, m.META_FILE)
-    for path, why in [(not_bundle, "no microclf.json in it"),
-                      (garbage, "not a readable zip"),
-                      (only_meta, "no model.keras beside its microclf.json")]:
+    for path, why in [
+        (not_bundle, "no microclf.json in it"),
+        (garbage, "not a readable zip"),
+        (only_meta, "no model.keras beside its microclf.json"),
+    ]:
         for call in (m.read_meta, m.load_bundle):
-            with pytest.raises(BundleError, match=re.escape(f"{path} is not a zipped microclf "
-                                                            f"model ({why}")):
+            with pytest.raises(
+                BundleError, match=re.escape(f"{path} is not a zipped microclf model ({why}")
+            ):
                 call(path)
     with pytest.raises(BundleError, match=r"zipped model .*missing\.zip does not exist"):
         m.load_bundle(tmp_path / "missing.zip")

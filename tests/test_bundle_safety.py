@@ -32,11 +32,20 @@ def tiny_model(seed: int):
 
 
 def write(out, tag: str, seed: int, **extra):
-    meta = {"format": "microclf-bundle/1", "class_names": ["a", "b"], "date": tag,
-            "backbone": "efficientnet-b0", "metrics": {"accuracy": 0.5 + seed / 100},
-            "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8}}
-    files = {"report.md": f"# report {tag}\n", "split.json": json.dumps(
-        {"test": [{"key": "a/1.tif", "sha1": tag, "group": "g"}], "val": [], "train": []})}
+    meta = {
+        "format": "microclf-bundle/1",
+        "class_names": ["a", "b"],
+        "date": tag,
+        "backbone": "efficientnet-b0",
+        "metrics": {"accuracy": 0.5 + seed / 100},
+        "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8},
+    }
+    files = {
+        "report.md": f"# report {tag}\n",
+        "split.json": json.dumps(
+            {"test": [{"key": "a/1.tif", "sha1": tag, "group": "g"}], "val": [], "train": []}
+        ),
+    }
     return m.write_bundle(out, tiny_model(seed), meta, {**files, **extra})
 
 
@@ -72,9 +81,17 @@ def dead_pid() -> int:
 
 def leave_killed_lock(out, command="microclf train"):
     """What a killed training leaves: its lock file, naming a process that is gone."""
-    (out / lock.MODEL_LOCK).write_text(json.dumps(
-        {"pid": dead_pid(), "host": socket.gethostname(), "command": command,
-         "started": "2024-01-01T10:02:00", "time": time.time()}))
+    (out / lock.MODEL_LOCK).write_text(
+        json.dumps(
+            {
+                "pid": dead_pid(),
+                "host": socket.gethostname(),
+                "command": command,
+                "started": "2024-01-01T10:02:00",
+                "time": time.time(),
+            }
+        )
+    )
 
 
 # -- user files and previous/ ------------------------------------------------------------
@@ -97,14 +114,24 @@ def test_retraining_keeps_user_files_and_one_previous_bundle(tmp_path):
     assert (out / "report.md").read_text() == "# report B\n"
     # previous/ holds the bundle only, never the user's files
     assert sorted(os.listdir(out / "previous")) == sorted(
-        [m.MODEL_FILE, m.META_FILE, "report.md", "split.json", "only-in-a.txt"])
+        [m.MODEL_FILE, m.META_FILE, "report.md", "split.json", "only-in-a.txt"]
+    )
     write(out, "C", 3)  # one generation: A is gone, B is previous
     assert (m.read_meta(out)["date"], m.read_meta(out / "previous")["date"]) == ("C", "B")
     assert_user_files(out)
     assert_clean(out)
     assert sorted(os.listdir(out)) == sorted(
-        [m.MODEL_FILE, m.META_FILE, "report.md", "split.json", "previous", "notes.txt",
-         "figures", "reports"])
+        [
+            m.MODEL_FILE,
+            m.META_FILE,
+            "report.md",
+            "split.json",
+            "previous",
+            "notes.txt",
+            "figures",
+            "reports",
+        ]
+    )
 
 
 def test_a_foreign_folder_is_still_refused(tmp_path):
@@ -329,8 +356,13 @@ def test_locks_are_reentrant_in_a_thread_and_refused_to_another(tmp_path):
 def test_a_lock_from_another_host_is_stale_only_when_old(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
-    info = {"pid": 1, "host": "elsewhere", "command": "microclf train",
-            "started": "2024-01-01T10:02:00", "time": time.time() - 3600}
+    info = {
+        "pid": 1,
+        "host": "elsewhere",
+        "command": "microclf train",
+        "started": "2024-01-01T10:02:00",
+        "time": time.time() - 3600,
+    }
     (out / lock.MODEL_LOCK).write_text(json.dumps(info))
     with pytest.raises(LockedError, match="pid 1 on elsewhere, started 2024-01-01 10:02"):
         with lock.model_lock(out):
@@ -362,8 +394,9 @@ def test_split_updates_take_turns(tmp_path, monkeypatch):
     t.start()
     taken.wait(10)
     try:
-        with pytest.raises(LockedError, match="split of dataset .* is being updated by "
-                                              "microclf train"):
+        with pytest.raises(
+            LockedError, match="split of dataset .* is being updated by microclf train"
+        ):
             dataset.update_split(data)
         assert not (data / dataset.SPLIT_FILE).exists()
     finally:
@@ -400,24 +433,31 @@ def test_a_bundle_of_a_newer_or_other_format_is_refused(tmp_path):
     out = tmp_path / "model"
     write(out, "A", 1)
     meta = json.loads((out / m.META_FILE).read_text())
-    for fmt, expected in [("microclf-bundle/3", r"newer microclf \(format 3;.*upgrade "
-                                                r"napari-microclf"),
-                          ("lobe/1", "format 'lobe/1', not a microclf model")]:
+    for fmt, expected in [
+        (
+            "microclf-bundle/3",
+            r"newer microclf \(format 3;.*upgrade "
+            r"napari-microclf",
+        ),
+        ("lobe/1", "format 'lobe/1', not a microclf model"),
+    ]:
         (out / m.META_FILE).write_text(json.dumps({**meta, "format": fmt}))
         with pytest.raises(BundleError, match=expected):
             m.read_meta(out)
-    (out / m.META_FILE).write_text(json.dumps({k: v for k, v in meta.items()
-                                               if k != "format"}))
+    (out / m.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
     assert m.read_meta(out)["class_names"] == ["a", "b"]  # older bundles have no format
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("[]", "JSON object was expected"),
-    ('{"test": {"a/1.tif": "x"}}', "'test' must be a list"),
-    ('{"test": [{"key": "a/1.tif"}]}', r"test\[0\] must have a text 'key' and 'sha1'"),
-    ('{"val": [{"key": "1.tif", "sha1": "x"}]}', "is not '<class>/<file>'"),
-    ("{not json", "is corrupt"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("[]", "JSON object was expected"),
+        ('{"test": {"a/1.tif": "x"}}', "'test' must be a list"),
+        ('{"test": [{"key": "a/1.tif"}]}', r"test\[0\] must have a text 'key' and 'sha1'"),
+        ('{"val": [{"key": "1.tif", "sha1": "x"}]}', "is not '<class>/<file>'"),
+        ("{not json", "is corrupt"),
+    ],
+)
 def test_a_bundle_split_list_is_checked(tmp_path, content, expected):
     from napari_microclf.core.evaluate import own_split
 
@@ -471,8 +511,10 @@ def test_predict_widget_restores_the_previous_model(tmp_path, qtbot, monkeypatch
     widget.restore_btn.click()
     assert m.read_meta(out)["date"] == "A" and "trained A" in widget.model_info.text()
     # the loaded-model cache does not serve the replaced model
-    np.testing.assert_allclose(qt_predict.get_predictor(out).bundle.model.predict(
-        X, verbose=0), first)
+    np.testing.assert_allclose(
+        qt_predict.get_predictor(out).bundle.model.predict(X, verbose=0), first
+    )
     widget.restore_btn.click()
-    np.testing.assert_allclose(qt_predict.get_predictor(out).bundle.model.predict(
-        X, verbose=0), second)
+    np.testing.assert_allclose(
+        qt_predict.get_predictor(out).bundle.model.predict(X, verbose=0), second
+    )

@@ -18,8 +18,7 @@ def _fill(root, counts):
     """``n`` examples per class, each from its own source file (so each is its own group)."""
     for cls, n in counts.items():
         for i in range(n):
-            ds.add_example(root, cls, _img(hash((cls, i)) % 2**32), source=f"{cls}_{i}.tif",
-                           page=0)
+            ds.add_example(root, cls, _img(hash((cls, i)) % 2**32), source=f"{cls}_{i}.tif", page=0)
 
 
 def test_add_example_writes_a_tiff_with_provenance(tmp_path):

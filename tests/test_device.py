@@ -14,14 +14,18 @@ from napari_microclf.core import device
 def fake_gpus(monkeypatch):
     import tensorflow as tf
 
-    gpus = [SimpleNamespace(name="/physical_device:GPU:0"),
-            SimpleNamespace(name="/physical_device:GPU:1")]
+    gpus = [
+        SimpleNamespace(name="/physical_device:GPU:0"),
+        SimpleNamespace(name="/physical_device:GPU:1"),
+    ]
     grown = []
     monkeypatch.setattr(device, "_gpus", lambda: gpus)
-    monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
-                        lambda gpu, on: grown.append((gpu.name, on)))
-    monkeypatch.setattr(tf.config.experimental, "get_device_details",
-                        lambda gpu: {"device_name": "NVIDIA H200"})
+    monkeypatch.setattr(
+        tf.config.experimental, "set_memory_growth", lambda gpu, on: grown.append((gpu.name, on))
+    )
+    monkeypatch.setattr(
+        tf.config.experimental, "get_device_details", lambda gpu: {"device_name": "NVIDIA H200"}
+    )
     monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
     return gpus, grown
 

@@ -20,9 +20,19 @@ from napari_microclf.core.train import TrainConfig, train
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ev")
     data = write_sample(root / "s", n_per_class=12, size=48, seed=1)["dataset"]
-    result = train(TrainConfig(str(data), str(root / "model"), epochs=1, batch_size=8,
-                               image_size=32, weights=None, fine_tune="all", augment=False,
-                               early_stopping=False))
+    result = train(
+        TrainConfig(
+            str(data),
+            str(root / "model"),
+            epochs=1,
+            batch_size=8,
+            image_size=32,
+            weights=None,
+            fine_tune="all",
+            augment=False,
+            early_stopping=False,
+        )
+    )
     return data, result.bundle
 
 

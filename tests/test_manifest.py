@@ -7,7 +7,8 @@ from pathlib import Path
 
 def test_npe2_validate_passes():
     npe2 = Path(sys.executable).parent / "npe2"
-    out = subprocess.run([str(npe2), "validate", "napari-microclf"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [str(npe2), "validate", "napari-microclf"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "valid" in out.stdout

@@ -34,16 +34,17 @@ BACKBONES = pytest.mark.parametrize("backbone", m.BACKBONES)
 def test_fine_tune_unfreezes_whole_top_stages_with_batchnorm_frozen(backbone):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fine-tuning a random base is not the frozen case
-        model = m.build_classifier(2, image_size=32, weights=None, fine_tune=2, augment=False,
-                                   backbone=backbone)
+        model = m.build_classifier(
+            2, image_size=32, weights=None, fine_tune=2, augment=False, backbone=backbone
+        )
     base = m.base_layer(model)
     assert base.name == m.BASE_NAMES[backbone]
-    open_layers = {ly.name.split("_")[0] for ly in base.layers
-                   if ly.trainable and ly.weights}
+    open_layers = {ly.name.split("_")[0] for ly in base.layers if ly.trainable and ly.weights}
     assert open_layers == {"block6a", "block6b", "block6c", "block6d", "block7a", "top"}
     assert not any(_bn_trainable(base))
-    everything = m.build_classifier(2, image_size=32, weights=None, fine_tune="all",
-                                    backbone=backbone)
+    everything = m.build_classifier(
+        2, image_size=32, weights=None, fine_tune="all", backbone=backbone
+    )
     base = m.base_layer(everything)
     assert all(ly.trainable for ly in base.layers)  # from scratch: BatchNorm learns too
     assert all(_bn_trainable(base))
@@ -85,7 +86,8 @@ def test_auto_weights_pick_b0_then_lite0_then_none(tmp_path, monkeypatch):
     (tmp_path / "kh" / "models").mkdir(parents=True)
     (tmp_path / "kh" / "models" / m.IMAGENET_FILE).write_bytes(b"h5")
     assert m.resolve_weights("efficientnet-b0", "auto") == m.ResolvedWeights(
-        "efficientnet-b0", "imagenet")
+        "efficientnet-b0", "imagenet"
+    )
     # neither: no pretrained weights, with a warning saying what to install
     (tmp_path / "kh" / "models" / m.IMAGENET_FILE).unlink()
     monkeypatch.setattr(lite0, "available", lambda: False)
@@ -116,8 +118,9 @@ def test_weights_file_must_exist_and_fit(tmp_path):
 
 def test_weights_file_round_trip(tmp_path):
     """A local weights file (e.g. a copy of the ImageNet one) is loaded into the base."""
-    base = keras.applications.EfficientNetB0(include_top=False, weights=None,
-                                             input_shape=(32, 32, 3))
+    base = keras.applications.EfficientNetB0(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
     path = tmp_path / "mine.weights.h5"
     base.save_weights(path)
     model = m.build_classifier(2, image_size=32, weights=str(path), augment=False)
@@ -129,8 +132,7 @@ def test_weights_file_round_trip(tmp_path):
 def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "model"
     model = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
-    meta = {"class_names": ["a", "b"],
-            "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8}}
+    meta = {"class_names": ["a", "b"], "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8}}
     m.write_bundle(out, model, meta)
     return out
 
@@ -187,21 +189,23 @@ def test_a_frozen_base_gives_the_same_features_in_training_and_inference(backbon
 
     def train_vs_inference(model):
         pooled = keras.Model(model.input, model.get_layer("avg_pool").output)
-        return np.abs(np.asarray(pooled(x, training=True))
-                      - np.asarray(pooled(x, training=False))).max()
+        return np.abs(
+            np.asarray(pooled(x, training=True)) - np.asarray(pooled(x, training=False))
+        ).max()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen = m.build_classifier(2, 64, None, augment=False, seed=0, backbone=backbone)
     assert train_vs_inference(frozen) == 0.0
-    drops = [ly for ly in m.base_layer(frozen).layers
-             if isinstance(ly, keras.layers.Dropout)]
+    drops = [ly for ly in m.base_layer(frozen).layers if isinstance(ly, keras.layers.Dropout)]
     assert drops and all(ly.rate == 0 for ly in drops)
     # fine-tuning the top 2 stages keeps their stochastic depth (and only theirs)
-    tuned = m.build_classifier(2, 64, None, augment=False, seed=0, fine_tune=2,
-                               backbone=backbone)
-    active = {ly.name.split("_")[0] for ly in m.base_layer(tuned).layers
-              if isinstance(ly, keras.layers.Dropout) and ly.rate > 0}
+    tuned = m.build_classifier(2, 64, None, augment=False, seed=0, fine_tune=2, backbone=backbone)
+    active = {
+        ly.name.split("_")[0]
+        for ly in m.base_layer(tuned).layers
+        if isinstance(ly, keras.layers.Dropout) and ly.rate > 0
+    }
     assert active and all(name.startswith("block6") for name in active)
     assert train_vs_inference(tuned) > 0  # the measurement sees stochastic depth
 

@@ -35,8 +35,11 @@ RNG = np.random.default_rng(0)
 def bundle(tmp_path_factory):
     """A two-class bundle of a random 32 px model: prediction mechanics, not accuracy."""
     model = build_classifier(2, 32, None, fine_tune="all", augment=False)
-    return write_bundle(tmp_path_factory.mktemp("bundle") / "b", model, {
-        "class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()})
+    return write_bundle(
+        tmp_path_factory.mktemp("bundle") / "b",
+        model,
+        {"class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,12 @@ def _gray(h=32, w=32):
 
 def _truncated_stack(path: Path, pages=4):
     """A ZYX stack whose last page lost its end (a copy that was cut short)."""
-    tifffile.imwrite(path, np.stack([_gray() for _ in range(pages)]), metadata={"axes": "ZYX"},
-                     photometric="minisblack")
+    tifffile.imwrite(
+        path,
+        np.stack([_gray() for _ in range(pages)]),
+        metadata={"axes": "ZYX"},
+        photometric="minisblack",
+    )
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
 
@@ -59,9 +66,12 @@ def _truncated_stack(path: Path, pages=4):
 def _mixed_folder(folder: Path) -> dict[str, int | None]:
     """Good and bad files interleaved; name -> pages expected (None: an error row only)."""
     folder.mkdir()
-    tifffile.imwrite(folder / "a_stack.tif", np.stack([_gray() for _ in range(3)]),
-                     metadata={"axes": "ZYX"},
-                     photometric="minisblack")
+    tifffile.imwrite(
+        folder / "a_stack.tif",
+        np.stack([_gray() for _ in range(3)]),
+        metadata={"axes": "ZYX"},
+        photometric="minisblack",
+    )
     (folder / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 20)
     tifffile.imwrite(folder / "c_mask.tif", _gray() > 2000)  # bool: a mask is classified
     tifffile.imwrite(folder / "d_line.tif", _gray(1, 20000))
@@ -70,8 +80,16 @@ def _mixed_folder(folder: Path) -> dict[str, int | None]:
     _truncated_stack(folder / "g_cut.tif")
     (folder / "sub").mkdir()
     iio.imwrite(folder / "sub" / "h_rgb.png", RNG.integers(0, 255, (32, 40, 3), np.uint8))
-    return {"a_stack.tif": 3, "b_corrupt.png": None, "c_mask.tif": 1, "d_line.tif": None,
-            "e_good.png": 1, "f_dot.tif": None, "g_cut.tif": 3, "h_rgb.png": 1}
+    return {
+        "a_stack.tif": 3,
+        "b_corrupt.png": None,
+        "c_mask.tif": 1,
+        "d_line.tif": None,
+        "e_good.png": 1,
+        "f_dot.tif": None,
+        "g_cut.tif": 3,
+        "h_rgb.png": 1,
+    }
 
 
 def _rows(path):
@@ -95,8 +113,9 @@ def test_a_folder_with_bad_files_is_classified_to_the_end(bundle, tmp_path, caps
         bad = [r for r in by_file[name] if r["status"] == "error"]
         assert len(ok) == (pages or 0), name
         assert all(r["error"] == "" and r["class"] in ("a", "b") for r in ok)
-        assert len(bad) == (0 if name in ("a_stack.tif", "c_mask.tif", "e_good.png",
-                                          "h_rgb.png") else 1), name
+        assert len(bad) == (
+            0 if name in ("a_stack.tif", "c_mask.tif", "e_good.png", "h_rgb.png") else 1
+        ), name
         for r in bad:
             assert r["class"] == "" and r["a"] == "" and "\n" not in r["error"]
             assert name not in r["error"]  # the file column names it already
@@ -109,13 +128,17 @@ def test_a_folder_with_bad_files_is_classified_to_the_end(bundle, tmp_path, caps
     assert by_file["g_cut.tif"][-1]["page"] == "3"
 
     summary = printed[-1]
-    assert summary.startswith("Classified 9 pages from 5 of 8 files; 4 files could not be "
-                              "read (1 only in part; listed in the CSV's error column): "
-                              "b_corrupt.png: ")
+    assert summary.startswith(
+        "Classified 9 pages from 5 of 8 files; 4 files could not be "
+        "read (1 only in part; listed in the CSV's error column): "
+        "b_corrupt.png: "
+    )
     assert "d_line.tif: too small: 1 x 20000 pixels" in summary and "and 1 more" in summary
     assert summary.endswith(f"CSV: {out}")
-    assert any(line.startswith(str(tmp_path / "images" / "d_line.tif")) and "\terror\t" in line
-               for line in printed)  # each bad file printed as it comes
+    assert any(
+        line.startswith(str(tmp_path / "images" / "d_line.tif")) and "\terror\t" in line
+        for line in printed
+    )  # each bad file printed as it comes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out.csv"]  # no .partial
 
 
@@ -128,7 +151,8 @@ def test_a_folder_of_only_bad_files_exits_1_with_a_summary(bundle, tmp_path, cap
     assert cli_main(["predict", str(bundle), str(folder), "--csv", str(out), "--quiet"]) == 1
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith(
-        "No page could be classified (2 files tried); 2 files could not be read")
+        "No page could be classified (2 files tried); 2 files could not be read"
+    )
     assert "x.jpg: cannot read" in printed[0] and "y.tif: too small: 1 x 300 pixels" in printed[0]
     assert [r["status"] for r in _rows(out)] == ["error", "error"]
 
@@ -144,8 +168,9 @@ def test_an_empty_folder_says_so_before_the_model_loads(bundle, tmp_path, capsys
 
 
 @pytest.mark.parametrize("where", ["missing folder", "a folder", "folder is a file"])
-def test_the_csv_destination_is_checked_before_the_model_loads(bundle, tmp_path, capsys,
-                                                               monkeypatch, where):
+def test_the_csv_destination_is_checked_before_the_model_loads(
+    bundle, tmp_path, capsys, monkeypatch, where
+):
     loads = []
     monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
     images = tmp_path / "images"
@@ -167,8 +192,10 @@ def test_the_csv_destination_is_checked_before_the_model_loads(bundle, tmp_path,
     assert loads == []
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="needs POSIX permissions and a user that they bind (not root)")
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0,
+    reason="needs POSIX permissions and a user that they bind (not root)",
+)
 def test_a_read_only_csv_folder_is_refused_first(bundle, tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
@@ -183,8 +210,7 @@ def test_a_read_only_csv_folder_is_refused_first(bundle, tmp_path, monkeypatch):
     assert loads == []
 
 
-def test_a_folder_where_files_cannot_be_created_is_refused_first(bundle, tmp_path,
-                                                                 monkeypatch):
+def test_a_folder_where_files_cannot_be_created_is_refused_first(bundle, tmp_path, monkeypatch):
     """The same for any user (root passes permission bits): creating the probe file fails."""
     loads = []
     monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
@@ -193,8 +219,11 @@ def test_a_folder_where_files_cannot_be_created_is_refused_first(bundle, tmp_pat
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(predict_mod.tempfile, "mkstemp", refuse)
-    with pytest.raises(OutputError, match=r"no permission to create files in .*\(Permission "
-                                          r"denied\); choose a CSV path in a folder you can"):
+    with pytest.raises(
+        OutputError,
+        match=r"no permission to create files in .*\(Permission "
+        r"denied\); choose a CSV path in a folder you can",
+    ):
         predict_folder(bundle, tmp_path, tmp_path / "out.csv")
     assert loads == []
 
@@ -240,11 +269,16 @@ def test_the_api_returns_errors_with_the_results(predictor, bundle, tmp_path):
     assert len(result) == 9 and all(isinstance(p, PagePrediction) for p in result)
     assert result[0].file.endswith("a_stack.tif") and [p.page for p in result[:3]] == [0, 1, 2]
     assert [(Path(e.path).name, e.page) for e in result.errors] == [
-        ("b_corrupt.png", None), ("d_line.tif", 0), ("f_dot.tif", 0), ("g_cut.tif", 3)]
+        ("b_corrupt.png", None),
+        ("d_line.tif", 0),
+        ("f_dot.tif", 0),
+        ("g_cut.tif", 3),
+    ]
     assert str(result.errors[1]) == f"{result.errors[1].path}: {result.errors[1].message}"
     # a list of paths is a folder run too; the CSV of the result has the status columns
-    result = predict(predictor, [tmp_path / "images" / "e_good.png",
-                                 tmp_path / "images" / "f_dot.tif"])
+    result = predict(
+        predictor, [tmp_path / "images" / "e_good.png", tmp_path / "images" / "f_dot.tif"]
+    )
     assert len(result) == 1 and len(result.errors) == 1
     assert write_csv(result, tmp_path / "r.csv", predictor.class_names) == 2
     assert [r["status"] for r in _rows(tmp_path / "r.csv")] == ["ok", "error"]
@@ -255,8 +289,11 @@ def test_the_api_returns_errors_with_the_results(predictor, bundle, tmp_path):
 
 def test_a_single_bad_file_raises_a_named_error(predictor, tmp_path):
     tifffile.imwrite(tmp_path / "line.tif", _gray(1, 20000))
-    with pytest.raises(ImageReadError, match=r"line\.tif: too small: 1 x 20000 pixels .* at "
-                                             "least 2 pixels"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"line\.tif: too small: 1 x 20000 pixels .* at "
+        "least 2 pixels",
+    ):
         predict(predictor, tmp_path / "line.tif")
     with pytest.raises(ImageReadError, match=r"line\.tif: too small: 1 x 20000"):
         list(predictor.predict_file(tmp_path / "line.tif"))
@@ -284,11 +321,15 @@ def test_predict_takes_an_explicit_page_axis(predictor):
     assert [p.page for p in first] == list(range(5)) and all(p.file is None for p in first)
     last = predict(predictor, np.moveaxis(stack, 0, -1), page_axis=-1)  # (32, 32, 5)
     for a, b in zip(first, last, strict=True):
-        assert a.class_name == b.class_name and a.confidence == pytest.approx(b.confidence,
-                                                                              abs=1e-5)
+        assert a.class_name == b.class_name and a.confidence == pytest.approx(
+            b.confidence, abs=1e-5
+        )
     assert len(predictor.predict_array(stack, pages=True)) == 5  # the older spelling
-    with pytest.raises(ImageReadError, match=r"shape \(5, 32, 32\) is not one image.*"
-                                             r"page_axis=0"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"shape \(5, 32, 32\) is not one image.*"
+        r"page_axis=0",
+    ):
         predict(predictor, stack)  # nothing guessed
     with pytest.raises(ImageReadError, match="is not one image"):
         predict(predictor, np.moveaxis(stack, 0, -1))  # 5 channels? no: say which axis
@@ -305,10 +346,8 @@ def test_predict_takes_an_explicit_page_axis(predictor):
 def test_write_csv_keeps_its_columns_without_errors(tmp_path):
     preds = [PagePrediction("x.tif", 0, "a", 0.9, {"a": 0.9, "b": 0.1})]
     write_csv(preds, tmp_path / "p.csv", ["a", "b"])
-    assert list(_rows(tmp_path / "p.csv")[0]) == ["file", "page", "class", "confidence", "a",
-                                                   "b"]
-    write_csv([*preds, FileError("y.tif", "=cannot read", None)], tmp_path / "e.csv",
-              ["a", "b"])
+    assert list(_rows(tmp_path / "p.csv")[0]) == ["file", "page", "class", "confidence", "a", "b"]
+    write_csv([*preds, FileError("y.tif", "=cannot read", None)], tmp_path / "e.csv", ["a", "b"])
     rows = _rows(tmp_path / "e.csv")
     assert [(r["status"], r["error"]) for r in rows] == [("ok", ""), ("error", "'=cannot read")]
 
@@ -344,12 +383,16 @@ def test_the_model_cache_is_bounded(tmp_path, monkeypatch):
 def _notifications(level):
     from napari.utils.notifications import notification_manager
 
-    return [str(n.message) for n in notification_manager.records
-            if str(n.severity).lower().endswith(level)]
+    return [
+        str(n.message)
+        for n in notification_manager.records
+        if str(n.severity).lower().endswith(level)
+    ]
 
 
-def test_classify_folder_in_the_widget_goes_past_a_bad_file(make_napari_viewer, qtbot,
-                                                            bundle, tmp_path):
+def test_classify_folder_in_the_widget_goes_past_a_bad_file(
+    make_napari_viewer, qtbot, bundle, tmp_path
+):
     from napari_microclf._qt.predict import PredictWidget
 
     expected = _mixed_folder(tmp_path / "images")
@@ -374,7 +417,8 @@ def test_classify_folder_in_the_widget_goes_past_a_bad_file(make_napari_viewer, 
 
 
 def test_classify_folder_shows_an_unexpected_error_with_its_traceback(
-        make_napari_viewer, qtbot, bundle, tmp_path, monkeypatch):
+    make_napari_viewer, qtbot, bundle, tmp_path, monkeypatch
+):
     """Not a MicroclfError: re-raised in the main thread, where napari's excepthook shows it as
     a notification with its traceback (pytest-qt captures it here)."""
     from napari_microclf._qt import predict as qt_predict

@@ -52,8 +52,11 @@ def data(tmp_path):
 
 
 def _config(data, out, **kw):
-    return TrainConfig(str(data), str(out), **{"epochs": 1, "image_size": 32, "weights": None,
-                                               "fine_tune": "all", **kw})
+    return TrainConfig(
+        str(data),
+        str(out),
+        **{"epochs": 1, "image_size": 32, "weights": None, "fine_tune": "all", **kw},
+    )
 
 
 def _write_bad(folder, kind):
@@ -69,8 +72,11 @@ def _write_bad(folder, kind):
         path.write_bytes(b"")
     elif kind == "truncated":
         path = folder / "cut.tif"
-        tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (3, 64, 64), np.uint8),
-                         photometric="minisblack")
+        tifffile.imwrite(
+            path,
+            np.random.default_rng(0).integers(0, 255, (3, 64, 64), np.uint8),
+            photometric="minisblack",
+        )
         path.write_bytes(path.read_bytes()[:4000])
     elif kind == "1x1":
         path = folder / "dot.tif"
@@ -88,18 +94,21 @@ def _write_bad(folder, kind):
     return path
 
 
-BAD = {"corrupt": "cannot read this image (invalid offset to first page",
-       "not an image": "no image reader recognises its contents",
-       "empty": "empty file (0 bytes)",
-       "truncated": "truncated (its pixel data should end at byte",
-       "1x1": f"too small: 1 x 1 pixels (height x width); each side needs at least {MIN_SIDE}",
-       "1x20000": "too small: 1 x 20000 pixels",
-       "4x4": f"the longer one at least {MIN_LONG_SIDE}"}
+BAD = {
+    "corrupt": "cannot read this image (invalid offset to first page",
+    "not an image": "no image reader recognises its contents",
+    "empty": "empty file (0 bytes)",
+    "truncated": "truncated (its pixel data should end at byte",
+    "1x1": f"too small: 1 x 1 pixels (height x width); each side needs at least {MIN_SIDE}",
+    "1x20000": "too small: 1 x 20000 pixels",
+    "4x4": f"the longer one at least {MIN_LONG_SIDE}",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
-def test_each_bad_image_is_named_in_one_line_before_a_model_is_built(data, tmp_path, kind,
-                                                                     no_model):
+def test_each_bad_image_is_named_in_one_line_before_a_model_is_built(
+    data, tmp_path, kind, no_model
+):
     cls = sorted(p.name for p in data.iterdir() if p.is_dir())[1]
     path = _write_bad(data / cls, kind)
     with pytest.raises(DatasetError) as info:
@@ -136,13 +145,18 @@ def test_bool_and_elongated_images_train_with_a_warning_naming_the_elongated(dat
     assert read_page(data / cls / "mask.tif").dtype == bool
     out = preprocess(read_page(data / cls / "mask.tif"), PreprocessSpec(32))
     assert out.max() == 255 and out.min() == 0  # a mask reads as 0/1: no boolean subtract
-    tifffile.imwrite(data / cls / "scan.tif",
-                     np.random.default_rng(1).integers(0, 4000, (2, 20000), np.uint16))
+    tifffile.imwrite(
+        data / cls / "scan.tif", np.random.default_rng(1).integers(0, 4000, (2, 20000), np.uint16)
+    )
     scan = pf.scan_images(data)
     assert not scan.problems and scan.files == 20
     (warning,) = scan.warnings
-    assert warning.startswith(f"{cls}/scan.tif: 2 x 20000 pixels (height x width, aspect "
-                              "ratio 10000:1)") and "crop or tile" in warning
+    assert (
+        warning.startswith(
+            f"{cls}/scan.tif: 2 x 20000 pixels (height x width, aspect ratio 10000:1)"
+        )
+        and "crop or tile" in warning
+    )
 
 
 def test_out_is_a_file_or_cannot_be_created(data, tmp_path, no_model):
@@ -153,8 +167,9 @@ def test_out_is_a_file_or_cannot_be_created(data, tmp_path, no_model):
     assert "\n" not in str(info.value) and str(a_file) in str(info.value)
     with pytest.raises(OutputError) as info:
         pf.check_out_dir(a_file / "model")
-    assert str(info.value) == (f"cannot create model folder {a_file / 'model'}: {a_file} is a "
-                               "file; choose another folder")
+    assert str(info.value) == (
+        f"cannot create model folder {a_file / 'model'}: {a_file} is a file; choose another folder"
+    )
     assert a_file.read_text() == "my notes" and not no_model
 
 
@@ -177,11 +192,15 @@ def test_out_not_writable(data, tmp_path, monkeypatch, no_model):
     (tmp_path / "locked").mkdir()
     with pytest.raises(OutputError) as info:
         pf.check_out_dir(tmp_path / "locked" / "model")
-    assert str(info.value) == (f"cannot create model folder {tmp_path / 'locked' / 'model'}: "
-                               f"permission denied in {tmp_path / 'locked'}; choose a writable "
-                               "folder")
-    with pytest.raises(OutputError, match="cannot write into model folder .*: permission "
-                       "denied; choose a writable folder"):
+    assert str(info.value) == (
+        f"cannot create model folder {tmp_path / 'locked' / 'model'}: "
+        f"permission denied in {tmp_path / 'locked'}; choose a writable "
+        "folder"
+    )
+    with pytest.raises(
+        OutputError,
+        match="cannot write into model folder .*: permission denied; choose a writable folder",
+    ):
         train(_config(data, tmp_path / "locked"))
     assert not no_model
 
@@ -191,17 +210,20 @@ def test_read_only_dataset_says_how_to_proceed(data, tmp_path, monkeypatch, no_m
     with pytest.raises(OutputError) as info:
         train(_config(data, tmp_path / "model"))
     message = str(info.value)
-    assert message == (f"dataset {data} cannot be written (permission denied) and has no "
-                       "split.json yet, where microclf keeps the train/validation/test split: "
-                       "make it writable, or copy the dataset to a writable folder and train "
-                       "on the copy")
+    assert message == (
+        f"dataset {data} cannot be written (permission denied) and has no "
+        "split.json yet, where microclf keeps the train/validation/test split: "
+        "make it writable, or copy the dataset to a writable folder and train "
+        "on the copy"
+    )
     # with a current split.json a read-only dataset is used as it is
     from napari_microclf.core.dataset import update_split
 
     update_split(data)
     note = pf.check_dataset_writable(data)
-    assert note.startswith(f"Dataset {data} is read-only (permission denied); its split.json "
-                           "is current")
+    assert note.startswith(
+        f"Dataset {data} is read-only (permission denied); its split.json is current"
+    )
     with pytest.raises(OutputError, match="a new split writes"):
         pf.check_dataset_writable(data, resplit=True)
     cls = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
@@ -216,22 +238,24 @@ def test_channel_map_beyond_the_images_channels_is_named(data, tmp_path, no_mode
         train(_config(data, tmp_path / "model", channel_map=(0, 1, None)))
     head, *lines = str(info.value).splitlines()
     assert "(or choose another channel map)" in head
-    assert lines[0].endswith("1 channel(s), but the channel map 0,1,- uses channel 1 "
-                             "(channels count from 0)")
+    assert lines[0].endswith(
+        "1 channel(s), but the channel map 0,1,- uses channel 1 (channels count from 0)"
+    )
     assert not no_model
 
 
-def test_cli_says_each_problem_in_one_line_before_tensorflow(data, tmp_path, capsys,
-                                                             monkeypatch, no_model):
+def test_cli_says_each_problem_in_one_line_before_tensorflow(
+    data, tmp_path, capsys, monkeypatch, no_model
+):
     started = []
-    monkeypatch.setattr("napari_microclf.cli._start_tensorflow_quietly",
-                        lambda: started.append(1))
+    monkeypatch.setattr("napari_microclf.cli._start_tensorflow_quietly", lambda: started.append(1))
     a_file = tmp_path / "model.txt"
     a_file.write_text("x")
     assert cli_main(["train", str(data), "--out", str(a_file)]) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line == f"microclf: error: model folder {a_file} is a file; choose a folder for the " \
-                   "model"
+    assert (
+        line == f"microclf: error: model folder {a_file} is a file; choose a folder for the model"
+    )
     assert cli_main(["train", str(data), "--out", str(tmp_path / "m"), "--fine-tune", "9"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("microclf: error: fine_tune must be 0..7 or 'all', got 9")
@@ -247,8 +271,9 @@ def test_cli_says_each_problem_in_one_line_before_tensorflow(data, tmp_path, cap
     assert not no_model
 
 
-def test_cli_unexpected_error_shows_its_traceback_and_says_report_it(data, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_cli_unexpected_error_shows_its_traceback_and_says_report_it(
+    data, tmp_path, capsys, monkeypatch
+):
     def broken(*args, **kwargs):
         raise TypeError("unsupported operand")
 
@@ -256,9 +281,11 @@ def test_cli_unexpected_error_shows_its_traceback_and_says_report_it(data, tmp_p
     assert cli_main(["train", str(data), "--out", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):")
-    assert err.strip().splitlines()[-1] == ("microclf: error: unexpected TypeError: unsupported "
-                                            "operand -- a bug in microclf; please report it "
-                                            "with the traceback above")
+    assert err.strip().splitlines()[-1] == (
+        "microclf: error: unexpected TypeError: unsupported "
+        "operand -- a bug in microclf; please report it "
+        "with the traceback above"
+    )
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m" / "x"))
@@ -266,15 +293,19 @@ def test_cli_unexpected_error_shows_its_traceback_and_says_report_it(data, tmp_p
     monkeypatch.setattr("napari_microclf.core.train.train", disk_full)
     assert cli_main(["train", str(data), "--out", str(tmp_path / "m")]) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line == (f"microclf: error: no space left on the disk ({tmp_path / 'm' / 'x'}); free "
-                    "some disk space or choose another folder")
+    assert line == (
+        f"microclf: error: no space left on the disk ({tmp_path / 'm' / 'x'}); free "
+        "some disk space or choose another folder"
+    )
 
 
 def test_user_message_tells_ours_and_the_environments_from_bugs():
     assert pf.user_message(DatasetError("a/b.tif: too small")) == "a/b.tif: too small"
     assert pf.user_message(MicroclfError("x")) == "x"
-    assert pf.user_message(PermissionError(errno.EACCES, "Permission denied", "/m")) == \
-        "permission denied (/m); check the path and its permissions"
+    assert (
+        pf.user_message(PermissionError(errno.EACCES, "Permission denied", "/m"))
+        == "permission denied (/m); check the path and its permissions"
+    )
     assert pf.user_message(ValueError("boom")) is None
     assert pf.user_message(KeyError("k")) is None
 
@@ -283,12 +314,16 @@ def test_library_hints_are_condensed_to_one_line(tmp_path, capfd):
     path = _write_bad(tmp_path, "not an image")
     with pytest.raises(Exception) as info:
         read_page(path)
-    assert str(info.value) == (f"{path}: cannot read this image (no image reader recognises "
-                               "its contents). Is the file complete and a TIFF/PNG/JPEG? "
-                               "Re-export it or remove it.")
-    multi = OSError("Could not find a backend to open `x.png`` with iomode `r`.\nBased on the "
-                    "extension, the following plugins might add capable backends:\n  pyav: "
-                    " pip install imageio[pyav]")
+    assert str(info.value) == (
+        f"{path}: cannot read this image (no image reader recognises "
+        "its contents). Is the file complete and a TIFF/PNG/JPEG? "
+        "Re-export it or remove it."
+    )
+    multi = OSError(
+        "Could not find a backend to open `x.png`` with iomode `r`.\nBased on the "
+        "extension, the following plugins might add capable backends:\n  pyav: "
+        " pip install imageio[pyav]"
+    )
     assert condense(multi) == "no image reader recognises its contents"
     assert condense(ValueError("first line.\nsecond line")) == "ValueError: first line"
     # tifffile's log lines about a damaged page list are collected, not printed
@@ -296,7 +331,7 @@ def test_library_hints_are_condensed_to_one_line(tmp_path, capfd):
     raw = bytearray((tmp_path / "multi.tif").read_bytes())
     with tifffile.TiffFile(tmp_path / "multi.tif") as tif:
         offset = tif.pages[3].offset
-    raw[offset:offset + 2] = b"\xff\xff"
+    raw[offset : offset + 2] = b"\xff\xff"
     (tmp_path / "damaged.tif").write_bytes(bytes(raw))
     capfd.readouterr()
     info, notes = read_header(tmp_path / "damaged.tif")
@@ -317,8 +352,12 @@ def test_header_pass_is_fast_and_agrees_with_reading(tmp_path):
     for i in range(100):
         tifffile.imwrite(folder / f"{i}.tif", rng.integers(0, 4000, (48, 40), np.uint16))
         iio.imwrite(folder / f"{i}.png", rng.integers(0, 255, (40, 48, 3), np.uint8))
-    tifffile.imwrite(folder / "stack.tif", np.zeros((5, 2, 16, 16), np.uint8), imagej=True,
-                     metadata={"axes": "ZCYX"})
+    tifffile.imwrite(
+        folder / "stack.tif",
+        np.zeros((5, 2, 16, 16), np.uint8),
+        imagej=True,
+        metadata={"axes": "ZCYX"},
+    )
     (tmp_path / "ds" / "b").mkdir()
     t0 = time.perf_counter()
     scan = pf.scan_images(tmp_path / "ds")
@@ -350,8 +389,11 @@ def test_training_keeps_global_random_state_and_warning_filters(data, tmp_path):
 def _widget_messages(level):
     from napari.utils.notifications import notification_manager
 
-    return [str(n.message) for n in notification_manager.records
-            if str(n.severity).lower().endswith(level)]
+    return [
+        str(n.message)
+        for n in notification_manager.records
+        if str(n.severity).lower().endswith(level)
+    ]
 
 
 def _wait_idle(qtbot, widget, worker) -> None:
@@ -366,14 +408,20 @@ def _tiny_widget(viewer, data, out):
     from napari_microclf._qt.train import TrainWidget
 
     widget = TrainWidget(viewer, data, out)
-    for name, value in {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none",
-                        "fine_tune": "all"}.items():
+    for name, value in {
+        "epochs": 1,
+        "batch_size": 8,
+        "image_size": 32,
+        "weights": "none",
+        "fine_tune": "all",
+    }.items():
         getattr(widget.form, name).value = value
     return widget
 
 
 def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
-        make_napari_viewer, qtbot, data, tmp_path, no_model):
+    make_napari_viewer, qtbot, data, tmp_path, no_model
+):
     from napari.utils.notifications import notification_manager
 
     cls = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
@@ -384,9 +432,11 @@ def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
     worker = widget.start()  # the quick checks pass; the worker's preflight finds the images
     _wait_idle(qtbot, widget, worker)
     (error,) = _widget_messages("error")
-    assert error == ("Cannot train: 3 of the 21 image files cannot be used for training; fix or "
-                     f"re-export the file(s), or move them out of the dataset folder {data}, "
-                     "then train again (listed in the Log tab)")
+    assert error == (
+        "Cannot train: 3 of the 21 image files cannot be used for training; fix or "
+        f"re-export the file(s), or move them out of the dataset folder {data}, "
+        "then train again (listed in the Log tab)"
+    )
     log = widget.log.toPlainText()
     for name in ("dot.tif: too small", "corrupt.tif: cannot read", "empty.jpg: empty file"):
         assert f"  {cls}/{name}" in log
@@ -402,21 +452,22 @@ def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatc
 
     monkeypatch.setattr("napari_microclf._qt.train.train", broken)
     received = []
-    monkeypatch.setattr(notification_manager, "receive_error",
-                        lambda *args: received.append(args))
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *args: received.append(args))
     widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     _wait_idle(qtbot, widget, widget.start())
     return widget, received
 
 
-def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer, qtbot, data,
-                                                             tmp_path, monkeypatch):
+def test_widget_shows_an_unexpected_error_with_its_traceback(
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+):
     def broken(config, on_update=None, should_stop=None):
         raise TypeError("unsupported operand type(s)")
 
-    widget, received = _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path,
-                                      monkeypatch)
+    widget, received = _train_raising(
+        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+    )
     log = widget.log.toPlainText()
     assert "unexpected error (a bug in microclf" in log and "Traceback (most recent call" in log
     assert 'in broken\n    raise TypeError("unsupported operand type(s)")' in log
@@ -426,18 +477,27 @@ def test_widget_shows_an_unexpected_error_with_its_traceback(make_napari_viewer,
     assert widget.status.text().startswith("Training failed: TypeError: unsupported operand")
 
 
-@pytest.mark.parametrize("error", [RuntimeError("Graph execution error"),
-                                   LockedError("model folder m is being written by microclf "
-                                               "train (pid 1 on h, started 10:02)")])
-def test_widget_recovers_from_a_runtime_error(make_napari_viewer, qtbot, data, tmp_path,
-                                              monkeypatch, error):
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Graph execution error"),
+        LockedError(
+            "model folder m is being written by microclf train (pid 1 on h, started 10:02)"
+        ),
+    ],
+)
+def test_widget_recovers_from_a_runtime_error(
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, error
+):
     """superqt drops a generator worker's RuntimeError without ``finished``: the widget would
     stay busy for good. Ours (a LockedError) is one line; others come with their traceback."""
+
     def broken(config, on_update=None, should_stop=None):
         raise error
 
-    widget, received = _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path,
-                                      monkeypatch)
+    widget, received = _train_raising(
+        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+    )
     assert widget.start_btn.text() == "Start training"
     if isinstance(error, LockedError):
         assert _widget_messages("error") == [f"Cannot train: {error}"] and not received

@@ -8,17 +8,24 @@ from napari_microclf.core.sample import write_sample
 from napari_microclf.core.train import TrainConfig, count_images, help_of, suggest_settings
 
 
-@pytest.mark.parametrize("n, row, batch, lr, dropout, fine_tune", [
-    (60, "very small dataset", 8, 5e-5, 0.35, 0),
-    (600, "medium dataset", 32, 1e-4, 0.2, 0),
-    (1600, "large dataset", 64, 1e-3, 0.15, 2),
-])
+@pytest.mark.parametrize(
+    "n, row, batch, lr, dropout, fine_tune",
+    [
+        (60, "very small dataset", 8, 5e-5, 0.35, 0),
+        (600, "medium dataset", 32, 1e-4, 0.2, 0),
+        (1600, "large dataset", 64, 1e-3, 0.15, 2),
+    ],
+)
 def test_the_guides_row_for_the_dataset_size(n, row, batch, lr, dropout, fine_tune):
     p = suggest_settings(n)
     assert p.row == row and str(n) in p.reason and row in p.text
     s = p.settings
     assert (s["batch_size"], s["learning_rate"], s["dropout"], s["fine_tune"]) == (
-        batch, lr, dropout, fine_tune)
+        batch,
+        lr,
+        dropout,
+        fine_tune,
+    )
     TrainConfig("d", **s)  # every suggestion is a valid setting
 
 
@@ -33,8 +40,9 @@ def test_cli_preset_fills_only_what_was_not_given(tmp_path, capsys):
     data = write_sample(tmp_path, n_per_class=20, size=32, seed=0)["dataset"]
     assert count_images(data) == 60
     parser = build_parser()
-    args = parser.parse_args(["train", str(data), "--out", "m", "--preset", "auto",
-                              "--learning-rate", "0.001"])
+    args = parser.parse_args(
+        ["train", str(data), "--out", "m", "--preset", "auto", "--learning-rate", "0.001"]
+    )
     config = _config_from_args(args, "m")
     out = capsys.readouterr().out
     assert "very small dataset" in out and "Kept from the command line: learning_rate" in out
@@ -46,10 +54,27 @@ def test_cli_preset_fills_only_what_was_not_given(tmp_path, capsys):
 
 def test_cli_options_come_from_the_config_fields():
     parser = build_parser()
-    args = parser.parse_args(["train", "d", "--out", "m", "--no-augment", "--fine-tune", "all",
-                              "--backbone", "efficientnet-lite0", "--group-by", r"^(\w+)_f",
-                              "--intensity", "fixed:0,4095", "--val-split", "25",
-                              "--channels", "0,1,-"])
+    args = parser.parse_args(
+        [
+            "train",
+            "d",
+            "--out",
+            "m",
+            "--no-augment",
+            "--fine-tune",
+            "all",
+            "--backbone",
+            "efficientnet-lite0",
+            "--group-by",
+            r"^(\w+)_f",
+            "--intensity",
+            "fixed:0,4095",
+            "--val-split",
+            "25",
+            "--channels",
+            "0,1,-",
+        ]
+    )
     config = _config_from_args(args, "m")
     assert config.augment is False and config.fine_tune == "all"
     assert config.backbone == "efficientnet-lite0" and config.group_by == r"^(\w+)_f"

@@ -36,7 +36,7 @@ def test_ome_multichannel_becomes_channel_layers(tmp_path):
     path = tmp_path / "cells.ome.tif"
     tifffile.imwrite(path, data, ome=True, metadata={"axes": "TCYX"})
     layers = napari_get_reader(str(path))(str(path))
-    (array, kwargs, kind), = layers
+    ((array, kwargs, kind),) = layers
     assert kind == "image" and kwargs["channel_axis"] == array.ndim - 1
     assert kwargs["name"] == ["cells [C0]", "cells [C1]"]
     assert array.shape == (3, 16, 18, 2)
@@ -44,7 +44,7 @@ def test_ome_multichannel_becomes_channel_layers(tmp_path):
     assert [m["microclf"]["channel"] for m in kwargs["metadata"]] == [0, 1]
     # one opening: one open_id for its channel layers; the next opening gets another
     ids = {m["microclf"]["open_id"] for m in kwargs["metadata"]}
-    (_, again, _), = napari_get_reader(str(path))(str(path))
+    ((_, again, _),) = napari_get_reader(str(path))(str(path))
     assert len(ids) == 1 and ids.isdisjoint(m["microclf"]["open_id"] for m in again["metadata"])
 
 
@@ -52,7 +52,7 @@ def test_rgb_is_rgb(tmp_path):
     data = _stack((12, 10, 3), np.uint8)
     path = tmp_path / "rgb.tif"
     tifffile.imwrite(path, data, photometric="rgb")
-    (array, kwargs, _), = napari_get_reader(str(path))(str(path))
+    ((array, kwargs, _),) = napari_get_reader(str(path))(str(path))
     assert kwargs["rgb"] is True
     np.testing.assert_array_equal(array, data)
 
@@ -62,7 +62,7 @@ def test_big_stack_is_lazy_and_reads_pages_on_demand(tmp_path, monkeypatch):
     path = tmp_path / "big.tif"
     tifffile.imwrite(path, data, metadata={"axes": "ZYX"})
     monkeypatch.setattr(_reader, "LAZY_BYTES", 1000)
-    (array, kwargs, _), = napari_get_reader(str(path))(str(path))
+    ((array, kwargs, _),) = napari_get_reader(str(path))(str(path))
     import dask.array as da
 
     assert isinstance(array, da.Array) and kwargs["metadata"]["microclf"]["lazy"]
@@ -76,19 +76,26 @@ def test_big_compressed_stack_is_lazy_page_by_page(tmp_path, monkeypatch):
     tifffile.imwrite(path, data, compression="zlib", metadata={"axes": "ZYX"})
     assert _reader.mapping(path) is None  # not memory-mappable
     monkeypatch.setattr(_reader, "LAZY_BYTES", 1000)
-    (array, kwargs, _), = napari_get_reader(str(path))(str(path))
+    ((array, kwargs, _),) = napari_get_reader(str(path))(str(path))
     assert kwargs["metadata"]["microclf"]["lazy"] and array.chunksize[0] == 1
     np.testing.assert_array_equal(array[5].compute(), data[5])
 
 
 def _files(tmp_path) -> dict:
     d = _stack((6, 2, 16, 20))
-    files = {"imagej": d, "imagej_truncated": d, "plain": d[:, 0], "ome": d, "rgb": None,
-             "zlib": d[:, 1]}
+    files = {
+        "imagej": d,
+        "imagej_truncated": d,
+        "plain": d[:, 0],
+        "ome": d,
+        "rgb": None,
+        "zlib": d[:, 1],
+    }
     tifffile.imwrite(tmp_path / "imagej.tif", d, imagej=True, metadata={"axes": "ZCYX"})
     # the layout ImageJ writes above 4 GiB: one IFD, the page count in the description
-    tifffile.imwrite(tmp_path / "imagej_truncated.tif", d, imagej=True, truncate=True,
-                     metadata={"axes": "ZCYX"})
+    tifffile.imwrite(
+        tmp_path / "imagej_truncated.tif", d, imagej=True, truncate=True, metadata={"axes": "ZCYX"}
+    )
     tifffile.imwrite(tmp_path / "plain.tif", d[:, 0], metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "ome.tif", d, ome=True, metadata={"axes": "TCYX"})
     tifffile.imwrite(tmp_path / "rgb.tif", _stack((3, 8, 9, 3), np.uint8), photometric="rgb")
@@ -104,11 +111,16 @@ def test_claiming_a_file_reads_its_header_only(tmp_path, monkeypatch):
         def read(*args, **kwargs):
             reads.append(name)
             raise AssertionError(f"{name} read pixel data")
+
         return read
 
-    for cls, method in [(tifffile.TiffPage, "asarray"), (tifffile.TiffFrame, "asarray"),
-                        (tifffile.TiffPageSeries, "asarray"), (tifffile.FileHandle, "read_array"),
-                        (tifffile.FileHandle, "read_segments")]:
+    for cls, method in [
+        (tifffile.TiffPage, "asarray"),
+        (tifffile.TiffFrame, "asarray"),
+        (tifffile.TiffPageSeries, "asarray"),
+        (tifffile.FileHandle, "read_array"),
+        (tifffile.FileHandle, "read_segments"),
+    ]:
         monkeypatch.setattr(cls, method, spy(f"{cls.__name__}.{method}"))
     for path in files.values():
         assert napari_get_reader(str(path)) is _reader.read_tiff, path.name
@@ -122,7 +134,7 @@ def test_truncated_imagej_hyperstack_is_memory_mapped(tmp_path, monkeypatch):
     with tifffile.TiffFile(path) as tif:
         assert len(tif.pages) == 1 and tif.series[0].is_truncated
     monkeypatch.setattr(_reader, "LAZY_BYTES", 1000)
-    (array, kwargs, _), = napari_get_reader(str(path))(str(path))
+    ((array, kwargs, _),) = napari_get_reader(str(path))(str(path))
     assert array.shape == (7, 16, 20, 2) and array.chunksize == (1, 16, 20, 2)
     np.testing.assert_array_equal(np.asarray(array[4, ..., 1]), d[4, 1])
     np.testing.assert_array_equal(np.asarray(array), np.moveaxis(d, 1, -1))
@@ -172,8 +184,14 @@ def test_imagej_hyperstack_over_4gib_opens_lazily(tmp_path):
     shape = (300, 2, 2048, 2048)  # Z, C, Y, X uint16: 4.7 GiB
     try:
         # data=None: tifffile seeks over the pixels, so the file is sparse where supported
-        tifffile.imwrite(path, shape=shape, dtype=np.uint16, imagej=True, truncate=True,
-                         metadata={"axes": "ZCYX"})
+        tifffile.imwrite(
+            path,
+            shape=shape,
+            dtype=np.uint16,
+            imagej=True,
+            truncate=True,
+            metadata={"axes": "ZCYX"},
+        )
         if os.stat(path).st_blocks * 512 > 64 * 2**20:
             pytest.skip("this file system has no sparse files")
         mm = tifffile.memmap(path)
@@ -184,13 +202,19 @@ def test_imagej_hyperstack_over_4gib_opens_lazily(tmp_path):
             assert len(tif.pages) == 1 and tif.series[0].is_truncated
         size = os.stat(path).st_size
         assert size > 4 * 2**30
-        out = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, str(path)],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", _BIG_SCRIPT, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"4.7 GiB ImageJ: read {r['t_read']:.2f} s, napari open {r['t_open']:.2f} s, "
-              f"one plane {r['t_plane']:.2f} s, peak memory growth {r['growth'] / 2**20:.0f} "
-              f"MiB")
+        print(
+            f"4.7 GiB ImageJ: read {r['t_read']:.2f} s, napari open {r['t_open']:.2f} s, "
+            f"one plane {r['t_plane']:.2f} s, peak memory growth {r['growth'] / 2**20:.0f} "
+            f"MiB"
+        )
         assert r["lazy"] and r["shape"] == [300, 2048, 2048, 2] and r["layers"] == 2
         assert r["corner"] == (np.arange(12).reshape(3, 4) + 100).tolist()
         assert r["sum"] == sum(range(100, 112))
@@ -200,8 +224,9 @@ def test_imagej_hyperstack_over_4gib_opens_lazily(tmp_path):
         path.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("name,content", [("notes.txt", b"hello"), ("broken.tif", b"II*\x00junk"),
-                                          ("empty.tiff", b"")])
+@pytest.mark.parametrize(
+    "name,content", [("notes.txt", b"hello"), ("broken.tif", b"II*\x00junk"), ("empty.tiff", b"")]
+)
 def test_returns_none_for_what_it_cannot_read(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)

@@ -29,9 +29,19 @@ def _read(path):
 
 def _ome(path, data=None, **meta):
     data = _stack((3, 2, 16, 18)) if data is None else data  # Z, C, Y, X
-    tifffile.imwrite(path, data, ome=True, metadata={
-        "axes": "ZCYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65, "PhysicalSizeZ": 2.0,
-        "Channel": {"Name": ["DAPI", "GFP"]}, **meta})
+    tifffile.imwrite(
+        path,
+        data,
+        ome=True,
+        metadata={
+            "axes": "ZCYX",
+            "PhysicalSizeX": 0.65,
+            "PhysicalSizeY": 0.65,
+            "PhysicalSizeZ": 2.0,
+            "Channel": {"Name": ["DAPI", "GFP"]},
+            **meta,
+        },
+    )
     return data
 
 
@@ -41,7 +51,7 @@ def _ome(path, data=None, **meta):
 def test_ome_pixel_size_and_channel_names(tmp_path):
     path = tmp_path / "cells.ome.tif"
     data = _ome(path)
-    (array, kwargs, _), = _read(path)
+    ((array, kwargs, _),) = _read(path)
     assert array.shape == (3, 16, 18, 2)
     assert kwargs["name"] == ["cells [DAPI]", "cells [GFP]"]
     assert kwargs["scale"] == [pytest.approx((2.0, 0.65, 0.65))] * 2  # Z is a layer axis
@@ -54,11 +64,20 @@ def test_ome_pixel_size_and_channel_names(tmp_path):
 
     # units are converted to µm; a time axis keeps 1; an unnamed channel keeps C<i>
     path = tmp_path / "nm.ome.tif"
-    tifffile.imwrite(path, _stack((4, 2, 16, 18)), ome=True, metadata={
-        "axes": "TCYX", "PhysicalSizeX": 650, "PhysicalSizeXUnit": "nm",
-        "PhysicalSizeY": 650, "PhysicalSizeYUnit": "nm",
-        "Channel": {"Name": ["DAPI", ""]}})
-    (_, kwargs, _), = _read(path)
+    tifffile.imwrite(
+        path,
+        _stack((4, 2, 16, 18)),
+        ome=True,
+        metadata={
+            "axes": "TCYX",
+            "PhysicalSizeX": 650,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 650,
+            "PhysicalSizeYUnit": "nm",
+            "Channel": {"Name": ["DAPI", ""]},
+        },
+    )
+    ((_, kwargs, _),) = _read(path)
     assert kwargs["scale"][0] == pytest.approx((1.0, 0.65, 0.65))
     assert kwargs["units"][0] == ("pixel", "µm", "µm")
     assert kwargs["name"] == ["nm [DAPI]", "nm [C1]"]
@@ -67,47 +86,64 @@ def test_ome_pixel_size_and_channel_names(tmp_path):
 def test_imagej_resolution_unit_spacing_and_labels(tmp_path):
     d = _stack((3, 2, 16, 18))  # Z, C, Y, X
     path = tmp_path / "ij.tif"
-    tifffile.imwrite(path, d, imagej=True, resolution=(1 / 0.65, 1 / 0.65), metadata={
-        "axes": "ZCYX", "unit": "micron", "spacing": 2.5, "Labels": ["DAPI", "GFP"] * 3})
-    (array, kwargs, _), = _read(path)
+    tifffile.imwrite(
+        path,
+        d,
+        imagej=True,
+        resolution=(1 / 0.65, 1 / 0.65),
+        metadata={"axes": "ZCYX", "unit": "micron", "spacing": 2.5, "Labels": ["DAPI", "GFP"] * 3},
+    )
+    ((array, kwargs, _),) = _read(path)
     assert kwargs["scale"] == [pytest.approx((2.5, 0.65, 0.65))] * 2
     assert kwargs["name"] == ["ij [DAPI]", "ij [GFP]"]
     np.testing.assert_array_equal(np.asarray(array)[1, ..., 0], d[1, 0])
 
     # ImageJ's escaped micro sign; per-slice labels are not channel names
     path = tmp_path / "slices.tif"
-    tifffile.imwrite(path, d, imagej=True, resolution=(2.0, 2.0), metadata={
-        "axes": "ZCYX", "unit": "\\u00B5m", "Labels": [f"z{i}" for i in range(6)]})
-    (_, kwargs, _), = _read(path)
+    tifffile.imwrite(
+        path,
+        d,
+        imagej=True,
+        resolution=(2.0, 2.0),
+        metadata={"axes": "ZCYX", "unit": "\\u00B5m", "Labels": [f"z{i}" for i in range(6)]},
+    )
+    ((_, kwargs, _),) = _read(path)
     assert kwargs["scale"][0] == pytest.approx((1.0, 0.5, 0.5))  # no spacing: Z stays 1
     assert kwargs["name"] == ["slices [C0]", "slices [C1]"]
 
     # an uncalibrated ImageJ file (no unit), a plain TIFF: no scale, as before
-    for name, kw in [("plain_ij.tif", {"imagej": True, "metadata": {"axes": "ZYX"}}),
-                     ("plain.tif", {"photometric": "minisblack"})]:
+    for name, kw in [
+        ("plain_ij.tif", {"imagej": True, "metadata": {"axes": "ZYX"}}),
+        ("plain.tif", {"photometric": "minisblack"}),
+    ]:
         tifffile.imwrite(tmp_path / name, d[:, 0], **kw)
-        (_, kwargs, _), = _read(tmp_path / name)
+        ((_, kwargs, _),) = _read(tmp_path / name)
         assert "scale" not in kwargs and "units" not in kwargs, name
         assert "pixel_size" not in kwargs["metadata"]["microclf"]
 
 
 def test_resolution_tags_in_cm_count_dpi_does_not(tmp_path):
     img = _stack((16, 18))
-    tifffile.imwrite(tmp_path / "cm.tif", img, resolution=(1e4 / 0.5, 1e4 / 0.25),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        tmp_path / "cm.tif", img, resolution=(1e4 / 0.5, 1e4 / 0.25), resolutionunit="CENTIMETER"
+    )
     tifffile.imwrite(tmp_path / "dpi.tif", img, resolution=(300, 300), resolutionunit="INCH")
-    (_, kwargs, _), = _read(tmp_path / "cm.tif")
+    ((_, kwargs, _),) = _read(tmp_path / "cm.tif")
     assert kwargs["scale"] == pytest.approx((0.25, 0.5)) and kwargs["units"] == ("µm", "µm")
-    (_, kwargs, _), = _read(tmp_path / "dpi.tif")
+    ((_, kwargs, _),) = _read(tmp_path / "dpi.tif")
     assert "scale" not in kwargs
     assert read_header(tmp_path / "dpi.tif")[0].pixel_size == (None, None, None)
 
 
 def test_damaged_calibration_is_left_out_not_refused(tmp_path):
     path = tmp_path / "odd.ome.tif"
-    tifffile.imwrite(path, _stack((2, 16, 18)), ome=True, metadata={
-        "axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "pixel"})  # not a length
-    (_, kwargs, _), = _read(path)
+    tifffile.imwrite(
+        path,
+        _stack((2, 16, 18)),
+        ome=True,
+        metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "pixel"},
+    )  # not a length
+    ((_, kwargs, _),) = _read(path)
     assert "scale" not in kwargs and kwargs["name"] == ["odd [C0]", "odd [C1]"]
 
 
@@ -115,8 +151,14 @@ def test_the_header_gives_the_calibration_without_pixel_data(tmp_path, monkeypat
     path = tmp_path / "cells.ome.tif"
     _ome(path)
     ij = tmp_path / "ij.tif"
-    tifffile.imwrite(ij, _stack((3, 2, 16, 18)), imagej=True, truncate=True,
-                     resolution=(2.0, 2.0), metadata={"axes": "ZCYX", "unit": "nm"})
+    tifffile.imwrite(
+        ij,
+        _stack((3, 2, 16, 18)),
+        imagej=True,
+        truncate=True,
+        resolution=(2.0, 2.0),
+        metadata={"axes": "ZCYX", "unit": "nm"},
+    )
     for p in (path, ij):  # reading for prediction says what the header says
         with open_image(p) as f:
             assert f.info == read_header(p)[0], p.name
@@ -125,8 +167,11 @@ def test_the_header_gives_the_calibration_without_pixel_data(tmp_path, monkeypat
     def no(*args, **kwargs):
         raise AssertionError("pixel data read")
 
-    for cls, method in [(tifffile.TiffPage, "asarray"), (tifffile.FileHandle, "read_array"),
-                        (tifffile.FileHandle, "read_segments")]:
+    for cls, method in [
+        (tifffile.TiffPage, "asarray"),
+        (tifffile.FileHandle, "read_array"),
+        (tifffile.FileHandle, "read_segments"),
+    ]:
         monkeypatch.setattr(cls, method, no)
     info, notes = read_header(path)
     assert info.pixel_size == pytest.approx((2.0, 0.65, 0.65)) and notes == []
@@ -160,12 +205,12 @@ def test_lazy_threshold_follows_available_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(_reader, "available_memory", lambda: available["bytes"])
 
     assert _reader.lazy_threshold() == 1_000_000  # an eighth
-    (array, kwargs, _), = _read(path)
+    ((array, kwargs, _),) = _read(path)
     assert not kwargs["metadata"]["microclf"]["lazy"] and isinstance(array, np.ndarray)
 
     available["bytes"] = 8 * 50_000  # less memory: the same file opens lazily
     assert _reader.lazy_threshold() == 50_000
-    (array, kwargs, _), = _read(path)
+    ((array, kwargs, _),) = _read(path)
     assert kwargs["metadata"]["microclf"]["lazy"]
     np.testing.assert_array_equal(np.asarray(array[7]), data[7])
 

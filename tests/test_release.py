@@ -31,9 +31,20 @@ def test_release_readme_has_only_absolute_images_and_links(tmp_path):
     for target in rm.relative_targets((ROOT / "README.md").read_text(encoding="utf-8")):
         (tmp_path / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / target, tmp_path / target)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "release_metadata.py"),
-                          "--repo", REPO, "--ref", "v1.2.3", "--root", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "release_metadata.py"),
+            "--repo",
+            REPO,
+            "--ref",
+            "v1.2.3",
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     before = (ROOT / "README.md").read_text(encoding="utf-8")
     after = (tmp_path / "README.md").read_text(encoding="utf-8")
@@ -42,15 +53,18 @@ def test_release_readme_has_only_absolute_images_and_links(tmp_path):
     raw = "https://raw.githubusercontent.com/example-lab/napari-microclf/v1.2.3/"
     assert images and all(u.startswith(raw) for u in images), images
     # each absolute image is a file of the repository, in the order the README had them
-    assert [u[len(raw):] for u in images] == re.findall(r"!\[[^\]]*\]\(([^)\s]+)", before)
+    assert [u[len(raw) :] for u in images] == re.findall(r"!\[[^\]]*\]\(([^)\s]+)", before)
     assert f"({REPO}/blob/v1.2.3/docs/walkthrough.md)" in after
     # the rest of the text is unchanged
     assert re.sub(r"\]\([^)]*\)", "]()", after) == re.sub(r"\]\([^)]*\)", "]()", before)
 
     meta = tomllib.loads((tmp_path / "pyproject.toml").read_text(encoding="utf-8"))
     assert meta["project"]["urls"] == {
-        "Bug Tracker": f"{REPO}/issues", "Documentation": f"{REPO}#readme",
-        "Source Code": REPO, "User Support": rm.SUPPORT}
+        "Bug Tracker": f"{REPO}/issues",
+        "Documentation": f"{REPO}#readme",
+        "Source Code": REPO,
+        "User Support": rm.SUPPORT,
+    }
     original = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     meta["project"].pop("urls")
     original["project"].pop("urls", None)
@@ -68,8 +82,17 @@ def test_urls_are_replaced_not_added_twice():
 def test_a_missing_image_stops_the_release(tmp_path):
     (tmp_path / "README.md").write_text("# x\n\n![gone](docs/gone.png)\n")
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "release_metadata.py"),
-                          "--repo", REPO, "--root", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "release_metadata.py"),
+            "--repo",
+            REPO,
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "docs/gone.png" in out.stderr
     assert (tmp_path / "README.md").read_text() == "# x\n\n![gone](docs/gone.png)\n"

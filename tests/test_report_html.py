@@ -39,9 +39,19 @@ def _dataset(root, seed=0):
 
 
 def _config(data, out, seed=0):
-    return TrainConfig(str(data), str(out), epochs=1, batch_size=8, image_size=32,
-                       weights=None, fine_tune=0, augment=False, early_stopping=False,
-                       seed=seed, test_split=0.34)
+    return TrainConfig(
+        str(data),
+        str(out),
+        epochs=1,
+        batch_size=8,
+        image_size=32,
+        weights=None,
+        fine_tune=0,
+        augment=False,
+        early_stopping=False,
+        seed=seed,
+        test_split=0.34,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +85,15 @@ def test_training_writes_a_self_contained_report_into_the_bundle(trained):
     assert "http://" not in html and "https://" not in html
     assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
     assert html.isascii()
-    for section in ("Set-up", "Data: classes and split", "Training curves", "Test set",
-                    "Confusion matrix", "Diagnosis", "Versions"):
+    for section in (
+        "Set-up",
+        "Data: classes and split",
+        "Training curves",
+        "Test set",
+        "Confusion matrix",
+        "Diagnosis",
+        "Versions",
+    ):
         assert f">{section}" in html, section
     assert meta["weights_id"] in html and meta["versions"]["tensorflow"] in html
 
@@ -98,8 +115,10 @@ def test_the_report_holds_the_numbers_of_report_json(trained):
         assert values == expected
     # per-class precision, recall, F1 and support in the metrics table
     for c in report["per_class"]:
-        row = (f"<tr><td>{escape(c['class'], quote=True)}</td><td>{c['precision']:.2f}</td>"
-               f"<td>{c['recall']:.2f}</td><td>{c['f1']:.2f}</td><td>{c['support']}</td></tr>")
+        row = (
+            f"<tr><td>{escape(c['class'], quote=True)}</td><td>{c['precision']:.2f}</td>"
+            f"<td>{c['recall']:.2f}</td><td>{c['f1']:.2f}</td><td>{c['support']}</td></tr>"
+        )
         assert row in html, row
     # one thumbnail per misclassified image, each with its true class and confidence
     mis = report["misclassified"]
@@ -162,8 +181,16 @@ def test_unfamiliar_images_are_shown_when_the_report_lists_them(trained):
     assert "Unfamiliar" not in render_report_html(meta, report)  # no data: no section
     assert "unfamiliar-image check" not in render_report_html(meta, report)
     first = sorted((data / ODD).glob("*.tif"))[0]
-    report["unfamiliar"] = [{"file": str(first), "page": 0, "score": 9.5, "true": ODD,
-                             "predicted": ODD, "confidence": 0.97}]
+    report["unfamiliar"] = [
+        {
+            "file": str(first),
+            "page": 0,
+            "score": 9.5,
+            "true": ODD,
+            "predicted": ODD,
+            "confidence": 0.97,
+        }
+    ]
     report["unfamiliar_threshold"] = 4.25
     html = render_report_html(meta, report)
     assert "Unfamiliar test images (1)" in html and "score above 4.25" in html
@@ -191,8 +218,11 @@ def test_the_train_widget_opens_the_html_report_in_the_browser(trained, qtbot, m
 
     _, bundle = trained
     opened = []
-    monkeypatch.setattr(QDesktopServices, "openUrl",
-                        staticmethod(lambda url: opened.append(url.toLocalFile()) or True))
+    monkeypatch.setattr(
+        QDesktopServices,
+        "openUrl",
+        staticmethod(lambda url: opened.append(url.toLocalFile()) or True),
+    )
     widget = TrainWidget()
     qtbot.addWidget(widget)
     assert not widget.html_btn.isEnabled()  # nothing trained yet

@@ -53,8 +53,11 @@ def test_a_cell_holds_exactly_its_pages_least_confident_first(dataset):
             cell = rv.cell_pages(report, true, pred)
             assert len(cell) == cm[i, j]
             total += len(cell)
-            want = {(str(r.path), r.page) for r, p in zip(refs, probs, strict=True)
-                    if r.label == i and p.argmax() == j}
+            want = {
+                (str(r.path), r.page)
+                for r, p in zip(refs, probs, strict=True)
+                if r.label == i and p.argmax() == j
+            }
             assert {(c["file"], c["page"]) for c in cell} == want
             conf = [c["confidence"] for c in cell]
             assert conf == sorted(conf)
@@ -126,13 +129,19 @@ def test_files_outside_the_dataset_are_refused(dataset, tmp_path):
 
 
 def test_page_stack_pads_pages_of_different_sizes_and_names_their_origins(dataset):
-    entries = [{"file": str(dataset / CLASSES[0] / "stack.tif"), "page": 1},
-               {"file": str(dataset / CLASSES[1] / "sample_000.tif"), "page": 0}]
+    entries = [
+        {"file": str(dataset / CLASSES[0] / "stack.tif"), "page": 1},
+        {"file": str(dataset / CLASSES[1] / "sample_000.tif"), "page": 0},
+    ]
     stack = rv.page_stack(entries)
     assert stack.data.shape == (2, 40, 32)
     assert stack.data.min() >= 0 and stack.data.max() <= 1
-    assert stack.origins[0] == {"file": entries[0]["file"], "page": 1, "pages": 2,
-                                "shape": [40, 24]}
+    assert stack.origins[0] == {
+        "file": entries[0]["file"],
+        "page": 1,
+        "pages": 2,
+        "shape": [40, 24],
+    }
     assert np.all(stack.data[0, :, 24:] == 0)  # the padding of the narrower page
 
 
@@ -146,7 +155,8 @@ def _open(widget, qtbot, true, pred):
 
 
 def test_click_on_a_train_report_cell_opens_its_images_and_a_move_updates_annotate(
-        make_napari_viewer, qtbot, dataset):
+    make_napari_viewer, qtbot, dataset
+):
     from qtpy.QtCore import QPoint, Qt
 
     from napari_microclf._qt.annotate import AnnotateWidget
@@ -174,17 +184,19 @@ def test_click_on_a_train_report_cell_opens_its_images_and_a_move_updates_annota
     with qtbot.waitSignal(canvas.cell_clicked, timeout=5000) as blocker:
         qtbot.mouseClick(canvas, Qt.LeftButton, pos=point)
     assert blocker.args == [true, pred]
-    review = next(w for w in viewer.window.dock_widgets.values()
-                  if isinstance(w, ReviewWidget))
-    qtbot.waitUntil(lambda: review.worker is None and review.layer() is not None,
-                    timeout=30000)
+    review = next(w for w in viewer.window.dock_widgets.values() if isinstance(w, ReviewWidget))
+    qtbot.waitUntil(lambda: review.worker is None and review.layer() is not None, timeout=30000)
 
     layer = review.layer()
-    want = [(str(r.path), r.page) for r, p in zip(refs, probs, strict=True)
-            if r.label == i and p.argmax() == j]
+    want = [
+        (str(r.path), r.page)
+        for r, p in zip(refs, probs, strict=True)
+        if r.label == i and p.argmax() == j
+    ]
     assert layer.data.shape[0] == len(want) == review.list.count()
-    assert sorted((o["file"], o["page"]) for o in layer.metadata["microclf"]["origins"]) \
-        == sorted(want)
+    assert sorted((o["file"], o["page"]) for o in layer.metadata["microclf"]["origins"]) == sorted(
+        want
+    )
     pts = viewer.layers[review.points_name(layer.name)]
     assert set(pts.features["true"]) == {true} and set(pts.features["predicted"]) == {pred}
     assert list(pts.features["confidence"]) == sorted(pts.features["confidence"])
@@ -215,8 +227,9 @@ def test_click_on_a_train_report_cell_opens_its_images_and_a_move_updates_annota
         assert annotate.counts()[true] == counts[true] - 2
 
 
-def test_review_widget_opens_a_diagonal_cell_of_a_model_folder(make_napari_viewer, qtbot,
-                                                                dataset, tmp_path):
+def test_review_widget_opens_a_diagonal_cell_of_a_model_folder(
+    make_napari_viewer, qtbot, dataset, tmp_path
+):
     from napari_microclf._qt.review import ReviewWidget
 
     report, refs, probs = _report(dataset, seed=2)
@@ -237,14 +250,17 @@ def test_review_widget_opens_a_diagonal_cell_of_a_model_folder(make_napari_viewe
     assert all(rv.locate(e, dataset) is not None for e in widget.entries)  # nothing moved
 
 
-def test_an_example_added_from_a_review_stack_is_the_files_own_page(make_napari_viewer,
-                                                                    dataset, tmp_path):
+def test_an_example_added_from_a_review_stack_is_the_files_own_page(
+    make_napari_viewer, dataset, tmp_path
+):
     """Annotate adds the original pixels with the original file as provenance, not the
     normalised, padded display page."""
     from napari_microclf._qt.annotate import AnnotateWidget
 
-    entries = [{"file": str(dataset / CLASSES[0] / "stack.tif"), "page": 1},
-               {"file": str(dataset / CLASSES[1] / "sample_001.tif"), "page": 0}]
+    entries = [
+        {"file": str(dataset / CLASSES[0] / "stack.tif"), "page": 1},
+        {"file": str(dataset / CLASSES[1] / "sample_001.tif"), "page": 0},
+    ]
     stack = rv.page_stack(entries)
     viewer = make_napari_viewer()
     layer = viewer.add_image(stack.data, name="mixed")

@@ -15,12 +15,16 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "system-deps.sh"
 BASH = shutil.which("bash")
-ALL = ("xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 "
-       "libxkbcommon-x11-0 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-image0 libgl1 "
-       "libegl1 libfontconfig1 libdbus-1-3").split()
+ALL = (
+    "xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 "
+    "libxkbcommon-x11-0 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-image0 libgl1 "
+    "libegl1 libfontconfig1 libdbus-1-3"
+).split()
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or BASH is None,
-                                reason="the script's Linux paths; needs bash")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or BASH is None,
+    reason="the script's Linux paths; needs bash",
+)
 
 
 def _stub(folder: Path, name: str, body: str) -> None:
@@ -43,11 +47,15 @@ def fake(tmp_path):
         for name in extra:
             _stub(bin_, name, "exit 0")
         if debian:
-            _stub(bin_, "dpkg", f"""
+            _stub(
+                bin_,
+                "dpkg",
+                f"""
 case " {installed} " in
   *" $2 "*) printf 'Package: %s\\nStatus: install ok installed\\n' "$2" ;;
   *) echo "dpkg-query: package '$2' is not installed" >&2; exit 1 ;;
-esac""")
+esac""",
+            )
             _stub(bin_, "apt-get", f'echo "apt-get $* FRONTEND=$DEBIAN_FRONTEND" >> {log}')
         if sudo == "password":
             _stub(bin_, "sudo", "echo 'sudo: a password is required' >&2; exit 1")
@@ -57,11 +65,15 @@ esac""")
     def run(*args, path=None):
         if path is None:
             path = f"{bin_}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MICROCLF_SKIP_SYSTEM_DEPS", "DEBIAN_FRONTEND")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("MICROCLF_SKIP_SYSTEM_DEPS", "DEBIAN_FRONTEND")
+        }
         env["PATH"] = path
-        r = subprocess.run([BASH, str(SCRIPT), *args], env=env, capture_output=True,
-                           text=True, timeout=30)
+        r = subprocess.run(
+            [BASH, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30
+        )
         return r, log.read_text().splitlines()
 
     return setup, run, bin_
@@ -74,8 +86,9 @@ def test_not_root_without_sudo_prints_one_command_and_fails(fake):
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0].endswith("sudo apt-get update && sudo apt-get install -y "
-                             "--no-install-recommends xvfb libxcb-cursor0")
+    assert lines[0].endswith(
+        "sudo apt-get update && sudo apt-get install -y --no-install-recommends xvfb libxcb-cursor0"
+    )
     assert "make test" in lines[0]
     assert calls == []  # apt-get never ran
 

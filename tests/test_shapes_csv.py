@@ -28,8 +28,13 @@ def _pad_then_resize(plane, size):
         plane = padded
     if plane.shape == (size, size):
         return plane.astype(np.float32, copy=False)
-    out = resize(plane, (size, size), order=1, anti_aliasing=plane.shape[0] >= 1.5 * size,
-                 preserve_range=True)
+    out = resize(
+        plane,
+        (size, size),
+        order=1,
+        anti_aliasing=plane.shape[0] >= 1.5 * size,
+        preserve_range=True,
+    )
     return out.astype(np.float32, copy=False)
 
 
@@ -114,6 +119,7 @@ def test_cells_that_look_like_formulas_become_text():
 
 def test_write_csv_escapes_and_round_trips(tmp_path):
     names = ['=HYPERLINK("x")', "zellkern-größe", "-1"]
+
     def probs(*p):
         return dict(zip(names, p, strict=True))
 
@@ -128,11 +134,24 @@ def test_write_csv_escapes_and_round_trips(tmp_path):
     assert "zellkern-größe".encode() in raw and b"\r\n" in raw and b"\r\r\n" not in raw
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["file", "page", "class", "confidence",
-                       "'=HYPERLINK(\"x\")", "zellkern-größe", "-1"]
-    assert rows[1] == ["'+cmd.tif", "0", "'=HYPERLINK(\"x\")", "0.9000", "0.9000", "0.0600",
-                       "0.0400"]
-    assert rows[2] == ["/data/Über.tif", "2", "uncertain", "0.5000", "0.2000", "0.5000",
-                       "0.3000"]
+    assert rows[0] == [
+        "file",
+        "page",
+        "class",
+        "confidence",
+        '\'=HYPERLINK("x")',
+        "zellkern-größe",
+        "-1",
+    ]
+    assert rows[1] == [
+        "'+cmd.tif",
+        "0",
+        '\'=HYPERLINK("x")',
+        "0.9000",
+        "0.9000",
+        "0.0600",
+        "0.0400",
+    ]
+    assert rows[2] == ["/data/Über.tif", "2", "uncertain", "0.5000", "0.2000", "0.5000", "0.3000"]
     assert rows[3] == ["", "1", "-1", "0.7000", "0.1000", "0.2000", "0.7000"]  # a number
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file is gone

@@ -29,8 +29,9 @@ def _annotate(root, stacks, pages=range(8)):
     for s, cls in stacks.items():
         for p in pages:
             c = cls(p) if callable(cls) else cls
-            res = ds.add_example(root, c, _img(1000 * s + p), source=f"/data/stack{s:02d}.tif",
-                                 page=p)
+            res = ds.add_example(
+                root, c, _img(1000 * s + p), source=f"/data/stack{s:02d}.tif", page=p
+            )
             assert res.written
             out[f"{c}/{res.path.name}"] = f"/data/stack{s:02d}.tif"
     return out
@@ -80,8 +81,12 @@ def _wells(root, layout, fields=6):
 
 
 def test_group_by_file_name(tmp_path):
-    layout = {f"plate{p}_well{r}{c:02d}": "xyz"[(p + c) % 3]
-              for p in (1, 2) for r in "AB" for c in (1, 2, 3)}
+    layout = {
+        f"plate{p}_well{r}{c:02d}": "xyz"[(p + c) % 3]
+        for p in (1, 2)
+        for r in "AB"
+        for c in (1, 2, 3)
+    }
     layout["plate1_wellA01"] = lambda f: "x" if f < 3 else "y"  # one well, two classes
     _wells(tmp_path, layout)
     tifffile.imwrite(tmp_path / "z" / "stray.tif", _img(7))
@@ -123,9 +128,11 @@ def test_a_version_1_split_migrates_towards_test(tmp_path):
         old[k] = "test"
     s1 = sorted(by_source["/data/stack01.tif"])  # straddles train and val
     old[s1[0]] = "train"
-    (tmp_path / "split.json").write_text(json.dumps(
-        {"version": 1, "val_fraction": 0.2, "test_fraction": 0.1, "seed": 0,
-         "assignments": old}))
+    (tmp_path / "split.json").write_text(
+        json.dumps(
+            {"version": 1, "val_fraction": 0.2, "test_fraction": 0.1, "seed": 0, "assignments": old}
+        )
+    )
     assert ds.load_split(tmp_path).groups == {}
 
     split, notes = ds.update_split(tmp_path)
@@ -137,10 +144,8 @@ def test_a_version_1_split_migrates_towards_test(tmp_path):
     changed = {k for k in old if split.assignments[k] != old[k]}
     assert changed == set(s0[:5]) | {s1[0]}
     assert notes[0].startswith("Upgraded") and "2 groups straddled" in notes[0]
-    assert any("/data/stack00.tif" in n and "5 files moved from train to test" in n
-               for n in notes)
-    assert any("/data/stack01.tif" in n and "1 file moved from train to val" in n
-               for n in notes)
+    assert any("/data/stack00.tif" in n and "5 files moved from train to test" in n for n in notes)
+    assert any("/data/stack01.tif" in n and "1 file moved from train to val" in n for n in notes)
     saved = json.loads((tmp_path / "split.json").read_text())
     assert saved["version"] == 2 and saved["group_by"] is None
     assert set(saved["groups"]) == set(old) and set(saved["sha1"]) == set(old)
@@ -152,9 +157,17 @@ def test_bad_split_files_say_what_to_do(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"version": 7, "assignments": {}}))
     with pytest.raises(DatasetError, match="version 7.*update napari-microclf.*delete"):
         ds.update_split(tmp_path)
-    (tmp_path / "split.json").write_text(json.dumps(
-        {"version": 2, "val_fraction": 0.2, "test_fraction": 0.1, "seed": 0,
-         "assignments": {"a/x.tif": "train"}}))  # no groups
+    (tmp_path / "split.json").write_text(
+        json.dumps(
+            {
+                "version": 2,
+                "val_fraction": 0.2,
+                "test_fraction": 0.1,
+                "seed": 0,
+                "assignments": {"a/x.tif": "train"},
+            }
+        )
+    )  # no groups
     with pytest.raises(DatasetError, match="corrupt.*delete it"):
         ds.load_samples(tmp_path)
     (tmp_path / "split.json").write_text("[1, 2]")
@@ -179,8 +192,13 @@ def test_identical_files_are_kept_in_one_subset(tmp_path):
     split2, notes = ds.update_split(tmp_path)
     for copy, (original, subset) in copies.items():
         assert split2.assignments[copy] == split2.assignments[original] == subset
-        assert any(original in n and copy in n and f"kept together in {subset}" in n
-                   and "different classes" in n for n in notes)
+        assert any(
+            original in n
+            and copy in n
+            and f"kept together in {subset}" in n
+            and "different classes" in n
+            for n in notes
+        )
     assert all(split2.assignments[k] == v for k, v in split.assignments.items())
     # copies present at the first split are kept together too
     fresh, notes = ds.update_split(tmp_path, seed=5, resplit=True)
@@ -191,8 +209,9 @@ def test_identical_files_are_kept_in_one_subset(tmp_path):
     entry = next(e for s in ds.SUBSETS for e in manifest[s] if e["key"] in copies)
     original = copies[entry["key"]][0]
     assert entry["sha1"] == hashlib.sha1((tmp_path / original).read_bytes()).hexdigest()
-    assert entry["group"] == next(e["group"] for s in ds.SUBSETS for e in manifest[s]
-                                  if e["key"] == original)
+    assert entry["group"] == next(
+        e["group"] for s in ds.SUBSETS for e in manifest[s] if e["key"] == original
+    )
 
 
 def test_new_pages_join_their_source_and_nothing_moves(tmp_path, monkeypatch):
@@ -243,25 +262,32 @@ def test_split_lines_and_few_groups_warning(tmp_path):
     n = {s: len(getattr(samples, s)) for s in ds.SUBSETS}
     g = samples.subset_groups
     lines = samples.split_lines()
-    assert lines[0] == (f"Split: train {n['train']} images in {g['train']} groups, "
-                        f"val 0 in 0, test {n['test']} in {g['test']} (grouped by source file)")
+    assert lines[0] == (
+        f"Split: train {n['train']} images in {g['train']} groups, "
+        f"val 0 in 0, test {n['test']} in {g['test']} (grouped by source file)"
+    )
     assert sum(g.values()) == 10 and samples.class_groups == {"long": 8, "round": 2}
     assert samples.image_counts["test"]["round"] == 5 and samples.group_counts["test"]["round"] == 1
-    assert samples.warnings == ["Warning: class 'round' has only 2 groups: its test set holds "
-                                "1 group, so its test accuracy rests on one source."]
+    assert samples.warnings == [
+        "Warning: class 'round' has only 2 groups: its test set holds "
+        "1 group, so its test accuracy rests on one source."
+    ]
     assert lines[-1] == samples.warnings[0] and "  class 'long': train" in "\n".join(lines)
     assert not any(w in samples.notes for w in samples.warnings)
 
     # with a validation set the two groups go to train and val: no test accuracy at all
     samples = ds.load_samples(tmp_path, 0.2, 0.1, resplit=True)
-    assert any("'round' has only 2 groups and none in the test set" in w
-               for w in samples.warnings)
+    assert any("'round' has only 2 groups and none in the test set" in w for w in samples.warnings)
     assert all(not w.startswith("Warning: class 'long'") for w in samples.warnings)
 
 
 def test_identical_files_join_groups_across_names(tmp_path):
-    layout = {f"plate{p}_well{r}{c:02d}": "xy"[(p + c) % 2]
-              for p in (1, 2) for r in "AB" for c in (1, 2, 3)}
+    layout = {
+        f"plate{p}_well{r}{c:02d}": "xy"[(p + c) % 2]
+        for p in (1, 2)
+        for r in "AB"
+        for c in (1, 2, 3)
+    }
     _wells(tmp_path, layout, fields=4)
     split, _ = ds.update_split(tmp_path, group_by=WELL)
     well_subset = {k.split("/")[1][:14]: v for k, v in split.assignments.items()}
@@ -276,12 +302,15 @@ def test_identical_files_join_groups_across_names(tmp_path):
     train_well = next(w for w, s in well_subset.items() if s == "train")
     test_well = original.split("/")[1][:14]
     bridge = f"x/{test_well}_f900.tif"
-    shutil.copy(tmp_path / next(k for k in split.files("train") if train_well in k),
-                tmp_path / bridge)
+    shutil.copy(
+        tmp_path / next(k for k in split.files("train") if train_well in k), tmp_path / bridge
+    )
     before = dict(split.assignments)
     split, notes = ds.update_split(tmp_path, group_by=WELL)
     assert all(split.assignments[k] == "test" for k in split.assignments if train_well in k)
-    assert any(n.startswith("Keeping groups whole") and "4 files moved from train to test" in n
-               for n in notes)
+    assert any(
+        n.startswith("Keeping groups whole") and "4 files moved from train to test" in n
+        for n in notes
+    )
     moved = {k for k, v in before.items() if split.assignments[k] != v}
     assert moved and all(before[k] == "train" for k in moved)

@@ -21,8 +21,16 @@ def bundle(tmp_path_factory):
     """A tiny trained model (three classes, 32 px, the head on a frozen random base: ~15 s
     where fine-tuning all of B0 takes minutes): mechanics, not accuracy."""
     data = make_sample_dataset(tmp_path_factory.mktemp("data") / "ds", n_per_class=8, size=32)
-    result = train(TrainConfig(str(data), str(tmp_path_factory.mktemp("model") / "m"),
-                               epochs=2, batch_size=8, image_size=32, weights=None))
+    result = train(
+        TrainConfig(
+            str(data),
+            str(tmp_path_factory.mktemp("model") / "m"),
+            epochs=2,
+            batch_size=8,
+            image_size=32,
+            weights=None,
+        )
+    )
     return result.bundle
 
 
@@ -55,8 +63,9 @@ def _drawn_at(viewer, pts) -> np.ndarray:
     return np.array([pts.data_to_world(row)[-2:] for row in pts.data])
 
 
-def test_labels_of_two_stacks_never_overlap_and_follow_their_images(make_napari_viewer, qtbot,
-                                                                    bundle):
+def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
+    make_napari_viewer, qtbot, bundle
+):
     viewer, widget = _classified(make_napari_viewer, qtbot, bundle)
     big, small = viewer.layers["big"], viewer.layers["small"]
     for zoom in (0.2, 1.0, 8.0, 40.0):  # text keeps its size on screen, pixels do not
@@ -96,7 +105,9 @@ def test_labels_of_two_stacks_never_overlap_and_follow_their_images(make_napari_
     assert "small classes" not in viewer.layers and "field 2 classes" in viewer.layers
     assert "field 2" in widget.results and "small" not in widget.results
     assert {widget.table.item(r, 0).text() for r in range(widget.table.rowCount())} == {
-        "big", "field 2"}
+        "big",
+        "field 2",
+    }
     pts = viewer.layers["field 2 classes"]
     viewer.dims.set_point(0, 1)
     assert [t.endswith("· field 2") for t in pts._view_text] == [True]
@@ -136,8 +147,9 @@ def test_overlay_names_the_active_layer_and_the_page_in_view(make_napari_viewer,
     # the threshold: below it a page reads "uncertain" (unless unfamiliar)
     widget.threshold.setValue(1.0)
     pred = widget.results["small"][0]
-    assert (overlay.text.split(": ", 1)[1].split()[0]
-            == ("unfamiliar" if pred.unfamiliar else "uncertain"))
+    assert overlay.text.split(": ", 1)[1].split()[0] == (
+        "unfamiliar" if pred.unfamiliar else "uncertain"
+    )
 
     # cleared when the classified layer is hidden or an unclassified one is active
     small.visible = False
@@ -160,8 +172,9 @@ def _click(plot: StackPlot, page: float) -> None:
 
 def test_plot_along_the_stack_is_linked_with_the_slider(make_napari_viewer, qtbot, bundle):
     # the big stack's pages are 2 world units apart, from 10: the slider's world coordinates
-    viewer, widget = _classified(make_napari_viewer, qtbot, bundle,
-                                 scale=(2, 1, 1), translate=(10, 0, 0))
+    viewer, widget = _classified(
+        make_napari_viewer, qtbot, bundle, scale=(2, 1, 1), translate=(10, 0, 0)
+    )
     big, small = viewer.layers["big"], viewer.layers["small"]
     plot = widget.plot
     assert isinstance(plot, StackPlot)  # opened by the run, a stack being classified
@@ -172,8 +185,9 @@ def test_plot_along_the_stack_is_linked_with_the_slider(make_napari_viewer, qtbo
     lines = [line for line in ax.get_lines() if line.get_label() in widget.class_names]
     assert [line.get_label() for line in lines] == widget.class_names
     for line in lines:
-        np.testing.assert_allclose(line.get_ydata(), [p.probabilities[line.get_label()]
-                                                       for p in widget.results["big"]])
+        np.testing.assert_allclose(
+            line.get_ydata(), [p.probabilities[line.get_label()] for p in widget.results["big"]]
+        )
 
     def in_view(layer=big):
         return _layers.flat_page(layer, _layers.page_in_view(viewer, layer))
@@ -196,10 +210,10 @@ def test_plot_along_the_stack_is_linked_with_the_slider(make_napari_viewer, qtbo
     assert plot.summary.startswith(f"big: {len(preds)} pages: ")
     for label, n in counts.items():
         assert f"{n} {label}" in plot.summary
-    assert plot.summary.endswith(
-        f"mean confidence {np.mean([p.confidence for p in preds]):.2f}")
-    assert sum(int(part.split()[0]) for part in
-               plot.summary.split(": ", 2)[2].split(";")[0].split(", ")) == len(preds)
+    assert plot.summary.endswith(f"mean confidence {np.mean([p.confidence for p in preds]):.2f}")
+    assert sum(
+        int(part.split()[0]) for part in plot.summary.split(": ", 2)[2].split(";")[0].split(", ")
+    ) == len(preds)
 
     # the other stack when it becomes active; the slider drives its own pages
     viewer.layers.selection.active = small

@@ -35,9 +35,20 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "model"
-    config = TrainConfig(str(sample["dataset"]), str(out), epochs=20, batch_size=16,
-                         learning_rate=1e-3, image_size=48, weights=None, fine_tune="all",
-                         augment=False, early_stopping=False, reduce_lr_patience=20, seed=0)
+    config = TrainConfig(
+        str(sample["dataset"]),
+        str(out),
+        epochs=20,
+        batch_size=16,
+        learning_rate=1e-3,
+        image_size=48,
+        weights=None,
+        fine_tune="all",
+        augment=False,
+        early_stopping=False,
+        reduce_lr_patience=20,
+        seed=0,
+    )
     updates = []
     result = train(config, on_update=updates.append)
     return result, updates
@@ -71,9 +82,15 @@ def test_reports_the_training_guides_lines(trained):
 def test_bundle_holds_model_metadata_and_report(trained, sample):
     result, _ = trained
     b = result.bundle
-    assert {p.name for p in b.iterdir()} == {"model.keras", "microclf.json", "report.json",
-                                              "report.md", "split.json", "familiarity.npz",
-                                              "report.html"}
+    assert {p.name for p in b.iterdir()} == {
+        "model.keras",
+        "microclf.json",
+        "report.json",
+        "report.md",
+        "split.json",
+        "familiarity.npz",
+        "report.html",
+    }
     meta = json.loads((b / "microclf.json").read_text())
     assert meta["class_names"] == list(CLASSES)
     assert meta["preprocessing"]["image_size"] == 48 and meta["preprocessing"]["pmax"] == 99.8
@@ -108,8 +125,9 @@ def test_predict_a_stack_page_by_page_and_export_csv(trained, sample, tmp_path):
     assert list(rows[0]) == ["file", "page", "class", "confidence", *CLASSES, "unfamiliar"]
     assert len(rows) == 12 and rows[3]["page"] == "3"
     for row, p in zip(rows, preds, strict=True):
-        assert row["class"] == ("unfamiliar" if p.unfamiliar else p.class_name
-                                if p.confidence >= 0.99 else "uncertain")
+        assert row["class"] == (
+            "unfamiliar" if p.unfamiliar else p.class_name if p.confidence >= 0.99 else "uncertain"
+        )
         assert float(row["unfamiliar"]) == round(p.unfamiliar_score, 4)
         assert abs(float(row[p.class_name]) - p.probabilities[p.class_name]) < 1e-4
     # an in-memory page gives the same answer as the file
@@ -127,8 +145,20 @@ def test_cli_evaluate_predict_and_errors(trained, sample, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Accuracy: **{result.report['accuracy']:.2%}**" in out
     csv_out = tmp_path / "p.csv"
-    assert cli_main(["predict", str(result.bundle), str(sample["stack"]),
-                     str(sample["dataset"] / "round"), "--csv", str(csv_out), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(result.bundle),
+                str(sample["stack"]),
+                str(sample["dataset"] / "round"),
+                "--csv",
+                str(csv_out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len(list(csv.DictReader(csv_out.open()))) == 12 + 150
     assert cli_main(["predict", str(tmp_path / "no-model"), str(sample["stack"])]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -138,15 +168,25 @@ def test_cli_evaluate_predict_and_errors(trained, sample, tmp_path, capsys):
 
 
 def _tiny_config(sample, out, **kw):
-    args = dict(epochs=1, batch_size=8, image_size=32, weights=None, fine_tune="all",
-                early_stopping=False, seed=1)
+    args = dict(
+        epochs=1,
+        batch_size=8,
+        image_size=32,
+        weights=None,
+        fine_tune="all",
+        early_stopping=False,
+        seed=1,
+    )
     args.update(kw)
     return TrainConfig(str(sample["dataset"]), str(out), **args)
 
 
 def _digest(folder):
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_stop_within_a_batch_keeps_the_earlier_bundle(trained, sample, tmp_path):
@@ -200,11 +240,22 @@ def test_class_weights_follow_the_distribution(tmp_path):
     rng = np.random.default_rng(0)
     for cls, n in {"round": 30, "fragmented": 10}.items():
         for i in range(n):
-            add_example(tmp_path / "data", cls, make_image(cls, rng, 32),
-                        source=f"{cls}{i}.tif", page=0)
+            add_example(
+                tmp_path / "data", cls, make_image(cls, rng, 32), source=f"{cls}{i}.tif", page=0
+            )
     updates = []
-    train(TrainConfig(str(tmp_path / "data"), str(tmp_path / "m"), epochs=1, batch_size=8,
-                      image_size=32, weights=None, fine_tune="all"), updates.append)
+    train(
+        TrainConfig(
+            str(tmp_path / "data"),
+            str(tmp_path / "m"),
+            epochs=1,
+            batch_size=8,
+            image_size=32,
+            weights=None,
+            fine_tune="all",
+        ),
+        updates.append,
+    )
     texts = [u.text for u in updates if isinstance(u, Message)]
     assert "Class distribution: {0: 7, 1: 21}" in texts  # 70% of 10 and 30
     assert "Class weights: {0: 2.0, 1: 0.67}" in texts
@@ -216,14 +267,13 @@ import sys
 import napari_microclf, napari_microclf.core
 from napari_microclf.core.train import TrainConfig, train
 assert "tensorflow" not in sys.modules, "TensorFlow imported eagerly"
-train(TrainConfig({str(sample['dataset'])!r}, {str(tmp_path / 'm')!r}, epochs=1, batch_size=16,
+train(TrainConfig({str(sample["dataset"])!r}, {str(tmp_path / "m")!r}, epochs=1, batch_size=16,
                   image_size=32, weights=None, fine_tune="all"))
 bad = sorted(m for m in sys.modules if m.split('.')[0] in ("qtpy", "PyQt5", "PyQt6",
              "PySide2", "PySide6", "napari", "magicgui"))
 print("BAD", bad)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BAD []" in out.stdout
 
@@ -236,13 +286,15 @@ def lite0_frozen(sample, tmp_path_factory):
     """The defaults (weights auto, frozen base, cached features) on this offline machine."""
     out = tmp_path_factory.mktemp("lite0") / "model"
     updates = []
-    result = train(TrainConfig(str(sample["dataset"]), str(out), image_size=64),
-                   on_update=updates.append)
+    result = train(
+        TrainConfig(str(sample["dataset"]), str(out), image_size=64), on_update=updates.append
+    )
     return result, updates
 
 
 def test_auto_weights_offline_train_a_pretrained_lite0_that_beats_from_scratch(
-        lite0_frozen, trained, sample):
+    lite0_frozen, trained, sample
+):
     result, updates = lite0_frozen
     texts = [u.text for u in updates if isinstance(u, Message)]
     assert sum("EfficientNet-Lite0" in t for t in texts) == 1  # said once, in one line
@@ -253,8 +305,9 @@ def test_auto_weights_offline_train_a_pretrained_lite0_that_beats_from_scratch(
     scratch = trained[0].report["accuracy"]
     # same dataset, same split.json: the same 45 test images
     assert result.report["n"] == trained[0].report["n"] == 45
-    print(f"test accuracy: frozen Lite0 {result.report['accuracy']:.3f}, from scratch "
-          f"{scratch:.3f}")
+    print(
+        f"test accuracy: frozen Lite0 {result.report['accuracy']:.3f}, from scratch {scratch:.3f}"
+    )
     assert result.report["accuracy"] > scratch
     # the reloaded bundle (the full model, images in) scores its own test list exactly as
     # training did (the head on cached features)
@@ -269,9 +322,18 @@ def test_fine_tuning_starts_from_the_trained_head(sample, tmp_path):
     from napari_microclf.core.train import PhaseStart
 
     updates = []
-    result = train(TrainConfig(str(sample["dataset"]), str(tmp_path / "m"), image_size=64,
-                               fine_tune=2, epochs=4, head_epochs=2, early_stopping=False),
-                   on_update=updates.append)
+    result = train(
+        TrainConfig(
+            str(sample["dataset"]),
+            str(tmp_path / "m"),
+            image_size=64,
+            fine_tune=2,
+            epochs=4,
+            head_epochs=2,
+            early_stopping=False,
+        ),
+        on_update=updates.append,
+    )
     h = result.history
     assert h["phase"] == [1, 1, 2, 2]
     phase2 = [u for u in updates if isinstance(u, PhaseStart)]

@@ -24,19 +24,32 @@ def _noise_dataset(root, n=16, size=32, seed=0):
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
         for i in range(n):
-            tifffile.imwrite(root / cls / f"{cls}{i:02d}.tif",
-                             rng.integers(0, 255, (size, size), np.uint8))
+            tifffile.imwrite(
+                root / cls / f"{cls}{i:02d}.tif", rng.integers(0, 255, (size, size), np.uint8)
+            )
     return root
 
 
 def test_plateau_reduces_the_learning_rate_then_stops_early_at_the_best_epoch(tmp_path):
     data = _noise_dataset(tmp_path / "noise")
     epochs, lr, factor, lr_patience, stop_patience = 30, 1e-3, 0.5, 1, 3
-    config = TrainConfig(str(data), str(tmp_path / "model"), epochs=epochs, batch_size=8,
-                         learning_rate=lr, image_size=32, weights=None, fine_tune="all",
-                         augment=False, class_weights=False, early_stopping=True,
-                         early_stopping_patience=stop_patience, reduce_lr_patience=lr_patience,
-                         reduce_lr_factor=factor, seed=0)
+    config = TrainConfig(
+        str(data),
+        str(tmp_path / "model"),
+        epochs=epochs,
+        batch_size=8,
+        learning_rate=lr,
+        image_size=32,
+        weights=None,
+        fine_tune="all",
+        augment=False,
+        class_weights=False,
+        early_stopping=True,
+        early_stopping_patience=stop_patience,
+        reduce_lr_patience=lr_patience,
+        reduce_lr_factor=factor,
+        seed=0,
+    )
     updates = []
     result = train(config, updates.append)
     history = result.history
@@ -56,10 +69,14 @@ def test_plateau_reduces_the_learning_rate_then_stops_early_at_the_best_epoch(tm
     best_epoch = int(np.argmin(val)) + 1
     assert result.epochs_run == best_epoch + stop_patience < epochs, (val, result.epochs_run)
     texts = [u.text for u in updates if isinstance(u, Message)]
-    assert (f"Early stopping after epoch {result.epochs_run}: the val loss stopped improving; "
-            f"the weights of epoch {best_epoch} (the best) are kept.") in texts
-    assert result.meta["phases"][0]["early_stopped"] == {"after_epoch": result.epochs_run,
-                                                         "best_epoch": best_epoch}
+    assert (
+        f"Early stopping after epoch {result.epochs_run}: the val loss stopped improving; "
+        f"the weights of epoch {best_epoch} (the best) are kept."
+    ) in texts
+    assert result.meta["phases"][0]["early_stopped"] == {
+        "after_epoch": result.epochs_run,
+        "best_epoch": best_epoch,
+    }
 
 
 def _marked(n_channels: int, size: int = 32) -> np.ndarray:
@@ -73,8 +90,7 @@ def _marked(n_channels: int, size: int = 32) -> np.ndarray:
 
 def test_multichannel_pages_keep_their_channels_through_reading_and_preprocessing(tmp_path):
     tifffile.imwrite(tmp_path / "c4.tif", _marked(4), imagej=True, metadata={"axes": "CYX"})
-    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(_marked(3), 0, -1),
-                     photometric="rgb")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(_marked(3), 0, -1), photometric="rgb")
     tifffile.imwrite(tmp_path / "c2.tif", _marked(2), imagej=True, metadata={"axes": "CYX"})
     page = read_page(tmp_path / "c4.tif")
     assert page.shape == (32, 32, 4)
@@ -103,15 +119,38 @@ def test_channels_option_trains_and_predicts_multichannel_images(tmp_path, capsy
             y, x = rng.integers(4, 20, 2)
             planes[k, y : y + 8, x : x + 8] = 3000
             if n == 3:  # RGB samples in a plane
-                tifffile.imwrite(data / cls / f"{i}.tif", np.moveaxis(planes, 0, -1),
-                                 photometric="rgb")
+                tifffile.imwrite(
+                    data / cls / f"{i}.tif", np.moveaxis(planes, 0, -1), photometric="rgb"
+                )
             else:  # channels as planes (ImageJ)
-                tifffile.imwrite(data / cls / f"{i}.tif", planes, imagej=True,
-                                 metadata={"axes": "CYX"})
+                tifffile.imwrite(
+                    data / cls / f"{i}.tif", planes, imagej=True, metadata={"axes": "CYX"}
+                )
     out = tmp_path / "model"
-    assert cli_main(["train", str(data), "--out", str(out), "--channels", "1,0,-",
-                     "--epochs", "2", "--batch-size", "8", "--image-size", "32",
-                     "--weights", "none", "--fine-tune", "all", "--no-augment"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(out),
+                "--channels",
+                "1,0,-",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--image-size",
+                "32",
+                "--weights",
+                "none",
+                "--fine-tune",
+                "all",
+                "--no-augment",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "microclf.json").read_text())
     assert meta["preprocessing"]["channel_map"] == [1, 0, None]
     predictor = Predictor(out)
@@ -123,23 +162,57 @@ def test_channels_option_trains_and_predicts_multichannel_images(tmp_path, capsy
     capsys.readouterr()
     # a gray image has no channel 1: named before any TensorFlow work
     tifffile.imwrite(data / "red" / "gray.tif", np.zeros((32, 32), np.uint16))
-    assert cli_main(["train", str(data), "--out", str(tmp_path / "m2"), "--channels",
-                     "1,0,-", "--epochs", "1", "--image-size", "32", "--weights", "none",
-                     "--fine-tune", "all"]) == 1
+    assert (
+        cli_main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(tmp_path / "m2"),
+                "--channels",
+                "1,0,-",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--weights",
+                "none",
+                "--fine-tune",
+                "all",
+            ]
+        )
+        == 1
+    )
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("microclf: error: red/gray.tif: 1 channel(s), but the channel map "
-                           "1,0,- uses channel 1")
+    assert line.startswith(
+        "microclf: error: red/gray.tif: 1 channel(s), but the channel map 1,0,- uses channel 1"
+    )
 
 
 def test_resplit_from_the_command_line_draws_a_new_split_and_says_so(tmp_path, capsys):
     data = make_sample_dataset(tmp_path / "ds", n_per_class=10, size=32)
-    args = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--weights", "none",
-            "--fine-tune", "all", "--no-augment"]
+    args = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--weights",
+        "none",
+        "--fine-tune",
+        "all",
+        "--no-augment",
+    ]
     assert cli_main(["train", str(data), "--out", str(tmp_path / "m1"), *args]) == 0
     first = json.loads((data / "split.json").read_text())["assignments"]
     assert "New split" not in capsys.readouterr().out
-    assert cli_main(["train", str(data), "--out", str(tmp_path / "m3"), "--seed", "5",
-                     "--resplit", *args]) == 0
+    assert (
+        cli_main(
+            ["train", str(data), "--out", str(tmp_path / "m3"), "--seed", "5", "--resplit", *args]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     second = json.loads((data / "split.json").read_text())
     assert second["seed"] == 5 and second["assignments"] != first
@@ -148,5 +221,6 @@ def test_resplit_from_the_command_line_draws_a_new_split_and_says_so(tmp_path, c
     assert "Reusing the split" not in printed
     # the bundle keeps the split it was trained on
     kept = json.loads((tmp_path / "m3" / "split.json").read_text())
-    assert {e["key"] for e in kept["test"]} == {k for k, s in second["assignments"].items()
-                                                if s == "test"}
+    assert {e["key"] for e in kept["test"]} == {
+        k for k, s in second["assignments"].items() if s == "test"
+    }

@@ -67,8 +67,11 @@ def oriented(tmp_path_factory):
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
     init = keras.initializers.RandomNormal(stddev=0.05, seed=0)
     outputs = keras.layers.Dense(len(NAMES), activation="softmax", kernel_initializer=init)(x)
-    return write_bundle(tmp_path_factory.mktemp("oriented") / "m", keras.Model(inputs, outputs),
-                        {"class_names": NAMES, "preprocessing": PreprocessSpec(SIZE).to_dict()})
+    return write_bundle(
+        tmp_path_factory.mktemp("oriented") / "m",
+        keras.Model(inputs, outputs),
+        {"class_names": NAMES, "preprocessing": PreprocessSpec(SIZE).to_dict()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +81,21 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tta")
     data = write_sample(root / "s", n_per_class=20, size=48, seed=2)["dataset"]
     updates = []
-    result = train(TrainConfig(str(data), str(root / "model"), epochs=1, batch_size=8,
-                               image_size=SIZE, weights=None, fine_tune=0, augment=False,
-                               early_stopping=False, seed=0), on_update=updates.append)
+    result = train(
+        TrainConfig(
+            str(data),
+            str(root / "model"),
+            epochs=1,
+            batch_size=8,
+            image_size=SIZE,
+            weights=None,
+            fine_tune=0,
+            augment=False,
+            early_stopping=False,
+            seed=0,
+        ),
+        on_update=updates.append,
+    )
     own = json.loads((result.bundle / "split.json").read_text())
     test = [(data / e["key"], e["key"].split("/")[0]) for e in own["test"]]
     return result, updates, test
@@ -97,9 +112,13 @@ def test_predictions(trained):
             pages += [img.page(i) for i in range(len(img))]
             truth += [c] * len(img)
     files = [f for f, _ in test]
-    return {"predictor": predictor, "pages": pages, "truth": truth,
-            "plain": list(predictor.predict_paths(files)),
-            "tta": list(predictor.predict_paths(files, tta=True))}
+    return {
+        "predictor": predictor,
+        "pages": pages,
+        "truth": truth,
+        "plain": list(predictor.predict_paths(files)),
+        "tta": list(predictor.predict_paths(files, tta=True)),
+    }
 
 
 def _accuracy_bounds(predictions, truth) -> tuple[float, float]:
@@ -126,9 +145,10 @@ def test_flip_views_lays_out_each_view_of_the_batch_in_turn():
     for i in range(3):
         for v, expected in enumerate(_flips(x[i])):
             np.testing.assert_array_equal(views[v * 3 + i], expected)
-    np.testing.assert_allclose(mean_of_views(np.stack([np.full(2, v) for v in
-                                                       [0, 0, 4, 4, 8, 8, 12, 12]])),
-                               [[6, 6], [6, 6]])
+    np.testing.assert_allclose(
+        mean_of_views(np.stack([np.full(2, v) for v in [0, 0, 4, 4, 8, 8, 12, 12]])),
+        [[6, 6], [6, 6]],
+    )
 
 
 # -- probabilities ----------------------------------------------------------------------------
@@ -173,17 +193,23 @@ def test_every_entry_point_passes_tta_on(oriented, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     pages = [_page() for _ in range(3)]
-    tifffile.imwrite(folder / "stack.tif", np.stack(pages[:2]), metadata={"axes": "ZYX"},
-                     photometric="minisblack")
+    tifffile.imwrite(
+        folder / "stack.tif",
+        np.stack(pages[:2]),
+        metadata={"axes": "ZYX"},
+        photometric="minisblack",
+    )
     tifffile.imwrite(folder / "one.tif", pages[2])
     predictor = Predictor(oriented)
     expected = _probs(predictor.predict_array(np.stack(pages), page_axis=0, tta=True))
     in_order = lambda ps: _probs(sorted(ps, key=lambda p: (p.file.endswith("one.tif"), p.page)))  # noqa: E731
     files = [folder / "stack.tif", folder / "one.tif"]
-    for got in (predict(oriented, folder, tta=True),
-                predict_folder(predictor, folder, tta=True),
-                list(predictor.predict_paths(files, tta=True)),
-                [p for f in files for p in predict(predictor, f, tta=True)]):
+    for got in (
+        predict(oriented, folder, tta=True),
+        predict_folder(predictor, folder, tta=True),
+        list(predictor.predict_paths(files, tta=True)),
+        [p for f in files for p in predict(predictor, f, tta=True)],
+    ):
         assert all(p.tta for p in got)
         np.testing.assert_allclose(in_order(got), expected, atol=1e-5)
 
@@ -191,8 +217,9 @@ def test_every_entry_point_passes_tta_on(oriented, tmp_path):
 def test_the_unfamiliar_score_stays_the_unflipped_pages(test_predictions):
     plain, tta = test_predictions["plain"], test_predictions["tta"]
     assert test_predictions["predictor"].familiarity is not None
-    np.testing.assert_allclose([p.unfamiliar_score for p in tta],
-                               [p.unfamiliar_score for p in plain], rtol=1e-4)
+    np.testing.assert_allclose(
+        [p.unfamiliar_score for p in tta], [p.unfamiliar_score for p in plain], rtol=1e-4
+    )
     # and the probabilities are the full EfficientNet's mean over the flips
     model = test_predictions["predictor"].bundle.model
     expected, unflipped = _expected(model, test_predictions["pages"])
@@ -216,15 +243,27 @@ def test_cli_tta_writes_the_averaged_probabilities(oriented, tmp_path, capsys):
         page[:, : page.shape[1] // 3] //= 5  # orientation matters
         tifffile.imwrite(folder / f"{i}.tif", page)
     for flag in ([], ["--tta"]):
-        assert cli_main(["predict", str(oriented), str(folder), "--csv",
-                         str(tmp_path / f"out{len(flag)}.csv"), *flag]) == 0
+        assert (
+            cli_main(
+                [
+                    "predict",
+                    str(oriented),
+                    str(folder),
+                    "--csv",
+                    str(tmp_path / f"out{len(flag)}.csv"),
+                    *flag,
+                ]
+            )
+            == 0
+        )
     out = capsys.readouterr().out
     assert "test-time augmentation" in out
     expected, plain = _expected(Predictor(oriented).bundle.model, pages)
     np.testing.assert_allclose(_csv_probs(tmp_path / "out1.csv"), expected, atol=1e-4)
     np.testing.assert_allclose(_csv_probs(tmp_path / "out0.csv"), plain, atol=1e-4)
-    assert np.abs(_csv_probs(tmp_path / "out1.csv") - _csv_probs(tmp_path / "out0.csv")
-                  ).max() > 1e-3
+    assert (
+        np.abs(_csv_probs(tmp_path / "out1.csv") - _csv_probs(tmp_path / "out0.csv")).max() > 1e-3
+    )
 
 
 # -- reports --------------------------------------------------------------------------------
@@ -243,29 +282,37 @@ def test_the_training_report_has_the_test_accuracy_with_flips(trained, test_pred
     saved = json.loads((result.bundle / "report.json").read_text())
     assert saved["tta"] == tta
     md = (result.bundle / "report.md").read_text()
-    assert f"Accuracy with flips (TTA: mean of 4 flipped views per image): " \
-           f"{tta['accuracy']:.2%}" in md
+    assert (
+        f"Accuracy with flips (TTA: mean of 4 flipped views per image): {tta['accuracy']:.2%}" in md
+    )
     html = (result.bundle / "report.html").read_text()
     assert "With flips (test-time augmentation" in html and f"{tta['accuracy']:.2%}" in html
     texts = [u.text for u in updates if isinstance(u, Message)]
-    assert any(t.startswith(f"Test accuracy with flips (TTA): {tta['accuracy']:.4f} (plain "
-                            f"{report['accuracy']:.4f}") for t in texts), texts
+    assert any(
+        t.startswith(
+            f"Test accuracy with flips (TTA): {tta['accuracy']:.4f} (plain {report['accuracy']:.4f}"
+        )
+        for t in texts
+    ), texts
 
 
 def test_an_empty_test_set_has_no_tta_accuracy():
     assert tta_summary(None, [], np.zeros((0, 3)), in_metrics=False) is None
 
 
-def test_evaluate_with_tta_scores_the_averaged_probabilities(trained, test_predictions,
-                                                            monkeypatch, capsys):
+def test_evaluate_with_tta_scores_the_averaged_probabilities(
+    trained, test_predictions, monkeypatch, capsys
+):
     result, _, _ = trained
     report = evaluate(result.bundle, tta=True)
     assert "TTA" in report["title"] and any("flips" in n for n in report["notes"])
     tta = report["tta"]
     assert tta["in_metrics"] and tta["accuracy"] == report["accuracy"]
     truth = test_predictions["truth"]
-    for key, preds in (("accuracy", test_predictions["tta"]),
-                       ("plain_accuracy", test_predictions["plain"])):
+    for key, preds in (
+        ("accuracy", test_predictions["tta"]),
+        ("plain_accuracy", test_predictions["plain"]),
+    ):
         low, high = _accuracy_bounds(preds, truth)
         assert low - 1e-4 <= tta[key] <= high + 1e-4, key
     saved = open(report["saved"], encoding="utf-8").read()
@@ -275,8 +322,9 @@ def test_evaluate_with_tta_scores_the_averaged_probabilities(trained, test_predi
     from napari_microclf.core import evaluate as evaluate_mod
 
     calls = []
-    monkeypatch.setattr(evaluate_mod, "evaluate",
-                        lambda *a, **kw: calls.append(kw) or {**report, "saved": None})
+    monkeypatch.setattr(
+        evaluate_mod, "evaluate", lambda *a, **kw: calls.append(kw) or {**report, "saved": None}
+    )
     assert cli_main(["evaluate", str(result.bundle), "--tta"]) == 0
     assert cli_main(["evaluate", str(result.bundle)]) == 0
     assert [kw["tta"] for kw in calls] == [True, False]
@@ -290,13 +338,12 @@ def test_batched_tta_through_keras_predict_gives_the_same_mean(oriented):
     x = np.stack([preprocess(p, PreprocessSpec(SIZE)) for p in pages])
     expected, _ = _expected(model, pages)
     for eager in (True, False):
-        np.testing.assert_allclose(tta_probabilities(model, x, 2, eager=eager), expected,
-                                   atol=1e-5)
+        np.testing.assert_allclose(tta_probabilities(model, x, 2, eager=eager), expected, atol=1e-5)
 
 
-def test_predict_widgets_flip_option_runs_layers_and_folders_with_tta(make_napari_viewer,
-                                                                      qtbot, oriented,
-                                                                      tmp_path):
+def test_predict_widgets_flip_option_runs_layers_and_folders_with_tta(
+    make_napari_viewer, qtbot, oriented, tmp_path
+):
     """Predict's "Average over flips": the layer's probabilities and the folder CSV's are the
     averaged ones, and unchecked they are the plain ones."""
     from napari_microclf._qt.predict import PredictWidget

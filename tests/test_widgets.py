@@ -23,8 +23,15 @@ from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
 from napari_microclf.core.train import BatchEnd, TrainConfig, train
 
 PLUGIN = "napari-microclf"
-TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "weights": "none", "fine_tune": "all",
-        "learning_rate": 1e-3, "early_stopping": False}
+TINY = {
+    "epochs": 2,
+    "batch_size": 8,
+    "image_size": 32,
+    "weights": "none",
+    "fine_tune": "all",
+    "learning_rate": 1e-3,
+    "early_stopping": False,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +49,26 @@ def tiny_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_bundle(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "model"
-    result = train(TrainConfig(str(tiny_dataset), str(out), epochs=1, batch_size=8,
-                               image_size=32, weights=None, fine_tune="all"))
+    result = train(
+        TrainConfig(
+            str(tiny_dataset),
+            str(out),
+            epochs=1,
+            batch_size=8,
+            image_size=32,
+            weights=None,
+            fine_tune="all",
+        )
+    )
     return result.bundle
 
 
 def _messages(level=None):
-    return [str(n.message) for n in notification_manager.records
-            if level is None or str(n.severity).lower().endswith(level)]
+    return [
+        str(n.message)
+        for n in notification_manager.records
+        if level is None or str(n.severity).lower().endswith(level)
+    ]
 
 
 def _tiny(widget: TrainWidget, **changes):
@@ -65,22 +84,41 @@ def test_manifest_contributions_load_through_napari(make_napari_viewer):
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Microscopy Classifier", "Annotate", "Train", "Predict", "Review errors",
-        "Label next"}
+        "Microscopy Classifier",
+        "Annotate",
+        "Train",
+        "Predict",
+        "Review errors",
+        "Label next",
+    }
     viewer = make_napari_viewer()
     kinds = {}
     for name in ("Annotate", "Train", "Predict", "Review errors", "Label next"):
         _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         kinds[name] = type(widget)
-    assert kinds == {"Annotate": AnnotateWidget, "Train": TrainWidget,
-                     "Predict": PredictWidget, "Review errors": ReviewWidget,
-                     "Label next": LabelNextWidget}
+    assert kinds == {
+        "Annotate": AnnotateWidget,
+        "Train": TrainWidget,
+        "Predict": PredictWidget,
+        "Review errors": ReviewWidget,
+        "Label next": LabelNextWidget,
+    }
     # one entry with all of them as tabs, each with the whole height
     _, tabs = viewer.window.add_plugin_dock_widget(PLUGIN, "Microscopy Classifier")
     assert [type(tabs.widget(i)) for i in range(tabs.count())] == [
-        AnnotateWidget, TrainWidget, PredictWidget, ReviewWidget, LabelNextWidget]
+        AnnotateWidget,
+        TrainWidget,
+        PredictWidget,
+        ReviewWidget,
+        LabelNextWidget,
+    ]
     assert [tabs.tabText(i) for i in range(tabs.count())] == [
-        "Annotate", "Train", "Predict", "Review errors", "Label next"]
+        "Annotate",
+        "Train",
+        "Predict",
+        "Review errors",
+        "Label next",
+    ]
     # napari's Layers menu: Annotate under Layers > Annotate, the rest under Classify
     from napari._app_model import get_app_model
 
@@ -90,9 +128,9 @@ def test_manifest_contributions_load_through_napari(make_napari_viewer):
         return [i.command.id for i in menus.get_menu(menu_id) if hasattr(i, "command")]
 
     assert "napari-microclf.annotate" in commands("napari/layers/annotate")
-    assert {f"napari-microclf.{c}" for c in ("all", "train", "predict", "review",
-                                            "label_next")} <= set(
-        commands("napari/layers/classify"))
+    assert {
+        f"napari-microclf.{c}" for c in ("all", "train", "predict", "review", "label_next")
+    } <= set(commands("napari/layers/classify"))
     assert set(manifest.categories) == {"Annotation", "Measurement"}
     layers = viewer.open_sample(PLUGIN, "microscopy_classes")
     assert [lyr.name for lyr in layers][-1] == "mixed stack"
@@ -111,8 +149,9 @@ def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tm
     viewer = make_napari_viewer(show=True)
     stack, _ = make_sample_stack(n_pages=4, size=32)
     viewer.add_image(stack, name="stack")
-    rgb = viewer.add_image(np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8),
-                           name="rgb", rgb=True)
+    rgb = viewer.add_image(
+        np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8), name="rgb", rgb=True
+    )
     two = np.stack([stack[:2], stack[2:]], axis=-1)  # 2 pages, 2 channels
     path = tmp_path / "two.tif"
     tifffile.imwrite(path, np.moveaxis(two, -1, 1), metadata={"axes": "ZCYX"})
@@ -204,8 +243,9 @@ def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tm
 # -- train ---------------------------------------------------------------------------------
 
 
-def test_train_runs_to_the_end_and_the_gui_stays_responsive(make_napari_viewer, qtbot,
-                                                            tiny_dataset, tmp_path):
+def test_train_runs_to_the_end_and_the_gui_stays_responsive(
+    make_napari_viewer, qtbot, tiny_dataset, tmp_path
+):
     viewer = make_napari_viewer()
     widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
     viewer.window.add_dock_widget(widget)
@@ -253,8 +293,7 @@ def test_train_runs_to_the_end_and_the_gui_stays_responsive(make_napari_viewer, 
     assert PredictWidget(viewer).bundle() == str(result.bundle)
 
 
-def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_dataset,
-                                             tmp_path):
+def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
     """The default weights ("auto": ImageNet Lite0 here, offline), fine-tuned in two phases:
     the log says when phase 2 starts, the curves mark it, report and Predict name the start."""
     viewer = make_napari_viewer()
@@ -269,16 +308,16 @@ def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_da
     assert result.history["phase"] == [1, 2]
     assert "Phase 2: fine-tuning the top 1 of 7 stages" in widget.log.toPlainText()
     for ax in widget.curves.figure.axes:
-        assert [list(line.get_xdata()) for line in ax.lines
-                if line.get_gid() == "fine-tuning"] == [[1.5, 1.5]]
+        assert [list(line.get_xdata()) for line in ax.lines if line.get_gid() == "fine-tuning"] == [
+            [1.5, 1.5]
+        ]
     report = widget.report_label.text()
     assert "Model: efficientnet-lite0, ImageNet weights" in report
     assert "top 1 of 7 stages fine-tuned, from epoch 2 after 1 head-only epoch(s)" in report
     from napari_microclf.core.lite0 import LITE0_SHA256
 
     predict = PredictWidget(viewer, result.bundle)
-    assert (f"Model: efficientnet-lite0 · imagenet {LITE0_SHA256[:12]}"
-            in predict.model_info.text())
+    assert f"Model: efficientnet-lite0 · imagenet {LITE0_SHA256[:12]}" in predict.model_info.text()
 
 
 def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
@@ -301,7 +340,8 @@ def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, 
 
 @pytest.mark.parametrize("bar", ["epochs", "batches"])
 def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
-        make_napari_viewer, qtbot, tiny_dataset, trained_bundle, tmp_path, bar):
+    make_napari_viewer, qtbot, tiny_dataset, trained_bundle, tmp_path, bar
+):
     """napari's bars show in the activity dock, cancelable there: Cancel is the Stop button
     (cooperative stop), and a stopped training leaves the last good model as it was."""
     import shutil
@@ -355,20 +395,24 @@ def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
     assert widget.state is State.IDLE and widget.worker is None
     errors = _messages("error")
     assert len(errors) == 1 and errors[0].startswith("Cannot train")
-    expected = {"no dataset": "does not exist", "one class": "at least 2 classes",
-                "empty class": "no images", "unwritable": "a-file"}[problem]
+    expected = {
+        "no dataset": "does not exist",
+        "one class": "at least 2 classes",
+        "empty class": "no images",
+        "unwritable": "a-file",
+    }[problem]
     assert expected in errors[0]
 
 
 def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_groups(
-        make_napari_viewer):
+    make_napari_viewer,
+):
     from napari_microclf.core.train import help_of
 
     widget = TrainWidget(make_napari_viewer())
     f = widget.form
     config = widget.config()
-    assert (config.backbone, config.weights, config.group_by) == ("efficientnet-b0", "auto",
-                                                                  None)
+    assert (config.backbone, config.weights, config.group_by) == ("efficientnet-b0", "auto", None)
     assert (config.intensity, config.intensity_range) == ("percentile", None)
     # tips come from the settings' one description
     assert f.head_epochs.tooltip.lower().startswith(help_of("head_epochs")[:30].lower())
@@ -392,8 +436,7 @@ def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_group
     f.intensity_range.value = "0,4095"
     f.group_by.value = r"^(plate\d+_well\w+)"
     config = widget.config()
-    assert (config.backbone, config.weights, config.fine_tune) == ("efficientnet-lite0",
-                                                                   "auto", 2)
+    assert (config.backbone, config.weights, config.fine_tune) == ("efficientnet-lite0", "auto", 2)
     assert (config.head_epochs, config.fine_tune_lr_factor) == (3, 0.2)
     assert (config.intensity, config.intensity_range) == ("fixed", (0.0, 4095.0))
     assert config.group_by == r"^(plate\d+_well\w+)"
@@ -413,10 +456,13 @@ def test_invalid_group_by_is_refused_at_start(make_napari_viewer, tiny_dataset, 
     assert "plate(" in widget.status.text()
 
 
-@pytest.mark.parametrize(("n_per_class", "row", "batch_size"),
-                         [(20, "very small dataset", 8), (200, "medium dataset", 32)])
-def test_suggest_settings_from_the_dataset_size(make_napari_viewer, qtbot, tmp_path,
-                                                n_per_class, row, batch_size):
+@pytest.mark.parametrize(
+    ("n_per_class", "row", "batch_size"),
+    [(20, "very small dataset", 8), (200, "medium dataset", 32)],
+)
+def test_suggest_settings_from_the_dataset_size(
+    make_napari_viewer, qtbot, tmp_path, n_per_class, row, batch_size
+):
     data = make_sample_dataset(tmp_path / "ds", n_per_class=n_per_class, size=16)
     widget = TrainWidget(make_napari_viewer(), data, tmp_path / "model")
     widget.form.batch_size.value = 5
@@ -449,28 +495,34 @@ def test_curves_mark_where_fine_tuning_starts():
     from napari_microclf._qt._plots import CurvesCanvas
 
     canvas = CurvesCanvas()
-    history = {"loss": [1.0, 0.8, 0.6, 0.5], "val_loss": [1.1, 0.9, 0.7, 0.6],
-               "accuracy": [0.4, 0.6, 0.7, 0.8], "val_accuracy": [0.3, 0.5, 0.6, 0.7],
-               "lr": [1e-4, 1e-4, 1e-5, 1e-5], "phase": [1, 1, 2, 2]}
+    history = {
+        "loss": [1.0, 0.8, 0.6, 0.5],
+        "val_loss": [1.1, 0.9, 0.7, 0.6],
+        "accuracy": [0.4, 0.6, 0.7, 0.8],
+        "val_accuracy": [0.3, 0.5, 0.6, 0.7],
+        "lr": [1e-4, 1e-4, 1e-5, 1e-5],
+        "phase": [1, 1, 2, 2],
+    }
     canvas.plot(history)
     for ax in canvas.figure.axes:  # all three panels, between epochs 2 and 3
         (marker,) = [line for line in ax.lines if line.get_gid() == "fine-tuning"]
         assert list(marker.get_xdata()) == [2.5, 2.5] and marker.get_linestyle() == "--"
         assert any(t.get_text().strip() == "fine-tuning" for t in ax.texts)
     canvas.plot({**history, "phase": [1, 1, 1, 1]})  # one phase: no marker
-    assert not any(line.get_gid() == "fine-tuning"
-                   for ax in canvas.figure.axes for line in ax.lines)
+    assert not any(
+        line.get_gid() == "fine-tuning" for ax in canvas.figure.axes for line in ax.lines
+    )
 
 
 # -- predict --------------------------------------------------------------------------------
 
 
-def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qtbot,
-                                                          trained_bundle, tmp_path):
+def test_predict_labels_follow_the_slider_and_csv_matches(
+    make_napari_viewer, qtbot, trained_bundle, tmp_path
+):
     viewer = make_napari_viewer()
     stack, _ = make_sample_stack(n_pages=6, size=40)
-    image = viewer.add_image(stack, name="stack", scale=(1, 0.5, 0.5),
-                             units=("pixel", "µm", "µm"))
+    image = viewer.add_image(stack, name="stack", scale=(1, 0.5, 0.5), units=("pixel", "µm", "µm"))
     viewer.add_image(stack[0], name="single")
     widget = PredictWidget(viewer, trained_bundle)
     viewer.window.add_dock_widget(widget)
@@ -496,8 +548,9 @@ def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qt
         viewer.dims.set_current_step(0, page)
         drawn = list(points._view_text)  # napari draws only this page's label
         assert len(drawn) == 1 and drawn[0].startswith(pages[page]["class"])
-        assert widget.in_view.text().startswith(f"In view: stack, page {page}: "
-                                                f"{pages[page]['class']}")
+        assert widget.in_view.text().startswith(
+            f"In view: stack, page {page}: {pages[page]['class']}"
+        )
 
     # results table and CSV agree
     assert widget.table.rowCount() == 7
@@ -507,7 +560,8 @@ def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qt
     table = [[widget.table.item(r, c).text() for c in range(4)] for r in range(7)]
     assert [[r["file"], r["page"], r["class"]] for r in rows] == [t[:3] for t in table]
     assert [float(r["confidence"]) for r in rows] == pytest.approx(
-        [float(t[3]) for t in table], abs=1e-3)
+        [float(t[3]) for t in table], abs=1e-3
+    )
 
     # the threshold turns low confidences into "uncertain" on canvas and in the table
     widget.threshold.setValue(1.0)
@@ -523,8 +577,9 @@ def test_predict_labels_follow_the_slider_and_csv_matches(make_napari_viewer, qt
     assert len(viewer.layers["stack classes"].data) == 6  # updated, not duplicated
 
 
-def test_predict_names_the_model_also_for_older_bundles(make_napari_viewer, trained_bundle,
-                                                         tmp_path):
+def test_predict_names_the_model_also_for_older_bundles(
+    make_napari_viewer, trained_bundle, tmp_path
+):
     import json
     import shutil
 
@@ -564,14 +619,19 @@ def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, t
     with open(tmp_path / "out.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["file"].rsplit("/", 1)[-1], r["page"]) for r in rows] == [
-        ("a.tif", "0"), ("a.tif", "1"), ("a.tif", "2"), ("b.tif", "0")]
+        ("a.tif", "0"),
+        ("a.tif", "1"),
+        ("a.tif", "2"),
+        ("b.tif", "0"),
+    ]
     assert widget.pbar.n == widget.pbar.total == 4  # napari's bar, closed
     assert not hasattr(widget, "bar")
     assert widget.folder_btn.text() == widget.FOLDER
 
 
-def test_run_and_classify_folder_stop_keep_what_was_done(make_napari_viewer, qtbot,
-                                                         trained_bundle, tmp_path):
+def test_run_and_classify_folder_stop_keep_what_was_done(
+    make_napari_viewer, qtbot, trained_bundle, tmp_path
+):
     """Run and Classify folder turn into Stop while they run; Stop (or Cancel in the
     activity dock) ends them at the next batch, keeps what was done and frees the UI."""
     viewer = make_napari_viewer()
@@ -703,5 +763,4 @@ def test_widgets_remember_folders_and_settings(make_napari_viewer, tmp_path):
     # folders given to a widget (or a model Train just wrote) come first
     SESSION.last_bundle = str(tmp_path / "new")
     assert PredictWidget(make_napari_viewer()).bundle() == str(tmp_path / "new")
-    assert TrainWidget(make_napari_viewer(), tmp_path / "x").data_edit.text() == str(
-        tmp_path / "x")
+    assert TrainWidget(make_napari_viewer(), tmp_path / "x").data_edit.text() == str(tmp_path / "x")

@@ -16,6 +16,17 @@ from .core.predict import Predictor, predict, write_csv
 from .core.train import TrainConfig, train
 
 __all__ = [
-    "__version__", "PreprocessSpec", "Predictor", "TrainConfig", "add_example", "class_counts",
-    "evaluate", "load_samples", "open_image", "predict", "preprocess", "train", "write_csv",
+    "__version__",
+    "PreprocessSpec",
+    "Predictor",
+    "TrainConfig",
+    "add_example",
+    "class_counts",
+    "evaluate",
+    "load_samples",
+    "open_image",
+    "predict",
+    "preprocess",
+    "train",
+    "write_csv",
 ]

@@ -35,8 +35,14 @@ def build(out: Path):
         predict.set_bundle(out / "model")
     predict.choose(["mixed stack"])
     viewer.layers.selection.active = viewer.layers["mixed stack"]
-    return viewer, {"Tabs": tabs, "Annotate": annotate, "Train": train, "Predict": predict,
-                    "Review errors": tabs.review, "Label next": tabs.label_next}
+    return viewer, {
+        "Tabs": tabs,
+        "Annotate": annotate,
+        "Train": train,
+        "Predict": predict,
+        "Review errors": tabs.review,
+        "Label next": tabs.label_next,
+    }
 
 
 def main(argv=None) -> int:
@@ -47,8 +53,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     viewer, _ = build(out)
-    print(f"napari-microclf demo: sample dataset in {out / 'dataset'}; press Start training "
-          "in the Train tab, then Run in the Predict tab.")
+    print(
+        f"napari-microclf demo: sample dataset in {out / 'dataset'}; press Start training "
+        "in the Train tab, then Run in the Predict tab."
+    )
     viewer.window._qt_window.showMaximized()
     napari.run()
     return 0

@@ -136,13 +136,18 @@ def _read_one(path: Path) -> list[tuple]:
         data = _lazy_pages(open_image(path), lead, (y, x, c), info.dtype)  # keeps it open
     else:
         with open_image(path) as f:
-            data = np.stack([f.page(i) for i in range(info.n_pages)]).reshape(
-                *lead, y, x, c)
+            data = np.stack([f.page(i) for i in range(info.n_pages)]).reshape(*lead, y, x, c)
     rgb = info.channel_axis == "S" and c in (3, 4) and np.dtype(info.dtype) == np.uint8
     stem = path.name.split(".")[0] if path.name.lower().endswith(".ome.tif") else path.stem
-    meta = {"source": str(path), "axes": info.axes, "page_axes": info.page_axes,
-            "n_pages": info.n_pages, "n_channels": c, "lazy": lazy,
-            "open_id": uuid.uuid4().hex}
+    meta = {
+        "source": str(path),
+        "axes": info.axes,
+        "page_axes": info.page_axes,
+        "n_pages": info.n_pages,
+        "n_channels": c,
+        "lazy": lazy,
+        "open_id": uuid.uuid4().hex,
+    }
     spatial = _spatial(info)
     if spatial:
         meta["pixel_size"], meta["unit"] = spatial["pixel_size"], "µm"
@@ -152,14 +157,17 @@ def _read_one(path: Path) -> list[tuple]:
     if c == 1:
         return [(data[..., 0], {"name": stem, "metadata": {"microclf": meta}, **layer}, "image")]
     if rgb:
-        return [(data, {"name": stem, "rgb": True, "metadata": {"microclf": meta}, **layer},
-                 "image")]
+        return [
+            (data, {"name": stem, "rgb": True, "metadata": {"microclf": meta}, **layer}, "image")
+        ]
     names = _channel_names(info)
     kwargs = {
         "channel_axis": data.ndim - 1,
         "name": [f"{stem} [{name}]" for name in names],
-        "metadata": [{"microclf": {**meta, "channel": i, "channel_name": name}}
-                     for i, name in enumerate(names)],
+        "metadata": [
+            {"microclf": {**meta, "channel": i, "channel_name": name}}
+            for i, name in enumerate(names)
+        ],
         **{k: [v] * c for k, v in layer.items()},  # one per channel layer
     }
     return [(data, kwargs, "image")]
@@ -208,7 +216,7 @@ def _mapped_pages(path: Path, info, lead: tuple, offset: int, dtype: np.dtype):
     view = mapped.transpose(order + rest)[(Ellipsis, *([0] * len(rest)))]
     if not info.channel_axis:
         view = view[..., None]
-    chunks = (1,) * len(lead) + view.shape[len(lead):]
+    chunks = (1,) * len(lead) + view.shape[len(lead) :]
     # an explicit name: dask would otherwise hash the whole array to name it
     return da.from_array(_CopyOut(view), chunks=chunks, name=f"microclf-{uuid.uuid4().hex}")
 
@@ -240,6 +248,8 @@ def _lazy_pages(f, lead: tuple, page_shape: tuple, dtype: str):
         with lock:
             return f.page(i)
 
-    pages = [da.from_delayed(delayed(read, pure=True)(i), shape=page_shape, dtype=dtype)
-             for i in range(int(np.prod(lead)))]
+    pages = [
+        da.from_delayed(delayed(read, pure=True)(i), shape=page_shape, dtype=dtype)
+        for i in range(int(np.prod(lead)))
+    ]
     return da.stack(pages).reshape(*lead, *page_shape)

@@ -16,11 +16,29 @@ def microscopy_classes() -> list[tuple]:
     layers = []
     for name in CLASSES:
         image = make_image(name, rng, 96)
-        layers.append((image, {"name": f"{name} (example)", "contrast_limits": _limits(image),
-                               "metadata": {"true_classes": [name]}}, "image"))
+        layers.append(
+            (
+                image,
+                {
+                    "name": f"{name} (example)",
+                    "contrast_limits": _limits(image),
+                    "metadata": {"true_classes": [name]},
+                },
+                "image",
+            )
+        )
     stack, labels = make_sample_stack(n_pages=12, size=96, seed=1)
-    layers.append((stack, {"name": "mixed stack", "contrast_limits": _limits(stack),
-                           "metadata": {"true_classes": labels}}, "image"))
+    layers.append(
+        (
+            stack,
+            {
+                "name": "mixed stack",
+                "contrast_limits": _limits(stack),
+                "metadata": {"true_classes": labels},
+            },
+            "image",
+        )
+    )
     return layers
 
 

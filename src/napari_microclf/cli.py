@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 DEFAULTS_NOTE = "defaults follow the training guide"
-_TTA_HELP = ("test-time augmentation: average each page's probabilities over the page and its "
-             "horizontal, vertical and double flips (about 4x the compute)")
+_TTA_HELP = (
+    "test-time augmentation: average each page's probabilities over the page and its "
+    "horizontal, vertical and double flips (about 4x the compute)"
+)
 
 
 class _Bar:
@@ -47,8 +49,9 @@ def _print_update(update, bar: _Bar) -> None:
     from .core.train import BatchEnd, EpochEnd, Message, Progress
 
     if isinstance(update, BatchEnd):
-        logs = " - ".join(f"{k}: {v:.4f}" for k, v in update.logs.items()
-                          if k in ("loss", "accuracy"))
+        logs = " - ".join(
+            f"{k}: {v:.4f}" for k, v in update.logs.items() if k in ("loss", "accuracy")
+        )
         bar.show(update.batch, update.steps, logs)
         return
     if isinstance(update, Progress):
@@ -90,32 +93,49 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = md.get("cli") or "--" + name.replace("_", "-")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=name, action="store_const", default=None,
-                                const=not f.default, help=md.get("off", md["help"]))
+            parser.add_argument(
+                flag,
+                dest=name,
+                action="store_const",
+                default=None,
+                const=not f.default,
+                help=md.get("off", md["help"]),
+            )
             continue
         kind = {"channels": str}.get(md.get("parse"), _PARSERS.get(md.get("parse")))
         if kind is None:
             kind = {int: int, float: float}.get(type(f.default), str)
         if name == "fine_tune":
             kind = _parse_fine_tune
-        parser.add_argument(flag, dest=name, type=kind, default=None, choices=md.get("choices"),
-                            metavar=None if md.get("choices") else name.upper(),
-                            help=md["help"])
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=None,
+            choices=md.get("choices"),
+            metavar=None if md.get("choices") else name.upper(),
+            help=md["help"],
+        )
 
 
 def _config_from_args(args, out: str):
     from .core.images import parse_channel_map
     from .core.train import TrainConfig, count_images, suggest_settings
 
-    given = {k: v for k, v in vars(args).items()
-             if k in TrainConfig.__dataclass_fields__ and v is not None and k != "data_dir"}
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if k in TrainConfig.__dataclass_fields__ and v is not None and k != "data_dir"
+    }
     if "channel_map" in given:
         given["channel_map"] = parse_channel_map(given["channel_map"])
     if getattr(args, "preset", "none") == "auto":
         preset = suggest_settings(count_images(args.data))
         kept = sorted(k for k in preset.settings if k in given)
-        print(preset.text + (f" Kept from the command line: {', '.join(kept)}." if kept else ""),
-              flush=True)
+        print(
+            preset.text + (f" Kept from the command line: {', '.join(kept)}." if kept else ""),
+            flush=True,
+        )
         given = {**preset.settings, **given}
     return TrainConfig(data_dir=args.data, out_dir=out, **given)
 
@@ -154,8 +174,9 @@ def cmd_evaluate(args) -> int:
     from .core.evaluate import evaluate as run_evaluate
     from .core.evaluate import format_report_md
 
-    report = run_evaluate(args.model, args.data, subset=args.subset, all_images=args.all,
-                          tta=args.tta)
+    report = run_evaluate(
+        args.model, args.data, subset=args.subset, all_images=args.all, tta=args.tta
+    )
     print(format_report_md(report))
     if report.get("saved"):
         print(f"Report saved to {report['saved']}")
@@ -181,11 +202,13 @@ def cmd_cache(args) -> int:
         f = e["fields"]
         spec = f.get("spec", {})
         when = _dt.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
-        print(f"  {e['key']}: {e['files']} file(s), {e['bytes'] / 2**20:.1f} MB, last used "
-              f"{when}; {f.get('weights', '?')}, {spec.get('image_size', '?')} px, "
-              f"{spec.get('intensity', 'percentile')} intensity, augmentation "
-              f"{f.get('augment')}, code v{f.get('features_version', '?')}, TF "
-              f"{f.get('tensorflow', '?')}")
+        print(
+            f"  {e['key']}: {e['files']} file(s), {e['bytes'] / 2**20:.1f} MB, last used "
+            f"{when}; {f.get('weights', '?')}, {spec.get('image_size', '?')} px, "
+            f"{spec.get('intensity', 'percentile')} intensity, augmentation "
+            f"{f.get('augment')}, code v{f.get('features_version', '?')}, TF "
+            f"{f.get('tensorflow', '?')}"
+        )
     return 0
 
 
@@ -201,10 +224,16 @@ def cmd_predict(args) -> int:
     csv_path, files = args.checked if hasattr(args, "checked") else _predict_checked(args)
     predictor = Predictor(args.model, batch_size=args.batch_size)
     if not args.quiet:
-        print(f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
-              f"classes: {', '.join(predictor.class_names)}"
-              + ("; test-time augmentation: probabilities averaged over 4 flipped views"
-                 if args.tta else ""), flush=True)
+        print(
+            f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
+            f"classes: {', '.join(predictor.class_names)}"
+            + (
+                "; test-time augmentation: probabilities averaged over 4 flipped views"
+                if args.tta
+                else ""
+            ),
+            flush=True,
+        )
 
     def show(item) -> None:
         if args.quiet:
@@ -214,13 +243,16 @@ def cmd_predict(args) -> int:
             print(f"{item.path}\t{page}\terror\t{item.message}", flush=True)
         else:
             score = item.unfamiliar_score  # None: a model from before familiarity scores
-            print(f"{item.file}\tpage {item.page}\t{item.label(args.threshold)}\t"
-                  f"{item.confidence:.3f}"
-                  + ("" if score is None else f"\tunfamiliar {score:.2f}"), flush=True)
+            print(
+                f"{item.file}\tpage {item.page}\t{item.label(args.threshold)}\t"
+                f"{item.confidence:.3f}" + ("" if score is None else f"\tunfamiliar {score:.2f}"),
+                flush=True,
+            )
 
     try:
-        result = predict_folder(predictor, files, csv_path, threshold=args.threshold,
-                                on_item=show, tta=args.tta)
+        result = predict_folder(
+            predictor, files, csv_path, threshold=args.threshold, on_item=show, tta=args.tta
+        )
     except KeyboardInterrupt:
         if csv_path is not None:
             print(f"Interrupted: the rows so far are in {csv_path}.partial", file=sys.stderr)
@@ -273,8 +305,11 @@ def cmd_explain(args) -> int:
         print(f"page {e.page}: {e.predicted_name} ({e.confidence:.3f}){which}", flush=True)
     heat = np.stack(maps) if len(maps) > 1 else maps[0]
     write_heatmaps(out, heat)
-    print(f"Wrote {'x'.join(str(s) for s in heat.shape)} float32 Grad-CAM heatmap"
-          f"{'s' if len(maps) > 1 else ''} (0-1) to {out}", flush=True)
+    print(
+        f"Wrote {'x'.join(str(s) for s in heat.shape)} float32 Grad-CAM heatmap"
+        f"{'s' if len(maps) > 1 else ''} (0-1) to {out}",
+        flush=True,
+    )
     return 0
 
 
@@ -290,15 +325,29 @@ def cmd_label_next(args) -> int:
         check_csv_destination(args.csv)
     data = args.data or meta.get("data_dir")
     cands = label_next(args.model, args.paths, args.top, args.by, args.unfamiliar, data)
-    print(f"{len(cands)} page(s) to label next ({args.by} uncertainty, unfamiliar "
-          f"{args.unfamiliar}; pages already in {data} left out):")
+    print(
+        f"{len(cands)} page(s) to label next ({args.by} uncertainty, unfamiliar "
+        f"{args.unfamiliar}; pages already in {data} left out):"
+    )
     for i, c in enumerate(cands, 1):
-        print(f"{i:3d}. {c.file}\tpage {c.page}\tguess {c.guess} ({c.confidence:.3f})\t"
-              f"uncertainty {c.uncertainty:.3f}" + ("\tunfamiliar" if c.unfamiliar else ""))
+        print(
+            f"{i:3d}. {c.file}\tpage {c.page}\tguess {c.guess} ({c.confidence:.3f})\t"
+            f"uncertainty {c.uncertainty:.3f}" + ("\tunfamiliar" if c.unfamiliar else "")
+        )
     if args.csv:
         header = ["rank", "file", "page", "guess", "confidence", "uncertainty", "unfamiliar"]
-        rows = [[i, c.file, c.page, c.guess, f"{c.confidence:.4f}", f"{c.uncertainty:.4f}",
-                 int(c.unfamiliar)] for i, c in enumerate(cands, 1)]
+        rows = [
+            [
+                i,
+                c.file,
+                c.page,
+                c.guess,
+                f"{c.confidence:.4f}",
+                f"{c.uncertainty:.4f}",
+                int(c.unfamiliar),
+            ]
+            for i, c in enumerate(cands, 1)
+        ]
         _write_csv_rows(args.csv, [header, *rows])
         print(f"Wrote {len(rows)} rows to {args.csv}")
     return 0
@@ -324,8 +373,10 @@ def cmd_restore(args) -> int:
     from .core.model import describe_bundle, restore_previous
 
     meta = restore_previous(args.model)
-    print(f"Restored the previous model in {args.model}: {describe_bundle(meta)}. The model "
-          "it replaced is now in previous/ (run restore again to switch back).")
+    print(
+        f"Restored the previous model in {args.model}: {describe_bundle(meta)}. The model "
+        "it replaced is now in previous/ (run restore again to switch back)."
+    )
     return 0
 
 
@@ -342,8 +393,10 @@ def cmd_sample(args) -> int:
 
     info = write_sample(args.out, n_per_class=args.per_class, size=args.size, seed=args.seed)
     print(f"Dataset: {info['dataset']} ({args.per_class} images in each of 3 classes)")
-    print(f"Stack:   {info['stack']} ({len(info['stack_labels'])} pages: "
-          f"{', '.join(info['stack_labels'])})")
+    print(
+        f"Stack:   {info['stack']} ({len(info['stack_labels'])} pages: "
+        f"{', '.join(info['stack_labels'])})"
+    )
     return 0
 
 
@@ -356,12 +409,19 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     info = write_sample(out, n_per_class=args.per_class, size=96, seed=0)
-    print(f"Sample data in {out}: 3 classes x {args.per_class} images, and a "
-          f"{len(info['stack_labels'])}-page mixed stack")
+    print(
+        f"Sample data in {out}: 3 classes x {args.per_class} images, and a "
+        f"{len(info['stack_labels'])}-page mixed stack"
+    )
     # weights "auto": ImageNet B0 if cached or downloadable, else ImageNet Lite0 (installed
     # with microclf), else the from-scratch recipe; frozen base, head on cached features
-    config = TrainConfig(str(info["dataset"]), str(out / "model"), epochs=args.epochs,
-                         image_size=args.image_size or 224, weights="auto")
+    config = TrainConfig(
+        str(info["dataset"]),
+        str(out / "model"),
+        epochs=args.epochs,
+        image_size=args.image_size or 224,
+        weights="auto",
+    )
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
     bar.clear()
@@ -376,8 +436,10 @@ def cmd_demo(args) -> int:
         print(f"  page {p.page:2d}: {p.class_name:<11} ({p.confidence:.2f})   true: {truth}")
     csv = out / "stack_predictions.csv"
     write_csv(preds, csv, predictor.class_names)
-    print(f"{right}/{len(preds)} pages right; CSV: {csv}; model: {result.bundle}; "
-          f"report: {result.bundle / 'report.md'}; {time.perf_counter() - t0:.0f}s in all")
+    print(
+        f"{right}/{len(preds)} pages right; CSV: {csv}; model: {result.bundle}; "
+        f"report: {result.bundle / 'report.md'}; {time.perf_counter() - t0:.0f}s in all"
+    )
     return 0
 
 
@@ -392,42 +454,74 @@ def _export_checked(args) -> Path:
 def cmd_export(args) -> int:
     from .core.export import export_model
 
-    result = export_model(args.model, args.format, args.checked, example=args.example,
-                          authors=args.author, overwrite=args.overwrite)
-    check = ("" if result.max_abs_diff is None else
-             f"; probabilities within {result.max_abs_diff:.1g} of the model's")
-    print(f"Exported {args.model} as {result.format} to {result.path} "
-          f"({result.size_bytes / 1e6:.1f} MB, {result.seconds:.0f} s{check})")
+    result = export_model(
+        args.model,
+        args.format,
+        args.checked,
+        example=args.example,
+        authors=args.author,
+        overwrite=args.overwrite,
+    )
+    check = (
+        ""
+        if result.max_abs_diff is None
+        else f"; probabilities within {result.max_abs_diff:.1g} of the model's"
+    )
+    print(
+        f"Exported {args.model} as {result.format} to {result.path} "
+        f"({result.size_bytes / 1e6:.1f} MB, {result.seconds:.0f} s{check})"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="microclf", description="Microscopy image classification "
-                                "with EfficientNetB0 transfer learning (napari-microclf).")
+    p = argparse.ArgumentParser(
+        prog="microclf",
+        description="Microscopy image classification "
+        "with EfficientNetB0 transfer learning (napari-microclf).",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a classifier on DATA/<class>/<images>",
-                       description=f"Train a classifier ({DEFAULTS_NOTE}).")
+    t = sub.add_parser(
+        "train",
+        help="train a classifier on DATA/<class>/<images>",
+        description=f"Train a classifier ({DEFAULTS_NOTE}).",
+    )
     t.add_argument("data", help="dataset folder with one sub-folder per class")
     t.add_argument("--out", required=True, help="model folder to write (replaced only on success)")
-    t.add_argument("--preset", choices=["auto", "none"], default="none",
-                   help="auto: the training guide's settings for the dataset's size (under 100, "
-                   "100-1000, over 1000 images) for every option not given")
+    t.add_argument(
+        "--preset",
+        choices=["auto", "none"],
+        default="none",
+        help="auto: the training guide's settings for the dataset's size (under 100, "
+        "100-1000, over 1000 images) for every option not given",
+    )
     _add_config_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="score a model on its own test list, or on new images",
-                       description="Score a model on the test list stored with it (default), "
-                       "another of its lists (--subset), or every image of a labelled folder "
-                       "it never saw (--all). Writes a new dated report into MODEL/reports/.")
+    e = sub.add_parser(
+        "evaluate",
+        help="score a model on its own test list, or on new images",
+        description="Score a model on the test list stored with it (default), "
+        "another of its lists (--subset), or every image of a labelled folder "
+        "it never saw (--all). Writes a new dated report into MODEL/reports/.",
+    )
     e.add_argument("model")
     e.add_argument("data", nargs="?", help="the labelled folder (default: the model's dataset)")
     e.add_argument("--subset", choices=["test", "val", "train"], default="test")
-    e.add_argument("--all", action="store_true", help="every image of DATA that the model never "
-                   "saw (images of its training and validation lists are flagged, not scored)")
-    e.add_argument("--tta", action="store_true", help=f"{_TTA_HELP}; the report's metrics are "
-                   "then those of the averaged probabilities, with the plain accuracy beside")
+    e.add_argument(
+        "--all",
+        action="store_true",
+        help="every image of DATA that the model never "
+        "saw (images of its training and validation lists are flagged, not scored)",
+    )
+    e.add_argument(
+        "--tta",
+        action="store_true",
+        help=f"{_TTA_HELP}; the report's metrics are "
+        "then those of the averaged probabilities, with the plain accuracy beside",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("cache", help="show or clear a dataset's feature cache")
@@ -435,97 +529,148 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data")
     c.set_defaults(func=cmd_cache)
 
-    pr = sub.add_parser("predict", help="classify images, stacks or folders",
-                        description="Classify every page of every image, past files that "
-                        "cannot be read (each listed with its reason). Exit status 0 when a "
-                        "page was classified, 1 when none was.")
+    pr = sub.add_parser(
+        "predict",
+        help="classify images, stacks or folders",
+        description="Classify every page of every image, past files that "
+        "cannot be read (each listed with its reason). Exit status 0 when a "
+        "page was classified, 1 when none was.",
+    )
     pr.add_argument("model")
     pr.add_argument("paths", nargs="+", help="image files, stacks or folders")
-    pr.add_argument("--csv", help="write the results to this CSV file (with status and error "
-                    "columns); rows go to CSV.partial as they come, renamed to CSV at the end")
-    pr.add_argument("--threshold", type=float, default=0.0,
-                    help="confidence below which the class reads 'uncertain' (0); a page "
-                         "unlike the training images reads 'unfamiliar' whatever its "
-                         "confidence (its unfamiliar score, printed and in the CSV, is "
-                         "above 1)")
+    pr.add_argument(
+        "--csv",
+        help="write the results to this CSV file (with status and error "
+        "columns); rows go to CSV.partial as they come, renamed to CSV at the end",
+    )
+    pr.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="confidence below which the class reads 'uncertain' (0); a page "
+        "unlike the training images reads 'unfamiliar' whatever its "
+        "confidence (its unfamiliar score, printed and in the CSV, is "
+        "above 1)",
+    )
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--quiet", action="store_true", help="print only the CSV summary")
-    pr.add_argument("--tta", action="store_true", help=f"{_TTA_HELP}; the unfamiliar score "
-                    "stays the unflipped page's")
+    pr.add_argument(
+        "--tta",
+        action="store_true",
+        help=f"{_TTA_HELP}; the unfamiliar score stays the unflipped page's",
+    )
     pr.set_defaults(func=cmd_predict)
 
-    x = sub.add_parser("explain", help="where the model looks: Grad-CAM heatmaps as a TIFF",
-                       description="Grad-CAM of every page of IMAGE (or --page N): a float32 "
-                       "TIFF in [0, 1] with the image's pages, height and width (pages x Y x "
-                       "X for stacks), aligned with the image; 1 marks where the evidence "
-                       "for the class is strongest. Prints the predicted class per page.")
+    x = sub.add_parser(
+        "explain",
+        help="where the model looks: Grad-CAM heatmaps as a TIFF",
+        description="Grad-CAM of every page of IMAGE (or --page N): a float32 "
+        "TIFF in [0, 1] with the image's pages, height and width (pages x Y x "
+        "X for stacks), aligned with the image; 1 marks where the evidence "
+        "for the class is strongest. Prints the predicted class per page.",
+    )
     x.add_argument("model", help="the model folder")
     x.add_argument("image", help="an image file or stack")
     x.add_argument("--out", required=True, help="the TIFF to write, e.g. heatmap.tif")
-    x.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                   help="the class to explain (default: each page's predicted class)")
-    x.add_argument("--page", type=int, default=None, metavar="N",
-                   help="only this page (from 0)")
+    x.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        metavar="NAME",
+        help="the class to explain (default: each page's predicted class)",
+    )
+    x.add_argument("--page", type=int, default=None, metavar="N", help="only this page (from 0)")
     x.set_defaults(func=cmd_explain)
 
-    ln = sub.add_parser("label-next", help="the unlabelled pages most worth labelling next",
-                        description="Classify the pages of PATHS and list the N the model is "
-                        "least sure about (pages unlike its training images first or last), "
-                        "leaving out pages already in its dataset. Label them (e.g. with "
-                        "napari's Annotate), then `microclf retrain MODEL`.")
+    ln = sub.add_parser(
+        "label-next",
+        help="the unlabelled pages most worth labelling next",
+        description="Classify the pages of PATHS and list the N the model is "
+        "least sure about (pages unlike its training images first or last), "
+        "leaving out pages already in its dataset. Label them (e.g. with "
+        "napari's Annotate), then `microclf retrain MODEL`.",
+    )
     ln.add_argument("model", help="the model folder")
     ln.add_argument("paths", nargs="+", help="unlabelled images, stacks or folders")
     ln.add_argument("--top", type=int, default=20, help="how many pages (20)")
-    ln.add_argument("--by", choices=("margin", "entropy"), default="margin",
-                    help="margin: the two likeliest classes are close; entropy: the "
-                         "probability is spread over all classes (margin)")
-    ln.add_argument("--unfamiliar", choices=("first", "last"), default="first",
-                    help="where pages unlike the training images go (first)")
-    ln.add_argument("--data", help="the dataset whose pages are left out (default: the "
-                    "model's)")
+    ln.add_argument(
+        "--by",
+        choices=("margin", "entropy"),
+        default="margin",
+        help="margin: the two likeliest classes are close; entropy: the "
+        "probability is spread over all classes (margin)",
+    )
+    ln.add_argument(
+        "--unfamiliar",
+        choices=("first", "last"),
+        default="first",
+        help="where pages unlike the training images go (first)",
+    )
+    ln.add_argument("--data", help="the dataset whose pages are left out (default: the model's)")
     ln.add_argument("--csv", help="also write the list to this CSV file")
     ln.set_defaults(func=cmd_label_next)
 
-    rt = sub.add_parser("retrain", help="train a model folder again with its own settings",
-                        description="Train MODEL again with the settings it was trained with, "
-                        "on its dataset as it is now (new labels, moved files); a frozen base "
-                        "reuses the feature cache. Then the old model (now in previous/) and "
-                        "the new one are scored on the old model's test list, and both "
-                        "accuracies printed.")
+    rt = sub.add_parser(
+        "retrain",
+        help="train a model folder again with its own settings",
+        description="Train MODEL again with the settings it was trained with, "
+        "on its dataset as it is now (new labels, moved files); a frozen base "
+        "reuses the feature cache. Then the old model (now in previous/) and "
+        "the new one are scored on the old model's test list, and both "
+        "accuracies printed.",
+    )
     rt.add_argument("model", help="the model folder")
     rt.set_defaults(func=cmd_retrain)
 
-    r = sub.add_parser("restore", help="bring back the model a retraining replaced",
-                       description="Make MODEL/previous/ (the model before the last training "
-                       "into MODEL) the active model again; the current one becomes previous/, "
-                       "so restoring twice switches back. Other files in MODEL stay.")
+    r = sub.add_parser(
+        "restore",
+        help="bring back the model a retraining replaced",
+        description="Make MODEL/previous/ (the model before the last training "
+        "into MODEL) the active model again; the current one becomes previous/, "
+        "so restoring twice switches back. Other files in MODEL stay.",
+    )
     r.add_argument("model", help="the model folder")
     r.set_defaults(func=cmd_restore)
 
-    rp = sub.add_parser("report", help="write the model's HTML report again (report.html)",
-                        description="Write MODEL's report as one self-contained HTML file "
-                        "(set-up, data and split, curves, test metrics, confusion matrix, "
-                        "misclassified thumbnails, diagnosis) from its own files, without "
-                        "retraining. Every training writes MODEL/report.html too.")
+    rp = sub.add_parser(
+        "report",
+        help="write the model's HTML report again (report.html)",
+        description="Write MODEL's report as one self-contained HTML file "
+        "(set-up, data and split, curves, test metrics, confusion matrix, "
+        "misclassified thumbnails, diagnosis) from its own files, without "
+        "retraining. Every training writes MODEL/report.html too.",
+    )
     rp.add_argument("model", help="the model folder")
     rp.add_argument("--out", help="the file to write (default: MODEL/report.html)")
     rp.set_defaults(func=cmd_report)
 
     from .core.export import FORMAT_HELP, FORMATS
 
-    ex = sub.add_parser("export", help="export a model for bioimage.io, TensorFlow, ONNX, or "
-                        "as one zip", description="Export MODEL for use outside microclf: "
-                        + "; ".join(f"{k}: {v}" for k, v in FORMAT_HELP.items())
-                        + ". See docs/export.md.")
+    ex = sub.add_parser(
+        "export",
+        help="export a model for bioimage.io, TensorFlow, ONNX, or as one zip",
+        description="Export MODEL for use outside microclf: "
+        + "; ".join(f"{k}: {v}" for k, v in FORMAT_HELP.items())
+        + ". See docs/export.md.",
+    )
     ex.add_argument("model", help="the model folder")
     ex.add_argument("--format", required=True, choices=FORMATS)
-    ex.add_argument("--out", help="the file (or SavedModel folder) to write; default: next to "
-                    "the model folder (MODEL-bioimageio.zip, MODEL-savedmodel/, MODEL.onnx, "
-                    "MODEL.zip)")
-    ex.add_argument("--example", help="bioimageio: the image whose first page is the "
-                    "package's test input (default: the first of the model's test images)")
-    ex.add_argument("--author", action="append", help="bioimageio: an author of the package "
-                    "(repeat for more; default: your login name)")
+    ex.add_argument(
+        "--out",
+        help="the file (or SavedModel folder) to write; default: next to "
+        "the model folder (MODEL-bioimageio.zip, MODEL-savedmodel/, MODEL.onnx, "
+        "MODEL.zip)",
+    )
+    ex.add_argument(
+        "--example",
+        help="bioimageio: the image whose first page is the "
+        "package's test input (default: the first of the model's test images)",
+    )
+    ex.add_argument(
+        "--author",
+        action="append",
+        help="bioimageio: an author of the package (repeat for more; default: your login name)",
+    )
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(func=cmd_export)
 
@@ -574,8 +719,9 @@ def _start_tensorflow_quietly() -> None:
 
 def _repair_model_folder(args) -> None:
     """Complete or clean up what a killed run left in the model folder, before anything."""
-    folder = getattr(args, "model", None) or (getattr(args, "out", None)
-                                              if args.command == "train" else None)
+    folder = getattr(args, "model", None) or (
+        getattr(args, "out", None) if args.command == "train" else None
+    )
     if folder:
         from .core.model import repair_model_folder
 
@@ -598,7 +744,8 @@ def main(argv=None) -> int:
         elif args.command == "export":
             args.checked = _export_checked(args)
         tf_free = ("sample", "restore", "report") + (
-            ("export",) if getattr(args, "format", None) == "zip" else ())
+            ("export",) if getattr(args, "format", None) == "zip" else ()
+        )
         if args.command not in tf_free and not args.debug:
             _start_tensorflow_quietly()
         return args.func(args)
@@ -621,8 +768,10 @@ def _report_error(exc: BaseException) -> int:
     text = user_message(exc)
     if text is None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        text = (f"unexpected {type(exc).__name__}: {exc} -- a bug in microclf; please report "
-                "it with the traceback above")
+        text = (
+            f"unexpected {type(exc).__name__}: {exc} -- a bug in microclf; please report "
+            "it with the traceback above"
+        )
     print(f"microclf: error: {text}", file=sys.stderr)
     return 1
 

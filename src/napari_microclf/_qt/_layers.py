@@ -28,8 +28,7 @@ def image_layers(viewer) -> list:
     """The image layers to classify or annotate (not the heatmaps Explain adds)."""
     from napari.layers import Image
 
-    return [lyr for lyr in viewer.layers
-            if isinstance(lyr, Image) and "heatmap" not in _meta(lyr)]
+    return [lyr for lyr in viewer.layers if isinstance(lyr, Image) and "heatmap" not in _meta(lyr)]
 
 
 def _data(layer):
@@ -120,9 +119,12 @@ def _opened_together(viewer, layer) -> list:
 
     def fits(other) -> bool:
         return other is layer or (
-            not _meta(other) and not other.rgb and other.source.path == path
+            not _meta(other)
+            and not other.rgb
+            and other.source.path == path
             and other.source.reader_plugin == plugin
-            and _data(other).shape == _data(layer).shape)
+            and _data(other).shape == _data(layer).shape
+        )
 
     at = next(i for i, lyr in enumerate(layers) if lyr is layer)
     start, stop = at, at + 1
@@ -152,8 +154,9 @@ def page_in_view(viewer, layer) -> tuple[int, ...]:
     if not shape:
         return ()
     coords = layer.world_to_data(viewer.dims.point)[: len(shape)]
-    return tuple(int(np.clip(round(float(c)), 0, s - 1)) for c, s in zip(coords, shape,
-                                                                           strict=True))
+    return tuple(
+        int(np.clip(round(float(c)), 0, s - 1)) for c, s in zip(coords, shape, strict=True)
+    )
 
 
 def flat_page(layer, index: tuple[int, ...]) -> int | None:
@@ -204,7 +207,6 @@ class PageSource:
         planes = [np.asarray(a[index]) for a in self.arrays]
         return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
 
-
     def origin(self, page: int | None) -> tuple[str, int | None]:
         """The provenance of page ``page``: (source file or name, page in that source)."""
         if self.origins:
@@ -223,8 +225,13 @@ def origins_of(layer) -> tuple:
 def page_source(viewer, layer) -> PageSource:
     origins = origins_of(layer)
     group = [layer] if origins else channel_group(viewer, layer)
-    return PageSource(group[0].name, source_of(group[0]), tuple(_data(lyr) for lyr in group),
-                      lead_shape(group[0]), origins)
+    return PageSource(
+        group[0].name,
+        source_of(group[0]),
+        tuple(_data(lyr) for lyr in group),
+        lead_shape(group[0]),
+        origins,
+    )
 
 
 def group_label(group: list) -> str:

@@ -36,8 +36,9 @@ def palette(theme: str) -> Palette:
     from napari.utils.theme import get_theme
 
     t = get_theme(theme)
-    return Palette(bg=t.background.as_hex(), fg=t.text.as_hex(), grid=t.primary.as_hex(),
-                   mark=t.icon.as_hex())
+    return Palette(
+        bg=t.background.as_hex(), fg=t.text.as_hex(), grid=t.primary.as_hex(), mark=t.icon.as_hex()
+    )
 
 
 def phase_two_start(history: dict) -> int | None:
@@ -50,11 +51,15 @@ class Canvas(FigureCanvasQTAgg):
     """A figure coloured by ``self.palette``; ``plot(*args)`` draws it, and a theme change
     draws the last plot again in the new colours."""
 
-    def __init__(self, width: float = 4.0, height: float = 3.0, dpi: int = 80,
-                 layout: str | None = "constrained"):
+    def __init__(
+        self,
+        width: float = 4.0,
+        height: float = 3.0,
+        dpi: int = 80,
+        layout: str | None = "constrained",
+    ):
         self.palette = DARK
-        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=DARK.bg,
-                             layout=layout)
+        self.figure = Figure(figsize=(width, height), dpi=dpi, facecolor=DARK.bg, layout=layout)
         super().__init__(self.figure)
         self.setMinimumHeight(int(height * dpi * 0.8))
         self._args: tuple | None = None  # the last plot's arguments (redrawn on a theme)
@@ -145,10 +150,13 @@ class CurvesCanvas(Canvas):
         w, h = self.figure.get_size_inches()
         axes_h = max((h - m["top"] - m["bottom"] - 2 * m["gap"]) / 3, 0.1)
         bottom = min(m["bottom"] / h, 0.3)
-        self.figure.subplots_adjust(left=min(m["left"] / w, 0.4),
-                                    right=max(1 - m["right"] / w, 0.6),
-                                    top=max(1 - m["top"] / h, bottom + 0.3), bottom=bottom,
-                                    hspace=m["gap"] / axes_h)
+        self.figure.subplots_adjust(
+            left=min(m["left"] / w, 0.4),
+            right=max(1 - m["right"] / w, 0.6),
+            top=max(1 - m["top"] / h, bottom + 0.3),
+            bottom=bottom,
+            hspace=m["gap"] / axes_h,
+        )
 
     def resizeEvent(self, event):  # noqa: N802 - Qt's name
         super().resizeEvent(event)  # sets the figure's new size, then asks for a draw
@@ -160,9 +168,11 @@ class CurvesCanvas(Canvas):
         fig = self.figure
         fig.clear()
         axes = fig.subplots(3, 1, sharex=True)
-        panels = (("Loss (lower is better)", "loss", "val_loss"),
-                  ("Accuracy (higher is better)", "accuracy", "val_accuracy"),
-                  ("Learning rate", "lr", None))
+        panels = (
+            ("Loss (lower is better)", "loss", "val_loss"),
+            ("Accuracy (higher is better)", "accuracy", "val_accuracy"),
+            ("Learning rate", "lr", None),
+        )
         marker = phase_two_start(history)
         for ax, (title, key, val_key) in zip(axes, panels, strict=True):
             self._style(ax, title)
@@ -181,16 +191,32 @@ class CurvesCanvas(Canvas):
             if marker is not None:
                 x0 = marker - 0.5
                 ax.axvline(x0, color=p.mark, linestyle="--", linewidth=1, gid="fine-tuning")
-                ax.text(x0, 0.96, " fine-tuning", color=p.mark, fontsize=7, ha="left",
-                        va="top", transform=ax.get_xaxis_transform())
+                ax.text(
+                    x0,
+                    0.96,
+                    " fine-tuning",
+                    color=p.mark,
+                    fontsize=7,
+                    ha="left",
+                    va="top",
+                    transform=ax.get_xaxis_transform(),
+                )
             if len(y) and val_key:
                 self._legend(ax, fontsize=7)
         axes[-1].set_xlabel("epoch", color=p.fg, fontsize=9)
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.5
         self._fit()
         if not history:
-            axes[0].text(0.5, 0.5, "curves appear after the first epoch", color=p.fg,
-                         ha="center", va="center", transform=axes[0].transAxes, fontsize=9)
+            axes[0].text(
+                0.5,
+                0.5,
+                "curves appear after the first epoch",
+                color=p.fg,
+                ha="center",
+                va="center",
+                transform=axes[0].transAxes,
+                fontsize=9,
+            )
         self.draw_idle()
 
 
@@ -246,7 +272,14 @@ class ConfusionCanvas(Canvas):
         half = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9,
-                        color="white" if cm[i, j] > half else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if cm[i, j] > half else "black",
+                )
         self.setToolTip("Click a cell to review its images in the viewer (Review widget).")
         self.draw_idle()

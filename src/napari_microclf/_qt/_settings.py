@@ -47,8 +47,7 @@ def save(section: str, values: dict) -> bool:
     """Merge ``values`` into ``section`` and write the file atomically; False if it could
     not be written (a read-only home, a full disk)."""
     data = _read()
-    data[section] = {**(data.get(section) if isinstance(data.get(section), dict) else {}),
-                     **values}
+    data[section] = {**(data.get(section) if isinstance(data.get(section), dict) else {}), **values}
     target = path()
     tmp = target.with_name(target.name + ".tmp")
     try:

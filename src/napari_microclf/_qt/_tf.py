@@ -29,8 +29,9 @@ def ensure_tensorflow() -> None:
     if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    deepbind = sys.platform.startswith("linux") and hasattr(os, "RTLD_DEEPBIND") \
-        and _system_llvm_loaded()
+    deepbind = (
+        sys.platform.startswith("linux") and hasattr(os, "RTLD_DEEPBIND") and _system_llvm_loaded()
+    )
     old = sys.getdlopenflags() if deepbind else None
     try:
         if deepbind:

@@ -48,8 +48,7 @@ def surfaced(gen_fn: Callable) -> Callable:
     return wrapper
 
 
-def stoppable_progress(total: int, desc: str, on_cancel: Callable[[], None],
-                       nest_under=None):
+def stoppable_progress(total: int, desc: str, on_cancel: Callable[[], None], nest_under=None):
     """napari's cancelable progress bar (shown in the activity dock, with its Cancel button)
     that calls ``on_cancel`` as soon as the user cancels there.
 
@@ -69,8 +68,9 @@ def stoppable_progress(total: int, desc: str, on_cancel: Callable[[], None],
     return _Stoppable(total=total, desc=desc, nest_under=nest_under)
 
 
-def updates(fn: Callable, *args, stop: threading.Event | None = None,
-            min_interval: float = 0.1, **kwargs) -> Generator[object, None, object]:
+def updates(
+    fn: Callable, *args, stop: threading.Event | None = None, min_interval: float = 0.1, **kwargs
+) -> Generator[object, None, object]:
     from ..core.train import BatchEnd
 
     q: queue.Queue = queue.Queue()

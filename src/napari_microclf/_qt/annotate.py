@@ -98,8 +98,10 @@ class AnnotateWidget(QWidget):
         self.rename_btn = QPushButton("Rename...")
         self.rename_btn.clicked.connect(lambda: self.rename_class())
         self.remove_btn = QPushButton("Remove...")
-        self.remove_btn.setToolTip("Moves the class folder with its images into the dataset's "
-                                   ".trash folder; nothing is deleted.")
+        self.remove_btn.setToolTip(
+            "Moves the class folder with its images into the dataset's "
+            ".trash folder; nothing is deleted."
+        )
         self.remove_btn.clicked.connect(lambda: self.remove_class())
         new_row = QHBoxLayout()
         new_row.addWidget(self.new_class_edit, 1)
@@ -120,13 +122,16 @@ class AnnotateWidget(QWidget):
         self.layer_info = QLabel()
         self.layer_info.setWordWrap(True)
         self.add_slice_btn = QPushButton("Add slice in view")
-        self.add_slice_btn.setToolTip("Save the slice the viewer shows now into the selected "
-                                      "class.")
+        self.add_slice_btn.setToolTip(
+            "Save the slice the viewer shows now into the selected class."
+        )
         self.add_slice_btn.clicked.connect(lambda: self.add_slice())
         self.add_all_btn = QPushButton(self.ADD_ALL)
-        self.add_all_btn.setToolTip("Save every slice (page) of the layer into the selected "
-                                    "class. While it runs, the button stops it; the slices "
-                                    "saved until then stay.")
+        self.add_all_btn.setToolTip(
+            "Save every slice (page) of the layer into the selected "
+            "class. While it runs, the button stops it; the slices "
+            "saved until then stay."
+        )
         self.add_all_btn.clicked.connect(lambda: self._add_all_clicked())
         self.undo_btn = QPushButton("Undo last")
         self.undo_btn.clicked.connect(lambda: self.undo())
@@ -142,7 +147,8 @@ class AnnotateWidget(QWidget):
         self.keys_toggle = QCheckBox("Annotate with keys 1-9")
         self.keys_toggle.setToolTip(
             "While on, keys 1-9 put the slice in view into that class, replacing napari's own "
-            "1-9 shortcuts (e.g. an image layer's 1/2 transform/pan modes); off gives them back.")
+            "1-9 shortcuts (e.g. an image layer's 1/2 transform/pan modes); off gives them back."
+        )
         self.keys_toggle.toggled.connect(self.set_keys_active)
         self.keys_label = QLabel()
         self.keys_label.setWordWrap(True)
@@ -229,9 +235,11 @@ class AnnotateWidget(QWidget):
         self.undo_btn.setEnabled(bool(history))
         self.undo_btn.setToolTip(
             f"Move {history[-1].name}, the last example added to this dataset, to "
-            f"{self.root / ds.TRASH_DIR}." if history else
-            "Nothing added to this dataset yet. Undo acts on the dataset shown only, never "
-            "on another dataset folder you added examples to.")
+            f"{self.root / ds.TRASH_DIR}."
+            if history
+            else "Nothing added to this dataset yet. Undo acts on the dataset shown only, never "
+            "on another dataset folder you added examples to."
+        )
         SESSION.set_dataset(self.root)
         _settings.save("annotate", {"dataset": str(_key(self.root))})
 
@@ -241,11 +249,15 @@ class AnnotateWidget(QWidget):
         if not mapping:
             text = "Keys: add classes to use keys 1-9."
         elif self._keys_active:
-            text = (f"Keys: {mapping} puts the slice in view of the selected image layer into "
-                    "that class.")
+            text = (
+                f"Keys: {mapping} puts the slice in view of the selected image layer into "
+                "that class."
+            )
         else:
-            text = (f"Keys {mapping}: turn on 'Annotate with keys' to use them (off, 1-9 keep "
-                    "napari's own shortcuts).")
+            text = (
+                f"Keys {mapping}: turn on 'Annotate with keys' to use them (off, 1-9 keep "
+                "napari's own shortcuts)."
+            )
         self.keys_label.setText(text)
 
     def _dataset_edited(self, path: str) -> None:
@@ -253,8 +265,10 @@ class AnnotateWidget(QWidget):
             self.refresh()
 
     def counts(self) -> dict[str, int]:
-        return {self.table.item(r, 1).text(): int(self.table.item(r, 2).text())
-                for r in range(self.table.rowCount())}
+        return {
+            self.table.item(r, 1).text(): int(self.table.item(r, 2).text())
+            for r in range(self.table.rowCount())
+        }
 
     def selected_class(self) -> str | None:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
@@ -289,8 +303,7 @@ class AnnotateWidget(QWidget):
             _notify("warning", "Select a class to rename.")
             return
         if new is None:
-            new, ok = QInputDialog.getText(self, "Rename class", f"New name for '{old}':",
-                                           text=old)
+            new, ok = QInputDialog.getText(self, "Rename class", f"New name for '{old}':", text=old)
             if not ok:
                 return
         try:
@@ -299,16 +312,18 @@ class AnnotateWidget(QWidget):
             _notify("error", f"Cannot rename the class: {exc}")
             return
         new = new.strip()
-        self.history = [p.parent.parent / new / p.name if p.parent.name == old else p
-                        for p in self.history]
+        self.history = [
+            p.parent.parent / new / p.name if p.parent.name == old else p for p in self.history
+        ]
         self.refresh()
         self.select_class(new)
         self._say(f"Class '{old}' renamed to '{new}'.")
 
     def confirm(self, text: str) -> bool:
         """Ask the user; tests replace this."""
-        answer = QMessageBox.question(self, "Remove class", text,
-                                      QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        answer = QMessageBox.question(
+            self, "Remove class", text, QMessageBox.Yes | QMessageBox.No, QMessageBox.No
+        )
         return answer == QMessageBox.Yes
 
     def remove_class(self, name: str | None = None) -> None:
@@ -317,8 +332,10 @@ class AnnotateWidget(QWidget):
             _notify("warning", "Select a class to remove.")
             return
         n = ds.class_counts(self.root).get(name, 0)
-        if not self.confirm(f"Remove class '{name}' and its {n} image(s)? They are moved to "
-                            f"{self.root / ds.TRASH_DIR}, not deleted."):
+        if not self.confirm(
+            f"Remove class '{name}' and its {n} image(s)? They are moved to "
+            f"{self.root / ds.TRASH_DIR}, not deleted."
+        ):
             return
         try:
             dst = ds.remove_class(self.root, name)
@@ -337,8 +354,11 @@ class AnnotateWidget(QWidget):
         self.layer_combo.clear()
         self.layer_combo.addItems(names)
         active = self.viewer.layers.selection.active
-        want = current if current in names else (
-            active.name if active is not None and active.name in names else None)
+        want = (
+            current
+            if current in names
+            else (active.name if active is not None and active.name in names else None)
+        )
         if want:
             self.layer_combo.setCurrentText(want)
         self.layer_combo.blockSignals(False)
@@ -346,8 +366,9 @@ class AnnotateWidget(QWidget):
 
     def _follow_active(self, event=None) -> None:
         active = self.viewer.layers.selection.active
-        if active is not None and active.name in [self.layer_combo.itemText(i)
-                                                  for i in range(self.layer_combo.count())]:
+        if active is not None and active.name in [
+            self.layer_combo.itemText(i) for i in range(self.layer_combo.count())
+        ]:
             self.layer_combo.setCurrentText(active.name)
 
     def layer(self):
@@ -368,8 +389,11 @@ class AnnotateWidget(QWidget):
         if layer.rgb:
             parts.append("RGB")
         if len(group) > 1:
-            parts.append(f"{len(group)} channels saved together ("
-                         + ", ".join(lyr.name for lyr in group) + ")")
+            parts.append(
+                f"{len(group)} channels saved together ("
+                + ", ".join(lyr.name for lyr in group)
+                + ")"
+            )
         self.layer_info.setText("; ".join(parts) or "a single 2D image")
 
     def _layer_for_keys(self):
@@ -412,8 +436,11 @@ class AnnotateWidget(QWidget):
             self.history.append(result.path)
             self._say(f"Added {what} to '{result.class_name}' ({result.path.name}).")
         else:
-            _notify("info", f"{what} is already in the dataset, in class "
-                            f"'{result.class_name}' ({result.path.name}); not written again.")
+            _notify(
+                "info",
+                f"{what} is already in the dataset, in class "
+                f"'{result.class_name}' ({result.path.name}); not written again.",
+            )
 
     def _add_all_clicked(self) -> None:
         if self._worker is not None:
@@ -451,12 +478,12 @@ class AnnotateWidget(QWidget):
             for page in range(src.n_pages):
                 if stop.is_set():
                     return
-                where = src.origin(page) if src.origins else (src.source,
-                                                               page if multi else None)
+                where = src.origin(page) if src.origins else (src.source, page if multi else None)
                 yield ds.add_example(root, name, src.page(page), *where, index=index)
 
-        pbar = self._pbar = stoppable_progress(src.n_pages, f"Adding {src.name} to {name}",
-                                               self.stop_adding)
+        pbar = self._pbar = stoppable_progress(
+            src.n_pages, f"Adding {src.name} to {name}", self.stop_adding
+        )
         worker = thread_worker(surfaced(work), ignore_errors=True)()
         summary = {"written": 0, "duplicate": 0, "shown": 0, "at": time.monotonic()}
 
@@ -495,8 +522,11 @@ class AnnotateWidget(QWidget):
             if stop.is_set() and done < src.n_pages:
                 text += f" Stopped after {done} of {src.n_pages} slices."
             if summary["duplicate"]:
-                _notify("info", f"{summary['duplicate']} slice(s) of {src.name} were already "
-                                "in the dataset and were not written again.")
+                _notify(
+                    "info",
+                    f"{summary['duplicate']} slice(s) of {src.name} were already "
+                    "in the dataset and were not written again.",
+                )
             self._say(text)
 
         worker.yielded.connect(on_result)
@@ -554,8 +584,10 @@ class AnnotateWidget(QWidget):
         """Put the slice in view of the active image layer into class ``number`` (1-based)."""
         names = self.classes()
         if number > len(names):
-            _notify("warning", f"Key {number}: there is no class {number} (the dataset has "
-                               f"{len(names)}).")
+            _notify(
+                "warning",
+                f"Key {number}: there is no class {number} (the dataset has {len(names)}).",
+            )
             return None
         layer = self._layer_for_keys()
         if layer is None:

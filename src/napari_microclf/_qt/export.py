@@ -16,8 +16,12 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushBut
 
 from ..core.export import FORMAT_HELP, FORMATS, default_out
 
-LABELS = {"bioimageio": "bioimage.io package", "savedmodel": "TensorFlow SavedModel",
-          "onnx": "ONNX", "zip": "microclf zip"}
+LABELS = {
+    "bioimageio": "bioimage.io package",
+    "savedmodel": "TensorFlow SavedModel",
+    "onnx": "ONNX",
+    "zip": "microclf zip",
+}
 
 
 def _notify(kind: str, text: str) -> None:
@@ -69,18 +73,19 @@ class ExportRow(QWidget):
         suggested = str(default_out(self.model_folder, self.fmt))
         if self.fmt == "savedmodel":
             parent = QFileDialog.getExistingDirectory(
-                self, "Folder to write the SavedModel folder into", str(Path(suggested).parent))
+                self, "Folder to write the SavedModel folder into", str(Path(suggested).parent)
+            )
             path = str(Path(parent) / Path(suggested).name) if parent else ""
         else:
-            path, _ = QFileDialog.getSaveFileName(self, f"Export as {LABELS[self.fmt]}",
-                                                  suggested)
+            path, _ = QFileDialog.getSaveFileName(self, f"Export as {LABELS[self.fmt]}", suggested)
         if not path:
             return None
         # the save dialog asked before replacing a file; a SavedModel folder of that name is
         # replaced only when it is one (the folder dialog asked nothing)
         target = Path(path)
-        overwrite = self.fmt != "savedmodel" or not target.exists() \
-            or (target / "saved_model.pb").is_file()
+        overwrite = (
+            self.fmt != "savedmodel" or not target.exists() or (target / "saved_model.pb").is_file()
+        )
         return self.export_to(path, overwrite=overwrite)
 
     def export_to(self, path: str | Path, overwrite: bool = False):
@@ -117,10 +122,16 @@ class ExportRow(QWidget):
 
         def on_done(result):
             mb = result.size_bytes / 1e6
-            check = (f"; checked: probabilities within {result.max_abs_diff:.1g} of the model's"
-                     if result.max_abs_diff is not None else "")
-            _notify("info", f"Exported {folder.name} as {LABELS[fmt]} to {result.path} "
-                            f"({mb:.1f} MB, {result.seconds:.0f} s{check})")
+            check = (
+                f"; checked: probabilities within {result.max_abs_diff:.1g} of the model's"
+                if result.max_abs_diff is not None
+                else ""
+            )
+            _notify(
+                "info",
+                f"Exported {folder.name} as {LABELS[fmt]} to {result.path} "
+                f"({mb:.1f} MB, {result.seconds:.0f} s{check})",
+            )
             self.exported.emit(result)
 
         def on_error(exc):

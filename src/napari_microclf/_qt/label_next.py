@@ -99,12 +99,15 @@ class LabelNextWidget(QWidget):
         self.folder_edit.setPlaceholderText("folder of unlabelled images")
         self.method = QComboBox()
         self.method.addItems(active.METHODS)
-        self.method.setToolTip("margin: the two likeliest classes are close; entropy: the "
-                               "probability is spread over all classes.")
+        self.method.setToolTip(
+            "margin: the two likeliest classes are close; entropy: the "
+            "probability is spread over all classes."
+        )
         self.order = QComboBox()
         self.order.addItems(["first", "last"])
-        self.order.setToolTip("Pages unlike the training images: first (a class the model "
-                              "lacks?) or last (debris?).")
+        self.order.setToolTip(
+            "Pages unlike the training images: first (a class the model lacks?) or last (debris?)."
+        )
         self.top = QSpinBox()
         self.top.setRange(1, 500)
         self.top.setValue(20)
@@ -113,10 +116,12 @@ class LabelNextWidget(QWidget):
         self.list = QListWidget()
         self.list.currentRowChanged.connect(self.go_to)
         self.retrain_btn = QPushButton("Retrain")
-        self.retrain_btn.setToolTip("Train this model folder again with its own settings on the "
-                                    "dataset as it is now (a frozen base reuses the feature "
-                                    "cache), then score the old and the new model on the old "
-                                    "model's test list.")
+        self.retrain_btn.setToolTip(
+            "Train this model folder again with its own settings on the "
+            "dataset as it is now (a frozen base reuses the feature "
+            "cache), then score the old and the new model on the old "
+            "model's test list."
+        )
         self.retrain_btn.clicked.connect(lambda: self.retrain())
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -132,9 +137,11 @@ class LabelNextWidget(QWidget):
         form.addRow("Unfamiliar pages", self.order)
         form.addRow("Show the top", self.top)
         layout = QVBoxLayout(self)
-        intro = QLabel("Which pages would teach the model most? Label them with Annotate's "
-                       "keys 1-9 ('Annotate with keys' on, the 'Label next' layer active; the "
-                       "slider or the list for the next), then Retrain.")
+        intro = QLabel(
+            "Which pages would teach the model most? Label them with Annotate's "
+            "keys 1-9 ('Annotate with keys' on, the 'Label next' layer active; the "
+            "slider or the list for the next), then Retrain."
+        )
         intro.setWordWrap(True)
         layout.addWidget(intro)
         layout.addLayout(form)
@@ -185,18 +192,21 @@ class LabelNextWidget(QWidget):
                 _notify("warning", f"Label next: {folder or 'no folder'} is not a folder.")
                 return None
             worker = thread_worker(_rank_folder, ignore_errors=True)(
-                self.bundle(), folder, *args, self.dataset())
+                self.bundle(), folder, *args, self.dataset()
+            )
         else:
             own = (LAYER,)
-            sources = [_layers.page_source(self.viewer, lyr)
-                       for lyr in _layers.image_layers(self.viewer)
-                       if lyr.name not in own and "heatmap" not in lyr.metadata.get(
-                           "microclf", {}) and not lyr.name.startswith("Review ")]
+            sources = [
+                _layers.page_source(self.viewer, lyr)
+                for lyr in _layers.image_layers(self.viewer)
+                if lyr.name not in own
+                and "heatmap" not in lyr.metadata.get("microclf", {})
+                and not lyr.name.startswith("Review ")
+            ]
             if not sources:
                 _notify("warning", "Label next: open some images first.")
                 return None
-            worker = thread_worker(_rank_layers, ignore_errors=True)(self.bundle(), sources,
-                                                                       *args)
+            worker = thread_worker(_rank_layers, ignore_errors=True)(self.bundle(), sources, *args)
         worker.returned.connect(self._ranked)
         return self._start(worker, "Classifying and ranking pages...")
 
@@ -223,9 +233,15 @@ class LabelNextWidget(QWidget):
         self.update_labelled()
         self.status.setText(
             f"{len(cands)} page(s) to label, most uncertain first"
-            + (f" ({sum(c.unfamiliar for c in cands)} unlike the training images)"
-               if any(c.unfamiliar for c in cands) else "") + "." if cands else
-            "No pages to label (all in the dataset already, or none readable).")
+            + (
+                f" ({sum(c.unfamiliar for c in cands)} unlike the training images)"
+                if any(c.unfamiliar for c in cands)
+                else ""
+            )
+            + "."
+            if cands
+            else "No pages to label (all in the dataset already, or none readable)."
+        )
         if cands:
             self.list.setCurrentRow(0)
             self.go_to(0)  # a new stack layer opens at its middle page
@@ -234,22 +250,33 @@ class LabelNextWidget(QWidget):
         for name in (f"{LAYER} guesses", LAYER):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
-        layer = self.viewer.add_image(stack.data, name=LAYER, rgb=stack.data.ndim == 4,
-                                      contrast_limits=(0, 1))
+        layer = self.viewer.add_image(
+            stack.data, name=LAYER, rgb=stack.data.ndim == 4, contrast_limits=(0, 1)
+        )
         layer.metadata["microclf"] = {"origins": stack.origins, "label_next": True}
-        features = {"rank": list(range(1, len(self.candidates) + 1)),
-                    "guess": [c.guess for c in self.candidates],
-                    "confidence": [c.confidence for c in self.candidates],
-                    "uncertainty": [c.uncertainty for c in self.candidates],
-                    "unfamiliar": [" unfamiliar" if c.unfamiliar else ""
-                                   for c in self.candidates],
-                    "file": [Path(c.file).name for c in self.candidates]}
+        features = {
+            "rank": list(range(1, len(self.candidates) + 1)),
+            "guess": [c.guess for c in self.candidates],
+            "confidence": [c.confidence for c in self.candidates],
+            "uncertainty": [c.uncertainty for c in self.candidates],
+            "unfamiliar": [" unfamiliar" if c.unfamiliar else "" for c in self.candidates],
+            "file": [Path(c.file).name for c in self.candidates],
+        }
         pts = self.viewer.add_points(
             np.array([[i, 0, 0] for i in range(len(self.candidates))], float),
-            features=features, name=f"{LAYER} guesses", size=1, face_color="transparent",
-            border_width=0, blending="translucent_no_depth",
-            text={"string": "#{rank}: model guesses {guess} ({confidence:.2f}){unfamiliar}",
-                  "anchor": "upper_left", "size": 11, "color": "cyan"})
+            features=features,
+            name=f"{LAYER} guesses",
+            size=1,
+            face_color="transparent",
+            border_width=0,
+            blending="translucent_no_depth",
+            text={
+                "string": "#{rank}: model guesses {guess} ({confidence:.2f}){unfamiliar}",
+                "anchor": "upper_left",
+                "size": 11,
+                "color": "cyan",
+            },
+        )
         pts.metadata["microclf"] = {"image_layer": LAYER}
         self.viewer.layers.selection.active = layer
 
@@ -259,8 +286,10 @@ class LabelNextWidget(QWidget):
         flag = " [unfamiliar]" if c.unfamiliar else ""
         done = self.labelled[i] if i < len(self.labelled) else None
         tail = f"  \u2192 labelled {done}" if done else ""
-        return (f"{i + 1}. {Path(str(c.file)).name}{page}: guess {c.guess} "
-                f"({c.confidence:.2f}), uncertainty {c.uncertainty:.2f}{flag}{tail}")
+        return (
+            f"{i + 1}. {Path(str(c.file)).name}{page}: guess {c.guess} "
+            f"({c.confidence:.2f}), uncertainty {c.uncertainty:.2f}{flag}{tail}"
+        )
 
     def update_labelled(self, *_) -> None:
         """Which candidates are in the dataset now (and in which class)."""
@@ -273,8 +302,9 @@ class LabelNextWidget(QWidget):
         self.labelled = []
         for c in self.candidates:
             try:
-                self.labelled.append(active.is_labelled(c, index)
-                                     if index and self.mode == FOLDER else None)
+                self.labelled.append(
+                    active.is_labelled(c, index) if index and self.mode == FOLDER else None
+                )
             except (MicroclfError, OSError):
                 self.labelled.append(None)
         row = self.list.currentRow()
@@ -291,8 +321,11 @@ class LabelNextWidget(QWidget):
         if not 0 <= row < len(self.candidates):
             return
         # folder: row ``row`` of the Label next stack; open layers: the page in its own layer
-        name, page = ((LAYER, row) if self.mode == FOLDER
-                      else (self.candidates[row].file, self.candidates[row].page))
+        name, page = (
+            (LAYER, row)
+            if self.mode == FOLDER
+            else (self.candidates[row].file, self.candidates[row].page)
+        )
         if name not in self.viewer.layers:
             return
         layer = self.viewer.layers[name]
@@ -309,8 +342,11 @@ class LabelNextWidget(QWidget):
         self._stop.clear()
         worker = thread_worker(_retrain_job, ignore_errors=True)(self.bundle(), self._stop)
         worker.returned.connect(self._retrained)
-        return self._start(worker, "Retraining with the new labels, then scoring the old and "
-                                   "the new model on the same test list...")
+        return self._start(
+            worker,
+            "Retraining with the new labels, then scoring the old and "
+            "the new model on the same test list...",
+        )
 
     def _retrained(self, result: active.Retrained) -> None:
         self.retrained = result
@@ -318,8 +354,10 @@ class LabelNextWidget(QWidget):
             self.status.setText("Retraining stopped; the model is unchanged.")
             return
         self.result.setText(result.summary())
-        self.status.setText(f"Model saved to {result.bundle}; the previous one is in "
-                            "previous/ (Predict's Restore previous switches back).")
+        self.status.setText(
+            f"Model saved to {result.bundle}; the previous one is in "
+            "previous/ (Predict's Restore previous switches back)."
+        )
         _notify("info", result.summary())
         SESSION.set_bundle(result.bundle)
 

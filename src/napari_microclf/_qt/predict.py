@@ -97,7 +97,8 @@ def get_predictor(bundle: str | Path) -> Predictor:
     # time may equal the replaced one's
     files = (folder,) if folder.is_file() else (model, folder / "microclf.json")  # a .zip
     key = (str(folder),) + tuple(
-        (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None for f in files)
+        (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None for f in files
+    )
     with _CACHE_LOCK:
         if key not in _CACHE:
             for old in [k for k in _CACHE if k[0] == key[0]]:
@@ -132,8 +133,9 @@ def _notify(kind: str, text: str) -> None:
 
 
 @surfaced
-def _predict_layers(bundle: str, sources: list, tta: bool = False,
-                    stop: threading.Event | None = None):
+def _predict_layers(
+    bundle: str, sources: list, tta: bool = False, stop: threading.Event | None = None
+):
     """Worker: yields ``(layer name, PagePrediction)`` for every page of every source; ``stop``
     set ends it after the current batch (the pages classified so far are yielded)."""
     stop = stop or threading.Event()
@@ -159,8 +161,9 @@ PREDICTED = "predicted class"
 
 
 @surfaced
-def _explain_layers(bundle: str, sources: list, class_name: str | None,
-                    stop: threading.Event | None = None):
+def _explain_layers(
+    bundle: str, sources: list, class_name: str | None, stop: threading.Event | None = None
+):
     """Worker: yields ``(layer name, Explanation)`` for every page of every source, until
     ``stop`` is set."""
     from ..core.explain import Explainer
@@ -195,8 +198,14 @@ def _page_count(path: Path) -> int:
 
 
 @surfaced
-def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float,
-                    tta: bool = False, stop: threading.Event | None = None):
+def _predict_folder(
+    bundle: str,
+    folder: str,
+    csv_path: str,
+    threshold: float,
+    tta: bool = False,
+    stop: threading.Event | None = None,
+):
     """Worker: classifies every image under ``folder`` past bad files, the rows streamed to
     the CSV (see ``core.predict.predict_folder``). Yields ``("total", pages)``, then
     ``("done", n)`` per page or bad file; returns the FolderResult, or one line for our
@@ -213,8 +222,9 @@ def _predict_folder(bundle: str, folder: str, csv_path: str, threshold: float,
     yield ("total", sum(_page_count(p) for p in files))
     if stop.is_set():
         return f"Classify folder: stopped before the first page; nothing written to {csv_path}."
-    run = iter_folder(predictor, files, csv_path, threshold=threshold, tta=tta,
-                      should_stop=stop.is_set)
+    run = iter_folder(
+        predictor, files, csv_path, threshold=threshold, tta=tta, should_stop=stop.is_set
+    )
     done = 0
     try:
         while True:
@@ -269,14 +279,18 @@ class PredictWidget(QWidget):
 
         self.bundle_edit = QLineEdit(str(bundle or SESSION.last_bundle or ""))
         self.bundle_edit.setPlaceholderText("model folder (train one with the Train widget)")
-        self.bundle_edit.setToolTip("A model folder written by Train (model.keras + "
-                                    "microclf.json); the last trained model is preselected.")
+        self.bundle_edit.setToolTip(
+            "A model folder written by Train (model.keras + "
+            "microclf.json); the last trained model is preselected."
+        )
         self.bundle_edit.editingFinished.connect(self._show_model)
         bundle_row = folder_row(self.bundle_edit, "Model folder", self)
         self.restore_btn = QPushButton("Restore previous")
-        self.restore_btn.setToolTip("Make the model this folder had before its last training "
-                                    "the active one again (the current one is kept as "
-                                    "previous, so a second click switches back).")
+        self.restore_btn.setToolTip(
+            "Make the model this folder had before its last training "
+            "the active one again (the current one is kept as "
+            "previous, so a second click switches back)."
+        )
         self.restore_btn.clicked.connect(lambda: self.restore_previous_model())
         bundle_row.addWidget(self.restore_btn)
         self.model_info = QLabel()
@@ -285,8 +299,9 @@ class PredictWidget(QWidget):
 
         self.layer_list = QListWidget()
         self.layer_list.setSelectionMode(QAbstractItemView.ExtendedSelection)
-        self.layer_list.setToolTip("Image layers to classify: click one, Ctrl/Shift-click "
-                                   "several, or use All.")
+        self.layer_list.setToolTip(
+            "Image layers to classify: click one, Ctrl/Shift-click several, or use All."
+        )
         self.layer_list.setMaximumHeight(110)
         all_btn = QPushButton("All")
         all_btn.clicked.connect(self.layer_list.selectAll)
@@ -298,25 +313,32 @@ class PredictWidget(QWidget):
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
-        self.threshold.setToolTip("Below this confidence a page reads 'uncertain'. A page "
-                                  "unlike the model's training images reads 'unfamiliar' "
-                                  "whatever its confidence (its score is above 1).")
+        self.threshold.setToolTip(
+            "Below this confidence a page reads 'uncertain'. A page "
+            "unlike the model's training images reads 'unfamiliar' "
+            "whatever its confidence (its score is above 1)."
+        )
         self.threshold.valueChanged.connect(self._relabel)
         self.tta = QCheckBox("Average over flips (test-time augmentation)")
-        self.tta.setToolTip("Classify each page and its horizontal, vertical and double flips "
-                            "and average the probabilities: steadier on orientation-free "
-                            "images, 4x the time. The training report shows what it does to "
-                            "the test accuracy.")
+        self.tta.setToolTip(
+            "Classify each page and its horizontal, vertical and double flips "
+            "and average the probabilities: steadier on orientation-free "
+            "images, 4x the time. The training report shows what it does to "
+            "the test accuracy."
+        )
 
-        stop_tip = (" While it runs, this button stops it (as Cancel in napari's activity "
-                    "dock does); what was done is kept.")
+        stop_tip = (
+            " While it runs, this button stops it (as Cancel in napari's activity "
+            "dock does); what was done is kept."
+        )
         self.run_btn = QPushButton(self.RUN)
         self.run_btn.setToolTip("Classify every page of the chosen layers." + stop_tip)
         self.run_btn.clicked.connect(lambda: self._clicked(self.run))
         self.folder_btn = QPushButton(self.FOLDER)
-        self.folder_btn.setToolTip("Classify every image (and stack page) in a folder and its "
-                                   "sub-folders into a CSV file, without opening them."
-                                   + stop_tip)
+        self.folder_btn.setToolTip(
+            "Classify every image (and stack page) in a folder and its "
+            "sub-folders into a CSV file, without opening them." + stop_tip
+        )
         self.folder_btn.clicked.connect(lambda: self._clicked(self.classify_folder))
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_btn)
@@ -325,11 +347,14 @@ class PredictWidget(QWidget):
         self.explain_btn.setToolTip(
             "Where the model looks (Grad-CAM): adds a heatmap layer '<layer> Grad-CAM' over "
             "each chosen layer, every page of a stack; bright = strongest evidence for the "
-            "class." + stop_tip)
+            "class." + stop_tip
+        )
         self.explain_btn.clicked.connect(lambda: self._clicked(self.explain))
         self.explain_class = QComboBox()
-        self.explain_class.setToolTip("The class whose evidence the heatmap shows: each "
-                                      "page's predicted class, or one chosen class.")
+        self.explain_class.setToolTip(
+            "The class whose evidence the heatmap shows: each "
+            "page's predicted class, or one chosen class."
+        )
         self.explain_class.addItem(PREDICTED)
         explain_row = QHBoxLayout()
         explain_row.addWidget(self.explain_btn)
@@ -342,11 +367,11 @@ class PredictWidget(QWidget):
         self.in_view.setStyleSheet("font-weight: bold;")
 
         self.table = QTableWidget(0, 5)
-        self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence",
-                                              "unfamiliar"])
+        self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence", "unfamiliar"])
         self.table.horizontalHeaderItem(4).setToolTip(
             "Distance from the training images over the model's threshold: above 1 the page "
-            "is unlike them (blank: a model trained before this score existed).")
+            "is unlike them (blank: a model trained before this score existed)."
+        )
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
@@ -356,8 +381,10 @@ class PredictWidget(QWidget):
         self.export_btn = QPushButton("Export CSV...")
         self.export_btn.clicked.connect(lambda: self.export_csv())
         self.plot_btn = QPushButton("Plot along stack")
-        self.plot_btn.setToolTip("Class probabilities per page of the active classified stack, "
-                                 "in a dock under the viewer; click a page to show it.")
+        self.plot_btn.setToolTip(
+            "Class probabilities per page of the active classified stack, "
+            "in a dock under the viewer; click a page to show it."
+        )
         self.plot_btn.clicked.connect(lambda: self.show_plot())
         self.plot = None  # the StackPlot, made by show_plot
         result_row = QHBoxLayout()
@@ -415,9 +442,15 @@ class PredictWidget(QWidget):
 
     def _save_settings(self, *_) -> None:
         model = str(Path(self.bundle()).expanduser().absolute()) if self.bundle() else ""
-        _settings.save("predict", {"model": model, "threshold": self.threshold.value(),
-                                   "tta": self.tta.isChecked(),
-                                   "explain_class": self.explain_class.currentText()})
+        _settings.save(
+            "predict",
+            {
+                "model": model,
+                "threshold": self.threshold.value(),
+                "tta": self.tta.isChecked(),
+                "explain_class": self.explain_class.currentText(),
+            },
+        )
 
     # -- model ---------------------------------------------------------------------------
     def bundle(self) -> str:
@@ -454,8 +487,9 @@ class PredictWidget(QWidget):
         self.restore_btn.setEnabled(bool(self.bundle()) and has_previous(self.bundle()))
         self.export_row.set_model(None)
         if not self.bundle():
-            self.model_info.setText("No model yet: train one with the Train widget or pick a "
-                                    "model folder.")
+            self.model_info.setText(
+                "No model yet: train one with the Train widget or pick a model folder."
+            )
             return
         try:
             meta = read_meta(self.bundle())
@@ -468,9 +502,12 @@ class PredictWidget(QWidget):
             f"Classes: {', '.join(meta['class_names'])}"
             + (f"; test accuracy {acc:.0%}" if acc is not None else "")
             + (f"; trained {meta['date'][:16].replace('T', ' ')}" if meta.get("date") else "")
-            + f"\nModel: {model_identity(meta)}")
-        self.model_info.setToolTip(f"{describe_model(meta)}\nWeights identity: "
-                                   f"{meta.get('weights_id') or 'not recorded (older model)'}")
+            + f"\nModel: {model_identity(meta)}"
+        )
+        self.model_info.setToolTip(
+            f"{describe_model(meta)}\nWeights identity: "
+            f"{meta.get('weights_id') or 'not recorded (older model)'}"
+        )
 
     # -- layers --------------------------------------------------------------------------
     def _refresh_layers(self, *_) -> None:
@@ -493,8 +530,12 @@ class PredictWidget(QWidget):
         names = self.chosen_names()
         if not names:
             active = self.viewer.layers.selection.active
-            names = [active.name] if active is not None and active.name in [
-                lyr.name for lyr in _layers.image_layers(self.viewer)] else []
+            names = (
+                [active.name]
+                if active is not None
+                and active.name in [lyr.name for lyr in _layers.image_layers(self.viewer)]
+                else []
+            )
         sources, seen = [], set()
         for name in names:
             src = _layers.page_source(self.viewer, self.viewer.layers[name])
@@ -551,8 +592,10 @@ class PredictWidget(QWidget):
             n = sum(len(p) for p in new.values())
             text = f"Classified {n} page(s) of {len(new)} layer(s)."
             if self._stop.is_set() and n < total:
-                text = (f"Stopped: classified {n} of {total} page(s) of {len(new)} layer(s); "
-                        "the labels show the pages classified.")
+                text = (
+                    f"Stopped: classified {n} of {total} page(s) of {len(new)} layer(s); "
+                    "the labels show the pages classified."
+                )
             self.status.setText(text)
             if any(len(p) > 1 for p in new.values()):
                 self.show_plot()
@@ -560,10 +603,15 @@ class PredictWidget(QWidget):
                 self.plot.refresh()
 
         worker = thread_worker(_predict_layers, ignore_errors=False)(
-            bundle, sources, self.tta.isChecked(), self._stop)
-        return self._start(worker, on_yield, on_return,
-                           "Loading the model..." if not _CACHE else "Classifying...",
-                           self.run_btn)
+            bundle, sources, self.tta.isChecked(), self._stop
+        )
+        return self._start(
+            worker,
+            on_yield,
+            on_return,
+            "Loading the model..." if not _CACHE else "Classifying...",
+            self.run_btn,
+        )
 
     RUN, FOLDER, EXPLAIN, STOP = "Run", "Classify folder...", "Explain", "Stop"
 
@@ -609,8 +657,11 @@ class PredictWidget(QWidget):
         if self.pbar is not None:
             self.pbar.close()  # kept as self.pbar: the last run's bar
         self.worker = self._running_btn = None
-        for b, text in ((self.run_btn, self.RUN), (self.folder_btn, self.FOLDER),
-                        (self.explain_btn, self.EXPLAIN)):
+        for b, text in (
+            (self.run_btn, self.RUN),
+            (self.folder_btn, self.FOLDER),
+            (self.explain_btn, self.EXPLAIN),
+        ):
             b.setText(text)
             b.setEnabled(True)
 
@@ -658,22 +709,28 @@ class PredictWidget(QWidget):
         def on_return(error):
             if error:
                 _notify("error", f"Cannot explain: {error}")
-            done = [name for name, pages in maps.items()
-                    if pages and len(pages) == int(np.prod(leads[name] or (1,)))]
+            done = [
+                name
+                for name, pages in maps.items()
+                if pages and len(pages) == int(np.prod(leads[name] or (1,)))
+            ]
             for name in done:
-                self._add_heatmap(name, np.stack(maps[name]).reshape(
-                    *leads[name], *maps[name][0].shape))
+                self._add_heatmap(
+                    name, np.stack(maps[name]).reshape(*leads[name], *maps[name][0].shape)
+                )
             which = class_name or "the predicted class"
             text = f"Grad-CAM for {which}: {len(done)} layer(s)."
             if self._stop.is_set() and len(done) < len(maps):
-                text = (f"Stopped: Grad-CAM for {which} of {len(done)} of {len(maps)} "
-                        "layer(s) (a layer gets its heatmap when all its pages are done).")
+                text = (
+                    f"Stopped: Grad-CAM for {which} of {len(done)} of {len(maps)} "
+                    "layer(s) (a layer gets its heatmap when all its pages are done)."
+                )
             self.status.setText(text)
 
         worker = thread_worker(_explain_layers, ignore_errors=False)(
-            self.bundle(), sources, class_name, self._stop)
-        return self._start(worker, on_yield, on_return, "Computing Grad-CAM...",
-                           self.explain_btn)
+            self.bundle(), sources, class_name, self._stop
+        )
+        return self._start(worker, on_yield, on_return, "Computing Grad-CAM...", self.explain_btn)
 
     def _add_heatmap(self, name: str, data: np.ndarray) -> None:
         """The heatmap layer of image layer ``name``, on its pixels (same transforms)."""
@@ -684,12 +741,21 @@ class PredictWidget(QWidget):
             self.viewer.layers[hname].data = data
             return
         self.viewer.add_image(
-            data, name=hname, colormap="inferno", opacity=0.5, blending="additive",
-            contrast_limits=(0.0, 1.0), scale=source.scale, units=source.units,
-            translate=source.translate, rotate=source.rotate, shear=source.shear,
+            data,
+            name=hname,
+            colormap="inferno",
+            opacity=0.5,
+            blending="additive",
+            contrast_limits=(0.0, 1.0),
+            scale=source.scale,
+            units=source.units,
+            translate=source.translate,
+            rotate=source.rotate,
+            shear=source.shear,
             affine=source.affine,
             # in the metadata from the start: the layer lists skip heatmaps when it is added
-            metadata={"microclf": {"image_layer": name, "heatmap": "grad-cam"}})
+            metadata={"microclf": {"image_layer": name, "heatmap": "grad-cam"}},
+        )
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
 
@@ -708,21 +774,36 @@ class PredictWidget(QWidget):
         meta["predictions"] = {
             "model": str(Path(bundle).expanduser().resolve()),
             "class_names": self.class_names,
-            "pages": [{"page": p.page, "class": p.class_name, "confidence": p.confidence,
-                       "probabilities": p.probabilities,
-                       "unfamiliar_score": p.unfamiliar_score} for p in preds],
+            "pages": [
+                {
+                    "page": p.page,
+                    "class": p.class_name,
+                    "confidence": p.confidence,
+                    "probabilities": p.probabilities,
+                    "unfamiliar_score": p.unfamiliar_score,
+                }
+                for p in preds
+            ],
         }
         layer.metadata["microclf"] = meta
         coords = np.array([[*_layers.page_index(layer, p.page), 0, 0] for p in preds], float)
-        features = {"page": [p.page for p in preds],
-                    "class": [p.class_name for p in preds],
-                    "confidence": [round(p.confidence, 4) for p in preds],
-                    "label": [self.label(p) for p in preds],
-                    "unfamiliar": [np.nan if p.unfamiliar_score is None
-                                   else round(p.unfamiliar_score, 3) for p in preds]}
+        features = {
+            "page": [p.page for p in preds],
+            "class": [p.class_name for p in preds],
+            "confidence": [round(p.confidence, 4) for p in preds],
+            "label": [self.label(p) for p in preds],
+            "unfamiliar": [
+                np.nan if p.unfamiliar_score is None else round(p.unfamiliar_score, 3)
+                for p in preds
+            ],
+        }
         # "lower_left": the text hangs below its point (napari's y axis points down)
-        text = {"string": self.label_template(name), "anchor": "lower_left",
-                "size": LABEL_SIZE, "color": "yellow"}
+        text = {
+            "string": self.label_template(name),
+            "anchor": "lower_left",
+            "size": LABEL_SIZE,
+            "color": "yellow",
+        }
         pname = self.points_name(name)
         active = self.viewer.layers.selection.active
         if pname in self.viewer.layers:
@@ -732,11 +813,19 @@ class PredictWidget(QWidget):
             pts.text = text
         else:
             pts = self.viewer.add_points(
-                coords, features=features, text=text, name=pname, size=1,
-                face_color="transparent", border_width=0, scale=layer.scale[-coords.shape[1]:],
-                units=layer.units[-coords.shape[1]:],
-                translate=layer.translate[-coords.shape[1]:], blending="translucent_no_depth",
-                visible=layer.visible)
+                coords,
+                features=features,
+                text=text,
+                name=pname,
+                size=1,
+                face_color="transparent",
+                border_width=0,
+                scale=layer.scale[-coords.shape[1] :],
+                units=layer.units[-coords.shape[1] :],
+                translate=layer.translate[-coords.shape[1] :],
+                blending="translucent_no_depth",
+                visible=layer.visible,
+            )
             pts.metadata["microclf"] = {"image_layer": name}
         self._link(layer, name)
         if active is not None and active in self.viewer.layers:
@@ -801,12 +890,16 @@ class PredictWidget(QWidget):
             return
         self._linked[id(layer)] = new
         self.results = {new if k == old else k: v for k, v in self.results.items()}
-        for old_name, new_name in ((self.points_name(old), self.points_name(new)),
-                                   (self.heatmap_name(old), self.heatmap_name(new))):
+        for old_name, new_name in (
+            (self.points_name(old), self.points_name(new)),
+            (self.heatmap_name(old), self.heatmap_name(new)),
+        ):
             if old_name in self.viewer.layers:
                 other = self.viewer.layers[old_name]
-                other.metadata["microclf"] = {**other.metadata.get("microclf", {}),
-                                              "image_layer": new}
+                other.metadata["microclf"] = {
+                    **other.metadata.get("microclf", {}),
+                    "image_layer": new,
+                }
                 other.name = new_name
         pts = self._label_layer(new)
         if pts is not None:
@@ -859,14 +952,18 @@ class PredictWidget(QWidget):
                 continue
             image = self.viewer.layers[name]
             n = pts.data.shape[1]
-            if not (np.array_equal(pts.scale, image.scale[-n:])
-                    and np.array_equal(pts.translate, image.translate[-n:])):
+            if not (
+                np.array_equal(pts.scale, image.scale[-n:])
+                and np.array_equal(pts.translate, image.translate[-n:])
+            ):
                 pts.scale, pts.translate = image.scale[-n:], image.translate[-n:]
             (sy, sx), (ty, tx) = pts.scale[-2:], pts.translate[-2:]
             # the pixel edges of the first row and column, not their centres
             top, left = ty - 0.5 * abs(sy), tx - 0.5 * abs(sx)
-            chars = max(len(self.label_template(name).format(label=lab, confidence=0.0))
-                        for lab in pts.features["label"])
+            chars = max(
+                len(self.label_template(name).format(label=lab, confidence=0.0))
+                for lab in pts.features["label"]
+            )
             shown = image.visible and pts.visible
             entries.append((top, left, chars * CHAR_PX / zoom, name, pts, shown))
         placed: list[tuple[float, float, float]] = []  # (top, left, right)
@@ -878,8 +975,12 @@ class PredictWidget(QWidget):
                 while moved:
                     moved = False
                     for p_top, p_left, p_right in placed:
-                        if (p_left < left + width and left < p_right
-                                and p_top < y + line and y < p_top + line):
+                        if (
+                            p_left < left + width
+                            and left < p_right
+                            and p_top < y + line
+                            and y < p_top + line
+                        ):
                             y, moved = p_top + line, True
                 placed.append((y, left, left + width))
                 self._boxes[name] = (y, left, y + line, left + width)
@@ -891,16 +992,20 @@ class PredictWidget(QWidget):
                 pts.data = data
 
     def rows(self) -> list[tuple[str, int, str, float]]:
-        return [(name, p.page, self.label(p), p.confidence)
-                for name, preds in self.results.items() for p in preds]
+        return [
+            (name, p.page, self.label(p), p.confidence)
+            for name, preds in self.results.items()
+            for p in preds
+        ]
 
     def _fill_table(self) -> None:
         rows = self.rows()
         scores = [p.unfamiliar_score for preds in self.results.values() for p in preds]
         self.table.setRowCount(len(rows))
         for r, ((name, page, label, conf), score) in enumerate(zip(rows, scores, strict=True)):
-            for c, text in enumerate((name, str(page), label, f"{conf:.3f}",
-                                      "" if score is None else f"{score:.2f}")):
+            for c, text in enumerate(
+                (name, str(page), label, f"{conf:.3f}", "" if score is None else f"{score:.2f}")
+            ):
                 item = QTableWidgetItem(text)
                 if c:
                     item.setTextAlignment(Qt.AlignCenter)
@@ -933,10 +1038,14 @@ class PredictWidget(QWidget):
         if pred is None:
             return ""
         where = f", page {page}" if _layers.lead_shape(layer) else ""
-        unlike = (f", unlike the training images: score {pred.unfamiliar_score:.2f}"
-                  if pred.unfamiliar else "")
-        return (f"In view: {name}{where}: {self.label(pred)} (confidence "
-                f"{pred.confidence:.2f}{unlike})")
+        unlike = (
+            f", unlike the training images: score {pred.unfamiliar_score:.2f}"
+            if pred.unfamiliar
+            else ""
+        )
+        return (
+            f"In view: {name}{where}: {self.label(pred)} (confidence {pred.confidence:.2f}{unlike})"
+        )
 
     def active_classified(self) -> str | None:
         """The classified image layer that is active (or whose label or heatmap layer is),
@@ -946,8 +1055,7 @@ class PredictWidget(QWidget):
             return None
         name = active.name
         if name not in self.results:
-            meta = active.metadata.get("microclf", {}) if isinstance(active.metadata,
-                                                                     dict) else {}
+            meta = active.metadata.get("microclf", {}) if isinstance(active.metadata, dict) else {}
             name = meta.get("image_layer") if isinstance(meta, dict) else None
         if name not in self.results or name not in self.viewer.layers:
             return None
@@ -965,8 +1073,11 @@ class PredictWidget(QWidget):
         if pred is None:
             return ""
         where = f" page {page}" if page is not None else ""
-        what = (f"unfamiliar (score {pred.unfamiliar_score:.2f})" if pred.unfamiliar
-                else f"{self.label(pred)} {pred.confidence:.2f}")
+        what = (
+            f"unfamiliar (score {pred.unfamiliar_score:.2f})"
+            if pred.unfamiliar
+            else f"{self.label(pred)} {pred.confidence:.2f}"
+        )
         return f"{name}{where}: {what}"
 
     @property
@@ -976,8 +1087,9 @@ class PredictWidget(QWidget):
         if OVERLAY not in overlays:
             from napari.components.overlays import TextOverlay
 
-            overlays[OVERLAY] = TextOverlay(visible=False, position="bottom_center",
-                                            font_size=14, color="yellow", box=True)
+            overlays[OVERLAY] = TextOverlay(
+                visible=False, position="bottom_center", font_size=14, color="yellow", box=True
+            )
         return overlays[OVERLAY]
 
     def _update_in_view(self, *_) -> None:
@@ -995,8 +1107,7 @@ class PredictWidget(QWidget):
         if self.plot is None:
             self.plot = StackPlot(self.viewer, self)
         window = getattr(self.viewer, "window", None)
-        if window is not None and not any(w is self.plot
-                                          for w in window.dock_widgets.values()):
+        if window is not None and not any(w is self.plot for w in window.dock_widgets.values()):
             window.add_dock_widget(self.plot, area="bottom", name=PLOT_NAME)
         self.plot.refresh()
         return self.plot
@@ -1007,8 +1118,9 @@ class PredictWidget(QWidget):
             _notify("warning", "Nothing to export: run a prediction first.")
             return None
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export predictions", "predictions.csv",
-                                                  "CSV (*.csv)")
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export predictions", "predictions.csv", "CSV (*.csv)"
+            )
             if not path:
                 return None
         preds = [p for preds in self.results.values() for p in preds]
@@ -1020,8 +1132,7 @@ class PredictWidget(QWidget):
         self.status.setText(f"Wrote {n} rows to {path}.")
         return Path(path)
 
-    def classify_folder(self, folder: str | Path | None = None,
-                        csv_path: str | Path | None = None):
+    def classify_folder(self, folder: str | Path | None = None, csv_path: str | Path | None = None):
         """Classify a folder into a CSV in a worker; returns the worker."""
         from napari.qt.threading import thread_worker
 
@@ -1033,8 +1144,11 @@ class PredictWidget(QWidget):
                 return None
         if csv_path is None:
             csv_path, _ = QFileDialog.getSaveFileName(
-                self, "Write predictions to", str(Path(folder) / "microclf_predictions.csv"),
-                "CSV (*.csv)")
+                self,
+                "Write predictions to",
+                str(Path(folder) / "microclf_predictions.csv"),
+                "CSV (*.csv)",
+            )
             if not csv_path:
                 return None
         try:  # before any model is loaded
@@ -1057,9 +1171,11 @@ class PredictWidget(QWidget):
                 _notify("warning" if self._stop.is_set() else "error", result)
                 return
             if result.stopped:
-                text = (f"Stopped: {len(result)} page(s) classified, their rows written to "
-                        f"{result.csv_path} (the CSV of a stopped run keeps its .partial "
-                        f"name; {csv_path} was not written).")
+                text = (
+                    f"Stopped: {len(result)} page(s) classified, their rows written to "
+                    f"{result.csv_path} (the CSV of a stopped run keeps its .partial "
+                    f"name; {csv_path} was not written)."
+                )
                 self.status.setText(text)
                 _notify("warning", text)
                 return
@@ -1067,11 +1183,14 @@ class PredictWidget(QWidget):
                 self.pbar.update(self.pbar.total - self.pbar.n)
             summary = result.summary()
             self.status.setText(summary)
-            _notify("error" if not result.ok else "warning" if result.errors else "info",
-                    summary)
+            _notify("error" if not result.ok else "warning" if result.errors else "info", summary)
 
         worker = thread_worker(_predict_folder, ignore_errors=False)(
-            self.bundle(), str(folder), str(csv_path), self.threshold.value(),
-            self.tta.isChecked(), self._stop)
-        return self._start(worker, on_yield, on_return, f"Classifying {folder}...",
-                           self.folder_btn)
+            self.bundle(),
+            str(folder),
+            str(csv_path),
+            self.threshold.value(),
+            self.tta.isChecked(),
+            self._stop,
+        )
+        return self._start(worker, on_yield, on_return, f"Classifying {folder}...", self.folder_btn)

@@ -75,12 +75,16 @@ class ReviewWidget(QWidget):
         self.move_class = QComboBox()
         self.move_class.setToolTip("The class the selected image really belongs to.")
         self.move_btn = QPushButton("Move to class")
-        self.move_btn.setToolTip("Move the file into that class folder of the dataset; it "
-                                 "keeps its place in the split (a test image stays test).")
+        self.move_btn.setToolTip(
+            "Move the file into that class folder of the dataset; it "
+            "keeps its place in the split (a test image stays test)."
+        )
         self.move_btn.clicked.connect(lambda: self.move_current())
         self.trash_btn = QPushButton("Send to trash")
-        self.trash_btn.setToolTip("Move the file into the dataset's .trash folder (nothing is "
-                                  "deleted) and out of the split.")
+        self.trash_btn.setToolTip(
+            "Move the file into the dataset's .trash folder (nothing is "
+            "deleted) and out of the split."
+        )
         self.trash_btn.clicked.connect(lambda: self.trash_current())
         self.keep_btn = QPushButton("Keep")
         self.keep_btn.setToolTip("The label is right: leave the file and go to the next one.")
@@ -95,8 +99,9 @@ class ReviewWidget(QWidget):
         self.status.setWordWrap(True)
 
         layout = QVBoxLayout(self)
-        intro = QLabel("Review the test images behind each cell of the confusion matrix and "
-                       "fix wrong labels.")
+        intro = QLabel(
+            "Review the test images behind each cell of the confusion matrix and fix wrong labels."
+        )
         intro.setWordWrap(True)
         layout.addWidget(intro)
         layout.addWidget(QLabel("Model folder"))
@@ -117,8 +122,9 @@ class ReviewWidget(QWidget):
         self.bundle_edit.setText(path)
         self.load(quiet=True)
 
-    def load(self, report: dict | None = None, bundle: str | Path | None = None,
-             quiet: bool = False) -> bool:
+    def load(
+        self, report: dict | None = None, bundle: str | Path | None = None, quiet: bool = False
+    ) -> bool:
         """Show a report: ``report`` itself, or the ``report.json`` of the model folder."""
         from ..core.model import read_meta
 
@@ -148,9 +154,14 @@ class ReviewWidget(QWidget):
         self.move_class.addItems(names)
         acc = report.get("accuracy")
         self.info.setText(
-            (f"{report.get('title') or 'Test report'}: accuracy {acc:.1%} on {report['n']} "
-             "images." if acc is not None else "No test images in this report.")
-            + (f" Dataset: {self.data_dir}" if self.data_dir else ""))
+            (
+                f"{report.get('title') or 'Test report'}: accuracy {acc:.1%} on {report['n']} "
+                "images."
+                if acc is not None
+                else "No test images in this report."
+            )
+            + (f" Dataset: {self.data_dir}" if self.data_dir else "")
+        )
         return True
 
     # -- a cell ------------------------------------------------------------------------
@@ -177,8 +188,10 @@ class ReviewWidget(QWidget):
                 found.append({**e, "file": str(path)})
         gone = len(entries) - len(found)
         if not found:
-            self.status.setText(f"No images in {true} {ARROW} {predicted}"
-                                + (f" ({gone} moved away or deleted since)." if gone else "."))
+            self.status.setText(
+                f"No images in {true} {ARROW} {predicted}"
+                + (f" ({gone} moved away or deleted since)." if gone else ".")
+            )
             return None
         if self.worker is not None:
             _notify("warning", "Review: the last cell is still opening.")
@@ -193,7 +206,8 @@ class ReviewWidget(QWidget):
             self.status.setText(
                 f"{len(found)} image(s): true {true}, predicted {predicted}"
                 + (f"; {gone} moved away or deleted since the report" if gone else "")
-                + ". Move, trash or keep each.")
+                + ". Move, trash or keep each."
+            )
 
         worker = thread_worker(_stack_job, ignore_errors=True)(found)
         worker.returned.connect(done)
@@ -209,9 +223,15 @@ class ReviewWidget(QWidget):
     def _show_stack(self, stack: rv.PageStack) -> None:
         true, predicted = self.cell
         name = self.layer_name(true, predicted)
-        meta = {"origins": stack.origins,
-                "review": {"true": true, "predicted": predicted, "data": str(self.data_dir),
-                           "pages": self.entries}}
+        meta = {
+            "origins": stack.origins,
+            "review": {
+                "true": true,
+                "predicted": predicted,
+                "data": str(self.data_dir),
+                "pages": self.entries,
+            },
+        }
         rgb = stack.data.ndim == 4
         for old in (self.points_name(name), name):  # a cell opened again: its fresh pages
             if old in self.viewer.layers:
@@ -220,11 +240,21 @@ class ReviewWidget(QWidget):
         layer.metadata["microclf"] = meta
         coords = np.array([[i, 0, 0] for i in range(len(self.entries))], float)
         pts = self.viewer.add_points(
-            coords, features=self._features(), name=self.points_name(name), size=1,
-            face_color="transparent", border_width=0, blending="translucent_no_depth",
-            text={"string": "{status}true {true} " + ARROW + " predicted {predicted} "
-                            "({confidence:.2f})", "anchor": "upper_left", "size": 11,
-                  "color": "yellow"})
+            coords,
+            features=self._features(),
+            name=self.points_name(name),
+            size=1,
+            face_color="transparent",
+            border_width=0,
+            blending="translucent_no_depth",
+            text={
+                "string": "{status}true {true} " + ARROW + " predicted {predicted} "
+                "({confidence:.2f})",
+                "anchor": "upper_left",
+                "size": 11,
+                "color": "yellow",
+            },
+        )
         pts.metadata["microclf"] = {"image_layer": name}
         self.viewer.layers.selection.active = layer
         self._go_to(0)
@@ -233,13 +263,14 @@ class ReviewWidget(QWidget):
         return f"{name} labels"
 
     def _features(self) -> dict:
-        return {"file": [Path(e["file"]).name for e in self.entries],
-                "page": [int(e.get("page", 0)) for e in self.entries],
-                "true": [e["true"] for e in self.entries],
-                "predicted": [e["predicted"] for e in self.entries],
-                "confidence": [float(e["confidence"]) for e in self.entries],
-                "status": [f"[{e['status']}] " if e.get("status") else ""
-                           for e in self.entries]}
+        return {
+            "file": [Path(e["file"]).name for e in self.entries],
+            "page": [int(e.get("page", 0)) for e in self.entries],
+            "true": [e["true"] for e in self.entries],
+            "predicted": [e["predicted"] for e in self.entries],
+            "confidence": [float(e["confidence"]) for e in self.entries],
+            "status": [f"[{e['status']}] " if e.get("status") else "" for e in self.entries],
+        }
 
     def _row_text(self, i: int) -> str:
         e = self.entries[i]
@@ -258,8 +289,7 @@ class ReviewWidget(QWidget):
 
     def _enable(self) -> None:
         row = self.list.currentRow()
-        ok = 0 <= row < len(self.entries) and self.entries[row].get("status") not in (
-            "trashed",)
+        ok = 0 <= row < len(self.entries) and self.entries[row].get("status") not in ("trashed",)
         for b in (self.move_btn, self.trash_btn, self.keep_btn):
             b.setEnabled(ok)
 
@@ -315,8 +345,11 @@ class ReviewWidget(QWidget):
 
     def _root(self) -> Path | None:
         if self.data_dir is None:
-            _notify("error", "Review: the report names no dataset folder; relabel the file "
-                             "in its class folder yourself.")
+            _notify(
+                "error",
+                "Review: the report names no dataset folder; relabel the file "
+                "in its class folder yourself.",
+            )
         return self.data_dir
 
     def move_current(self, class_name: str | None = None) -> Path | None:
@@ -373,4 +406,3 @@ def review_dock(viewer) -> ReviewWidget | None:
     review = ReviewWidget(viewer)
     window.add_dock_widget(review, name="Review errors", area="right")
     return review
-

@@ -22,21 +22,34 @@ from . import _layers
 from ._plots import Canvas
 
 # class colours (matplotlib's tab10, readable on napari's dark and light backgrounds)
-COLOURS = ("#4ea8ff", "#ffa640", "#5fbf3f", "#ff6f6f", "#a37bff", "#c09060", "#ff7fd0",
-           "#909090", "#c0c030", "#30c0c0")
+COLOURS = (
+    "#4ea8ff",
+    "#ffa640",
+    "#5fbf3f",
+    "#ff6f6f",
+    "#a37bff",
+    "#c09060",
+    "#ff7fd0",
+    "#909090",
+    "#c0c030",
+    "#30c0c0",
+)
 
 
 def summary(preds, labels: list[str], class_names: list[str]) -> str:
     """'12 pages: 7 fragmented, 5 round; mean confidence 0.94' (the labels as shown, so
     'uncertain' and 'unfamiliar' pages are counted as such)."""
     counts = Counter(labels)
-    order = [c for c in class_names if counts[c]] + sorted(c for c in counts
-                                                           if c not in class_names)
+    order = [c for c in class_names if counts[c]] + sorted(
+        c for c in counts if c not in class_names
+    )
     mean = float(np.mean([p.confidence for p in preds])) if preds else 0.0
     n = len(preds)
-    return (f"{n} page{'' if n == 1 else 's'}: "
-            + ", ".join(f"{counts[c]} {c}" for c in order)
-            + f"; mean confidence {mean:.2f}")
+    return (
+        f"{n} page{'' if n == 1 else 's'}: "
+        + ", ".join(f"{counts[c]} {c}" for c in order)
+        + f"; mean confidence {mean:.2f}"
+    )
 
 
 class ProbabilityCanvas(Canvas):
@@ -48,8 +61,9 @@ class ProbabilityCanvas(Canvas):
         self.marker = None
         self.plot([], {}, None, "")
 
-    def plot(self, pages, probabilities: dict[str, list[float]], threshold: float | None,
-             title: str) -> None:
+    def plot(
+        self, pages, probabilities: dict[str, list[float]], threshold: float | None, title: str
+    ) -> None:
         self._args = (pages, probabilities, threshold, title)
         p = self.palette
         page = self.marker_page()
@@ -58,8 +72,7 @@ class ProbabilityCanvas(Canvas):
         ax = self.ax = fig.subplots()
         self._style(ax, title)
         for i, (name, values) in enumerate(probabilities.items()):
-            ax.plot(pages, values, "o-", ms=3, lw=1.2, color=COLOURS[i % len(COLOURS)],
-                    label=name)
+            ax.plot(pages, values, "o-", ms=3, lw=1.2, color=COLOURS[i % len(COLOURS)], label=name)
         if threshold:
             ax.axhline(threshold, color=p.grid, linestyle="--", lw=1, gid="threshold")
         ax.set_ylim(-0.03, 1.03)
@@ -70,8 +83,16 @@ class ProbabilityCanvas(Canvas):
             ax.set_xlim(-0.5, max(pages) + 0.5)
             self._legend(ax, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
         else:
-            ax.text(0.5, 0.5, "classify a stack (Run) to see its pages here", color=p.fg,
-                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.text(
+                0.5,
+                0.5,
+                "classify a stack (Run) to see its pages here",
+                color=p.fg,
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=9,
+            )
         self.marker = ax.axvline(0, color=p.fg, lw=1.5, gid="slider", visible=False)
         if page is not None:  # drawn again (a theme change): the marker stays where it was
             self.move_marker(page)
@@ -124,8 +145,11 @@ class StackPlot(QWidget):
         return self.summary_label.text()
 
     def _stack(self, name) -> bool:
-        return (name in self.owner.results and name in self.viewer.layers
-                and len(self.owner.results[name]) > 1)
+        return (
+            name in self.owner.results
+            and name in self.viewer.layers
+            and len(self.owner.results[name]) > 1
+        )
 
     def _active_stack(self) -> str | None:
         """The active layer's classified stack (the image of an active label or heatmap)."""
@@ -150,8 +174,11 @@ class StackPlot(QWidget):
         stack, else the one shown, else the first classified stack."""
         name = self._active_stack()
         if name is None:
-            name = self.layer if self._stack(self.layer) else next(
-                (n for n in self.owner.results if self._stack(n)), None)
+            name = (
+                self.layer
+                if self._stack(self.layer)
+                else next((n for n in self.owner.results if self._stack(n)), None)
+            )
         self.plot_layer(name)
 
     def plot_layer(self, name: str | None) -> None:

@@ -25,8 +25,12 @@ class MicroclfWidget(QTabWidget):
         self.predict = PredictWidget(napari_viewer)
         self.review = ReviewWidget(napari_viewer)
         self.label_next = LabelNextWidget(napari_viewer)
-        for widget, title in ((self.annotate, "Annotate"), (self.train, "Train"),
-                              (self.predict, "Predict"), (self.review, "Review errors"),
-                              (self.label_next, "Label next")):
+        for widget, title in (
+            (self.annotate, "Annotate"),
+            (self.train, "Train"),
+            (self.predict, "Predict"),
+            (self.review, "Review errors"),
+            (self.label_next, "Label next"),
+        ):
             self.addTab(widget, title)
         self.setMinimumWidth(420)

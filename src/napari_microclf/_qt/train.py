@@ -81,9 +81,9 @@ DEFAULT_MODEL = "microclf-model"
 # their one description, ``help_of``).
 WIDGET_TIPS = {
     "weights_file": "An EfficientNet-B0 or -Lite0 weights file without its top (.h5), of the "
-                    "backbone chosen above.",
+    "backbone chosen above.",
     "intensity_range": "With fixed intensity: the MIN,MAX values shown as black and white, "
-                       "e.g. 0,4095 for a 12-bit camera; empty: the image type's full range.",
+    "e.g. 0,4095 for a 12-bit camera; empty: the image type's full range.",
 }
 
 
@@ -96,8 +96,11 @@ def tip(name: str) -> str:
 
 
 # napari's progress bar of each preparation step of core.train (``Progress.phase``)
-PHASES = {"loading": "Loading images", "features": "Computing backbone features",
-          "evaluating": "Testing the model"}
+PHASES = {
+    "loading": "Loading images",
+    "features": "Computing backbone features",
+    "evaluating": "Testing the model",
+}
 
 BACKBONE_NAMES = {B0: "EfficientNet-B0", LITE0: "EfficientNet-Lite0"}
 
@@ -108,13 +111,24 @@ def weights_note(backbone: str, weights: str, fine_tune=0) -> tuple[str, str]:
     Uses ``resolve_weights(..., allow_download=False)``: nothing is downloaded or built.
     """
     if weights == "file":
-        return (f"Pretrained start: the weights file chosen below (for "
-                f"{BACKBONE_NAMES[backbone]}).", "info")
+        return (
+            f"Pretrained start: the weights file chosen below (for {BACKBONE_NAMES[backbone]}).",
+            "info",
+        )
     if weights == "none":
-        text = "No pretrained start: the network learns from random weights, which needs far " \
-               "more images"
-        return (text + (", and a frozen base cannot learn: choose fine-tuning all layers."
-                        if fine_tune == 0 else "."), "warning")
+        text = (
+            "No pretrained start: the network learns from random weights, which needs far "
+            "more images"
+        )
+        return (
+            text
+            + (
+                ", and a frozen base cannot learn: choose fine-tuning all layers."
+                if fine_tune == 0
+                else "."
+            ),
+            "warning",
+        )
     resolved = resolve_weights(backbone, weights, allow_download=False)
     if resolved.weights is None:  # auto found no pretrained weights at all
         return resolved.note or "No pretrained weights on this computer.", "warning"
@@ -124,14 +138,24 @@ def weights_note(backbone: str, weights: str, fine_tune=0) -> tuple[str, str]:
         return f"Pretrained start: ImageNet {name} (from the Keras cache).", "info"
     if resolved.backbone == B0:  # weights="imagenet", not in the cache
         if offline:
-            return (f"No ImageNet {name} weights in the Keras cache and downloads are off "
-                    f"(${OFFLINE_ENV}): choose auto.", "warning")
-        return (f"Pretrained start: ImageNet {name}, downloaded at the first training (not in "
-                "the Keras cache; offline, choose auto).", "warning")
+            return (
+                f"No ImageNet {name} weights in the Keras cache and downloads are off "
+                f"(${OFFLINE_ENV}): choose auto.",
+                "warning",
+            )
+        return (
+            f"Pretrained start: ImageNet {name}, downloaded at the first training (not in "
+            "the Keras cache; offline, choose auto).",
+            "warning",
+        )
     if backbone == LITE0:
         return f"Pretrained start: ImageNet {name} (installed, no network needed).", "info"
-    return (f"Pretrained start: ImageNet {name} (no EfficientNet-B0 weights in the Keras cache"
-            + ("" if offline else "; downloaded and used instead if online") + ").", "info")
+    return (
+        f"Pretrained start: ImageNet {name} (no EfficientNet-B0 weights in the Keras cache"
+        + ("" if offline else "; downloaded and used instead if online")
+        + ").",
+        "info",
+    )
 
 
 class State(enum.Enum):
@@ -182,16 +206,22 @@ def model_start(meta: dict) -> str:
     if not meta.get("backbone"):
         return ""
     phases = meta.get("phases") or []
-    return describe_model(meta) + (f", from epoch {phases[1]['epochs'][0]} after "
-                                   f"{phases[0]['epochs'][1]} head-only epoch(s)"
-                                   if len(phases) > 1 else "")
+    return describe_model(meta) + (
+        f", from epoch {phases[1]['epochs'][0]} after {phases[0]['epochs'][1]} head-only epoch(s)"
+        if len(phases) > 1
+        else ""
+    )
 
 
 class TrainWidget(QWidget):
     """Settings, Start/Stop, progress, and a live panel: log, curves, test report."""
 
-    def __init__(self, napari_viewer=None, dataset: str | Path | None = None,
-                 out_dir: str | Path | None = None):
+    def __init__(
+        self,
+        napari_viewer=None,
+        dataset: str | Path | None = None,
+        out_dir: str | Path | None = None,
+    ):
         super().__init__()
         ensure_tensorflow()
         self.viewer = napari_viewer
@@ -212,8 +242,10 @@ class TrainWidget(QWidget):
         self.data_edit.setToolTip("The dataset: one sub-folder of images per class.")
         self.data_edit.textEdited.connect(self._user_set_dataset)
         self.out_edit = QLineEdit(str(out_dir or DEFAULT_MODEL))
-        self.out_edit.setToolTip("The model folder to write; an earlier model there is "
-                                 "replaced only when training succeeds.")
+        self.out_edit.setToolTip(
+            "The model folder to write; an earlier model there is "
+            "replaced only when training succeeds."
+        )
         folders = QFormLayout()
         folders.addRow("Dataset", folder_row(self.data_edit, "Dataset folder", self))
         folders.addRow("Model folder", folder_row(self.out_edit, "Model folder", self))
@@ -221,65 +253,137 @@ class TrainWidget(QWidget):
 
         # -- settings (magicgui widgets, the guide's defaults)
         d = TrainConfig("")
-        self.form = Container(widgets=[
-            # the model and where it starts from
-            ComboBox(name="backbone", value=d.backbone, choices=[
-                (BACKBONE_NAMES[b], b) for b in (B0, LITE0)]),
-            ComboBox(name="weights", value="auto", choices=[
-                ("auto (ImageNet, offline fallback)", "auto"),
-                ("ImageNet (pretrained)", "imagenet"), ("from a file", "file"),
-                ("none (random start)", "none")]),
-            FileEdit(name="weights_file", label="weights file", mode="r",
-                     filter="*.h5", visible=False),
-            ComboBox(name="fine_tune", label="fine-tuning", value=0, choices=[
-                ("frozen base (train the head)", 0),
-                *[(f"top {n} of 7 stages", n) for n in range(1, 8)],
-                ("all layers", "all")]),
-            SpinBox(name="head_epochs", label="head-only epochs", value=d.head_epochs,
-                    min=0, max=1000),
-            FloatSpinBox(name="fine_tune_lr_factor", label="fine-tuning rate factor",
-                         value=d.fine_tune_lr_factor, min=0.001, max=1, step=0.05),
-            # the training run
-            SpinBox(name="epochs", value=d.epochs, min=1, max=1000),
-            SpinBox(name="batch_size", label="batch size", value=d.batch_size, min=1,
-                    max=1024),
-            FloatSpinBox(name="learning_rate", label="learning rate", value=d.learning_rate,
-                         min=1e-6, max=0.1, step=1e-5),
-            FloatSpinBox(name="dropout", value=d.dropout, min=0, max=0.9, step=0.05),
-            CheckBox(name="augment", text="augmentation", value=d.augment),
-            FloatSpinBox(name="augment_strength", label="augmentation strength",
-                         value=d.augment_strength, min=0, max=0.5, step=0.01),
-            CheckBox(name="class_weights", text="class weights", value=d.class_weights),
-            CheckBox(name="early_stopping", text="early stopping", value=d.early_stopping),
-            # the images
-            SpinBox(name="image_size", label="image size (px)", value=d.image_size, min=32,
-                    max=1024, step=16),
-            ComboBox(name="intensity", value=d.intensity, choices=[
-                ("percentile (per channel)", "percentile"),
-                ("fixed (keep brightness)", "fixed")]),
-            LineEdit(name="intensity_range", label="fixed range", value="", visible=False),
-            # the split
-            FloatSpinBox(name="val_split", label="validation split", value=d.val_split, min=0,
-                         max=0.5, step=0.05),
-            FloatSpinBox(name="test_split", label="test split", value=d.test_split, min=0,
-                         max=0.5, step=0.05),
-            LineEdit(name="group_by", label="group by", value=""),
-            SpinBox(name="seed", value=d.seed, min=0, max=2**31 - 1),
-            # speed
-            CheckBox(name="cache", text="cache backbone features (fast, frozen base)",
-                     value=d.cache),
-            SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
-        ], labels=True)
+        self.form = Container(
+            widgets=[
+                # the model and where it starts from
+                ComboBox(
+                    name="backbone",
+                    value=d.backbone,
+                    choices=[(BACKBONE_NAMES[b], b) for b in (B0, LITE0)],
+                ),
+                ComboBox(
+                    name="weights",
+                    value="auto",
+                    choices=[
+                        ("auto (ImageNet, offline fallback)", "auto"),
+                        ("ImageNet (pretrained)", "imagenet"),
+                        ("from a file", "file"),
+                        ("none (random start)", "none"),
+                    ],
+                ),
+                FileEdit(
+                    name="weights_file",
+                    label="weights file",
+                    mode="r",
+                    filter="*.h5",
+                    visible=False,
+                ),
+                ComboBox(
+                    name="fine_tune",
+                    label="fine-tuning",
+                    value=0,
+                    choices=[
+                        ("frozen base (train the head)", 0),
+                        *[(f"top {n} of 7 stages", n) for n in range(1, 8)],
+                        ("all layers", "all"),
+                    ],
+                ),
+                SpinBox(
+                    name="head_epochs",
+                    label="head-only epochs",
+                    value=d.head_epochs,
+                    min=0,
+                    max=1000,
+                ),
+                FloatSpinBox(
+                    name="fine_tune_lr_factor",
+                    label="fine-tuning rate factor",
+                    value=d.fine_tune_lr_factor,
+                    min=0.001,
+                    max=1,
+                    step=0.05,
+                ),
+                # the training run
+                SpinBox(name="epochs", value=d.epochs, min=1, max=1000),
+                SpinBox(name="batch_size", label="batch size", value=d.batch_size, min=1, max=1024),
+                FloatSpinBox(
+                    name="learning_rate",
+                    label="learning rate",
+                    value=d.learning_rate,
+                    min=1e-6,
+                    max=0.1,
+                    step=1e-5,
+                ),
+                FloatSpinBox(name="dropout", value=d.dropout, min=0, max=0.9, step=0.05),
+                CheckBox(name="augment", text="augmentation", value=d.augment),
+                FloatSpinBox(
+                    name="augment_strength",
+                    label="augmentation strength",
+                    value=d.augment_strength,
+                    min=0,
+                    max=0.5,
+                    step=0.01,
+                ),
+                CheckBox(name="class_weights", text="class weights", value=d.class_weights),
+                CheckBox(name="early_stopping", text="early stopping", value=d.early_stopping),
+                # the images
+                SpinBox(
+                    name="image_size",
+                    label="image size (px)",
+                    value=d.image_size,
+                    min=32,
+                    max=1024,
+                    step=16,
+                ),
+                ComboBox(
+                    name="intensity",
+                    value=d.intensity,
+                    choices=[
+                        ("percentile (per channel)", "percentile"),
+                        ("fixed (keep brightness)", "fixed"),
+                    ],
+                ),
+                LineEdit(name="intensity_range", label="fixed range", value="", visible=False),
+                # the split
+                FloatSpinBox(
+                    name="val_split",
+                    label="validation split",
+                    value=d.val_split,
+                    min=0,
+                    max=0.5,
+                    step=0.05,
+                ),
+                FloatSpinBox(
+                    name="test_split",
+                    label="test split",
+                    value=d.test_split,
+                    min=0,
+                    max=0.5,
+                    step=0.05,
+                ),
+                LineEdit(name="group_by", label="group by", value=""),
+                SpinBox(name="seed", value=d.seed, min=0, max=2**31 - 1),
+                # speed
+                CheckBox(
+                    name="cache", text="cache backbone features (fast, frozen base)", value=d.cache
+                ),
+                SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
+            ],
+            labels=True,
+        )
         for w in self.form:
             w.tooltip = tip(w.name)
         self.form.intensity_range.native.setPlaceholderText("MIN,MAX (empty: full range)")
         self.form.group_by.native.setPlaceholderText("empty: by source file")
         self.form.weights.changed.connect(
-            lambda v: setattr(self.form.weights_file, "visible", v == "file"))
+            lambda v: setattr(self.form.weights_file, "visible", v == "file")
+        )
         self.form.intensity.changed.connect(
-            lambda v: setattr(self.form.intensity_range, "visible", v == "fixed"))
+            lambda v: setattr(self.form.intensity_range, "visible", v == "fixed")
+        )
         self.form.augment.changed.connect(
-            lambda v: setattr(self.form.augment_strength, "enabled", v))
+            lambda v: setattr(self.form.augment_strength, "enabled", v)
+        )
         for name in ("backbone", "weights", "fine_tune"):
             getattr(self.form, name).changed.connect(self._update_note)
 
@@ -289,14 +393,17 @@ class TrainWidget(QWidget):
         from ..core.device import describe_device
 
         self.device = QLabel(f"Runs on: {describe_device()}")
-        self.device.setToolTip("The device TensorFlow trains on. With a GPU, TensorFlow "
-                               "takes the memory it needs as it goes (memory growth), not "
-                               "the whole card.")
+        self.device.setToolTip(
+            "The device TensorFlow trains on. With a GPU, TensorFlow "
+            "takes the memory it needs as it goes (memory growth), not "
+            "the whole card."
+        )
         self.suggest_btn = QPushButton("Suggest settings")
         self.suggest_btn.setToolTip(
             "Count the dataset's images and fill in the training guide's settings for its "
             "size: very small (< 100 images), medium (100-1000) or large (> 1000). Every "
-            "value stays editable.")
+            "value stays editable."
+        )
         self.suggest_btn.clicked.connect(lambda: self.suggest())
         self._counting = None  # the Suggest-settings worker while it counts
         self._update_note()
@@ -304,9 +411,11 @@ class TrainWidget(QWidget):
         # -- start / stop and progress
         self.start_btn = QPushButton("Start training")
         self.start_btn.clicked.connect(self.toggle)
-        self.start_btn.setToolTip("Start training; while it runs, stop it after the current "
-                                  "batch (Cancel in napari's activity dock, bottom right, "
-                                  "does the same). A stopped training writes no model.")
+        self.start_btn.setToolTip(
+            "Start training; while it runs, stop it after the current "
+            "batch (Cancel in napari's activity dock, bottom right, "
+            "does the same). A stopped training writes no model."
+        )
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
 
@@ -325,8 +434,9 @@ class TrainWidget(QWidget):
         self.report_label.setWordWrap(True)
         self.report_label.setTextFormat(Qt.RichText)
         self.class_table = QTableWidget(0, 5)
-        self.class_table.setHorizontalHeaderLabels(["class", "precision", "recall", "F1",
-                                                    "support"])
+        self.class_table.setHorizontalHeaderLabels(
+            ["class", "precision", "recall", "F1", "support"]
+        )
         self.class_table.verticalHeader().setVisible(False)
         self.class_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
@@ -338,16 +448,23 @@ class TrainWidget(QWidget):
         self.diagnosis.setWordWrap(True)
         self.diagnosis.setTextFormat(Qt.RichText)
         self.html_btn = QPushButton("Open HTML report")
-        self.html_btn.setToolTip("The model's whole report (set-up, split, curves, confusion "
-                                 "matrix, misclassified images) in your web browser: "
-                                 "report.html in the model folder, one file that opens offline")
+        self.html_btn.setToolTip(
+            "The model's whole report (set-up, split, curves, confusion "
+            "matrix, misclassified images) in your web browser: "
+            "report.html in the model folder, one file that opens offline"
+        )
         self.html_btn.setEnabled(False)
         self.html_btn.clicked.connect(self.open_html_report)
         self._html_report: Path | None = None
         report = QWidget()
         rl = QVBoxLayout(report)
-        for w in (self.report_label, self.class_table, self.confusion, self.diagnosis,
-                  self.html_btn):
+        for w in (
+            self.report_label,
+            self.class_table,
+            self.confusion,
+            self.diagnosis,
+            self.html_btn,
+        ):
             rl.addWidget(w)
         settings = QScrollArea()
         settings.setWidgetResizable(True)
@@ -404,11 +521,12 @@ class TrainWidget(QWidget):
             self.out_edit.setText(str(saved["model"]))
 
     def _save_settings(self, *_) -> None:
-        form = {w.name: str(w.value) if isinstance(w, FileEdit) else w.value
-                for w in self.form}
-        folders = {key: str(Path(edit.text().strip()).expanduser().absolute())
-                   for key, edit in (("dataset", self.data_edit), ("model", self.out_edit))
-                   if edit.text().strip()}  # absolute: napari may start elsewhere next time
+        form = {w.name: str(w.value) if isinstance(w, FileEdit) else w.value for w in self.form}
+        folders = {
+            key: str(Path(edit.text().strip()).expanduser().absolute())
+            for key, edit in (("dataset", self.data_edit), ("model", self.out_edit))
+            if edit.text().strip()
+        }  # absolute: napari may start elsewhere next time
         _settings.save("train", {**folders, "form": form})
 
     # -- settings ------------------------------------------------------------------------
@@ -490,8 +608,10 @@ class TrainWidget(QWidget):
                 parts.append(f"{w.label} {w.current_choice}")
             else:
                 parts.append(f"{w.label} {w.value:g}")
-        return (f"Suggested settings for a {preset.row} ({preset.reason}): "
-                f"{', '.join(parts)}. Every value can still be changed.")
+        return (
+            f"Suggested settings for a {preset.row} ({preset.reason}): "
+            f"{', '.join(parts)}. Every value can still be changed."
+        )
 
     def _counting_done(self) -> None:
         self._counting = None
@@ -509,16 +629,28 @@ class TrainWidget(QWidget):
         return TrainConfig(
             data_dir=str(Path(self.data_edit.text().strip()).expanduser()),
             out_dir=str(Path(self.out_edit.text().strip() or DEFAULT_MODEL).expanduser()),
-            backbone=f.backbone.value, weights=weights, fine_tune=f.fine_tune.value,
-            head_epochs=f.head_epochs.value, fine_tune_lr_factor=f.fine_tune_lr_factor.value,
-            epochs=f.epochs.value, batch_size=f.batch_size.value,
-            learning_rate=f.learning_rate.value, dropout=f.dropout.value,
-            augment=f.augment.value, augment_strength=f.augment_strength.value,
-            class_weights=f.class_weights.value, early_stopping=f.early_stopping.value,
-            image_size=f.image_size.value, intensity=intensity,
-            val_split=f.val_split.value, test_split=f.test_split.value,
-            group_by=f.group_by.value.strip() or None, seed=f.seed.value,
-            cache=f.cache.value, views=f.views.value)
+            backbone=f.backbone.value,
+            weights=weights,
+            fine_tune=f.fine_tune.value,
+            head_epochs=f.head_epochs.value,
+            fine_tune_lr_factor=f.fine_tune_lr_factor.value,
+            epochs=f.epochs.value,
+            batch_size=f.batch_size.value,
+            learning_rate=f.learning_rate.value,
+            dropout=f.dropout.value,
+            augment=f.augment.value,
+            augment_strength=f.augment_strength.value,
+            class_weights=f.class_weights.value,
+            early_stopping=f.early_stopping.value,
+            image_size=f.image_size.value,
+            intensity=intensity,
+            val_split=f.val_split.value,
+            test_split=f.test_split.value,
+            group_by=f.group_by.value.strip() or None,
+            seed=f.seed.value,
+            cache=f.cache.value,
+            views=f.views.value,
+        )
 
     # -- start / stop --------------------------------------------------------------------
     def toggle(self) -> None:
@@ -529,8 +661,11 @@ class TrainWidget(QWidget):
 
     def _set_state(self, state: State) -> None:
         self.state = state
-        self.start_btn.setText({State.IDLE: "Start training", State.RUNNING: "Stop",
-                                State.STOPPING: "Stopping..."}[state])
+        self.start_btn.setText(
+            {State.IDLE: "Start training", State.RUNNING: "Stop", State.STOPPING: "Stopping..."}[
+                state
+            ]
+        )
         self.start_btn.setEnabled(state is not State.STOPPING)
         self.form.enabled = state is State.IDLE
         self.suggest_btn.setEnabled(state is State.IDLE and self._counting is None)
@@ -599,8 +734,10 @@ class TrainWidget(QWidget):
         if isinstance(exc, WorkerError) and exc.__cause__ is not None:
             exc = exc.__cause__  # a RuntimeError, carried past superqt under another type
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self._append(f"Training failed with an unexpected error (a bug in microclf; please "
-                     f"report it with this traceback):\n{text}")
+        self._append(
+            f"Training failed with an unexpected error (a bug in microclf; please "
+            f"report it with this traceback):\n{text}"
+        )
         self.tabs.setCurrentWidget(self.log)
         self._say(f"Training failed: {type(exc).__name__}: {exc} (traceback in the Log tab)")
         notification_manager.receive_error(type(exc), exc, exc.__traceback__)
@@ -615,7 +752,8 @@ class TrainWidget(QWidget):
         self._close_pbars()
         self.batches_pbar = None
         self.epochs_pbar = self._pbars["epochs"] = stoppable_progress(
-            config.epochs, "Training epochs", self.stop)
+            config.epochs, "Training epochs", self.stop
+        )
 
     def _batch_pbar(self, total: int, desc: str):
         """The bar of the batches (or of a preparation step), under the epochs' bar: one bar
@@ -627,7 +765,8 @@ class TrainWidget(QWidget):
         if "batches" not in self._pbars:
             self._pbars["batches"] = None  # making a bar runs the event loop: no second one
             pbar = self.batches_pbar = self._pbars["batches"] = stoppable_progress(
-                total, desc, self.stop)
+                total, desc, self.stop
+            )
             return pbar
         pbar = self._pbars["batches"]
         if pbar is None:  # being made (an update that came in meanwhile)
@@ -671,8 +810,9 @@ class TrainWidget(QWidget):
             pbar = self._pbars.get("batches")
             if pbar is not None:
                 self._move(pbar, u.batch, u.steps)
-            logs = " - ".join(f"{k}: {v:.4f}" for k, v in u.logs.items()
-                              if k in ("loss", "accuracy"))
+            logs = " - ".join(
+                f"{k}: {v:.4f}" for k, v in u.logs.items() if k in ("loss", "accuracy")
+            )
             self._say(f"Epoch {u.epoch}/{u.epochs} - batch {u.batch}/{u.steps} - {logs}")
         elif isinstance(u, EpochEnd):
             self._append(u.text)
@@ -707,8 +847,10 @@ class TrainWidget(QWidget):
         self.show_report(result.report or {}, result.bundle, result.meta)
         SESSION.set_bundle(result.bundle)
         acc = (result.report or {}).get("accuracy")
-        self._say(f"Done in {result.seconds:.0f}s: model saved to {result.bundle}"
-                  + (f"; test accuracy {acc:.1%}." if acc is not None else "."))
+        self._say(
+            f"Done in {result.seconds:.0f}s: model saved to {result.bundle}"
+            + (f"; test accuracy {acc:.1%}." if acc is not None else ".")
+        )
         show_info(f"Model saved to {result.bundle}; the Predict widget will use it.")
 
     def _on_finished(self) -> None:
@@ -725,13 +867,17 @@ class TrainWidget(QWidget):
         meta = meta or {}
         self.report, self.report_bundle = (report if names else None), bundle
         if report.get("n"):
-            head = (f"<b style='font-size:14pt'>Test accuracy {report['accuracy']:.1%}</b> "
-                    f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
-                    "training.")
+            head = (
+                f"<b style='font-size:14pt'>Test accuracy {report['accuracy']:.1%}</b> "
+                f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
+                "training."
+            )
             tta = report.get("tta") or {}
             if tta.get("accuracy") is not None:
-                head += (f" With flips (test-time augmentation, Predict's option): "
-                         f"{tta['accuracy']:.1%}.")
+                head += (
+                    f" With flips (test-time augmentation, Predict's option): "
+                    f"{tta['accuracy']:.1%}."
+                )
         else:
             head = "<b>No test images</b>: raise the test split or add images."
         start = model_start(meta)
@@ -743,17 +889,25 @@ class TrainWidget(QWidget):
         rows = report.get("per_class", [])
         self.class_table.setRowCount(len(rows))
         for r, c in enumerate(rows):
-            for col, text in enumerate((c["class"], f"{c['precision']:.2f}",
-                                        f"{c['recall']:.2f}", f"{c['f1']:.2f}",
-                                        str(c["support"]))):
+            for col, text in enumerate(
+                (
+                    c["class"],
+                    f"{c['precision']:.2f}",
+                    f"{c['recall']:.2f}",
+                    f"{c['f1']:.2f}",
+                    str(c["support"]),
+                )
+            ):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignCenter)
                 self.class_table.setItem(r, col, item)
         if names and report.get("confusion_matrix") is not None:
             self.confusion.plot(report["confusion_matrix"], names)
-        items = "".join(f"<li><b>{escape(f['finding'])}</b>: {escape(f['evidence'])}.<br>"
-                        f"<i>What to do:</i> {escape(f['remedy'])}</li>"
-                        for f in report.get("diagnosis", []))
+        items = "".join(
+            f"<li><b>{escape(f['finding'])}</b>: {escape(f['evidence'])}.<br>"
+            f"<i>What to do:</i> {escape(f['remedy'])}</li>"
+            for f in report.get("diagnosis", [])
+        )
         self.diagnosis.setText(f"<b>Diagnosis</b><ul>{items}</ul>" if items else "")
         from ..core.report_html import REPORT_HTML
 
@@ -784,8 +938,10 @@ class TrainWidget(QWidget):
 
         path = self._html_report
         if path is None or not path.is_file():
-            show_error(f"No HTML report to open{f' ({path} is gone)' if path else ''}: train "
-                       "a model, or write it with `microclf report MODEL`.")
+            show_error(
+                f"No HTML report to open{f' ({path} is gone)' if path else ''}: train "
+                "a model, or write it with `microclf report MODEL`."
+            )
             return False
         if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(path))):
             show_error(f"Could not start a web browser; open {path} in one.")
@@ -808,4 +964,3 @@ class TrainWidget(QWidget):
     def closeEvent(self, event):  # noqa: N802 - Qt's name
         self._stop.set()
         super().closeEvent(event)
-

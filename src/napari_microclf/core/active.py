@@ -37,8 +37,13 @@ def uncertainty(probs, method: str = "margin") -> np.ndarray:
     return -(q * np.log(q)).sum(axis=1) / np.log(p.shape[1])
 
 
-def rank(probs, unfamiliar=None, method: str = "margin", unfamiliar_order: str = "first",
-         keys: Sequence | None = None) -> list[int]:
+def rank(
+    probs,
+    unfamiliar=None,
+    method: str = "margin",
+    unfamiliar_order: str = "first",
+    keys: Sequence | None = None,
+) -> list[int]:
     """Indices of the pages, most worth labelling first.
 
     ``unfamiliar`` (booleans per page, optional) puts the pages unlike the training images
@@ -46,8 +51,9 @@ def rank(probs, unfamiliar=None, method: str = "margin", unfamiliar_order: str =
     within each part, the most uncertain first; ties in input order (or by ``keys``).
     """
     if unfamiliar_order not in UNFAMILIAR_ORDER:
-        raise ValueError(f"unfamiliar_order must be one of {UNFAMILIAR_ORDER}, "
-                         f"got {unfamiliar_order!r}")
+        raise ValueError(
+            f"unfamiliar_order must be one of {UNFAMILIAR_ORDER}, got {unfamiliar_order!r}"
+        )
     u = uncertainty(probs, method)
     flag = np.zeros(len(u), bool) if unfamiliar is None else np.asarray(unfamiliar, bool)
     part = np.where(flag, 0, 1) if unfamiliar_order == "first" else np.where(flag, 1, 0)
@@ -71,8 +77,13 @@ class Candidate:
         return dataclasses.asdict(self)
 
 
-def ranked(preds: Sequence, class_names: Sequence[str], method: str = "margin",
-           unfamiliar_order: str = "first", keys: Sequence | None = None) -> Iterator[Candidate]:
+def ranked(
+    preds: Sequence,
+    class_names: Sequence[str],
+    method: str = "margin",
+    unfamiliar_order: str = "first",
+    keys: Sequence | None = None,
+) -> Iterator[Candidate]:
     """``PagePrediction``s as :class:`Candidate`s, most worth labelling first (see
     :func:`rank`), made as they are taken."""
     if not preds:
@@ -81,13 +92,26 @@ def ranked(preds: Sequence, class_names: Sequence[str], method: str = "margin",
     u = uncertainty(probs, method)
     for i in rank(probs, [p.unfamiliar for p in preds], method, unfamiliar_order, keys):
         p = preds[i]
-        yield Candidate(str(p.file), int(p.page), p.class_name, float(p.confidence),
-                        float(u[i]), bool(p.unfamiliar), dict(p.probabilities))
+        yield Candidate(
+            str(p.file),
+            int(p.page),
+            p.class_name,
+            float(p.confidence),
+            float(u[i]),
+            bool(p.unfamiliar),
+            dict(p.probabilities),
+        )
 
 
-def label_next(bundle, inputs, n: int = 20, method: str = "margin",
-               unfamiliar_order: str = "first", dataset: str | Path | None = None,
-               should_stop: Callable[[], bool] | None = None) -> list[Candidate]:
+def label_next(
+    bundle,
+    inputs,
+    n: int = 20,
+    method: str = "margin",
+    unfamiliar_order: str = "first",
+    dataset: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Candidate]:
     """The ``n`` pages of ``inputs`` (folders, files) most worth labelling next.
 
     Files inside ``dataset`` are skipped, and so are pages whose pixels are already an
@@ -100,14 +124,24 @@ def label_next(bundle, inputs, n: int = 20, method: str = "margin",
 
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle)
     root = Path(dataset).resolve() if dataset is not None else None
-    paths = [p for p in find_images(inputs)
-             if root is None or root not in Path(p).resolve().parents]
-    preds = [p for batch in predictor.classify_paths(paths, should_stop=should_stop)
-             for p in batch if hasattr(p, "probabilities")]
+    paths = [
+        p for p in find_images(inputs) if root is None or root not in Path(p).resolve().parents
+    ]
+    preds = [
+        p
+        for batch in predictor.classify_paths(paths, should_stop=should_stop)
+        for p in batch
+        if hasattr(p, "probabilities")
+    ]
     known = hash_index(root) if root is not None and root.is_dir() else {}
     out = []
-    for c in ranked(preds, predictor.class_names, method, unfamiliar_order,
-                    keys=[(p.file, p.page) for p in preds]):
+    for c in ranked(
+        preds,
+        predictor.class_names,
+        method,
+        unfamiliar_order,
+        keys=[(p.file, p.page) for p in preds],
+    ):
         if known and pixel_hash(_example_pixels(read_page(c.file, c.page))) in known:
             continue
         out.append(c)
@@ -148,8 +182,10 @@ class Retrained:
     def summary(self) -> str:
         if self.before is None or self.after is None:
             return "Retrained; no common test list to compare on."
-        return (f"Test accuracy on the same {self.n} test pages: {self.before:.1%} before, "
-                f"{self.after:.1%} after ({self.after - self.before:+.1%}).")
+        return (
+            f"Test accuracy on the same {self.n} test pages: {self.before:.1%} before, "
+            f"{self.after:.1%} after ({self.after - self.before:+.1%})."
+        )
 
 
 def config_of(model_dir: str | Path, **changes):
@@ -159,8 +195,7 @@ def config_of(model_dir: str | Path, **changes):
 
     stored = read_meta(model_dir).get("config") or {}
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    values = {k: (tuple(v) if isinstance(v, list) else v)
-              for k, v in stored.items() if k in fields}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
     values.update(out_dir=str(model_dir), **changes)
     return TrainConfig(**values)
 
@@ -176,8 +211,7 @@ def retrain(model_dir: str | Path, on_update=None, should_stop=None, **changes) 
     from .train import train
 
     model_dir = Path(model_dir)
-    result = train(config_of(model_dir, **changes), on_update=on_update,
-                   should_stop=should_stop)
+    result = train(config_of(model_dir, **changes), on_update=on_update, should_stop=should_stop)
     if getattr(result, "bundle", None) is None:
         return Retrained(model_dir, None, None, 0, result)
     previous = model_dir / PREVIOUS_DIR

@@ -41,7 +41,6 @@ SUBSETS = ("train", "val", "test")
 _BAD_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
-
 # -- classes ----------------------------------------------------------------------------
 
 
@@ -230,8 +229,9 @@ def add_example(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tif", dir=folder)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, data, photometric="minisblack",
-                         metadata={"axes": axes, "microclf": provenance})
+        tifffile.imwrite(
+            tmp, data, photometric="minisblack", metadata={"axes": axes, "microclf": provenance}
+        )
         if index is not None:
             index[digest] = final
         try:
@@ -354,16 +354,20 @@ def load_split(root: str | Path) -> Split | None:
         bad = sorted({v for v in assignments.values() if v not in SUBSETS})
         if bad:
             raise ValueError(f"unknown subset(s) {bad}")
-        split = Split(float(d["val_fraction"]), float(d["test_fraction"]), int(d["seed"]),
-                      assignments, version=int(version))
+        split = Split(
+            float(d["val_fraction"]),
+            float(d["test_fraction"]),
+            int(d["seed"]),
+            assignments,
+            version=int(version),
+        )
         if version == 2:
             group_by = d["group_by"]
             if group_by is not None and not isinstance(group_by, str):
                 raise TypeError(f"group_by is {group_by!r}")
             split.group_by = group_by
             split.groups = {str(k): str(v) for k, v in d["groups"].items() if k in assignments}
-            split.sha1 = {str(k): str(v) for k, v in d.get("sha1", {}).items()
-                          if k in assignments}
+            split.sha1 = {str(k): str(v) for k, v in d.get("sha1", {}).items() if k in assignments}
         return split
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _corrupt(path, exc) from exc
@@ -396,8 +400,10 @@ def _rename_in_split(root: Path, old: str, new: str) -> None:
         return
 
     def renamed(mapping: dict[str, str]) -> dict[str, str]:
-        return {(f"{new}/{k.split('/', 1)[1]}" if k.split("/", 1)[0] == old else k): v
-                for k, v in mapping.items()}
+        return {
+            (f"{new}/{k.split('/', 1)[1]}" if k.split("/", 1)[0] == old else k): v
+            for k, v in mapping.items()
+        }
 
     split.assignments = renamed(split.assignments)
     split.groups = renamed(split.groups)  # a group is not named after the class: it follows
@@ -440,8 +446,9 @@ def _digest(path: Path) -> str:
         raise DatasetError(f"{path} cannot be read ({exc}); fix or remove this file") from exc
 
 
-def _file_group(path: Path, digest: str, pattern: re.Pattern | None,
-                resolved: dict[str, str]) -> str:
+def _file_group(
+    path: Path, digest: str, pattern: re.Pattern | None, resolved: dict[str, str]
+) -> str:
     """The recorded group of one file (see :class:`Split`); reads a TIFF's provenance."""
     if pattern is not None:
         m = pattern.search(path.name)
@@ -476,8 +483,10 @@ def _joined_groups(split: Split, keys) -> dict[str, str]:
             parent[x], x = root, parent[x]
         return root
 
-    own = {k: split.groups.get(k) or (f"file:{split.sha1[k]}" if k in split.sha1 else
-                                       f"key:{k}") for k in keys}
+    own = {
+        k: split.groups.get(k) or (f"file:{split.sha1[k]}" if k in split.sha1 else f"key:{k}")
+        for k in keys
+    }
     for k, g in own.items():
         a = find(g)
         if k in split.sha1:
@@ -547,21 +556,28 @@ def _assign(split: Split, keys: list[str], reason: str) -> tuple[list[str], int]
                     moved[s] = moved.get(s, 0) + 1
             moved_total += sum(moved.values())
             straddled = "/".join(s for s in SUBSETS if s in held)
-            what = ", ".join(f"{_plural(n, 'file')} moved from {s} to {target}"
-                             for s, n in sorted(moved.items()))
-            notes.append(f"{reason}: {_describe_group(group, ks)} straddled {straddled}; "
-                         f"the whole group is now in {target} ({what}).")
+            what = ", ".join(
+                f"{_plural(n, 'file')} moved from {s} to {target}" for s, n in sorted(moved.items())
+            )
+            notes.append(
+                f"{reason}: {_describe_group(group, ks)} straddled {straddled}; "
+                f"the whole group is now in {target} ({what})."
+            )
         for k in ks:
             split.assignments[k] = target
 
-    fractions = {"train": 1 - split.val_fraction - split.test_fraction,
-                 "val": split.val_fraction, "test": split.test_fraction}
+    fractions = {
+        "train": 1 - split.val_fraction - split.test_fraction,
+        "val": split.val_fraction,
+        "test": split.test_fraction,
+    }
     open_subsets = [s for s in SUBSETS if fractions[s] > 0]
     counts: dict[str, dict[str, int]] = {}
     for k, s in split.assignments.items():
         counts.setdefault(_class_of(k), dict.fromkeys(SUBSETS, 0))[s] += 1
-    new_groups.sort(key=lambda g: (-len(members[g]).bit_length(),
-                                   _order_key(split.seed, min(members[g]))))
+    new_groups.sort(
+        key=lambda g: (-len(members[g]).bit_length(), _order_key(split.seed, min(members[g])))
+    )
     for group in new_groups:
         ks = members[group]
         composition: dict[str, int] = {}
@@ -595,16 +611,21 @@ def _duplicate_notes(split: Split) -> list[str]:
     notes = []
     for ks in sets[:_MAX_NOTES]:
         subsets = sorted({split.assignments[k] for k in ks}, key=SUBSETS.index)
-        note = (f"Identical files (same bytes): {', '.join(ks)}; kept together in "
-                f"{'/'.join(subsets)}.")
+        note = (
+            f"Identical files (same bytes): {', '.join(ks)}; kept together in {'/'.join(subsets)}."
+        )
         classes = sorted({_class_of(k) for k in ks})
         if len(classes) > 1:
-            note += (f" They are in different classes ({', '.join(classes)}): at most one "
-                     "label is right; remove the wrong copy.")
+            note += (
+                f" They are in different classes ({', '.join(classes)}): at most one "
+                "label is right; remove the wrong copy."
+            )
         notes.append(note)
     if len(sets) > _MAX_NOTES:
-        notes.append(f"... and {_plural(len(sets) - _MAX_NOTES, 'more set')} of identical files, "
-                     "each kept together in one subset.")
+        notes.append(
+            f"... and {_plural(len(sets) - _MAX_NOTES, 'more set')} of identical files, "
+            "each kept together in one subset."
+        )
     return notes
 
 
@@ -652,8 +673,11 @@ def update_split(
     if split is None:
         split = Split(val_fraction, test_fraction, seed, group_by=group_by)
     else:
-        if (split.val_fraction, split.test_fraction, split.seed) != (val_fraction,
-                                                                       test_fraction, seed):
+        if (split.val_fraction, split.test_fraction, split.seed) != (
+            val_fraction,
+            test_fraction,
+            seed,
+        ):
             notes.append(
                 f"Reusing the split stored in {root / SPLIT_FILE} (val "
                 f"{split.val_fraction:.0%}, test {split.test_fraction:.0%}, seed {split.seed}) "
@@ -683,22 +707,31 @@ def update_split(
             split.groups[key] = _file_group(current[key], split.sha1[key], pattern, resolved)
 
     migrating = split.version < 2 or (ungrouped and not regrouped)
-    reason = ("split.json upgrade" if migrating else "Regrouping" if regrouped
-              else "Keeping groups whole")
+    reason = (
+        "split.json upgrade" if migrating else "Regrouping" if regrouped else "Keeping groups whole"
+    )
     group_notes, moved = _assign(split, sorted(current), reason)
     if migrating:
         notes.append(
-            (f"Upgraded {root / SPLIT_FILE} to version 2 (a grouped split): the groups of "
-             if split.version < 2 else f"{root / SPLIT_FILE}: the groups of ")
+            (
+                f"Upgraded {root / SPLIT_FILE} to version 2 (a grouped split): the groups of "
+                if split.version < 2
+                else f"{root / SPLIT_FILE}: the groups of "
+            )
             + f"{_plural(ungrouped, 'assigned file')} were recorded; "
-            + (f"{_plural(len(group_notes), 'group')} straddled subsets and were made whole, "
-               f"{_plural(moved, 'file')} moved towards test (none out of test)."
-               if group_notes else "no group straddled subsets, no file moved.")
+            + (
+                f"{_plural(len(group_notes), 'group')} straddled subsets and were made whole, "
+                f"{_plural(moved, 'file')} moved towards test (none out of test)."
+                if group_notes
+                else "no group straddled subsets, no file moved."
+            )
         )
     notes += group_notes[:_MAX_NOTES]
     if len(group_notes) > _MAX_NOTES:
-        notes.append(f"{reason}: {_plural(len(group_notes) - _MAX_NOTES, 'more group')} made "
-                     "whole the same way (towards test, never out of test).")
+        notes.append(
+            f"{reason}: {_plural(len(group_notes) - _MAX_NOTES, 'more group')} made "
+            "whole the same way (towards test, never out of test)."
+        )
     if before is None or split.to_dict() != before or not (root / SPLIT_FILE).exists():
         _save_split(root, split)
         split.version = SPLIT_VERSION
@@ -727,7 +760,8 @@ def split_manifest(root: str | Path, split: Split) -> dict[str, list[dict]]:
         path = root / key
         if path.is_file():
             out[split.assignments[key]].append(
-                {"key": key, "sha1": _digest(path), "group": groups[key]})
+                {"key": key, "sha1": _digest(path), "group": groups[key]}
+            )
     return out
 
 
@@ -773,17 +807,23 @@ class DatasetSamples:
         def counts(images: dict[str, int], groups: dict[str, int]) -> str:
             first, *rest = SUBSETS
             return ", ".join(
-                [f"{first} {_plural(images[first], 'image')} in "
-                 f"{_plural(groups[first], 'group')}"]
-                + [f"{s} {images[s]} in {groups[s]}" for s in rest])
+                [f"{first} {_plural(images[first], 'image')} in {_plural(groups[first], 'group')}"]
+                + [f"{s} {images[s]} in {groups[s]}" for s in rest]
+            )
 
         totals = {s: sum(self.image_counts.get(s, {}).values()) for s in SUBSETS}
-        lines = [f"Split: {counts(totals, self.subset_groups)} "
-                 f"(grouped by {grouping_text(self.split.group_by)})"]
+        lines = [
+            f"Split: {counts(totals, self.subset_groups)} "
+            f"(grouped by {grouping_text(self.split.group_by)})"
+        ]
         for c in self.class_names:
-            lines.append(f"  class {c!r}: " + counts(
-                {s: self.image_counts[s].get(c, 0) for s in SUBSETS},
-                {s: self.group_counts[s].get(c, 0) for s in SUBSETS}))
+            lines.append(
+                f"  class {c!r}: "
+                + counts(
+                    {s: self.image_counts[s].get(c, 0) for s in SUBSETS},
+                    {s: self.group_counts[s].get(c, 0) for s in SUBSETS},
+                )
+            )
         return lines + list(self.warnings)
 
 
@@ -791,8 +831,10 @@ def check_dataset(root: str | Path) -> list[str]:
     """Classes of a dataset fit for training, or a DatasetError saying what is wrong."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist; create class folders "
-                           "(dataset/<class>/<images>) or use the Annotate widget")
+        raise DatasetError(
+            f"dataset folder {root} does not exist; create class folders "
+            "(dataset/<class>/<images>) or use the Annotate widget"
+        )
     counts = class_counts(root)
     if len(counts) < 2:
         raise DatasetError(
@@ -807,25 +849,34 @@ def check_dataset(root: str | Path) -> list[str]:
     return list(counts)
 
 
-def _split_warnings(split: Split, classes: list[str], class_groups: dict[str, int],
-                    test_groups: dict[str, int]) -> list[str]:
+def _split_warnings(
+    split: Split, classes: list[str], class_groups: dict[str, int], test_groups: dict[str, int]
+) -> list[str]:
     out = []
     for c in classes:
         n, t = class_groups.get(c, 0), test_groups.get(c, 0)
         if split.test_fraction > 0 and n < 3 and t == 0:
-            out.append(f"Warning: class {c!r} has only {_plural(n, 'group')} and none in the "
-                       "test set, so it has no test accuracy; add images from more sources.")
+            out.append(
+                f"Warning: class {c!r} has only {_plural(n, 'group')} and none in the "
+                "test set, so it has no test accuracy; add images from more sources."
+            )
         elif split.test_fraction > 0 and n < 3:
             rests = "one source" if t == 1 else f"{t} sources"
-            out.append(f"Warning: class {c!r} has only {_plural(n, 'group')}: its test set "
-                       f"holds {_plural(t, 'group')}, so its test accuracy rests on {rests}.")
+            out.append(
+                f"Warning: class {c!r} has only {_plural(n, 'group')}: its test set "
+                f"holds {_plural(t, 'group')}, so its test accuracy rests on {rests}."
+            )
         elif split.test_fraction > 0 and t == 0:
-            out.append(f"Warning: class {c!r} has no group in the test set (its {n} groups "
-                       "are all in train or val), so it has no test accuracy; add images "
-                       "from more sources or draw a new split.")
+            out.append(
+                f"Warning: class {c!r} has no group in the test set (its {n} groups "
+                "are all in train or val), so it has no test accuracy; add images "
+                "from more sources or draw a new split."
+            )
         elif n < 3:
-            out.append(f"Warning: class {c!r} has only {_plural(n, 'group')}, so its "
-                       "validation accuracy rests on few sources.")
+            out.append(
+                f"Warning: class {c!r} has only {_plural(n, 'group')}, so its "
+                "validation accuracy rests on few sources."
+            )
     return out
 
 
@@ -846,13 +897,13 @@ def load_samples(
     """
     root = Path(root)
     classes = check_dataset(root)
-    split, notes = update_split(root, val_fraction, test_fraction, seed, resplit,
-                                group_by=group_by)
+    split, notes = update_split(root, val_fraction, test_fraction, seed, resplit, group_by=group_by)
     subsets: dict[str, list[PageRef]] = {s: [] for s in SUBSETS}
     groups = split.group_map()
     image_counts = {s: dict.fromkeys(classes, 0) for s in SUBSETS}
-    subset_class_groups: dict[str, dict[str, set]] = {s: {c: set() for c in classes}
-                                                      for s in SUBSETS}
+    subset_class_groups: dict[str, dict[str, set]] = {
+        s: {c: set() for c in classes} for s in SUBSETS
+    }
     for key, subset in sorted(split.assignments.items()):
         cls, name = key.split("/", 1)
         path = root / cls / name
@@ -876,12 +927,23 @@ def load_samples(
         )
     group_counts = {s: {c: len(g) for c, g in subset_class_groups[s].items()} for s in SUBSETS}
     subset_groups = {s: len(set().union(*subset_class_groups[s].values())) for s in SUBSETS}
-    class_groups = {c: len(set().union(*(subset_class_groups[s][c] for s in SUBSETS)))
-                    for c in classes}
+    class_groups = {
+        c: len(set().union(*(subset_class_groups[s][c] for s in SUBSETS))) for c in classes
+    }
     warnings = _split_warnings(split, classes, class_groups, group_counts["test"])
-    return DatasetSamples(classes, subsets["train"], subsets["val"], subsets["test"], split,
-                          notes, warnings, image_counts, group_counts, subset_groups,
-                          class_groups)
+    return DatasetSamples(
+        classes,
+        subsets["train"],
+        subsets["val"],
+        subsets["test"],
+        split,
+        notes,
+        warnings,
+        image_counts,
+        group_counts,
+        subset_groups,
+        class_groups,
+    )
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -39,13 +39,22 @@ def classification_report(y_true, probs, class_names, refs=None) -> dict:
         precision = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
         recall = tp / cm[i, :].sum() if cm[i, :].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class.append({"class": name, "precision": round(float(precision), 4),
-                          "recall": round(float(recall), 4), "f1": round(float(f1), 4),
-                          "support": int(cm[i, :].sum())})
+        per_class.append(
+            {
+                "class": name,
+                "precision": round(float(precision), 4),
+                "recall": round(float(recall), 4),
+                "f1": round(float(f1), 4),
+                "support": int(cm[i, :].sum()),
+            }
+        )
     pages = []
     for j in range(len(y_true)):
-        entry = {"true": class_names[y_true[j]], "predicted": class_names[y_pred[j]],
-                 "confidence": round(float(probs[j, y_pred[j]]), 4)}
+        entry = {
+            "true": class_names[y_true[j]],
+            "predicted": class_names[y_pred[j]],
+            "confidence": round(float(probs[j, y_pred[j]]), 4),
+        }
         if refs is not None:
             entry.update(file=str(refs[j].path), page=int(refs[j].page))
         pages.append(entry)
@@ -73,55 +82,70 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
         top = int(counts.argmax())
         if counts[top] >= 0.9 * counts.sum() and truth[top] < 0.7 * truth.sum():
             name = report["class_names"][top]
-            findings.append({
-                "finding": "Predicts (almost) only one class",
-                "evidence": f"{counts[top]} of {counts.sum()} test images were called "
-                            f"{name!r}, which holds {truth[top]} of them.",
-                "remedy": "Add more examples of the minority classes and keep class weighting "
-                          "on (the default).",
-            })
+            findings.append(
+                {
+                    "finding": "Predicts (almost) only one class",
+                    "evidence": f"{counts[top]} of {counts.sum()} test images were called "
+                    f"{name!r}, which holds {truth[top]} of them.",
+                    "remedy": "Add more examples of the minority classes and keep class weighting "
+                    "on (the default).",
+                }
+            )
     if acc and val_acc:
         gap = acc[-1] - val_acc[-1]
         best = int(np.argmin(val_loss)) if val_loss else len(val_acc) - 1
         rising = len(val_loss) - 1 - best >= 2 and val_loss[-1] > 1.1 * min(val_loss)
         if gap > 0.15 or (gap > 0.05 and rising):
-            findings.append({
-                "finding": "Overfitting",
-                "evidence": f"training accuracy {acc[-1]:.2f} vs validation {val_acc[-1]:.2f}"
-                            + (f"; validation loss lowest at epoch {best + 1} then rising"
-                               if rising else ""),
-                "remedy": "More data augmentation, fewer epochs (or early stopping), more "
-                          "dropout, more images.",
-            })
+            findings.append(
+                {
+                    "finding": "Overfitting",
+                    "evidence": f"training accuracy {acc[-1]:.2f} vs validation {val_acc[-1]:.2f}"
+                    + (
+                        f"; validation loss lowest at epoch {best + 1} then rising"
+                        if rising
+                        else ""
+                    ),
+                    "remedy": "More data augmentation, fewer epochs (or early stopping), more "
+                    "dropout, more images.",
+                }
+            )
         if max(acc) < 0.7 and max(val_acc) < 0.7:
-            findings.append({
-                "finding": "Underfitting",
-                "evidence": f"best training accuracy {max(acc):.2f}, best validation "
-                            f"accuracy {max(val_acc):.2f}",
-                "remedy": "More epochs, a higher learning rate, or unfreeze the top of the "
-                          "base (fine-tuning); check that pretrained weights are used.",
-            })
+            findings.append(
+                {
+                    "finding": "Underfitting",
+                    "evidence": f"best training accuracy {max(acc):.2f}, best validation "
+                    f"accuracy {max(val_acc):.2f}",
+                    "remedy": "More epochs, a higher learning rate, or unfreeze the top of the "
+                    "base (fine-tuning); check that pretrained weights are used.",
+                }
+            )
         if len(val_acc) >= 3 and val_acc[-1] - max(val_acc[:-2]) > 0.02 and not findings:
-            findings.append({
-                "finding": "Still improving",
-                "evidence": f"validation accuracy rose to {val_acc[-1]:.2f} in the last epochs",
-                "remedy": "Train longer (20-30 epochs).",
-            })
+            findings.append(
+                {
+                    "finding": "Still improving",
+                    "evidence": f"validation accuracy rose to {val_acc[-1]:.2f} in the last epochs",
+                    "remedy": "Train longer (20-30 epochs).",
+                }
+            )
     if report and report.get("accuracy") is not None and report["accuracy"] < 0.8:
         weak = [c["class"] for c in report["per_class"] if c["support"] and c["recall"] < 0.8]
-        findings.append({
-            "finding": "Test accuracy below 80%",
-            "evidence": f"test accuracy {report['accuracy']:.2f}"
-                        + (f"; classes recalled below 80%: {', '.join(weak)}" if weak else ""),
-            "remedy": "Add more data for the classes with poor recall, then retrain.",
-        })
+        findings.append(
+            {
+                "finding": "Test accuracy below 80%",
+                "evidence": f"test accuracy {report['accuracy']:.2f}"
+                + (f"; classes recalled below 80%: {', '.join(weak)}" if weak else ""),
+                "remedy": "Add more data for the classes with poor recall, then retrain.",
+            }
+        )
     if not findings and val_acc:
-        findings.append({
-            "finding": "Good training run",
-            "evidence": f"final validation accuracy {val_acc[-1]:.2f}, close to training "
-                        f"accuracy {acc[-1]:.2f}",
-            "remedy": "Check it on completely new images; add data where errors remain.",
-        })
+        findings.append(
+            {
+                "finding": "Good training run",
+                "evidence": f"final validation accuracy {val_acc[-1]:.2f}, close to training "
+                f"accuracy {acc[-1]:.2f}",
+                "remedy": "Check it on completely new images; add data where errors remain.",
+            }
+        )
     return findings
 
 
@@ -133,23 +157,42 @@ def format_report_md(report: dict, title: str | None = None) -> str:
     if report.get("data"):
         lines += [f"Data: {report['data']}  "]
     if not report.get("n"):
-        lines += ["No images to score: the subset is empty. Add images or raise the test "
-                  "fraction to measure the model on unseen data.", ""]
+        lines += [
+            "No images to score: the subset is empty. Add images or raise the test "
+            "fraction to measure the model on unseen data.",
+            "",
+        ]
     else:
         groups = f" from {report['groups']} groups (sources)" if report.get("groups") else ""
-        lines += [f"Images: {report['n']}{groups}  ", f"Accuracy: **{report['accuracy']:.2%}**"
-                  + _tta_md(report.get("tta")),
-                  "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        lines += [f"| {c['class']} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | "
-                  f"{c['support']} |" for c in report["per_class"]]
-        lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "",
-                  "| true \\ predicted | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 1) + "|"]
-        lines += [f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
-                  for i, row in enumerate(report["confusion_matrix"])]
-    for key, heading in (("notes", "Notes"), ("flagged", "Excluded: seen in training"),
-                         ("missing", "Excluded: missing"), ("changed", "Excluded: changed "
-                                                            "since training")):
+        lines += [
+            f"Images: {report['n']}{groups}  ",
+            f"Accuracy: **{report['accuracy']:.2%}**" + _tta_md(report.get("tta")),
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['class']} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | "
+            f"{c['support']} |"
+            for c in report["per_class"]
+        ]
+        lines += [
+            "",
+            "## Confusion matrix (rows: true, columns: predicted)",
+            "",
+            "| true \\ predicted | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        lines += [
+            f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
+            for i, row in enumerate(report["confusion_matrix"])
+        ]
+    for key, heading in (
+        ("notes", "Notes"),
+        ("flagged", "Excluded: seen in training"),
+        ("missing", "Excluded: missing"),
+        ("changed", "Excluded: changed since training"),
+    ):
         if report.get(key):
             lines += ["", f"## {heading}", ""] + [f"- {x}" for x in report[key]]
     if report.get("diagnosis"):
@@ -157,10 +200,18 @@ def format_report_md(report: dict, title: str | None = None) -> str:
     for f in report.get("diagnosis", []):
         lines.append(f"- **{f['finding']}**: {f['evidence']}. *What to do:* {f['remedy']}")
     if report.get("misclassified"):
-        lines += ["", "## Misclassified", "", "| file | page | true | predicted | confidence |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {m.get('file', '')} | {m.get('page', '')} | {m['true']} | {m['predicted']} "
-                  f"| {m['confidence']:.2f} |" for m in report["misclassified"]]
+        lines += [
+            "",
+            "## Misclassified",
+            "",
+            "| file | page | true | predicted | confidence |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m.get('file', '')} | {m.get('page', '')} | {m['true']} | {m['predicted']} "
+            f"| {m['confidence']:.2f} |"
+            for m in report["misclassified"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -170,11 +221,15 @@ def _tta_md(tta: dict | None) -> str:
         return ""
     views = tta.get("views", 4)
     if tta.get("in_metrics"):
-        return (f" with flips (TTA: mean of {views} flipped views per image; plain "
-                f"{tta['plain_accuracy']:.2%})")
+        return (
+            f" with flips (TTA: mean of {views} flipped views per image; plain "
+            f"{tta['plain_accuracy']:.2%})"
+        )
     seconds = f"; {tta['seconds']:.1f}s" if tta.get("seconds") is not None else ""
-    return (f"  \nAccuracy with flips (TTA: mean of {views} flipped views per image): "
-            f"{tta['accuracy']:.2%}{seconds}")
+    return (
+        f"  \nAccuracy with flips (TTA: mean of {views} flipped views per image): "
+        f"{tta['accuracy']:.2%}{seconds}"
+    )
 
 
 def report_files(report: dict, stem: str = "report") -> dict[str, str]:
@@ -187,10 +242,14 @@ def describe_model(meta: dict) -> str:
     weights = meta.get("weights", "?")
     wid = meta.get("weights_id", "").split(":", 1)[-1]
     what = {"imagenet": "ImageNet weights", "none": "no pretrained weights"}.get(
-        weights, f"weights from {weights}")
+        weights, f"weights from {weights}"
+    )
     tune = meta.get("fine_tune", 0)
-    tuned = "frozen base" if not tune else ("whole network trained" if tune == -1 else
-                                            f"top {tune} of 7 stages fine-tuned")
+    tuned = (
+        "frozen base"
+        if not tune
+        else ("whole network trained" if tune == -1 else f"top {tune} of 7 stages fine-tuned")
+    )
     return f"{backbone}, {what}" + (f" ({wid[:28]})" if wid else "") + f", {tuned}"
 
 
@@ -210,8 +269,10 @@ def own_split(bundle_path: str | Path) -> dict | None:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
-        raise BundleError(f"{path} is corrupt ({exc}); restore the previous model (microclf "
-                          f"restore {Path(bundle_path)}) or retrain") from exc
+        raise BundleError(
+            f"{path} is corrupt ({exc}); restore the previous model (microclf "
+            f"restore {Path(bundle_path)}) or retrain"
+        ) from exc
     return check_split_schema(d, path)
 
 
@@ -222,9 +283,16 @@ def _index_by_hash(data_dir: Path, classes: list[str]) -> dict[str, Path]:
     return {file_digest(p): p for c in classes for p in class_files(data_dir, c)}
 
 
-def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset: str = "test",
-             all_images: bool = False, batch_size: int = 32, save: bool = True,
-             lists_from: str | Path | None = None, tta: bool = False) -> dict:
+def evaluate(
+    bundle_path: str | Path,
+    data_dir: str | Path | None = None,
+    subset: str = "test",
+    all_images: bool = False,
+    batch_size: int = 32,
+    save: bool = True,
+    lists_from: str | Path | None = None,
+    tta: bool = False,
+) -> dict:
     """Score a model on its own ``subset`` (by default its test list), or on every image of a
     labelled folder it never saw (``all_images``).
 
@@ -270,8 +338,9 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
     names = bundle.class_names
     data_dir = Path(data_dir if data_dir is not None else bundle.meta.get("data_dir", ""))
     if not data_dir.is_dir():
-        raise DatasetError(f"dataset folder {data_dir} does not exist; pass the labelled "
-                           "folder to evaluate on")
+        raise DatasetError(
+            f"dataset folder {data_dir} does not exist; pass the labelled folder to evaluate on"
+        )
     classes = list_classes(data_dir)
     own = own_split(lists_from if lists_from is not None else bundle.path)
     if lists_from is not None and own is None:
@@ -280,13 +349,16 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
     if all_images:
         label = "all images the model never saw"
         if own is None:
-            notes.append("This model predates stored split lists: images it trained on cannot "
-                         "be recognised and are scored too.")
+            notes.append(
+                "This model predates stored split lists: images it trained on cannot "
+                "be recognised and are scored too."
+            )
         seen = {e["sha1"]: s for s in ("train", "val") for e in (own or {}).get(s, [])}
         for c in classes:
             if c not in names:
-                notes.append(f"Folder {c!r} is not a class of the model ({', '.join(names)}): "
-                             "skipped.")
+                notes.append(
+                    f"Folder {c!r} is not a class of the model ({', '.join(names)}): skipped."
+                )
                 continue
             for p in class_files(data_dir, c):
                 s = seen.get(file_digest(p))
@@ -295,8 +367,11 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
                 else:
                     files.append((p, c))
     elif own is not None:
-        label = (f"its own {subset} list" if lists_from is None
-                 else f"the {subset} list of {Path(lists_from).name}")
+        label = (
+            f"its own {subset} list"
+            if lists_from is None
+            else f"the {subset} list of {Path(lists_from).name}"
+        )
         by_hash = None
         for e in own[subset]:
             path = data_dir / e["key"]
@@ -317,50 +392,66 @@ def evaluate(bundle_path: str | Path, data_dir: str | Path | None = None, subset
         files = [f for f in files if f[1] in names]
     else:
         label = f"the dataset's current {subset} split"
-        notes.append("This model predates stored split lists: scored on the dataset's current "
-                     "split.json, which may differ from the one it was trained with.")
+        notes.append(
+            "This model predates stored split lists: scored on the dataset's current "
+            "split.json, which may differ from the one it was trained with."
+        )
         split = load_split(data_dir)
         if split is None:
-            raise DatasetError(f"{data_dir} has no split.json and the model stores no split: "
-                               "pass the dataset the model was trained on")
+            raise DatasetError(
+                f"{data_dir} has no split.json and the model stores no split: "
+                "pass the dataset the model was trained on"
+            )
         for key in split.files(subset):
             cls = key.split("/", 1)[0]
             if cls not in names:
-                raise DatasetError(f"class {cls!r} in {data_dir} is not one the model knows "
-                                   f"({names}); evaluate on the dataset it was trained on")
+                raise DatasetError(
+                    f"class {cls!r} in {data_dir} is not one the model knows "
+                    f"({names}); evaluate on the dataset it was trained on"
+                )
             if (data_dir / key).exists():
                 files.append((data_dir / key, cls))
     refs = [PageRef(p, i, names.index(c)) for p, c in files for i in range(count_pages(p))]
     probs, plain = _probabilities(bundle, refs, batch_size, tta)
     report = classification_report([r.label for r in refs], probs, names, refs)
-    report.update(subset="all" if all_images else subset, data=str(data_dir.resolve()),
-                  model=describe_model(bundle.meta),
-                  notes=notes, missing=missing, changed=changed, flagged=flagged,
-                  title=f"Evaluation of {bundle.path.name} on {label}"
-                        + (" with flips (TTA)" if tta else ""))
+    report.update(
+        subset="all" if all_images else subset,
+        data=str(data_dir.resolve()),
+        model=describe_model(bundle.meta),
+        notes=notes,
+        missing=missing,
+        changed=changed,
+        flagged=flagged,
+        title=f"Evaluation of {bundle.path.name} on {label}" + (" with flips (TTA)" if tta else ""),
+    )
     if tta:
-        report["tta"] = tta_summary(report["accuracy"], [r.label for r in refs], plain,
-                                    in_metrics=True)
-        notes.append("Test-time augmentation: each page is scored by the mean of the model's "
-                     "probabilities on the page and its horizontal, vertical and double "
-                     "flips; the accuracy and every metric here are those of the mean.")
+        report["tta"] = tta_summary(
+            report["accuracy"], [r.label for r in refs], plain, in_metrics=True
+        )
+        notes.append(
+            "Test-time augmentation: each page is scored by the mean of the model's "
+            "probabilities on the page and its horizontal, vertical and double "
+            "flips; the accuracy and every metric here are those of the mean."
+        )
     if own is not None and not all_images:
         groups = {e.get("group") for e in own[subset] if e.get("group") is not None}
         report["groups"] = len(groups) or None
     if missing or changed:
-        notes.append(f"{len(missing)} image(s) of the list are missing and {len(changed)} "
-                     "changed since training: not scored.")
+        notes.append(
+            f"{len(missing)} image(s) of the list are missing and {len(changed)} "
+            "changed since training: not scored."
+        )
     if flagged:
-        notes.append(f"{len(flagged)} image(s) were seen in training or validation: not "
-                     "scored.")
+        notes.append(f"{len(flagged)} image(s) were seen in training or validation: not scored.")
     report["diagnosis"] = diagnose({}, report)
     if save:
         report["saved"] = str(save_report(bundle.path, report))
     return report
 
 
-def tta_summary(accuracy: float | None, y_true, plain_probs, in_metrics: bool,
-                seconds: float | None = None) -> dict | None:
+def tta_summary(
+    accuracy: float | None, y_true, plain_probs, in_metrics: bool, seconds: float | None = None
+) -> dict | None:
     """``report["tta"]``: the accuracy with flips next to the plain one (None: no images).
 
     ``in_metrics``: the report's accuracy and metrics are the TTA ones (``evaluate(tta=True)``)
@@ -372,8 +463,13 @@ def tta_summary(accuracy: float | None, y_true, plain_probs, in_metrics: bool,
     if accuracy is None or not len(y_true):
         return None
     plain = float((np.asarray(plain_probs).argmax(axis=1) == y_true).mean())
-    out = {"accuracy": accuracy, "plain_accuracy": round(plain, 4), "n": int(len(y_true)),
-           "views": TTA_VIEWS, "in_metrics": bool(in_metrics)}
+    out = {
+        "accuracy": accuracy,
+        "plain_accuracy": round(plain, 4),
+        "n": int(len(y_true)),
+        "views": TTA_VIEWS,
+        "in_metrics": bool(in_metrics),
+    }
     if seconds is not None:
         out["seconds"] = round(float(seconds), 2)
     return out
@@ -400,10 +496,9 @@ def model_probabilities(model, spec, refs, batch_size: int = 32, tta: bool = Fal
     chunk = max(batch_size, 1) * 8
     eager = uses_eager(model, len(refs), batch_size)
     for i in range(0, len(refs), chunk):
-        x = preprocess_refs(refs[i: i + chunk], spec)
+        x = preprocess_refs(refs[i : i + chunk], spec)
         if tta:
-            mean, unflipped = tta_probabilities(model, x, batch_size, with_plain=True,
-                                                eager=eager)
+            mean, unflipped = tta_probabilities(model, x, batch_size, with_plain=True, eager=eager)
             out.append(mean)
             plain.append(unflipped)
         else:

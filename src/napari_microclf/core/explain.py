@@ -65,21 +65,25 @@ def class_index_of(class_names: list[str], which) -> int | None:
     if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
         if 0 <= int(which) < len(class_names):
             return int(which)
-        raise ClassNameError(f"class index {which} does not exist: the model has "
-                             f"{len(class_names)} classes (0..{len(class_names) - 1}: "
-                             f"{', '.join(class_names)})")
+        raise ClassNameError(
+            f"class index {which} does not exist: the model has "
+            f"{len(class_names)} classes (0..{len(class_names) - 1}: "
+            f"{', '.join(class_names)})"
+        )
     name = str(which).strip()
     if name in class_names:
         return class_names.index(name)
     folded = [n.lower() for n in class_names]
     if folded.count(name.lower()) == 1:
         return folded.index(name.lower())
-    raise ClassNameError(f"the model has no class {name!r}; its classes are "
-                         f"{', '.join(class_names)}")
+    raise ClassNameError(
+        f"the model has no class {name!r}; its classes are {', '.join(class_names)}"
+    )
 
 
-def to_page_geometry(cam: np.ndarray, page_shape: tuple[int, int], spec: PreprocessSpec
-                     ) -> np.ndarray:
+def to_page_geometry(
+    cam: np.ndarray, page_shape: tuple[int, int], spec: PreprocessSpec
+) -> np.ndarray:
     """A map over the model's square input (any resolution) to the page's ``(Y, X)``.
 
     Undoes :func:`~napari_microclf.core.images.resize_plane`: with ``"pad"`` the page sits,
@@ -174,8 +178,14 @@ class Explainer:
                 score = tf.reduce_sum(tf.gather(logits, c, axis=1, batch_dims=1))
             return features, tape.gradient(score, features), probs, c
 
-        self._fn = tf.function(forward, reduce_retracing=True, input_signature=[
-            tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([], tf.int32)])
+        self._fn = tf.function(
+            forward,
+            reduce_retracing=True,
+            input_signature=[
+                tf.TensorSpec([None, size, size, 3], tf.float32),
+                tf.TensorSpec([], tf.int32),
+            ],
+        )
 
     def _prepare(self, array, page: int) -> np.ndarray:
         where = "image" if page == 0 else f"page {page}"
@@ -193,8 +203,9 @@ class Explainer:
         x = self._prepare(array, page)
         if self._fn is None:
             self._build()
-        features, grads, probs, used = (np.asarray(t) for t in self._fn(
-            x[None], np.int32(-1 if chosen is None else chosen)))
+        features, grads, probs, used = (
+            np.asarray(t) for t in self._fn(x[None], np.int32(-1 if chosen is None else chosen))
+        )
         probs = probs[0]
         predicted = int(probs.argmax())
         c = int(used[0])
@@ -204,11 +215,19 @@ class Explainer:
         # scaled again on the page: its own strongest evidence is 1 (the padding is gone
         # and the interpolation lowers the peaks of small maps)
         heat = _scale(to_page_geometry(cam, array.shape[:2], self.spec))
-        return Explanation(int(page), heat, c, self.class_names[c], predicted,
-                           self.class_names[predicted], probs.astype(np.float32))
+        return Explanation(
+            int(page),
+            heat,
+            c,
+            self.class_names[c],
+            predicted,
+            self.class_names[predicted],
+            probs.astype(np.float32),
+        )
 
-    def explain_pages(self, pages: Iterable[tuple[int, np.ndarray]], class_index=None,
-                      should_stop=None) -> Iterator[Explanation]:
+    def explain_pages(
+        self, pages: Iterable[tuple[int, np.ndarray]], class_index=None, should_stop=None
+    ) -> Iterator[Explanation]:
         """Grad-CAM of ``(page number, array)`` items, one at a time."""
         chosen = class_index_of(self.class_names, class_index)
         for page, array in pages:
@@ -217,8 +236,7 @@ class Explainer:
                 return
 
 
-def gradcam(bundle, image_or_page, class_index=None, page_axis: int | None = None
-            ) -> np.ndarray:
+def gradcam(bundle, image_or_page, class_index=None, page_axis: int | None = None) -> np.ndarray:
     """Grad-CAM heatmaps of an image or a stack, in the geometry of its pages.
 
     Parameters
@@ -257,18 +275,17 @@ def gradcam(bundle, image_or_page, class_index=None, page_axis: int | None = Non
     """
     explainer = bundle if isinstance(bundle, Explainer) else Explainer(bundle)
     if isinstance(image_or_page, (str, Path)):
-        return np.stack([e.heatmap for e in explain_file(explainer, image_or_page,
-                                                         class_index)])
+        return np.stack([e.heatmap for e in explain_file(explainer, image_or_page, class_index)])
     array = np.asarray(image_or_page)
     stack = array_pages(array, page_axis)
     if stack is None:
         return explainer.explain(array, class_index).heatmap
-    return np.stack([e.heatmap for e in explainer.explain_pages(enumerate(stack),
-                                                                 class_index)])
+    return np.stack([e.heatmap for e in explainer.explain_pages(enumerate(stack), class_index)])
 
 
-def explain_file(explainer: Explainer, path: str | Path, class_index=None,
-                 pages: Iterable[int] | None = None) -> Iterator[Explanation]:
+def explain_file(
+    explainer: Explainer, path: str | Path, class_index=None, pages: Iterable[int] | None = None
+) -> Iterator[Explanation]:
     """Grad-CAM of the pages of one image file (all, or ``pages``)."""
     from .images import open_image
 
@@ -276,8 +293,7 @@ def explain_file(explainer: Explainer, path: str | Path, class_index=None,
         numbers = range(len(f)) if pages is None else list(pages)
         for p in numbers:
             if not 0 <= p < len(f):
-                raise ImageReadError(f"{path}: has {len(f)} page(s) (0..{len(f) - 1}), no "
-                                     f"page {p}")
+                raise ImageReadError(f"{path}: has {len(f)} page(s) (0..{len(f) - 1}), no page {p}")
         yield from explainer.explain_pages(((p, f.page(p)) for p in numbers), class_index)
 
 
@@ -290,8 +306,10 @@ def check_tiff_destination(path: str | Path) -> Path:
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name, e.g. {path / 'heatmap.tif'}")
     if not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: the folder {path.parent} does not exist; "
-                          "create it or choose another path")
+        raise OutputError(
+            f"cannot write {path}: the folder {path.parent} does not exist; "
+            "create it or choose another path"
+        )
     return path
 
 

@@ -49,8 +49,10 @@ FORMAT_HELP = {
 }
 ONNX_INSTALL = 'pip install "napari-microclf[onnx]"'
 BIOIMAGEIO_INSTALL = 'pip install "napari-microclf[export]"'
-CITATION = ("napari-microclf: classify microscopy images in napari (annotate, train an "
-            "EfficientNet transfer-learning classifier, predict).")
+CITATION = (
+    "napari-microclf: classify microscopy images in napari (annotate, train an "
+    "EfficientNet transfer-learning classifier, predict)."
+)
 CITATION_URL = "https://pypi.org/project/napari-microclf/"
 LICENSE = "BSD-3-Clause"
 ONNX_OPSET = 17
@@ -71,8 +73,12 @@ def default_out(bundle_path: str | Path, fmt: str) -> Path:
     if p.is_file() and p.suffix.lower() != ".zip":  # model.keras or microclf.json
         p = p.parent
     name = p.stem if p.is_file() else p.name
-    suffix = {"bioimageio": "-bioimageio.zip", "savedmodel": "-savedmodel", "onnx": ".onnx",
-              "zip": ".zip"}[fmt]
+    suffix = {
+        "bioimageio": "-bioimageio.zip",
+        "savedmodel": "-savedmodel",
+        "onnx": ".onnx",
+        "zip": ".zip",
+    }[fmt]
     return p.parent / (name + suffix)
 
 
@@ -81,14 +87,18 @@ def check_destination(out: str | Path, fmt: str, overwrite: bool = False) -> Pat
     before any work is done."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists; choose another destination (--out) or replace it "
-                          "(--overwrite)")
+        raise OutputError(
+            f"{out} exists; choose another destination (--out) or replace it (--overwrite)"
+        )
     if out.exists() and fmt != "savedmodel" and out.is_dir():
-        raise OutputError(f"{out} is a folder; give the file to write (e.g. "
-                          f"{out / default_out(out, fmt).name})")
+        raise OutputError(
+            f"{out} is a folder; give the file to write (e.g. {out / default_out(out, fmt).name})"
+        )
     if not out.parent.is_dir():
-        raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist; "
-                          "create it or choose another destination")
+        raise OutputError(
+            f"cannot write {out}: the folder {out.parent} does not exist; "
+            "create it or choose another destination"
+        )
     return out
 
 
@@ -103,9 +113,15 @@ class ExportResult:
     max_abs_diff: float | None = None  # export vs. the bundle on the test tensor
 
 
-def export(bundle_path: str | Path, fmt: str, out: str | Path | None = None, *,
-           example: str | Path | None = None, authors: list[str] | None = None,
-           overwrite: bool = False) -> Path:
+def export(
+    bundle_path: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    example: str | Path | None = None,
+    authors: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export the model bundle at ``bundle_path`` in format ``fmt``; returns the path written.
 
     Parameters
@@ -129,17 +145,25 @@ def export(bundle_path: str | Path, fmt: str, out: str | Path | None = None, *,
     >>> export("model", "bioimageio")  # doctest: +SKIP
     PosixPath('.../model-bioimageio.zip')
     """
-    return export_model(bundle_path, fmt, out, example=example, authors=authors,
-                        overwrite=overwrite).path
+    return export_model(
+        bundle_path, fmt, out, example=example, authors=authors, overwrite=overwrite
+    ).path
 
 
-def export_model(bundle_path: str | Path, fmt: str, out: str | Path | None = None, *,
-                 example: str | Path | None = None, authors: list[str] | None = None,
-                 overwrite: bool = False) -> ExportResult:
+def export_model(
+    bundle_path: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    example: str | Path | None = None,
+    authors: list[str] | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
     """:func:`export`, returning an :class:`ExportResult` (path, time, size, check)."""
     fmt = check_format(fmt)
-    out = check_destination(out if out is not None else default_out(bundle_path, fmt), fmt,
-                            overwrite)
+    out = check_destination(
+        out if out is not None else default_out(bundle_path, fmt), fmt, overwrite
+    )
     t0 = time.perf_counter()
     diff = None
     if fmt == "zip":
@@ -180,8 +204,10 @@ class _atomic:
         if self.out.exists():
             if not self.overwrite:
                 _remove(self.tmp)
-                raise OutputError(f"{self.out} appeared while exporting; choose another "
-                                  "destination or replace it (--overwrite)")
+                raise OutputError(
+                    f"{self.out} appeared while exporting; choose another "
+                    "destination or replace it (--overwrite)"
+                )
             old = self.out.with_name(f".{self.out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
@@ -225,8 +251,14 @@ def inference_model(model, resize: str | None = None):
         x = inputs
     else:
         inputs = keras.Input((None, None, 3), name="image")
-        x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True,
-                                  pad_to_aspect_ratio=resize == "pad", name="resize")(inputs)
+        x = keras.layers.Resizing(
+            size,
+            size,
+            interpolation="bilinear",
+            antialias=True,
+            pad_to_aspect_ratio=resize == "pad",
+            name="resize",
+        )(inputs)
     try:
         base = base_layer(model)
         pool, head = model.get_layer("avg_pool"), model.get_layer("predictions")
@@ -305,8 +337,10 @@ def onnx_available() -> bool:
 
 def _export_onnx(bundle_path, out: Path, overwrite: bool) -> float | None:
     if not onnx_available():
-        raise ExportError(f"ONNX export needs tf2onnx and onnx, which are not installed: "
-                          f"{ONNX_INSTALL} (nothing was written)")
+        raise ExportError(
+            f"ONNX export needs tf2onnx and onnx, which are not installed: "
+            f"{ONNX_INSTALL} (nothing was written)"
+        )
     import onnx
 
     bundle = _load(bundle_path)
@@ -320,18 +354,21 @@ def _export_onnx(bundle_path, out: Path, overwrite: bool) -> float | None:
         try:
             with warnings.catch_warnings():  # Keras' tf2onnx patch probes np.object
                 warnings.filterwarnings("ignore", category=FutureWarning, module="keras")
-                model.export(str(tmp_onnx), format="onnx", verbose=False,
-                             opset_version=ONNX_OPSET)
+                model.export(str(tmp_onnx), format="onnx", verbose=False, opset_version=ONNX_OPSET)
             graph = onnx.load(str(tmp_onnx))
             initializers = {i.name for i in graph.graph.initializer}
             inputs = [i.name for i in graph.graph.input if i.name not in initializers]
             if inputs != ["image"]:
-                raise ExportError(f"the ONNX graph takes {inputs}, not only the image; this "
-                                  "model cannot be exported to ONNX yet (use --format "
-                                  "savedmodel or bioimageio)")
+                raise ExportError(
+                    f"the ONNX graph takes {inputs}, not only the image; this "
+                    "model cannot be exported to ONNX yet (use --format "
+                    "savedmodel or bioimageio)"
+                )
             # what the graph is: the class order and preprocessing travel inside it
-            for key, value in (("microclf", json.dumps(_sidecar(bundle))),
-                               ("class_names", json.dumps(bundle.class_names))):
+            for key, value in (
+                ("microclf", json.dumps(_sidecar(bundle))),
+                ("class_names", json.dumps(bundle.class_names)),
+            ):
                 entry = graph.metadata_props.add()
                 entry.key, entry.value = key, value
             onnx.save(graph, str(tmp))
@@ -352,19 +389,23 @@ def _export_onnx(bundle_path, out: Path, overwrite: bool) -> float | None:
 
 def _check_diff(diff: float, tol: float, what: str) -> None:
     if not diff <= tol:
-        raise ExportError(f"the {what} export's probabilities differ from the model's by "
-                          f"{diff:.2g} (more than {tol:g}); nothing was written; please "
-                          "report this as a bug")
+        raise ExportError(
+            f"the {what} export's probabilities differ from the model's by "
+            f"{diff:.2g} (more than {tol:g}); nothing was written; please "
+            "report this as a bug"
+        )
 
 
 def _sidecar(bundle) -> dict:
     """The facts a user of an exported model needs: class order and preprocessing."""
-    return {"class_names": bundle.class_names,
-            "preprocessing": bundle.preprocess.to_dict(),
-            "input": "float32 (batch, S, S, 3) pixels in [0, 255] after microclf's "
-                     "preprocessing (napari_microclf.core.images.preprocess)",
-            "output": "float32 (batch, n_classes) probabilities in class_names order",
-            "source": {k: bundle.meta.get(k) for k in ("date", "backbone", "versions")}}
+    return {
+        "class_names": bundle.class_names,
+        "preprocessing": bundle.preprocess.to_dict(),
+        "input": "float32 (batch, S, S, 3) pixels in [0, 255] after microclf's "
+        "preprocessing (napari_microclf.core.images.preprocess)",
+        "output": "float32 (batch, n_classes) probabilities in class_names order",
+        "source": {k: bundle.meta.get(k) for k in ("date", "backbone", "versions")},
+    }
 
 
 def _write_json(path: Path, data) -> None:
@@ -392,8 +433,10 @@ def example_page(bundle, example: str | Path | None = None) -> tuple[np.ndarray,
                 p = Path(data_dir) / entry["key"]
                 if p.is_file():
                     return read_page(p), f"{entry['key']} (the model's {subset} list)"
-    raise ExportError(f"no example image for the package's test tensors: the dataset of "
-                      f"{model_name(bundle)} is not there; give one (--example IMAGE)")
+    raise ExportError(
+        f"no example image for the package's test tensors: the dataset of "
+        f"{model_name(bundle)} is not there; give one (--example IMAGE)"
+    )
 
 
 def bioimageio_preprocess(x: np.ndarray, spec) -> np.ndarray:
@@ -413,16 +456,19 @@ def bioimageio_preprocess(x: np.ndarray, spec) -> np.ndarray:
 def _fixed_range(spec, page: np.ndarray) -> tuple[float, float]:
     from .images import dtype_range
 
-    return tuple(spec.intensity_range) if spec.intensity_range is not None \
-        else dtype_range(page.dtype)
+    return (
+        tuple(spec.intensity_range) if spec.intensity_range is not None else dtype_range(page.dtype)
+    )
 
 
 def _export_bioimageio(bundle_path, out: Path, overwrite: bool, example, authors) -> float:
     try:
         from bioimageio.spec import save_bioimageio_package  # noqa: F401
     except ImportError as exc:
-        raise ExportError(f"bioimage.io export needs bioimageio.spec, which is not installed: "
-                          f"{BIOIMAGEIO_INSTALL} (nothing was written)") from exc
+        raise ExportError(
+            f"bioimage.io export needs bioimageio.spec, which is not installed: "
+            f"{BIOIMAGEIO_INSTALL} (nothing was written)"
+        ) from exc
     import dataclasses
 
     import keras
@@ -452,7 +498,8 @@ def _export_bioimageio(bundle_path, out: Path, overwrite: bool, example, authors
         tifffile.imwrite(work / "sample_output.tif", test_output.astype(np.float32))
         _cover(work / "cover.png", preprocess(page, spec), test_output[0], bundle.class_names)
         (work / "README.md").write_text(
-            _readme(bundle, spec, source, diff, test_input.shape), encoding="utf-8")
+            _readme(bundle, spec, source, diff, test_input.shape), encoding="utf-8"
+        )
         _write_json(work / "microclf.json", bundle.meta)
         descr = _describe(bundle, spec, work, authors, keras)
         with _atomic(out, overwrite) as tmp:
@@ -486,17 +533,23 @@ def _describe(bundle, spec, work: Path, authors, keras):
     if spec.intensity == "percentile":
         steps = [
             bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32")),
-            bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
-                axes=[bio.AxisId("y"), bio.AxisId("x")], min_percentile=float(spec.pmin),
-                max_percentile=float(spec.pmax), eps=1e-6)),
+            bio.ScaleRangeDescr(
+                kwargs=bio.ScaleRangeKwargs(
+                    axes=[bio.AxisId("y"), bio.AxisId("x")],
+                    min_percentile=float(spec.pmin),
+                    max_percentile=float(spec.pmax),
+                    eps=1e-6,
+                )
+            ),
             bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(gain=255.0, offset=0.0)),
         ]
     else:
         lo, hi = spec.intensity_range
         steps = [
             bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32")),
-            bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(
-                gain=255.0 / (hi - lo), offset=-lo * 255.0 / (hi - lo))),
+            bio.ScaleLinearDescr(
+                kwargs=bio.ScaleLinearKwargs(gain=255.0 / (hi - lo), offset=-lo * 255.0 / (hi - lo))
+            ),
         ]
     steps.append(bio.ClipDescr(kwargs=bio.ClipKwargs(min=0.0, max=255.0)))
     who = [bio.Author(name=a) for a in (authors or [getpass.getuser() or "unknown"])]
@@ -504,11 +557,13 @@ def _describe(bundle, spec, work: Path, authors, keras):
         inputs = bio.InputTensorDescr(
             id=bio.TensorId("image"),
             description=f"{' / '.join(channel_names)} image, any size (resized to "
-                        f"{spec.image_size} px inside the model)"[:128],
-            axes=[bio.BatchAxis(),
-                  bio.SpaceInputAxis(id=bio.AxisId("y"), size=bio.ParameterizedSize(min=8, step=1)),
-                  bio.SpaceInputAxis(id=bio.AxisId("x"), size=bio.ParameterizedSize(min=8, step=1)),
-                  bio.ChannelAxis(channel_names=channel_names)],
+            f"{spec.image_size} px inside the model)"[:128],
+            axes=[
+                bio.BatchAxis(),
+                bio.SpaceInputAxis(id=bio.AxisId("y"), size=bio.ParameterizedSize(min=8, step=1)),
+                bio.SpaceInputAxis(id=bio.AxisId("x"), size=bio.ParameterizedSize(min=8, step=1)),
+                bio.ChannelAxis(channel_names=channel_names),
+            ],
             test_tensor=bio.FileDescr(source=work / "test_input.npy"),
             sample_tensor=bio.FileDescr(source=work / "sample_input.png"),
             data=bio.IntervalOrRatioDataDescr(type="float32"),
@@ -522,17 +577,23 @@ def _describe(bundle, spec, work: Path, authors, keras):
             sample_tensor=bio.FileDescr(source=work / "sample_output.tif"),
             data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
         )
-        weights = bio.WeightsDescr(keras_v3=bio.KerasV3WeightsDescr(
-            source=work / "weights.keras", keras_version=keras.__version__,
-            backend=("tensorflow", tf.__version__),
-            comment=f"{bundle.meta.get('backbone', 'efficientnet-b0')} classifier trained "
-                    f"with napari-microclf; resize built in"))
+        weights = bio.WeightsDescr(
+            keras_v3=bio.KerasV3WeightsDescr(
+                source=work / "weights.keras",
+                keras_version=keras.__version__,
+                backend=("tensorflow", tf.__version__),
+                comment=f"{bundle.meta.get('backbone', 'efficientnet-b0')} classifier trained "
+                f"with napari-microclf; resize built in",
+            )
+        )
         acc = (bundle.meta.get("metrics") or {}).get("accuracy")
         acc_text = f", test accuracy {acc:.1%}" if isinstance(acc, (int, float)) else ""
         descr = bio.ModelDescr(
             name=f"microclf {model_name(bundle)}"[:128],
-            description=(f"Image classifier of {len(names)} classes ({', '.join(names)}) "
-                         f"trained with napari-microclf{acc_text}.")[:1024],
+            description=(
+                f"Image classifier of {len(names)} classes ({', '.join(names)}) "
+                f"trained with napari-microclf{acc_text}."
+            )[:1024],
             authors=who,
             cite=[bio.CiteEntry(text=CITATION, url=CITATION_URL)],
             license=LICENSE,
@@ -544,9 +605,16 @@ def _describe(bundle, spec, work: Path, authors, keras):
             outputs=[outputs],
             weights=weights,
             version="0.1.0",
-            config=bio.Config(bioimageio=bio.BioimageioConfig(), **{
-                "napari_microclf": {"version": __version__, "class_names": names,
-                                    "preprocessing": spec.to_dict()}}),
+            config=bio.Config(
+                bioimageio=bio.BioimageioConfig(),
+                **{
+                    "napari_microclf": {
+                        "version": __version__,
+                        "class_names": names,
+                        "preprocessing": spec.to_dict(),
+                    }
+                },
+            ),
         )
     return descr
 
@@ -590,11 +658,14 @@ def _sample_png(path: Path, image: np.ndarray) -> None:
 def _readme(bundle, spec, source: str, diff: float, shape) -> str:
     names = bundle.class_names
     report = bundle.path / "report.md"
-    pre = (f"per image and channel, the {spec.pmin:g} and {spec.pmax:g} percentiles are mapped "
-           "to 0 and 1 (`scale_range`), then multiplied by 255 (`scale_linear`) and clipped to "
-           "[0, 255] (`clip`)" if spec.intensity == "percentile" else
-           f"the intensities {spec.intensity_range[0]:g}..{spec.intensity_range[1]:g} are "
-           "mapped to 0..255 (`scale_linear`) and clipped (`clip`)")
+    pre = (
+        f"per image and channel, the {spec.pmin:g} and {spec.pmax:g} percentiles are mapped "
+        "to 0 and 1 (`scale_range`), then multiplied by 255 (`scale_linear`) and clipped to "
+        "[0, 255] (`clip`)"
+        if spec.intensity == "percentile"
+        else f"the intensities {spec.intensity_range[0]:g}..{spec.intensity_range[1]:g} are "
+        "mapped to 0..255 (`scale_linear`) and clipped (`clip`)"
+    )
     lines = [
         f"# microclf model: {model_name(bundle)}",
         "",
@@ -606,13 +677,20 @@ def _readme(bundle, spec, source: str, diff: float, shape) -> str:
         "One 2D image, axes `batch, y, x, channel`, 3 channels "
         f"({', '.join(_channel_names(spec))}), float32, any size: the model resizes it to "
         f"{spec.image_size} x {spec.image_size} inside ("
-        + ("padded to a square with black, then resized" if spec.resize_mode == "pad" else
-           "each side resized") + ", bilinear with antialiasing).",
+        + (
+            "padded to a square with black, then resized"
+            if spec.resize_mode == "pad"
+            else "each side resized"
+        )
+        + ", bilinear with antialiasing).",
         "",
-        "Channels as microclf arranges them: " + (
+        "Channels as microclf arranges them: "
+        + (
             "a gray image repeated three times, a 2-channel image as (ch0, ch1, black), the "
-            "first three channels otherwise." if spec.channel_map is None else
-            f"source channels {list(spec.channel_map)} as R, G, B (None: black)."),
+            "first three channels otherwise."
+            if spec.channel_map is None
+            else f"source channels {list(spec.channel_map)} as R, G, B (None: black)."
+        ),
         "",
         f"Preprocessing (in the package): {pre}. The model itself takes pixels in [0, 255].",
         "",
@@ -656,5 +734,7 @@ def _readme(bundle, spec, source: str, diff: float, shape) -> str:
 
 def _demote(markdown: str) -> str:
     """The report's headings one level down, under the README's own."""
-    return "\n".join("#" + line if line.startswith("#") else line
-                     for line in markdown.splitlines()) + "\n"
+    return (
+        "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
+        + "\n"
+    )

@@ -72,11 +72,12 @@ class Familiarity:
         x = unit_length(np.asarray(features, np.float64).reshape(-1, self.n_features))
         means = self.means.astype(np.float64)
         comps = self.components.astype(np.float64)
-        diff2 = ((x * x).sum(1)[:, None] - 2 * x @ means.T + (means * means).sum(1)[None])
+        diff2 = (x * x).sum(1)[:, None] - 2 * x @ means.T + (means * means).sum(1)[None]
         proj = (x @ comps.T)[:, None, :] - (means @ comps.T)[None]  # (N, C, k)
         in_span = proj * proj
-        d2 = (in_span / self.variances).sum(-1) + np.maximum(diff2 - in_span.sum(-1), 0.0) \
-            / self.residual_variance
+        d2 = (in_span / self.variances).sum(-1) + np.maximum(
+            diff2 - in_span.sum(-1), 0.0
+        ) / self.residual_variance
         return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
 
     def scores(self, features: np.ndarray) -> np.ndarray:
@@ -85,32 +86,47 @@ class Familiarity:
 
     def meta(self) -> dict:
         """What ``microclf.json`` says about it (the threshold and method, readable)."""
-        return {"file": FAMILIARITY_FILE, "method": METHOD, "version": FORMAT_VERSION,
-                "features": FEATURE_LAYER, "normalize": NORMALIZE,
-                "threshold": float(self.threshold),
-                "quantile": QUANTILE, "components": int(len(self.components)),
-                "shrinkage": round(float(self.shrinkage), 6),
-                "calibration": self.calibration or {}}
+        return {
+            "file": FAMILIARITY_FILE,
+            "method": METHOD,
+            "version": FORMAT_VERSION,
+            "features": FEATURE_LAYER,
+            "normalize": NORMALIZE,
+            "threshold": float(self.threshold),
+            "quantile": QUANTILE,
+            "components": int(len(self.components)),
+            "shrinkage": round(float(self.shrinkage), 6),
+            "calibration": self.calibration or {},
+        }
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, means=self.means.astype(np.float32),
-                 components=self.components.astype(np.float32),
-                 variances=self.variances.astype(np.float32),
-                 residual_variance=np.float64(self.residual_variance),
-                 threshold=np.float64(self.threshold), shrinkage=np.float64(self.shrinkage),
-                 version=np.int64(FORMAT_VERSION))
+        np.savez(
+            buf,
+            means=self.means.astype(np.float32),
+            components=self.components.astype(np.float32),
+            variances=self.variances.astype(np.float32),
+            residual_variance=np.float64(self.residual_variance),
+            threshold=np.float64(self.threshold),
+            shrinkage=np.float64(self.shrinkage),
+            version=np.int64(FORMAT_VERSION),
+        )
         return buf.getvalue()
 
     @classmethod
     def from_file(cls, path: str | Path, calibration: dict | None = None) -> Familiarity:
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"]) > FORMAT_VERSION:
-                raise ValueError(f"written by a newer napari-microclf (format "
-                                 f"{int(z['version'])})")
-            return cls(z["means"], z["components"], z["variances"],
-                       float(z["residual_variance"]), float(z["threshold"]),
-                       float(z["shrinkage"]), calibration)
+                raise ValueError(f"written by a newer napari-microclf (format {int(z['version'])})")
+            return cls(
+                z["means"],
+                z["components"],
+                z["variances"],
+                float(z["residual_variance"]),
+                float(z["threshold"]),
+                float(z["shrinkage"]),
+                calibration,
+            )
 
 
 def unit_length(features: np.ndarray) -> np.ndarray:
@@ -131,8 +147,9 @@ def _within_class(features: np.ndarray, labels: np.ndarray, n_classes: int):
     return means, centred
 
 
-def describe(features: np.ndarray, labels: np.ndarray, n_classes: int,
-             components: int = COMPONENTS) -> Familiarity:
+def describe(
+    features: np.ndarray, labels: np.ndarray, n_classes: int, components: int = COMPONENTS
+) -> Familiarity:
     """Class means and the Ledoit-Wolf-shrunk shared covariance, without a threshold.
 
     ``features``: ``(N, D)`` or ``(N, views, D)`` (every view of an image with its label);
@@ -171,8 +188,9 @@ def describe(features: np.ndarray, labels: np.ndarray, n_classes: int,
     delta = (frob2 - 2 * mu * trace + dim * mu * mu) / dim
     shrinkage = 0.0 if beta <= 0 or delta <= 0 else min(beta, delta) / delta
     # the shrunk covariance (1 - a) S + a mu I: its top k variances, and the mean of the rest
-    residual = ((1 - shrinkage) * (trace - float(lam.sum())) + shrinkage * mu * (dim - k)) \
-        / (dim - k)
+    residual = ((1 - shrinkage) * (trace - float(lam.sum())) + shrinkage * mu * (dim - k)) / (
+        dim - k
+    )
     if not residual > 0:  # all features constant (a degenerate model): a unit scale
         residual = 1.0
     variances = np.maximum((1 - shrinkage) * lam + shrinkage * mu, residual * 1e-6)
@@ -193,14 +211,20 @@ def _top_eigen(sym: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(lam[::-1], 0, None), vec[:, ::-1]
 
 
-def _out_of_fold(features: np.ndarray, labels: np.ndarray, n_classes: int, components: int,
-                 folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+def _out_of_fold(
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    components: int,
+    folds: int = FOLDS,
+    seed: int = 0,
+) -> np.ndarray:
     """Each training image's distance to a description fitted without its fold (view 0)."""
     n = len(labels)
     order = np.random.default_rng(seed).permutation(n)
     out = np.empty(n)
     for f in range(min(folds, n)):
-        held = order[f::min(folds, n)]
+        held = order[f :: min(folds, n)]
         rest = np.setdiff1d(order, held)
         if len(rest) < 2:
             continue
@@ -210,9 +234,16 @@ def _out_of_fold(features: np.ndarray, labels: np.ndarray, n_classes: int, compo
     return out
 
 
-def fit_familiarity(train_features: np.ndarray, train_labels: np.ndarray, n_classes: int,
-                    val_features: np.ndarray | None = None, *, components: int = COMPONENTS,
-                    quantile: float = QUANTILE, seed: int = 0) -> Familiarity:
+def fit_familiarity(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    n_classes: int,
+    val_features: np.ndarray | None = None,
+    *,
+    components: int = COMPONENTS,
+    quantile: float = QUANTILE,
+    seed: int = 0,
+) -> Familiarity:
     """Describe the training images and calibrate the threshold on the validation images.
 
     Parameters
@@ -249,13 +280,17 @@ def fit_familiarity(train_features: np.ndarray, train_labels: np.ndarray, n_clas
     if len(val) < MIN_CALIBRATION:
         oof = _out_of_fold(train_features, train_labels, n_classes, components, seed=seed)
         calibration_scores = np.concatenate([calibration_scores, oof])
-        source = ("validation and out-of-fold training" if len(val) else
-                  "out-of-fold training")
+        source = "validation and out-of-fold training" if len(val) else "out-of-fold training"
     threshold = float(np.quantile(calibration_scores, quantile))
-    return Familiarity(fam.means, fam.components, fam.variances, fam.residual_variance,
-                       threshold, fam.shrinkage,
-                       {"source": source, "n": int(len(calibration_scores)),
-                        "n_validation": int(len(val))})
+    return Familiarity(
+        fam.means,
+        fam.components,
+        fam.variances,
+        fam.residual_variance,
+        threshold,
+        fam.shrinkage,
+        {"source": source, "n": int(len(calibration_scores)), "n_validation": int(len(val))},
+    )
 
 
 def pooled_features(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -263,12 +298,12 @@ def pooled_features(model, images: np.ndarray, batch_size: int = 32) -> np.ndarr
     base (fine-tuned or not), in inference mode."""
     from .features import FeatureExtractor
 
-    return FeatureExtractor(model, seed=0, batch_size=batch_size)(
-        np.asarray(images, np.float32))
+    return FeatureExtractor(model, seed=0, batch_size=batch_size)(np.asarray(images, np.float32))
 
 
-def fit_for_training(model, inputs: dict, y: dict, n_classes: int, cached: bool,
-                     batch_size: int = 32, seed: int = 0) -> tuple[Familiarity, float]:
+def fit_for_training(
+    model, inputs: dict, y: dict, n_classes: int, cached: bool, batch_size: int = 32, seed: int = 0
+) -> tuple[Familiarity, float]:
     """:func:`fit_familiarity` from a training's inputs: cached features as they are, or
     images through the trained model's base. Returns it and the seconds it took."""
     t0 = time.perf_counter()
@@ -276,8 +311,7 @@ def fit_for_training(model, inputs: dict, y: dict, n_classes: int, cached: bool,
         train_f, val_f = inputs["train"], inputs["val"]
     else:
         train_f = pooled_features(model, inputs["train"], batch_size)
-        val_f = pooled_features(model, inputs["val"], batch_size) if len(inputs["val"]) \
-            else None
+        val_f = pooled_features(model, inputs["val"], batch_size) if len(inputs["val"]) else None
     fam = fit_familiarity(train_f, y["train"], n_classes, val_f, seed=seed)
     return fam, time.perf_counter() - t0
 
@@ -293,11 +327,17 @@ def load_familiarity(folder: str | Path, meta: dict) -> Familiarity | None:
     try:
         fam = Familiarity.from_file(path, info.get("calibration"))
     except (OSError, ValueError, KeyError) as exc:
-        warnings.warn(f"{path} cannot be read ({exc}); predictions of this model have no "
-                      "unfamiliar score. Retrain the model to make it again.", stacklevel=2)
+        warnings.warn(
+            f"{path} cannot be read ({exc}); predictions of this model have no "
+            "unfamiliar score. Retrain the model to make it again.",
+            stacklevel=2,
+        )
         return None
     if fam.means.shape[0] != len(meta.get("class_names", [])) or not fam.threshold > 0:
-        warnings.warn(f"{path} does not match the model's classes; predictions have no "
-                      "unfamiliar score. Retrain the model to make it again.", stacklevel=2)
+        warnings.warn(
+            f"{path} does not match the model's classes; predictions have no "
+            "unfamiliar score. Retrain the model to make it again.",
+            stacklevel=2,
+        )
         return None
     return fam

@@ -78,20 +78,27 @@ def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
     return digest
 
 
-def key_fields(spec: PreprocessSpec, weights_id: str, seed: int,
-               augment_strength: float | None) -> dict:
+def key_fields(
+    spec: PreprocessSpec, weights_id: str, seed: int, augment_strength: float | None
+) -> dict:
     """What the cached features depend on; ``weights_id`` from ``model.weights_identity``."""
     import keras
     import tensorflow as tf
 
-    return {"features_version": FEATURES_VERSION, "weights": weights_id,
-            "spec": spec.to_dict(), "augment": augment_strength,
-            "views_seed": seed if augment_strength is not None else None,
-            "tensorflow": tf.__version__, "keras": keras.__version__}
+    return {
+        "features_version": FEATURES_VERSION,
+        "weights": weights_id,
+        "spec": spec.to_dict(),
+        "augment": augment_strength,
+        "views_seed": seed if augment_strength is not None else None,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
 
 
-def cache_key(spec: PreprocessSpec, weights_id: str, seed: int,
-              augment_strength: float | None) -> str:
+def cache_key(
+    spec: PreprocessSpec, weights_id: str, seed: int, augment_strength: float | None
+) -> str:
     text = json.dumps(key_fields(spec, weights_id, seed, augment_strength), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -118,9 +125,16 @@ def cache_entries(root: str | Path) -> list[dict]:
             fields = json.loads((folder / KEY_FILE).read_text())
         except (OSError, ValueError):
             fields = {}
-        out.append({"key": folder.name, "folder": folder, "fields": fields,
-                    "files": sum(1 for _ in folder.glob("*.npy")),
-                    "bytes": _folder_bytes(folder), "last_used": _last_used(folder)})
+        out.append(
+            {
+                "key": folder.name,
+                "folder": folder,
+                "fields": fields,
+                "files": sum(1 for _ in folder.glob("*.npy")),
+                "bytes": _folder_bytes(folder),
+                "last_used": _last_used(folder),
+            }
+        )
     return sorted(out, key=lambda e: -e["last_used"])
 
 
@@ -146,8 +160,12 @@ def remove_stale_temporaries(root: str | Path, min_age_s: float = STALE_TMP_S) -
     return n
 
 
-def prune_cache(root: str | Path, keep: str | None = None, max_age_days: float = MAX_AGE_DAYS,
-                max_bytes: int | None = None) -> list[str]:
+def prune_cache(
+    root: str | Path,
+    keep: str | None = None,
+    max_age_days: float = MAX_AGE_DAYS,
+    max_bytes: int | None = None,
+) -> list[str]:
     """Remove cache folders unused for ``max_age_days`` and, oldest first, those beyond
     ``max_bytes`` (never ``keep``, the one in use), and temporary files of killed runs.
     Returns the removed keys."""
@@ -232,8 +250,7 @@ def make_backbone(classifier):
     """
     import keras
 
-    return keras.Model(classifier.input, classifier.get_layer("avg_pool").output,
-                       name="backbone")
+    return keras.Model(classifier.input, classifier.get_layer("avg_pool").output, name="backbone")
 
 
 def make_augment(strength: float, seed: int):
@@ -263,11 +280,17 @@ def make_augment(strength: float, seed: int):
         b0, b1 = sin * zoom * fx, cos * zoom * fy
         cx, cy = (w - 1) / 2, (h - 1) / 2
         zeros = tf.zeros([n])
-        transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy,
-                               zeros, zeros], axis=1)
+        transforms = tf.stack(
+            [a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, zeros, zeros], axis=1
+        )
         x = tf.raw_ops.ImageProjectiveTransformV3(
-            images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="REFLECT")
+            images=x,
+            transforms=transforms,
+            output_shape=tf.shape(x)[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )
         factor = 1.0 + gen.uniform([n, 1, 1, 1], -strength, strength)
         mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
         return tf.clip_by_value((x - mean) * factor + mean, 0.0, 255.0)
@@ -278,8 +301,7 @@ def make_augment(strength: float, seed: int):
 class FeatureExtractor:
     """Runs the backbone (optionally after augmentation) over preprocessed images in batches."""
 
-    def __init__(self, classifier, seed: int, augment_strength: float = 0.05,
-                 batch_size: int = 32):
+    def __init__(self, classifier, seed: int, augment_strength: float = 0.05, batch_size: int = 32):
         import tensorflow as tf
 
         self.backbone = make_backbone(classifier)
@@ -288,15 +310,21 @@ class FeatureExtractor:
         spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
         backbone, aug = self.backbone, make_augment(augment_strength, seed)
         self._plain = tf.function(lambda x: backbone(x, training=False), input_signature=spec)
-        self._augmented = tf.function(lambda x: backbone(aug(x), training=False),
-                                      input_signature=spec)
+        self._augmented = tf.function(
+            lambda x: backbone(aug(x), training=False), input_signature=spec
+        )
 
     def __call__(self, images: np.ndarray, augmented: bool = False) -> np.ndarray:
         fn = self._augmented if augmented else self._plain
-        out = [np.asarray(fn(images[i: i + self.batch_size]))
-               for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.backbone.output_shape[-1]),
-                                                        np.float32)
+        out = [
+            np.asarray(fn(images[i : i + self.batch_size]))
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return (
+            np.concatenate(out)
+            if out
+            else np.zeros((0, self.backbone.output_shape[-1]), np.float32)
+        )
 
 
 def extract_features(
@@ -327,8 +355,11 @@ def extract_features(
             page = refs[i].page
             have = cached[page] if cached is not None and page < len(cached) else None
             if have is not None:  # views are stored as a prefix; NaN rows were never computed
-                have = have[: int(np.isfinite(have).all(axis=1).cumprod().sum())] if len(have) \
+                have = (
+                    have[: int(np.isfinite(have).all(axis=1).cumprod().sum())]
+                    if len(have)
                     else None
+                )
                 have = have if have is not None and len(have) else None
             if have is not None and have.shape[0] >= views:
                 result[i] = have[:views]
@@ -340,7 +371,7 @@ def extract_features(
     total = sum(views - start for _, start in todo)
     done, t0 = 0, time.perf_counter()
     step = max(extractor.batch_size, 1)
-    chunks = [todo[b: b + step] for b in range(0, len(todo), step)]
+    chunks = [todo[b : b + step] for b in range(0, len(todo), step)]
     # Decoding the next chunk overlaps the backbone's work on this one.
     pool = ThreadPoolExecutor(max_workers=1)
     load = lambda chunk: preprocess_refs([refs[i] for i, _ in chunk], spec)  # noqa: E731

@@ -39,8 +39,10 @@ def shape_problem(shape: Sequence[int]) -> str | None:
     h, w = int(shape[0]), int(shape[1])
     if min(h, w) >= MIN_SIDE and max(h, w) >= MIN_LONG_SIDE:
         return None
-    return (f"too small: {h} x {w} pixels (height x width); each side needs at least "
-            f"{MIN_SIDE} pixels and the longer one at least {MIN_LONG_SIDE}")
+    return (
+        f"too small: {h} x {w} pixels (height x width); each side needs at least "
+        f"{MIN_SIDE} pixels and the longer one at least {MIN_LONG_SIDE}"
+    )
 
 
 def condense(exc: BaseException) -> str:
@@ -153,8 +155,9 @@ class ImageFile:
         with library_log() as notes:
             try:
                 if self.path.stat().st_size == 0:
-                    raise ImageReadError(f"{self.path}: empty file (0 bytes); re-export it or "
-                                         "remove it")
+                    raise ImageReadError(
+                        f"{self.path}: empty file (0 bytes); re-export it or remove it"
+                    )
                 if self.path.suffix.lower() in TIFF_SUFFIXES:
                     self._open_tiff()
                 else:
@@ -180,8 +183,10 @@ class ImageFile:
         page = series.keyframe
         page_axes_in_plane = page.axes
         n_lead = len(axes) - len(page_axes_in_plane)
-        if n_lead < 0 or axes[n_lead:] != page_axes_in_plane or len(series.pages) != math.prod(
-            shape[:n_lead]
+        if (
+            n_lead < 0
+            or axes[n_lead:] != page_axes_in_plane
+            or len(series.pages) != math.prod(shape[:n_lead])
         ):
             # An unusual layout (ImageJ's hyperstacks over 4 GiB: one page table entry, the
             # page count in the description): memory-mapped when its pixels lie in one
@@ -189,12 +194,22 @@ class ImageFile:
             self._array = _memmap_series(self._tif, series)
             if self._array is None:
                 self._array = series.asarray()
-            self._set_layout(axes, shape, str(series.dtype), lead_shape=None,
-                             calibration=_tiff_calibration(self._tif, series))
+            self._set_layout(
+                axes,
+                shape,
+                str(series.dtype),
+                lead_shape=None,
+                calibration=_tiff_calibration(self._tif, series),
+            )
             return
         self._plane_axes = page_axes_in_plane
-        self._set_layout(axes, shape, str(series.dtype), lead_shape=shape[:n_lead],
-                         calibration=_tiff_calibration(self._tif, series))
+        self._set_layout(
+            axes,
+            shape,
+            str(series.dtype),
+            lead_shape=shape[:n_lead],
+            calibration=_tiff_calibration(self._tif, series),
+        )
 
     def _open_other(self) -> None:
         import imageio.v3 as iio
@@ -289,15 +304,13 @@ def _other_axes(path: Path, shape: tuple) -> str:
     raise ImageReadError(f"{path}: unsupported image shape {tuple(shape)}")
 
 
-def _layout(path: Path, axes: str, shape, dtype: str, calibration: dict | None = None
-            ) -> ImageInfo:
+def _layout(path: Path, axes: str, shape, dtype: str, calibration: dict | None = None) -> ImageInfo:
     if "Y" not in axes or "X" not in axes:
         raise ImageReadError(f"{path}: no Y/X axes found (axes {axes!r}, shape {shape})")
     chan = [a for a in "CS" if a in axes and shape[axes.index(a)] > 1]
     if len(chan) > 1:
         raise ImageReadError(
-            f"{path}: both C and S channel axes (axes {axes!r}); save the channels along one "
-            "axis"
+            f"{path}: both C and S channel axes (axes {axes!r}); save the channels along one axis"
         )
     channel_axis = chan[0] if chan else None
     page_axes = "".join(a for a in axes if a not in "YXCS")
@@ -343,9 +356,23 @@ def _tiff_data_end(tif, series) -> int:
 
 # micrometres per unit, for the length units OME-XML and ImageJ write (lower case)
 _UM_PER_UNIT = {
-    "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
-    "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
-    "pm": 1e-6, "å": 1e-4, "angstrom": 1e-4, "in": 25400.0, "inch": 25400.0,
+    "m": 1e6,
+    "cm": 1e4,
+    "mm": 1e3,
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "nanometre": 1e-3,
+    "pm": 1e-6,
+    "å": 1e-4,
+    "angstrom": 1e-4,
+    "in": 25400.0,
+    "inch": 25400.0,
 }
 _RESUNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit: centimeter, millimeter, µm
 
@@ -400,12 +427,16 @@ def _tiff_calibration(tif, series) -> dict:
         unit = meta.get("unit")
         x = _per_pixel(tags.get("XResolution"), _um_per(unit))
         y = _per_pixel(tags.get("YResolution"), _um_per(meta.get("yunit", unit)))
-        z = _size_um(meta.get("spacing"), meta.get("zunit", unit)) if "Z" in series.axes \
-            else None
+        z = _size_um(meta.get("spacing"), meta.get("zunit", unit)) if "Z" in series.axes else None
         return {"pixel_size": (z, y, x), "channel_names": _imagej_channel_names(series, meta)}
     factor = _RESUNIT_UM.get(int(getattr(page, "resolutionunit", 1) or 1))
-    return {"pixel_size": (None, _per_pixel(tags.get("YResolution"), factor),
-                           _per_pixel(tags.get("XResolution"), factor))}
+    return {
+        "pixel_size": (
+            None,
+            _per_pixel(tags.get("YResolution"), factor),
+            _per_pixel(tags.get("XResolution"), factor),
+        )
+    }
 
 
 def _ome_calibration(xml: str | None) -> dict:
@@ -419,12 +450,15 @@ def _ome_calibration(xml: str | None) -> dict:
     pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
     if pixels is None:
         return {}
-    size = {a: _size_um(pixels.get(f"PhysicalSize{a}"), pixels.get(f"PhysicalSize{a}Unit", "µm"))
-            for a in "ZYX"}
-    names = tuple(el.get("Name") or "" for el in pixels
-                  if el.tag.rsplit("}", 1)[-1] == "Channel")
-    return {"pixel_size": (size["Z"], size["Y"] or size["X"], size["X"] or size["Y"]),
-            "channel_names": names}
+    size = {
+        a: _size_um(pixels.get(f"PhysicalSize{a}"), pixels.get(f"PhysicalSize{a}Unit", "µm"))
+        for a in "ZYX"
+    }
+    names = tuple(el.get("Name") or "" for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel")
+    return {
+        "pixel_size": (size["Z"], size["Y"] or size["X"], size["X"] or size["Y"]),
+        "channel_names": names,
+    }
 
 
 def _imagej_channel_names(series, meta: dict) -> tuple[str, ...]:
@@ -441,8 +475,9 @@ def _imagej_channel_names(series, meta: dict) -> tuple[str, ...]:
         return tuple(str(v) for v in labels)
     if len(labels) != math.prod(lead):
         return ()
-    by_channel = np.moveaxis(np.asarray(labels, dtype=object).reshape(lead),
-                             lead_axes.index("C"), 0).reshape(n, -1)
+    by_channel = np.moveaxis(
+        np.asarray(labels, dtype=object).reshape(lead), lead_axes.index("C"), 0
+    ).reshape(n, -1)
     if any(len(set(row)) != 1 for row in by_channel):
         return ()
     return tuple(str(row[0]) for row in by_channel)
@@ -490,20 +525,26 @@ def read_header(path: str | Path) -> tuple[ImageInfo, list[str]]:
 
                 with tifffile.TiffFile(path) as tif:
                     series = tif.series[0]
-                    info = _layout(path, series.axes, tuple(series.shape), str(series.dtype),
-                                   _tiff_calibration(tif, series))
+                    info = _layout(
+                        path,
+                        series.axes,
+                        tuple(series.shape),
+                        str(series.dtype),
+                        _tiff_calibration(tif, series),
+                    )
                     end = _tiff_data_end(tif, series)
                 if end > size:
-                    raise ImageReadError(f"{path}: truncated (its pixel data should end at byte "
-                                         f"{end:,} but the file has {size:,} bytes)")
+                    raise ImageReadError(
+                        f"{path}: truncated (its pixel data should end at byte "
+                        f"{end:,} but the file has {size:,} bytes)"
+                    )
             else:
                 shape, dtype = _pillow_header(path)
                 info = _layout(path, _other_axes(path, shape), shape, dtype)
         except ImageReadError:
             raise
         except Exception as exc:
-            raise ImageReadError(f"{path}: cannot read this image "
-                                 f"({_reason(exc, notes)})") from exc
+            raise ImageReadError(f"{path}: cannot read this image ({_reason(exc, notes)})") from exc
     return info, list(notes)
 
 
@@ -543,17 +584,20 @@ def array_pages(array: np.ndarray, page_axis: int | None) -> np.ndarray | None:
             raise ImageReadError(
                 f"an array of shape {array.shape} is not one image ((Y, X) or (Y, X, C) "
                 "with C <= 4); for a stack of pages say which axis enumerates them, "
-                "e.g. page_axis=0")
+                "e.g. page_axis=0"
+            )
         return None
     try:
         stack = np.moveaxis(array, page_axis, 0)
     except ValueError as exc:  # numpy's AxisError
-        raise ImageReadError(f"page_axis={page_axis} does not exist in an array of shape "
-                             f"{array.shape}") from exc
+        raise ImageReadError(
+            f"page_axis={page_axis} does not exist in an array of shape {array.shape}"
+        ) from exc
     if stack.ndim not in (3, 4):
         raise ImageReadError(
             f"a stack of shape {array.shape} with page_axis={page_axis} has pages of shape "
-            f"{stack.shape[1:]}; each page must be (Y, X) or (Y, X, C)")
+            f"{stack.shape[1:]}; each page must be (Y, X) or (Y, X, C)"
+        )
     return stack
 
 
@@ -597,11 +641,11 @@ class PreprocessSpec:
         if self.image_size < 8:
             raise ValueError(f"image size must be at least 8 pixels, got {self.image_size}")
         if not 0 <= self.pmin < self.pmax <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= pmin < pmax <= 100, got "
-                             f"{self.pmin}, {self.pmax}")
+            raise ValueError(
+                f"percentiles must satisfy 0 <= pmin < pmax <= 100, got {self.pmin}, {self.pmax}"
+            )
         if self.intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got "
-                             f"{self.intensity!r}")
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if self.intensity_range is not None:
             lo, hi = (float(v) for v in self.intensity_range)
             if not hi > lo:
@@ -649,8 +693,10 @@ def parse_intensity(text: str | None) -> tuple[str, tuple[float, float] | None]:
     try:
         lo, hi = (float(v) for v in rng.split(","))
     except ValueError:
-        raise ValueError(f"intensity must be 'percentile', 'fixed' or 'fixed:MIN,MAX' (e.g. "
-                         f"'fixed:0,4095'), got {text!r}") from None
+        raise ValueError(
+            f"intensity must be 'percentile', 'fixed' or 'fixed:MIN,MAX' (e.g. "
+            f"'fixed:0,4095'), got {text!r}"
+        ) from None
     if not hi > lo:
         raise ValueError(f"intensity range needs MIN < MAX, got {text!r}")
     return "fixed", (lo, hi)
@@ -775,8 +821,9 @@ def resize_plane(plane: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     else:
         # Smoothing before downscaling by 1.5x or more; below that skimage's Gaussian (sigma =
         # (factor - 1) / 2 < 0.25) changes no pixel by more than 0.1%, and costs 25% of the time.
-        out = resize(plane, shape, order=1, anti_aliasing=long_side >= 1.5 * size,
-                     preserve_range=True).astype(np.float32, copy=False)
+        out = resize(
+            plane, shape, order=1, anti_aliasing=long_side >= 1.5 * size, preserve_range=True
+        ).astype(np.float32, copy=False)
     if shape == (size, size):
         return out
     padded = np.zeros((size, size), np.float32)
@@ -798,9 +845,11 @@ def aspect_warning(shape: Sequence[int], path: str | Path | None = None) -> str 
         return None
     ratio = max(h, w) / min(h, w)
     ratio_text = f"{ratio:.0f}" if ratio >= 100 else f"{ratio:.1f}".removesuffix(".0")
-    return (f"{path if path is not None else 'image'}: {h} x {w} pixels (height x width, "
-            f"aspect ratio {ratio_text}:1) \u2014 padded to a square it becomes a thin line; "
-            "crop or tile such images")
+    return (
+        f"{path if path is not None else 'image'}: {h} x {w} pixels (height x width, "
+        f"aspect ratio {ratio_text}:1) \u2014 padded to a square it becomes a thin line; "
+        "crop or tile such images"
+    )
 
 
 def preprocess(page: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -845,8 +894,9 @@ class PageRef:
     meta: dict = field(default_factory=dict)
 
 
-def preprocess_refs(refs: Sequence[PageRef], spec: PreprocessSpec, on_progress=None,
-                    should_stop=None) -> np.ndarray | None:
+def preprocess_refs(
+    refs: Sequence[PageRef], spec: PreprocessSpec, on_progress=None, should_stop=None
+) -> np.ndarray | None:
     """Read and preprocess pages into one ``(N, S, S, 3)`` float32 array (each file opened once).
 
     ``on_progress(done, total)`` is called after each page; returns None if ``should_stop()``.

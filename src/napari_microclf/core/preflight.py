@@ -42,9 +42,13 @@ def _probe(folder: Path) -> OSError | None:
 
 
 def _why(exc: OSError) -> str:
-    return {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-            errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the disk",
-            errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+    return {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on the disk",
+        errno.EDQUOT: "disk quota exceeded",
+    }.get(exc.errno, exc.strerror or str(exc))
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -61,23 +65,29 @@ def check_out_dir(out: str | Path) -> Path:
         raise OutputError(f"model folder {out} is a file; choose a folder for the model")
     if out.is_dir():
         if is_foreign_folder(out):
-            raise BundleError(f"{out} exists and is not a microclf model folder; choose another "
-                              "output folder (nothing was written)")
+            raise BundleError(
+                f"{out} exists and is not a microclf model folder; choose another "
+                "output folder (nothing was written)"
+            )
         problem = _probe(out)
         if problem is not None:
-            raise OutputError(f"cannot write into model folder {out}: {_why(problem)}; choose "
-                              "a writable folder")
+            raise OutputError(
+                f"cannot write into model folder {out}: {_why(problem)}; choose a writable folder"
+            )
         return out
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"cannot create model folder {out}: {parent} is a file; choose "
-                          "another folder")
+        raise OutputError(
+            f"cannot create model folder {out}: {parent} is a file; choose another folder"
+        )
     problem = _probe(parent)
     if problem is not None:
-        raise OutputError(f"cannot create model folder {out}: {_why(problem)} in {parent}; "
-                          "choose a writable folder")
+        raise OutputError(
+            f"cannot create model folder {out}: {_why(problem)} in {parent}; "
+            "choose a writable folder"
+        )
     return out
 
 
@@ -97,14 +107,16 @@ def _split_is_current(root: Path, group_by: str | None) -> str | None:
         return f"has a {SPLIT_FILE} grouped differently (group_by {split.group_by!r})"
     new, gone = sorted(current - stored), sorted(stored - current)
     if new or gone or set(split.groups) != stored or set(split.sha1) != stored:
-        parts = ([f"{len(new)} new file(s) (e.g. {new[0]})"] if new else []) + \
-                ([f"{len(gone)} removed file(s) (e.g. {gone[0]})"] if gone else [])
+        parts = ([f"{len(new)} new file(s) (e.g. {new[0]})"] if new else []) + (
+            [f"{len(gone)} removed file(s) (e.g. {gone[0]})"] if gone else []
+        )
         return f"has a {SPLIT_FILE} that misses " + (" and ".join(parts) or "file groups")
     return None
 
 
-def check_dataset_writable(data_dir: str | Path, resplit: bool = False,
-                           group_by: str | None = None) -> str | None:
+def check_dataset_writable(
+    data_dir: str | Path, resplit: bool = False, group_by: str | None = None
+) -> str | None:
     """The dataset can hold its ``split.json``; returns a note when it is read-only but its
     split is current (the training reads it and writes nothing there).
 
@@ -118,17 +130,22 @@ def check_dataset_writable(data_dir: str | Path, resplit: bool = False,
     if problem is None:
         return None
     why = _why(problem)
-    todo = ("make it writable, or copy the dataset to a writable folder and train on the "
-            "copy")
+    todo = "make it writable, or copy the dataset to a writable folder and train on the copy"
     if resplit:
-        raise OutputError(f"dataset {root} cannot be written ({why}), and a new split writes "
-                          f"{root / SPLIT_FILE}: {todo}")
+        raise OutputError(
+            f"dataset {root} cannot be written ({why}), and a new split writes "
+            f"{root / SPLIT_FILE}: {todo}"
+        )
     stale = _split_is_current(root, group_by)
     if stale is not None:
-        raise OutputError(f"dataset {root} cannot be written ({why}) and {stale}, where "
-                          f"microclf keeps the train/validation/test split: {todo}")
-    return (f"Dataset {root} is read-only ({why}); its {SPLIT_FILE} is current and is used as "
-            "it is (the feature cache cannot be kept there).")
+        raise OutputError(
+            f"dataset {root} cannot be written ({why}) and {stale}, where "
+            f"microclf keeps the train/validation/test split: {todo}"
+        )
+    return (
+        f"Dataset {root} is read-only ({why}); its {SPLIT_FILE} is current and is used as "
+        "it is (the feature cache cannot be kept there)."
+    )
 
 
 @dataclass
@@ -146,8 +163,10 @@ class ImageScan:
         if not self.problems:
             return None
         root = Path(root)
-        todo = ("fix or re-export the file(s), or move them out of the dataset folder "
-                f"{root}, then train again")
+        todo = (
+            "fix or re-export the file(s), or move them out of the dataset folder "
+            f"{root}, then train again"
+        )
         if any("channel map" in why for _, why in self.problems):
             todo += " (or choose another channel map)"
         lines = [f"{_rel(p, root)}: {why}" for p, why in self.problems[:MAX_LISTED]]
@@ -156,8 +175,10 @@ class ImageScan:
         rest = len(self.problems) - MAX_LISTED
         return DatasetError(
             f"{len(self.problems)} of the {self.files} image files cannot be used for "
-            f"training; {todo}:\n  " + "\n  ".join(lines)
-            + (f"\n  ... and {rest} more" if rest > 0 else ""))
+            f"training; {todo}:\n  "
+            + "\n  ".join(lines)
+            + (f"\n  ... and {rest} more" if rest > 0 else "")
+        )
 
 
 def _map_text(channel_map) -> str:
@@ -204,21 +225,29 @@ def scan_images(data_dir: str | Path, channel_map=None) -> ImageScan:
                 scan.problems.append((path, small))
                 continue
             if info.n_channels < needed:
-                scan.problems.append((path, f"{info.n_channels} channel(s), but the channel "
-                                      f"map {_map_text(channel_map)} uses channel {needed - 1}"
-                                      " (channels count from 0)"))
+                scan.problems.append(
+                    (
+                        path,
+                        f"{info.n_channels} channel(s), but the channel "
+                        f"map {_map_text(channel_map)} uses channel {needed - 1}"
+                        " (channels count from 0)",
+                    )
+                )
                 continue
             warning = aspect_warning(info.page_shape, _rel(path, root))
             if warning is not None:
                 elongated.append(warning)
             if notes:
-                scan.warnings.append(f"{_rel(path, root)}: damaged TIFF ({notes[0]}); "
-                                     f"{info.n_pages} page(s) can be read: re-export it if "
-                                     "it should have more")
+                scan.warnings.append(
+                    f"{_rel(path, root)}: damaged TIFF ({notes[0]}); "
+                    f"{info.n_pages} page(s) can be read: re-export it if "
+                    "it should have more"
+                )
     scan.warnings += elongated[:MAX_LISTED]
     if len(elongated) > MAX_LISTED:
-        scan.warnings.append(f"... and {len(elongated) - MAX_LISTED} more images with an "
-                             "aspect ratio above 20")
+        scan.warnings.append(
+            f"... and {len(elongated) - MAX_LISTED} more images with an aspect ratio above 20"
+        )
     scan.seconds = time.perf_counter() - t0
     return scan
 
@@ -250,14 +279,26 @@ def preflight(config) -> PreflightResult:
     if error is not None:
         raise error
     notes = ([note] if note else []) + [
-        f"Checked {scan.files} image file(s) ({scan.pages} page(s)) in {scan.seconds:.1f}s"]
+        f"Checked {scan.files} image file(s) ({scan.pages} page(s)) in {scan.seconds:.1f}s"
+    ]
     return PreflightResult(scan.warnings, notes, scan)
 
 
 # Errors of the environment, not of microclf: said in one line, without a traceback.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                       errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EIO,
-                       errno.ENAMETOOLONG, errno.EMFILE}
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EIO,
+    errno.ENAMETOOLONG,
+    errno.EMFILE,
+}
 
 
 def user_message(exc: BaseException) -> str | None:
@@ -271,10 +312,11 @@ def user_message(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
         where = f" ({exc.filename})" if exc.filename else ""
-        todo = {errno.ENOSPC: "free some disk space or choose another folder",
-                errno.EDQUOT: "free some space or choose another folder",
-                errno.EMFILE: "close other programs and try again",
-                errno.EIO: "check the disk or network share"}.get(
-                    exc.errno, "check the path and its permissions")
+        todo = {
+            errno.ENOSPC: "free some disk space or choose another folder",
+            errno.EDQUOT: "free some space or choose another folder",
+            errno.EMFILE: "close other programs and try again",
+            errno.EIO: "check the disk or network share",
+        }.get(exc.errno, "check the path and its permissions")
         return f"{_why(exc)}{where}; {todo}"
     return None

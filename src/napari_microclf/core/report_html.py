@@ -83,23 +83,36 @@ def curves_png(history: dict) -> bytes | None:
     phase2 = next((i + 1 for i, p in enumerate(phases) if p == 2), None)
     fig = Figure(figsize=(10.5, 3.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    panels = (("loss", "Loss", ("loss", "val_loss")),
-              ("accuracy", "Accuracy", ("accuracy", "val_accuracy")),
-              ("lr", "Learning rate", ("lr",)))
+    panels = (
+        ("loss", "Loss", ("loss", "val_loss")),
+        ("accuracy", "Accuracy", ("accuracy", "val_accuracy")),
+        ("lr", "Learning rate", ("lr",)),
+    )
     for ax, (_key, title, keys) in zip(fig.subplots(1, 3), panels, strict=True):
         for key, colour in zip(keys, ("#1f77b4", "#ff7f0e"), strict=False):
             values = history.get(key) or []
             if values:
                 label = "validation" if key.startswith("val_") else "training"
-                ax.plot(epochs[: len(values)], values, marker="o", ms=3, color=colour,
-                        label=label if key != "lr" else None)
+                ax.plot(
+                    epochs[: len(values)],
+                    values,
+                    marker="o",
+                    ms=3,
+                    color=colour,
+                    label=label if key != "lr" else None,
+                )
         if keys[0] == "lr" and any(v > 0 for v in history.get("lr") or []):
             ax.set_yscale("log")
         if keys[0] == "accuracy":
             ax.set_ylim(-0.02, 1.02)
         if phase2 is not None:
-            ax.axvline(phase2 - 0.5, color="#555", ls="--", lw=1,
-                       label="fine-tuning starts" if keys[0] == "loss" else None)
+            ax.axvline(
+                phase2 - 0.5,
+                color="#555",
+                ls="--",
+                lw=1,
+                label="fine-tuning starts" if keys[0] == "loss" else None,
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch", fontsize=9)
         ax.tick_params(labelsize=8)
@@ -158,8 +171,10 @@ def _thumb_cards(entries: list[dict], spec, data_dir: str | None, caption) -> st
                 pic = f"<div class='nothumb'>cannot read: {e(exc)}</div>"
         name = Path(file).name if file else "?"
         where = f"{name}" + (f" p{page}" if page else "")
-        cards.append(f"<figure title='{e(file or '')} page {page}'>{pic}<figcaption>"
-                     f"{caption(m)}<span class='file'>{e(where)}</span></figcaption></figure>")
+        cards.append(
+            f"<figure title='{e(file or '')} page {page}'>{pic}<figcaption>"
+            f"{caption(m)}<span class='file'>{e(where)}</span></figcaption></figure>"
+        )
     more = ""
     if len(entries) > MAX_THUMBS:
         rest = ", ".join(e(Path(m.get("file") or "?").name) for m in entries[MAX_THUMBS:])
@@ -196,20 +211,25 @@ def _settings(config: dict) -> str:
     rows, changed_list = [], []
     for key, value in config.items():
         f = fields.get(key)
-        default = (_plain(f.default) if f is not None and f.default is not dataclasses.MISSING
-                   else None)
+        default = (
+            _plain(f.default) if f is not None and f.default is not dataclasses.MISSING else None
+        )
         changed = f is not None and key != "data_dir" and key != "out_dir" and value != default
         help_text = (f.metadata.get("help", "") if f is not None else "").replace("%%", "%")
         cell = f"<b>{e(_fmt(value))}</b>" if changed else e(_fmt(value))
         if changed:
             changed_list.append(f"<code>{e(key)}</code> {e(_fmt(value))}")
-        rows.append([f"<code>{e(key)}</code>", cell, f"<span class='help'>{e(help_text)}"
-                     "</span>"])
-    summary = ("Changed from the defaults: " + ", ".join(changed_list) if changed_list
-               else "Every setting at its default.")
-    return (f"<p>{summary}</p><details><summary>All {len(rows)} settings</summary>"
-            + _table(["setting", "value", "meaning"], rows, "settings")
-            + "<p class='note'>Values in bold differ from the defaults.</p></details>")
+        rows.append([f"<code>{e(key)}</code>", cell, f"<span class='help'>{e(help_text)}</span>"])
+    summary = (
+        "Changed from the defaults: " + ", ".join(changed_list)
+        if changed_list
+        else "Every setting at its default."
+    )
+    return (
+        f"<p>{summary}</p><details><summary>All {len(rows)} settings</summary>"
+        + _table(["setting", "value", "meaning"], rows, "settings")
+        + "<p class='note'>Values in bold differ from the defaults.</p></details>"
+    )
 
 
 def _split_counts(split: dict | None, names: list[str]):
@@ -232,8 +252,11 @@ def _split_counts(split: dict | None, names: list[str]):
 def _confusion(report: dict) -> str:
     names = report["class_names"]
     cm = report["confusion_matrix"]
-    head = ("<tr><th class='corner'>true \u2193 / predicted \u2192</th>"
-            + "".join(f"<th>{e(n)}</th>" for n in names) + "<th>total</th></tr>")
+    head = (
+        "<tr><th class='corner'>true \u2193 / predicted \u2192</th>"
+        + "".join(f"<th>{e(n)}</th>" for n in names)
+        + "<th>total</th></tr>"
+    )
     rows = []
     for i, row in enumerate(cm):
         total = sum(row)
@@ -242,13 +265,17 @@ def _confusion(report: dict) -> str:
             share = v / total if total else 0.0
             colour = "40,150,70" if i == j else "210,60,50"
             style = f"background:rgba({colour},{0.08 + 0.7 * share:.2f})" if v else ""
-            cells.append(f"<td class='{'diag' if i == j else 'off'}' style='{style}' "
-                         f"title='true {e(names[i])}, predicted {e(names[j])}'>{v}</td>")
-        rows.append(f"<tr><th>{e(names[i])}</th>{''.join(cells)}<td class='tot'>{total}"
-                    "</td></tr>")
+            cells.append(
+                f"<td class='{'diag' if i == j else 'off'}' style='{style}' "
+                f"title='true {e(names[i])}, predicted {e(names[j])}'>{v}</td>"
+            )
+        rows.append(f"<tr><th>{e(names[i])}</th>{''.join(cells)}<td class='tot'>{total}</td></tr>")
     col_totals = [sum(r[j] for r in cm) for j in range(len(names))]
-    rows.append("<tr><th>total</th>" + "".join(f"<td class='tot'>{v}</td>" for v in col_totals)
-                + f"<td class='tot'>{sum(col_totals)}</td></tr>")
+    rows.append(
+        "<tr><th>total</th>"
+        + "".join(f"<td class='tot'>{v}</td>" for v in col_totals)
+        + f"<td class='tot'>{sum(col_totals)}</td></tr>"
+    )
     return f"<table class='cm'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -292,8 +319,9 @@ def _dl(pairs: list[tuple[str, str]]) -> str:
     return "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
 
-def render_report_html(meta: dict, report: dict | None, split: dict | None = None,
-                       title: str | None = None) -> str:
+def render_report_html(
+    meta: dict, report: dict | None, split: dict | None = None, title: str | None = None
+) -> str:
     """The report page from the bundle's metadata (``microclf.json``), its test report
     (``report.json``) and its own split (``split.json``); returns the HTML text (ASCII,
     non-ASCII characters as character references).
@@ -316,46 +344,66 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
     config = meta.get("config") or {}
     history = meta.get("history") or {}
     heading = title or report.get("title") or "microclf model report"
-    parts = [f"<h1>{e(heading)}</h1>",
-             f"<p class='sub'>Trained {e(meta.get('date', '?'))} on "
-             f"<code>{e(meta.get('data_dir', '?'))}</code></p>"]
+    parts = [
+        f"<h1>{e(heading)}</h1>",
+        f"<p class='sub'>Trained {e(meta.get('date', '?'))} on "
+        f"<code>{e(meta.get('data_dir', '?'))}</code></p>",
+    ]
 
     # summary cards
     acc = report.get("accuracy")
     groups = report.get("groups")
-    cards = [(f"{acc:.1%}" if acc is not None else "-", "test accuracy"),
-             (str(report.get("n", 0)), "test images" + (f" from {groups} groups"
-                                                         if groups else "")),
-             (str(len(names)), "classes"),
-             (str(meta.get("epochs_run", len(history.get("loss") or []))), "epochs run"),
-             (str(meta.get("backbone", "?")), "backbone")]
-    parts.append("<div class='cards'>" + "".join(
-        f"<div class='card'><b>{e(v)}</b><span>{e(k)}</span></div>" for v, k in cards) + "</div>")
+    cards = [
+        (f"{acc:.1%}" if acc is not None else "-", "test accuracy"),
+        (str(report.get("n", 0)), "test images" + (f" from {groups} groups" if groups else "")),
+        (str(len(names)), "classes"),
+        (str(meta.get("epochs_run", len(history.get("loss") or []))), "epochs run"),
+        (str(meta.get("backbone", "?")), "backbone"),
+    ]
+    parts.append(
+        "<div class='cards'>"
+        + "".join(f"<div class='card'><b>{e(v)}</b><span>{e(k)}</span></div>" for v, k in cards)
+        + "</div>"
+    )
 
     # set-up
     parts.append("<h2>Set-up</h2>")
     pre = meta.get("preprocessing") or {}
-    parts.append(_dl([
-        ("model", e(describe_model(meta))),
-        ("backbone", e(meta.get("backbone", "?"))),
-        ("weights", e(meta.get("weights", "?"))),
-        ("weights id (hash)", f"<code>{e(meta.get('weights_id', '?'))}</code>"),
-        ("input", e(" x ".join(str(v) for v in meta.get("input_size", [])))),
-        ("preprocessing", e(", ".join(f"{k} {_fmt(v)}" for k, v in pre.items()))),
-        ("cached features", e(_fmt(meta.get("cached_features")))),
-    ] + _familiarity(meta)))
+    parts.append(
+        _dl(
+            [
+                ("model", e(describe_model(meta))),
+                ("backbone", e(meta.get("backbone", "?"))),
+                ("weights", e(meta.get("weights", "?"))),
+                ("weights id (hash)", f"<code>{e(meta.get('weights_id', '?'))}</code>"),
+                ("input", e(" x ".join(str(v) for v in meta.get("input_size", [])))),
+                ("preprocessing", e(", ".join(f"{k} {_fmt(v)}" for k, v in pre.items()))),
+                ("cached features", e(_fmt(meta.get("cached_features")))),
+            ]
+            + _familiarity(meta)
+        )
+    )
     phases = meta.get("phases") or []
     if phases:
         rows = []
         for p in phases:
             first, last = (p.get("epochs") or [None, None])[:2]
             early = p.get("early_stopped")
-            rows.append([e(p.get("phase")), e(f"{first}-{last}"),
-                         e(f"{p.get('learning_rate', 0):.1e}"), e(p.get("trained", "")),
-                         e(f"after epoch {early['after_epoch']}, kept epoch "
-                           f"{early['best_epoch']}") if early else "-"])
-        parts.append("<h3>Phases</h3>" + _table(
-            ["phase", "epochs", "learning rate", "trained", "early stopping"], rows))
+            rows.append(
+                [
+                    e(p.get("phase")),
+                    e(f"{first}-{last}"),
+                    e(f"{p.get('learning_rate', 0):.1e}"),
+                    e(p.get("trained", "")),
+                    e(f"after epoch {early['after_epoch']}, kept epoch {early['best_epoch']}")
+                    if early
+                    else "-",
+                ]
+            )
+        parts.append(
+            "<h3>Phases</h3>"
+            + _table(["phase", "epochs", "learning rate", "trained", "early stopping"], rows)
+        )
     if config:
         parts.append("<h3>Settings</h3>" + _settings(config))
 
@@ -367,74 +415,128 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
     rows = []
     for c in names:
         w = weights.get(c)
-        rows.append([e(c), e(dist.get(c, "-")), e(f"{w:.2f}" if w is not None else "-")]
-                    + [f"{files[c][s]} <span class='note'>({len(grp[c][s])})</span>"
-                       for s in ("train", "val", "test")])
+        rows.append(
+            [e(c), e(dist.get(c, "-")), e(f"{w:.2f}" if w is not None else "-")]
+            + [
+                f"{files[c][s]} <span class='note'>({len(grp[c][s])})</span>"
+                for s in ("train", "val", "test")
+            ]
+        )
     if split:
-        rows.append(["<b>all</b>", e(sum(dist.values()) if dist else "-"), ""]
-                    + [f"{sum(files[c][s] for c in files)} <span class='note'>"
-                       f"({len(total[s])})</span>" for s in ("train", "val", "test")])
-    parts.append(_table(["class", "training images", "class weight", "train files (groups)",
-                         "validation files (groups)", "test files (groups)"], rows))
+        rows.append(
+            ["<b>all</b>", e(sum(dist.values()) if dist else "-"), ""]
+            + [
+                f"{sum(files[c][s] for c in files)} <span class='note'>({len(total[s])})</span>"
+                for s in ("train", "val", "test")
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "class",
+                "training images",
+                "class weight",
+                "train files (groups)",
+                "validation files (groups)",
+                "test files (groups)",
+            ],
+            rows,
+        )
+    )
     sp = meta.get("split") or {}
-    how = [f"seed {sp.get('seed', '?')}", f"validation {_fmt(sp.get('val_fraction'))}",
-           f"test {_fmt(sp.get('test_fraction'))}",
-           "groups by " + (f"pattern {sp['group_by']!r}" if sp.get("group_by")
-                           else "source file")]
-    parts.append(f"<p class='note'>Training images count pages (class weights: "
-                 f"{'balanced' if weights else 'off'}). Split: {e(', '.join(how))}; images of a "
-                 "group stay in one subset, so the test set measures sources never seen."
-                 + ("" if split else " The model's own split list is missing.") + "</p>")
+    how = [
+        f"seed {sp.get('seed', '?')}",
+        f"validation {_fmt(sp.get('val_fraction'))}",
+        f"test {_fmt(sp.get('test_fraction'))}",
+        "groups by " + (f"pattern {sp['group_by']!r}" if sp.get("group_by") else "source file"),
+    ]
+    parts.append(
+        f"<p class='note'>Training images count pages (class weights: "
+        f"{'balanced' if weights else 'off'}). Split: {e(', '.join(how))}; images of a "
+        "group stay in one subset, so the test set measures sources never seen."
+        + ("" if split else " The model's own split list is missing.")
+        + "</p>"
+    )
 
     # curves
     png = curves_png(history)
     if png is not None:
         parts.append("<h2>Training curves</h2>")
-        parts.append(f"<img class='curves' src='{_png_uri(png)}' alt='loss, accuracy and "
-                     "learning rate per epoch'>")
+        parts.append(
+            f"<img class='curves' src='{_png_uri(png)}' alt='loss, accuracy and "
+            "learning rate per epoch'>"
+        )
 
     # test metrics
     parts.append("<h2>Test set</h2>")
     if report.get("n"):
-        parts.append(f"<p>Accuracy <b>{acc:.2%}</b> on {report['n']} images"
-                     + (f" from {groups} groups" if groups else "")
-                     + ", never seen in training.</p>" + _tta_line(report.get("tta")))
-        rows = [[e(c["class"]), f"{c['precision']:.2f}", f"{c['recall']:.2f}",
-                 f"{c['f1']:.2f}", e(c["support"])] for c in report.get("per_class", [])]
+        parts.append(
+            f"<p>Accuracy <b>{acc:.2%}</b> on {report['n']} images"
+            + (f" from {groups} groups" if groups else "")
+            + ", never seen in training.</p>"
+            + _tta_line(report.get("tta"))
+        )
+        rows = [
+            [
+                e(c["class"]),
+                f"{c['precision']:.2f}",
+                f"{c['recall']:.2f}",
+                f"{c['f1']:.2f}",
+                e(c["support"]),
+            ]
+            for c in report.get("per_class", [])
+        ]
         parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
         parts.append("<h3>Confusion matrix</h3>" + _confusion(report))
-        parts.append("<p class='note'>Rows: true class; columns: predicted. Shading: share of "
-                     "the row.</p>")
+        parts.append(
+            "<p class='note'>Rows: true class; columns: predicted. Shading: share of the row.</p>"
+        )
     else:
-        parts.append("<p>No test images: the test report is empty. Add images or raise the "
-                     "test fraction.</p>")
+        parts.append(
+            "<p>No test images: the test report is empty. Add images or raise the "
+            "test fraction.</p>"
+        )
 
     spec = _spec(meta)
     data_dir = meta.get("data_dir")
-    mis = sorted(report.get("misclassified") or [],
-                 key=lambda m: -float(m.get("confidence") or 0))
+    mis = sorted(report.get("misclassified") or [], key=lambda m: -float(m.get("confidence") or 0))
     if report.get("n"):
         parts.append(f"<h2>Misclassified test images ({len(mis)})</h2>")
         if mis:
-            parts.append("<p class='note'>Most confident mistakes first: a confident mistake "
-                         "is often a wrong label.</p>")
-            parts.append(_thumb_cards(mis, spec, data_dir, lambda m: (
-                f"<span class='t'>true {e(m.get('true'))}</span><br><span class='p'>called "
-                f"{e(m.get('predicted'))}</span> {float(m.get('confidence') or 0):.2f}<br>")))
+            parts.append(
+                "<p class='note'>Most confident mistakes first: a confident mistake "
+                "is often a wrong label.</p>"
+            )
+            parts.append(
+                _thumb_cards(
+                    mis,
+                    spec,
+                    data_dir,
+                    lambda m: (
+                        f"<span class='t'>true {e(m.get('true'))}</span><br><span class='p'>called "
+                        f"{e(m.get('predicted'))}</span> {float(m.get('confidence') or 0):.2f}<br>"
+                    ),
+                )
+            )
         else:
             parts.append("<p>None: every test image was classified right.</p>")
 
     unfamiliar = report.get("unfamiliar")
     if isinstance(unfamiliar, list) and (unfamiliar or report.get("n")):
-        threshold = report.get("unfamiliar_threshold",
-                               (meta.get("familiarity") or {}).get("threshold"))
+        threshold = report.get(
+            "unfamiliar_threshold", (meta.get("familiarity") or {}).get("threshold")
+        )
         parts.append(f"<h2>Unfamiliar test images ({len(unfamiliar)})</h2>")
-        parts.append("<p class='note'>Images unlike the training data"
-                     + (f" (score above {float(threshold):.3g})" if threshold is not None
-                        else "") + ": the model's answer on them is a guess.</p>")
+        parts.append(
+            "<p class='note'>Images unlike the training data"
+            + (f" (score above {float(threshold):.3g})" if threshold is not None else "")
+            + ": the model's answer on them is a guess.</p>"
+        )
         if unfamiliar:
-            entries = sorted((u for u in unfamiliar if isinstance(u, dict)),
-                             key=lambda u: -float(u.get("score") or 0))
+            entries = sorted(
+                (u for u in unfamiliar if isinstance(u, dict)),
+                key=lambda u: -float(u.get("score") or 0),
+            )
             parts.append(_thumb_cards(entries, spec, data_dir, _unfamiliar_caption))
         else:
             parts.append("<p>None.</p>")
@@ -447,21 +549,29 @@ def render_report_html(meta: dict, report: dict | None, split: dict | None = Non
         items = "".join(
             f"<li><b class='{'good' if f.get('finding') == 'Good training run' else 'warn'}'>"
             f"{e(f.get('finding'))}</b>: {e(str(f.get('evidence', '')).rstrip('.'))}.<br>"
-            f"<i>What to do:</i> {e(f.get('remedy'))}</li>" for f in findings)
+            f"<i>What to do:</i> {e(f.get('remedy'))}</li>"
+            for f in findings
+        )
         parts.append(f"<h2>Diagnosis</h2><ul class='diag'>{items}</ul>")
     notes = [n for key in ("notes",) for n in report.get(key) or []]
     if notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes)
-                     + "</ul>")
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
 
     versions = meta.get("versions") or {}
-    parts.append("<h2>Versions</h2>" + _dl([(e(k), e(v)) for k, v in versions.items()]
-                                           + [("bundle format", e(meta.get("format", "?")))]))
+    parts.append(
+        "<h2>Versions</h2>"
+        + _dl(
+            [(e(k), e(v)) for k, v in versions.items()]
+            + [("bundle format", e(meta.get("format", "?")))]
+        )
+    )
     body = "\n".join(parts)
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>{e(heading)}</title><style>{STYLE}</style></head>\n"
-            f"<body><main>\n{body}\n</main></body></html>\n")
+    page = (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{e(heading)}</title><style>{STYLE}</style></head>\n"
+        f"<body><main>\n{body}\n</main></body></html>\n"
+    )
     return page.encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
@@ -472,15 +582,19 @@ def _tta_line(tta) -> str:
     views = tta.get("views", 4)
     plain = tta.get("plain_accuracy")
     if tta.get("in_metrics"):  # the accuracy above is the TTA one
-        return (f"<p class='note'>Scored with flips (test-time augmentation: the mean of "
-                f"{e(views)} flipped views per image)"
-                + (f"; without flips {float(plain):.2%}" if plain is not None else "")
-                + ".</p>")
+        return (
+            f"<p class='note'>Scored with flips (test-time augmentation: the mean of "
+            f"{e(views)} flipped views per image)"
+            + (f"; without flips {float(plain):.2%}" if plain is not None else "")
+            + ".</p>"
+        )
     seconds = tta.get("seconds")
-    return (f"<p>With flips (test-time augmentation: the mean of {e(views)} flipped views "
-            f"per image) <b>{float(tta['accuracy']):.2%}</b>"
-            + (f" <span class='note'>({float(seconds):.1f}s)</span>" if seconds is not None
-               else "") + ".</p>")
+    return (
+        f"<p>With flips (test-time augmentation: the mean of {e(views)} flipped views "
+        f"per image) <b>{float(tta['accuracy']):.2%}</b>"
+        + (f" <span class='note'>({float(seconds):.1f}s)</span>" if seconds is not None else "")
+        + ".</p>"
+    )
 
 
 def _familiarity(meta: dict) -> list[tuple[str, str]]:
@@ -490,10 +604,20 @@ def _familiarity(meta: dict) -> list[tuple[str, str]]:
         return []
     cal = fam.get("calibration") if isinstance(fam.get("calibration"), dict) else {}
     quantile = fam.get("quantile")
-    how = (f" ({float(quantile):.0%} of {cal.get('n', '?')} {cal.get('source', 'held-out')} "
-           "images below it)") if quantile is not None else ""
-    return [("unfamiliar-image check", e(f"{fam.get('method', '?')} distance, threshold "
-                                         f"{float(fam['threshold']):.3g}{how}"))]
+    how = (
+        (
+            f" ({float(quantile):.0%} of {cal.get('n', '?')} {cal.get('source', 'held-out')} "
+            "images below it)"
+        )
+        if quantile is not None
+        else ""
+    )
+    return [
+        (
+            "unfamiliar-image check",
+            e(f"{fam.get('method', '?')} distance, threshold {float(fam['threshold']):.3g}{how}"),
+        )
+    ]
 
 
 def _unfamiliar_caption(u: dict) -> str:
@@ -502,8 +626,10 @@ def _unfamiliar_caption(u: dict) -> str:
         bits.append(f"<span class='t'>true {e(u['true'])}</span>")
     if u.get("predicted") is not None:
         conf = u.get("confidence")
-        bits.append(f"<span class='p'>called {e(u['predicted'])}</span>"
-                    + (f" {float(conf):.2f}" if conf is not None else ""))
+        bits.append(
+            f"<span class='p'>called {e(u['predicted'])}</span>"
+            + (f" {float(conf):.2f}" if conf is not None else "")
+        )
     if u.get("score") is not None:
         bits.append(f"score {float(u['score']):.3g}")
     return "<br>".join(bits) + "<br>"
@@ -528,8 +654,9 @@ def report_html_for_bundle(bundle_path: str | Path) -> str:
     except FileNotFoundError:
         report = None
     except (ValueError, OSError) as exc:
-        raise BundleError(f"{path} is corrupt ({exc}); retrain the model or restore the "
-                          "previous one") from exc
+        raise BundleError(
+            f"{path} is corrupt ({exc}); retrain the model or restore the previous one"
+        ) from exc
     return render_report_html(meta, report, own_split(folder))
 
 

@@ -30,13 +30,17 @@ def load_report(path: str | Path) -> dict:
     path = Path(path)
     file = path / "report.json" if path.is_dir() else path
     if not file.is_file():
-        raise BundleError(f"{path} has no test report (report.json); train a model there or "
-                          f"run `microclf evaluate {path}`")
+        raise BundleError(
+            f"{path} has no test report (report.json); train a model there or "
+            f"run `microclf evaluate {path}`"
+        )
     try:
         report = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
-        raise BundleError(f"{file} is not a readable report ({exc}); run `microclf evaluate "
-                          f"{path}` to write a new one") from exc
+        raise BundleError(
+            f"{file} is not a readable report ({exc}); run `microclf evaluate "
+            f"{path}` to write a new one"
+        ) from exc
     if not isinstance(report, dict) or "confusion_matrix" not in report:
         raise BundleError(f"{file} is not a test report (no confusion matrix)")
     return report
@@ -56,11 +60,16 @@ def cell_pages(report: dict, true: str, predicted: str) -> list[dict]:
     pages = report.get("pages")
     if pages is None:
         if true == predicted:
-            raise BundleError("this report lists only the misclassified images; run "
-                              "`microclf evaluate MODEL` (or retrain) to list every test image")
+            raise BundleError(
+                "this report lists only the misclassified images; run "
+                "`microclf evaluate MODEL` (or retrain) to list every test image"
+            )
         pages = report.get("misclassified") or []
-    out = [dict(p) for p in pages
-           if p.get("true") == true and p.get("predicted") == predicted and "file" in p]
+    out = [
+        dict(p)
+        for p in pages
+        if p.get("true") == true and p.get("predicted") == predicted and "file" in p
+    ]
     return sorted(out, key=lambda p: (p["confidence"], p["file"], p.get("page", 0)))
 
 
@@ -115,9 +124,14 @@ def page_stack(entries: list[dict], max_side: int = 1024) -> PageStack:
     for e, p in zip(entries, pages, strict=True):
         step = max(1, int(np.ceil(max(p.shape[:2]) / max_side)))
         shown.append(_display_page(p[::step, ::step], rgb))
-        origins.append({"file": str(e["file"]), "page": int(e.get("page", 0)),
-                        "pages": count_pages(e["file"]),
-                        "shape": [int(p.shape[0]), int(p.shape[1])]})
+        origins.append(
+            {
+                "file": str(e["file"]),
+                "page": int(e.get("page", 0)),
+                "pages": count_pages(e["file"]),
+                "shape": [int(p.shape[0]), int(p.shape[1])],
+            }
+        )
     h = max(s.shape[0] for s in shown)
     w = max(s.shape[1] for s in shown)
     data = np.zeros((len(shown), h, w) + ((3,) if rgb else ()), np.float32)

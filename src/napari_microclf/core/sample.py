@@ -56,8 +56,13 @@ def make_image(class_name: str, rng: np.random.Generator, size: int = 96) -> np.
             for _ in range(int(rng.integers(6, 13))):
                 oy, ox = rng.normal(0, 5 * scale, 2)
                 r = rng.uniform(1.2, 2.2) * scale
-                img += 1.3 * bright * _ellipse(yy, xx, cy + oy, cx + ox, r, r * rng.uniform(1, 2),
-                                               rng.uniform(0, np.pi))
+                img += (
+                    1.3
+                    * bright
+                    * _ellipse(
+                        yy, xx, cy + oy, cx + ox, r, r * rng.uniform(1, 2), rng.uniform(0, np.pi)
+                    )
+                )
     img = _blur(img, rng.uniform(0.6, 1.2) * scale)
     # uneven illumination + camera offset
     gy, gx = rng.uniform(-0.3, 0.3, 2)
@@ -68,8 +73,9 @@ def make_image(class_name: str, rng: np.random.Generator, size: int = 96) -> np.
     return np.clip(counts, 0, 65535).astype(np.uint16)
 
 
-def make_sample_dataset(out: str | Path, n_per_class: int = 40, size: int = 96,
-                        seed: int = 0) -> Path:
+def make_sample_dataset(
+    out: str | Path, n_per_class: int = 40, size: int = 96, seed: int = 0
+) -> Path:
     """Write ``out/<class>/sample_XXX.tif`` for each class; returns ``out``."""
     import tifffile
 
@@ -86,8 +92,9 @@ def make_sample_dataset(out: str | Path, n_per_class: int = 40, size: int = 96,
     return out
 
 
-def make_sample_stack(n_pages: int = 12, size: int = 96, seed: int = 1
-                      ) -> tuple[np.ndarray, list[str]]:
+def make_sample_stack(
+    n_pages: int = 12, size: int = 96, seed: int = 1
+) -> tuple[np.ndarray, list[str]]:
     """A ``(pages, size, size)`` uint16 stack whose pages cycle through the classes (shuffled)."""
     rng = np.random.default_rng(seed)
     labels = [CLASSES[i % len(CLASSES)] for i in range(n_pages)]
@@ -95,21 +102,24 @@ def make_sample_stack(n_pages: int = 12, size: int = 96, seed: int = 1
     return np.stack([make_image(c, rng, size) for c in labels]), labels
 
 
-def write_sample_stack(path: str | Path, n_pages: int = 12, size: int = 96, seed: int = 1
-                       ) -> tuple[Path, list[str]]:
+def write_sample_stack(
+    path: str | Path, n_pages: int = 12, size: int = 96, seed: int = 1
+) -> tuple[Path, list[str]]:
     """Write the mixed-class stack as a multi-page TIFF (labels in its description)."""
     import tifffile
 
     path = Path(path)
     stack, labels = make_sample_stack(n_pages, size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, stack, photometric="minisblack",
-                     metadata={"axes": "ZYX", "labels": labels})
+    tifffile.imwrite(
+        path, stack, photometric="minisblack", metadata={"axes": "ZYX", "labels": labels}
+    )
     return path, labels
 
 
-def write_sample(out: str | Path, n_per_class: int = 40, size: int = 96, seed: int = 0,
-                 stack_pages: int = 12) -> dict:
+def write_sample(
+    out: str | Path, n_per_class: int = 40, size: int = 96, seed: int = 0, stack_pages: int = 12
+) -> dict:
     """The dataset in ``out/dataset`` and the stack in ``out/mixed_stack.tif``."""
     out = Path(out)
     data = make_sample_dataset(out / "dataset", n_per_class, size, seed)

@@ -52,66 +52,122 @@ class TrainConfig:
     out_dir: str = "microclf-model"
     epochs: int = _opt(15, "passes over the training set (15; 10-20 for small datasets)")
     batch_size: int = _opt(32, "images per step (32; 8-16 for under 100 images per class)")
-    learning_rate: float = _opt(1e-4, "starting learning rate (1e-4), reduced when the "
-                                "validation loss plateaus")
-    image_size: int = _opt(224, "model input side in pixels, each image padded (never "
-                           "cropped) and resized to it (224, what ImageNet weights expect)")
-    val_split: float = _opt(0.2, "validation fraction or percent (0.2), measured after each "
-                            "epoch (val_loss, val_accuracy)", parse="fraction")
-    test_split: float = _opt(0.1, "test fraction or percent (0.1), kept apart until the "
-                             "end: the test accuracy is the true performance", parse="fraction")
-    augment: bool = _opt(True, "random flips, rotation, zoom and contrast of the training "
-                         "images", cli="--no-augment", off="no flips/rotation/zoom/contrast")
-    augment_strength: float = _opt(0.05, "rotation/zoom/contrast range (0.05 = ±5%%; 0.1-0.2 "
-                                   "for larger datasets)")
-    dropout: float = _opt(0.2, "dropout before the last layer (0.2; 0.3-0.4 for very small "
-                          "datasets, 0.1-0.2 for large ones; a remedy for overfitting)")
-    class_weights: bool = _opt(True, "rarer classes weigh more in the loss (balanced class "
-                               "weights)", cli="--no-class-weights",
-                               off="do not weight rare classes more")
-    early_stopping: bool = _opt(True, "stop when the validation loss has not improved for 5 "
-                                "epochs and keep the best epoch's weights",
-                                cli="--no-early-stopping",
-                                off="always run every epoch (no early stopping)")
+    learning_rate: float = _opt(
+        1e-4, "starting learning rate (1e-4), reduced when the validation loss plateaus"
+    )
+    image_size: int = _opt(
+        224,
+        "model input side in pixels, each image padded (never "
+        "cropped) and resized to it (224, what ImageNet weights expect)",
+    )
+    val_split: float = _opt(
+        0.2,
+        "validation fraction or percent (0.2), measured after each epoch (val_loss, val_accuracy)",
+        parse="fraction",
+    )
+    test_split: float = _opt(
+        0.1,
+        "test fraction or percent (0.1), kept apart until the "
+        "end: the test accuracy is the true performance",
+        parse="fraction",
+    )
+    augment: bool = _opt(
+        True,
+        "random flips, rotation, zoom and contrast of the training images",
+        cli="--no-augment",
+        off="no flips/rotation/zoom/contrast",
+    )
+    augment_strength: float = _opt(
+        0.05, "rotation/zoom/contrast range (0.05 = ±5%%; 0.1-0.2 for larger datasets)"
+    )
+    dropout: float = _opt(
+        0.2,
+        "dropout before the last layer (0.2; 0.3-0.4 for very small "
+        "datasets, 0.1-0.2 for large ones; a remedy for overfitting)",
+    )
+    class_weights: bool = _opt(
+        True,
+        "rarer classes weigh more in the loss (balanced class weights)",
+        cli="--no-class-weights",
+        off="do not weight rare classes more",
+    )
+    early_stopping: bool = _opt(
+        True,
+        "stop when the validation loss has not improved for 5 "
+        "epochs and keep the best epoch's weights",
+        cli="--no-early-stopping",
+        off="always run every epoch (no early stopping)",
+    )
     early_stopping_patience: int = 5
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.2
     min_lr: float = 1e-7
-    backbone: str = _opt("efficientnet-b0", "efficientnet-b0 (the guide's) or "
-                         "efficientnet-lite0 (ImageNet weights installed with microclf, no "
-                         "network needed)", choices=("efficientnet-b0", "efficientnet-lite0"))
-    weights: str | None = _opt("auto", "'auto' (ImageNet B0 if in the Keras cache or "
-                               "downloadable, else ImageNet Lite0), 'imagenet', a .h5 file, "
-                               "or 'none'")
-    fine_tune: int | str = _opt(0, "unfreeze the top N of 7 stages, or 'all' (0: frozen "
-                                "base); a pretrained base first trains its head frozen")
-    head_epochs: int = _opt(5, "fine-tuning, phase 1: epochs of the head on the frozen base "
-                            "before the top stages unfreeze (5)")
-    fine_tune_lr_factor: float = _opt(0.1, "fine-tuning, phase 2: learning rate multiplied "
-                                      "by this (0.1)")
+    backbone: str = _opt(
+        "efficientnet-b0",
+        "efficientnet-b0 (the guide's) or "
+        "efficientnet-lite0 (ImageNet weights installed with microclf, no "
+        "network needed)",
+        choices=("efficientnet-b0", "efficientnet-lite0"),
+    )
+    weights: str | None = _opt(
+        "auto",
+        "'auto' (ImageNet B0 if in the Keras cache or "
+        "downloadable, else ImageNet Lite0), 'imagenet', a .h5 file, "
+        "or 'none'",
+    )
+    fine_tune: int | str = _opt(
+        0,
+        "unfreeze the top N of 7 stages, or 'all' (0: frozen "
+        "base); a pretrained base first trains its head frozen",
+    )
+    head_epochs: int = _opt(
+        5,
+        "fine-tuning, phase 1: epochs of the head on the frozen base "
+        "before the top stages unfreeze (5)",
+    )
+    fine_tune_lr_factor: float = _opt(
+        0.1, "fine-tuning, phase 2: learning rate multiplied by this (0.1)"
+    )
     seed: int = _opt(0, "random seed of the split, the augmentation and the head (0)")
     pmin: float = 1.0
     pmax: float = 99.8
-    intensity: str = _opt("percentile", "'percentile' (1-99.8%% per channel), 'fixed' "
-                          "(the dtype's range) or 'fixed:MIN,MAX' to keep absolute "
-                          "brightness", parse="intensity")
+    intensity: str = _opt(
+        "percentile",
+        "'percentile' (1-99.8%% per channel), 'fixed' "
+        "(the dtype's range) or 'fixed:MIN,MAX' to keep absolute "
+        "brightness",
+        parse="intensity",
+    )
     intensity_range: tuple | None = None
-    channel_map: tuple | None = _opt(None, "channel map to RGB, e.g. '0,1,-' (auto)",
-                                     cli="--channels", parse="channels")
-    resize_mode: str = _opt("pad", "pad to square then resize (no cropping), or stretch",
-                            cli="--resize", choices=("pad", "stretch"))
-    group_by: str | None = _opt(None, "regular expression taking an image's group from its "
-                                "file name, e.g. '^(plate\\d+_well[A-Z]\\d+)'; images of a group "
-                                "stay in one subset (default: the source file)")
+    channel_map: tuple | None = _opt(
+        None, "channel map to RGB, e.g. '0,1,-' (auto)", cli="--channels", parse="channels"
+    )
+    resize_mode: str = _opt(
+        "pad",
+        "pad to square then resize (no cropping), or stretch",
+        cli="--resize",
+        choices=("pad", "stretch"),
+    )
+    group_by: str | None = _opt(
+        None,
+        "regular expression taking an image's group from its "
+        "file name, e.g. '^(plate\\d+_well[A-Z]\\d+)'; images of a group "
+        "stay in one subset (default: the source file)",
+    )
     resplit: bool = _opt(False, "draw a new split.json (the test set changes)")
     # Frozen base: train the head on backbone features computed once (cached in the
     # dataset) for each image and `views` augmented views of it.
-    cache: bool = _opt(True, "frozen base: compute the backbone's features once per image "
-                       "and view and keep them in the dataset (fast retraining)",
-                       cli="--no-cache", off="frozen base: run the full pipeline every epoch "
-                       "instead of cached backbone features")
-    views: int = _opt(DEFAULT_VIEWS, f"augmented views per training image whose backbone "
-                      f"features are cached ({DEFAULT_VIEWS})")
+    cache: bool = _opt(
+        True,
+        "frozen base: compute the backbone's features once per image "
+        "and view and keep them in the dataset (fast retraining)",
+        cli="--no-cache",
+        off="frozen base: run the full pipeline every epoch instead of cached backbone features",
+    )
+    views: int = _opt(
+        DEFAULT_VIEWS,
+        f"augmented views per training image whose backbone features are cached ({DEFAULT_VIEWS})",
+    )
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -125,13 +181,16 @@ class TrainConfig:
         if self.views < 0:
             raise ValueError(f"views must be 0 or more, got {self.views}")
         if not 0 <= self.augment_strength <= 0.5:
-            raise ValueError(f"augmentation strength must be in [0, 0.5], got "
-                             f"{self.augment_strength}")
+            raise ValueError(
+                f"augmentation strength must be in [0, 0.5], got {self.augment_strength}"
+            )
         if self.head_epochs < 0:
             raise ValueError(f"head epochs must be 0 or more, got {self.head_epochs}")
         if not 0 < self.fine_tune_lr_factor <= 1:
-            raise ValueError(f"fine-tuning learning-rate factor must be in (0, 1], got "
-                             f"{self.fine_tune_lr_factor}")
+            raise ValueError(
+                f"fine-tuning learning-rate factor must be in (0, 1], got "
+                f"{self.fine_tune_lr_factor}"
+            )
         if ":" in self.intensity or "," in self.intensity:  # "fixed:0,4095" in one string
             from .images import parse_intensity
 
@@ -146,14 +205,22 @@ class TrainConfig:
             try:
                 re.compile(self.group_by)
             except re.error as exc:
-                raise ValueError(f"group-by pattern {self.group_by!r} is not a valid regular "
-                                 f"expression ({exc})") from None
+                raise ValueError(
+                    f"group-by pattern {self.group_by!r} is not a valid regular expression ({exc})"
+                ) from None
         self.preprocessing  # noqa: B018 - checks the preprocessing settings now
 
     @property
     def preprocessing(self) -> PreprocessSpec:
-        return PreprocessSpec(self.image_size, self.pmin, self.pmax, self.channel_map,
-                              self.resize_mode, self.intensity, self.intensity_range)
+        return PreprocessSpec(
+            self.image_size,
+            self.pmin,
+            self.pmax,
+            self.channel_map,
+            self.resize_mode,
+            self.intensity,
+            self.intensity_range,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,9 +235,17 @@ def help_of(name: str) -> str:
 # whole network from scratch reliably on the sample data (150 images per class: test accuracy
 # 0.87-0.91 over two seeds, about a minute on 2 cores). weights="auto" falls back to it when
 # no pretrained weights can be had at all.
-FROM_SCRATCH = {"weights": "none", "fine_tune": "all", "image_size": 48, "batch_size": 16,
-                "learning_rate": 1e-3, "epochs": 20, "augment": False, "early_stopping": False,
-                "reduce_lr_patience": 20}
+FROM_SCRATCH = {
+    "weights": "none",
+    "fine_tune": "all",
+    "image_size": 48,
+    "batch_size": 16,
+    "learning_rate": 1e-3,
+    "epochs": 20,
+    "augment": False,
+    "early_stopping": False,
+    "reduce_lr_patience": 20,
+}
 
 
 # -- the training guide's dataset-size table -------------------------------------------------
@@ -193,16 +268,49 @@ def suggest_settings(n_images: int) -> Preset:
     """The training guide's advice for very small (< 100), medium (100-1000) and large
     (> 1000) datasets, as settings. Every value stays editable."""
     if n_images < 100:
-        return Preset("very small dataset", n_images, f"{n_images} images, under 100", {
-            "augment": True, "augment_strength": 0.1, "learning_rate": 5e-5, "batch_size": 8,
-            "dropout": 0.35, "fine_tune": 0, "epochs": 15})
+        return Preset(
+            "very small dataset",
+            n_images,
+            f"{n_images} images, under 100",
+            {
+                "augment": True,
+                "augment_strength": 0.1,
+                "learning_rate": 5e-5,
+                "batch_size": 8,
+                "dropout": 0.35,
+                "fine_tune": 0,
+                "epochs": 15,
+            },
+        )
     if n_images <= 1000:
-        return Preset("medium dataset", n_images, f"{n_images} images, 100 to 1000", {
-            "augment": True, "augment_strength": 0.05, "learning_rate": 1e-4,
-            "batch_size": 32, "dropout": 0.2, "fine_tune": 0, "epochs": 15})
-    return Preset("large dataset", n_images, f"{n_images} images, over 1000", {
-        "augment": True, "augment_strength": 0.1, "learning_rate": 1e-3, "batch_size": 64,
-        "dropout": 0.15, "fine_tune": 2, "epochs": 15})
+        return Preset(
+            "medium dataset",
+            n_images,
+            f"{n_images} images, 100 to 1000",
+            {
+                "augment": True,
+                "augment_strength": 0.05,
+                "learning_rate": 1e-4,
+                "batch_size": 32,
+                "dropout": 0.2,
+                "fine_tune": 0,
+                "epochs": 15,
+            },
+        )
+    return Preset(
+        "large dataset",
+        n_images,
+        f"{n_images} images, over 1000",
+        {
+            "augment": True,
+            "augment_strength": 0.1,
+            "learning_rate": 1e-3,
+            "batch_size": 64,
+            "dropout": 0.15,
+            "fine_tune": 2,
+            "epochs": 15,
+        },
+    )
 
 
 def count_images(data_dir: str | Path) -> int:
@@ -369,9 +477,17 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
             history.setdefault("lr", []).append(lr)
             history.setdefault("phase", []).append(self.phase)
             self.epochs_run = epoch + 1
-            emit(EpochEnd(epoch + 1, epochs, steps, seconds, logs,
-                          format_epoch_line(steps, seconds, logs, lr),
-                          {k: list(v) for k, v in history.items()}))
+            emit(
+                EpochEnd(
+                    epoch + 1,
+                    epochs,
+                    steps,
+                    seconds,
+                    logs,
+                    format_epoch_line(steps, seconds, logs, lr),
+                    {k: list(v) for k, v in history.items()},
+                )
+            )
 
     return _Reporter()
 
@@ -486,11 +602,16 @@ def train(
 
     def stopped_result(names, history, epochs_run=0):
         had_model = (Path(config.out_dir) / META_FILE).exists()
-        emit(Message("Training stopped: no model was written"
-                     + (f" (the model in {config.out_dir} is unchanged)." if had_model
-                        else "."), "warning"))
-        return TrainResult(None, names, history, None, True, epochs_run,
-                           time.perf_counter() - t_start)
+        emit(
+            Message(
+                "Training stopped: no model was written"
+                + (f" (the model in {config.out_dir} is unchanged)." if had_model else "."),
+                "warning",
+            )
+        )
+        return TrainResult(
+            None, names, history, None, True, epochs_run, time.perf_counter() - t_start
+        )
 
     # Every problem a user can fix, said before any TensorFlow work (all bad images at once).
     checked = preflight(config)
@@ -511,21 +632,33 @@ def train(
     backbone, weights = resolved.backbone, resolved.weights
     fine_tune = parse_fine_tune(config.fine_tune)
     try:
-        samples = load_samples(config.data_dir, config.val_split, config.test_split,
-                               config.seed, config.resplit, group_by=config.group_by)
+        samples = load_samples(
+            config.data_dir,
+            config.val_split,
+            config.test_split,
+            config.seed,
+            config.resplit,
+            group_by=config.group_by,
+        )
     except PermissionError as exc:
         if SPLIT_FILE not in Path(str(exc.filename)).name:
             raise
         # the preflight found the split current, or the dataset turned read-only since
-        raise OutputError(f"cannot write {Path(config.data_dir) / SPLIT_FILE} (permission "
-                          "denied): make the dataset writable, or copy it to a writable "
-                          "folder and train on the copy") from exc
+        raise OutputError(
+            f"cannot write {Path(config.data_dir) / SPLIT_FILE} (permission "
+            "denied): make the dataset writable, or copy it to a writable "
+            "folder and train on the copy"
+        ) from exc
     names = samples.class_names
     if config.resplit:
-        emit(Message(f"New split: {Path(config.data_dir) / SPLIT_FILE} was drawn again (seed "
-                     f"{config.seed}, validation {config.val_split:.0%}, test "
-                     f"{config.test_split:.0%}); the test set changed, so earlier models' "
-                     "test accuracies do not compare with this one's."))
+        emit(
+            Message(
+                f"New split: {Path(config.data_dir) / SPLIT_FILE} was drawn again (seed "
+                f"{config.seed}, validation {config.val_split:.0%}, test "
+                f"{config.test_split:.0%}); the test set changed, so earlier models' "
+                "test accuracies do not compare with this one's."
+            )
+        )
     for note in samples.notes:
         emit(Message(note))
     if weights is None and fine_tune == 0:
@@ -545,20 +678,38 @@ def train(
         emit(Message(f"Class weights: { {k: round(v, 2) for k, v in class_weight.items()} }"))
 
     # Fine-tuning a pretrained base starts from a head trained on the frozen base.
-    two_phase = fine_tune != 0 and weights is not None and config.head_epochs > 0 \
-        and config.epochs > 1
+    two_phase = (
+        fine_tune != 0 and weights is not None and config.head_epochs > 0 and config.epochs > 1
+    )
     head_epochs = min(config.head_epochs, config.epochs - 1) if two_phase else config.epochs
-    model = build_classifier(len(names), config.image_size, weights, config.dropout,
-                             config.augment, config.augment_strength,
-                             0 if two_phase else fine_tune, config.seed, backbone,
-                             warn=False)  # said above as a Message
-    y = {s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
-         for s in ("train", "val", "test")}
+    model = build_classifier(
+        len(names),
+        config.image_size,
+        weights,
+        config.dropout,
+        config.augment,
+        config.augment_strength,
+        0 if two_phase else fine_tune,
+        config.seed,
+        backbone,
+        warn=False,
+    )  # said above as a Message
+    y = {
+        s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
+        for s in ("train", "val", "test")
+    }
     cached = config.cache and (fine_tune == 0 or two_phase)
     weights_id = weights_identity(backbone, weights, config.seed)
     if cached:
-        inputs = _features(config, samples, model, weights_id, emit, should_stop,
-                           subsets=("train", "val") if two_phase else ("train", "val", "test"))
+        inputs = _features(
+            config,
+            samples,
+            model,
+            weights_id,
+            emit,
+            should_stop,
+            subsets=("train", "val") if two_phase else ("train", "val", "test"),
+        )
     else:
         inputs = _images(config, samples, emit, should_stop)
     if inputs is None:
@@ -576,16 +727,20 @@ def train(
     if two_phase:
         lr2 = config.learning_rate * config.fine_tune_lr_factor
         stages = "all stages" if fine_tune == -1 else f"the top {fine_tune} of 7 stages"
-        emit(PhaseStart(2, reporter.epochs_run + 1,
-                        f"Phase 2: fine-tuning {stages} from the trained head, learning rate "
-                        f"{lr2:.1e}, epochs {reporter.epochs_run + 1}-{config.epochs}"))
+        emit(
+            PhaseStart(
+                2,
+                reporter.epochs_run + 1,
+                f"Phase 2: fine-tuning {stages} from the trained head, learning rate "
+                f"{lr2:.1e}, epochs {reporter.epochs_run + 1}-{config.epochs}",
+            )
+        )
         set_fine_tune(model, fine_tune)
         if cached:  # phase 2 needs the images themselves
             inputs = _images(config, samples, emit, should_stop)
             if inputs is None:
                 return stopped_result(names, history, reporter.epochs_run)
-        trained = fit.run(model, inputs, False, lr2, reporter.epochs_run, config.epochs,
-                          phase=2)
+        trained = fit.run(model, inputs, False, lr2, reporter.epochs_run, config.epochs, phase=2)
         cached = False
         if reporter.stopped:
             return stopped_result(names, history, reporter.epochs_run)
@@ -600,19 +755,26 @@ def train(
         # (cached features are of unflipped images, so the images are read again for it)
         t_tta = time.perf_counter()
         if cached:
-            tta_probs = model_probabilities(model, spec, samples.test, config.batch_size,
-                                            tta=True)[0]
+            tta_probs = model_probabilities(model, spec, samples.test, config.batch_size, tta=True)[
+                0
+            ]
         else:
             from .predict import tta_probabilities
 
             tta_probs = tta_probabilities(model, inputs["test"], config.batch_size)
         tta_acc = classification_report(y["test"], tta_probs, names)["accuracy"]
-        report["tta"] = tta_summary(tta_acc, y["test"], probs, in_metrics=False,
-                                    seconds=time.perf_counter() - t_tta)
+        report["tta"] = tta_summary(
+            tta_acc, y["test"], probs, in_metrics=False, seconds=time.perf_counter() - t_tta
+        )
     else:
         report = classification_report([], np.zeros((0, len(names))), names)
-        emit(Message("No test images in the split: the test report is empty. Add images or "
-                     "raise the test fraction.", "warning"))
+        emit(
+            Message(
+                "No test images in the split: the test report is empty. Add images or "
+                "raise the test fraction.",
+                "warning",
+            )
+        )
     report["subset"] = "test"
     report["groups"] = samples.subset_groups.get("test")
     report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
@@ -620,26 +782,39 @@ def train(
     # where the training data lie in feature space, to flag unfamiliar images (familiar.py)
     from .familiar import FAMILIARITY_FILE, fit_for_training
 
-    familiarity, fit_seconds = fit_for_training(model, inputs, y, len(names), cached,
-                                                config.batch_size, config.seed)
+    familiarity, fit_seconds = fit_for_training(
+        model, inputs, y, len(names), cached, config.batch_size, config.seed
+    )
     cal = familiarity.calibration
     report["unfamiliar"], report["unfamiliar_threshold"] = [], 1.0  # scores: over threshold
     if len(y["test"]):  # the test images beyond it (report.html shows them)
         from .familiar import pooled_features
 
-        test_f = inputs["test"] if cached else pooled_features(model, inputs["test"],
-                                                               config.batch_size)
-        for ref, score, t, p in zip(samples.test, familiarity.scores(test_f), y["test"],
-                                    probs, strict=True):
+        test_f = (
+            inputs["test"] if cached else pooled_features(model, inputs["test"], config.batch_size)
+        )
+        for ref, score, t, p in zip(
+            samples.test, familiarity.scores(test_f), y["test"], probs, strict=True
+        ):
             if score > 1:
-                report["unfamiliar"].append({
-                    "file": str(ref.path), "page": int(ref.page), "score": round(float(score), 4),
-                    "true": names[t], "predicted": names[int(p.argmax())],
-                    "confidence": round(float(p.max()), 4)})
-    emit(Message(f"Unfamiliar images: threshold {familiarity.threshold:.2f} (feature distance "
-                 f"at the {cal['source']} images' 99th percentile, {cal['n']} images; "
-                 f"{fit_seconds:.1f}s); {len(report['unfamiliar'])} of {len(y['test'])} test "
-                 "images beyond it"))
+                report["unfamiliar"].append(
+                    {
+                        "file": str(ref.path),
+                        "page": int(ref.page),
+                        "score": round(float(score), 4),
+                        "true": names[t],
+                        "predicted": names[int(p.argmax())],
+                        "confidence": round(float(p.max()), 4),
+                    }
+                )
+    emit(
+        Message(
+            f"Unfamiliar images: threshold {familiarity.threshold:.2f} (feature distance "
+            f"at the {cal['source']} images' 99th percentile, {cal['n']} images; "
+            f"{fit_seconds:.1f}s); {len(report['unfamiliar'])} of {len(y['test'])} test "
+            "images beyond it"
+        )
+    )
 
     meta = {
         "format": f"{BUNDLE_FORMAT}/{BUNDLE_VERSION}",
@@ -656,12 +831,16 @@ def train(
         "history": history,
         "epochs_run": reporter.epochs_run,
         "class_distribution": {names[k]: v for k, v in distribution.items()},
-        "class_weights": ({names[k]: v for k, v in class_weight.items()} if class_weight
-                          else None),
-        "split": {"file": str(Path(config.data_dir).resolve() / SPLIT_FILE),
-                  **{k: v for k, v in samples.split.to_dict().items()
-                     if k in ("version", "val_fraction", "test_fraction", "seed", "group_by")},
-                  "own_files": SPLIT_FILE},
+        "class_weights": ({names[k]: v for k, v in class_weight.items()} if class_weight else None),
+        "split": {
+            "file": str(Path(config.data_dir).resolve() / SPLIT_FILE),
+            **{
+                k: v
+                for k, v in samples.split.to_dict().items()
+                if k in ("version", "val_fraction", "test_fraction", "seed", "group_by")
+            },
+            "own_files": SPLIT_FILE,
+        },
         "metrics": {k: report[k] for k in ("n", "accuracy", "per_class", "confusion_matrix")},
         "familiarity": familiarity.meta(),
         "versions": versions(),
@@ -679,18 +858,34 @@ def train(
     extra[REPORT_HTML] = render_report_html(meta, report, manifest)
     bundle = write_bundle(config.out_dir, model, meta, extra)
     if report["accuracy"] is not None:
-        emit(Message(f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"
-                     + (f" from {report['groups']} groups" if report.get("groups") else "")))
+        emit(
+            Message(
+                f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"
+                + (f" from {report['groups']} groups" if report.get("groups") else "")
+            )
+        )
     if report.get("tta"):
         tta = report["tta"]
-        emit(Message(f"Test accuracy with flips (TTA): {tta['accuracy']:.4f} (plain "
-                     f"{tta['plain_accuracy']:.4f}; {tta['views']} views per image, "
-                     f"{tta['seconds']:.1f}s)"))
+        emit(
+            Message(
+                f"Test accuracy with flips (TTA): {tta['accuracy']:.4f} (plain "
+                f"{tta['plain_accuracy']:.4f}; {tta['views']} views per image, "
+                f"{tta['seconds']:.1f}s)"
+            )
+        )
     for f in report["diagnosis"]:
         emit(Message(f"{f['finding']}: {f['evidence'].rstrip('.')}. {f['remedy']}"))
     emit(Message(f"Model saved to {bundle}"))
-    return TrainResult(bundle, names, history, report, False, reporter.epochs_run,
-                       time.perf_counter() - t_start, meta)
+    return TrainResult(
+        bundle,
+        names,
+        history,
+        report,
+        False,
+        reporter.epochs_run,
+        time.perf_counter() - t_start,
+        meta,
+    )
 
 
 class _Fitter:
@@ -700,8 +895,7 @@ class _Fitter:
         self.config, self.y, self.class_weight, self.reporter = config, y, class_weight, reporter
         self.phases: list[dict] = []
 
-    def run(self, model, inputs: dict, cached: bool, lr: float, first: int, last: int,
-            phase: int):
+    def run(self, model, inputs: dict, cached: bool, lr: float, first: int, last: int, phase: int):
         """Train epochs ``first+1..last``; returns the model that maps inputs to classes."""
         import keras
         import tensorflow as tf
@@ -710,48 +904,84 @@ class _Fitter:
 
         config, y = self.config, self.y
         trained = build_head(model, inputs["train"].shape[-1]) if cached else model
-        trained.compile(optimizer=keras.optimizers.Adam(lr),
-                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        trained.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         autotune = tf.data.AUTOTUNE
-        train_ds = (tf.data.Dataset.from_tensor_slices((inputs["train"], y["train"]))
-                    .shuffle(len(y["train"]), seed=config.seed + phase - 1,
-                             reshuffle_each_iteration=True))
+        train_ds = tf.data.Dataset.from_tensor_slices((inputs["train"], y["train"])).shuffle(
+            len(y["train"]), seed=config.seed + phase - 1, reshuffle_each_iteration=True
+        )
         if cached:  # each epoch sees one of the cached views of every training image
             n_views = inputs["train"].shape[1]
             view_seed = tf.random.Generator.from_seed(config.seed)
             train_ds = train_ds.map(
-                lambda f, label: (f[view_seed.uniform((), 0, n_views, tf.int32)], label))
+                lambda f, label: (f[view_seed.uniform((), 0, n_views, tf.int32)], label)
+            )
         train_ds = train_ds.batch(config.batch_size).prefetch(autotune)
         has_val = len(y["val"]) > 0
-        val_ds = (tf.data.Dataset.from_tensor_slices((inputs["val"], y["val"]))
-                  .batch(config.batch_size).prefetch(autotune)) if has_val else None
+        val_ds = (
+            (
+                tf.data.Dataset.from_tensor_slices((inputs["val"], y["val"]))
+                .batch(config.batch_size)
+                .prefetch(autotune)
+            )
+            if has_val
+            else None
+        )
         monitor = "val_loss" if has_val else "loss"
-        callbacks = [self.reporter, keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience,
-            min_lr=config.min_lr, verbose=0)]
+        callbacks = [
+            self.reporter,
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor,
+                factor=config.reduce_lr_factor,
+                patience=config.reduce_lr_patience,
+                min_lr=config.min_lr,
+                verbose=0,
+            ),
+        ]
         early = None
         if config.early_stopping:
             early = keras.callbacks.EarlyStopping(
-                monitor=monitor, patience=config.early_stopping_patience,
-                restore_best_weights=True, verbose=0)
+                monitor=monitor,
+                patience=config.early_stopping_patience,
+                restore_best_weights=True,
+                verbose=0,
+            )
             callbacks.append(early)
         history = self.reporter.history
         n_before = len(history.get("loss", []))
         self.reporter.phase = phase
-        trained.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=first,
-                    class_weight=self.class_weight, callbacks=callbacks, shuffle=False,
-                    verbose=0)  # tf.data shuffles
+        trained.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=last,
+            initial_epoch=first,
+            class_weight=self.class_weight,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )  # tf.data shuffles
         ran = len(history.get("loss", [])) - n_before
         base_trains = any(w.trainable for w in base_layer(model).weights)
-        info = {"phase": phase, "epochs": [first + 1, first + ran], "learning_rate": lr,
-                "trained": "head on cached features" if cached else
-                ("head and unfrozen stages" if base_trains else "head on the frozen base")}
+        info = {
+            "phase": phase,
+            "epochs": [first + 1, first + ran],
+            "learning_rate": lr,
+            "trained": "head on cached features"
+            if cached
+            else ("head and unfrozen stages" if base_trains else "head on the frozen base"),
+        }
         if early is not None and early.stopped_epoch > 0 and not self.reporter.stopped:
             best = early.best_epoch + 1
             info["early_stopped"] = {"after_epoch": first + ran, "best_epoch": best}
-            self.reporter.emit(Message(
-                f"Early stopping after epoch {first + ran}: the {monitor.replace('_', ' ')} "
-                f"stopped improving; the weights of epoch {best} (the best) are kept."))
+            self.reporter.emit(
+                Message(
+                    f"Early stopping after epoch {first + ran}: the {monitor.replace('_', ' ')} "
+                    f"stopped improving; the weights of epoch {best} (the best) are kept."
+                )
+            )
         self.phases.append(info)
         return trained
 
@@ -777,8 +1007,15 @@ def _images(config: TrainConfig, samples, emit, should_stop) -> dict | None:
     return arrays
 
 
-def _features(config: TrainConfig, samples, model, weights_id: str, emit, should_stop,
-              subsets=("train", "val", "test")) -> dict | None:
+def _features(
+    config: TrainConfig,
+    samples,
+    model,
+    weights_id: str,
+    emit,
+    should_stop,
+    subsets=("train", "val", "test"),
+) -> dict | None:
     """Backbone features from the dataset's cache, computing only what is missing."""
     from .features import (
         FeatureCache,
@@ -793,13 +1030,16 @@ def _features(config: TrainConfig, samples, model, weights_id: str, emit, should
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None
     key = cache_key(spec, weights_id, config.seed, strength)
-    cache = FeatureCache(config.data_dir, key, key_fields(spec, weights_id, config.seed,
-                                                          strength))
+    cache = FeatureCache(config.data_dir, key, key_fields(spec, weights_id, config.seed, strength))
     cache.touch()
     removed = prune_cache(config.data_dir, keep=key)
     if removed:
-        emit(Message(f"Feature cache: removed {len(removed)} folder(s) unused for 30 days or "
-                     "beyond the size cap."))
+        emit(
+            Message(
+                f"Feature cache: removed {len(removed)} folder(s) unused for 30 days or "
+                "beyond the size cap."
+            )
+        )
     extractor = FeatureExtractor(model, config.seed, config.augment_strength, config.batch_size)
     plan = [(s, views if s == "train" else 1) for s in subsets]
     earlier = {"done": 0, "last": 0}  # images of the subsets already finished
@@ -807,8 +1047,15 @@ def _features(config: TrainConfig, samples, model, weights_id: str, emit, should
     def progress(done, total, seconds):
         rate = done / seconds if seconds > 0 else None
         earlier["last"] = total
-        emit(Progress("features", earlier["done"] + done, earlier["done"] + total, rate,
-                      (total - done) / rate if rate else None))
+        emit(
+            Progress(
+                "features",
+                earlier["done"] + done,
+                earlier["done"] + total,
+                rate,
+                (total - done) / rate if rate else None,
+            )
+        )
 
     out = {}
     t0 = time.perf_counter()
@@ -821,9 +1068,18 @@ def _features(config: TrainConfig, samples, model, weights_id: str, emit, should
         earlier["done"] += earlier["last"]
         earlier["last"] = 0
     if cache.unwritable:
-        emit(Message(f"Could not write the feature cache in {cache.folder} ({cache.unwritable})"
-                     "; features will be computed again next time.", "warning"))
-    emit(Message(f"Backbone features: {cache.computed} image(s) computed, {cache.hits} "
-                 f"reused from the cache ({views} view(s) per training image) in "
-                 f"{time.perf_counter() - t0:.1f}s"))
+        emit(
+            Message(
+                f"Could not write the feature cache in {cache.folder} ({cache.unwritable})"
+                "; features will be computed again next time.",
+                "warning",
+            )
+        )
+    emit(
+        Message(
+            f"Backbone features: {cache.computed} image(s) computed, {cache.hits} "
+            f"reused from the cache ({views} view(s) per training image) in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
+    )
     return out
