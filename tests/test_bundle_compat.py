@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -275,6 +276,24 @@ def test_predict_a_folder_with_a_zipped_bundle(bundle, tmp_path):
         assert (p.file, p.class_name) == (q.file, q.class_name)
         assert abs(p.confidence - q.confidence) <= 1e-6
     assert (tmp_path / "out.csv").is_file()
+
+
+def test_evaluating_a_zipped_bundle_saves_its_report_beside_the_zip(bundle, tmp_path, cache_home):
+    import tifffile
+
+    from napari_microclf.core.evaluate import evaluate
+
+    data = tmp_path / "labelled"
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            tifffile.imwrite(data / name / f"{i}.tif", rng.integers(0, 4096, (40, 48), np.uint16))
+    zipped = m.zip_bundle(bundle[0], tmp_path / "shared.zip")
+    report = evaluate(zipped, data, all_images=True)
+    saved = Path(report["saved"])
+    assert saved.parent == tmp_path / "shared-reports" / "reports" and saved.is_file()
+    assert not list(cache_home.rglob("reports"))  # nothing hidden in the cache folder
 
 
 def test_a_zip_of_the_folder_itself_opens_too(bundle, tmp_path):

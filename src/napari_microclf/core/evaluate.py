@@ -309,7 +309,8 @@ def evaluate(
         Score every image of ``data_dir`` whose content is not in the model's training or
         validation lists (those are listed as flagged, not scored).
     save : bool
-        Write ``reports/<date>-<subset>.md`` and ``.json`` into the model folder.
+        Write ``reports/<date>-<subset>.md`` and ``.json`` into the model folder (for a
+        zipped model: into ``<name>-reports/reports/`` beside the zip).
     lists_from : path, optional
         Take the ``subset`` list from this other model folder instead (e.g. the ``previous/``
         model, to score a retrained model on exactly the images its predecessor was scored on).
@@ -445,8 +446,17 @@ def evaluate(
         notes.append(f"{len(flagged)} image(s) were seen in training or validation: not scored.")
     report["diagnosis"] = diagnose({}, report)
     if save:
-        report["saved"] = str(save_report(bundle.path, report))
+        report["saved"] = str(save_report(reports_home(bundle), report))
     return report
+
+
+def reports_home(bundle) -> Path:
+    """Where an evaluation of ``bundle`` keeps its ``reports/``: the model folder, or for a
+    zipped model (read from a cache folder) ``<name>-reports/`` beside the zip, where its
+    user finds them."""
+    if getattr(bundle, "source", None) is None:
+        return Path(bundle.path)
+    return bundle.source.with_name(f"{bundle.source.stem}-reports")
 
 
 def tta_summary(
@@ -514,7 +524,7 @@ def save_report(model_dir: str | Path, report: dict) -> Path:
     from .dataset import atomic_write_text
 
     folder = Path(model_dir) / REPORTS_DIR
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     stem = f"{_dt.datetime.now():%Y-%m-%d-%H%M%S}-{report.get('subset', 'test')}"
     n = 1
     while (folder / f"{stem}.md").exists() or (folder / f"{stem}.json").exists():
