@@ -34,7 +34,6 @@ with a :class:`BundleVersionWarning`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -1024,23 +1023,6 @@ def bundle_cache_dir() -> Path:
     return Path(base).expanduser() / "napari-microclf" / "bundles"
 
 
-_SHA256: dict[tuple, str] = {}  # (path, size, mtime): digest, so read_meta + load hash once
-
-
-def _sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if len(_SHA256) > 64:
-            _SHA256.clear()
-        _SHA256[key] = digest.hexdigest()
-    return _SHA256[key]
-
-
 def resolve_bundle_path(path: str | Path) -> Path:
     """The folder to read a bundle from: ``path`` itself, or for a zipped bundle the cache
     folder it is extracted into (once per content: the folder is named by the zip's
@@ -1054,8 +1036,10 @@ def resolve_bundle_path(path: str | Path) -> Path:
             f"zipped model {path} does not exist; pick a model folder or a .zip "
             "written by microclf export"
         )
+    from .features import file_digest  # memoised by (path, size, time, inode)
+
     try:
-        sha = _sha256(path)
+        sha = file_digest(path, "sha256")
     except OSError as exc:
         raise BundleError(
             f"cannot read zipped model {path} ({exc.strerror or exc}); check "
