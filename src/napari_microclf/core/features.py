@@ -16,6 +16,13 @@ ones (its content hash changes), and a retraining computes only what is new. Eac
 has a ``key.json`` saying what it was made with and a ``last-used`` stamp; folders unused for
 30 days, or beyond the size cap (``$MICROCLF_CACHE_MAX_GB``, 10 GB), are pruned
 (:func:`prune_cache`); ``microclf cache info|clear DATA`` shows or empties the cache.
+
+A large set's assembled ``(N, views, D)`` features (above :func:`memmap_threshold_bytes`,
+256 MB unless ``$MICROCLF_MEMMAP_MB`` says otherwise) are written once into the key folder
+as ``assembled-<hash>.npy`` and returned as a read-only ``np.memmap`` of it, so a training
+on 100,000 images holds them on disk, not twice in memory; the per-file entries are read
+memory-mapped, one file at a time, while assembling. :mod:`.features_cluster` computes the
+entries on a Dask cluster (``microclf features DATA --cluster ...``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ DEFAULT_VIEWS = 4  # augmented views per training image; see docs/performance.md
 FEATURES_VERSION = 3
 MAX_AGE_DAYS = 30
 KEY_FILE, STAMP_FILE = "key.json", "last-used"
+MEMMAP_MB = 256  # assembled features larger than this are memory-mapped from the cache
+ASSEMBLED_PREFIX = "assembled-"  # an assembled set's file in a key folder (not an entry)
+ASSEMBLED_KEEP = 3  # assembled files kept per key folder (a training's train, val and test)
 
 
 DIGEST_MEMO_SIZE = 4096  # file digests remembered (a few hundred kB), least recently used out
@@ -107,6 +117,17 @@ def cache_max_bytes() -> int:
     return int(float(os.environ.get("MICROCLF_CACHE_MAX_GB", "10")) * 2**30)
 
 
+def memmap_threshold_bytes() -> int:
+    """Assembled features above this many bytes come back memory-mapped from the cache
+    (``$MICROCLF_MEMMAP_MB``, default :data:`MEMMAP_MB`; 0 maps every set)."""
+    return int(float(os.environ.get("MICROCLF_MEMMAP_MB", MEMMAP_MB)) * 2**20)
+
+
+def _is_entry(path: Path) -> bool:
+    """A per-file cache entry (``<sha1>.npy``), not an assembled set or a temporary."""
+    return path.suffix == ".npy" and not path.name.startswith((ASSEMBLED_PREFIX, "."))
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -130,7 +151,7 @@ def cache_entries(root: str | Path) -> list[dict]:
                 "key": folder.name,
                 "folder": folder,
                 "fields": fields,
-                "files": sum(1 for _ in folder.glob("*.npy")),
+                "files": sum(1 for p in folder.glob("*.npy") if _is_entry(p)),
                 "bytes": _folder_bytes(folder),
                 "last_used": _last_used(folder),
             }
@@ -208,12 +229,13 @@ class FeatureCache:
     def _path(self, digest: str) -> Path:
         return self.folder / f"{digest}.npy"
 
-    def load(self, digest: str) -> np.ndarray | None:
+    def load(self, digest: str, mmap: bool = False) -> np.ndarray | None:
+        """The file's ``(pages, views, D)`` entry (memory-mapped, read-only, with ``mmap``)."""
         path = self._path(digest)
         if not path.exists():
             return None
         try:
-            return np.load(path)
+            return np.load(path, mmap_mode="r" if mmap else None)
         except (OSError, ValueError):  # a damaged cache entry is recomputed
             return None
 
@@ -241,6 +263,59 @@ class FeatureCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def assembled_path(self, name: str) -> Path:
+        return self.folder / f"{ASSEMBLED_PREFIX}{name}.npy"
+
+    def open_assembled(self, name: str, shape: tuple) -> np.memmap | None:
+        """The assembled set ``name`` if it is there with this shape (read-only), else None."""
+        path = self.assembled_path(name)
+        try:
+            out = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):  # absent, or damaged: assembled again
+            return None
+        if out.shape != shape or out.dtype != np.float32:
+            return None
+        try:
+            os.utime(path)  # recently used: kept by _drop_old_assembled
+        except OSError:
+            pass
+        return out
+
+    def new_assembled(self, shape: tuple) -> tuple[np.memmap, str] | None:
+        """A writable ``.npy`` memmap in a temporary file of the folder, or None if the
+        folder cannot hold it (then the caller assembles in memory)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.folder)
+            os.close(fd)
+            return np.lib.format.open_memmap(tmp, "w+", np.float32, shape), tmp
+        except OSError as exc:
+            self.unwritable = str(exc)
+            if "tmp" in locals() and os.path.exists(tmp):
+                os.unlink(tmp)
+            return None
+
+    def finish_assembled(self, out: np.memmap, tmp: str, name: str) -> np.memmap:
+        """Publish the filled temporary as ``assembled-<name>.npy`` and map it read-only."""
+        out.flush()
+        del out
+        path = self.assembled_path(name)
+        os.replace(tmp, path)
+        self._drop_old_assembled()
+        return np.load(path, mmap_mode="r")
+
+    def _drop_old_assembled(self) -> None:
+        old = sorted(
+            self.folder.glob(f"{ASSEMBLED_PREFIX}*.npy"),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for path in old[ASSEMBLED_KEEP:]:
+            try:  # a training that has it mapped keeps reading it (POSIX)
+                path.unlink()
+            except OSError:
+                continue
 
 
 def make_backbone(classifier):
@@ -295,6 +370,7 @@ def make_augment(strength: float, seed: int):
         mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
         return tf.clip_by_value((x - mean) * factor + mean, 0.0, 255.0)
 
+    augment.generator = gen  # FeatureExtractor.reseed resets it
     return augment
 
 
@@ -309,10 +385,19 @@ class FeatureExtractor:
         image_size = classifier.input_shape[1]
         spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
         backbone, aug = self.backbone, make_augment(augment_strength, seed)
+        self._generator = aug.generator
         self._plain = tf.function(lambda x: backbone(x, training=False), input_signature=spec)
         self._augmented = tf.function(
             lambda x: backbone(aug(x), training=False), input_signature=spec
         )
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmented views' random draws from ``seed``."""
+        self._generator.reset_from_seed(seed)
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.output_shape[-1])
 
     def __call__(self, images: np.ndarray, augmented: bool = False) -> np.ndarray:
         fn = self._augmented if augmented else self._plain
@@ -335,39 +420,79 @@ def extract_features(
     cache: FeatureCache | None,
     on_progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    memmap: bool | None = None,
 ) -> np.ndarray | None:
-    """``(len(refs), views, D)`` features; view 0 is the plain image, 1.. are augmented.
+    """``(len(refs), views, D)`` float32 features; view 0 is the plain image, 1.. augmented.
 
     Only pages whose file is missing from the cache (or has fewer views cached) are read
     and run through the backbone; ``on_progress(done, total, seconds)`` counts backbone
     images. Returns None if stopped.
+
+    Above :func:`memmap_threshold_bytes` (with a writable cache) the result is a read-only
+    ``np.memmap`` of ``assembled-<hash>.npy`` in the key folder, the hash naming the files'
+    contents, pages and ``views``: a second call with nothing changed maps that file at
+    once. Below it, or when the cache cannot be written, an ordinary array. Either way each
+    cached entry is read memory-mapped, one file at a time, straight into the result.
+    ``memmap``: True or False decides instead of the threshold.
     """
     by_file: dict[Path, list[int]] = {}
     for i, r in enumerate(refs):
         by_file.setdefault(Path(r.path), []).append(i)
     digests = {p: file_digest(p) for p in by_file}
-    result: list[np.ndarray | None] = [None] * len(refs)
+    shape = (len(refs), views, extractor.dim)
+    big = 4 * np.prod(shape) > memmap_threshold_bytes() if memmap is None else memmap
+    big = big and cache is not None and len(refs) > 0
+    name, tmp = None, None
+    if big:
+        text = json.dumps([views, [(digests[Path(r.path)], int(r.page)) for r in refs]])
+        name = hashlib.sha1(text.encode()).hexdigest()[:16]
+        done_before = cache.open_assembled(name, shape)
+        if done_before is not None:
+            cache.hits += len(refs)
+            return done_before
+        made = cache.new_assembled(shape)
+        if made is not None:
+            out, tmp = made
+    if tmp is None:
+        out = np.empty(shape, np.float32)
+    try:
+        result = _fill(
+            refs, views, spec, extractor, cache, by_file, digests, out, on_progress, should_stop
+        )
+        if result is None or tmp is None:
+            return result
+        published = cache.finish_assembled(out, tmp, name)
+        tmp = None
+        return published
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            del out
+            os.unlink(tmp)
+
+
+def _cached_views(entry: np.ndarray | None, page: int) -> int:
+    """How many views of ``page`` the entry holds (a prefix; NaN rows were never computed)."""
+    if entry is None or page >= len(entry) or not entry.shape[1]:
+        return 0
+    return int(np.isfinite(entry[page]).all(axis=1).cumprod().sum())
+
+
+def _fill(refs, views, spec, extractor, cache, by_file, digests, out, on_progress, should_stop):
+    """:func:`extract_features` into ``out``: cached rows copied, missing ones computed."""
     todo: list[tuple[int, int]] = []  # (ref index, first missing view)
-    loaded: dict[Path, np.ndarray | None] = {}  # read once, merged into when saving
     for path, idx in by_file.items():
-        cached = loaded[path] = cache.load(digests[path]) if cache is not None else None
+        entry = cache.load(digests[path], mmap=True) if cache is not None else None
         for i in idx:
             page = refs[i].page
-            have = cached[page] if cached is not None and page < len(cached) else None
-            if have is not None:  # views are stored as a prefix; NaN rows were never computed
-                have = (
-                    have[: int(np.isfinite(have).all(axis=1).cumprod().sum())]
-                    if len(have)
-                    else None
-                )
-                have = have if have is not None and len(have) else None
-            if have is not None and have.shape[0] >= views:
-                result[i] = have[:views]
-                if cache is not None:
-                    cache.hits += 1
+            have = min(_cached_views(entry, page), views)
+            if have:
+                out[i, :have] = entry[page, :have]
+            if have == views and cache is not None:
+                cache.hits += 1
             else:
-                todo.append((i, 0 if have is None else have.shape[0]))
-                result[i] = have
+                todo.append((i, have))
+        del entry  # one file's entry mapped at a time
     total = sum(views - start for _, start in todo)
     done, t0 = 0, time.perf_counter()
     step = max(extractor.batch_size, 1)
@@ -385,9 +510,7 @@ def extract_features(
                 continue
             feats = extractor(images[rows], augmented=v > 0)
             for k, f in zip(rows, feats, strict=True):
-                i = chunk[k][0]
-                prev = result[i]
-                result[i] = f[None] if prev is None else np.concatenate([prev[:v], f[None]])
+                out[chunk[k][0], v] = f
             done += len(rows)
             if on_progress is not None:
                 on_progress(done, total, time.perf_counter() - t0)
@@ -400,10 +523,11 @@ def extract_features(
         for path, idx in by_file.items():
             if changed.intersection(idx):
                 n_pages = max(refs[i].page for i in idx) + 1
-                stored = _merge(loaded[path], {refs[i].page: result[i] for i in idx}, n_pages)
+                old = cache.load(digests[path])  # merged with: views of other runs kept
+                stored = _merge(old, {refs[i].page: out[i] for i in idx}, n_pages)
                 cache.save(digests[path], stored)
         cache.computed += len(todo)
-    return np.stack(result) if result else np.zeros((0, views, 1280), np.float32)
+    return out
 
 
 def _merge(old: np.ndarray | None, pages: dict[int, np.ndarray], n_pages: int) -> np.ndarray:
