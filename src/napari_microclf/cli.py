@@ -212,6 +212,57 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _features_config_checked(args):
+    """The features' settings (train's options) and the dataset, checked before TensorFlow
+    starts; returns the config and the lines the checks have to say."""
+    from .core.errors import MicroclfError
+    from .core.features_cluster import check_features
+    from .core.model import check_backbone, normalize_weights, parse_fine_tune
+
+    try:
+        config = _config_from_args(args, "microclf-model")  # no model is written
+        check_backbone(config.backbone)
+        parse_fine_tune(config.fine_tune)
+        normalize_weights(config.weights)
+    except MicroclfError:
+        raise
+    except ValueError as exc:
+        raise MicroclfError(str(exc)) from exc
+    return config, check_features(config)
+
+
+def cmd_features(args) -> int:
+    """Features into the dataset's cache: exit 0 when every file was done, 1 when a file
+    failed, 2 when stopped."""
+    import contextlib
+
+    from .core.features_cluster import compute_features
+
+    config, lines = args.config if hasattr(args, "config") else _features_config_checked(args)
+    for line in lines:
+        print(line, flush=True)
+    bar = _Bar()
+    if args.cluster:
+        from .core.cluster import connected
+
+        context = connected(args.cluster)
+    else:
+        context = contextlib.nullcontext()
+    with context as client:
+        summary = compute_features(
+            config, client, on_update=lambda u: _print_update(u, bar), check=False
+        )
+    bar.clear()
+    print(summary.text(), flush=True)
+    if summary.failed:
+        print(
+            f"{len(summary.failed)} file(s) failed (listed above); fix or remove them, then "
+            "run features again: only what is missing is computed",
+            flush=True,
+        )
+    return 2 if summary.stopped else 1 if summary.failed else 0
+
+
 def cmd_predict(args) -> int:
     """Classify past bad files: exit 0 when a page was classified, 1 when none was."""
     from .core.evaluate import describe_model
@@ -529,6 +580,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data")
     c.set_defaults(func=cmd_cache)
 
+    fe = sub.add_parser(
+        "features",
+        help="compute DATA's backbone features into its feature cache (optionally on a "
+        "Dask cluster) so that train only trains the head",
+        description="Compute the frozen backbone's features of every page of DATA (training "
+        "pages with their augmented views, validation and test pages plain) into DATA's "
+        "feature cache, exactly what `microclf train DATA` with the same options reads: give "
+        "it the options you will train with. Then the training computes nothing and trains "
+        "the head in seconds. With --cluster the files are shared out as tasks to Dask "
+        "workers, which read the images and write the cache themselves: they must see DATA "
+        "at the same path (a shared file system) and have the same TensorFlow, Keras and "
+        "weights. Exit status 0 when every file was done, 1 when a file failed (named with "
+        "its reason; the others are done).",
+    )
+    fe.add_argument("data", help="dataset folder with one sub-folder per class")
+    fe.add_argument(
+        "--cluster",
+        metavar="SPEC",
+        help="local:N (N worker processes on this computer) or tcp://HOST:PORT (a running "
+        "Dask scheduler, e.g. dask-jobqueue's); default: this process",
+    )
+    fe.add_argument(
+        "--preset",
+        choices=["auto", "none"],
+        default="none",
+        help="as train's --preset: the training guide's settings for the dataset's size",
+    )
+    _add_config_arguments(fe)
+    fe.set_defaults(func=cmd_features)
+
     pr = sub.add_parser(
         "predict",
         help="classify images, stacks or folders",
@@ -737,6 +818,8 @@ def main(argv=None) -> int:
         # refuse wrong settings, folders and destinations before TensorFlow starts
         if args.command == "train":
             args.config = _train_config_checked(args)
+        elif args.command == "features":
+            args.config = _features_config_checked(args)
         elif args.command == "predict":
             args.checked = _predict_checked(args)
         elif args.command == "explain":
