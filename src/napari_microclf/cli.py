@@ -273,11 +273,18 @@ def cmd_predict(args) -> int:
     )
 
     csv_path, files = args.checked if hasattr(args, "checked") else _predict_checked(args)
-    predictor = Predictor(args.model, batch_size=args.batch_size)
+    if args.cluster:  # the workers load the model; here only its description is needed
+        from .core.model import read_meta
+
+        predictor = None
+        shown, meta = Path(args.model).expanduser(), read_meta(args.model)
+    else:
+        predictor = Predictor(args.model, batch_size=args.batch_size)
+        shown, meta = predictor.bundle.path, predictor.bundle.meta
     if not args.quiet:
         print(
-            f"Model: {predictor.bundle.path} ({describe_model(predictor.bundle.meta)}); "
-            f"classes: {', '.join(predictor.class_names)}"
+            f"Model: {shown} ({describe_model(meta)}); "
+            f"classes: {', '.join(meta['class_names'])}"
             + (
                 "; test-time augmentation: probabilities averaged over 4 flipped views"
                 if args.tta
@@ -285,10 +292,25 @@ def cmd_predict(args) -> int:
             ),
             flush=True,
         )
+    bar = _Bar()
+    pace = {"start": time.monotonic(), "shown": 0.0, "pages": 0, "files": set()}
+
+    def progress(item) -> None:
+        pace["files"].add(item.path if isinstance(item, FileError) else item.file)
+        pace["pages"] += not isinstance(item, FileError)
+        now = time.monotonic()
+        if bar.enabled and now - pace["shown"] > 0.2:
+            pace["shown"] = now
+            rate = pace["pages"] / max(now - pace["start"], 1e-9)
+            bar.show(
+                len(pace["files"]), len(files), f"files - {pace['pages']} pages, {rate:.1f} pages/s"
+            )
 
     def show(item) -> None:
         if args.quiet:
+            progress(item)
             return
+        bar.clear()
         if isinstance(item, FileError):
             page = "" if item.page is None else f"page {item.page}"
             print(f"{item.path}\t{page}\terror\t{item.message}", flush=True)
@@ -299,15 +321,30 @@ def cmd_predict(args) -> int:
                 f"{item.confidence:.3f}" + ("" if score is None else f"\tunfamiliar {score:.2f}"),
                 flush=True,
             )
+        progress(item)
 
     try:
         result = predict_folder(
-            predictor, files, csv_path, threshold=args.threshold, on_item=show, tta=args.tta
+            predictor or args.model,
+            files,
+            csv_path,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            on_item=show,
+            tta=args.tta,
+            client=args.cluster,
+            resume=args.resume,
         )
     except KeyboardInterrupt:
+        bar.clear()
         if csv_path is not None:
-            print(f"Interrupted: the rows so far are in {csv_path}.partial", file=sys.stderr)
+            print(
+                f"Interrupted: the rows so far are in {csv_path}.partial; run the same "
+                "command with --resume to continue",
+                file=sys.stderr,
+            )
         raise
+    bar.clear()
     print(result.summary(), flush=True)
     return 0 if result.ok else 1
 
@@ -320,6 +357,17 @@ def _predict_checked(args):
 
     read_meta(args.model)
     csv_path = check_csv_destination(args.csv) if args.csv else None
+    if args.resume and csv_path is None:
+        from .core.errors import OutputError
+
+        raise OutputError(
+            "--resume needs the CSV of the interrupted run: give --csv PATH, the same "
+            "PATH whose PATH.partial holds the rows so far"
+        )
+    if args.cluster:
+        from .core.cluster import check_spec
+
+        check_spec(args.cluster)
     return csv_path, find_images(args.paths)
 
 
@@ -634,7 +682,24 @@ def build_parser() -> argparse.ArgumentParser:
         "above 1)",
     )
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--quiet", action="store_true", help="print only the CSV summary")
+    pr.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the CSV summary (and, on a terminal, the progress bar)",
+    )
+    pr.add_argument(
+        "--cluster",
+        metavar="local:N|tcp://HOST:PORT",
+        help="classify on a Dask cluster: local:N starts N single-threaded worker processes "
+        "here; tcp://HOST:PORT uses a running scheduler (e.g. dask-jobqueue's). Pages go "
+        "as file references, the CSV is the same as without --cluster",
+    )
+    pr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: keep the rows of CSV.partial (needs --csv, the "
+        "same model) and classify only the pages not in it",
+    )
     pr.add_argument(
         "--tta",
         action="store_true",

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
+import uuid
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +35,7 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def connect(spec, *, timeout: float = CONNECT_TIMEOUT):
+def connect(spec, *, timeout: float | None = None):
     """A ``distributed.Client`` for ``spec``.
 
     Parameters
@@ -43,8 +46,8 @@ def connect(spec, *, timeout: float = CONNECT_TIMEOUT):
         closed with the client. A scheduler address (``"tcp://HOST:PORT"``, or any address
         ``distributed.Client`` accepts): an existing scheduler, e.g. one started by
         dask-jobqueue's ``SLURMCluster``. A ``Client``: returned as it is.
-    timeout : float
-        Seconds to wait for a scheduler before giving up.
+    timeout : float, optional
+        Seconds to wait for a scheduler before giving up (default :data:`CONNECT_TIMEOUT`).
 
     Returns
     -------
@@ -63,43 +66,29 @@ def connect(spec, *, timeout: float = CONNECT_TIMEOUT):
     >>> with connected("local:2") as client:  # doctest: +SKIP
     ...     result = predict_folder("model", "plates/", "plates.csv", client=client)
     """
+    import logging
+
     from distributed import Client
 
     if isinstance(spec, Client):
         return spec
-    text = str(spec).strip() if isinstance(spec, (str, os.PathLike)) else None
-    if not text:
-        raise ClusterError(
-            f"cluster {spec!r} is not a cluster: give local:N (N worker processes on this "
-            "computer, e.g. local:4) or a Dask scheduler address such as tcp://HOST:8786"
-        )
-    if text.lower().startswith("local"):
-        match = LOCAL_SPEC.fullmatch(text.lower())
-        n = int(match.group(1)) if match else 0
-        if n < 1:
-            raise ClusterError(
-                f"cluster {text!r}: give local:N with N, the number of worker processes, "
-                f"at least 1 (e.g. local:{max(_cores(), 1)}, one per core here)"
-            )
-        threads = str(max(_cores() // n, 1))
+    kind, value = check_spec(spec)
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    if kind == "local":
+        threads = str(max(_cores() // value, 1))
         return Client(
-            n_workers=n,
+            n_workers=value,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: two clusters on one computer do not clash
+            silence_logs=logging.ERROR,  # not the nanny's "still alive ... killing" at close
             env={
                 "TF_NUM_INTRAOP_THREADS": threads,
                 "TF_NUM_INTEROP_THREADS": "1",
                 "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
             },
         )
-    address = text if "://" in text else f"tcp://{text}"
-    if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", address, re.IGNORECASE):
-        raise ClusterError(
-            f"cluster {text!r} is not local:N or a scheduler address; give local:N or an "
-            "address such as tcp://HOST:8786 (printed by `dask scheduler` or "
-            "cluster.scheduler_address)"
-        )
+    address = value
     try:
         return Client(address, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -115,8 +104,38 @@ def connect(spec, *, timeout: float = CONNECT_TIMEOUT):
         ) from exc
 
 
+def check_spec(spec) -> tuple[str, int | str]:
+    """``("local", N)`` or ``("address", "tcp://HOST:PORT")`` for a cluster spec, without
+    starting or reaching anything; a ClusterError says what a malformed one should be."""
+    text = str(spec).strip() if isinstance(spec, (str, os.PathLike)) else None
+    if not text:
+        raise ClusterError(
+            f"cluster {spec!r} is not a cluster: give local:N (N worker processes on this "
+            "computer, e.g. local:4) or a Dask scheduler address such as tcp://HOST:8786"
+        )
+    if text.lower() == "local" or text.lower().startswith("local:"):
+        match = LOCAL_SPEC.fullmatch(text.lower())
+        n = int(match.group(1)) if match else 0
+        if n < 1:
+            raise ClusterError(
+                f"cluster {text!r}: give local:N with N, the number of worker processes, "
+                f"at least 1 (e.g. local:{max(_cores(), 1)}, one per core here)"
+            )
+        return "local", n
+    address = text if "://" in text else f"tcp://{text}"
+    if not re.fullmatch(
+        r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[^\s/:\[\]]+)(:\d+)?/?", address, re.IGNORECASE
+    ):
+        raise ClusterError(
+            f"cluster {text!r} is not local:N or a scheduler address; give local:N or an "
+            "address such as tcp://HOST:8786 (printed by `dask scheduler` or "
+            "cluster.scheduler_address)"
+        )
+    return "address", address
+
+
 @contextlib.contextmanager
-def connected(spec, *, timeout: float = CONNECT_TIMEOUT) -> Iterator:
+def connected(spec, *, timeout: float | None = None) -> Iterator:
     """:func:`connect` as a context manager: a client it opened is closed at the end (with its
     ``local:N`` workers); a ``Client`` passed in stays open."""
     from distributed import Client
@@ -146,6 +165,34 @@ def _bundle_key(path: str) -> tuple:
     return str(folder), stamps
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow in a worker with its start-up lines (CUDA probing, written from C++
+    before any setting applies) kept off the terminal the workers share with the user."""
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def worker_predictor(bundle: str | Path, batch_size: int = 32):
     """This process's :class:`~napari_microclf.core.predict.Predictor` for ``bundle`` (a
     model folder or zip), loaded at the first call and kept while the bundle's files are
@@ -155,6 +202,202 @@ def worker_predictor(bundle: str | Path, batch_size: int = 32):
     key = (*_bundle_key(str(bundle)), int(batch_size))
     predictor = _PREDICTORS.get(key)
     if predictor is None:
+        _import_tensorflow_quietly()
         _PREDICTORS.clear()  # one model per worker: an older version is dropped
         predictor = _PREDICTORS[key] = Predictor(bundle, batch_size)
     return predictor
+
+
+# A task's pages: (the file as results name it, the path a worker reads, first page, the page
+# after the last or None for the rest of the file)
+Ref = tuple[str, str, int, "int | None"]
+
+
+def classify_refs(bundle: str, refs: list, batch_size: int = 32, tta: bool = False) -> list:
+    """On a worker: the PagePrediction and FileError items of the pages ``refs`` name, in
+    order, classified with this process's :func:`worker_predictor` (the same reading,
+    preprocessing and batching as a single process)."""
+    predictor = worker_predictor(bundle, batch_size)
+    entries = (
+        entry
+        for name, path, start, stop in refs
+        for entry in predictor._file_entries(Path(path), start, stop, name=name)
+    )
+    return [item for batch in predictor._classify(entries, tta=tta) for item in batch]
+
+
+def _page_counts(files: list[Path], threads: int = 8) -> Iterator[int | None]:
+    """Each file's page count from its header, read a few files ahead in threads (a shared
+    file system answers in parallel); None for a PNG/JPEG/BMP (one page, not read here) and
+    for a file whose header cannot be read (its worker reports why)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .images import TIFF_SUFFIXES, count_pages
+
+    def count(path: Path) -> int | None:
+        if path.suffix.lower() not in TIFF_SUFFIXES:
+            return None
+        try:
+            return count_pages(path)
+        except (MicroclfError, OSError, ValueError):
+            return None
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="microclf-count") as pool:
+        ahead: deque = deque()
+        for path in files:
+            ahead.append(pool.submit(count, path))
+            if len(ahead) > 4 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def plan_tasks(
+    files: list[Path],
+    chunk_pages: int,
+    done: dict[str, set[int]] | None = None,
+    failed: set[str] | frozenset = frozenset(),
+) -> Iterator[list[Ref]]:
+    """``files`` as tasks of about ``chunk_pages`` pages each, in order: whole small files
+    together, a TIFF stack cut into page ranges. ``done`` (pages written per file, keyed by
+    the CSV's file cell) and ``failed`` (files with an error row) come from an interrupted
+    run: their pages are left out."""
+    from .predict import csv_cell, resume_start
+
+    chunk = max(int(chunk_pages), 1)
+    done = done or {}
+    task: list[Ref] = []
+    size = 0
+    for path, n in zip(files, _page_counts(files), strict=True):
+        name = str(path)
+        key = csv_cell(name)
+        if key in failed:
+            continue
+        start = resume_start(done.get(key))
+        read = os.path.abspath(path)
+        if n is None:  # one page, or a file its worker will report
+            task.append((name, read, start, None))
+            size += 1
+        else:
+            while start < n:
+                stop = min(start + chunk - size, n)
+                task.append((name, read, start, None if stop == n else stop))
+                size += stop - start
+                start = stop
+                if size >= chunk:
+                    yield task
+                    task, size = [], 0
+        if size >= chunk:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+def _after_errors(batches: Iterator[list]) -> Iterator[list]:
+    """Items as a single process gives them: once a file has an error, the pages of that file
+    that other tasks classified later in the file are dropped (one process stops reading a
+    file at its first bad page). Closing this closes ``batches``."""
+    from .predict import FileError
+
+    failed: set[str] = set()
+    try:
+        for batch in batches:
+            out = []
+            for item in batch:
+                name = item.path if isinstance(item, FileError) else item.file
+                if name in failed:
+                    continue
+                if isinstance(item, FileError):
+                    failed.add(name)
+                out.append(item)
+            yield out
+    finally:
+        batches.close()  # cancels the cluster's outstanding tasks now
+
+
+def classify_on_cluster(
+    client,
+    bundle,
+    files: list[Path],
+    *,
+    batch_size: int = 32,
+    tta: bool = False,
+    chunk_pages: int = 32,
+    done: dict[str, set[int]] | None = None,
+    failed: set[str] | frozenset = frozenset(),
+    should_stop=None,
+) -> Iterator[list]:
+    """The items of ``files`` classified on ``client``'s workers, one list per task, in input
+    order (tasks that complete early wait in memory for those before them).
+
+    At most two tasks per worker thread are submitted ahead (so a million pages never make a
+    million futures), and at most :data:`MAX_WAITING` finished tasks wait for an earlier one.
+    ``should_stop`` is checked after every finished task; when it is true, or when the
+    generator is closed, the outstanding tasks are cancelled.
+    """
+    from distributed import KilledWorker, as_completed
+
+    bundle = os.path.abspath(Path(bundle).expanduser())
+    tasks = iter(plan_tasks(files, chunk_pages, done, failed))
+    token = uuid.uuid4().hex[:8]
+    pending: dict = {}  # future -> task number
+    finished: dict[int, list] = {}  # task number -> items, waiting for the tasks before it
+    state = {"submitted": 0, "exhausted": False, "threads": 1, "asked": 0.0}
+    running = as_completed()
+
+    def window() -> int:
+        now = time.monotonic()
+        if now - state["asked"] > 2.0:  # workers come and go (dask-jobqueue's adapt)
+            state["threads"] = max(sum(client.nthreads().values()), 1)
+            state["asked"] = now
+        return 2 * state["threads"] + 2
+
+    def submit_more() -> None:
+        while not state["exhausted"] and len(pending) < window() and len(finished) < MAX_WAITING:
+            refs = next(tasks, None)
+            if refs is None:
+                state["exhausted"] = True
+                return
+            i = state["submitted"]
+            future = client.submit(
+                classify_refs, bundle, refs, batch_size, tta, key=f"microclf-{token}-{i}"
+            )
+            pending[future] = (i, refs)
+            running.add(future)
+            state["submitted"] += 1
+
+    def generate():
+        written = 0
+        try:
+            submit_more()
+            for future in running:
+                i, refs = pending.pop(future)
+                try:
+                    finished[i] = future.result()
+                except KilledWorker as exc:
+                    names = sorted({name for name, *_ in refs})
+                    listed = ", ".join(names[:3]) + (
+                        f" and {len(names) - 3} more" if len(names) > 3 else ""
+                    )
+                    raise ClusterError(
+                        f"the pages of {listed} ended the worker classifying them "
+                        "several times in a row (out of memory or a crash); give the workers "
+                        "more memory, or leave those files out and run again with resume"
+                    ) from exc
+                future.release()
+                while written in finished:
+                    yield finished.pop(written)
+                    written += 1
+                if should_stop is not None and should_stop():
+                    return
+                submit_more()
+        finally:
+            if pending:
+                client.cancel(list(pending))
+            pending.clear()
+
+    return _after_errors(generate())
+
+
+MAX_WAITING = 1000  # finished tasks held for an earlier one before no more are submitted

@@ -14,7 +14,9 @@ Test-time augmentation (``tta=True``) classifies each page as itself and its thr
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import queue
 import re
@@ -171,6 +173,7 @@ class FolderResult(Sequence):
     n_files: int = 0  # files looked at (classified, failed, or both for a half-read stack)
     stopped: bool = False  # should_stop() ended the run early
     csv_path: Path | None = None  # the CSV written (the .partial file if the run was stopped)
+    resumed: int = 0  # rows kept from an interrupted run's .partial CSV (resume=True)
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -199,6 +202,12 @@ class FolderResult(Sequence):
             )
         else:
             text = f"No page could be classified ({_plural(self.n_files, 'file')} tried)"
+        if self.resumed:
+            text += (
+                f" after {_plural(self.resumed, 'row')} kept from the interrupted run"
+                if pages
+                else f"; {_plural(self.resumed, 'row')} kept from the interrupted run"
+            )
         if self.stopped:
             text += " before the run was stopped"
         if self.errors:
@@ -439,21 +448,30 @@ class Predictor:
                 ((path, i, f.page(i)) for i in range(len(f))), should_stop, tta=tta
             )
 
-    def _file_entries(self, path: Path):
+    def _file_entries(self, path: Path, start: int = 0, stop: int | None = None, *, name=None):
         """``(path, page, model input)`` per page, then a FileError if the file (or a page)
-        cannot be read or prepared; the pages after a bad page are skipped."""
+        cannot be read or prepared; the pages after a bad page are skipped.
+
+        ``start``, ``stop``: only the pages ``start`` to ``stop - 1`` (``None``: to the end).
+        ``name``: the file as results name it, where it is read under another (a cluster
+        worker reads an absolute path; the CSV keeps the path the user gave).
+        """
+        shown = path if name is None else name
         page = None
         try:
             with open_image(path) as f:
-                for page in range(len(f)):
-                    yield (path, page, self._prepare(f.page(page), path, page))
+                end = len(f) if stop is None else min(int(stop), len(f))
+                for page in range(int(start), end):
+                    yield (shown, page, self._prepare(f.page(page), shown, page))
         except _FILE_ERRORS as exc:
             message = one_line(exc, path)
+            if name is not None:
+                message = one_line(message, name)
             if not isinstance(exc, MicroclfError):  # a library's error: say which kind
                 message = f"cannot be read ({type(exc).__name__}: {message})"
             if page and not message.startswith(f"page {page}"):  # a stack's later page
                 message = f"page {page}: {message}"
-            yield FileError(str(path), message, page)
+            yield FileError(str(shown), message, page)
 
     def classify_paths(
         self, paths: Sequence[str | Path], should_stop=None, *, tta: bool = False
@@ -610,6 +628,9 @@ def predict_folder(
     should_stop: Callable[[], bool] | None = None,
     on_item: Callable[[PagePrediction | FileError], None] | None = None,
     tta: bool = False,
+    client=None,
+    resume: bool = False,
+    chunk_pages: int | None = None,
 ) -> FolderResult:
     """Classify every page of every image under ``paths``, past files that cannot be read.
 
@@ -636,6 +657,22 @@ def predict_folder(
         Test-time augmentation: each page's probabilities are the mean over the page and its
         three flips (one forward pass of four times the batch; about four times the compute).
         The unfamiliar score stays the unflipped page's. See :meth:`Predictor.predict_pages`.
+    client : distributed.Client or str, optional
+        Classify on a Dask cluster: a ``Client``, or a spec :func:`~napari_microclf.core.
+        cluster.connect` accepts (``"local:N"``, ``"tcp://HOST:PORT"``; a cluster it starts
+        is closed at the end). Files travel as ``(file, page range)`` references of about
+        ``chunk_pages`` pages per task, never as pixels; each worker loads the bundle once
+        (the model path must be readable there); results are written in input order as they
+        complete, so the CSV is the one a single process writes, byte for byte. A worker that
+        dies has its tasks run again by Dask (``distributed.scheduler.allowed-failures``).
+    resume : bool
+        Continue an interrupted run: the complete rows of ``<csv_path>.partial`` (from a
+        single-process or a cluster run of the same model) are kept, a torn last line is
+        dropped, and the pages and the failed files in it are not classified again. Needs
+        ``csv_path``; without a ``.partial`` file the run starts afresh.
+    chunk_pages : int, optional
+        Pages per cluster task (default: ``batch_size``, one forward pass per task). TIFF
+        stacks are split into page ranges (their page count is read from the header).
 
     Returns
     -------
@@ -647,9 +684,12 @@ def predict_folder(
     Raises
     ------
     OutputError
-        The CSV cannot be written there (before anything else is done).
+        The CSV cannot be written there (before anything else is done); ``resume`` without
+        ``csv_path``, or a ``.partial`` file written by a model with other classes.
     ImageReadError
         A path does not exist, or there is no image under ``paths``.
+    ClusterError
+        ``client`` is a spec that is malformed or names a scheduler that cannot be reached.
 
     Examples
     --------
@@ -657,6 +697,12 @@ def predict_folder(
     >>> print(result.summary())  # doctest: +SKIP
     Classified 118 pages from 38 of 40 files; 2 files could not be read (listed in the CSV's
     error column): a.tif: ...; b.png: .... CSV: plates.csv
+
+    On a Dask cluster, continuing where an interrupted run stopped:
+
+    >>> result = predict_folder(  # doctest: +SKIP
+    ...     "model", "plates/", "plates.csv", client="tcp://10.0.0.5:8786", resume=True
+    ... )
     """
     run = iter_folder(
         bundle,
@@ -666,6 +712,9 @@ def predict_folder(
         batch_size=batch_size,
         should_stop=should_stop,
         tta=tta,
+        client=client,
+        resume=resume,
+        chunk_pages=chunk_pages,
     )
     try:
         while True:
@@ -688,56 +737,207 @@ def iter_folder(
     batch_size: int = 32,
     should_stop: Callable[[], bool] | None = None,
     tta: bool = False,
+    client=None,
+    resume: bool = False,
+    chunk_pages: int | None = None,
 ) -> Generator[PagePrediction | FileError, None, FolderResult]:
     """:func:`predict_folder` as a generator (for a GUI worker): yields each PagePrediction
     and FileError as it comes and returns the :class:`FolderResult`.
 
     Each batch's rows are in the CSV (flushed) before its items are yielded. The checks run
-    at the first ``next()``; closing the generator early keeps the ``.partial`` CSV.
+    at the first ``next()``; closing the generator early keeps the ``.partial`` CSV (and
+    cancels a cluster's outstanding tasks). ``client``, ``resume``, ``chunk_pages``: see
+    :func:`predict_folder`.
     """
     csv_path = check_csv_destination(csv_path) if csv_path is not None else None
+    if resume and csv_path is None:
+        raise OutputError(
+            "resume needs the CSV of the interrupted run: give its path (--csv PATH), the "
+            "one whose PATH.partial holds the rows so far"
+        )
     files = find_images(paths)
-    predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
-    result = FolderResult(n_files=len(files))
-    out = (
-        _CsvStream(csv_path, predictor.class_names, threshold, predictor.familiarity is not None)
-        if csv_path
-        else None
-    )
-    done = False
-    try:
-        for batch in predictor.classify_paths(files, should_stop, tta=tta):
-            for item in batch:
-                (result.errors if isinstance(item, FileError) else result.predictions).append(item)
+    with contextlib.ExitStack() as stack:
+        if client is not None:
+            from .cluster import connected
+
+            client = stack.enter_context(connected(client))
+        if client is not None and not isinstance(bundle, Predictor):
+            predictor = None  # the workers load the model; here only its columns are needed
+            class_names, unfamiliar, source = _bundle_columns(bundle)
+        else:
+            predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
+            class_names = predictor.class_names
+            unfamiliar = predictor.familiarity is not None
+            source = predictor.bundle.source or predictor.bundle.path
+        result = FolderResult(n_files=len(files))
+        done: dict[str, set[int]] = {}
+        failed: set[str] = set()
+        out = None
+        if csv_path:
+            header = [csv_cell(v) for v in _header(class_names, status=True, unfamiliar=unfamiliar)]
+            partial = csv_path.with_name(csv_path.name + ".partial")
+            kept = _read_partial(partial, header) if resume else None
+            if kept is not None:
+                done, failed, result.resumed = kept
+            out = _CsvStream(csv_path, class_names, threshold, unfamiliar, append=kept is not None)
+        finished = False
+        batches = None
+        try:
+            if client is not None:
+                from .cluster import classify_on_cluster
+
+                batches = classify_on_cluster(
+                    client,
+                    source,
+                    files,
+                    batch_size=batch_size,
+                    tta=tta,
+                    chunk_pages=chunk_pages or batch_size,
+                    done=done,
+                    failed=failed,
+                    should_stop=should_stop,
+                )
+            elif done or failed:
+                batches = predictor._classify(
+                    _remaining_entries(predictor, files, done, failed), should_stop, tta
+                )
+            else:
+                batches = predictor.classify_paths(files, should_stop, tta=tta)
+            for batch in batches:
+                if done:  # a page the interrupted run wrote is never written twice
+                    batch = [i for i in batch if not _written(i, done)]
+                for item in batch:
+                    (result.errors if isinstance(item, FileError) else result.predictions).append(
+                        item
+                    )
+                if out is not None:
+                    out.write(batch)
+                yield from batch
+            result.stopped = should_stop is not None and should_stop()
+            finished = not result.stopped
+        finally:
+            if batches is not None:
+                batches.close()  # before the client closes: a cluster's tasks are cancelled
             if out is not None:
-                out.write(batch)
-            yield from batch
-        result.stopped = should_stop is not None and should_stop()
-        done = not result.stopped
-    finally:
-        if out is not None:
-            result.csv_path = out.close(keep=done)
+                result.csv_path = out.close(keep=finished)
     return result
+
+
+def _bundle_columns(bundle) -> tuple[list[str], bool, Path]:
+    """Class names, whether pages get an unfamiliar score, and the bundle's path (a zip as
+    the zip), read from its metadata without loading the model (or TensorFlow)."""
+    from .familiar import load_familiarity
+    from .model import read_meta, resolve_bundle_path
+
+    if isinstance(bundle, Bundle):
+        return (
+            bundle.class_names,
+            load_familiarity(bundle.path, bundle.meta) is not None,
+            (bundle.source or bundle.path),
+        )
+    source = Path(bundle).expanduser()
+    meta = read_meta(source)
+    folder = resolve_bundle_path(source)
+    folder = folder.parent if folder.is_file() else folder
+    return list(meta["class_names"]), load_familiarity(folder, meta) is not None, source
+
+
+def _written(item: PagePrediction | FileError, done: dict[str, set[int]]) -> bool:
+    if isinstance(item, FileError):
+        return False
+    return item.page in done.get(csv_cell(item.file or ""), ())
+
+
+def resume_start(pages: set[int] | None) -> int:
+    """The first page of a file still to classify: the interrupted run wrote pages in
+    order, so its pages of the file are ``0 .. n - 1``."""
+    n = 0
+    while pages and n in pages:
+        n += 1
+    return n
+
+
+def _remaining_entries(predictor, files, done, failed):
+    """:meth:`Predictor._file_entries` of the pages an interrupted run did not write."""
+    for path in files:
+        key = csv_cell(str(path))
+        if key in failed:
+            continue
+        yield from predictor._file_entries(path, resume_start(done.get(key)))
+
+
+def _read_partial(partial: Path, header: list[str]) -> tuple[dict, set, int] | None:
+    """What an interrupted run wrote to ``partial``: ``(done, failed, rows)``, with ``done``
+    the pages written per file (as the CSV's file cell) and ``failed`` the files with an
+    error row; None when there is no such file or not even its header.
+
+    A torn last line (the run killed mid-write) is cut off the file, so rows appended next
+    start on a line of their own. A header other than ``header`` (another model's classes)
+    raises an OutputError.
+    """
+    try:
+        data = partial.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OutputError(
+            f"cannot read {partial} to resume ({exc.strerror or exc}); check the file, or run "
+            "without resume to start afresh"
+        ) from exc
+    end = data.rfind(b"\n") + 1  # rows end with \r\n: what follows the last one is torn
+    if end < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(end)
+    rows = list(csv.reader(io.StringIO(data[:end].decode("utf-8", errors="replace"))))
+    if not rows:
+        return None
+    if rows[0] != header:
+        raise OutputError(
+            f"{partial} has the columns {', '.join(rows[0])}, not this model's "
+            f"({', '.join(header)}): it was written by another model; remove it or run "
+            "without resume"
+        )
+    done: dict[str, set[int]] = {}
+    failed: set[str] = set()
+    status = header.index("status")
+    for row in rows[1:]:
+        if len(row) != len(header):
+            continue
+        if row[status] == "error":
+            failed.add(row[0])
+        elif row[1].isdigit():
+            done.setdefault(row[0], set()).add(int(row[1]))
+    return done, failed, len(rows) - 1
 
 
 class _CsvStream:
     """Rows written to ``<path>.partial`` as they come; renamed to ``path`` on completion."""
 
     def __init__(
-        self, path: Path, class_names: Sequence[str], threshold: float, unfamiliar: bool = False
+        self,
+        path: Path,
+        class_names: Sequence[str],
+        threshold: float,
+        unfamiliar: bool = False,
+        append: bool = False,
     ):
+        """``append``: add to an existing ``.partial`` file (its header written already)."""
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.class_names = list(class_names)
         self.threshold = threshold
         self.unfamiliar = unfamiliar  # the model scores familiarity: the `unfamiliar` column
         try:
-            self.file = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self.file = open(  # noqa: SIM115
+                self.partial, "a" if append else "w", encoding="utf-8", newline=""
+            )
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.partial} ({exc.strerror or exc}); choose another CSV path"
             ) from exc
         self.writer = csv.writer(self.file)
+        if append:
+            return
         self.writer.writerow(
             [
                 csv_cell(v)
@@ -764,7 +964,13 @@ class _CsvStream:
 
 
 def predict(
-    bundle, image_or_path, batch_size: int = 32, *, page_axis: int | None = None, tta: bool = False
+    bundle,
+    image_or_path,
+    batch_size: int = 32,
+    *,
+    page_axis: int | None = None,
+    tta: bool = False,
+    client=None,
 ):
     """Classify an image array, a stack array, an image file, a folder or a list of paths.
 
@@ -787,6 +993,10 @@ def predict(
         Test-time augmentation: average each page's probabilities over the page and its
         horizontal, vertical and double flips (about four times the compute; the unfamiliar
         score stays the unflipped page's). See :meth:`Predictor.predict_pages`.
+    client : distributed.Client or str, optional
+        For files and folders: classify on a Dask cluster (a ``Client``, ``"local:N"`` or
+        ``"tcp://HOST:PORT"``; see :func:`predict_folder`). Arrays are classified here.
+        To write a CSV and resume an interrupted run, use :func:`predict_folder`.
 
     Returns
     -------
@@ -809,6 +1019,8 @@ def predict(
     [(0, 'round'), (1, 'round'), (2, 'fragmented'), (3, 'round'), (4, 'elongated')]
     >>> predict("model", np.random.rand(64, 64, 3))[0].confidence  # one RGB page  # doctest: +SKIP
     0.93
+    >>> predict("model", "plates/", client="local:4").summary()  # doctest: +SKIP
+    'Classified 960 pages from 40 files'
     """
     predictor = bundle if isinstance(bundle, Predictor) else None
     if isinstance(image_or_path, np.ndarray):
@@ -817,9 +1029,19 @@ def predict(
     if page_axis is not None:
         raise TypeError("page_axis is for arrays; a file's pages come from its own axes")
     if isinstance(image_or_path, (str, Path)) and Path(image_or_path).expanduser().is_file():
-        predictor = predictor or Predictor(bundle, batch_size)
-        return list(predictor.predict_file(Path(image_or_path).expanduser(), tta=tta))
-    return predict_folder(predictor or bundle, image_or_path, batch_size=batch_size, tta=tta)
+        path = Path(image_or_path).expanduser()
+        if client is None:
+            predictor = predictor or Predictor(bundle, batch_size)
+            return list(predictor.predict_file(path, tta=tta))
+        result = predict_folder(
+            predictor or bundle, path, batch_size=batch_size, tta=tta, client=client
+        )
+        if result.errors:  # as a single file in one process: its error, not a part of it
+            raise ImageReadError(str(result.errors[0]))
+        return list(result.predictions)
+    return predict_folder(
+        predictor or bundle, image_or_path, batch_size=batch_size, tta=tta, client=client
+    )
 
 
 # Cells a spreadsheet program would run as a formula (OWASP, "CSV Injection"): these starts.
