@@ -59,7 +59,7 @@ class FeaturesSummary:
     reused: int = 0  # pages whose features were in the cache already
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     seconds: float = 0.0
-    workers: int = 0  # 0: this process
+    workers: int | None = None  # Dask workers at the start; None: this process
     stopped: bool = False
     bytes: int = 0  # the key folder's size afterwards
 
@@ -69,7 +69,7 @@ class FeaturesSummary:
         return (self.computed + self.reused) / self.seconds if self.seconds > 0 else 0.0
 
     def text(self) -> str:
-        where = f"{self.workers} Dask worker(s)" if self.workers else "this process"
+        where = "this process" if self.workers is None else f"{self.workers} Dask worker(s)"
         s = (
             f"Features of {self.pages} page(s) in {self.files} file(s) ({self.views} view(s) per "
             f"training page) on {where}: {self.computed} computed, {self.reused} reused, "
@@ -151,7 +151,7 @@ def compute_features(
     for line in check_features(config) if check else ():
         emit(Message(line))
     settings, tasks, summary = _plan(config, emit)
-    workers = 0
+    workers = None
     if client is not None:
         workers = len(client.scheduler_info().get("workers", {}))
         address = client.scheduler_info().get("address", "?")
