@@ -1,0 +1,147 @@
+"""Folder classification on Dask: pages/s of one process, a 1-worker and a 2-worker LocalCluster.
+
+    python bench/scale_predict.py [--stacks 12] [--pages 50] [--size 96] [--image-size 64]
+
+The same generated TIFF stacks and the same model (EfficientNetB0, random weights: the speed
+of a trained one) are classified into a CSV by ``predict_folder`` in this process and with
+``client=`` on ``local:1`` and ``local:2`` (single-threaded worker processes; TensorFlow in
+each gets ``cores // N`` threads). The timings exclude the cluster's start-up and each
+worker's first model load and trace, which are printed on their own; each setting runs
+``--repeats`` times and the best is kept. Every cluster CSV is checked to be the single
+process's, byte for byte. The ratio 2-worker/single is Dask's overhead where both use the same
+cores (goal: at least 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import machine
+
+
+def make_data(work: Path, stacks: int, pages: int, size: int) -> Path:
+    import numpy as np
+    import tifffile
+
+    from napari_microclf.core.sample import make_sample_stack
+
+    folder = work / f"stacks-{stacks}x{pages}-{size}px"
+    if len(list(folder.glob("*.tif"))) != stacks:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(stacks):
+            stack, _ = make_sample_stack(pages, size, seed=i)
+            tifffile.imwrite(
+                folder / f"plate{i:03d}.tif", np.asarray(stack), photometric="minisblack"
+            )
+    return folder
+
+
+def best_rate(run, pages: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return pages / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stacks", type=int, default=12)
+    p.add_argument("--pages", type=int, default=50, help="pages per stack")
+    p.add_argument("--size", type=int, default=96, help="page side in pixels")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-pages", type=int, default=None, help="pages per task (batch size)")
+    p.add_argument("--workers", default="1,2", help="cluster sizes to time")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--work", default=None)
+    args = p.parse_args()
+
+    from napari_microclf.core.cluster import classify_refs, connect
+    from napari_microclf.core.images import PreprocessSpec
+    from napari_microclf.core.model import build_classifier, write_bundle
+    from napari_microclf.core.predict import Predictor, predict_folder
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="microclf-bench-"))
+    folder = make_data(work, args.stacks, args.pages, args.size)
+    model = build_classifier(3, args.image_size, None, fine_tune="all", augment=False)
+    bundle = write_bundle(
+        work / "scale-model",
+        model,
+        {
+            "class_names": ["a", "b", "c"],
+            "preprocessing": PreprocessSpec(args.image_size).to_dict(),
+        },
+    )
+    n_pages = args.stacks * args.pages
+    chunk = args.chunk_pages or args.batch_size
+    print(f"Machine: {machine()}")
+    print(
+        f"Data: {args.stacks} stacks x {args.pages} pages of {args.size}x{args.size} uint16 "
+        f"({n_pages} pages), model input {args.image_size} px, batch {args.batch_size}, "
+        f"{chunk} pages per task; best of {args.repeats}"
+    )
+
+    single_csv = work / "single.csv"
+    predictor = Predictor(bundle, batch_size=args.batch_size)
+    predict_folder(predictor, next(folder.glob("*.tif")))  # trace outside the timing
+    single = best_rate(lambda: predict_folder(predictor, folder, single_csv), n_pages, args.repeats)
+    print(f"single process:          {single:7.1f} pages/s")
+    expected = single_csv.read_bytes()
+
+    rates = {}
+    for n in (int(w) for w in args.workers.split(",")):
+        t0 = time.perf_counter()
+        client = connect(f"local:{n}")
+        client.wait_for_workers(n)
+        started = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        first = next(folder.glob("*.tif"))
+        ref = [(str(first), str(first), 0, 2)]
+        client.run(classify_refs, str(bundle), ref, args.batch_size)  # load + trace, each worker
+        loaded = time.perf_counter() - t0
+        rss = client.run(lambda: __import__("psutil").Process().memory_info().rss)
+        out = work / f"cluster{n}.csv"
+        try:
+            rate = best_rate(
+                lambda out=out, client=client: predict_folder(
+                    bundle,
+                    folder,
+                    out,
+                    batch_size=args.batch_size,
+                    client=client,
+                    chunk_pages=chunk,
+                ),
+                n_pages,
+                args.repeats,
+            )
+            rss_after = client.run(lambda: __import__("psutil").Process().memory_info().rss)
+        finally:
+            client.close()
+        same = out.read_bytes() == expected
+        rates[n] = rate
+        print(
+            f"LocalCluster {n} worker{'s' if n > 1 else ' '}: {rate:7.1f} pages/s "
+            f"({rate / single:.2f}x single); start-up {started:.1f} s, model load and trace "
+            f"{loaded:.1f} s (all workers at once); worker memory "
+            f"{max(rss.values()) / 2**20:.0f} MiB loaded, {max(rss_after.values()) / 2**20:.0f} "
+            f"MiB after the run; CSV {'identical to' if same else 'DIFFERENT from'} the "
+            "single process's"
+        )
+    if 2 in rates:
+        ratio = rates[2] / single
+        print(
+            f"Ratio 2-worker cluster / single process: {ratio:.2f} "
+            f"({'meets' if ratio >= 0.9 else 'misses'} the goal of 0.9)"
+        )
+
+
+if __name__ == "__main__":
+    main()
