@@ -293,18 +293,27 @@ def cmd_predict(args) -> int:
             flush=True,
         )
     bar = _Bar()
-    pace = {"start": time.monotonic(), "shown": 0.0, "pages": 0, "files": set()}
+    pace = {"shown": 0.0, "pages": 0, "files": set(), "marks": []}
 
     def progress(item) -> None:
+        """The bar on stderr: files begun, pages done and the pace over the last 10 s (so
+        the start-up, a model load or a cluster's first tasks, fades out of it)."""
         pace["files"].add(item.path if isinstance(item, FileError) else item.file)
         pace["pages"] += not isinstance(item, FileError)
         now = time.monotonic()
-        if bar.enabled and now - pace["shown"] > 0.2:
-            pace["shown"] = now
-            rate = pace["pages"] / max(now - pace["start"], 1e-9)
-            bar.show(
-                len(pace["files"]), len(files), f"files - {pace['pages']} pages, {rate:.1f} pages/s"
-            )
+        if not bar.enabled or now - pace["shown"] < 0.2:
+            return
+        pace["shown"] = now
+        marks = pace["marks"]
+        marks.append((now, pace["pages"]))
+        while now - marks[0][0] > 10 and len(marks) > 2:
+            marks.pop(0)
+        rate = (pace["pages"] - marks[0][1]) / max(now - marks[0][0], 1e-9)
+        bar.show(
+            len(pace["files"]),
+            len(files),
+            f"files - {pace['pages']} pages" + (f", {rate:.1f} pages/s" if rate else ""),
+        )
 
     def show(item) -> None:
         if args.quiet:
@@ -334,6 +343,7 @@ def cmd_predict(args) -> int:
             tta=args.tta,
             client=args.cluster,
             resume=args.resume,
+            chunk_pages=args.chunk_pages,
         )
     except KeyboardInterrupt:
         bar.clear()
@@ -693,6 +703,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify on a Dask cluster: local:N starts N single-threaded worker processes "
         "here; tcp://HOST:PORT uses a running scheduler (e.g. dask-jobqueue's). Pages go "
         "as file references, the CSV is the same as without --cluster",
+    )
+    pr.add_argument(
+        "--chunk-pages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cluster: pages per task (default: the batch size); larger tasks overlap "
+        "reading with the model on each worker and load the scheduler less, smaller ones "
+        "spread a short run over more workers",
     )
     pr.add_argument(
         "--resume",
