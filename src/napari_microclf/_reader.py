@@ -31,13 +31,13 @@ Y and X axes, and on Z when Z is a page axis (1 on the other page axes), with na
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+from .core.device import available_memory
 from .core.images import TIFF_SUFFIXES, ImageReadError, open_image, read_header
 
 # Files whose pixels take more bytes than lazy_threshold() are read page by page on demand.
@@ -45,21 +45,6 @@ LAZY_BYTES: int | None = None  # None: automatic (lazy_threshold); a number fixe
 LAZY_MAX_BYTES = 2**30  # never read more than this into memory at opening
 LAZY_MEMORY_FRACTION = 8  # nor more than 1/8 of the available memory
 LAZY_FALLBACK_BYTES = 256 * 2**20  # when the available memory cannot be known
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (psutil's ``available``: free plus reclaimable cache),
-    else the free pages the OS reports, else None."""
-    try:
-        import psutil  # a napari dependency
-    except ImportError:
-        pass
-    else:
-        return int(psutil.virtual_memory().available)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):  # not on Windows
-        return None
 
 
 def lazy_threshold() -> int:

@@ -1,4 +1,5 @@
-"""Where TensorFlow computes: GPUs with memory growth on, and a line naming the device.
+"""Where TensorFlow computes: GPUs with memory growth on, a line naming the device, the
+devices a training is spread over (:func:`distribution`) and the memory available.
 
 By default TensorFlow reserves almost all of a GPU's memory the first time it touches it;
 inside napari that starves the viewer's OpenGL canvas, and a second process (a Predict run
@@ -8,6 +9,23 @@ TensorFlow, ``train`` at its start). :func:`describe_device` is what the Train w
 """
 
 from __future__ import annotations
+
+import os
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (psutil's ``available``: free plus reclaimable cache),
+    else the free pages the OS reports, else None."""
+    try:
+        import psutil  # a napari dependency
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not on Windows
+        return None
 
 
 def _gpus():
@@ -50,3 +68,60 @@ def describe_device() -> str:
         name = None
     more = f" (and {len(gpus) - 1} more)" if len(gpus) > 1 else ""
     return f"GPU: {name or gpus[0].name}{more}, memory growth on"
+
+
+def parse_devices(spec: str | None) -> list[int] | None:
+    """``"all"`` (or empty) → None (every device); ``"0,1"`` → ``[0, 1]``; else ValueError."""
+    text = "all" if spec is None else str(spec).strip().lower()
+    if text in ("", "all"):
+        return None
+    try:
+        indices = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"devices must be 'all' or device numbers such as '0,1', got {spec!r}"
+        ) from None
+    if not indices or any(i < 0 for i in indices) or len(set(indices)) != len(indices):
+        raise ValueError(
+            f"devices must be 'all' or distinct device numbers such as '0,1', got {spec!r}"
+        )
+    return indices
+
+
+def training_devices(spec: str | None = "all") -> list[str]:
+    """The devices a training runs on: the visible GPUs (``spec`` picks some by number) or,
+    with no GPU, the CPU's logical devices (one unless the program configured more).
+
+    Raises ValueError for a number beyond the devices TensorFlow sees, naming them.
+    """
+    import tensorflow as tf
+
+    kind = "GPU" if _gpus() else "CPU"
+    names = [d.name for d in tf.config.list_logical_devices(kind)]
+    picked = parse_devices(spec)
+    if picked is None:
+        return names
+    missing = [i for i in picked if i >= len(names)]
+    if missing:
+        raise ValueError(
+            f"device {missing[0]} does not exist: TensorFlow sees {len(names)} "
+            f"{kind} device(s) ({', '.join(names)}); use --devices all or numbers "
+            f"0..{len(names) - 1}"
+        )
+    return [names[i] for i in picked]
+
+
+def distribution(spec: str | None = "all"):
+    """A ``tf.distribute.MirroredStrategy`` over :func:`training_devices` when there are two
+    or more, else None (TensorFlow's default placement on the one device).
+
+    Each replica gets an equal share of every batch and the gradients are summed across
+    replicas, so a batch of 32 on two devices is one step of 32 images (16 each), at the same
+    learning rate as on one device.
+    """
+    import tensorflow as tf
+
+    devices = training_devices(spec)
+    if len(devices) < 2:
+        return None
+    return tf.distribute.MirroredStrategy(devices)

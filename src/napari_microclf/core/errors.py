@@ -41,3 +41,7 @@ class LockedError(MicroclfError, RuntimeError):
 class ExportError(MicroclfError, RuntimeError):
     """An export that cannot be made (a missing package, an unsupported model); says what to
     do."""
+
+
+class DeviceError(MicroclfError, ValueError):
+    """The devices asked for (``--devices``) are not there."""

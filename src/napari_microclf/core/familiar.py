@@ -293,12 +293,18 @@ def fit_familiarity(
     )
 
 
-def pooled_features(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """``(N, D)`` pooled backbone features of preprocessed ``images`` through ``model``'s own
-    base (fine-tuned or not), in inference mode."""
+def pooled_features(model, images, batch_size: int = 32) -> np.ndarray:
+    """``(N, D)`` pooled backbone features through ``model``'s own base (fine-tuned or not),
+    in inference mode, of preprocessed ``images`` (an array) or of the pages of a
+    :class:`~.pipeline.PageSource` (read in chunks, never all at once)."""
     from .features import FeatureExtractor
+    from .pipeline import CHUNK_BATCHES
 
-    return FeatureExtractor(model, seed=0, batch_size=batch_size)(np.asarray(images, np.float32))
+    extract = FeatureExtractor(model, seed=0, batch_size=batch_size)
+    if isinstance(images, np.ndarray):
+        return extract(np.asarray(images, np.float32))
+    parts = [extract(chunk) for chunk in images.chunks(CHUNK_BATCHES * batch_size)]
+    return np.concatenate(parts) if parts else extract(np.zeros((0, *images.shape[1:]), np.float32))
 
 
 def fit_for_training(

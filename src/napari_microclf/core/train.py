@@ -9,6 +9,7 @@ failed training writes nothing, so an earlier model bundle stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -21,9 +22,9 @@ import numpy as np
 
 # a bundle keeps its own train/val/test files and hashes under the dataset's file name
 from .dataset import SPLIT_FILE, load_samples
-from .errors import OutputError
+from .errors import DeviceError, OutputError
 from .features import DEFAULT_VIEWS, remove_stale_temporaries
-from .images import PreprocessSpec, preprocess_refs
+from .images import PreprocessSpec
 from .preflight import preflight
 
 
@@ -168,6 +169,11 @@ class TrainConfig:
         DEFAULT_VIEWS,
         f"augmented views per training image whose backbone features are cached ({DEFAULT_VIEWS})",
     )
+    devices: str = _opt(
+        "all",
+        "GPUs to train on: 'all' or numbers such as '0,1'; with two or more, each batch "
+        "is split across them (MirroredStrategy) at the same learning rate",
+    )
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -178,6 +184,9 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        from .device import parse_devices
+
+        parse_devices(self.devices)  # a bad spelling is said now, not after the images load
         if self.views < 0:
             raise ValueError(f"views must be 0 or more, got {self.views}")
         if not 0 <= self.augment_strength <= 0.5:
@@ -570,29 +579,7 @@ def train(
     (``head_epochs``, from cached features), then the top stages unfrozen at the learning
     rate times ``fine_tune_lr_factor`` for the remaining epochs, starting from that head.
     """
-
-    from .dataset import split_manifest
-    from .evaluate import (
-        classification_report,
-        describe_model,
-        diagnose,
-        model_probabilities,
-        report_files,
-        tta_summary,
-    )
-    from .model import (
-        BUNDLE_FORMAT,
-        BUNDLE_VERSION,
-        FROZEN_RANDOM_WARNING,
-        META_FILE,
-        build_classifier,
-        parse_fine_tune,
-        resolve_weights,
-        set_fine_tune,
-        versions,
-        weights_identity,
-        write_bundle,
-    )
+    from .model import META_FILE
 
     t_start = time.perf_counter()
 
@@ -622,6 +609,60 @@ def train(
     from .device import configure_gpus
 
     configure_gpus()  # memory growth on: TensorFlow takes what it uses, not the whole card
+    with _on_devices(config, emit):
+        return _train(config, emit, should_stop, stopped_result, t_start)
+
+
+@contextlib.contextmanager
+def _on_devices(config: TrainConfig, emit):
+    """Run the training inside a MirroredStrategy's scope when ``config.devices`` names two or
+    more devices (:func:`~.device.distribution`), saying so; else on TensorFlow's default."""
+    from .device import distribution
+
+    try:
+        strategy = distribution(config.devices)
+    except ValueError as exc:
+        raise DeviceError(str(exc)) from None
+    if strategy is None:
+        yield
+        return
+    n = strategy.num_replicas_in_sync
+    names = ", ".join(d.rsplit("/", 1)[-1] for d in strategy.extended.worker_devices)
+    emit(
+        Message(
+            f"Training on {n} devices ({names}), MirroredStrategy: each batch of "
+            f"{config.batch_size} is split {config.batch_size / n:g} per device and the "
+            f"learning rate stays {config.learning_rate:.1e}."
+        )
+    )
+    with strategy.scope():
+        yield
+
+
+def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: float) -> TrainResult:
+    """:func:`train` after its checks, inside the devices' scope (see :func:`_on_devices`)."""
+    from .dataset import split_manifest
+    from .evaluate import (
+        classification_report,
+        describe_model,
+        diagnose,
+        model_probabilities,
+        report_files,
+        tta_summary,
+    )
+    from .model import (
+        BUNDLE_FORMAT,
+        BUNDLE_VERSION,
+        FROZEN_RANDOM_WARNING,
+        build_classifier,
+        parse_fine_tune,
+        resolve_weights,
+        set_fine_tune,
+        versions,
+        weights_identity,
+        write_bundle,
+    )
+
     if n_stale := remove_stale_temporaries(config.data_dir):
         emit(Message(f"Removed {n_stale} half-written cache file(s) left by an interrupted run."))
     resolved = resolve_weights(config.backbone, config.weights)
@@ -711,7 +752,7 @@ def train(
             subsets=("train", "val") if two_phase else ("train", "val", "test"),
         )
     else:
-        inputs = _images(config, samples, emit, should_stop)
+        inputs = _images(config, samples)
     if inputs is None:
         return stopped_result(names, {})
 
@@ -737,9 +778,7 @@ def train(
         )
         set_fine_tune(model, fine_tune)
         if cached:  # phase 2 needs the images themselves
-            inputs = _images(config, samples, emit, should_stop)
-            if inputs is None:
-                return stopped_result(names, history, reporter.epochs_run)
+            inputs = _images(config, samples)
         trained = fit.run(model, inputs, False, lr2, reporter.epochs_run, config.epochs, phase=2)
         cached = False
         if reporter.stopped:
@@ -748,20 +787,16 @@ def train(
     report = None
     if len(y["test"]):
         emit(Progress("evaluating", 0, len(y["test"])))
-        probs = trained.predict(inputs["test"], batch_size=config.batch_size, verbose=0)
+        if cached:
+            probs = trained.predict(inputs["test"], batch_size=config.batch_size, verbose=0)
+        else:  # read from the files in chunks
+            probs = model_probabilities(trained, spec, samples.test, config.batch_size)[0]
         emit(Progress("evaluating", len(y["test"]), len(y["test"])))
         report = classification_report(y["test"], probs, names, samples.test)
         # test-time augmentation: the full model on each test image and its three flips
         # (cached features are of unflipped images, so the images are read again for it)
         t_tta = time.perf_counter()
-        if cached:
-            tta_probs = model_probabilities(model, spec, samples.test, config.batch_size, tta=True)[
-                0
-            ]
-        else:
-            from .predict import tta_probabilities
-
-            tta_probs = tta_probabilities(model, inputs["test"], config.batch_size)
+        tta_probs = model_probabilities(model, spec, samples.test, config.batch_size, tta=True)[0]
         tta_acc = classification_report(y["test"], tta_probs, names)["accuracy"]
         report["tta"] = tta_summary(
             tta_acc, y["test"], probs, in_metrics=False, seconds=time.perf_counter() - t_tta
@@ -901,6 +936,7 @@ class _Fitter:
         import tensorflow as tf
 
         from .model import base_layer, build_head
+        from .pipeline import EpochOrder, gather_dataset
 
         config, y = self.config, self.y
         trained = build_head(model, inputs["train"].shape[-1]) if cached else model
@@ -909,29 +945,26 @@ class _Fitter:
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
-        autotune = tf.data.AUTOTUNE
-        train_ds = tf.data.Dataset.from_tensor_slices((inputs["train"], y["train"])).shuffle(
-            len(y["train"]), seed=config.seed + phase - 1, reshuffle_each_iteration=True
-        )
+        # The page order is shuffled each epoch (same seed, same order as shuffling the
+        # arrays); rows or pages are read per batch, so neither cached features (maybe
+        # memory-mapped) nor images are ever copied whole into the pipeline.
+        bs = config.batch_size
+        order = EpochOrder(len(y["train"]), config.seed + phase - 1)
         if cached:  # each epoch sees one of the cached views of every training image
-            n_views = inputs["train"].shape[1]
-            view_seed = tf.random.Generator.from_seed(config.seed)
-            train_ds = train_ds.map(
-                lambda f, label: (f[view_seed.uniform((), 0, n_views, tf.int32)], label)
-            )
-        train_ds = train_ds.batch(config.batch_size).prefetch(autotune)
+            train_ds = gather_dataset(inputs["train"], y["train"], bs, order, config.seed)
+        else:
+            train_ds = inputs["train"].dataset(bs, y["train"], order)
         has_val = len(y["val"]) > 0
-        val_ds = (
-            (
-                tf.data.Dataset.from_tensor_slices((inputs["val"], y["val"]))
-                .batch(config.batch_size)
-                .prefetch(autotune)
+        val_ds = None
+        if has_val:
+            val_ds = (
+                gather_dataset(inputs["val"], y["val"], bs, None)
+                if cached
+                else inputs["val"].dataset(bs, y["val"])
             )
-            if has_val
-            else None
-        )
         monitor = "val_loss" if has_val else "loss"
         callbacks = [
+            order.callback(),
             self.reporter,
             keras.callbacks.ReduceLROnPlateau(
                 monitor=monitor,
@@ -953,16 +986,23 @@ class _Fitter:
         history = self.reporter.history
         n_before = len(history.get("loss", []))
         self.reporter.phase = phase
-        trained.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=last,
-            initial_epoch=first,
-            class_weight=self.class_weight,
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=0,
-        )  # tf.data shuffles
+        try:
+            trained.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=last,
+                initial_epoch=first,
+                class_weight=self.class_weight,
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=0,
+            )  # tf.data shuffles
+        except tf.errors.OpError:
+            # a page that could not be read inside the pipeline: say which, not TF's trace
+            failed = [s.failure for s in inputs.values() if getattr(s, "failure", None)]
+            if failed:
+                raise failed[0] from None
+            raise
         ran = len(history.get("loss", [])) - n_before
         base_trains = any(w.trainable for w in base_layer(model).weights)
         info = {
@@ -986,25 +1026,14 @@ class _Fitter:
         return trained
 
 
-def _images(config: TrainConfig, samples, emit, should_stop) -> dict | None:
-    """Every page decoded and normalised once for the whole training."""
+def _images(config: TrainConfig, samples) -> dict:
+    """Each subset's pages as a :class:`~.pipeline.PageSource`: read from the files as the
+    training needs them, never all in memory (see core/pipeline.py)."""
+    from .pipeline import PageMemo, PageSource, page_memory_budget
+
     spec = config.preprocessing
-    total = len(samples.train) + len(samples.val) + len(samples.test)
-    arrays, loaded, t0 = {}, 0, time.perf_counter()
-
-    def loading(done, _n):
-        n = loaded + done
-        if n % 16 == 0 or n == total:
-            rate = n / max(time.perf_counter() - t0, 1e-9)
-            emit(Progress("loading", n, total, rate, (total - n) / rate))
-
-    for subset in ("train", "val", "test"):
-        refs = getattr(samples, subset)
-        arrays[subset] = preprocess_refs(refs, spec, loading, should_stop)
-        if arrays[subset] is None:
-            return None
-        loaded += len(refs)
-    return arrays
+    memo = PageMemo(page_memory_budget())  # small datasets: decoded once, as before
+    return {s: PageSource(getattr(samples, s), spec, memo) for s in ("train", "val", "test")}
 
 
 def _features(
