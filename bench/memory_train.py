@@ -7,6 +7,10 @@ and the shuffle buffer, not the dataset).
 
     .venv/bin/python bench/memory_train.py                  # 500 and 5,000 images at 64 px
     .venv/bin/python bench/memory_train.py --sizes 300 3000 --fine-tune 0
+    .venv/bin/python bench/memory_train.py --page-memory-mb 0   # every page read every epoch
+
+``--page-memory-mb`` sets ``$MICROCLF_PAGE_MEMORY_MB`` for the trainings: the decoded pages
+kept between epochs (default: min(1 GiB, available memory / 8)); 0 measures pure streaming.
 
 Before streaming (2026-11-28, 2-core AMD EPYC, TensorFlow 2.21, fine-tune all, 1 epoch,
 images decoded into memory and copied into tf.data): 500 images 1695 MiB, 5000 images
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -75,6 +80,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--fine-tune", default="all", help="stages unfrozen (all, or 0-7)")
     p.add_argument("--work", default=None, help="folder for the data (kept between runs)")
+    p.add_argument(
+        "--page-memory-mb",
+        default=None,
+        help="decoded pages kept between epochs, MB (default: the training's own budget)",
+    )
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -88,6 +98,10 @@ def main() -> None:
             print(json.dumps(run_one(data, Path(out) / "model", args)))
         return
     print(_common.machine())
+    if args.page_memory_mb is not None:
+        os.environ["MICROCLF_PAGE_MEMORY_MB"] = str(args.page_memory_mb)
+    budget = os.environ.get("MICROCLF_PAGE_MEMORY_MB", "default (min(1 GiB, available / 8))")
+    print(f"page memory between epochs: {budget} MB")
     rows = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--single", "--sizes", str(n), "--work", str(work)]

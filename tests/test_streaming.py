@@ -218,3 +218,33 @@ def test_two_devices_give_the_first_epoch_loss_of_one(sample, tmp_path):
     assert len(out["all"]["said"]) == 1 and "2 devices" in out["all"]["said"][0]
     assert "split 4 per device" in out["all"]["said"][0]
     assert out["all"]["loss"] == pytest.approx(out["0"]["loss"], rel=1e-4)
+
+
+def test_head_training_on_memory_mapped_features(sample, tmp_path, monkeypatch):
+    """A large feature set (here: any, threshold 0) is memory-mapped and the head training
+    gathers its batches from the file: same pipeline, a working model."""
+    from napari_microclf.core import train as train_mod
+
+    monkeypatch.setenv("MICROCLF_MEMMAP_MB", "0")
+    fed = {}
+    real_gather = pipeline.gather_dataset
+
+    def spy(features, *a, **k):
+        fed.setdefault("types", []).append(type(features))
+        return real_gather(features, *a, **k)
+
+    monkeypatch.setattr(pipeline, "gather_dataset", spy)
+    config = TrainConfig(
+        str(sample["dataset"]),
+        str(tmp_path / "m"),
+        epochs=2,
+        batch_size=4,
+        image_size=32,
+        weights=None,
+        views=1,
+        seed=1,
+    )
+    result = train_mod.train(config)
+    assert result.bundle is not None and result.report["accuracy"] is not None
+    assert fed["types"] and all(issubclass(t, np.memmap) for t in fed["types"])
+    assert list((sample["dataset"] / ".microclf-cache").rglob("assembled-*.npy"))

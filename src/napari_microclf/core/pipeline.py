@@ -111,7 +111,10 @@ def indices(n: int, order: EpochOrder | None = None):
         perm.set_shape([n])
         return tf.data.Dataset.from_tensor_slices(perm)
 
-    return tf.data.Dataset.range(1).flat_map(epoch)
+    # flat_map hides the length: say it, so Keras knows the steps of an epoch
+    return (
+        tf.data.Dataset.range(1).flat_map(epoch).apply(tf.data.experimental.assert_cardinality(n))
+    )
 
 
 class PageSource:
