@@ -856,30 +856,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _start_tensorflow_quietly() -> None:
-    """Import TensorFlow and set up its devices with stderr's file descriptor muted.
+    """Import TensorFlow and set up its devices without its C++ start-up lines."""
+    from .core.device import stderr_muted
 
-    TensorFlow 2.21 writes start-up lines (oneDNN, CUDA probing) from C++ before any setting
-    can silence them. Python errors still raise as usual. Where stderr has no descriptor
-    (inside pytest's capture, say) the import is plain.
-    """
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = None
-    saved = devnull = None
-    if fd is not None:
-        sys.stderr.flush()
-        saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-    try:
+    with stderr_muted():
         import tensorflow as tf
 
         tf.config.list_logical_devices()
-    finally:
-        if fd is not None:
-            os.dup2(saved, fd)
-            os.close(saved)
-            os.close(devnull)
 
 
 def _repair_model_folder(args) -> None:

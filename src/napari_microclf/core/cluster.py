@@ -178,18 +178,11 @@ def _import_tensorflow_quietly() -> None:
     ``local:N`` so that N workers share the cores instead of each taking all of them)."""
     import sys
 
+    from .device import stderr_muted
+
     if "tensorflow" in sys.modules:
         return
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = None
-    saved = devnull = None
-    if fd is not None:
-        sys.stderr.flush()
-        saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-    try:
+    with stderr_muted():
         import tensorflow as tf
 
         intra = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
@@ -199,11 +192,13 @@ def _import_tensorflow_quietly() -> None:
         if inter.isdigit():
             tf.config.threading.set_inter_op_parallelism_threads(int(inter))
         tf.config.list_logical_devices()
-    finally:
-        if fd is not None:
-            os.dup2(saved, fd)
-            os.close(saved)
-            os.close(devnull)
+
+
+def prepare_worker() -> None:
+    """Before a worker's first model: glibc's heap for batches and TensorFlow imported with
+    its thread pools sized and its start-up lines muted (see the two helpers)."""
+    _heap_for_batches()
+    _import_tensorflow_quietly()
 
 
 def _heap_for_batches() -> None:
@@ -237,8 +232,7 @@ def worker_predictor(bundle: str | Path, batch_size: int = 32):
     key = (*_bundle_key(str(bundle)), int(batch_size))
     predictor = _PREDICTORS.get(key)
     if predictor is None:
-        _heap_for_batches()
-        _import_tensorflow_quietly()
+        prepare_worker()
         _PREDICTORS.clear()  # one model per worker: an older version is dropped
         predictor = _PREDICTORS[key] = Predictor(bundle, batch_size)
     return predictor

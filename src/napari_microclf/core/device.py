@@ -10,7 +10,9 @@ TensorFlow, ``train`` at its start). :func:`describe_device` is what the Train w
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 
 def available_memory() -> int | None:
@@ -26,6 +28,30 @@ def available_memory() -> int | None:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):  # not on Windows
         return None
+
+
+@contextlib.contextmanager
+def stderr_muted():
+    """File descriptor 2 goes to the null device for the block: for TensorFlow's start-up
+    lines (oneDNN, CUDA probing), written from C++ before any setting can silence them.
+    Python errors still raise as usual; where stderr has no descriptor (inside pytest's
+    capture, say) nothing is muted."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _gpus():

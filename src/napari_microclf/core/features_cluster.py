@@ -196,7 +196,7 @@ def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
     from .dataset import load_samples
     from .features import FeatureCache, cache_key, key_fields, prune_cache
     from .model import parse_fine_tune, resolve_weights, weights_identity
-    from .train import Message
+    from .train import Message, has_head_phase, reads_cached_features
 
     resolved = resolve_weights(config.backbone, config.weights)
     if resolved.note:
@@ -210,10 +210,8 @@ def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
         )
     fine_tune = parse_fine_tune(config.fine_tune)
     # as train(): a frozen base, or fine-tuning whose first phase trains the head
-    two_phase = (
-        fine_tune != 0 and weights is not None and config.head_epochs > 0 and config.epochs > 1
-    )
-    if not (config.cache and (fine_tune == 0 or two_phase)):
+    two_phase = has_head_phase(config, fine_tune, weights)
+    if not reads_cached_features(config, fine_tune, weights):
         raise MicroclfError(
             "with these settings a training reads the images themselves, not cached features "
             "(--no-cache, or fine-tuning without a frozen first phase): there is nothing to "
@@ -407,6 +405,9 @@ def _worker_extractor(settings: dict):
     key = json.dumps({k: v for k, v in settings.items() if k not in ("fields",)}, sort_keys=True)
     extractor = _EXTRACTORS.get(key)
     if extractor is None:
+        from .cluster import prepare_worker
+
+        prepare_worker()
         _EXTRACTORS.clear()
         problem = _worker_problem(settings)
         if problem is not None:

@@ -613,6 +613,16 @@ def train(
         return _train(config, emit, should_stop, stopped_result, t_start)
 
 
+def has_head_phase(config: TrainConfig, fine_tune: int, weights) -> bool:
+    """Whether fine-tuning (``fine_tune`` parsed) first trains the head on the frozen base."""
+    return fine_tune != 0 and weights is not None and config.head_epochs > 0 and config.epochs > 1
+
+
+def reads_cached_features(config: TrainConfig, fine_tune: int, weights) -> bool:
+    """Whether the training (or its first phase) trains the head on cached features."""
+    return config.cache and (fine_tune == 0 or has_head_phase(config, fine_tune, weights))
+
+
 @contextlib.contextmanager
 def _on_devices(config: TrainConfig, emit):
     """Run the training inside a MirroredStrategy's scope when ``config.devices`` names two or
@@ -719,9 +729,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         emit(Message(f"Class weights: { {k: round(v, 2) for k, v in class_weight.items()} }"))
 
     # Fine-tuning a pretrained base starts from a head trained on the frozen base.
-    two_phase = (
-        fine_tune != 0 and weights is not None and config.head_epochs > 0 and config.epochs > 1
-    )
+    two_phase = has_head_phase(config, fine_tune, weights)
     head_epochs = min(config.head_epochs, config.epochs - 1) if two_phase else config.epochs
     model = build_classifier(
         len(names),
@@ -739,7 +747,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         s: np.asarray([r.label for r in getattr(samples, s)], dtype=np.int32)
         for s in ("train", "val", "test")
     }
-    cached = config.cache and (fine_tune == 0 or two_phase)
+    cached = reads_cached_features(config, fine_tune, weights)
     weights_id = weights_identity(backbone, weights, config.seed)
     if cached:
         inputs = _features(
@@ -861,7 +869,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         "weights_id": weights_id,
         "fine_tune": fine_tune,
         "phases": fit.phases,
-        "cached_features": config.cache and (fine_tune == 0 or two_phase),
+        "cached_features": reads_cached_features(config, fine_tune, weights),
         "config": config.to_dict(),
         "history": history,
         "epochs_run": reporter.epochs_run,
