@@ -638,10 +638,12 @@ def _on_devices(config: TrainConfig, emit):
         return
     n = strategy.num_replicas_in_sync
     names = ", ".join(d.rsplit("/", 1)[-1] for d in strategy.extended.worker_devices)
+    share, extra = divmod(config.batch_size, n)
+    per_device = f"{share}" if not extra else f"{share}-{share + 1}"
     emit(
         Message(
             f"Training on {n} devices ({names}), MirroredStrategy: each batch of "
-            f"{config.batch_size} is split {config.batch_size / n:g} per device and the "
+            f"{config.batch_size} is split {per_device} per device and the "
             f"learning rate stays {config.learning_rate:.1e}."
         )
     )
