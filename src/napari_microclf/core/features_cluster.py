@@ -193,10 +193,9 @@ def compute_features(
 
 def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
     """The settings a worker needs and the tasks: what ``train`` would read, file by file."""
-    from .dataset import load_samples
     from .features import FeatureCache, cache_key, key_fields, prune_cache
     from .model import parse_fine_tune, resolve_weights, weights_identity
-    from .train import Message, has_head_phase, reads_cached_features
+    from .train import Message, has_head_phase, reads_cached_features, samples_of
 
     resolved = resolve_weights(config.backbone, config.weights)
     if resolved.note:
@@ -217,14 +216,7 @@ def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
             "(--no-cache, or fine-tuning without a frozen first phase): there is nothing to "
             "compute; drop --no-cache, or train directly"
         )
-    samples = load_samples(
-        config.data_dir,
-        config.val_split,
-        config.test_split,
-        config.seed,
-        config.resplit,
-        group_by=config.group_by,
-    )
+    samples = samples_of(config)
     spec = config.preprocessing
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None

@@ -613,6 +613,29 @@ def train(
         return _train(config, emit, should_stop, stopped_result, t_start)
 
 
+def samples_of(config: TrainConfig):
+    """The dataset's train/val/test pages under ``config``'s split settings (the split file
+    read, or written when new); a dataset that cannot hold its split file is an OutputError."""
+    try:
+        return load_samples(
+            config.data_dir,
+            config.val_split,
+            config.test_split,
+            config.seed,
+            config.resplit,
+            group_by=config.group_by,
+        )
+    except PermissionError as exc:
+        if SPLIT_FILE not in Path(str(exc.filename)).name:
+            raise
+        # the preflight found the split current, or the dataset turned read-only since
+        raise OutputError(
+            f"cannot write {Path(config.data_dir) / SPLIT_FILE} (permission "
+            "denied): make the dataset writable, or copy it to a writable "
+            "folder and train on the copy"
+        ) from exc
+
+
 def has_head_phase(config: TrainConfig, fine_tune: int, weights) -> bool:
     """Whether fine-tuning (``fine_tune`` parsed) first trains the head on the frozen base."""
     return fine_tune != 0 and weights is not None and config.head_epochs > 0 and config.epochs > 1
@@ -684,24 +707,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         config = dataclasses.replace(config, **{**FROM_SCRATCH, "epochs": config.epochs})
     backbone, weights = resolved.backbone, resolved.weights
     fine_tune = parse_fine_tune(config.fine_tune)
-    try:
-        samples = load_samples(
-            config.data_dir,
-            config.val_split,
-            config.test_split,
-            config.seed,
-            config.resplit,
-            group_by=config.group_by,
-        )
-    except PermissionError as exc:
-        if SPLIT_FILE not in Path(str(exc.filename)).name:
-            raise
-        # the preflight found the split current, or the dataset turned read-only since
-        raise OutputError(
-            f"cannot write {Path(config.data_dir) / SPLIT_FILE} (permission "
-            "denied): make the dataset writable, or copy it to a writable "
-            "folder and train on the copy"
-        ) from exc
+    samples = samples_of(config)
     names = samples.class_names
     if config.resplit:
         emit(
