@@ -101,7 +101,9 @@ def ort_engine(fn, sig, threads: int):
 
 
 def ov_model(concrete):
-    import openvino as ov
+    from napari_microclf.core.engine import import_openvino
+
+    ov = import_openvino()
 
     converted = ov.convert_model(concrete)
     # the converted function also returns its variables etc.: keep the features only
@@ -112,7 +114,9 @@ def ov_model(concrete):
 
 
 def ov_compile(model, precision: str, hint: str, threads: int):
-    import openvino as ov
+    from napari_microclf.core.engine import import_openvino
+
+    ov = import_openvino()
 
     compiled = ov.Core().compile_model(
         model,
@@ -127,7 +131,9 @@ def ov_compile(model, precision: str, hint: str, threads: int):
 
 
 def ov_async_engine(compiled):
-    import openvino as ov
+    from napari_microclf.core.engine import import_openvino
+
+    ov = import_openvino()
 
     queue = ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
     out: dict[int, np.ndarray] = {}
@@ -240,12 +246,15 @@ def main() -> None:
 
     import tensorflow as tf
 
+    from napari_microclf.core.engine import import_openvino
+
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     print(f"Machine: {machine()}; {cpu_flags()}; {args.threads} threads per engine")
     versions = []
     for module in ("onnxruntime", "tf2onnx", "openvino"):
-        try:
-            versions.append(f"{module} {__import__(module).__version__}")
+        try:  # openvino through microclf's import, which keeps its usage reports off
+            mod = import_openvino() if module == "openvino" else __import__(module)
+            versions.append(f"{module} {mod.__version__}")
         except ImportError:
             versions.append(f"{module} not installed")
     print(", ".join(versions))

@@ -16,6 +16,12 @@ import pytest
 
 # Tests never touch the network: weights="auto" does not try to download B0's ImageNet file.
 os.environ["MICROCLF_OFFLINE"] = "1"
+# The tests of prediction, training and the widgets run their models on TensorFlow, as
+# before the OpenVINO engine: that engine converts each new model once (seconds), and its
+# numbers equal TensorFlow's within 1e-4, which tests/test_engine.py checks, with training,
+# prediction, the CLI and the widgets' setting on OpenVINO. MICROCLF_ENGINE=auto (or
+# openvino) runs the whole suite on OpenVINO.
+os.environ.setdefault("MICROCLF_ENGINE", "tensorflow")
 # ... nor the user's remembered widget settings (_qt/_settings.py): before any fixture, a
 # throw-away file for the session; each test gets its own (below).
 os.environ["MICROCLF_SETTINGS"] = str(

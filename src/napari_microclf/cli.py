@@ -175,7 +175,12 @@ def cmd_evaluate(args) -> int:
     from .core.evaluate import format_report_md
 
     report = run_evaluate(
-        args.model, args.data, subset=args.subset, all_images=args.all, tta=args.tta
+        args.model,
+        args.data,
+        subset=args.subset,
+        all_images=args.all,
+        tta=args.tta,
+        engine=args.engine,
     )
     print(format_report_md(report))
     if report.get("saved"):
@@ -279,7 +284,9 @@ def cmd_predict(args) -> int:
         predictor = None
         shown, meta = Path(args.model).expanduser(), read_meta(args.model)
     else:
-        predictor = Predictor(args.model, batch_size=args.batch_size)
+        predictor = Predictor(
+            args.model, batch_size=args.batch_size, engine=args.engine, precision=args.precision
+        )
         shown, meta = predictor.bundle.path, predictor.bundle.meta
     if not args.quiet:
         print(
@@ -344,6 +351,8 @@ def cmd_predict(args) -> int:
             client=args.cluster,
             resume=args.resume,
             chunk_pages=args.chunk_pages,
+            engine=args.engine,
+            precision=args.precision,
         )
     except KeyboardInterrupt:
         bar.clear()
@@ -631,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{_TTA_HELP}; the report's metrics are "
         "then those of the averaged probabilities, with the plain accuracy beside",
     )
+    _add_engine_arguments(e, precision=False)
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("cache", help="show or clear a dataset's feature cache")
@@ -724,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"{_TTA_HELP}; the unfamiliar score stays the unflipped page's",
     )
+    _add_engine_arguments(pr, precision=True)
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser(
@@ -855,6 +866,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_engine_arguments(parser: argparse.ArgumentParser, precision: bool) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "openvino", "tensorflow"],
+        default=None,
+        help="what runs the model: auto (OpenVINO when installed, else TensorFlow; "
+        "$MICROCLF_ENGINE sets the default), openvino or tensorflow; fp32 on either, the same "
+        "probabilities within 1e-4",
+    )
+    if precision:
+        parser.add_argument(
+            "--precision",
+            choices=["f32", "bf16"],
+            default="f32",
+            help="bf16: a faster mode on OpenVINO, on CPUs with bf16 instructions; its "
+            "probabilities differ slightly from f32 and the top class can change on "
+            "borderline pages (docs/performance.md gives the measured agreement)",
+        )
+
+
+def _needs_tensorflow(args) -> bool:
+    """Whether the command runs TensorFlow: prediction and evaluation on OpenVINO do not
+    (a model without its own converted copy imports it later, to convert it once)."""
+    if args.command in ("sample", "restore", "report"):
+        return False
+    if args.command == "export":
+        return getattr(args, "format", None) != "zip"
+    if args.command in ("predict", "evaluate"):
+        from .core.engine import resolve_engine
+
+        return resolve_engine(args.engine) != "openvino"
+    return True
+
+
 def _start_tensorflow_quietly() -> None:
     """Import TensorFlow and set up its devices without its C++ start-up lines."""
     from .core.device import stderr_muted
@@ -893,10 +938,7 @@ def main(argv=None) -> int:
             args.checked = _explain_checked(args)
         elif args.command == "export":
             args.checked = _export_checked(args)
-        tf_free = ("sample", "restore", "report") + (
-            ("export",) if getattr(args, "format", None) == "zip" else ()
-        )
-        if args.command not in tf_free and not args.debug:
+        if _needs_tensorflow(args) and not args.debug:
             _start_tensorflow_quietly()
         return args.func(args)
     except KeyboardInterrupt:

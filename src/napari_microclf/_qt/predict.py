@@ -89,21 +89,31 @@ _CACHE_LOCK = threading.Lock()
 LOADS = {"n": 0}  # how many times a model was loaded (the tests read it)
 
 
-def get_predictor(bundle: str | Path) -> Predictor:
-    """The Predictor of ``bundle``, loaded once and reused until the bundle is rewritten."""
+# The Predict widget's engine choices (see core/engine.py): label -> (engine, precision)
+ENGINE_CHOICES = (
+    ("auto: OpenVINO if installed, else TensorFlow", ("auto", "f32")),
+    ("OpenVINO (fp32)", ("openvino", "f32")),
+    ("OpenVINO bf16: faster, approximate", ("openvino", "bf16")),
+    ("TensorFlow", ("tensorflow", "f32")),
+)
+
+
+def get_predictor(bundle: str | Path, engine: str = "auto", precision: str = "f32") -> Predictor:
+    """The Predictor of ``bundle`` on ``engine`` at ``precision``, loaded once and reused
+    until the bundle is rewritten."""
     folder = Path(bundle).expanduser().resolve()
     model = folder / MODEL_FILE
     # the files' identity, not just a time: a restored model.keras is another file whose
     # time may equal the replaced one's
     files = (folder,) if folder.is_file() else (model, folder / "microclf.json")  # a .zip
-    key = (str(folder),) + tuple(
+    key = (str(folder), engine, precision) + tuple(
         (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None for f in files
     )
     with _CACHE_LOCK:
         if key not in _CACHE:
             for old in [k for k in _CACHE if k[0] == key[0]]:
                 del _CACHE[old]
-            _CACHE[key] = Predictor(folder)
+            _CACHE[key] = Predictor(folder, engine=engine, precision=precision)
             LOADS["n"] += 1
             while len(_CACHE) > CACHE_SIZE:
                 _CACHE.popitem(last=False)
@@ -134,13 +144,18 @@ def _notify(kind: str, text: str) -> None:
 
 @surfaced
 def _predict_layers(
-    bundle: str, sources: list, tta: bool = False, stop: threading.Event | None = None
+    bundle: str,
+    sources: list,
+    tta: bool = False,
+    stop: threading.Event | None = None,
+    engine: str = "auto",
+    precision: str = "f32",
 ):
     """Worker: yields ``(layer name, PagePrediction)`` for every page of every source; ``stop``
     set ends it after the current batch (the pages classified so far are yielded)."""
     stop = stop or threading.Event()
     try:
-        predictor = get_predictor(bundle)
+        predictor = get_predictor(bundle, engine, precision)
     except ERRORS as exc:
         return str(exc)
     yield ("__model__", predictor.class_names)
@@ -205,6 +220,8 @@ def _predict_folder(
     threshold: float,
     tta: bool = False,
     stop: threading.Event | None = None,
+    engine: str = "auto",
+    precision: str = "f32",
 ):
     """Worker: classifies every image under ``folder`` past bad files, the rows streamed to
     the CSV (see ``core.predict.predict_folder``). Yields ``("total", pages)``, then
@@ -215,7 +232,7 @@ def _predict_folder(
     """
     stop = stop or threading.Event()
     try:
-        predictor = get_predictor(bundle)
+        predictor = get_predictor(bundle, engine, precision)
         files = find_images([folder])
     except MicroclfError as exc:
         return f"Classify folder: {one_line(exc)}"
@@ -327,6 +344,16 @@ class PredictWidget(QWidget):
             "the test accuracy."
         )
 
+        self.engine = QComboBox()
+        for label, choice in ENGINE_CHOICES:
+            self.engine.addItem(label, choice)
+        self.engine.setToolTip(
+            "What runs the model. OpenVINO (fp32) gives TensorFlow's probabilities within "
+            "1e-4, faster on a CPU; bf16 is faster still on CPUs with bf16 instructions, "
+            "with slightly different probabilities (docs/performance.md gives the measured "
+            "agreement). Training itself always runs on TensorFlow."
+        )
+
         stop_tip = (
             " While it runs, this button stops it (as Cancel in napari's activity "
             "dock does); what was done is kept."
@@ -400,6 +427,7 @@ class PredictWidget(QWidget):
         form.addRow("Image layers", layer_row)
         form.addRow("Confidence threshold", self.threshold)
         form.addRow(self.tta)
+        form.addRow("Engine", self.engine)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(run_row)
@@ -426,6 +454,7 @@ class PredictWidget(QWidget):
         self.bundle_edit.textChanged.connect(self._save_settings)
         self.threshold.valueChanged.connect(self._save_settings)
         self.tta.toggled.connect(self._save_settings)
+        self.engine.currentIndexChanged.connect(self._save_settings)
         self.explain_class.currentTextChanged.connect(self._save_settings)
 
     # -- remembered across sessions --------------------------------------------------------
@@ -438,6 +467,9 @@ class PredictWidget(QWidget):
         if isinstance(saved.get("threshold"), int | float):
             self.threshold.setValue(float(saved["threshold"]))
         self.tta.setChecked(bool(saved.get("tta", False)))
+        labels = [label for label, _ in ENGINE_CHOICES]
+        if saved.get("engine") in labels:
+            self.engine.setCurrentIndex(labels.index(saved["engine"]))
         return saved
 
     def _save_settings(self, *_) -> None:
@@ -448,9 +480,14 @@ class PredictWidget(QWidget):
                 "model": model,
                 "threshold": self.threshold.value(),
                 "tta": self.tta.isChecked(),
+                "engine": self.engine.currentText(),
                 "explain_class": self.explain_class.currentText(),
             },
         )
+
+    def engine_choice(self) -> tuple[str, str]:
+        """``(engine, precision)`` of the Engine row."""
+        return tuple(self.engine.currentData())
 
     # -- model ---------------------------------------------------------------------------
     def bundle(self) -> str:
@@ -603,7 +640,7 @@ class PredictWidget(QWidget):
                 self.plot.refresh()
 
         worker = thread_worker(_predict_layers, ignore_errors=False)(
-            bundle, sources, self.tta.isChecked(), self._stop
+            bundle, sources, self.tta.isChecked(), self._stop, *self.engine_choice()
         )
         return self._start(
             worker,
@@ -1192,5 +1229,6 @@ class PredictWidget(QWidget):
             self.threshold.value(),
             self.tta.isChecked(),
             self._stop,
+            *self.engine_choice(),
         )
         return self._start(worker, on_yield, on_return, f"Classifying {folder}...", self.folder_btn)

@@ -368,6 +368,16 @@ class TrainWidget(QWidget):
                     name="cache", text="cache backbone features (fast, frozen base)", value=d.cache
                 ),
                 SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
+                ComboBox(
+                    name="engine",
+                    label="inference engine",
+                    value=d.engine,
+                    choices=[
+                        ("auto (OpenVINO if installed)", "auto"),
+                        ("OpenVINO", "openvino"),
+                        ("TensorFlow", "tensorflow"),
+                    ],
+                ),
             ],
             labels=True,
         )
@@ -650,6 +660,7 @@ class TrainWidget(QWidget):
             seed=f.seed.value,
             cache=f.cache.value,
             views=f.views.value,
+            engine=f.engine.value,
         )
 
     # -- start / stop --------------------------------------------------------------------

@@ -223,18 +223,25 @@ def _heap_for_batches() -> None:
     mallopt(m_trim_threshold, 64 * 2**20)
 
 
-def worker_predictor(bundle: str | Path, batch_size: int = 32):
+def worker_predictor(
+    bundle: str | Path,
+    batch_size: int = 32,
+    engine: str | None = None,
+    precision: str | None = None,
+):
     """This process's :class:`~napari_microclf.core.predict.Predictor` for ``bundle`` (a
     model folder or zip), loaded at the first call and kept while the bundle's files are
-    unchanged."""
+    unchanged. ``engine``, ``precision``: see :mod:`.engine` (None: this worker's default)."""
     from .predict import Predictor
 
-    key = (*_bundle_key(str(bundle)), int(batch_size))
+    key = (*_bundle_key(str(bundle)), int(batch_size), engine, precision)
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         prepare_worker()
         _PREDICTORS.clear()  # one model per worker: an older version is dropped
-        predictor = _PREDICTORS[key] = Predictor(bundle, batch_size)
+        predictor = _PREDICTORS[key] = Predictor(
+            bundle, batch_size, engine=engine, precision=precision
+        )
     return predictor
 
 
@@ -243,11 +250,18 @@ def worker_predictor(bundle: str | Path, batch_size: int = 32):
 Ref = tuple[str, str, int, "int | None"]
 
 
-def classify_refs(bundle: str, refs: list, batch_size: int = 32, tta: bool = False) -> list:
+def classify_refs(
+    bundle: str,
+    refs: list,
+    batch_size: int = 32,
+    tta: bool = False,
+    engine: str | None = None,
+    precision: str | None = None,
+) -> list:
     """On a worker: the PagePrediction and FileError items of the pages ``refs`` name, in
     order, classified with this process's :func:`worker_predictor` (the same reading,
     preprocessing and batching as a single process)."""
-    predictor = worker_predictor(bundle, batch_size)
+    predictor = worker_predictor(bundle, batch_size, engine, precision)
     entries = (
         entry
         for name, path, start, stop in refs
@@ -357,9 +371,12 @@ def classify_on_cluster(
     done: dict[str, set[int]] | None = None,
     failed: set[str] | frozenset = frozenset(),
     should_stop=None,
+    engine: str | None = None,
+    precision: str | None = None,
 ) -> Iterator[list]:
     """The items of ``files`` classified on ``client``'s workers, one list per task, in input
-    order (tasks that complete early wait in memory for those before them).
+    order (tasks that complete early wait in memory for those before them). ``engine``,
+    ``precision``: the workers' (see :mod:`.engine`; None: each worker's default).
 
     At most two tasks per worker thread are submitted ahead (so a million pages never make a
     million futures), and at most :data:`MAX_WAITING` finished tasks wait for an earlier one.
@@ -391,7 +408,14 @@ def classify_on_cluster(
                 return
             i = state["submitted"]
             future = client.submit(
-                classify_refs, bundle, refs, batch_size, tta, key=f"microclf-{token}-{i}"
+                classify_refs,
+                bundle,
+                refs,
+                batch_size,
+                tta,
+                engine,
+                precision,
+                key=f"microclf-{token}-{i}",
             )
             pending[future] = (i, refs)
             running.add(future)

@@ -292,6 +292,7 @@ def evaluate(
     save: bool = True,
     lists_from: str | Path | None = None,
     tta: bool = False,
+    engine: str | None = None,
 ) -> dict:
     """Score a model on its own ``subset`` (by default its test list), or on every image of a
     labelled folder it never saw (``all_images``).
@@ -321,6 +322,8 @@ def evaluate(
         probabilities; its title and notes say so, and ``report["tta"]`` holds
         ``{"accuracy", "plain_accuracy", "n", "views", "in_metrics": True}`` (the plain
         accuracy is the unflipped views', computed in the same pass).
+    engine : {"auto", "openvino", "tensorflow"}, optional
+        What runs the model (:mod:`.engine`; fp32 either way, equal within 1e-4).
 
     Returns
     -------
@@ -335,7 +338,10 @@ def evaluate(
 
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-    bundle = load_bundle(bundle_path)
+    from .engine import engine_label, resolve_engine
+
+    engine = resolve_engine(engine)
+    bundle = load_bundle(bundle_path, lazy=engine == "openvino")
     names = bundle.class_names
     data_dir = Path(data_dir if data_dir is not None else bundle.meta.get("data_dir", ""))
     if not data_dir.is_dir():
@@ -413,7 +419,7 @@ def evaluate(
             if (data_dir / key).exists():
                 files.append((data_dir / key, cls))
     refs = [PageRef(p, i, names.index(c)) for p, c in files for i in range(count_pages(p))]
-    probs, plain = _probabilities(bundle, refs, batch_size, tta)
+    probs, plain = _probabilities(bundle, refs, batch_size, tta, engine)
     report = classification_report([r.label for r in refs], probs, names, refs)
     report.update(
         subset="all" if all_images else subset,
@@ -424,6 +430,7 @@ def evaluate(
         changed=changed,
         flagged=flagged,
         title=f"Evaluation of {bundle.path.name} on {label}" + (" with flips (TTA)" if tta else ""),
+        engine=engine_label(engine),
     )
     if tta:
         report["tta"] = tta_summary(
@@ -485,21 +492,47 @@ def tta_summary(
     return out
 
 
-def _probabilities(bundle, refs, batch_size: int, tta: bool = False):
+def _probabilities(bundle, refs, batch_size: int, tta: bool = False, engine: str = "tensorflow"):
     """``(probabilities, plain)`` of ``refs``, read and run in chunks (memory bounded by a
     chunk); with ``tta`` the probabilities are the mean over each page's four flipped views
-    and ``plain`` the unflipped views' own, else both are the plain ones."""
-    return model_probabilities(bundle.model, bundle.preprocess, refs, batch_size, tta)
+    and ``plain`` the unflipped views' own, else both are the plain ones. ``engine``:
+    ``"openvino"`` runs the bundle's converted model (see :class:`~.predict.Predictor`)."""
+    forward = None
+    if engine == "openvino":
+        from .predict import Predictor
+
+        forward = Predictor(bundle, batch_size, engine="openvino")._openvino_forward()
+    return model_probabilities(
+        bundle.model if forward is None else None,
+        bundle.preprocess,
+        refs,
+        batch_size,
+        tta,
+        forward,
+    )
 
 
-def model_probabilities(model, spec, refs, batch_size: int = 32, tta: bool = False):
+def model_probabilities(model, spec, refs, batch_size: int = 32, tta: bool = False, forward=None):
     """The full ``model``'s probabilities for the pages ``refs``, preprocessed with ``spec``
     and run in chunks of ``8 * batch_size`` pages: ``(probabilities, plain)``. With ``tta``
     each page's probabilities are the mean over its four flipped views
     (:func:`~.predict.tta_probabilities`) and ``plain`` the unflipped views' (same pass);
-    without, both are the plain probabilities."""
+    without, both are the plain probabilities. ``forward``: the model as another engine runs
+    it (:func:`~.engine.classifier_forward`), used instead of ``model``."""
     from .images import preprocess_refs
-    from .predict import tta_probabilities, uses_eager
+    from .predict import flip_views, mean_of_views, tta_probabilities, uses_eager
+
+    if forward is not None:
+        out, plain = [], []
+        for i in range(0, len(refs), max(batch_size, 1)):
+            x = preprocess_refs(refs[i : i + batch_size], spec)
+            probs = forward(flip_views(x) if tta else x)[0]
+            out.append(mean_of_views(probs) if tta else probs)
+            plain.append(probs[: len(x)])
+        if not out:
+            k = forward(np.zeros((0, spec.image_size, spec.image_size, 3), np.float32))[0]
+            return k, k
+        return np.concatenate(out), np.concatenate(plain)
 
     empty = np.zeros((0, *model.output_shape[1:]), np.float32)
     out, plain = [empty], [empty]

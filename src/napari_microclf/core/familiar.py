@@ -293,14 +293,23 @@ def fit_familiarity(
     )
 
 
-def pooled_features(model, images, batch_size: int = 32) -> np.ndarray:
+def pooled_features(model, images, batch_size: int = 32, forward=None) -> np.ndarray:
     """``(N, D)`` pooled backbone features through ``model``'s own base (fine-tuned or not),
     in inference mode, of preprocessed ``images`` (an array) or of the pages of a
-    :class:`~.pipeline.PageSource` (read in chunks, never all at once)."""
+    :class:`~.pipeline.PageSource` (read in chunks, never all at once). ``forward``: the
+    classifier as another engine runs it (:func:`~.engine.classifier_forward`)."""
     from .features import FeatureExtractor
     from .pipeline import CHUNK_BATCHES
 
-    extract = FeatureExtractor(model, seed=0, batch_size=batch_size)
+    if forward is None:
+        extract = FeatureExtractor(model, seed=0, batch_size=batch_size)
+    else:
+
+        def extract(x):
+            step = max(batch_size, 1)
+            parts = [forward(x[i : i + step])[1] for i in range(0, len(x), step)]
+            return np.concatenate(parts) if parts else forward(x)[1]
+
     if isinstance(images, np.ndarray):
         return extract(np.asarray(images, np.float32))
     parts = [extract(chunk) for chunk in images.chunks(CHUNK_BATCHES * batch_size)]
@@ -308,16 +317,28 @@ def pooled_features(model, images, batch_size: int = 32) -> np.ndarray:
 
 
 def fit_for_training(
-    model, inputs: dict, y: dict, n_classes: int, cached: bool, batch_size: int = 32, seed: int = 0
+    model,
+    inputs: dict,
+    y: dict,
+    n_classes: int,
+    cached: bool,
+    batch_size: int = 32,
+    seed: int = 0,
+    forward=None,
 ) -> tuple[Familiarity, float]:
     """:func:`fit_familiarity` from a training's inputs: cached features as they are, or
-    images through the trained model's base. Returns it and the seconds it took."""
+    images through the trained model's base (run by ``forward`` where given: see
+    :func:`pooled_features`). Returns it and the seconds it took."""
     t0 = time.perf_counter()
     if cached:
         train_f, val_f = inputs["train"], inputs["val"]
     else:
-        train_f = pooled_features(model, inputs["train"], batch_size)
-        val_f = pooled_features(model, inputs["val"], batch_size) if len(inputs["val"]) else None
+        train_f = pooled_features(model, inputs["train"], batch_size, forward)
+        val_f = (
+            pooled_features(model, inputs["val"], batch_size, forward)
+            if len(inputs["val"])
+            else None
+        )
     fam = fit_familiarity(train_f, y["train"], n_classes, val_f, seed=seed)
     return fam, time.perf_counter() - t0
 

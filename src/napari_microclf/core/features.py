@@ -89,11 +89,19 @@ def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
 
 
 def key_fields(
-    spec: PreprocessSpec, weights_id: str, seed: int, augment_strength: float | None
+    spec: PreprocessSpec,
+    weights_id: str,
+    seed: int,
+    augment_strength: float | None,
+    engine: str = "tensorflow",
 ) -> dict:
-    """What the cached features depend on; ``weights_id`` from ``model.weights_identity``."""
+    """What the cached features depend on; ``weights_id`` from ``model.weights_identity``,
+    ``engine`` the resolved engine (``"openvino"`` or ``"tensorflow"``: its version and
+    precision are part of the key, so features of another engine are never mixed in)."""
     import keras
     import tensorflow as tf
+
+    from .engine import engine_label
 
     return {
         "features_version": FEATURES_VERSION,
@@ -103,13 +111,19 @@ def key_fields(
         "views_seed": seed if augment_strength is not None else None,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "engine": engine_label(engine, "f32"),
     }
 
 
 def cache_key(
-    spec: PreprocessSpec, weights_id: str, seed: int, augment_strength: float | None
+    spec: PreprocessSpec,
+    weights_id: str,
+    seed: int,
+    augment_strength: float | None,
+    engine: str = "tensorflow",
 ) -> str:
-    text = json.dumps(key_fields(spec, weights_id, seed, augment_strength), sort_keys=True)
+    fields = key_fields(spec, weights_id, seed, augment_strength, engine)
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -375,17 +389,42 @@ def make_augment(strength: float, seed: int):
 
 
 class FeatureExtractor:
-    """Runs the backbone (optionally after augmentation) over preprocessed images in batches."""
+    """Runs the backbone (optionally after augmentation) over preprocessed images in batches.
 
-    def __init__(self, classifier, seed: int, augment_strength: float = 0.05, batch_size: int = 32):
+    ``engine="openvino"``: the backbone runs on OpenVINO at fp32 (the augmentation stays a
+    TensorFlow op, with the same random draws); its conversion is cached by ``weights_id``
+    (:func:`~.model.weights_identity`) where given, so it is made once per weights and size.
+    """
+
+    def __init__(
+        self,
+        classifier,
+        seed: int,
+        augment_strength: float = 0.05,
+        batch_size: int = 32,
+        *,
+        engine: str = "tensorflow",
+        weights_id: str | None = None,
+    ):
         import tensorflow as tf
 
         self.backbone = make_backbone(classifier)
         self.batch_size = batch_size
+        self.engine = engine
         image_size = classifier.input_shape[1]
         spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
         backbone, aug = self.backbone, make_augment(augment_strength, seed)
         self._generator = aug.generator
+        self.ov_model = None  # the converted backbone (OpenVINO)
+        if engine == "openvino":
+            from .engine import OpenVinoRunner, backbone_ir
+
+            self.ov_model = backbone_ir(backbone, weights_id, image_size)
+            runner = OpenVinoRunner(self.ov_model)
+            warp = tf.function(aug, input_signature=spec)
+            self._plain = lambda x: runner(x)[0]
+            self._augmented = lambda x: runner(np.asarray(warp(x)))[0]
+            return
         self._plain = tf.function(lambda x: backbone(x, training=False), input_signature=spec)
         self._augmented = tf.function(
             lambda x: backbone(aug(x), training=False), input_signature=spec

@@ -381,12 +381,25 @@ def build_head(model, n_features: int):
 # -- bundles -------------------------------------------------------------------------------
 
 
-@dataclass
 class Bundle:
-    path: Path  # the bundle's folder (for a zip: the folder it was extracted into)
-    model: object
-    meta: dict
-    source: Path | None = None  # the .zip it was opened from, if any
+    """A model bundle: ``path`` its folder (for a zip: the folder it was extracted into),
+    ``model`` the Keras model, ``meta`` its ``microclf.json``, ``source`` the .zip it was
+    opened from, if any. ``loader``: load the Keras model on first use of ``model`` (a bundle
+    that OpenVINO runs needs no TensorFlow until then)."""
+
+    def __init__(self, path: Path, model, meta: dict, source: Path | None = None, *, loader=None):
+        self.path, self._model, self.meta, self.source = path, model, meta, source
+        self._loader = loader
+
+    @property
+    def model(self):
+        if self._model is None and self._loader is not None:
+            self._model, self._loader = self._loader(), None
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model, self._loader = value, None
 
     @property
     def class_names(self) -> list[str]:
@@ -826,17 +839,16 @@ def check_split_schema(data, path: str | Path) -> dict[str, list[dict]]:
     return out
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def load_bundle(path: str | Path, *, lazy: bool = False) -> Bundle:
     """Load a bundle (a folder or a zipped bundle) with Keras' safe mode and check that model
-    and metadata agree.
+    and metadata agree. ``lazy``: read and check the metadata now, the Keras model (and
+    TensorFlow) on first use of ``Bundle.model``.
 
     A ``model.keras`` the installed Keras cannot deserialise (saved by another Keras
     version) is rebuilt from ``microclf.json`` (backbone, image size, classes, head) and its
     weights are loaded from the archive, with a :class:`BundleVersionWarning` naming both
     versions; when that fails too, a BundleError says what to do.
     """
-    import keras
-
     source = Path(path).expanduser()
     zipped = is_zipped_bundle(source)
     meta = read_meta(source)
@@ -846,6 +858,15 @@ def load_bundle(path: str | Path) -> Bundle:
     shown = f"{model_path.name} in {source}" if zipped else str(model_path)
     if not model_path.exists():
         raise BundleError(f"{source if zipped else folder} has no {MODEL_FILE}; retrain the model")
+    if lazy:
+        return Bundle(
+            folder.resolve(),
+            None,
+            meta,
+            source.resolve() if zipped else None,
+            loader=lambda: load_bundle(path).model,
+        )
+    import keras
 
     def unreadable(reason: str) -> BundleError:
         what = (

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MicroclfError, OutputError
+from .errors import BundleError, MicroclfError, OutputError
 from .images import (
     IMAGE_SUFFIXES,
     ImageReadError,
@@ -38,7 +38,7 @@ from .images import (
     preprocess,
     shape_problem,
 )
-from .model import Bundle, load_bundle
+from .model import META_FILE, Bundle, load_bundle
 
 # What a bad file may raise while it is read and preprocessed: ours (ImageReadError, ...) and
 # the builtin errors of decoders that get past ImageFile's wrapping. Anything else is a bug
@@ -277,10 +277,30 @@ def check_page(page: np.ndarray, where: str = "image") -> np.ndarray:
 
 
 class Predictor:
-    """A loaded bundle ready to classify pages."""
+    """A loaded bundle ready to classify pages.
 
-    def __init__(self, bundle: Bundle | str | Path, batch_size: int = 32):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    ``engine`` (``"auto"``, ``"openvino"``, ``"tensorflow"``) and ``precision`` (``"f32"``,
+    or ``"bf16"`` on OpenVINO: faster, not the same numbers): see :mod:`.engine`. With
+    OpenVINO and a bundle that carries its converted model, TensorFlow is never imported.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        batch_size: int = 32,
+        *,
+        engine: str | None = None,
+        precision: str | None = None,
+    ):
+        from .engine import check_precision, resolve_engine
+
+        self.engine = resolve_engine(engine)
+        self.precision = check_precision(precision, self.engine)
+        self.bundle = (
+            bundle
+            if isinstance(bundle, Bundle)
+            else load_bundle(bundle, lazy=self.engine == "openvino")
+        )
         self.class_names = self.bundle.class_names
         self.spec = self.bundle.preprocess
         self.batch_size = int(batch_size)
@@ -301,7 +321,9 @@ class Predictor:
         unfamiliar scores are those of the unflipped pages (the description was fitted on
         unflipped training images).
         """
-        if self._forward is None:
+        if self._forward is None and self.engine == "openvino":
+            self._forward = self._openvino_forward()
+        elif self._forward is None:
             import keras
             import tensorflow as tf
 
@@ -320,6 +342,8 @@ class Predictor:
             )
         n = len(batch)
         out = self._forward(flip_views(batch) if tta else batch)
+        if self.engine == "openvino":  # always both outputs
+            out = out if self.familiarity is not None else out[0]
         probs, feats = (out, None) if self.familiarity is None else out
         probs = np.asarray(probs)
         if tta:
@@ -327,6 +351,27 @@ class Predictor:
         if feats is None:
             return probs, None
         return probs, self.familiarity.scores(np.asarray(feats)[:n])
+
+    def _openvino_forward(self):
+        """The bundle's model compiled by OpenVINO: ``x`` -> ``(probabilities, features)``."""
+        from .engine import OpenVinoRunner, bundle_ir
+        from .familiar import FEATURE_LAYER
+
+        bundle = self.bundle
+        ov_model = bundle_ir(bundle.path, bundle.meta, lambda: bundle.model, (FEATURE_LAYER,))
+        size, n = self.spec.image_size, len(self.class_names)
+        shape = [
+            d.get_length() if d.is_static else None for d in ov_model.inputs[0].get_partial_shape()
+        ]
+        classes = ov_model.outputs[0].get_partial_shape()[-1]
+        if shape[1:] != [size, size, 3] or not classes.is_static or classes.get_length() != n:
+            raise BundleError(
+                f"the converted model of {bundle.source or bundle.path} takes {shape[1:]} and "
+                f"predicts {classes} classes, but its {META_FILE} says {size}x{size}x3 and "
+                f"{n} classes; retrain or restore the model folder"
+            )
+        runner = OpenVinoRunner(ov_model, self.precision)
+        return lambda x: runner(x)
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self._outputs(batch)[0]
@@ -631,6 +676,8 @@ def predict_folder(
     client=None,
     resume: bool = False,
     chunk_pages: int | None = None,
+    engine: str | None = None,
+    precision: str | None = None,
 ) -> FolderResult:
     """Classify every page of every image under ``paths``, past files that cannot be read.
 
@@ -673,6 +720,10 @@ def predict_folder(
     chunk_pages : int, optional
         Pages per cluster task (default: ``batch_size``, one forward pass per task). TIFF
         stacks are split into page ranges (their page count is read from the header).
+    engine, precision : str, optional
+        The inference engine (``"auto"``, ``"openvino"``, ``"tensorflow"``) and precision
+        (``"f32"``, or ``"bf16"`` on OpenVINO); see :mod:`.engine`. On a cluster, the
+        workers'.
 
     Returns
     -------
@@ -715,6 +766,8 @@ def predict_folder(
         client=client,
         resume=resume,
         chunk_pages=chunk_pages,
+        engine=engine,
+        precision=precision,
     )
     try:
         while True:
@@ -740,6 +793,8 @@ def iter_folder(
     client=None,
     resume: bool = False,
     chunk_pages: int | None = None,
+    engine: str | None = None,
+    precision: str | None = None,
 ) -> Generator[PagePrediction | FileError, None, FolderResult]:
     """:func:`predict_folder` as a generator (for a GUI worker): yields each PagePrediction
     and FileError as it comes and returns the :class:`FolderResult`.
@@ -765,7 +820,11 @@ def iter_folder(
             predictor = None  # the workers load the model; here only its columns are needed
             class_names, unfamiliar, source = _bundle_columns(bundle)
         else:
-            predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, batch_size)
+            predictor = (
+                bundle
+                if isinstance(bundle, Predictor)
+                else Predictor(bundle, batch_size, engine=engine, precision=precision)
+            )
             class_names = predictor.class_names
             unfamiliar = predictor.familiarity is not None
             source = predictor.bundle.source or predictor.bundle.path
@@ -796,6 +855,8 @@ def iter_folder(
                     done=done,
                     failed=failed,
                     should_stop=should_stop,
+                    engine=engine,
+                    precision=precision,
                 )
             elif done or failed:
                 batches = predictor._classify(
@@ -971,6 +1032,8 @@ def predict(
     page_axis: int | None = None,
     tta: bool = False,
     client=None,
+    engine: str | None = None,
+    precision: str | None = None,
 ):
     """Classify an image array, a stack array, an image file, a folder or a list of paths.
 
@@ -997,6 +1060,8 @@ def predict(
         For files and folders: classify on a Dask cluster (a ``Client``, ``"local:N"`` or
         ``"tcp://HOST:PORT"``; see :func:`predict_folder`). Arrays are classified here.
         To write a CSV and resume an interrupted run, use :func:`predict_folder`.
+    engine, precision : str, optional
+        The inference engine and its precision: see :class:`Predictor`.
 
     Returns
     -------
@@ -1024,23 +1089,37 @@ def predict(
     """
     predictor = bundle if isinstance(bundle, Predictor) else None
     if isinstance(image_or_path, np.ndarray):
-        predictor = predictor or Predictor(bundle, batch_size)
+        predictor = predictor or Predictor(bundle, batch_size, engine=engine, precision=precision)
         return predictor.predict_array(image_or_path, page_axis, tta=tta)
     if page_axis is not None:
         raise TypeError("page_axis is for arrays; a file's pages come from its own axes")
     if isinstance(image_or_path, (str, Path)) and Path(image_or_path).expanduser().is_file():
         path = Path(image_or_path).expanduser()
         if client is None:
-            predictor = predictor or Predictor(bundle, batch_size)
+            predictor = predictor or Predictor(
+                bundle, batch_size, engine=engine, precision=precision
+            )
             return list(predictor.predict_file(path, tta=tta))
         result = predict_folder(
-            predictor or bundle, path, batch_size=batch_size, tta=tta, client=client
+            predictor or bundle,
+            path,
+            batch_size=batch_size,
+            tta=tta,
+            client=client,
+            engine=engine,
+            precision=precision,
         )
         if result.errors:  # as a single file in one process: its error, not a part of it
             raise ImageReadError(str(result.errors[0]))
         return list(result.predictions)
     return predict_folder(
-        predictor or bundle, image_or_path, batch_size=batch_size, tta=tta, client=client
+        predictor or bundle,
+        image_or_path,
+        batch_size=batch_size,
+        tta=tta,
+        client=client,
+        engine=engine,
+        precision=precision,
     )
 
 

@@ -169,6 +169,13 @@ class TrainConfig:
         DEFAULT_VIEWS,
         f"augmented views per training image whose backbone features are cached ({DEFAULT_VIEWS})",
     )
+    engine: str = _opt(
+        "auto",
+        "what runs the frozen backbone's features and the test-set evaluation: 'auto' "
+        "(OpenVINO when installed, else TensorFlow), 'openvino' or 'tensorflow'; the "
+        "training itself runs on TensorFlow",
+        choices=("auto", "openvino", "tensorflow"),
+    )
     devices: str = _opt(
         "all",
         "GPUs to train on: 'all' or numbers such as '0,1'; with two or more, each batch "
@@ -187,6 +194,9 @@ class TrainConfig:
         from .device import parse_devices
 
         parse_devices(self.devices)  # a bad spelling is said now, not after the images load
+        from .engine import check_engine
+
+        object.__setattr__(self, "engine", check_engine(self.engine))  # frozen dataclass
         if self.views < 0:
             raise ValueError(f"views must be 0 or more, got {self.views}")
         if not 0 <= self.augment_strength <= 0.5:
@@ -724,6 +734,15 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         emit(Message(FROZEN_RANDOM_WARNING, "warning"))
     spec = config.preprocessing
     emit(Message(f"Backbone: {backbone}, weights: {weights or 'none (random start)'}"))
+    from .engine import classifier_forward, engine_label, resolve_engine
+
+    engine = resolve_engine(config.engine)
+    emit(
+        Message(
+            f"Inference engine: {engine_label(engine)} for the backbone features and the "
+            "test set; the training runs on TensorFlow"
+        )
+    )
     emit(Message(f"Classes: {dict(enumerate(names))}"))
     for line in samples.split_lines():
         is_warning = line.startswith("Warning: ")
@@ -766,6 +785,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
             emit,
             should_stop,
             subsets=("train", "val") if two_phase else ("train", "val", "test"),
+            engine=engine,
         )
     else:
         inputs = _images(config, samples)
@@ -801,18 +821,44 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
             return stopped_result(names, history, reporter.epochs_run)
 
     report = None
+    # the trained classifier as the engine runs it: the test set, the familiarity fit and
+    # (converted once here) the bundle's own OpenVINO model
+    t_convert = time.perf_counter()
+    frozen_base = None
+    if engine == "openvino" and cached:  # the base the features came from: add the head
+        from .engine import backbone_ir
+        from .features import make_backbone
+
+        frozen_base = backbone_ir(make_backbone(model), weights_id, config.image_size)
+    forward, ov_model = (
+        classifier_forward(model, engine, frozen_base=frozen_base)
+        if engine == "openvino"
+        else (None, None)
+    )
+    if ov_model is not None:
+        how = "Added the trained head to the converted backbone" if frozen_base else "Converted"
+        emit(
+            Message(
+                f"{how} for OpenVINO in {time.perf_counter() - t_convert:.1f}s (kept in "
+                "the model folder)"
+            )
+        )
     if len(y["test"]):
         emit(Progress("evaluating", 0, len(y["test"])))
         if cached:
             probs = trained.predict(inputs["test"], batch_size=config.batch_size, verbose=0)
         else:  # read from the files in chunks
-            probs = model_probabilities(trained, spec, samples.test, config.batch_size)[0]
+            probs = model_probabilities(
+                trained, spec, samples.test, config.batch_size, forward=forward
+            )[0]
         emit(Progress("evaluating", len(y["test"]), len(y["test"])))
         report = classification_report(y["test"], probs, names, samples.test)
         # test-time augmentation: the full model on each test image and its three flips
         # (cached features are of unflipped images, so the images are read again for it)
         t_tta = time.perf_counter()
-        tta_probs = model_probabilities(model, spec, samples.test, config.batch_size, tta=True)[0]
+        tta_probs = model_probabilities(
+            model, spec, samples.test, config.batch_size, tta=True, forward=forward
+        )[0]
         tta_acc = classification_report(y["test"], tta_probs, names)["accuracy"]
         report["tta"] = tta_summary(
             tta_acc, y["test"], probs, in_metrics=False, seconds=time.perf_counter() - t_tta
@@ -834,7 +880,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     from .familiar import FAMILIARITY_FILE, fit_for_training
 
     familiarity, fit_seconds = fit_for_training(
-        model, inputs, y, len(names), cached, config.batch_size, config.seed
+        model, inputs, y, len(names), cached, config.batch_size, config.seed, forward
     )
     cal = familiarity.calibration
     report["unfamiliar"], report["unfamiliar_threshold"] = [], 1.0  # scores: over threshold
@@ -842,7 +888,9 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         from .familiar import pooled_features
 
         test_f = (
-            inputs["test"] if cached else pooled_features(model, inputs["test"], config.batch_size)
+            inputs["test"]
+            if cached
+            else pooled_features(model, inputs["test"], config.batch_size, forward)
         )
         for ref, score, t, p in zip(
             samples.test, familiarity.scores(test_f), y["test"], probs, strict=True
@@ -878,6 +926,11 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         "fine_tune": fine_tune,
         "phases": fit.phases,
         "cached_features": reads_cached_features(config, fine_tune, weights),
+        # what computed the cached features and the test report
+        "engine": {
+            "features": engine_label(engine) if cached else None,
+            "evaluation": engine_label(engine),
+        },
         "config": config.to_dict(),
         "history": history,
         "epochs_run": reporter.epochs_run,
@@ -907,6 +960,12 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     from .report_html import REPORT_HTML, render_report_html
 
     extra[REPORT_HTML] = render_report_html(meta, report, manifest)
+    if ov_model is not None:  # predictions need no conversion (nor TensorFlow) later
+        from .engine import IR_BIN, IR_XML, ir_bytes
+        from .familiar import FEATURE_LAYER
+
+        extra[IR_XML], extra[IR_BIN] = ir_bytes(ov_model)
+        meta["openvino"] = {"xml": IR_XML, "outputs": [FEATURE_LAYER]}
     bundle = write_bundle(config.out_dir, model, meta, extra)
     if report["accuracy"] is not None:
         emit(
@@ -1060,6 +1119,7 @@ def _features(
     emit,
     should_stop,
     subsets=("train", "val", "test"),
+    engine: str = "tensorflow",
 ) -> dict | None:
     """Backbone features from the dataset's cache, computing only what is missing."""
     from .features import (
@@ -1074,8 +1134,9 @@ def _features(
     spec = config.preprocessing
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None
-    key = cache_key(spec, weights_id, config.seed, strength)
-    cache = FeatureCache(config.data_dir, key, key_fields(spec, weights_id, config.seed, strength))
+    key = cache_key(spec, weights_id, config.seed, strength, engine)
+    fields = key_fields(spec, weights_id, config.seed, strength, engine)
+    cache = FeatureCache(config.data_dir, key, fields)
     cache.touch()
     removed = prune_cache(config.data_dir, keep=key)
     if removed:
@@ -1085,7 +1146,14 @@ def _features(
                 "beyond the size cap."
             )
         )
-    extractor = FeatureExtractor(model, config.seed, config.augment_strength, config.batch_size)
+    extractor = FeatureExtractor(
+        model,
+        config.seed,
+        config.augment_strength,
+        config.batch_size,
+        engine=engine,
+        weights_id=weights_id,
+    )
     plan = [(s, views if s == "train" else 1) for s in subsets]
     earlier = {"done": 0, "last": 0}  # images of the subsets already finished
 
