@@ -2,10 +2,12 @@
 
     python bench/predict_speed.py [--pages 500] [--size 256] [--image-size 224]
 
-"raw" is the classifier alone on pages already decoded, normalised and resized, in batches;
-"ours" reads the TIFF page by page, preprocesses and classifies (what a user runs). Also
-prints the peak of Python/NumPy memory during prediction against the stack's size, and
-whether XLA compilation (jit_compile) makes the raw forward pass faster here.
+"raw" is the TensorFlow classifier alone on pages already decoded, normalised and resized,
+in batches; "ours" reads the TIFF page by page, preprocesses and classifies (what a user
+runs), once per engine (``--engines``: TensorFlow, OpenVINO fp32, OpenVINO bf16), each
+against the raw TensorFlow model. Also prints the peak of Python/NumPy memory during each
+prediction against the stack's size, and with ``--xla`` whether XLA compilation
+(jit_compile) makes the raw forward pass faster here.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--work", default=None)
+    p.add_argument(
+        "--engines",
+        default="tensorflow,openvino,openvino-bf16",
+        help="comma-separated: tensorflow, openvino (fp32), openvino-bf16",
+    )
+    p.add_argument("--xla", action="store_true", help="also time the raw model with XLA")
     args = p.parse_args()
 
     import tensorflow as tf
@@ -53,8 +61,7 @@ def main() -> None:
         model,
         {"class_names": ["a", "b", "c"], "preprocessing": spec.to_dict()},
     )
-    predictor = Predictor(bundle, batch_size=args.batch_size)
-    model = predictor.bundle.model
+    model = Predictor(bundle, batch_size=args.batch_size, engine="tensorflow").bundle.model
     print(f"Machine: {machine()}")
     print(
         f"Stack: {args.pages} pages of {args.size}x{args.size} uint16 "
@@ -80,31 +87,42 @@ def main() -> None:
         return len(pages) / (time.perf_counter() - t0)
 
     raw = raw_rate(pages, False)
-    print(f"raw model:           {raw:7.1f} images/s", flush=True)
-    try:
-        xla = raw_rate(pages, True)
-        print(f"raw model with XLA:  {xla:7.1f} images/s  ({xla / raw:.2f}x)", flush=True)
-    except Exception as exc:  # XLA not available for this build/device
-        print(f"raw model with XLA:  not available ({type(exc).__name__})")
+    print(f"raw TensorFlow model:          {raw:7.1f} images/s", flush=True)
+    if args.xla:
+        try:
+            xla = raw_rate(pages, True)
+            print(f"raw model with XLA:  {xla:7.1f} images/s  ({xla / raw:.2f}x)", flush=True)
+        except Exception as exc:  # XLA not available for this build/device
+            print(f"raw model with XLA:  not available ({type(exc).__name__})")
     del pages
 
-    list(predictor.predict_file(stack_path))  # warm-up (tracing) on the same file
-    t0 = time.perf_counter()
-    n = sum(1 for _ in predictor.predict_file(stack_path))
-    seconds = time.perf_counter() - t0
-    tracemalloc.start()  # a separate pass: tracing allocations slows NumPy down
-    sum(1 for _ in predictor.predict_file(stack_path))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    ours = n / seconds
     stack_mb = args.pages * args.size * args.size * 2 / 1e6
     batch_mb = args.batch_size * args.image_size**2 * 3 * 4 / 1e6
-    print(f"ours (read+preprocess+predict): {ours:7.1f} images/s")
-    print(f"ours / raw model: {ours / raw:.2f}x")
-    print(
-        f"peak Python/NumPy memory while predicting: {peak / 1e6:.1f} MB "
-        f"(stack {stack_mb:.0f} MB, one input batch {batch_mb:.1f} MB)"
-    )
+    rows = []
+    for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        engine, _, precision = name.partition("-")
+        predictor = Predictor(
+            bundle, batch_size=args.batch_size, engine=engine, precision=precision or "f32"
+        )
+        list(predictor.predict_file(stack_path))  # warm-up (tracing, compiling), same file
+        t0 = time.perf_counter()
+        n = sum(1 for _ in predictor.predict_file(stack_path))
+        seconds = time.perf_counter() - t0
+        tracemalloc.start()  # a separate pass: tracing allocations slows NumPy down
+        sum(1 for _ in predictor.predict_file(stack_path))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rows.append((name, n / seconds, peak / 1e6))
+        print(
+            f"ours, {name}: {n / seconds:7.1f} images/s ({n / seconds / raw:.2f}x raw)", flush=True
+        )
+    print()
+    print("| engine | from the file, images/s | vs the raw TensorFlow model | peak memory |")
+    print("|---|---|---|---|")
+    print(f"| raw TensorFlow model (pages in memory) | {raw:.1f} | 1.00x | |")
+    for name, rate, peak in rows:
+        print(f"| napari-microclf, {name} | {rate:.1f} | {rate / raw:.2f}x | {peak:.1f} MB |")
+    print(f"\n(stack {stack_mb:.0f} MB, one input batch {batch_mb:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def test_openvino_features_and_probabilities_equal_tensorflows(backbone, images,
     tf_p = list(Predictor(bundle, engine="tensorflow").predict_pages(pages, tta=True))
     ov_p = list(Predictor(bundle, engine="openvino").predict_pages(pages, tta=True))
     for a, b in zip(tf_p, ov_p, strict=True):
-        assert a.class_name == b.class_name
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-4
+        top2 = sorted(a.probabilities.values())[-2:]
+        if top2[1] - top2[0] > 2e-4:  # a random head can leave two classes tied
+            assert a.class_name == b.class_name
     # a bundle without its own converted model is converted once, then read from the cache
     cached = list((engine_mod.cache_root()).glob("*/model.xml"))
     assert cached, "the conversion was not cached"
@@ -134,7 +136,10 @@ def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sampl
         import json, sys
         from napari_microclf.core.predict import Predictor
         p = Predictor({str(tmp_path / "m")!r}, engine="openvino")
-        rows = [(r.class_name, r.probabilities) for r in p.predict_file({str(stack)!r})]
+        rows = [
+            (r.class_name, r.probabilities, r.unfamiliar_score)
+            for r in p.predict_file({str(stack)!r})
+        ]
         assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "imported TF"
         print(json.dumps(rows))
         """
@@ -147,9 +152,10 @@ def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sampl
     ov_rows = json.loads(out.stdout.strip().splitlines()[-1])
     tf_rows = list(Predictor(tmp_path / "m", engine="tensorflow").predict_file(stack))
     assert len(ov_rows) == len(tf_rows) == 12
-    for (name, probs), row in zip(ov_rows, tf_rows, strict=True):
+    for (name, probs, score), row in zip(ov_rows, tf_rows, strict=True):
         assert name == row.class_name
         assert max(abs(probs[k] - row.probabilities[k]) for k in probs) < 1e-4
+        assert score == pytest.approx(row.unfamiliar_score, rel=1e-3, abs=1e-4)
 
 
 def test_bf16_is_prediction_only_and_close(sample, images, tmp_path):
@@ -162,9 +168,15 @@ def test_bf16_is_prediction_only_and_close(sample, images, tmp_path):
     bundle = write_bundle(tmp_path / "m", model, meta)
     pages = [(None, i, img[..., 0]) for i, img in enumerate(images)]
     f32 = list(Predictor(bundle, engine="openvino").predict_pages(pages))
-    bf16 = list(Predictor(bundle, engine="openvino", precision="bf16").predict_pages(pages))
-    diff = max(abs(a.confidence - b.confidence) for a, b in zip(f32, bf16, strict=True))
-    assert diff < 0.1  # close, not equal: the documented trade
+    if engine_mod.cpu_has_bf16():
+        bf16 = list(Predictor(bundle, engine="openvino", precision="bf16").predict_pages(pages))
+        diff = max(abs(a.confidence - b.confidence) for a, b in zip(f32, bf16, strict=True))
+        assert 0 < diff < 0.1  # close, not equal: the documented trade
+    else:  # said, and run at f32
+        with pytest.warns(UserWarning, match="no bf16 instructions"):
+            predictor = Predictor(bundle, engine="openvino", precision="bf16")
+            bf16 = list(predictor.predict_pages(pages))
+        assert [a.probabilities for a in f32] == [b.probabilities for b in bf16]
 
 
 def test_tensorflow_alone_when_openvino_is_not_installed(monkeypatch, tmp_path):

@@ -255,6 +255,15 @@ def cached_ir(key: str, build: Callable[[], object]) -> object:
 # -- running ------------------------------------------------------------------------------
 
 
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 here (AVX-512 BF16 or AMX)."""
+    ov = import_openvino()
+    try:
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:
+        return False
+
+
 class OpenVinoRunner:
     """A compiled OpenVINO model run on numpy batches: ``runner(x)`` -> list of outputs.
 
@@ -267,7 +276,14 @@ class OpenVinoRunner:
         import openvino.properties as props
 
         core = ov.Core()
-        self.precision = precision
+        if precision == "bf16" and not cpu_has_bf16():
+            warnings.warn(
+                "this CPU has no bf16 instructions: OpenVINO runs the model at f32 (the "
+                "same numbers as precision f32, and its speed)",
+                stacklevel=3,
+            )
+            precision = "f32"
+        self.precision = precision  # what runs
         self.compiled = core.compile_model(
             ov_model,
             "CPU",
