@@ -158,10 +158,38 @@ def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sampl
         assert score == pytest.approx(row.unfamiliar_score, rel=1e-3, abs=1e-4)
 
 
+def test_int8_calibrates_on_the_training_images_once(sample, tmp_path):
+    pytest.importorskip("nncf")  # the optional int8 extra
+    _train(sample, tmp_path / "m", "openvino")
+    stack = make_sample_stack(size=SIZE, seed=2)[0]
+    f32 = Predictor(tmp_path / "m", engine="openvino").predict_array(stack, page_axis=0)
+    int8 = Predictor(tmp_path / "m", engine="openvino", precision="int8")
+    rows = int8.predict_array(stack, page_axis=0)
+    assert len(rows) == len(f32) == 12
+    for a, b in zip(f32, rows, strict=True):
+        assert sum(b.probabilities.values()) == pytest.approx(1, abs=1e-4)
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 0.5
+    with pytest.MonkeyPatch.context() as mp:  # the quantized model is kept: not made again
+        mp.setattr(engine_mod, "quantize_int8", lambda *a: pytest.fail("quantized twice"))
+        again = Predictor(tmp_path / "m", engine="openvino", precision="int8")
+        assert [r.probabilities for r in again.predict_array(stack, page_axis=0)] == [
+            r.probabilities for r in rows
+        ]
+    meta = json.loads((tmp_path / "m" / "microclf.json").read_text())
+    meta["data_dir"] = str(tmp_path / "moved")  # the training images are gone...
+    (tmp_path / "m" / "microclf.json").write_text(json.dumps(meta))
+    moved = Predictor(tmp_path / "m", engine="openvino", precision="int8")
+    assert moved.predict_array(stack[0])[0].probabilities == rows[0].probabilities  # kept
+    with pytest.MonkeyPatch.context() as mp:  # ...and on another computer: said, in one line
+        mp.setenv("KERAS_HOME", str(tmp_path / "other-home"))
+        with pytest.raises(EngineError, match="calibrates on the model's training images"):
+            Predictor(tmp_path / "m", engine="openvino", precision="int8").predict_array(stack[0])
+
+
 def test_bf16_is_prediction_only_and_close(sample, images, tmp_path):
     with pytest.raises(EngineError, match="OpenVINO"):
         check_precision("bf16", "tensorflow")
-    with pytest.raises(EngineError, match="f32 or bf16"):
+    with pytest.raises(EngineError, match="f32, bf16 or int8"):
         check_precision("int4", "openvino")
     model = _classifier(LITE0)
     meta = {"class_names": ["a", "b", "c"], "preprocessing": PreprocessSpec(SIZE).to_dict()}

@@ -94,6 +94,7 @@ ENGINE_CHOICES = (
     ("auto: OpenVINO if installed, else TensorFlow", ("auto", "f32")),
     ("OpenVINO (fp32)", ("openvino", "f32")),
     ("OpenVINO bf16: faster, approximate", ("openvino", "bf16")),
+    ("OpenVINO int8: fastest, approximate", ("openvino", "int8")),
     ("TensorFlow", ("tensorflow", "f32")),
 )
 
@@ -349,9 +350,11 @@ class PredictWidget(QWidget):
             self.engine.addItem(label, choice)
         self.engine.setToolTip(
             "What runs the model. OpenVINO (fp32) gives TensorFlow's probabilities within "
-            "1e-4, faster on a CPU; bf16 is faster still on CPUs with bf16 instructions, "
-            "with slightly different probabilities (docs/performance.md gives the measured "
-            "agreement). Training itself always runs on TensorFlow."
+            "1e-4, faster on a CPU. bf16 (on CPUs with bf16 instructions) and int8 "
+            "(quantized once, calibrated on the model's training images; needs nncf) are "
+            "faster still, with other probabilities: the top class can change on borderline "
+            "pages (docs/performance.md gives the measured agreement). Training always runs "
+            "on TensorFlow."
         )
 
         stop_tip = (

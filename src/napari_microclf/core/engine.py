@@ -39,7 +39,8 @@ import numpy as np
 from .errors import MicroclfError
 
 ENGINES = ("auto", "openvino", "tensorflow")
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
+INT8_CALIBRATION = 128  # training pages that calibrate an int8 model (fewer if it has fewer)
 ENGINE_ENV = "MICROCLF_ENGINE"  # the default engine where none is given (tests, clusters)
 IR_XML, IR_BIN = "model-openvino.xml", "model-openvino.bin"  # a bundle's converted model
 CACHE_DIR = "microclf-openvino"  # under keras_home(): converted models, by key
@@ -86,10 +87,15 @@ def check_precision(precision: str | None, engine: str) -> str:
     """``precision`` checked for the resolved ``engine``: TensorFlow runs fp32 only."""
     p = (precision or "f32").strip().lower().replace("fp", "f")
     if p not in PRECISIONS:
-        raise EngineError(f"unknown precision {precision!r}: use f32 or bf16")
+        raise EngineError(f"unknown precision {precision!r}: use f32, bf16 or int8")
     if p != "f32" and engine != "openvino":
         raise EngineError(
             f"precision {p} needs the OpenVINO engine (pip install openvino, --engine openvino)"
+        )
+    if p == "int8" and importlib.util.find_spec("nncf") is None:
+        raise EngineError(
+            "precision int8 needs NNCF to quantize the model: pip install nncf (or "
+            "napari-microclf[int8])"
         )
     return p
 
@@ -141,6 +147,25 @@ def convert(model, outputs: Sequence[str] = ()) -> object:
     return kept
 
 
+def _import_quietly(name: str):
+    """Import ``name`` with OpenVINO's usage-reporting package hidden (see
+    :func:`import_openvino`)."""
+    import importlib
+    import sys
+
+    if name not in sys.modules:
+        hidden = sys.modules.get("openvino_telemetry", ...)
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+        try:
+            importlib.import_module(name)
+        finally:
+            if hidden is ...:
+                del sys.modules["openvino_telemetry"]
+            else:
+                sys.modules["openvino_telemetry"] = hidden
+    return sys.modules[name]
+
+
 def import_openvino():
     """``import openvino``, without its usage reports.
 
@@ -149,19 +174,7 @@ def import_openvino():
     reporting package is hidden while OpenVINO is first imported (OpenVINO then uses its own
     do-nothing stand-in, as where that package is not installed).
     """
-    import sys
-
-    if "openvino" not in sys.modules:
-        hidden = sys.modules.get("openvino_telemetry", ...)
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
-        try:
-            import openvino  # noqa: F401
-        finally:
-            if hidden is ...:
-                del sys.modules["openvino_telemetry"]
-            else:
-                sys.modules["openvino_telemetry"] = hidden
-    import openvino
+    openvino = _import_quietly("openvino")
     from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
 
     convert_impl.tm = telemetry_utils.tm = telemetry_stub  # imported before: silenced now
@@ -283,7 +296,7 @@ class OpenVinoRunner:
                 stacklevel=3,
             )
             precision = "f32"
-        self.precision = precision  # what runs
+        self.precision = precision  # what runs (int8: the quantized model's own ops)
         self.compiled = core.compile_model(
             ov_model,
             "CPU",
@@ -354,6 +367,23 @@ def bundle_ir(
     sha = file_sha256(folder / MODEL_FILE)
     key = cache_key(kind="bundle", model_sha256=sha, outputs=list(outputs))
     return cached_ir(key, lambda: convert(load_model(), outputs))
+
+
+def quantize_int8(ov_model, images: Sequence[np.ndarray]):
+    """``ov_model`` quantized to int8 by NNCF (weights and activations, the MIXED preset),
+    its activation ranges calibrated on ``images`` (model input, one page each)."""
+    import_openvino()
+    nncf = _import_quietly("nncf")
+    data = nncf.Dataset([np.asarray(x, np.float32)[None] for x in images])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nncf.quantize(
+            ov_model,
+            data,
+            subset_size=len(images),
+            preset=nncf.QuantizationPreset.MIXED,
+            fast_bias_correction=True,
+        )
 
 
 def backbone_ir(backbone, weights_id: str | None, image_size: int):

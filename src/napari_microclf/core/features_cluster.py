@@ -221,8 +221,11 @@ def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None
     weights_id = weights_identity(backbone, weights, config.seed)
-    key = cache_key(spec, weights_id, config.seed, strength)
-    fields = key_fields(spec, weights_id, config.seed, strength)
+    from .engine import resolve_engine
+
+    engine = resolve_engine(config.engine)  # the workers use it too: the same cache key
+    key = cache_key(spec, weights_id, config.seed, strength, engine)
+    fields = key_fields(spec, weights_id, config.seed, strength, engine)
     data_dir = str(Path(config.data_dir).expanduser().resolve())
     cache = FeatureCache(data_dir, key, fields)
     cache.touch()
@@ -266,6 +269,7 @@ def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
         "augment_strength": config.augment_strength,
         "seed": config.seed,
         "batch_size": config.batch_size,
+        "engine": engine,
     }
     summary = FeaturesSummary(cache.folder, key, len(files), n_pages, views)
     emit(
@@ -360,14 +364,22 @@ def _worker_problem(settings: dict) -> str | None:
             "workers read the images and write the feature cache there, so they need the "
             "same file system at the same path"
         )
+    from .engine import EngineError, engine_label, resolve_engine
+
+    try:
+        engine = engine_label(resolve_engine(settings["engine"]))
+    except EngineError as exc:
+        return f"the Dask worker on {host}: {exc}"
     mine = {"features_version": FEATURES_VERSION, "tensorflow": tf.__version__}
     mine["keras"] = keras.__version__
+    mine["engine"] = engine
     for name, version in mine.items():
         if fields.get(name) != version:
             return (
                 f"the Dask worker on {host} has {name} {version}, this computer "
                 f"{fields.get(name)}: its features would not be the ones a training here "
-                "reads; install the same microclf, TensorFlow and Keras on the workers"
+                "reads; install the same microclf, TensorFlow, Keras and OpenVINO on the "
+                "workers"
             )
     try:
         got = weights_identity(settings["backbone"], settings["weights"], settings["seed"])
@@ -422,7 +434,12 @@ def _worker_extractor(settings: dict):
             random.setstate(state[0])
             np.random.set_state(state[1])
         extractor = _EXTRACTORS[key] = FeatureExtractor(
-            model, settings["seed"], settings["augment_strength"], settings["batch_size"]
+            model,
+            settings["seed"],
+            settings["augment_strength"],
+            settings["batch_size"],
+            engine=settings["engine"],
+            weights_id=settings["weights_id"],
         )
     return extractor
 

@@ -370,8 +370,47 @@ class Predictor:
                 f"predicts {classes} classes, but its {META_FILE} says {size}x{size}x3 and "
                 f"{n} classes; retrain or restore the model folder"
             )
+        if self.precision == "int8":
+            ov_model = self._int8(ov_model)
         runner = OpenVinoRunner(ov_model, self.precision)
         return lambda x: runner(x)
+
+    def _int8(self, ov_model):
+        """The bundle's converted model quantized to int8, calibrated on up to
+        :data:`~.engine.INT8_CALIBRATION` of its own training pages (cached: once per model)."""
+        import hashlib
+
+        from .engine import INT8_CALIBRATION, EngineError, cache_key, cached_ir, file_sha256
+        from .evaluate import own_split
+        from .images import PageRef, preprocess_refs
+        from .model import MODEL_FILE
+
+        bundle = self.bundle
+        data_dir = Path(bundle.meta.get("data_dir", ""))
+        keys = [e["key"] for e in (own_split(bundle.path) or {}).get("train", [])]
+        step = max(len(keys) / INT8_CALIBRATION, 1.0)
+        chosen = [keys[int(i * step)] for i in range(min(len(keys), INT8_CALIBRATION))]
+        key = cache_key(
+            kind="int8",
+            model_sha256=file_sha256(bundle.path / MODEL_FILE),
+            calibration=hashlib.sha1("\n".join(chosen).encode()).hexdigest(),
+            outputs=[o.get_any_name() for o in ov_model.outputs],
+        )
+
+        def build():
+            from .engine import quantize_int8
+
+            found = [data_dir / k for k in chosen if (data_dir / k).is_file()]
+            if not found:
+                raise EngineError(
+                    "precision int8 calibrates on the model's training images, and none of "
+                    f"its {len(keys)} training files is under {data_dir}; use precision f32 "
+                    "(or bf16), or put the dataset back where it was trained"
+                )
+            images = preprocess_refs([PageRef(p, 0, 0) for p in found], self.spec)
+            return quantize_int8(ov_model, images)
+
+        return cached_ir(key, build)
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self._outputs(batch)[0]
