@@ -279,9 +279,10 @@ def check_page(page: np.ndarray, where: str = "image") -> np.ndarray:
 class Predictor:
     """A loaded bundle ready to classify pages.
 
-    ``engine`` (``"auto"``, ``"openvino"``, ``"tensorflow"``) and ``precision`` (``"f32"``,
-    or ``"bf16"`` on OpenVINO: faster, not the same numbers): see :mod:`.engine`. With
-    OpenVINO and a bundle that carries its converted model, TensorFlow is never imported.
+    ``engine`` (``"auto"``, ``"openvino"``, ``"tensorflow"``) and ``precision`` (``"f32"``;
+    on OpenVINO also ``"bf16"`` or ``"int8"``: faster, not the same numbers): see
+    :mod:`.engine`. With OpenVINO and a bundle that carries its converted model, TensorFlow
+    is never imported.
     """
 
     def __init__(

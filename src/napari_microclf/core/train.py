@@ -928,7 +928,9 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         "cached_features": reads_cached_features(config, fine_tune, weights),
         # what computed the cached features and the test report
         "engine": {
-            "features": engine_label(engine) if cached else None,
+            "features": (
+                engine_label(engine) if reads_cached_features(config, fine_tune, weights) else None
+            ),
             "evaluation": engine_label(engine),
         },
         "config": config.to_dict(),
