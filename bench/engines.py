@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import machine, sample_dataset
 
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_flags() -> str:
@@ -200,6 +200,12 @@ def bench_backbone(name: str, images: np.ndarray, args) -> None:
             engines[label] = ov_async_engine(compiled)
         compiled, _ = ov_compile(ovm, "f32", "LATENCY", args.threads)
         engines["OpenVINO fp32 LATENCY sync"] = latency["OpenVINO fp32"] = ov_sync_engine(compiled)
+        from napari_microclf.core.engine import OpenVinoRunner, convert
+
+        runner = OpenVinoRunner(convert(model))  # what microclf runs: each batch split
+        engines["microclf's OpenVINO runner (fp32)"] = lambda xs: np.concatenate(
+            [runner(x)[0] for x in xs]
+        )
     except ImportError as exc:
         notes.append(f"OpenVINO skipped: {exc}")
     for note in notes:

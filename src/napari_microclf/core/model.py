@@ -43,7 +43,7 @@ import tempfile
 import uuid
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BundleError, OutputError, WeightsError
@@ -381,25 +381,35 @@ def build_head(model, n_features: int):
 # -- bundles -------------------------------------------------------------------------------
 
 
+class _LazyModel:
+    """The ``model`` field of :class:`Bundle`: the Keras model, loaded by the bundle's
+    ``loader`` on first use where the bundle was opened lazily."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:  # the dataclass field's default
+            return None
+        model = obj.__dict__.get("_model")
+        if model is None and obj.__dict__.get("loader") is not None:
+            model = obj.__dict__["_model"] = obj.loader()
+            obj.loader = None
+        return model
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["_model"] = value
+
+
+@dataclass
 class Bundle:
     """A model bundle: ``path`` its folder (for a zip: the folder it was extracted into),
     ``model`` the Keras model, ``meta`` its ``microclf.json``, ``source`` the .zip it was
     opened from, if any. ``loader``: load the Keras model on first use of ``model`` (a bundle
     that OpenVINO runs needs no TensorFlow until then)."""
 
-    def __init__(self, path: Path, model, meta: dict, source: Path | None = None, *, loader=None):
-        self.path, self._model, self.meta, self.source = path, model, meta, source
-        self._loader = loader
-
-    @property
-    def model(self):
-        if self._model is None and self._loader is not None:
-            self._model, self._loader = self._loader(), None
-        return self._model
-
-    @model.setter
-    def model(self, value) -> None:
-        self._model, self._loader = value, None
+    path: Path
+    model: object = _LazyModel()  # noqa: RUF009 (a descriptor: loaded on first use)
+    meta: dict = field(default_factory=dict)
+    source: Path | None = None
+    loader: object = field(default=None, repr=False, compare=False)
 
     @property
     def class_names(self) -> list[str]:
