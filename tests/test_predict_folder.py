@@ -361,8 +361,9 @@ def test_the_model_cache_is_bounded(tmp_path, monkeypatch):
     made = []
 
     class FakePredictor:
-        def __init__(self, folder):
+        def __init__(self, folder, engine="auto", precision="f32"):
             made.append(Path(folder).name)
+            self.engine, self.precision = engine, precision
 
     monkeypatch.setattr(qt_predict, "Predictor", FakePredictor)
     monkeypatch.setattr(qt_predict, "_CACHE", type(qt_predict._CACHE)())
@@ -378,6 +379,9 @@ def test_the_model_cache_is_bounded(tmp_path, monkeypatch):
     assert get(tmp_path / "a") is a and made == ["a", "b", "c"]
     get(tmp_path / "b")
     assert made == ["a", "b", "c", "b"] and len(qt_predict._CACHE) == 2
+    # another engine or precision (the Engine row) is another loaded model
+    fast = get(tmp_path / "b", "openvino", "int8")
+    assert fast is not get(tmp_path / "b") and (fast.engine, fast.precision) == ("openvino", "int8")
 
 
 def _notifications(level):
