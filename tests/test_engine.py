@@ -175,6 +175,11 @@ def test_int8_calibrates_on_the_training_images_once(sample, tmp_path):
         assert [r.probabilities for r in again.predict_array(stack, page_axis=0)] == [
             r.probabilities for r in rows
         ]
+    # what int8 costs on this model's own test list, before relying on it
+    from napari_microclf.core.evaluate import evaluate
+
+    report = evaluate(tmp_path / "m", precision="int8", save=False)
+    assert report["engine"].endswith(" int8") and report["n"] > 0
     meta = json.loads((tmp_path / "m" / "microclf.json").read_text())
     meta["data_dir"] = str(tmp_path / "moved")  # the training images are gone...
     (tmp_path / "m" / "microclf.json").write_text(json.dumps(meta))

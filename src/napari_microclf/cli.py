@@ -184,6 +184,7 @@ def cmd_evaluate(args) -> int:
         all_images=args.all,
         tta=args.tta,
         engine=args.engine,
+        precision=args.precision,
     )
     print(format_report_md(report))
     if report.get("saved"):
@@ -643,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{_TTA_HELP}; the report's metrics are "
         "then those of the averaged probabilities, with the plain accuracy beside",
     )
-    _add_engine_arguments(e, precision=False)
+    _add_engine_arguments(e, precision=True)
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("cache", help="show or clear a dataset's feature cache")

@@ -293,6 +293,7 @@ def evaluate(
     lists_from: str | Path | None = None,
     tta: bool = False,
     engine: str | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Score a model on its own ``subset`` (by default its test list), or on every image of a
     labelled folder it never saw (``all_images``).
@@ -324,6 +325,8 @@ def evaluate(
         accuracy is the unflipped views', computed in the same pass).
     engine : {"auto", "openvino", "tensorflow"}, optional
         What runs the model (:mod:`.engine`; fp32 either way, equal within 1e-4).
+    precision : {"f32", "bf16", "int8"}, optional
+        On OpenVINO: score a fast prediction mode, to see what it costs on this model.
 
     Returns
     -------
@@ -338,9 +341,10 @@ def evaluate(
 
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-    from .engine import engine_label, resolve_engine
+    from .engine import check_precision, engine_label, resolve_engine
 
     engine = resolve_engine(engine)
+    precision = check_precision(precision, engine)
     bundle = load_bundle(bundle_path, lazy=engine == "openvino")
     names = bundle.class_names
     data_dir = Path(data_dir if data_dir is not None else bundle.meta.get("data_dir", ""))
@@ -419,7 +423,7 @@ def evaluate(
             if (data_dir / key).exists():
                 files.append((data_dir / key, cls))
     refs = [PageRef(p, i, names.index(c)) for p, c in files for i in range(count_pages(p))]
-    probs, plain = _probabilities(bundle, refs, batch_size, tta, engine)
+    probs, plain = _probabilities(bundle, refs, batch_size, tta, engine, precision)
     report = classification_report([r.label for r in refs], probs, names, refs)
     report.update(
         subset="all" if all_images else subset,
@@ -430,7 +434,7 @@ def evaluate(
         changed=changed,
         flagged=flagged,
         title=f"Evaluation of {bundle.path.name} on {label}" + (" with flips (TTA)" if tta else ""),
-        engine=engine_label(engine),
+        engine=engine_label(engine, precision),
     )
     if tta:
         report["tta"] = tta_summary(
@@ -492,7 +496,14 @@ def tta_summary(
     return out
 
 
-def _probabilities(bundle, refs, batch_size: int, tta: bool = False, engine: str = "tensorflow"):
+def _probabilities(
+    bundle,
+    refs,
+    batch_size: int,
+    tta: bool = False,
+    engine: str = "tensorflow",
+    precision: str = "f32",
+):
     """``(probabilities, plain)`` of ``refs``, read and run in chunks (memory bounded by a
     chunk); with ``tta`` the probabilities are the mean over each page's four flipped views
     and ``plain`` the unflipped views' own, else both are the plain ones. ``engine``:
@@ -501,7 +512,8 @@ def _probabilities(bundle, refs, batch_size: int, tta: bool = False, engine: str
     if engine == "openvino":
         from .predict import Predictor
 
-        forward = Predictor(bundle, batch_size, engine="openvino")._openvino_forward()
+        predictor = Predictor(bundle, batch_size, engine="openvino", precision=precision)
+        forward = predictor._openvino_forward()
     return model_probabilities(
         bundle.model if forward is None else None,
         bundle.preprocess,
