@@ -10,7 +10,9 @@ prediction, runs on the engine chosen by ``engine``:
 
 OpenVINO runs at fp32 (``INFERENCE_PRECISION_HINT=f32``: on CPUs with bf16 support it would
 otherwise pick bf16 by itself), so its features and probabilities equal TensorFlow's within
-1e-4 (tested). ``precision="bf16"`` is an opt-in fast mode for prediction only.
+1e-4 (tested). ``precision="bf16"`` (CPUs with bf16 instructions) and ``"int8"`` (NNCF,
+calibrated on the model's training images) are opt-in fast modes for prediction only: they
+change probabilities, and docs/performance.md gives how often the class changes.
 
 A Keras model is converted through a traced ``tf.function`` (``openvino.convert_model`` of
 its concrete function), keeping only the outputs asked for. A conversion takes seconds, so
