@@ -776,6 +776,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     }
     cached = reads_cached_features(config, fine_tune, weights)
     weights_id = weights_identity(backbone, weights, config.seed)
+    converted: dict = {}  # _features' OpenVINO backbone, reused for the bundle's model
     if cached:
         inputs = _features(
             config,
@@ -786,6 +787,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
             should_stop,
             subsets=("train", "val") if two_phase else ("train", "val", "test"),
             engine=engine,
+            converted=converted,
         )
     else:
         inputs = _images(config, samples)
@@ -826,10 +828,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     t_convert = time.perf_counter()
     frozen_base = None
     if engine == "openvino" and cached:  # the base the features came from: add the head
-        from .engine import backbone_ir
-        from .features import make_backbone
-
-        frozen_base = backbone_ir(make_backbone(model), weights_id, config.image_size)
+        frozen_base = converted["backbone"]
     forward, ov_model = (
         classifier_forward(model, engine, frozen_base=frozen_base)
         if engine == "openvino"
@@ -1122,8 +1121,10 @@ def _features(
     should_stop,
     subsets=("train", "val", "test"),
     engine: str = "tensorflow",
+    converted: dict | None = None,
 ) -> dict | None:
-    """Backbone features from the dataset's cache, computing only what is missing."""
+    """Backbone features from the dataset's cache, computing only what is missing; with
+    ``converted``, its ``"backbone"`` is the OpenVINO backbone used (None on TensorFlow)."""
     from .features import (
         FeatureCache,
         FeatureExtractor,
@@ -1156,6 +1157,8 @@ def _features(
         engine=engine,
         weights_id=weights_id,
     )
+    if converted is not None:
+        converted["backbone"] = extractor.ov_model
     plan = [(s, views if s == "train" else 1) for s in subsets]
     earlier = {"done": 0, "last": 0}  # images of the subsets already finished
 
