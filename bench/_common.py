@@ -91,7 +91,7 @@ def pretrained_weights(work: Path, seed: int = 7) -> str:
     something makes the validation accuracies meaningful (a random frozen base learns
     nothing). Speed does not depend on the weights' values.
     """
-    from napari_microclf.core.model import load_bundle
+    from napari_microclf.core.bundle import load_bundle
     from napari_microclf.core.sample import make_sample_dataset
     from napari_microclf.core.train import TrainConfig, train
 

@@ -51,7 +51,8 @@ def digits_dataset(root: Path) -> Path:
 def run_set(name: str, data: Path, work: Path, args) -> list[str]:
     from napari_microclf.core.dataset import load_samples
     from napari_microclf.core.engine import cpu_has_bf16
-    from napari_microclf.core.predict import Predictor, find_images
+    from napari_microclf.core.images import find_images
+    from napari_microclf.core.predictor import Predictor
     from napari_microclf.core.train import TrainConfig, train
 
     out = work / f"model-{name}"

@@ -44,9 +44,10 @@ def main() -> None:
     import tensorflow as tf
     import tifffile
 
+    from napari_microclf.core.bundle import write_bundle
     from napari_microclf.core.images import PreprocessSpec, open_image, preprocess
-    from napari_microclf.core.model import build_classifier, write_bundle
-    from napari_microclf.core.predict import Predictor
+    from napari_microclf.core.model import build_classifier
+    from napari_microclf.core.predictor import Predictor
     from napari_microclf.core.sample import make_sample_stack
 
     work = Path(args.work or tempfile.mkdtemp(prefix="microclf-bench-"))

@@ -56,10 +56,13 @@ def main() -> None:
     p.add_argument("--work", default=None)
     args = p.parse_args()
 
+    from napari_microclf.core.bundle import write_bundle
     from napari_microclf.core.cluster import classify_refs, connect
+    from napari_microclf.core.folder_runs import predict_folder
     from napari_microclf.core.images import PreprocessSpec
-    from napari_microclf.core.model import build_classifier, write_bundle
-    from napari_microclf.core.predict import Predictor, predict_folder
+    from napari_microclf.core.model import build_classifier
+    from napari_microclf.core.predict_options import PredictOptions
+    from napari_microclf.core.predictor import Predictor
 
     work = Path(args.work or tempfile.mkdtemp(prefix="microclf-bench-"))
     folder = make_data(work, args.stacks, args.pages, args.size)
@@ -96,7 +99,8 @@ def main() -> None:
             t0 = time.perf_counter()
             first = next(folder.glob("*.tif"))
             ref = [(str(first), str(first), 0, 2)]
-            client.run(classify_refs, str(bundle), ref, args.batch_size)  # load + trace
+            options = PredictOptions(batch_size=args.batch_size)
+            client.run(classify_refs, str(bundle), ref, options)  # load + trace
             loaded = time.perf_counter() - t0
             rss = client.run(lambda: __import__("psutil").Process().memory_info().rss)
             print(

@@ -54,7 +54,7 @@ def main() -> None:
     from napari_microclf._qt.label_next import LabelNextWidget
     from napari_microclf._qt.predict import PredictWidget
     from napari_microclf._qt.train import TrainWidget
-    from napari_microclf.core.model import read_meta
+    from napari_microclf.core.bundle import read_meta
     from napari_microclf.core.review import load_report
     from napari_microclf.core.sample import write_sample
     from napari_microclf.core.train import TrainConfig, train

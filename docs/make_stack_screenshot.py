@@ -111,7 +111,7 @@ def main():
     plot.click_page(7)  # a click on the plot moves the slider (and the marker with it)
     pause(1.5)
     save(viewer, "stack-plot")
-    print("overlay:", widget.overlay.text, "| summary:", plot.summary)
+    print("overlay:", widget.labels.overlay.text, "| summary:", plot.summary)
 
 
 if __name__ == "__main__":

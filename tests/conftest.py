@@ -8,8 +8,11 @@ collection (and after pytest-xvfb has started the display) an OpenGL context is 
 and TensorFlow imported the safe way.
 """
 
+import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,87 @@ def pytest_configure(config):
     except Exception as exc:  # noqa: BLE001 - no display: nothing to order
         config._microclf_gl = exc
     ensure_tensorflow()
+
+
+# -- trained models shared by the whole session ---------------------------------------------
+# A test trains only when training is what it tests; the others read one of these models.
+# They are read-only: a test that changes a bundle or its dataset works on `copy_of(...)`.
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A training shared by the session: its result, every update it sent, the sample it
+    trained on (``dataset``, ``stack``, ``stack_labels``) and its files per subset."""
+
+    result: object
+    updates: list
+    sample: dict
+    files: dict
+
+    @property
+    def bundle(self) -> Path:
+        return self.result.bundle
+
+    @property
+    def dataset(self) -> Path:
+        return self.sample["dataset"]
+
+
+def _trained(sample: dict, out: Path, **settings) -> Trained:
+    from napari_microclf.core.train import TrainConfig, train
+
+    updates = []
+    result = train(TrainConfig(str(sample["dataset"]), str(out), **settings), updates.append)
+    split = json.loads((result.bundle / "split.json").read_text())
+    files = {s: [sample["dataset"] / e["key"] for e in split[s]] for s in ("train", "val", "test")}
+    return Trained(result, updates, sample, files)
+
+
+@pytest.fixture(scope="session")
+def small_sample(tmp_path_factory) -> dict:
+    """The synthetic sample, small: 3 classes of 12 images (48 px) and a 12-page stack."""
+    from napari_microclf.core.sample import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("small-sample"), n_per_class=12, size=48, seed=1)
+
+
+@pytest.fixture(scope="session")
+def scratch(small_sample, tmp_path_factory) -> Trained:
+    """A tiny model trained from scratch: EfficientNet-B0 from a random start, the whole
+    network trained for one epoch at 32 px (a few eager steps). Mechanics, not accuracy."""
+    return _trained(
+        small_sample,
+        tmp_path_factory.mktemp("scratch") / "model",
+        epochs=1,
+        batch_size=8,
+        image_size=32,
+        weights=None,
+        fine_tune="all",
+        augment=False,
+        early_stopping=False,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def lite0(tmp_path_factory) -> Trained:
+    """The defaults on this offline machine (ImageNet EfficientNet-Lite0, frozen, its head
+    on cached features) at 64 px, 40 images per class: a model that is right."""
+    from napari_microclf.core.sample import write_sample
+
+    root = tmp_path_factory.mktemp("lite0")
+    sample = write_sample(root / "sample", n_per_class=40, size=96, seed=0)
+    return _trained(
+        sample, root / "model", image_size=64, epochs=5, learning_rate=1e-3, batch_size=16
+    )
+
+
+def copy_of(path: Path, into: Path) -> Path:
+    """A private copy of a shared dataset or bundle folder, for a test that changes it."""
+    return Path(shutil.copytree(path, Path(into) / Path(path).name))
+
+
+@pytest.fixture
+def private_copy(tmp_path):
+    """``private_copy(folder)``: :func:`copy_of` into this test's ``tmp_path``."""
+    return lambda path: copy_of(path, tmp_path)

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from napari_microclf import __version__
+from napari_microclf.core import bundle as bundles
 from napari_microclf.core import model as m
+from napari_microclf.core import settings
 from napari_microclf.core.errors import BundleError, OutputError
+from napari_microclf.core.folder_runs import predict_folder
 from napari_microclf.core.lock import MODEL_LOCK
-from napari_microclf.core.predict import predict_folder
 
 X = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
 
@@ -27,7 +29,7 @@ X = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path, monkeypatch):
     """Zipped bundles are extracted under $XDG_CACHE_HOME: a fresh one for each test."""
-    monkeypatch.delenv(m.CACHE_ENV, raising=False)
+    monkeypatch.delenv(settings.CACHE.name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     return tmp_path / "xdg-cache" / "napari-microclf" / "bundles"
 
@@ -54,7 +56,7 @@ def bundle(tmp_path_factory):
             "fine_tune": "all",
             "backbone": m.B0,
         },
-        "versions": m.versions(),
+        "versions": bundles.versions(),
         "date": "2026-01-01T10:00:00",
     }
     files = {
@@ -63,7 +65,7 @@ def bundle(tmp_path_factory):
             {"test": [{"key": "a/1.tif", "sha1": "x", "group": "g"}], "val": [], "train": []}
         ),
     }
-    m.write_bundle(out, model, meta, files)
+    bundles.write_bundle(out, model, meta, files)
     probs = model.predict(X, verbose=0)
     return out, probs
 
@@ -74,7 +76,7 @@ def copy(bundle, dest):
 
 
 def edit_meta(folder, **changes):
-    path = folder / m.META_FILE
+    path = folder / bundles.META_FILE
     meta = json.loads(path.read_text())
     meta.update(changes)
     path.write_text(json.dumps(meta))
@@ -108,9 +110,9 @@ def as_keras_9(name, data):
 
 
 def from_the_future(folder):
-    rewrite_archive(folder / m.MODEL_FILE, as_keras_9)
+    rewrite_archive(folder / bundles.MODEL_FILE, as_keras_9)
     versions = {
-        **json.loads((folder / m.META_FILE).read_text())["versions"],
+        **json.loads((folder / bundles.META_FILE).read_text())["versions"],
         "keras": "9.0.0",
         "napari_microclf": "7.0",
     }
@@ -128,16 +130,16 @@ def no_bundle_warnings():
 def test_a_model_keras_this_keras_cannot_read_is_rebuilt_from_its_meta(bundle, tmp_path):
     folder = from_the_future(copy(bundle, tmp_path / "model"))
     with pytest.raises(Exception, match="DenseV9"):  # what Keras alone makes of it
-        keras.saving.load_model(folder / m.MODEL_FILE, compile=False)
+        keras.saving.load_model(folder / bundles.MODEL_FILE, compile=False)
     expected = (
         rf"Keras 9\.0\.0 \(napari-microclf 7\.0\).*installed Keras "
         rf"{re.escape(keras.__version__)} \(napari-microclf {re.escape(__version__)}\)"
         r".*rebuilt from microclf\.json"
     )
-    with pytest.warns(m.BundleVersionWarning, match=expected) as caught:
-        b = m.load_bundle(folder)
-    assert len([w for w in caught if issubclass(w.category, m.BundleVersionWarning)]) == 1
-    assert issubclass(m.BundleVersionWarning, UserWarning)
+    with pytest.warns(bundles.BundleVersionWarning, match=expected) as caught:
+        b = bundles.load_bundle(folder)
+    assert len([w for w in caught if issubclass(w.category, bundles.BundleVersionWarning)]) == 1
+    assert issubclass(bundles.BundleVersionWarning, UserWarning)
     assert b.class_names == ["a", "b"]
     diff = np.abs(b.model.predict(X, verbose=0) - bundle[1]).max()
     assert diff <= 1e-6, diff
@@ -149,7 +151,7 @@ def test_a_rebuild_that_fails_too_is_a_clear_error(bundle, tmp_path):
     from_the_future(folder)
     edit_meta(folder, class_names=["a", "b", "c"])
     with pytest.raises(BundleError) as err:
-        m.load_bundle(folder)
+        bundles.load_bundle(folder)
     msg = str(err.value)
     assert "corrupt or unreadable" in msg and "DenseV9" in msg
     assert "rebuilding it from microclf.json failed too" in msg and "retrain" in msg
@@ -158,36 +160,36 @@ def test_a_rebuild_that_fails_too_is_a_clear_error(bundle, tmp_path):
     # no weights in the archive
     folder = copy(bundle, tmp_path / "noweights")
     rewrite_archive(
-        folder / m.MODEL_FILE, lambda n, d: None if n.endswith(".h5") else as_keras_9(n, d)
+        folder / bundles.MODEL_FILE, lambda n, d: None if n.endswith(".h5") else as_keras_9(n, d)
     )
     with pytest.raises(BundleError, match="rebuilding it from microclf.json failed too"):
-        m.load_bundle(folder)
+        bundles.load_bundle(folder)
 
 
 def test_a_newer_recorded_keras_warns_once_and_loads(bundle, tmp_path):
     folder = copy(bundle, tmp_path / "model")
     with no_bundle_warnings() as caught:
         warnings.simplefilter("always")
-        m.load_bundle(folder)  # the installed versions: nothing to say
-    assert not [w for w in caught if issubclass(w.category, m.BundleVersionWarning)]
+        bundles.load_bundle(folder)  # the installed versions: nothing to say
+    assert not [w for w in caught if issubclass(w.category, bundles.BundleVersionWarning)]
     major, minor = (int(p) for p in keras.__version__.split(".")[:2])
     newer = f"{major}.{minor + 1}.0"
-    versions = {**m.read_meta(folder)["versions"], "keras": newer}
+    versions = {**bundles.read_meta(folder)["versions"], "keras": newer}
     edit_meta(folder, versions=versions)
     with pytest.warns(
-        m.BundleVersionWarning,
+        bundles.BundleVersionWarning,
         match=rf"saved by Keras {re.escape(newer)}.*newer than the installed "
         rf"Keras {re.escape(keras.__version__)}",
     ) as caught:
-        b = m.load_bundle(folder)
-    assert len([w for w in caught if issubclass(w.category, m.BundleVersionWarning)]) == 1
+        b = bundles.load_bundle(folder)
+    assert len([w for w in caught if issubclass(w.category, bundles.BundleVersionWarning)]) == 1
     np.testing.assert_allclose(b.model.predict(X, verbose=0), bundle[1], atol=1e-6)
     # an older Keras is what Keras promises to read: no warning
     edit_meta(folder, versions={**versions, "keras": "3.0.0"})
     with no_bundle_warnings() as caught:
         warnings.simplefilter("always")
-        m.load_bundle(folder)
-    assert not [w for w in caught if issubclass(w.category, m.BundleVersionWarning)]
+        bundles.load_bundle(folder)
+    assert not [w for w in caught if issubclass(w.category, bundles.BundleVersionWarning)]
 
 
 @pytest.mark.parametrize(
@@ -206,19 +208,19 @@ def test_a_newer_recorded_keras_warns_once_and_loads(bundle, tmp_path):
 def test_a_format_this_version_cannot_read_is_refused(bundle, tmp_path, fmt, expected):
     folder = copy(bundle, tmp_path / "model")
     edit_meta(folder, format=fmt)
-    for call in (m.read_meta, m.load_bundle):
+    for call in (bundles.read_meta, bundles.load_bundle):
         with pytest.raises(BundleError, match=expected):
             call(folder)
     # zip_bundle refuses to zip it; zipped by other means, the message names the zip (not
     # the cache folder it was extracted into)
     with pytest.raises(BundleError, match=expected):
-        m.zip_bundle(folder, tmp_path / "model.zip")
+        bundles.zip_bundle(folder, tmp_path / "model.zip")
     zipped = tmp_path / "model.zip"
     with zipfile.ZipFile(zipped, "w") as zf:
-        for name in (m.MODEL_FILE, m.META_FILE):
+        for name in (bundles.MODEL_FILE, bundles.META_FILE):
             zf.write(folder / name, name)
     with pytest.raises(BundleError, match=expected) as err:
-        m.load_bundle(zipped)
+        bundles.load_bundle(zipped)
     assert f"microclf.json in {zipped}" in str(err.value)
     assert "xdg-cache" not in str(err.value)
 
@@ -228,36 +230,36 @@ def test_a_format_this_version_cannot_read_is_refused(bundle, tmp_path, fmt, exp
 
 def test_zip_bundle_holds_the_bundle_only_and_loads_alike(bundle, tmp_path, cache_home):
     folder = copy(bundle, tmp_path / "model")
-    m.write_bundle(
+    bundles.write_bundle(
         folder,
-        keras.models.load_model(folder / m.MODEL_FILE, compile=False),
-        m.read_meta(folder),
+        keras.models.load_model(folder / bundles.MODEL_FILE, compile=False),
+        bundles.read_meta(folder),
         {"report.md": "# report\n", "notes-of-b.txt": "b"},
     )
     (folder / "notes.txt").write_text("the user's")
     (folder / "reports").mkdir()
     (folder / "reports" / "eval.md").write_text("an evaluation")
     (folder / MODEL_LOCK).write_text("{}")
-    assert (folder / m.PREVIOUS_DIR).is_dir()
-    out = m.zip_bundle(folder, tmp_path / "out" / "model.zip")
+    assert (folder / bundles.PREVIOUS_DIR).is_dir()
+    out = bundles.zip_bundle(folder, tmp_path / "out" / "model.zip")
     assert out == (tmp_path / "out" / "model.zip").resolve() and out.is_file()
     with zipfile.ZipFile(out) as zf:
         names = sorted(zf.namelist())
-    assert names == sorted([m.MODEL_FILE, m.META_FILE, "report.md", "notes-of-b.txt"])
+    assert names == sorted([bundles.MODEL_FILE, bundles.META_FILE, "report.md", "notes-of-b.txt"])
     assert os.listdir(tmp_path / "out") == ["model.zip"]  # no temporary file left
 
-    meta = m.read_meta(out)
+    meta = bundles.read_meta(out)
     assert meta["class_names"] == ["a", "b"]
-    b = m.load_bundle(out)
+    b = bundles.load_bundle(out)
     np.testing.assert_allclose(b.model.predict(X, verbose=0), bundle[1], atol=1e-6)
     assert b.source == out
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
     assert b.path == (cache_home / sha).resolve()
     assert sorted(os.listdir(b.path)) == names
     # opened again: the same extraction, nothing new in the cache
-    assert m.load_bundle(out).path == b.path and os.listdir(cache_home) == [sha]
+    assert bundles.load_bundle(out).path == b.path and os.listdir(cache_home) == [sha]
     # zipped again over the old zip (atomically replaced), and from the model.keras path
-    assert m.zip_bundle(folder / m.MODEL_FILE, out) == out
+    assert bundles.zip_bundle(folder / bundles.MODEL_FILE, out) == out
     assert os.listdir(tmp_path / "out") == ["model.zip"]
 
 
@@ -269,7 +271,7 @@ def test_predict_a_folder_with_a_zipped_bundle(bundle, tmp_path):
     rng = np.random.default_rng(3)
     for i in range(3):
         tifffile.imwrite(images / f"img{i}.tif", rng.integers(0, 4096, (40, 48), np.uint16))
-    zipped = m.zip_bundle(bundle[0], tmp_path / "model.zip")
+    zipped = bundles.zip_bundle(bundle[0], tmp_path / "model.zip")
     from_folder = predict_folder(bundle[0], images)
     from_zip = predict_folder(zipped, images, tmp_path / "out.csv")
     assert len(from_zip) == 3 and not from_zip.errors
@@ -290,7 +292,7 @@ def test_evaluating_a_zipped_bundle_saves_its_report_beside_the_zip(bundle, tmp_
         (data / name).mkdir(parents=True)
         for i in range(2):
             tifffile.imwrite(data / name / f"{i}.tif", rng.integers(0, 4096, (40, 48), np.uint16))
-    zipped = m.zip_bundle(bundle[0], tmp_path / "shared.zip")
+    zipped = bundles.zip_bundle(bundle[0], tmp_path / "shared.zip")
     report = evaluate(zipped, data, all_images=True)
     saved = Path(report["saved"])
     assert saved.parent == tmp_path / "shared-reports" / "reports" and saved.is_file()
@@ -304,7 +306,7 @@ def test_a_zip_of_the_folder_itself_opens_too(bundle, tmp_path):
         for p in sorted(bundle[0].rglob("*")):
             if p.is_file():
                 zf.write(p, "model/" + p.relative_to(bundle[0]).as_posix())
-    b = m.load_bundle(zipped)
+    b = bundles.load_bundle(zipped)
     np.testing.assert_allclose(b.model.predict(X, verbose=0), bundle[1], atol=1e-6)
 
 
@@ -316,19 +318,19 @@ def test_a_zip_that_is_no_bundle_names_the_file(bundle, tmp_path, cache_home):
     garbage.write_bytes(b"not a zip at all")
     only_meta = tmp_path / "only-meta.zip"
     with zipfile.ZipFile(only_meta, "w") as zf:
-        zf.write(bundle[0] / m.META_FILE, m.META_FILE)
+        zf.write(bundle[0] / bundles.META_FILE, bundles.META_FILE)
     for path, why in [
         (not_bundle, "no microclf.json in it"),
         (garbage, "not a readable zip"),
         (only_meta, "no model.keras beside its microclf.json"),
     ]:
-        for call in (m.read_meta, m.load_bundle):
+        for call in (bundles.read_meta, bundles.load_bundle):
             with pytest.raises(
                 BundleError, match=re.escape(f"{path} is not a zipped microclf model ({why}")
             ):
                 call(path)
     with pytest.raises(BundleError, match=r"zipped model .*missing\.zip does not exist"):
-        m.load_bundle(tmp_path / "missing.zip")
+        bundles.load_bundle(tmp_path / "missing.zip")
     assert not list(cache_home.glob("*"))  # nothing extracted, no temporary folder left
 
 
@@ -336,24 +338,24 @@ def test_zip_bundle_refuses_what_is_no_bundle(bundle, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BundleError, match="not a microclf model folder"):
-        m.zip_bundle(empty, tmp_path / "x.zip")
+        bundles.zip_bundle(empty, tmp_path / "x.zip")
     with pytest.raises(OutputError, match="is a folder; give the .zip file"):
-        m.zip_bundle(bundle[0], tmp_path)
-    zipped = m.zip_bundle(bundle[0], tmp_path / "model.zip")
+        bundles.zip_bundle(bundle[0], tmp_path)
+    zipped = bundles.zip_bundle(bundle[0], tmp_path / "model.zip")
     with pytest.raises(BundleError, match="already a zipped model"):
-        m.zip_bundle(zipped, tmp_path / "again.zip")
+        bundles.zip_bundle(zipped, tmp_path / "again.zip")
     with pytest.raises(BundleError, match="zipped model: it keeps no previous model"):
-        m.restore_previous(zipped)
+        bundles.restore_previous(zipped)
     assert sorted(os.listdir(tmp_path)) == ["empty", "model.zip"]
 
 
 def test_an_unwritable_cache_falls_back_to_the_temporary_folder(bundle, tmp_path, monkeypatch):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder would be")
-    monkeypatch.setenv(m.CACHE_ENV, str(blocked / "bundles"))
+    monkeypatch.setenv(settings.CACHE.name, str(blocked / "bundles"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    zipped = m.zip_bundle(bundle[0], tmp_path / "model.zip")
-    b = m.load_bundle(zipped)
+    zipped = bundles.zip_bundle(bundle[0], tmp_path / "model.zip")
+    b = bundles.load_bundle(zipped)
     assert b.path.parent == (tmp_path / "tmp" / "napari-microclf-bundles").resolve()
     np.testing.assert_allclose(b.model.predict(X, verbose=0), bundle[1], atol=1e-6)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from napari_microclf import cli
-from napari_microclf.core import features, lock
-from napari_microclf.core import model as m
+from napari_microclf.core import bundle as bundles
+from napari_microclf.core import files, lock
 from napari_microclf.core.errors import BundleError, LockedError
 
 X = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
@@ -46,11 +46,11 @@ def write(out, tag: str, seed: int, **extra):
             {"test": [{"key": "a/1.tif", "sha1": tag, "group": "g"}], "val": [], "train": []}
         ),
     }
-    return m.write_bundle(out, tiny_model(seed), meta, {**files, **extra})
+    return bundles.write_bundle(out, tiny_model(seed), meta, {**files, **extra})
 
 
 def predictions(folder):
-    return m.load_bundle(folder).model.predict(X, verbose=0)
+    return bundles.load_bundle(folder).model.predict(X, verbose=0)
 
 
 def add_user_files(out):
@@ -104,8 +104,8 @@ def test_retraining_keeps_user_files_and_one_previous_bundle(tmp_path):
     add_user_files(out)
     write(out, "B", 2)
     assert_user_files(out)
-    assert m.read_meta(out)["date"] == "B"
-    assert m.read_meta(out / "previous")["date"] == "A"
+    assert bundles.read_meta(out)["date"] == "B"
+    assert bundles.read_meta(out / "previous")["date"] == "A"
     np.testing.assert_allclose(predictions(out / "previous"), first)
     assert not np.allclose(predictions(out), first)
     # the old bundle's own files went with it (those the new one does not write too)
@@ -114,16 +114,17 @@ def test_retraining_keeps_user_files_and_one_previous_bundle(tmp_path):
     assert (out / "report.md").read_text() == "# report B\n"
     # previous/ holds the bundle only, never the user's files
     assert sorted(os.listdir(out / "previous")) == sorted(
-        [m.MODEL_FILE, m.META_FILE, "report.md", "split.json", "only-in-a.txt"]
+        [bundles.MODEL_FILE, bundles.META_FILE, "report.md", "split.json", "only-in-a.txt"]
     )
     write(out, "C", 3)  # one generation: A is gone, B is previous
-    assert (m.read_meta(out)["date"], m.read_meta(out / "previous")["date"]) == ("C", "B")
+    dates = bundles.read_meta(out)["date"], bundles.read_meta(out / "previous")["date"]
+    assert dates == ("C", "B")
     assert_user_files(out)
     assert_clean(out)
     assert sorted(os.listdir(out)) == sorted(
         [
-            m.MODEL_FILE,
-            m.META_FILE,
+            bundles.MODEL_FILE,
+            bundles.META_FILE,
             "report.md",
             "split.json",
             "previous",
@@ -150,8 +151,8 @@ def test_restore_swaps_back_and_forth(tmp_path, capsys):
     add_user_files(out)
     write(out, "B", 2)
     second = predictions(out)
-    meta = m.restore_previous(out)
-    assert meta["date"] == "A" and m.read_meta(out / "previous")["date"] == "B"
+    meta = bundles.restore_previous(out)
+    assert meta["date"] == "A" and bundles.read_meta(out / "previous")["date"] == "B"
     np.testing.assert_allclose(predictions(out), first)
     assert_user_files(out)
     # restoring twice is back where it was; the command line says which model is active
@@ -159,7 +160,7 @@ def test_restore_swaps_back_and_forth(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "trained B" in said and "test accuracy 52.0%" in said and "previous/" in said
     np.testing.assert_allclose(predictions(out), second)
-    assert m.read_meta(out / "previous")["date"] == "A"
+    assert bundles.read_meta(out / "previous")["date"] == "A"
     assert_user_files(out)
     assert_clean(out)
 
@@ -168,10 +169,10 @@ def test_restore_without_previous_says_so(tmp_path, capsys):
     out = tmp_path / "model"
     write(out, "A", 1)
     with pytest.raises(BundleError, match="no previous model to restore"):
-        m.restore_previous(out)
+        bundles.restore_previous(out)
     assert cli.main(["restore", str(out)]) == 1
     assert "no previous model" in capsys.readouterr().err
-    assert m.read_meta(out)["date"] == "A"
+    assert bundles.read_meta(out)["date"] == "A"
 
 
 # -- a swap interrupted at every step -----------------------------------------------------
@@ -184,11 +185,11 @@ class Killed(BaseException):
 def _steps(tmp_path, op: str) -> list[str]:
     out = _setup(tmp_path / f"record-{op}")
     seen: list[str] = []
-    m._HOOK["step"] = seen.append
+    bundles._HOOK["step"] = seen.append
     try:
         _do(op, out)
     finally:
-        m._HOOK["step"] = None
+        bundles._HOOK["step"] = None
     return seen
 
 
@@ -203,7 +204,7 @@ def _do(op: str, out):
     if op == "write":
         write(out, "B", 2)
     else:
-        m.restore_previous(out)
+        bundles.restore_previous(out)
 
 
 @pytest.mark.parametrize("op", ["write", "restore"])
@@ -218,20 +219,20 @@ def test_a_swap_killed_after_any_step_is_repaired(tmp_path, op):
             if name == step:
                 raise Killed(name)
 
-        m._HOOK["step"] = kill
+        bundles._HOOK["step"] = kill
         try:
             with pytest.raises(Killed):
                 _do(op, out)
         finally:
-            m._HOOK["step"] = None
+            bundles._HOOK["step"] = None
         leave_killed_lock(out)
         # the next load repairs the folder: a whole bundle, the new one once its journal
         # was written (it was complete by then), else the old one
         before_journal = steps.index(step) < steps.index("journal")
-        active = m.read_meta(out)["date"]
+        active = bundles.read_meta(out)["date"]
         assert active == ("A" if before_journal else new), (step, active)
-        assert m.read_meta(out / "previous")["date"] == ("A0" if before_journal else "A")
-        m.load_bundle(out)
+        assert bundles.read_meta(out / "previous")["date"] == ("A0" if before_journal else "A")
+        bundles.load_bundle(out)
         assert_user_files(out)
         assert_clean(out)
         assert not (out / lock.MODEL_LOCK).exists()
@@ -247,8 +248,8 @@ def test_a_swap_killed_before_its_journal_leaves_the_old_bundle(tmp_path, monkey
             raise Killed("killed while saving")
 
     with pytest.raises(Killed):
-        m.write_bundle(out, Broken(), {"class_names": ["a", "b"]})
-    assert m.read_meta(out)["date"] == "A" and not (out / "previous").exists()
+        bundles.write_bundle(out, Broken(), {"class_names": ["a", "b"]})
+    assert bundles.read_meta(out)["date"] == "A" and not (out / "previous").exists()
     assert_clean(out)
 
 
@@ -262,18 +263,18 @@ def test_the_old_swap_leftovers_are_restored_and_removed(tmp_path):
     out.rename(old)
     tmp = tmp_path / ".model.tmp-5e6f7a8b"
     tmp.mkdir()
-    (tmp / m.MODEL_FILE).write_bytes(b"partial")
+    (tmp / bundles.MODEL_FILE).write_bytes(b"partial")
     past = lock.PROCESS_START - 60
     for p in (old, tmp):
         os.utime(p, (past, past))
-    assert m.load_bundle(out).meta["date"] == "A"
+    assert bundles.load_bundle(out).meta["date"] == "A"
     assert_user_files(out)
     assert sorted(os.listdir(tmp_path)) == ["model"]
     # and through the command line, before anything else
     out.rename(old)
     os.utime(old, (past, past))
     cli.main(["restore", str(out)])  # no previous: refused, but the folder is back
-    assert m.read_meta(out)["date"] == "A" and sorted(os.listdir(tmp_path)) == ["model"]
+    assert bundles.read_meta(out)["date"] == "A" and sorted(os.listdir(tmp_path)) == ["model"]
 
 
 def test_leftovers_of_a_running_old_swap_are_left_alone(tmp_path):
@@ -281,7 +282,7 @@ def test_leftovers_of_a_running_old_swap_are_left_alone(tmp_path):
     write(out, "A", 1)
     fresh = tmp_path / ".model.tmp-00000000"  # newer than this process: maybe still written
     fresh.mkdir()
-    m.repair_model_folder(out)
+    bundles.repair_model_folder(out)
     assert fresh.exists()
 
 
@@ -318,8 +319,8 @@ def test_a_second_training_into_the_same_folder_is_refused_at_once(tmp_path):
         assert f"pid {holder.pid} on {socket.gethostname()}" in msg
         assert "microclf train" in msg and "choose another --out" in msg and str(out) in msg
         with pytest.raises(LockedError, match=f"pid {holder.pid}"):
-            m.restore_previous(out)
-        assert m.read_meta(out)["date"] == "A"  # reading while it is locked is fine
+            bundles.restore_previous(out)
+        assert bundles.read_meta(out)["date"] == "A"  # reading while it is locked is fine
     finally:
         holder.kill()
         holder.wait()
@@ -412,9 +413,9 @@ def test_split_updates_take_turns(tmp_path, monkeypatch):
 def test_a_corrupt_model_file_says_so_and_how_to_restore(tmp_path):
     out = tmp_path / "model"
     write(out, "A", 1)
-    (out / m.MODEL_FILE).write_bytes(b"PK\x03\x04 not a whole zip")
+    (out / bundles.MODEL_FILE).write_bytes(b"PK\x03\x04 not a whole zip")
     with pytest.raises(BundleError) as err:
-        m.load_bundle(out)
+        bundles.load_bundle(out)
     msg = str(err.value)
     assert "corrupt or unreadable" in msg and "retrain" in msg
     assert "restore" not in msg  # there is no previous model to restore
@@ -422,17 +423,17 @@ def test_a_corrupt_model_file_says_so_and_how_to_restore(tmp_path):
     out = tmp_path / "retrained"
     write(out, "A", 1)
     write(out, "B", 2)
-    (out / m.MODEL_FILE).write_bytes(b"garbage")
+    (out / bundles.MODEL_FILE).write_bytes(b"garbage")
     with pytest.raises(BundleError, match=f"microclf restore {out}"):
-        m.load_bundle(out)
-    m.restore_previous(out)
-    assert m.load_bundle(out).meta["date"] == "A"
+        bundles.load_bundle(out)
+    bundles.restore_previous(out)
+    assert bundles.load_bundle(out).meta["date"] == "A"
 
 
 def test_a_bundle_of_a_newer_or_other_format_is_refused(tmp_path):
     out = tmp_path / "model"
     write(out, "A", 1)
-    meta = json.loads((out / m.META_FILE).read_text())
+    meta = json.loads((out / bundles.META_FILE).read_text())
     for fmt, expected in [
         (
             "microclf-bundle/3",
@@ -441,11 +442,12 @@ def test_a_bundle_of_a_newer_or_other_format_is_refused(tmp_path):
         ),
         ("lobe/1", "format 'lobe/1', not a microclf model"),
     ]:
-        (out / m.META_FILE).write_text(json.dumps({**meta, "format": fmt}))
+        (out / bundles.META_FILE).write_text(json.dumps({**meta, "format": fmt}))
         with pytest.raises(BundleError, match=expected):
-            m.read_meta(out)
-    (out / m.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
-    assert m.read_meta(out)["class_names"] == ["a", "b"]  # older bundles have no format
+            bundles.read_meta(out)
+    without_format = {k: v for k, v in meta.items() if k != "format"}
+    (out / bundles.META_FILE).write_text(json.dumps(without_format))
+    assert bundles.read_meta(out)["class_names"] == ["a", "b"]  # older bundles have no format
 
 
 @pytest.mark.parametrize(
@@ -459,7 +461,7 @@ def test_a_bundle_of_a_newer_or_other_format_is_refused(tmp_path):
     ],
 )
 def test_a_bundle_split_list_is_checked(tmp_path, content, expected):
-    from napari_microclf.core.evaluate import own_split
+    from napari_microclf.core.bundle import own_split
 
     out = tmp_path / "model"
     write(out, "A", 1)
@@ -473,19 +475,19 @@ def test_a_bundle_split_list_is_checked(tmp_path, content, expected):
 def test_the_file_digest_memo_is_bounded(tmp_path, monkeypatch):
     import hashlib
 
-    monkeypatch.setattr(features, "DIGEST_MEMO_SIZE", 3)
-    monkeypatch.setattr(features, "_DIGEST_MEMO", features.OrderedDict())
-    files = []
+    monkeypatch.setattr(files, "DIGEST_MEMO_SIZE", 3)
+    monkeypatch.setattr(files, "_DIGEST_MEMO", files.OrderedDict())
+    paths = []
     for i in range(6):
-        files.append(tmp_path / f"{i}.bin")
-        files[-1].write_bytes(bytes([i]) * 100)
-        assert features.file_digest(files[-1]) == hashlib.sha1(bytes([i]) * 100).hexdigest()
-        assert features.file_digest(files[0]) == hashlib.sha1(bytes([0]) * 100).hexdigest()
-    assert len(features._DIGEST_MEMO) == 3
-    kept = {k[0] for k in features._DIGEST_MEMO}
-    assert str(files[0]) in kept and str(files[5]) in kept  # the most recently used stay
-    files[5].write_bytes(b"changed")  # a changed file is read again
-    assert features.file_digest(files[5]) == hashlib.sha1(b"changed").hexdigest()
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * 100)
+        assert files.file_digest(paths[-1]) == hashlib.sha1(bytes([i]) * 100).hexdigest()
+        assert files.file_digest(paths[0]) == hashlib.sha1(bytes([0]) * 100).hexdigest()
+    assert len(files._DIGEST_MEMO) == 3
+    kept = {k[0] for k in files._DIGEST_MEMO}
+    assert str(paths[0]) in kept and str(paths[5]) in kept  # the most recently used stay
+    paths[5].write_bytes(b"changed")  # a changed file is read again
+    assert files.file_digest(paths[5]) == hashlib.sha1(b"changed").hexdigest()
 
 
 # -- the Predict widget's Restore previous -------------------------------------------------
@@ -495,6 +497,7 @@ def test_predict_widget_restores_the_previous_model(tmp_path, qtbot, monkeypatch
     from napari.components import ViewerModel
 
     from napari_microclf._qt import predict as qt_predict
+    from napari_microclf._qt.predictor_cache import get_predictor
 
     monkeypatch.setattr(qt_predict, "_notify", lambda kind, text: None)
     out = tmp_path / "model"
@@ -502,19 +505,15 @@ def test_predict_widget_restores_the_previous_model(tmp_path, qtbot, monkeypatch
     widget = qt_predict.PredictWidget(ViewerModel(), out)
     qtbot.addWidget(widget)
     assert not widget.restore_btn.isEnabled()  # nothing to restore yet
-    first = qt_predict.get_predictor(out).bundle.model.predict(X, verbose=0)
+    first = get_predictor(out).bundle.model.predict(X, verbose=0)
     write(out, "B", 2)
     widget.set_bundle(out)
     assert widget.restore_btn.isEnabled()
-    second = qt_predict.get_predictor(out).bundle.model.predict(X, verbose=0)
+    second = get_predictor(out).bundle.model.predict(X, verbose=0)
     assert not np.allclose(first, second)
     widget.restore_btn.click()
-    assert m.read_meta(out)["date"] == "A" and "trained A" in widget.model_info.text()
+    assert bundles.read_meta(out)["date"] == "A" and "trained A" in widget.model_info.text()
     # the loaded-model cache does not serve the replaced model
-    np.testing.assert_allclose(
-        qt_predict.get_predictor(out).bundle.model.predict(X, verbose=0), first
-    )
+    np.testing.assert_allclose(get_predictor(out).bundle.model.predict(X, verbose=0), first)
     widget.restore_btn.click()
-    np.testing.assert_allclose(
-        qt_predict.get_predictor(out).bundle.model.predict(X, verbose=0), second
-    )
+    np.testing.assert_allclose(get_predictor(out).bundle.model.predict(X, verbose=0), second)

@@ -86,7 +86,7 @@ def test_cluster_features_equal_this_process(data, client, tmp_path):
     refs = samples.train + samples.val + samples.test
     extractor = FeatureExtractor(build_classifier(3, 32, None, seed=0, warn=False), 0, 0.05, 8)
     plain = extract_features(refs, 1, config.preprocessing, extractor, None)[:, 0]
-    from napari_microclf.core.features import file_digest
+    from napari_microclf.core.files import file_digest
 
     got = np.stack([on_cluster[file_digest(r.path)][r.page, 0] for r in refs])
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)

@@ -17,11 +17,14 @@ import tifffile
 
 from napari_microclf.cli import main as cli_main
 from napari_microclf.core import cluster as cluster_mod
+from napari_microclf.core.bundle import write_bundle
 from napari_microclf.core.cluster import ClusterError, connect, plan_tasks
 from napari_microclf.core.errors import OutputError
+from napari_microclf.core.folder_runs import predict_folder
 from napari_microclf.core.images import PreprocessSpec
-from napari_microclf.core.model import build_classifier, write_bundle
-from napari_microclf.core.predict import Predictor, predict, predict_folder
+from napari_microclf.core.model import build_classifier
+from napari_microclf.core.predict import predict
+from napari_microclf.core.predictor import Predictor
 
 BATCH = 8
 CHUNK = 4  # pages per task: the 40-page stack becomes ten tasks

@@ -50,3 +50,30 @@ def test_this_cpu_machine_says_cpu(make_napari_viewer):
     assert device.describe_device().startswith("CPU")
     widget = TrainWidget(make_napari_viewer())
     assert widget.device.text() == f"Runs on: {device.describe_device()}"
+
+
+def test_no_batch_leaves_a_device_without_an_image():
+    """A batch shorter than the number of devices would leave one with an empty share
+    (TensorFlow's oneDNN convolutions fail on it): fitting leaves such a remainder out,
+    prediction pads it and drops the padding's answers."""
+    import numpy as np
+
+    assert device.even_count(9, 8, 2) == 8  # a last batch of 1 on 2 devices: left out
+    assert device.even_count(10, 8, 2) == 10  # 2 on 2 devices: kept
+    assert device.even_count(9, 8, 1) == 9  # one device takes any batch
+    assert device.even_count(19, 8, 4) == 16 and device.even_count(20, 8, 4) == 20
+    seen = []
+
+    class TwoDevices:
+        distribute_strategy = SimpleNamespace(num_replicas_in_sync=2)
+
+        def predict(self, x, batch_size, verbose):
+            seen.append(len(x))
+            return x[:, :1] * 2
+
+    x = np.arange(9, dtype=np.float32).reshape(9, 1)
+    out = device.predict_padded(TwoDevices(), x, 8)
+    assert seen == [10] and np.array_equal(out, x * 2)
+    seen.clear()
+    assert np.array_equal(device.predict_padded(TwoDevices(), x[:8], 8), x[:8] * 2)
+    assert seen == [8]

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from napari_microclf.core import engine as engine_mod
+from napari_microclf.core import settings
+from napari_microclf.core.bundle import write_bundle
 from napari_microclf.core.dataset import load_samples
 from napari_microclf.core.engine import EngineError, check_precision, resolve_engine
 from napari_microclf.core.features import FeatureExtractor, cache_key, key_fields
 from napari_microclf.core.images import PreprocessSpec, preprocess_refs
-from napari_microclf.core.model import B0, LITE0, build_classifier, write_bundle
-from napari_microclf.core.predict import Predictor
+from napari_microclf.core.model import B0, LITE0, build_classifier
+from napari_microclf.core.predictor import Predictor
 from napari_microclf.core.sample import make_sample_stack, write_sample
 from napari_microclf.core.train import Message, TrainConfig, train
 
@@ -34,7 +36,7 @@ def _own_conversion_cache(tmp_path_factory, monkeypatch):
     """Converted models go to a throw-away Keras home (shared by this module's tests), and
     "auto" means what it means for a user."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.getbasetemp() / "keras-home"))
-    monkeypatch.delenv(engine_mod.ENGINE_ENV, raising=False)
+    monkeypatch.delenv(settings.ENGINE.name, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sampl
     script = textwrap.dedent(
         f"""
         import json, sys
-        from napari_microclf.core.predict import Predictor
+        from napari_microclf.core.predictor import Predictor
         p = Predictor({str(tmp_path / "m")!r}, engine="openvino")
         rows = [
             (r.class_name, r.probabilities, r.unfamiliar_score)
@@ -218,10 +220,10 @@ def test_tensorflow_alone_when_openvino_is_not_installed(monkeypatch, tmp_path):
     assert resolve_engine("auto") == "tensorflow"
     with pytest.raises(EngineError, match="pip install openvino"):
         resolve_engine("openvino")
-    monkeypatch.setenv(engine_mod.ENGINE_ENV, "openvino")
+    monkeypatch.setenv(settings.ENGINE.name, "openvino")
     with pytest.raises(EngineError, match="pip install openvino"):
         resolve_engine("auto")
-    monkeypatch.delenv(engine_mod.ENGINE_ENV)
+    monkeypatch.delenv(settings.ENGINE.name)
     model = build_classifier(2, 32, None, fine_tune="all", augment=False, seed=0)
     meta = {"class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()}
     bundle = write_bundle(tmp_path / "m", model, meta)

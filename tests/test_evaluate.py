@@ -10,36 +10,16 @@ import pytest
 import tifffile
 
 from napari_microclf.cli import main as cli_main
+from napari_microclf.core.bundle import own_split
 from napari_microclf.core.dataset import update_split
-from napari_microclf.core.evaluate import evaluate, own_split
-from napari_microclf.core.sample import make_image, write_sample
-from napari_microclf.core.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ev")
-    data = write_sample(root / "s", n_per_class=12, size=48, seed=1)["dataset"]
-    result = train(
-        TrainConfig(
-            str(data),
-            str(root / "model"),
-            epochs=1,
-            batch_size=8,
-            image_size=32,
-            weights=None,
-            fine_tune="all",
-            augment=False,
-            early_stopping=False,
-        )
-    )
-    return data, result.bundle
+from napari_microclf.core.evaluate import evaluate
+from napari_microclf.core.sample import make_image
 
 
 @pytest.fixture()
-def setup(trained, tmp_path):
+def setup(scratch, tmp_path):
     """A private copy of the dataset and model for each test (they change files)."""
-    data, bundle = trained
+    data, bundle = scratch.dataset, scratch.bundle
     shutil.copytree(data, tmp_path / "data")
     shutil.copytree(bundle, tmp_path / "model")
     return tmp_path / "data", tmp_path / "model"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_microclf.core import bundle as bundles
 from napari_microclf.core import lite0
 from napari_microclf.core import model as m
 from napari_microclf.core.explain import (
@@ -29,7 +30,7 @@ def _bundle(path, size=48, backbone=m.B0, fine_tune="all", resize_mode="pad"):
         "class_names": ["round", "long", "broken"],
         "preprocessing": {"image_size": size, "resize_mode": resize_mode},
     }
-    m.write_bundle(path, model, meta)
+    bundles.write_bundle(path, model, meta)
     return path
 
 
@@ -75,7 +76,7 @@ def test_gradients_reach_the_last_feature_map_of_each_class(b0_bundle):
     chosen, against a formula that needs no gradients."""
     import keras
 
-    b = m.load_bundle(b0_bundle)
+    b = bundles.load_bundle(b0_bundle)
     ex = Explainer(b)
     page = np.random.default_rng(1).random((48, 48)).astype(np.float32)
     x = preprocess(page, b.preprocess)[None]
@@ -170,7 +171,7 @@ def square_model(tmp_path_factory):
     )
     head.fit(features, np.array(labels), epochs=60, batch_size=16, verbose=0)
     meta = {"class_names": ["square", "empty"], "preprocessing": spec.to_dict()}
-    return Explainer(m.Bundle(None, model, meta))
+    return Explainer(bundles.Bundle(None, model, meta))
 
 
 def test_the_peak_follows_the_discriminative_object(square_model):

@@ -17,9 +17,10 @@ import tifffile
 
 from napari_microclf.cli import main as cli_main
 from napari_microclf.core import export as ex
+from napari_microclf.core.bundle import load_bundle, write_bundle
 from napari_microclf.core.errors import MicroclfError, OutputError
 from napari_microclf.core.images import PreprocessSpec, preprocess, read_page
-from napari_microclf.core.model import build_classifier, load_bundle, write_bundle
+from napari_microclf.core.model import build_classifier
 
 SIZE = 32
 CLASSES = ["round", "long"]

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 
 from napari_microclf.core import familiar
+from napari_microclf.core.csv_format import write_csv
 from napari_microclf.core.familiar import (
     FAMILIARITY_FILE,
     Familiarity,
     fit_familiarity,
     unit_length,
 )
-from napari_microclf.core.predict import Predictor, predict_folder, write_csv
-from napari_microclf.core.sample import CLASSES, make_sample_dataset
-from napari_microclf.core.train import Message, TrainConfig, train
+from napari_microclf.core.folder_runs import predict_folder
+from napari_microclf.core.predictor import Predictor
+from napari_microclf.core.sample import CLASSES
+from napari_microclf.core.train import Message
 
 
 def _unrelated() -> dict[str, np.ndarray]:
@@ -41,32 +43,12 @@ def _unrelated() -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(scope="module")
-def lite0(tmp_path_factory):
-    data = make_sample_dataset(tmp_path_factory.mktemp("fam") / "ds", n_per_class=40, size=96)
-    updates = []
-    result = train(
-        TrainConfig(
-            str(data),
-            str(data.parent / "model"),
-            image_size=64,
-            epochs=5,
-            learning_rate=1e-3,
-            batch_size=16,
-        ),
-        on_update=updates.append,
-    )
-    split = json.loads((result.bundle / "split.json").read_text())
-    files = {s: [data / e["key"] for e in split[s]] for s in ("train", "val", "test")}
-    return result, updates, files
-
-
 def _scores(predictor, paths) -> np.ndarray:
     return np.array([p.unfamiliar_score for f in paths for p in predictor.predict_file(f)])
 
 
 def test_own_test_images_are_familiar_and_unrelated_images_are_flagged(lite0):
-    result, _, files = lite0
+    result, files = lite0.result, lite0.files
     predictor = Predictor(result.bundle)
     assert predictor.familiarity is not None
     test = _scores(predictor, files["test"])
@@ -90,7 +72,7 @@ def test_own_test_images_are_familiar_and_unrelated_images_are_flagged(lite0):
 
 
 def test_the_threshold_is_the_validation_images_99th_percentile(lite0):
-    result, updates, files = lite0
+    result, updates, files = lite0.result, lite0.updates, lite0.files
     meta = json.loads((result.bundle / "microclf.json").read_text())
     info = meta["familiarity"]
     assert FAMILIARITY_FILE in meta["files"] and (result.bundle / FAMILIARITY_FILE).is_file()
@@ -120,7 +102,7 @@ def test_the_csv_has_the_score_and_the_class_says_unfamiliar(lite0, tmp_path, ca
     import imageio.v3 as iio
     from skimage import data
 
-    result, _, files = lite0
+    result, files = lite0.result, lite0.files
     folder = tmp_path / "images"
     folder.mkdir()
     for f in files["test"][:3]:
@@ -168,7 +150,7 @@ def test_the_csv_has_the_score_and_the_class_says_unfamiliar(lite0, tmp_path, ca
 
 
 def test_a_bundle_without_the_description_predicts_without_a_score(lite0, tmp_path):
-    result, _, files = lite0
+    result, files = lite0.result, lite0.files
     old = tmp_path / "old"
     shutil.copytree(result.bundle, old)
     (old / FAMILIARITY_FILE).unlink()
@@ -202,8 +184,9 @@ def test_without_cached_features_the_models_own_base_describes_the_images(tmp_pa
     model's own base; with few validation images out-of-fold training distances join the
     calibration; the written bundle's Predictor sees the same features. (A random model, not
     a training: fine-tuning compiles the whole network's gradients for minutes.)"""
+    from napari_microclf.core.bundle import write_bundle
     from napari_microclf.core.images import PreprocessSpec
-    from napari_microclf.core.model import build_classifier, write_bundle
+    from napari_microclf.core.model import build_classifier
 
     model = build_classifier(3, 32, None, fine_tune="all", augment=False, seed=0)
     rng = np.random.default_rng(3)
@@ -291,7 +274,7 @@ def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qt
 
     from napari_microclf._qt.predict import PredictWidget
 
-    result, _, files = lite0
+    result, files = lite0.result, lite0.files
     viewer = make_napari_viewer()
     viewer.add_image(tifffile.imread(files["test"][0]), name="cells")
     viewer.add_image(data.camera(), name="camera")
@@ -317,6 +300,6 @@ def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qt
     pages = viewer.layers["camera"].metadata["microclf"]["predictions"]["pages"]
     assert pages[0]["unfamiliar_score"] == pytest.approx(camera["unfamiliar"][0], abs=1e-3)
     viewer.layers.selection.active = viewer.layers["camera"]
-    widget._update_in_view()
+    widget.labels.update_in_view()
     assert "camera: unfamiliar" in widget.in_view.text()
     assert "unlike the training images" in widget.in_view.text()

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_microclf.core.bundle import write_bundle
 from napari_microclf.core.features import CACHE_DIR, FeatureExtractor, cache_key
 from napari_microclf.core.images import PreprocessSpec, preprocess_refs
-from napari_microclf.core.model import build_classifier, write_bundle
-from napari_microclf.core.predict import Predictor
+from napari_microclf.core.model import build_classifier
+from napari_microclf.core.predictor import Predictor
 from napari_microclf.core.sample import make_image, write_sample
 from napari_microclf.core.train import Message, TrainConfig, train
 

@@ -7,7 +7,9 @@ import keras
 import numpy as np
 import pytest
 
+from napari_microclf.core import bundle as bundles
 from napari_microclf.core import model as m
+from napari_microclf.core import settings
 from napari_microclf.core.model import BundleError, WeightsError
 
 
@@ -101,7 +103,7 @@ def test_auto_weights_pick_b0_then_lite0_then_none(tmp_path, monkeypatch):
 
 
 def test_the_offline_environment_never_downloads(monkeypatch):
-    monkeypatch.setenv(m.OFFLINE_ENV, "1")
+    monkeypatch.setenv(settings.OFFLINE.name, "1")
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
     assert m._download_b0() is False
 
@@ -133,12 +135,12 @@ def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "model"
     model = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
     meta = {"class_names": ["a", "b"], "preprocessing": {"image_size": 32, "pmin": 1, "pmax": 99.8}}
-    m.write_bundle(out, model, meta)
+    bundles.write_bundle(out, model, meta)
     return out
 
 
 def test_bundle_round_trip(tiny_bundle):
-    b = m.load_bundle(tiny_bundle)
+    b = bundles.load_bundle(tiny_bundle)
     assert b.class_names == ["a", "b"] and b.preprocess.image_size == 32
     assert b.model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 2)
 
@@ -147,27 +149,27 @@ def test_bundle_errors(tiny_bundle, tmp_path):
     import shutil
 
     with pytest.raises(BundleError, match="does not exist"):
-        m.load_bundle(tmp_path / "none")
+        bundles.load_bundle(tmp_path / "none")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleError, match="not a microclf model folder"):
-        m.load_bundle(tmp_path / "empty")
+        bundles.load_bundle(tmp_path / "empty")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
-    (broken / m.META_FILE).write_text("{not json")
+    (broken / bundles.META_FILE).write_text("{not json")
     with pytest.raises(BundleError, match="corrupt"):
-        m.load_bundle(broken)
+        bundles.load_bundle(broken)
     mismatch = tmp_path / "mismatch"
     shutil.copytree(tiny_bundle, mismatch)
-    meta = json.loads((mismatch / m.META_FILE).read_text())
+    meta = json.loads((mismatch / bundles.META_FILE).read_text())
     meta["class_names"] = ["a", "b", "c"]
-    (mismatch / m.META_FILE).write_text(json.dumps(meta))
+    (mismatch / bundles.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="predicts 2 classes but"):
-        m.load_bundle(mismatch)
+        bundles.load_bundle(mismatch)
     nomodel = tmp_path / "nomodel"
     shutil.copytree(tiny_bundle, nomodel)
-    (nomodel / m.MODEL_FILE).unlink()
+    (nomodel / bundles.MODEL_FILE).unlink()
     with pytest.raises(BundleError, match="has no model.keras"):
-        m.load_bundle(nomodel)
+        bundles.load_bundle(nomodel)
 
 
 def test_write_bundle_never_touches_a_foreign_folder(tmp_path):
@@ -176,7 +178,7 @@ def test_write_bundle_never_touches_a_foreign_folder(tmp_path):
     (precious / "thesis.docx").write_text("years of work")
     model = m.build_classifier(2, image_size=32, weights=None, fine_tune="all")
     with pytest.raises(BundleError, match="not a microclf model folder"):
-        m.write_bundle(precious, model, {"class_names": ["a", "b"]})
+        bundles.write_bundle(precious, model, {"class_names": ["a", "b"]})
     assert (precious / "thesis.docx").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
@@ -219,8 +221,8 @@ def test_write_bundle_refuses_a_file_and_foreign_names(tmp_path):
     target = tmp_path / "model"
     target.write_text("a file, not a folder")
     with pytest.raises(BundleError, match="is a file, not a folder"):
-        m.write_bundle(target, Unsaved(), meta)
+        bundles.write_bundle(target, Unsaved(), meta)
     with pytest.raises(ValueError, match="plain file names"):
-        m.write_bundle(tmp_path / "other", Unsaved(), meta, {"../escape.txt": "x"})
+        bundles.write_bundle(tmp_path / "other", Unsaved(), meta, {"../escape.txt": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert target.read_text() == "a file, not a folder"

@@ -14,19 +14,17 @@ import pytest
 import tifffile
 
 from napari_microclf.cli import main as cli_main
-from napari_microclf.core import predict as predict_mod
+from napari_microclf.core import csv_format
+from napari_microclf.core import predictor as predictor_mod
+from napari_microclf.core.bundle import write_bundle
+from napari_microclf.core.csv_format import write_csv
 from napari_microclf.core.errors import ImageReadError, OutputError
+from napari_microclf.core.folder_runs import predict_folder
 from napari_microclf.core.images import PreprocessSpec
-from napari_microclf.core.model import build_classifier, write_bundle
-from napari_microclf.core.predict import (
-    FileError,
-    FolderResult,
-    PagePrediction,
-    Predictor,
-    predict,
-    predict_folder,
-    write_csv,
-)
+from napari_microclf.core.model import build_classifier
+from napari_microclf.core.predict import predict
+from napari_microclf.core.predictor import Predictor
+from napari_microclf.core.results import FileError, FolderResult, PagePrediction
 
 RNG = np.random.default_rng(0)
 
@@ -159,7 +157,7 @@ def test_a_folder_of_only_bad_files_exits_1_with_a_summary(bundle, tmp_path, cap
 
 def test_an_empty_folder_says_so_before_the_model_loads(bundle, tmp_path, capsys, monkeypatch):
     loads = []
-    monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
+    monkeypatch.setattr(predictor_mod, "load_bundle", lambda p: loads.append(p))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     assert cli_main(["predict", str(bundle), str(tmp_path / "empty")]) == 1
@@ -172,7 +170,7 @@ def test_the_csv_destination_is_checked_before_the_model_loads(
     bundle, tmp_path, capsys, monkeypatch, where
 ):
     loads = []
-    monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
+    monkeypatch.setattr(predictor_mod, "load_bundle", lambda p: loads.append(p))
     images = tmp_path / "images"
     images.mkdir()
     tifffile.imwrite(images / "a.tif", _gray())
@@ -198,7 +196,7 @@ def test_the_csv_destination_is_checked_before_the_model_loads(
 )
 def test_a_read_only_csv_folder_is_refused_first(bundle, tmp_path, monkeypatch):
     loads = []
-    monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
+    monkeypatch.setattr(predictor_mod, "load_bundle", lambda p: loads.append(p))
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
@@ -213,12 +211,12 @@ def test_a_read_only_csv_folder_is_refused_first(bundle, tmp_path, monkeypatch):
 def test_a_folder_where_files_cannot_be_created_is_refused_first(bundle, tmp_path, monkeypatch):
     """The same for any user (root passes permission bits): creating the probe file fails."""
     loads = []
-    monkeypatch.setattr(predict_mod, "load_bundle", lambda p: loads.append(p))
+    monkeypatch.setattr(predictor_mod, "load_bundle", lambda p: loads.append(p))
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(predict_mod.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(csv_format.tempfile, "mkstemp", refuse)
     with pytest.raises(
         OutputError,
         match=r"no permission to create files in .*\(Permission "
@@ -355,8 +353,8 @@ def test_write_csv_keeps_its_columns_without_errors(tmp_path):
 # -- the Predict widget ---------------------------------------------------------------------
 
 
-def test_the_model_cache_is_bounded(tmp_path, monkeypatch):
-    from napari_microclf._qt import predict as qt_predict
+def test_the_model_cache_is_bounded(tmp_path):
+    from napari_microclf._qt.predictor_cache import CACHE_SIZE, PredictorCache
 
     made = []
 
@@ -365,20 +363,22 @@ def test_the_model_cache_is_bounded(tmp_path, monkeypatch):
             made.append(Path(folder).name)
             self.engine, self.precision = engine, precision
 
-    monkeypatch.setattr(qt_predict, "Predictor", FakePredictor)
-    monkeypatch.setattr(qt_predict, "_CACHE", type(qt_predict._CACHE)())
+    cache = PredictorCache(load=FakePredictor)
     for name in "abc":
         (tmp_path / name).mkdir()
-    get = qt_predict.get_predictor
+    get = cache.get
     a = get(tmp_path / "a")
     assert get(tmp_path / "a") is a and made == ["a"]
+    assert cache.info()[:2] == (1, 1)  # hits, misses
     get(tmp_path / "b")
     assert get(tmp_path / "a") is a  # a is now the most recently used
     get(tmp_path / "c")  # evicts b, the least recently used
-    assert len(qt_predict._CACHE) == qt_predict.CACHE_SIZE == 2
+    assert len(cache) == cache.size == CACHE_SIZE == 2
     assert get(tmp_path / "a") is a and made == ["a", "b", "c"]
     get(tmp_path / "b")
-    assert made == ["a", "b", "c", "b"] and len(qt_predict._CACHE) == 2
+    assert made == ["a", "b", "c", "b"] and len(cache) == 2
+    cache.forget(tmp_path / "b")
+    assert len(cache) == 1 and get(tmp_path / "a") is a
     # another engine or precision (the Engine row) is another loaded model
     fast = get(tmp_path / "b", "openvino", "int8")
     assert fast is not get(tmp_path / "b") and (fast.engine, fast.precision) == ("openvino", "int8")

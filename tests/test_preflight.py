@@ -13,15 +13,20 @@ import numpy as np
 import pytest
 import tifffile
 
-import napari_microclf.core.model as model_module
+import napari_microclf.core.train as train_module
 from napari_microclf.cli import main as cli_main
 from napari_microclf.core import preflight as pf
-from napari_microclf.core.errors import DatasetError, LockedError, MicroclfError, OutputError
+from napari_microclf.core.errors import (
+    DatasetError,
+    LockedError,
+    MicroclfError,
+    OutputError,
+    one_line,
+)
 from napari_microclf.core.images import (
     MIN_LONG_SIDE,
     MIN_SIDE,
     PreprocessSpec,
-    condense,
     count_pages,
     library_log,
     preprocess,
@@ -41,8 +46,8 @@ def no_model(monkeypatch):
         built.append(args)
         raise AssertionError("a model was built although the input is bad")
 
-    monkeypatch.setattr(model_module, "build_classifier", refuse)
-    monkeypatch.setattr("napari_microclf.core.features.extract_features", refuse)
+    monkeypatch.setattr(train_module, "build_classifier", refuse)
+    monkeypatch.setattr(train_module, "extract_features", refuse)
     return built
 
 
@@ -324,8 +329,8 @@ def test_library_hints_are_condensed_to_one_line(tmp_path, capfd):
         "extension, the following plugins might add capable backends:\n  pyav: "
         " pip install imageio[pyav]"
     )
-    assert condense(multi) == "no image reader recognises its contents"
-    assert condense(ValueError("first line.\nsecond line")) == "ValueError: first line"
+    assert one_line(multi, named=True) == "no image reader recognises its contents"
+    assert one_line(ValueError("first line.\nsecond line"), named=True) == "ValueError: first line"
     # tifffile's log lines about a damaged page list are collected, not printed
     tifffile.imwrite(tmp_path / "multi.tif", np.zeros((6, 16, 16), np.uint8), metadata=None)
     raw = bytearray((tmp_path / "multi.tif").read_bytes())

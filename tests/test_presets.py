@@ -5,7 +5,8 @@ import pytest
 
 from napari_microclf.cli import _config_from_args, build_parser
 from napari_microclf.core.sample import write_sample
-from napari_microclf.core.train import TrainConfig, count_images, help_of, suggest_settings
+from napari_microclf.core.train import TrainConfig, count_images, suggest_settings
+from napari_microclf.core.train_config import help_of
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import tifffile
 from napari_microclf._qt._session import SESSION
 from napari_microclf.core import dataset as ds
 from napari_microclf.core import review as rv
-from napari_microclf.core.evaluate import classification_report
 from napari_microclf.core.images import PageRef
+from napari_microclf.core.report import classification_report
 from napari_microclf.core.sample import CLASSES, make_sample_dataset
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from skimage.transform import resize
 
+from napari_microclf.core.csv_format import csv_cell, write_csv
 from napari_microclf.core.images import (
     PreprocessSpec,
     aspect_warning,
     preprocess,
     resize_plane,
 )
-from napari_microclf.core.predict import PagePrediction, csv_cell, write_csv
+from napari_microclf.core.results import PagePrediction
 
 
 def _pad_then_resize(plane, size):

@@ -10,28 +10,16 @@ import pytest
 from matplotlib.backend_bases import MouseEvent
 
 from napari_microclf._qt import _layers
-from napari_microclf._qt.predict import OVERLAY, PLOT_NAME, PredictWidget
+from napari_microclf._qt.overlays import OVERLAY, points_name
+from napari_microclf._qt.predict import PLOT_NAME, PredictWidget
 from napari_microclf._qt.stackplot import StackPlot
-from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
-from napari_microclf.core.train import TrainConfig, train
+from napari_microclf.core.sample import make_sample_stack
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A tiny trained model (three classes, 32 px, the head on a frozen random base: ~15 s
-    where fine-tuning all of B0 takes minutes): mechanics, not accuracy."""
-    data = make_sample_dataset(tmp_path_factory.mktemp("data") / "ds", n_per_class=8, size=32)
-    result = train(
-        TrainConfig(
-            str(data),
-            str(tmp_path_factory.mktemp("model") / "m"),
-            epochs=2,
-            batch_size=8,
-            image_size=32,
-            weights=None,
-        )
-    )
-    return result.bundle
+def bundle(scratch):
+    """The session's tiny trained model (three classes, 32 px): mechanics, not accuracy."""
+    return scratch.bundle
 
 
 def _classified(make_napari_viewer, qtbot, bundle, **big_kwargs):
@@ -70,11 +58,11 @@ def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
     big, small = viewer.layers["big"], viewer.layers["small"]
     for zoom in (0.2, 1.0, 8.0, 40.0):  # text keeps its size on screen, pixels do not
         viewer.scene.camera.zoom = zoom
-        boxes = widget.label_boxes()
+        boxes = widget.labels.boxes()
         assert set(boxes) == {"big", "small"}
         assert _disjoint(boxes["big"], boxes["small"])
         for name, layer in (("big", big), ("small", small)):
-            at = _drawn_at(viewer, viewer.layers[widget.points_name(name)])
+            at = _drawn_at(viewer, viewer.layers[points_name(name)])
             np.testing.assert_allclose(at, np.tile(boxes[name][:2], (len(at), 1)))
             # the label starts on its image's top-left pixel edge, or below it
             top_left = np.asarray(layer.data_to_world([0, -0.5, -0.5]))[-2:]
@@ -83,7 +71,7 @@ def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
 
     # moved images take their labels along, and still do not overlap
     small.translate = (0, 5, 3)
-    boxes = widget.label_boxes()
+    boxes = widget.labels.boxes()
     assert _disjoint(boxes["big"], boxes["small"])
     assert boxes["small"][1] == pytest.approx(np.asarray(small.data_to_world([0, -0.5, -0.5]))[-1])
 
@@ -91,14 +79,14 @@ def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
     viewer.scene.camera.zoom = 1.0
     small.translate = (0, 0, 0)
     pts_small = viewer.layers["small classes"]
-    was = widget.label_boxes()
+    was = widget.labels.boxes()
     big.visible = False
     assert not viewer.layers["big classes"].visible and pts_small.visible
-    assert set(widget.label_boxes()) == {"small"}
-    assert widget.label_boxes()["small"][0] <= min(was["small"][0], was["big"][0])
+    assert set(widget.labels.boxes()) == {"small"}
+    assert widget.labels.boxes()["small"][0] <= min(was["small"][0], was["big"][0])
     big.visible = True
     assert viewer.layers["big classes"].visible
-    assert _disjoint(*widget.label_boxes().values())
+    assert _disjoint(*widget.labels.boxes().values())
 
     # renamed with its image: the label layer, its text and the results follow
     small.name = "field 2"
@@ -119,13 +107,13 @@ def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
     assert "field 2 classes" not in viewer.layers and "field 2" not in widget.results
     assert widget.table.rowCount() == n_big
     assert len(viewer.layers["big classes"].data) == n_big
-    assert set(widget.label_boxes()) == {"big"}
+    assert set(widget.labels.boxes()) == {"big"}
 
 
 def test_overlay_names_the_active_layer_and_the_page_in_view(make_napari_viewer, qtbot, bundle):
     viewer, widget = _classified(make_napari_viewer, qtbot, bundle)
     overlay = viewer.canvas.overlays[OVERLAY]
-    assert widget.overlay is overlay
+    assert widget.labels.overlay is overlay
     big, small = viewer.layers["big"], viewer.layers["small"]
 
     def expected(name, page):

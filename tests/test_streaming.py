@@ -15,6 +15,7 @@ import pytest
 
 from napari_microclf.core import images as images_mod
 from napari_microclf.core import pipeline
+from napari_microclf.core import tta as tta_mod
 from napari_microclf.core.dataset import load_samples
 from napari_microclf.core.errors import ImageReadError
 from napari_microclf.core.images import PreprocessSpec, preprocess_refs
@@ -93,6 +94,7 @@ def test_full_image_training_never_decodes_a_whole_subset(sample, tmp_path, monk
         monkeypatch.setenv("MICROCLF_PAGE_MEMORY_MB", memory_mb)
     monkeypatch.setattr(images_mod, "preprocess_refs", counting_refs)
     monkeypatch.setattr(pipeline, "preprocess_refs", counting_refs)
+    monkeypatch.setattr(tta_mod, "preprocess_refs", counting_refs)  # the test set, in chunks
     monkeypatch.setattr(pipeline.PageSource, "decode", counting_decode)
     config = TrainConfig(
         str(sample["dataset"]),
@@ -187,7 +189,7 @@ for devices in ("0", "all"):
     result = train(
         TrainConfig(
             sys.argv[1], sys.argv[2] + "/" + devices.replace(",", "-"), epochs=1,
-            batch_size=8, image_size=64, weights="auto", fine_tune=2, head_epochs=0,
+            batch_size=8, image_size=32, weights="auto", fine_tune=1, head_epochs=0,
             augment=False, dropout=0.0, early_stopping=False, class_weights=False, seed=4,
             devices=devices,
         ),
@@ -196,6 +198,8 @@ for devices in ("0", "all"):
     out[devices] = {
         "loss": result.history["loss"][0],
         "said": [t for t in said if "MirroredStrategy" in t],
+        "left_out": [t for t in said if "left out of validation" in t],
+        "tested": result.report["n"],
     }
 print("RESULT", json.dumps(out))
 """
@@ -204,7 +208,8 @@ print("RESULT", json.dumps(out))
 def test_two_devices_give_the_first_epoch_loss_of_one(sample, tmp_path):
     """MirroredStrategy over two logical CPU devices: same batches (split 4 + 4), same
     learning rate, BatchNorm frozen in fine-tuning, so the same loss up to float sums
-    (stochastic depth off: its random draws differ per replica)."""
+    (stochastic depth off: its random draws differ per replica), also where a subset does
+    not split evenly across the devices."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MIRRORED), str(sample["dataset"]), str(tmp_path)],
         capture_output=True,
@@ -218,6 +223,17 @@ def test_two_devices_give_the_first_epoch_loss_of_one(sample, tmp_path):
     assert len(out["all"]["said"]) == 1 and "2 devices" in out["all"]["said"][0]
     assert "split 4 per device" in out["all"]["said"][0]
     assert out["all"]["loss"] == pytest.approx(out["0"]["loss"], rel=1e-4)
+    # 9 validation and 9 test images in batches of 8: a last batch of one image cannot give
+    # each device one (TensorFlow fails on an empty share). Validation leaves it out and
+    # says so; the test set is scored whole.
+    samples = load_samples(sample["dataset"], 0.15, 0.15, 4)
+    assert len(samples.val) % 8 == 1 and len(samples.test) % 8 == 1
+    assert out["0"]["left_out"] == []
+    assert out["all"]["left_out"] == [
+        f"The last 1 of {len(samples.val)} validation images are left out of validation: "
+        "a batch must give each of the 2 devices an image."
+    ]
+    assert out["all"]["tested"] == out["0"]["tested"] == len(samples.test)
 
 
 def test_head_training_on_memory_mapped_features(sample, tmp_path, monkeypatch):
@@ -233,7 +249,7 @@ def test_head_training_on_memory_mapped_features(sample, tmp_path, monkeypatch):
         fed.setdefault("types", []).append(type(features))
         return real_gather(features, *a, **k)
 
-    monkeypatch.setattr(pipeline, "gather_dataset", spy)
+    monkeypatch.setattr(train_mod, "gather_dataset", spy)
     config = TrainConfig(
         str(sample["dataset"]),
         str(tmp_path / "m"),

@@ -13,7 +13,7 @@ import tifffile
 
 from napari_microclf.cli import main as cli_main
 from napari_microclf.core.images import PreprocessSpec, preprocess, read_page
-from napari_microclf.core.predict import Predictor
+from napari_microclf.core.predictor import Predictor
 from napari_microclf.core.sample import make_sample_dataset
 from napari_microclf.core.train import Message, TrainConfig, train
 

@@ -16,20 +16,16 @@ import pytest
 import tifffile
 
 from napari_microclf.cli import main as cli_main
-from napari_microclf.core.evaluate import evaluate, tta_summary
+from napari_microclf.core.bundle import write_bundle
+from napari_microclf.core.evaluate import evaluate
+from napari_microclf.core.folder_runs import predict_folder
 from napari_microclf.core.images import PreprocessSpec, open_image, preprocess
-from napari_microclf.core.model import write_bundle
-from napari_microclf.core.predict import (
-    TTA_VIEWS,
-    Predictor,
-    flip_views,
-    mean_of_views,
-    predict,
-    predict_folder,
-    tta_probabilities,
-)
+from napari_microclf.core.predict import predict
+from napari_microclf.core.predictor import Predictor
+from napari_microclf.core.report import tta_summary
 from napari_microclf.core.sample import write_sample
 from napari_microclf.core.train import Message, TrainConfig, train
+from napari_microclf.core.tta import TTA_VIEWS, flip_views, mean_of_views, tta_probabilities
 
 RNG = np.random.default_rng(7)
 SIZE = 32

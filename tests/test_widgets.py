@@ -12,15 +12,15 @@ from napari.utils import progress
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt, QTimer
 
-from napari_microclf._qt import predict as predict_mod
 from napari_microclf._qt._session import SESSION
 from napari_microclf._qt.annotate import AnnotateWidget
 from napari_microclf._qt.label_next import LabelNextWidget
 from napari_microclf._qt.predict import PredictWidget
+from napari_microclf._qt.predictor_cache import cache_info
 from napari_microclf._qt.review import ReviewWidget
 from napari_microclf._qt.train import State, TrainWidget
 from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
-from napari_microclf.core.train import BatchEnd, TrainConfig, train
+from napari_microclf.core.train import BatchEnd
 
 PLUGIN = "napari-microclf"
 TINY = {
@@ -47,20 +47,8 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_bundle(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "model"
-    result = train(
-        TrainConfig(
-            str(tiny_dataset),
-            str(out),
-            epochs=1,
-            batch_size=8,
-            image_size=32,
-            weights=None,
-            fine_tune="all",
-        )
-    )
-    return result.bundle
+def trained_bundle(scratch):
+    return scratch.bundle
 
 
 def _messages(level=None):
@@ -407,7 +395,7 @@ def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
 def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_groups(
     make_napari_viewer,
 ):
-    from napari_microclf.core.train import help_of
+    from napari_microclf.core.train_config import help_of
 
     widget = TrainWidget(make_napari_viewer())
     f = widget.form
@@ -528,11 +516,11 @@ def test_predict_labels_follow_the_slider_and_csv_matches(
     viewer.window.add_dock_widget(widget)
     widget.threshold.setValue(0.0)
     widget.choose(["stack", "single"])
-    loads = predict_mod.LOADS["n"]
+    loads = cache_info().misses
     worker = widget.run()
     with qtbot.waitSignal(worker.finished, timeout=120000):
         pass
-    assert predict_mod.LOADS["n"] - loads <= 1
+    assert cache_info().misses - loads <= 1  # one model load for both layers
 
     points = viewer.layers["stack classes"]
     assert len(points.data) == 6 and list(points.features["page"]) == list(range(6))
@@ -569,11 +557,11 @@ def test_predict_labels_follow_the_slider_and_csv_matches(
     assert {widget.table.item(r, 2).text() for r in range(7)} == {"uncertain"}
 
     # a second run reuses the loaded model
-    loads = predict_mod.LOADS["n"]
+    loads = cache_info().misses
     worker = widget.run()
     with qtbot.waitSignal(worker.finished, timeout=120000):
         pass
-    assert predict_mod.LOADS["n"] == loads
+    assert cache_info().misses == loads
     assert len(viewer.layers["stack classes"].data) == 6  # updated, not duplicated
 
 
@@ -583,7 +571,7 @@ def test_predict_names_the_model_also_for_older_bundles(
     import json
     import shutil
 
-    from napari_microclf.core.model import zip_bundle
+    from napari_microclf.core.bundle import zip_bundle
 
     widget = PredictWidget(make_napari_viewer(), trained_bundle)
     assert "Model: efficientnet-b0 · random start" in widget.model_info.text()

@@ -7,12 +7,13 @@ The public API imports neither Qt nor TensorFlow::
     predict(result.bundle, "stack.tif")
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
+from .core.csv_format import write_csv
 from .core.dataset import add_example, class_counts, load_samples
 from .core.evaluate import evaluate
 from .core.images import PreprocessSpec, open_image, preprocess
-from .core.predict import Predictor, predict, write_csv
+from .core.predict import predict
+from .core.predictor import Predictor
 from .core.train import TrainConfig, train
 
 __all__ = [

@@ -17,10 +17,6 @@ from pathlib import Path
 _PYTHON_FORMAT = warnings.formatwarning
 
 DEFAULTS_NOTE = "defaults follow the training guide"
-_TTA_HELP = (
-    "test-time augmentation: average each page's probabilities over the page and its "
-    "horizontal, vertical and double flips (about 4x the compute)"
-)
 
 
 class _Bar:
@@ -88,7 +84,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
     Options default to None (unset), so ``--preset`` can fill exactly the ones not given.
     """
-    from .core.train import TrainConfig
+    from .core.train_config import TrainConfig
 
     for name, f in TrainConfig.__dataclass_fields__.items():
         md = f.metadata
@@ -175,7 +171,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .core.evaluate import evaluate as run_evaluate
-    from .core.evaluate import format_report_md
+    from .core.report import format_report_md
 
     report = run_evaluate(
         args.model,
@@ -274,23 +270,20 @@ def cmd_features(args) -> int:
 
 def cmd_predict(args) -> int:
     """Classify past bad files: exit 0 when a page was classified, 1 when none was."""
-    from .core.evaluate import describe_model
-    from .core.predict import (
-        FileError,
-        Predictor,
-        predict_folder,
-    )
+    from .core.folder_runs import predict_folder
+    from .core.predictor import Predictor
+    from .core.report import describe_model
+    from .core.results import FileError
 
     csv_path, files = args.checked if hasattr(args, "checked") else _predict_checked(args)
+    options = _predict_options(args)
     if args.cluster:  # the workers load the model; here only its description is needed
-        from .core.model import read_meta
+        from .core.bundle import read_meta
 
         predictor = None
         shown, meta = Path(args.model).expanduser(), read_meta(args.model)
     else:
-        predictor = Predictor(
-            args.model, batch_size=args.batch_size, engine=args.engine, precision=args.precision
-        )
+        predictor = Predictor(args.model, options=options)
         shown, meta = predictor.bundle.path, predictor.bundle.meta
     if not args.quiet:
         print(
@@ -348,15 +341,11 @@ def cmd_predict(args) -> int:
             predictor or args.model,
             files,
             csv_path,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
+            options=options,
             on_item=show,
-            tta=args.tta,
             client=args.cluster,
             resume=args.resume,
             chunk_pages=args.chunk_pages,
-            engine=args.engine,
-            precision=args.precision,
         )
     except KeyboardInterrupt:
         bar.clear()
@@ -375,8 +364,9 @@ def cmd_predict(args) -> int:
 def _predict_checked(args):
     """Before TensorFlow starts: the model folder, where the CSV goes, and that there is
     something to classify (each a one-line error)."""
-    from .core.model import read_meta
-    from .core.predict import check_csv_destination, find_images
+    from .core.bundle import read_meta
+    from .core.csv_format import check_csv_destination
+    from .core.images import find_images
 
     read_meta(args.model)
     csv_path = check_csv_destination(args.csv) if args.csv else None
@@ -397,9 +387,9 @@ def _predict_checked(args):
 def _explain_checked(args):
     """Before TensorFlow starts: the model folder, the class name, the image, the page and
     where the TIFF goes (each a one-line error)."""
+    from .core.bundle import read_meta
     from .core.explain import check_tiff_destination, class_index_of
     from .core.images import count_pages
-    from .core.model import read_meta
 
     meta = read_meta(args.model)
     class_index_of(list(meta["class_names"]), args.class_name)
@@ -438,8 +428,9 @@ def cmd_explain(args) -> int:
 def cmd_label_next(args) -> int:
     """The pages most worth labelling next, most uncertain first (optionally as a CSV)."""
     from .core.active import label_next
-    from .core.model import read_meta
-    from .core.predict import _write_csv_rows, check_csv_destination, find_images
+    from .core.bundle import read_meta
+    from .core.csv_format import check_csv_destination, write_csv_rows
+    from .core.images import find_images
 
     meta = read_meta(args.model)
     find_images(args.paths)  # nothing to rank: a one-line error before TensorFlow
@@ -470,7 +461,7 @@ def cmd_label_next(args) -> int:
             ]
             for i, c in enumerate(cands, 1)
         ]
-        _write_csv_rows(args.csv, [header, *rows])
+        write_csv_rows(args.csv, [header, *rows])
         print(f"Wrote {len(rows)} rows to {args.csv}")
     return 0
 
@@ -478,7 +469,7 @@ def cmd_label_next(args) -> int:
 def cmd_retrain(args) -> int:
     """Train MODEL again with its own settings, then compare on its old test list."""
     from .core.active import retrain
-    from .core.model import read_meta
+    from .core.bundle import read_meta
 
     read_meta(args.model)
     bar = _Bar()
@@ -492,7 +483,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from .core.model import describe_bundle, restore_previous
+    from .core.bundle import describe_bundle, restore_previous
 
     meta = restore_previous(args.model)
     print(
@@ -524,7 +515,8 @@ def cmd_sample(args) -> int:
 
 def cmd_demo(args) -> int:
     """Headless end to end: sample data, a training with the defaults, prediction of a stack."""
-    from .core.predict import Predictor, write_csv
+    from .core.csv_format import write_csv
+    from .core.predictor import Predictor
     from .core.sample import write_sample
     from .core.train import TrainConfig, train
 
@@ -638,13 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="every image of DATA that the model never "
         "saw (images of its training and validation lists are flagged, not scored)",
     )
-    e.add_argument(
-        "--tta",
-        action="store_true",
-        help=f"{_TTA_HELP}; the report's metrics are "
-        "then those of the averaged probabilities, with the plain accuracy beside",
+    _add_predict_options(
+        e,
+        ("tta", "engine", "precision"),
+        tta_note="the report's metrics are then those of the averaged probabilities, with "
+        "the plain accuracy beside",
     )
-    _add_engine_arguments(e, precision=True)
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("cache", help="show or clear a dataset's feature cache")
@@ -696,16 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the results to this CSV file (with status and error "
         "columns); rows go to CSV.partial as they come, renamed to CSV at the end",
     )
-    pr.add_argument(
-        "--threshold",
-        type=float,
-        default=0.0,
-        help="confidence below which the class reads 'uncertain' (0); a page "
-        "unlike the training images reads 'unfamiliar' whatever its "
-        "confidence (its unfamiliar score, printed and in the CSV, is "
-        "above 1)",
-    )
-    pr.add_argument("--batch-size", type=int, default=32)
+    _add_predict_options(pr, ("threshold", "batch_size"))
     pr.add_argument(
         "--quiet",
         action="store_true",
@@ -733,12 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run: keep the rows of CSV.partial (needs --csv, the "
         "same model) and classify only the pages not in it",
     )
-    pr.add_argument(
-        "--tta",
-        action="store_true",
-        help=f"{_TTA_HELP}; the unfamiliar score stays the unflipped page's",
+    _add_predict_options(
+        pr,
+        ("tta", "engine", "precision"),
+        tta_note="the unfamiliar score stays the unflipped page's",
     )
-    _add_engine_arguments(pr, precision=True)
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser(
@@ -870,26 +851,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser, precision: bool) -> None:
-    parser.add_argument(
-        "--engine",
-        choices=["auto", "openvino", "tensorflow"],
-        default=None,
-        help="what runs the model: auto (OpenVINO when installed, else TensorFlow; "
-        "$MICROCLF_ENGINE sets the default), openvino or tensorflow; fp32 on either, the same "
-        "probabilities within 1e-4",
-    )
-    if precision:
+def _add_predict_options(
+    parser: argparse.ArgumentParser, names: tuple[str, ...], tta_note: str = ""
+) -> None:
+    """One option per named PredictOptions setting, its default and help from the field
+    (``tta_note``: what TTA means for this command, after the field's help)."""
+    from .core.predict_options import PredictOptions
+
+    for name in names:
+        f = PredictOptions.__dataclass_fields__[name]
+        flag = "--" + name.replace("_", "-")
+        help = f.metadata["help"]
+        if isinstance(f.default, bool):
+            note = tta_note if name == "tta" else ""
+            parser.add_argument(flag, action="store_true", help=f"{help}; {note}" if note else help)
+            continue
+        choices = f.metadata.get("choices")
         parser.add_argument(
-            "--precision",
-            choices=["f32", "bf16", "int8"],
-            default="f32",
-            help="faster, approximate modes on OpenVINO: bf16 on CPUs with bf16 instructions "
-            "(elsewhere it runs f32), int8 on any CPU (quantized once per model with NNCF, "
-            "calibrated on the model's training images). Their probabilities differ from "
-            "f32 and the top class can change on borderline pages: docs/performance.md gives "
-            "the measured agreement",
+            flag,
+            type=None if choices else type(f.default),
+            default=f.default,
+            choices=choices,
+            help=help,
         )
+
+
+def _predict_options(args):
+    """The PredictOptions of ``microclf predict``'s arguments."""
+    from .core.predict_options import PredictOptions
+
+    return PredictOptions(
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        engine=args.engine,
+        precision=args.precision,
+    )
 
 
 def _needs_tensorflow(args) -> bool:
@@ -922,7 +919,7 @@ def _repair_model_folder(args) -> None:
         getattr(args, "out", None) if args.command == "train" else None
     )
     if folder:
-        from .core.model import repair_model_folder
+        from .core.bundle import repair_model_folder
 
         for line in repair_model_folder(folder):
             print(line, flush=True)

@@ -234,7 +234,10 @@ def page_source(viewer, layer) -> PageSource:
     )
 
 
-def group_label(group: list) -> str:
-    if len(group) == 1:
-        return group[0].name
-    return f"{len(group)} channel layers of {source_of(group[0])}"
+def rename_companion(viewer, old: str, new: str, image: str) -> None:
+    """Rename layer ``old``, made for an image layer (its labels, its heatmap), to ``new`` and
+    record the image's new name ``image`` in its metadata; nothing when there is no ``old``."""
+    if old in viewer.layers:
+        layer = viewer.layers[old]
+        layer.metadata["microclf"] = {**layer.metadata.get("microclf", {}), "image_layer": image}
+        layer.name = new

@@ -1,4 +1,4 @@
-"""Small layout pieces the three widgets share."""
+"""Small layout pieces the widgets share."""
 
 from __future__ import annotations
 

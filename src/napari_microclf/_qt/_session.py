@@ -1,4 +1,4 @@
-"""State the three widgets share within one napari session.
+"""State the widgets share within one napari session.
 
 Train announces the bundle it wrote (``bundle_trained``) and Predict preselects it; the
 Annotate widget's dataset folder becomes Train's (``dataset_changed``) until the user sets

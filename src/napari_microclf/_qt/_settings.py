@@ -15,14 +15,16 @@ import json
 import os
 from pathlib import Path
 
-ENV = "MICROCLF_SETTINGS"
+from ..core.settings import widget_settings_file
+
 FILE = "settings.json"
 
 
 def path() -> Path:
     """The settings file: ``$MICROCLF_SETTINGS``, or the user's config folder's."""
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV]).expanduser()
+    chosen = widget_settings_file()
+    if chosen is not None:
+        return chosen
     from qtpy.QtCore import QStandardPaths
 
     base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.GenericConfigLocation)

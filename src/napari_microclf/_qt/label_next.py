@@ -33,6 +33,7 @@ from . import _layers
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import surfaced
+from .predictor_cache import get_predictor
 
 LAYER = "Label next"
 FOLDER, LAYERS = "a folder", "the open image layers"
@@ -47,7 +48,6 @@ def _notify(kind: str, text: str) -> None:
 @surfaced
 def _rank_folder(bundle: str, folder: str, n: int, method: str, order: str, dataset):
     from ..core.review import page_stack
-    from .predict import get_predictor
 
     yield "ranking"
     cands = active.label_next(get_predictor(bundle), [folder], n, method, order, dataset)
@@ -57,8 +57,6 @@ def _rank_folder(bundle: str, folder: str, n: int, method: str, order: str, data
 
 @surfaced
 def _rank_layers(bundle: str, sources: list, n: int, method: str, order: str):
-    from .predict import get_predictor
-
     yield "ranking"
     predictor = get_predictor(bundle)
     preds = []
@@ -161,7 +159,7 @@ class LabelNextWidget(QWidget):
         return self.bundle_edit.text().strip()
 
     def dataset(self) -> Path | None:
-        from ..core.model import read_meta
+        from ..core.bundle import read_meta
 
         try:
             data = read_meta(self.bundle()).get("data_dir")

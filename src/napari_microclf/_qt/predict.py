@@ -1,35 +1,29 @@
 """Predict: classify image layers (every page of a stack) and folders with a trained model.
 
-Per image layer the results are
+The widget owns the model row, the choice of layers, the Run / Classify folder / Explain
+buttons (each turns into Stop while its run goes on), the results table and its CSV. Per
+image layer the results are
 
-- drawn on the canvas by a Points layer ``"<layer> classes"`` with one text point per page,
-  at the image's top-left corner: napari shows a point only on its own slice, so the label
-  follows the dims slider through a stack. A label follows its image: hidden with it,
-  removed with it, renamed with it (the results follow the new name). Labels of several
-  images never overlap: each sits at its image's top edge or, where another label is there
-  already, one text line lower, the line height taken at the current zoom
-  (:meth:`PredictWidget.label_boxes`);
-- for the active classified layer, written in a canvas overlay (``"<layer> page 3:
-  fragmented 0.97"``) that stays readable at any zoom and follows the slider and threshold;
+- stored on the image layer in ``metadata["microclf"]["predictions"]`` (model, class names,
+  per page class, confidence and probabilities), in ``self.results`` and in the results
+  table, which exports to CSV in the ``microclf predict`` format (its ``file`` column holds
+  the layer name);
+- drawn on the canvas by a label layer ``"<layer> classes"`` that follows its image, and
+  written in a canvas overlay for the active layer (``overlays.PageLabels``);
 - plotted along a stack (probabilities per page, linked with the slider) in a dock under the
   viewer (``stackplot.StackPlot``), opened when a stack is classified or by "Plot along
-  stack";
-- stored on the image layer in ``metadata["microclf"]["predictions"]`` (model, class names,
-  per page class, confidence and probabilities) and on the Points layer as ``features``;
-- listed in the results table, which exports to CSV in the ``microclf predict`` format
-  (its ``file`` column holds the layer name).
+  stack".
 
 **Explain** adds, per chosen layer, an image layer ``"<layer> Grad-CAM"``: where the model
-looks (``core.explain``), page by page, on the source's pixels (same scale and translate).
+looks, page by page, on the source's pixels (``heatmaps``).
 
-The model is loaded once per bundle (and reloaded only when the bundle is rewritten).
+The model is loaded once per bundle, engine and precision, and reloaded only when the bundle
+is rewritten (``predictor_cache``).
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -53,40 +47,26 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import MicroclfError
-from ..core.evaluate import describe_model
-from ..core.images import ImageReadError, count_pages
-from ..core.model import MODEL_FILE, BundleError, read_meta
-from ..core.predict import (
-    PagePrediction,
-    Predictor,
-    check_csv_destination,
-    find_images,
-    iter_folder,
-    one_line,
-    write_csv,
-)
+from ..core.bundle import read_meta
+from ..core.csv_format import check_csv_destination, write_csv
+from ..core.errors import BundleError, MicroclfError, one_line
+from ..core.folder_runs import iter_folder
+from ..core.images import ImageReadError, count_pages, find_images
+from ..core.predict_options import DEFAULTS
+from ..core.report import describe_model
+from ..core.results import PagePrediction
 from . import _layers, _settings
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
 from ._worker import stoppable_progress, surfaced
 from .export import ExportRow
+from .heatmaps import PREDICTED, explain_layers, rename_heatmap, show_heatmap
+from .overlays import PageLabels
+from .predictor_cache import cache_info, forget_model, get_predictor
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
-UNCERTAIN = "uncertain"
-
-LABEL_TEXT = "{label} ({confidence:.2f}) · "  # a page's label on the canvas, + layer name
-LABEL_SIZE = 12  # its font size
-LINE_PX = 2 * LABEL_SIZE  # screen pixels per label line: the text and a gap
-CHAR_PX = 0.75 * LABEL_SIZE  # screen pixels per character, generously
-OVERLAY = "microclf_in_view"  # key of the text overlay in viewer.canvas.overlays
 PLOT_NAME = "Probabilities along stack"
-
-CACHE_SIZE = 2  # loaded models kept; the least recently used one is dropped beyond this
-_CACHE: OrderedDict[tuple, Predictor] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-LOADS = {"n": 0}  # how many times a model was loaded (the tests read it)
 
 
 # The Predict widget's engine choices (see core/engine.py): label -> (engine, precision)
@@ -99,44 +79,6 @@ ENGINE_CHOICES = (
 )
 
 
-def get_predictor(bundle: str | Path, engine: str = "auto", precision: str = "f32") -> Predictor:
-    """The Predictor of ``bundle`` on ``engine`` at ``precision``, loaded once and reused
-    until the bundle is rewritten."""
-    folder = Path(bundle).expanduser().resolve()
-    model = folder / MODEL_FILE
-    # the files' identity, not just a time: a restored model.keras is another file whose
-    # time may equal the replaced one's
-    files = (folder,) if folder.is_file() else (model, folder / "microclf.json")  # a .zip
-    key = (str(folder), engine, precision) + tuple(
-        (st.st_ino, st.st_mtime_ns, st.st_size) if (st := _stat(f)) else None for f in files
-    )
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            for old in [k for k in _CACHE if k[0] == key[0]]:
-                del _CACHE[old]
-            _CACHE[key] = Predictor(folder, engine=engine, precision=precision)
-            LOADS["n"] += 1
-            while len(_CACHE) > CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-
-
-def _stat(path: Path):
-    try:
-        return path.stat()
-    except OSError:
-        return None
-
-
-def forget_model(bundle: str | Path) -> None:
-    """Drop the loaded model of ``bundle`` from the cache (it was replaced or restored)."""
-    folder = str(Path(bundle).expanduser().resolve())
-    with _CACHE_LOCK:
-        for old in [k for k in _CACHE if k[0] == folder]:
-            del _CACHE[old]
-
-
 def _notify(kind: str, text: str) -> None:
     from napari.utils import notifications
 
@@ -147,10 +89,10 @@ def _notify(kind: str, text: str) -> None:
 def _predict_layers(
     bundle: str,
     sources: list,
-    tta: bool = False,
+    tta: bool = DEFAULTS.tta,
     stop: threading.Event | None = None,
-    engine: str = "auto",
-    precision: str = "f32",
+    engine: str = DEFAULTS.engine,
+    precision: str = DEFAULTS.precision,
 ):
     """Worker: yields ``(layer name, PagePrediction)`` for every page of every source; ``stop``
     set ends it after the current batch (the pages classified so far are yielded)."""
@@ -172,38 +114,6 @@ def _predict_layers(
     return None
 
 
-_EXPLAINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Predictor -> Explainer
-PREDICTED = "predicted class"
-
-
-@surfaced
-def _explain_layers(
-    bundle: str, sources: list, class_name: str | None, stop: threading.Event | None = None
-):
-    """Worker: yields ``(layer name, Explanation)`` for every page of every source, until
-    ``stop`` is set."""
-    from ..core.explain import Explainer
-
-    stop = stop or threading.Event()
-    try:
-        predictor = get_predictor(bundle)
-        explainer = _EXPLAINERS.get(predictor)
-        if explainer is None:
-            explainer = _EXPLAINERS[predictor] = Explainer(predictor.bundle)
-    except ERRORS as exc:
-        return str(exc)
-    for src in sources:
-        if stop.is_set():
-            break
-        items = ((p, src.page(p)) for p in range(src.n_pages))
-        try:
-            for e in explainer.explain_pages(items, class_name, stop.is_set):
-                yield (src.name, e)
-        except ERRORS as exc:
-            return f"{src.name}: {one_line(exc)}"
-    return None
-
-
 def _page_count(path: Path) -> int:
     """Pages of ``path`` for the progress bar; a file that cannot be opened counts once (its
     error row)."""
@@ -219,13 +129,13 @@ def _predict_folder(
     folder: str,
     csv_path: str,
     threshold: float,
-    tta: bool = False,
+    tta: bool = DEFAULTS.tta,
     stop: threading.Event | None = None,
-    engine: str = "auto",
-    precision: str = "f32",
+    engine: str = DEFAULTS.engine,
+    precision: str = DEFAULTS.precision,
 ):
     """Worker: classifies every image under ``folder`` past bad files, the rows streamed to
-    the CSV (see ``core.predict.predict_folder``). Yields ``("total", pages)``, then
+    the CSV (see ``core.folder_runs.predict_folder``). Yields ``("total", pages)``, then
     ``("done", n)`` per page or bad file; returns the FolderResult, or one line for our
     errors (an unexpected one raises and reaches napari's notification with its traceback).
     ``stop`` set ends the run after the current batch: its FolderResult is ``stopped`` and
@@ -330,7 +240,7 @@ class PredictWidget(QWidget):
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
-        self.threshold.setValue(0.5)
+        self.threshold.setValue(DEFAULTS.threshold)
         self.threshold.setToolTip(
             "Below this confidence a page reads 'uncertain'. A page "
             "unlike the model's training images reads 'unfamiliar' "
@@ -392,9 +302,6 @@ class PredictWidget(QWidget):
         explain_row.addWidget(self.explain_class, 1)
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.in_view = QLabel("")
-        self.in_view.setWordWrap(True)
-        self.in_view.setStyleSheet("font-weight: bold;")
 
         self.table = QTableWidget(0, 5)
         self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence", "unfamiliar"])
@@ -421,6 +328,13 @@ class PredictWidget(QWidget):
         result_row.addWidget(self.export_btn)
         result_row.addWidget(self.plot_btn)
 
+        events = self.viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.connect(self._refresh_layers)
+        # the label layers, the canvas overlay and the in-view line
+        self.labels = PageLabels(self.viewer, self)
+        self.in_view = self.labels.in_view
+
         form = QFormLayout()
         form.addRow("Model", bundle_row)
         form.addRow(self.model_info)
@@ -440,15 +354,6 @@ class PredictWidget(QWidget):
         layout.addWidget(self.table, 1)
         layout.addLayout(result_row)
 
-        events = self.viewer.layers.events
-        for ev in (events.inserted, events.removed, events.reordered):
-            ev.connect(self._refresh_layers)
-        events.removed.connect(self._on_removed)
-        self._linked: dict[int, str] = {}  # id(image layer) -> its name in self.results
-        self._boxes: dict[str, tuple] = {}  # see label_boxes
-        self.viewer.dims.events.current_step.connect(self._update_in_view)
-        self.viewer.layers.selection.events.active.connect(self._update_in_view)
-        self._camera().events.zoom.connect(self._place_labels)
         self._refresh_layers()
         saved = self._restore_settings(bundle)
         self._show_model()
@@ -469,7 +374,7 @@ class PredictWidget(QWidget):
             self.bundle_edit.setText(str(saved["model"]))
         if isinstance(saved.get("threshold"), int | float):
             self.threshold.setValue(float(saved["threshold"]))
-        self.tta.setChecked(bool(saved.get("tta", False)))
+        self.tta.setChecked(bool(saved.get("tta", DEFAULTS.tta)))
         labels = [label for label, _ in ENGINE_CHOICES]
         if saved.get("engine") in labels:
             self.engine.setCurrentIndex(labels.index(saved["engine"]))
@@ -503,8 +408,8 @@ class PredictWidget(QWidget):
     def restore_previous_model(self) -> dict | None:
         """Swap the model folder's ``previous/`` back in (``microclf restore``); the next run
         loads the restored model. Returns its metadata (None when refused)."""
+        from ..core.bundle import describe_bundle, restore_previous
         from ..core.errors import MicroclfError
-        from ..core.model import describe_bundle, restore_previous
 
         if self.worker is not None:
             _notify("warning", "Wait for the running prediction to finish, then restore.")
@@ -521,7 +426,7 @@ class PredictWidget(QWidget):
         return meta
 
     def _show_model(self) -> None:
-        from ..core.model import has_previous
+        from ..core.bundle import has_previous
 
         self._fill_explain_classes()
         self.restore_btn.setEnabled(bool(self.bundle()) and has_previous(self.bundle()))
@@ -627,8 +532,8 @@ class PredictWidget(QWidget):
                     self.results[name] = preds
                     self._store(name, bundle)
             self._fill_table()
-            self._place_labels()
-            self._update_in_view()
+            self.labels.place()
+            self.labels.update_in_view()
             n = sum(len(p) for p in new.values())
             text = f"Classified {n} page(s) of {len(new)} layer(s)."
             if self._stop.is_set() and n < total:
@@ -649,7 +554,7 @@ class PredictWidget(QWidget):
             worker,
             on_yield,
             on_return,
-            "Loading the model..." if not _CACHE else "Classifying...",
+            "Loading the model..." if not cache_info().currsize else "Classifying...",
             self.run_btn,
         )
 
@@ -719,9 +624,6 @@ class PredictWidget(QWidget):
         if current in names:
             self.explain_class.setCurrentText(current)
 
-    def heatmap_name(self, name: str) -> str:
-        return f"{name} Grad-CAM"
-
     def explain(self, class_name: str | None = None):
         """Grad-CAM of every page of the chosen layers in a worker; each gets (or updates) a
         heatmap layer aligned with it. ``class_name``: None takes the chooser's choice.
@@ -755,8 +657,10 @@ class PredictWidget(QWidget):
                 if pages and len(pages) == int(np.prod(leads[name] or (1,)))
             ]
             for name in done:
-                self._add_heatmap(
-                    name, np.stack(maps[name]).reshape(*leads[name], *maps[name][0].shape)
+                show_heatmap(
+                    self.viewer,
+                    name,
+                    np.stack(maps[name]).reshape(*leads[name], *maps[name][0].shape),
                 )
             which = class_name or "the predicted class"
             text = f"Grad-CAM for {which}: {len(done)} layer(s)."
@@ -767,47 +671,17 @@ class PredictWidget(QWidget):
                 )
             self.status.setText(text)
 
-        worker = thread_worker(_explain_layers, ignore_errors=False)(
+        worker = thread_worker(explain_layers, ignore_errors=False)(
             self.bundle(), sources, class_name, self._stop
         )
         return self._start(worker, on_yield, on_return, "Computing Grad-CAM...", self.explain_btn)
-
-    def _add_heatmap(self, name: str, data: np.ndarray) -> None:
-        """The heatmap layer of image layer ``name``, on its pixels (same transforms)."""
-        source = self.viewer.layers[name]
-        hname = self.heatmap_name(name)
-        active = self.viewer.layers.selection.active
-        if hname in self.viewer.layers:
-            self.viewer.layers[hname].data = data
-            return
-        self.viewer.add_image(
-            data,
-            name=hname,
-            colormap="inferno",
-            opacity=0.5,
-            blending="additive",
-            contrast_limits=(0.0, 1.0),
-            scale=source.scale,
-            units=source.units,
-            translate=source.translate,
-            rotate=source.rotate,
-            shear=source.shear,
-            affine=source.affine,
-            # in the metadata from the start: the layer lists skip heatmaps when it is added
-            metadata={"microclf": {"image_layer": name, "heatmap": "grad-cam"}},
-        )
-        if active is not None and active in self.viewer.layers:
-            self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
 
     # -- results on layers ---------------------------------------------------------------
     def label(self, pred: PagePrediction) -> str:
         return pred.label(self.threshold.value())
 
-    def points_name(self, name: str) -> str:
-        return f"{name} classes"
-
     def _store(self, name: str, bundle: str) -> None:
-        """Metadata on the image layer, a text Points layer following the slider."""
+        """The predictions in the image layer's metadata, and its label layer."""
         layer = self.viewer.layers[name]
         preds = self.results[name]
         meta = dict(layer.metadata.get("microclf", {}))
@@ -826,210 +700,32 @@ class PredictWidget(QWidget):
             ],
         }
         layer.metadata["microclf"] = meta
-        coords = np.array([[*_layers.page_index(layer, p.page), 0, 0] for p in preds], float)
-        features = {
-            "page": [p.page for p in preds],
-            "class": [p.class_name for p in preds],
-            "confidence": [round(p.confidence, 4) for p in preds],
-            "label": [self.label(p) for p in preds],
-            "unfamiliar": [
-                np.nan if p.unfamiliar_score is None else round(p.unfamiliar_score, 3)
-                for p in preds
-            ],
-        }
-        # "lower_left": the text hangs below its point (napari's y axis points down)
-        text = {
-            "string": self.label_template(name),
-            "anchor": "lower_left",
-            "size": LABEL_SIZE,
-            "color": "yellow",
-        }
-        pname = self.points_name(name)
-        active = self.viewer.layers.selection.active
-        if pname in self.viewer.layers:
-            pts = self.viewer.layers[pname]
-            pts.data = coords
-            pts.features = features
-            pts.text = text
-        else:
-            pts = self.viewer.add_points(
-                coords,
-                features=features,
-                text=text,
-                name=pname,
-                size=1,
-                face_color="transparent",
-                border_width=0,
-                scale=layer.scale[-coords.shape[1] :],
-                units=layer.units[-coords.shape[1] :],
-                translate=layer.translate[-coords.shape[1] :],
-                blending="translucent_no_depth",
-                visible=layer.visible,
-            )
-            pts.metadata["microclf"] = {"image_layer": name}
-        self._link(layer, name)
-        if active is not None and active in self.viewer.layers:
-            self.viewer.layers.selection.active = active  # keep the image active (keys 1-9)
-
-    def label_template(self, name: str) -> str:
-        """The label's napari text template: 'fragmented (0.97) · cells.tif' (the layer's
-        name tells the labels of images that lie on each other apart)."""
-        return LABEL_TEXT + name.replace("{", "{{").replace("}", "}}")
+        self.labels.show(name, preds)
 
     def _relabel(self, *_) -> None:
-        for name, preds in self.results.items():
-            pname = self.points_name(name)
-            if pname in self.viewer.layers:
-                pts = self.viewer.layers[pname]
-                feats = pts.features.copy()
-                feats["label"] = [self.label(p) for p in preds]
-                pts.features = feats
-                pts.refresh_text()
+        """The threshold changed: the labels, the table and the plot say it."""
+        self.labels.relabel()
         self._fill_table()
-        self._place_labels()  # the texts' widths changed
-        self._update_in_view()
         if self.plot is not None:
             self.plot.refresh()
 
-    # -- a label follows its image ---------------------------------------------------------
-    def _label_layer(self, name: str):
-        pname = self.points_name(name)
-        return self.viewer.layers[pname] if pname in self.viewer.layers else None
-
-    def _link(self, layer, name: str) -> None:
-        """Follow ``layer``'s visibility, name and position with its label (once per layer)."""
-        if id(layer) not in self._linked:
-            layer.events.visible.connect(self._on_visible)
-            layer.events.name.connect(self._on_rename)
-            layer.events.scale.connect(self._place_labels)
-            layer.events.translate.connect(self._place_labels)
-        self._linked[id(layer)] = name
-
-    def _unlink(self, layer) -> str | None:
-        name = self._linked.pop(id(layer), None)
-        if name is not None:
-            layer.events.visible.disconnect(self._on_visible)
-            layer.events.name.disconnect(self._on_rename)
-            layer.events.scale.disconnect(self._place_labels)
-            layer.events.translate.disconnect(self._place_labels)
-        return name
-
-    def _on_visible(self, event) -> None:
-        name = self._linked.get(id(event.source))
-        pts = self._label_layer(name) if name is not None else None
-        if pts is not None:
-            pts.visible = event.source.visible
-        self._place_labels()
-        self._update_in_view()
-
-    def _on_rename(self, event) -> None:
-        """The label layer, the heatmap layer and the results take the image's new name."""
-        layer = event.source
-        old, new = self._linked.get(id(layer)), layer.name
-        if old is None or old == new:
-            return
-        self._linked[id(layer)] = new
+    def image_renamed(self, old: str, new: str) -> None:
+        """A classified image was renamed (``PageLabels`` renamed its label layer): its
+        results and heatmap layer take the new name."""
         self.results = {new if k == old else k: v for k, v in self.results.items()}
-        for old_name, new_name in (
-            (self.points_name(old), self.points_name(new)),
-            (self.heatmap_name(old), self.heatmap_name(new)),
-        ):
-            if old_name in self.viewer.layers:
-                other = self.viewer.layers[old_name]
-                other.metadata["microclf"] = {
-                    **other.metadata.get("microclf", {}),
-                    "image_layer": new,
-                }
-                other.name = new_name
-        pts = self._label_layer(new)
-        if pts is not None:
-            pts.text.string = self.label_template(new)
-            pts.refresh_text()
-            self._place_labels()  # its width changed
+        rename_heatmap(self.viewer, old, new)
         self._fill_table()
-        self._update_in_view()
         if self.plot is not None:
             if self.plot.layer == old:
                 self.plot.layer = new
             self.plot.refresh()
 
-    def _on_removed(self, event) -> None:
-        """A removed image takes its label layer and its results with it."""
-        name = self._unlink(event.value)
-        if name is not None:
-            pts = self._label_layer(name)
-            if pts is not None:
-                self.viewer.layers.remove(pts)
-            self.results.pop(name, None)
-            self._fill_table()
-            if self.plot is not None:
-                self.plot.refresh()
-        self._place_labels()
-        self._update_in_view()
-
-    def label_boxes(self) -> dict[str, tuple[float, float, float, float]]:
-        """World ``(top, left, bottom, right)`` of each label on the canvas at the current
-        zoom: one text line high, as wide as its longest text (a generous estimate)."""
-        return dict(self._boxes)
-
-    def _camera(self):
-        """The 2D camera (``viewer.scene.camera``; napari >= 0.9)."""
-        return self.viewer.scene.camera
-
-    def _place_labels(self, *_) -> None:
-        """Each shown label at its image's top-left corner, or lower by whole text lines
-        until it overlaps no label placed before it (labels taken top to bottom).
-
-        Text keeps its size on screen, so a line is ``LINE_PX / zoom`` world units high and
-        the labels are placed again when the zoom changes.
-        """
-        zoom = max(float(self._camera().zoom), 1e-12)
-        line = LINE_PX / zoom
-        entries = []
-        for name in self.results:
-            pts = self._label_layer(name)
-            if pts is None or name not in self.viewer.layers or not len(pts.data):
-                continue
-            image = self.viewer.layers[name]
-            n = pts.data.shape[1]
-            if not (
-                np.array_equal(pts.scale, image.scale[-n:])
-                and np.array_equal(pts.translate, image.translate[-n:])
-            ):
-                pts.scale, pts.translate = image.scale[-n:], image.translate[-n:]
-            (sy, sx), (ty, tx) = pts.scale[-2:], pts.translate[-2:]
-            # the pixel edges of the first row and column, not their centres
-            top, left = ty - 0.5 * abs(sy), tx - 0.5 * abs(sx)
-            chars = max(
-                len(self.label_template(name).format(label=lab, confidence=0.0))
-                for lab in pts.features["label"]
-            )
-            shown = image.visible and pts.visible
-            entries.append((top, left, chars * CHAR_PX / zoom, name, pts, shown))
-        placed: list[tuple[float, float, float]] = []  # (top, left, right)
-        self._boxes = {}
-        for top, left, width, name, pts, shown in sorted(entries, key=lambda e: e[:2]):
-            y = top
-            if shown:
-                moved = True
-                while moved:
-                    moved = False
-                    for p_top, p_left, p_right in placed:
-                        if (
-                            p_left < left + width
-                            and left < p_right
-                            and p_top < y + line
-                            and y < p_top + line
-                        ):
-                            y, moved = p_top + line, True
-                placed.append((y, left, left + width))
-                self._boxes[name] = (y, left, y + line, left + width)
-            (sy, sx), (ty, tx) = pts.scale[-2:], pts.translate[-2:]
-            yx = np.array([(y - ty) / sy, (left - tx) / sx])
-            if not np.allclose(pts.data[:, -2:], yx):
-                data = pts.data.copy()
-                data[:, -2:] = yx
-                pts.data = data
+    def image_removed(self, name: str) -> None:
+        """A classified image was removed (with its label layer): its results go too."""
+        self.results.pop(name, None)
+        self._fill_table()
+        if self.plot is not None:
+            self.plot.refresh()
 
     def rows(self) -> list[tuple[str, int, str, float]]:
         return [
@@ -1061,83 +757,6 @@ class PredictWidget(QWidget):
             layer = self.viewer.layers[name]
             _layers.show_page(self.viewer, layer, page)
             self.viewer.layers.selection.active = layer
-
-    def in_view_text(self) -> str:
-        active = self.viewer.layers.selection.active
-        name = active.name if active is not None else None
-        if name not in self.results:
-            meta = active.metadata.get("microclf", {}) if active is not None else {}
-            name = meta.get("image_layer") if isinstance(meta, dict) else None
-        if name not in self.results:
-            name = next(iter(self.results), None)
-        if name is None or name not in self.viewer.layers:
-            return ""
-        layer = self.viewer.layers[name]
-        page = _layers.flat_page(layer, _layers.page_in_view(self.viewer, layer)) or 0
-        pred = next((p for p in self.results[name] if p.page == page), None)
-        if pred is None:
-            return ""
-        where = f", page {page}" if _layers.lead_shape(layer) else ""
-        unlike = (
-            f", unlike the training images: score {pred.unfamiliar_score:.2f}"
-            if pred.unfamiliar
-            else ""
-        )
-        return (
-            f"In view: {name}{where}: {self.label(pred)} (confidence {pred.confidence:.2f}{unlike})"
-        )
-
-    def active_classified(self) -> str | None:
-        """The classified image layer that is active (or whose label or heatmap layer is),
-        if it is visible; else None."""
-        active = self.viewer.layers.selection.active
-        if active is None:
-            return None
-        name = active.name
-        if name not in self.results:
-            meta = active.metadata.get("microclf", {}) if isinstance(active.metadata, dict) else {}
-            name = meta.get("image_layer") if isinstance(meta, dict) else None
-        if name not in self.results or name not in self.viewer.layers:
-            return None
-        return name if self.viewer.layers[name].visible else None
-
-    def overlay_text(self) -> str:
-        """'cells.tif page 3: fragmented 0.97' for the active classified layer at the
-        slider's position ('' when no classified layer is active and visible)."""
-        name = self.active_classified()
-        if name is None:
-            return ""
-        layer = self.viewer.layers[name]
-        page = _layers.flat_page(layer, _layers.page_in_view(self.viewer, layer))
-        pred = next((p for p in self.results[name] if p.page == (page or 0)), None)
-        if pred is None:
-            return ""
-        where = f" page {page}" if page is not None else ""
-        what = (
-            f"unfamiliar (score {pred.unfamiliar_score:.2f})"
-            if pred.unfamiliar
-            else f"{self.label(pred)} {pred.confidence:.2f}"
-        )
-        return f"{name}{where}: {what}"
-
-    @property
-    def overlay(self):
-        """The canvas text overlay (napari's canvas overlays, tiled with the others)."""
-        overlays = self.viewer.canvas.overlays  # napari >= 0.9
-        if OVERLAY not in overlays:
-            from napari.components.overlays import TextOverlay
-
-            overlays[OVERLAY] = TextOverlay(
-                visible=False, position="bottom_center", font_size=14, color="yellow", box=True
-            )
-        return overlays[OVERLAY]
-
-    def _update_in_view(self, *_) -> None:
-        self.in_view.setText(self.in_view_text())
-        text = self.overlay_text()
-        overlay = self.overlay
-        overlay.text = text
-        overlay.visible = bool(text)
 
     def show_plot(self):
         """Dock the probabilities-along-stack plot under the viewer (again, if it was

@@ -126,7 +126,7 @@ class ReviewWidget(QWidget):
         self, report: dict | None = None, bundle: str | Path | None = None, quiet: bool = False
     ) -> bool:
         """Show a report: ``report`` itself, or the ``report.json`` of the model folder."""
-        from ..core.model import read_meta
+        from ..core.bundle import read_meta
 
         if bundle is not None:
             self.bundle_edit.setText(str(bundle))

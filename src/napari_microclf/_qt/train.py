@@ -1,28 +1,20 @@
 """Train: the training guide's settings, one Start/Stop button, live log, curves and report.
 
-Training runs :func:`core.train.train` in a napari ``thread_worker``; the worker gets a
-frozen :class:`TrainConfig` and a stop event, never this widget. Updates come back through
+The Settings tab is made from :class:`TrainConfig`'s fields (``train_form``). Training runs
+:func:`core.train.train` in a napari ``thread_worker``; the worker gets a frozen
+:class:`TrainConfig` and a stop event, never this widget. Updates come back through
 ``yielded`` and are drawn here, in the main thread.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    LineEdit,
-    SpinBox,
-)
+from magicgui.widgets import FileEdit
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
@@ -43,16 +35,9 @@ from qtpy.QtWidgets import (
 
 from ..core.dataset import check_dataset
 from ..core.errors import MicroclfError
-from ..core.model import (
-    B0,
-    IMAGENET_FILE,
-    LITE0,
-    OFFLINE_ENV,
-    imagenet_cached,
-    keras_home,
-    resolve_weights,
-)
+from ..core.model import IMAGENET_FILE
 from ..core.preflight import check_dataset_writable, check_out_dir, user_message
+from ..core.settings import keras_home
 from ..core.train import (
     BatchEnd,
     EpochEnd,
@@ -64,7 +49,6 @@ from ..core.train import (
     TrainConfig,
     TrainResult,
     count_images,
-    help_of,
     suggest_settings,
     train,
 )
@@ -74,26 +58,9 @@ from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
 from ._worker import WorkerError, stoppable_progress, surfaced, updates
+from .train_form import form_settings, preset_text, settings_form, weights_note
 
 DEFAULT_MODEL = "microclf-model"
-
-# Tips of the form's widgets that are not TrainConfig fields (the fields' tips come from
-# their one description, ``help_of``).
-WIDGET_TIPS = {
-    "weights_file": "An EfficientNet-B0 or -Lite0 weights file without its top (.h5), of the "
-    "backbone chosen above.",
-    "intensity_range": "With fixed intensity: the MIN,MAX values shown as black and white, "
-    "e.g. 0,4095 for a 12-bit camera; empty: the image type's full range.",
-}
-
-
-def tip(name: str) -> str:
-    """A form widget's tooltip: the setting's one description (``TrainConfig`` metadata)."""
-    if name in WIDGET_TIPS:
-        return WIDGET_TIPS[name]
-    text = help_of(name)
-    return text[:1].upper() + text[1:] + "."
-
 
 # napari's progress bar of each preparation step of core.train (``Progress.phase``)
 PHASES = {
@@ -101,61 +68,6 @@ PHASES = {
     "features": "Computing backbone features",
     "evaluating": "Testing the model",
 }
-
-BACKBONE_NAMES = {B0: "EfficientNet-B0", LITE0: "EfficientNet-Lite0"}
-
-
-def weights_note(backbone: str, weights: str, fine_tune=0) -> tuple[str, str]:
-    """One line saying what the model will start from on this computer, and its level.
-
-    Uses ``resolve_weights(..., allow_download=False)``: nothing is downloaded or built.
-    """
-    if weights == "file":
-        return (
-            f"Pretrained start: the weights file chosen below (for {BACKBONE_NAMES[backbone]}).",
-            "info",
-        )
-    if weights == "none":
-        text = (
-            "No pretrained start: the network learns from random weights, which needs far "
-            "more images"
-        )
-        return (
-            text
-            + (
-                ", and a frozen base cannot learn: choose fine-tuning all layers."
-                if fine_tune == 0
-                else "."
-            ),
-            "warning",
-        )
-    resolved = resolve_weights(backbone, weights, allow_download=False)
-    if resolved.weights is None:  # auto found no pretrained weights at all
-        return resolved.note or "No pretrained weights on this computer.", "warning"
-    name = BACKBONE_NAMES[resolved.backbone]
-    offline = os.environ.get(OFFLINE_ENV, "") not in ("", "0")
-    if resolved.backbone == B0 and imagenet_cached():
-        return f"Pretrained start: ImageNet {name} (from the Keras cache).", "info"
-    if resolved.backbone == B0:  # weights="imagenet", not in the cache
-        if offline:
-            return (
-                f"No ImageNet {name} weights in the Keras cache and downloads are off "
-                f"(${OFFLINE_ENV}): choose auto.",
-                "warning",
-            )
-        return (
-            f"Pretrained start: ImageNet {name}, downloaded at the first training (not in "
-            "the Keras cache; offline, choose auto).",
-            "warning",
-        )
-    if backbone == LITE0:
-        return f"Pretrained start: ImageNet {name} (installed, no network needed).", "info"
-    return (
-        f"Pretrained start: ImageNet {name} (no EfficientNet-B0 weights in the Keras cache"
-        + ("" if offline else "; downloaded and used instead if online")
-        + ").",
-        "info",
-    )
 
 
 class State(enum.Enum):
@@ -201,7 +113,7 @@ def _count_job(data_dir: str):
 def model_start(meta: dict) -> str:
     """The model in the words of report.md and ``microclf predict`` (``describe_model``),
     plus the epoch where fine-tuning's phase 2 began; '' for a bundle without a backbone."""
-    from ..core.evaluate import describe_model
+    from ..core.report import describe_model
 
     if not meta.get("backbone"):
         return ""
@@ -251,149 +163,8 @@ class TrainWidget(QWidget):
         folders.addRow("Model folder", folder_row(self.out_edit, "Model folder", self))
         connect_widget(SESSION.dataset_changed, self, "_follow_dataset")
 
-        # -- settings (magicgui widgets, the guide's defaults)
-        d = TrainConfig("")
-        self.form = Container(
-            widgets=[
-                # the model and where it starts from
-                ComboBox(
-                    name="backbone",
-                    value=d.backbone,
-                    choices=[(BACKBONE_NAMES[b], b) for b in (B0, LITE0)],
-                ),
-                ComboBox(
-                    name="weights",
-                    value="auto",
-                    choices=[
-                        ("auto (ImageNet, offline fallback)", "auto"),
-                        ("ImageNet (pretrained)", "imagenet"),
-                        ("from a file", "file"),
-                        ("none (random start)", "none"),
-                    ],
-                ),
-                FileEdit(
-                    name="weights_file",
-                    label="weights file",
-                    mode="r",
-                    filter="*.h5",
-                    visible=False,
-                ),
-                ComboBox(
-                    name="fine_tune",
-                    label="fine-tuning",
-                    value=0,
-                    choices=[
-                        ("frozen base (train the head)", 0),
-                        *[(f"top {n} of 7 stages", n) for n in range(1, 8)],
-                        ("all layers", "all"),
-                    ],
-                ),
-                SpinBox(
-                    name="head_epochs",
-                    label="head-only epochs",
-                    value=d.head_epochs,
-                    min=0,
-                    max=1000,
-                ),
-                FloatSpinBox(
-                    name="fine_tune_lr_factor",
-                    label="fine-tuning rate factor",
-                    value=d.fine_tune_lr_factor,
-                    min=0.001,
-                    max=1,
-                    step=0.05,
-                ),
-                # the training run
-                SpinBox(name="epochs", value=d.epochs, min=1, max=1000),
-                SpinBox(name="batch_size", label="batch size", value=d.batch_size, min=1, max=1024),
-                FloatSpinBox(
-                    name="learning_rate",
-                    label="learning rate",
-                    value=d.learning_rate,
-                    min=1e-6,
-                    max=0.1,
-                    step=1e-5,
-                ),
-                FloatSpinBox(name="dropout", value=d.dropout, min=0, max=0.9, step=0.05),
-                CheckBox(name="augment", text="augmentation", value=d.augment),
-                FloatSpinBox(
-                    name="augment_strength",
-                    label="augmentation strength",
-                    value=d.augment_strength,
-                    min=0,
-                    max=0.5,
-                    step=0.01,
-                ),
-                CheckBox(name="class_weights", text="class weights", value=d.class_weights),
-                CheckBox(name="early_stopping", text="early stopping", value=d.early_stopping),
-                # the images
-                SpinBox(
-                    name="image_size",
-                    label="image size (px)",
-                    value=d.image_size,
-                    min=32,
-                    max=1024,
-                    step=16,
-                ),
-                ComboBox(
-                    name="intensity",
-                    value=d.intensity,
-                    choices=[
-                        ("percentile (per channel)", "percentile"),
-                        ("fixed (keep brightness)", "fixed"),
-                    ],
-                ),
-                LineEdit(name="intensity_range", label="fixed range", value="", visible=False),
-                # the split
-                FloatSpinBox(
-                    name="val_split",
-                    label="validation split",
-                    value=d.val_split,
-                    min=0,
-                    max=0.5,
-                    step=0.05,
-                ),
-                FloatSpinBox(
-                    name="test_split",
-                    label="test split",
-                    value=d.test_split,
-                    min=0,
-                    max=0.5,
-                    step=0.05,
-                ),
-                LineEdit(name="group_by", label="group by", value=""),
-                SpinBox(name="seed", value=d.seed, min=0, max=2**31 - 1),
-                # speed
-                CheckBox(
-                    name="cache", text="cache backbone features (fast, frozen base)", value=d.cache
-                ),
-                SpinBox(name="views", label="augmented views", value=d.views, min=0, max=32),
-                ComboBox(
-                    name="engine",
-                    label="inference engine",
-                    value=d.engine,
-                    choices=[
-                        ("auto (OpenVINO if installed)", "auto"),
-                        ("OpenVINO", "openvino"),
-                        ("TensorFlow", "tensorflow"),
-                    ],
-                ),
-            ],
-            labels=True,
-        )
-        for w in self.form:
-            w.tooltip = tip(w.name)
-        self.form.intensity_range.native.setPlaceholderText("MIN,MAX (empty: full range)")
-        self.form.group_by.native.setPlaceholderText("empty: by source file")
-        self.form.weights.changed.connect(
-            lambda v: setattr(self.form.weights_file, "visible", v == "file")
-        )
-        self.form.intensity.changed.connect(
-            lambda v: setattr(self.form.intensity_range, "visible", v == "fixed")
-        )
-        self.form.augment.changed.connect(
-            lambda v: setattr(self.form.augment_strength, "enabled", v)
-        )
+        # -- settings (made from TrainConfig's fields, the guide's defaults)
+        self.form = settings_form()
         for name in ("backbone", "weights", "fine_tune"):
             getattr(self.form, name).changed.connect(self._update_note)
 
@@ -603,25 +374,9 @@ class TrainWidget(QWidget):
             self._say(f"{preset.text} Not applied: a training is running.")
             return
         self.apply_settings(preset.settings)
-        text = self._preset_text(preset)
+        text = preset_text(self.form, preset)
         self._say(text)
         self._append(text)
-
-    def _preset_text(self, preset: Preset) -> str:
-        """Preset.text in the form's words: 'batch size 8, fine-tuning frozen base ...'."""
-        parts = []
-        for name in preset.settings:
-            w = getattr(self.form, name)
-            if isinstance(w, CheckBox):
-                parts.append(f"{w.text} {'on' if w.value else 'off'}")
-            elif isinstance(w, ComboBox):
-                parts.append(f"{w.label} {w.current_choice}")
-            else:
-                parts.append(f"{w.label} {w.value:g}")
-        return (
-            f"Suggested settings for a {preset.row} ({preset.reason}): "
-            f"{', '.join(parts)}. Every value can still be changed."
-        )
 
     def _counting_done(self) -> None:
         self._counting = None
@@ -629,38 +384,10 @@ class TrainWidget(QWidget):
 
     def config(self) -> TrainConfig:
         """The form as a TrainConfig; a ValueError says which setting is wrong."""
-        f = self.form
-        weights = f.weights.value
-        if weights == "file":
-            weights = str(f.weights_file.value)
-        intensity = f.intensity.value
-        if intensity == "fixed" and f.intensity_range.value.strip():
-            intensity = f"fixed:{f.intensity_range.value.strip()}"
         return TrainConfig(
             data_dir=str(Path(self.data_edit.text().strip()).expanduser()),
             out_dir=str(Path(self.out_edit.text().strip() or DEFAULT_MODEL).expanduser()),
-            backbone=f.backbone.value,
-            weights=weights,
-            fine_tune=f.fine_tune.value,
-            head_epochs=f.head_epochs.value,
-            fine_tune_lr_factor=f.fine_tune_lr_factor.value,
-            epochs=f.epochs.value,
-            batch_size=f.batch_size.value,
-            learning_rate=f.learning_rate.value,
-            dropout=f.dropout.value,
-            augment=f.augment.value,
-            augment_strength=f.augment_strength.value,
-            class_weights=f.class_weights.value,
-            early_stopping=f.early_stopping.value,
-            image_size=f.image_size.value,
-            intensity=intensity,
-            val_split=f.val_split.value,
-            test_split=f.test_split.value,
-            group_by=f.group_by.value.strip() or None,
-            seed=f.seed.value,
-            cache=f.cache.value,
-            views=f.views.value,
-            engine=f.engine.value,
+            **form_settings(self.form),
         )
 
     # -- start / stop --------------------------------------------------------------------

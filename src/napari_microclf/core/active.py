@@ -19,6 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import PREVIOUS_DIR, read_meta
+from .dataset import hash_index, pixel_hash
+from .evaluate import evaluate
+from .images import find_images, read_page
+from .predictor import Predictor
+from .train import train
+from .train_config import TrainConfig
+
 METHODS = ("margin", "entropy")
 UNFAMILIAR_ORDER = ("first", "last")
 
@@ -118,10 +126,6 @@ def label_next(
     example of it (added before from this very file). Unreadable files are skipped (they are
     listed by ``microclf predict``).
     """
-    from .dataset import hash_index, pixel_hash
-    from .images import read_page
-    from .predict import Predictor, find_images
-
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle)
     root = Path(dataset).resolve() if dataset is not None else None
     paths = [
@@ -158,9 +162,6 @@ def _example_pixels(page: np.ndarray) -> np.ndarray:
 
 def is_labelled(candidate: Candidate | dict, index: dict) -> str | None:
     """The class a candidate page was added to (``index`` from ``dataset.hash_index``)."""
-    from .dataset import pixel_hash
-    from .images import read_page
-
     c = candidate if isinstance(candidate, dict) else candidate.to_dict()
     path = index.get(pixel_hash(_example_pixels(read_page(c["file"], int(c["page"])))))
     return path.parent.name if path is not None else None
@@ -190,9 +191,6 @@ class Retrained:
 
 def config_of(model_dir: str | Path, **changes):
     """The ``TrainConfig`` the model folder was trained with (``changes`` applied)."""
-    from .model import read_meta
-    from .train import TrainConfig
-
     stored = read_meta(model_dir).get("config") or {}
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
@@ -206,10 +204,6 @@ def retrain(model_dir: str | Path, on_update=None, should_stop=None, **changes) 
 
     A stopped or failed training changes nothing (the old model stays the model).
     """
-    from .evaluate import evaluate
-    from .model import PREVIOUS_DIR
-    from .train import train
-
     model_dir = Path(model_dir)
     result = train(config_of(model_dir, **changes), on_update=on_update, should_stop=should_stop)
     if getattr(result, "bundle", None) is None:

@@ -18,7 +18,14 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from .bundle import resolve_bundle_path
+from .csv_format import csv_cell, resume_start
+from .device import stderr_muted
 from .errors import MicroclfError
+from .images import TIFF_SUFFIXES, count_pages
+from .predict_options import DEFAULTS, PredictOptions
+from .predictor import Predictor
+from .results import FileError
 
 LOCAL_SPEC = re.compile(r"local:(\d+)")
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler before saying it cannot be reached
@@ -162,8 +169,6 @@ _PREDICTORS: dict = {}
 
 
 def _bundle_key(path: str) -> tuple:
-    from .model import resolve_bundle_path
-
     folder = resolve_bundle_path(path)
     stamps = tuple(
         sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir())
@@ -177,8 +182,6 @@ def _import_tensorflow_quietly() -> None:
     its thread pools sized by ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` (set by
     ``local:N`` so that N workers share the cores instead of each taking all of them)."""
     import sys
-
-    from .device import stderr_muted
 
     if "tensorflow" in sys.modules:
         return
@@ -223,25 +226,17 @@ def _heap_for_batches() -> None:
     mallopt(m_trim_threshold, 64 * 2**20)
 
 
-def worker_predictor(
-    bundle: str | Path,
-    batch_size: int = 32,
-    engine: str | None = None,
-    precision: str | None = None,
-):
-    """This process's :class:`~napari_microclf.core.predict.Predictor` for ``bundle`` (a
-    model folder or zip), loaded at the first call and kept while the bundle's files are
-    unchanged. ``engine``, ``precision``: see :mod:`.engine` (None: this worker's default)."""
-    from .predict import Predictor
-
-    key = (*_bundle_key(str(bundle)), int(batch_size), engine, precision)
+def worker_predictor(bundle: str | Path, options: PredictOptions = DEFAULTS) -> Predictor:
+    """This process's :class:`~.predictor.Predictor` for ``bundle`` (a model folder or zip)
+    with ``options``' batch size, engine and precision, loaded at the first call and kept
+    while the bundle's files are unchanged. The engine ``"auto"`` is this worker's default
+    (see :mod:`.engine`)."""
+    key = (*_bundle_key(str(bundle)), int(options.batch_size), options.engine, options.precision)
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         prepare_worker()
         _PREDICTORS.clear()  # one model per worker: an older version is dropped
-        predictor = _PREDICTORS[key] = Predictor(
-            bundle, batch_size, engine=engine, precision=precision
-        )
+        predictor = _PREDICTORS[key] = Predictor(bundle, options=options)
     return predictor
 
 
@@ -250,24 +245,17 @@ def worker_predictor(
 Ref = tuple[str, str, int, "int | None"]
 
 
-def classify_refs(
-    bundle: str,
-    refs: list,
-    batch_size: int = 32,
-    tta: bool = False,
-    engine: str | None = None,
-    precision: str | None = None,
-) -> list:
+def classify_refs(bundle: str, refs: list, options: PredictOptions = DEFAULTS) -> list:
     """On a worker: the PagePrediction and FileError items of the pages ``refs`` name, in
     order, classified with this process's :func:`worker_predictor` (the same reading,
-    preprocessing and batching as a single process)."""
-    predictor = worker_predictor(bundle, batch_size, engine, precision)
+    preprocessing and batching as a single process) with ``options`` (sent with the task)."""
+    predictor = worker_predictor(bundle, options)
     entries = (
         entry
         for name, path, start, stop in refs
         for entry in predictor._file_entries(Path(path), start, stop, name=name)
     )
-    return [item for batch in predictor._classify(entries, tta=tta) for item in batch]
+    return [item for batch in predictor._classify(entries, tta=options.tta) for item in batch]
 
 
 def _page_counts(files: list[Path], threads: int = 8) -> Iterator[int | None]:
@@ -275,8 +263,6 @@ def _page_counts(files: list[Path], threads: int = 8) -> Iterator[int | None]:
     file system answers in parallel); None for a PNG/JPEG/BMP (one page, not read here) and
     for a file whose header cannot be read (its worker reports why)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from .images import TIFF_SUFFIXES, count_pages
 
     def count(path: Path) -> int | None:
         if path.suffix.lower() not in TIFF_SUFFIXES:
@@ -306,8 +292,6 @@ def plan_tasks(
     together, a TIFF stack cut into page ranges. ``done`` (pages written per file, keyed by
     the CSV's file cell) and ``failed`` (files with an error row) come from an interrupted
     run: their pages are left out."""
-    from .predict import csv_cell, resume_start
-
     chunk = max(int(chunk_pages), 1)
     done = done or {}
     task: list[Ref] = []
@@ -342,8 +326,6 @@ def _after_errors(batches: Iterator[list]) -> Iterator[list]:
     """Items as a single process gives them: once a file has an error, the pages of that file
     that other tasks classified later in the file are dropped (one process stops reading a
     file at its first bad page). Closing this closes ``batches``."""
-    from .predict import FileError
-
     failed: set[str] = set()
     try:
         for batch in batches:
@@ -365,18 +347,17 @@ def classify_on_cluster(
     bundle,
     files: list[Path],
     *,
-    batch_size: int = 32,
-    tta: bool = False,
-    chunk_pages: int = 32,
+    options: PredictOptions = DEFAULTS,
+    chunk_pages: int | None = None,
     done: dict[str, set[int]] | None = None,
     failed: set[str] | frozenset = frozenset(),
     should_stop=None,
-    engine: str | None = None,
-    precision: str | None = None,
 ) -> Iterator[list]:
     """The items of ``files`` classified on ``client``'s workers, one list per task, in input
-    order (tasks that complete early wait in memory for those before them). ``engine``,
-    ``precision``: the workers' (see :mod:`.engine`; None: each worker's default).
+    order (tasks that complete early wait in memory for those before them). ``options`` go
+    to the workers with each task (batch size, TTA, engine and precision; the engine
+    ``"auto"`` is each worker's default); ``chunk_pages``: pages per task (default: the batch
+    size, one forward pass per task).
 
     At most two tasks per worker thread are submitted ahead (so a million pages never make a
     million futures), and at most :data:`MAX_WAITING` finished tasks wait for an earlier one.
@@ -386,7 +367,7 @@ def classify_on_cluster(
     from distributed import KilledWorker, as_completed
 
     bundle = os.path.abspath(Path(bundle).expanduser())
-    tasks = iter(plan_tasks(files, chunk_pages, done, failed))
+    tasks = iter(plan_tasks(files, chunk_pages or options.batch_size, done, failed))
     token = uuid.uuid4().hex[:8]
     pending: dict = {}  # future -> task number
     finished: dict[int, list] = {}  # task number -> items, waiting for the tasks before it
@@ -411,10 +392,7 @@ def classify_on_cluster(
                 classify_refs,
                 bundle,
                 refs,
-                batch_size,
-                tta,
-                engine,
-                precision,
+                options,
                 key=f"microclf-{token}-{i}",
             )
             pending[future] = (i, refs)

@@ -28,12 +28,15 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DatasetError
+from .files import atomic_write_text, file_digest
 from .images import ImageReadError, PageRef, count_pages, is_image_file
+from .lock import split_lock
 
 SPLIT_FILE = "split.json"
 TRASH_DIR = ".trash"
@@ -381,12 +384,9 @@ def _split_locked(fn):
     """Hold ``DATASET/.split.json.lock`` while ``fn(root, ...)`` reads and rewrites
     ``split.json``: two processes never update it at once (the second waits a few seconds,
     then gets a LockedError naming the first)."""
-    from functools import wraps
 
     @wraps(fn)
     def locked(root, *args, **kwargs):
-        from .lock import split_lock
-
         with split_lock(root, "microclf " + fn.__name__.strip("_").replace("_", " ")):
             return fn(root, *args, **kwargs)
 
@@ -438,8 +438,6 @@ def grouping_text(group_by: str | None) -> str:
 
 
 def _digest(path: Path) -> str:
-    from .features import file_digest
-
     try:
         return file_digest(path)
     except OSError as exc:
@@ -944,15 +942,3 @@ def load_samples(
         subset_groups,
         class_groups,
     )
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -151,3 +151,41 @@ def distribution(spec: str | None = "all"):
     if len(devices) < 2:
         return None
     return tf.distribute.MirroredStrategy(devices)
+
+
+# TensorFlow's oneDNN convolution gives an empty batch the wrong shape, so a replica of a
+# MirroredStrategy that receives none of a short last batch fails ("Incompatible shapes:
+# [32] vs. [0,64,64,3]" in the stem's BatchNorm). No batch may be shorter than the number of
+# replicas: fitting leaves out such a remainder, prediction pads it.
+
+
+def replicas(model=None) -> int:
+    """How many replicas each batch is split across: ``model``'s strategy where given, else
+    the current one (1 outside a MirroredStrategy)."""
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    return int(strategy.num_replicas_in_sync)
+
+
+def even_count(n: int, batch_size: int, n_replicas: int) -> int:
+    """How many of ``n`` items to batch by ``batch_size`` so that every batch gives each of
+    ``n_replicas`` replicas at least one: ``n`` less a last batch shorter than that.
+
+    >>> even_count(9, 8, 2), even_count(10, 8, 2), even_count(9, 8, 1), even_count(1, 8, 2)
+    (8, 10, 9, 0)
+    """
+    rest = n % max(int(batch_size), 1)
+    return n - rest if 0 < rest < n_replicas else n
+
+
+def predict_padded(model, x, batch_size: int):
+    """``model.predict(x)``, with a last batch too short for every replica padded by copies
+    of the last row (their outputs dropped)."""
+    import numpy as np
+
+    n, k = len(x), replicas(model)
+    short = n - even_count(n, batch_size, k)
+    if short:
+        x = np.concatenate([x, np.repeat(x[-1:], k - short, axis=0)])
+    return model.predict(x, batch_size=batch_size, verbose=0)[:n]

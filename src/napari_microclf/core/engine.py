@@ -38,12 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
+from . import settings
+from .bundle import MODEL_FILE
+from .device import stderr_muted
 from .errors import MicroclfError
+from .model import FEATURE_LAYER
+from .settings import keras_home
 
 ENGINES = ("auto", "openvino", "tensorflow")
 PRECISIONS = ("f32", "bf16", "int8")
 INT8_CALIBRATION = 128  # training pages that calibrate an int8 model (fewer if it has fewer)
-ENGINE_ENV = "MICROCLF_ENGINE"  # the default engine where none is given (tests, clusters)
 IR_XML, IR_BIN = "model-openvino.xml", "model-openvino.bin"  # a bundle's converted model
 CACHE_DIR = "microclf-openvino"  # under keras_home(): converted models, by key
 CONVERSION_VERSION = 1  # bump when the conversion changes what a cached model computes
@@ -73,8 +77,8 @@ def resolve_engine(engine: str | None = "auto") -> str:
     """The engine that will run: ``"openvino"`` or ``"tensorflow"``. ``auto`` is
     ``$MICROCLF_ENGINE`` where set, else OpenVINO when installed, else TensorFlow."""
     name = check_engine(engine)
-    if name == "auto" and os.environ.get(ENGINE_ENV, "").strip():
-        name = check_engine(os.environ[ENGINE_ENV])
+    if name == "auto" and (chosen := settings.engine()):
+        name = check_engine(chosen)
     if name == "auto":
         return "openvino" if openvino_available() else "tensorflow"
     if name == "openvino" and not openvino_available():
@@ -127,8 +131,6 @@ def convert(model, outputs: Sequence[str] = ()) -> object:
 
     ov = import_openvino()
     import tensorflow as tf
-
-    from .device import stderr_muted
 
     if outputs:
         model = keras.Model(
@@ -208,8 +210,6 @@ def ir_bytes(ov_model) -> tuple[bytes, bytes]:
 
 
 def cache_root() -> Path:
-    from .model import keras_home
-
     return keras_home() / CACHE_DIR
 
 
@@ -354,9 +354,6 @@ def bundle_ir(
     conversion keyed by ``model.keras``'s SHA-256 (``load_model()`` gives the Keras model
     when it must be converted)."""
     ov = import_openvino()
-
-    from .model import MODEL_FILE
-
     folder = Path(folder)
     own = meta.get("openvino") if isinstance(meta.get("openvino"), dict) else None
     if own and list(own.get("outputs", [])) == list(outputs):
@@ -426,8 +423,6 @@ def classifier_forward(model, engine: str, precision: str = "f32", frozen_base=N
     returns the converted ``openvino.Model`` (None for TensorFlow), for a bundle to keep.
     ``frozen_base``: the converted backbone, when ``model``'s base is that frozen backbone
     (only its head was trained): the head is added to it instead of converting again."""
-    from .familiar import FEATURE_LAYER
-
     if engine == "openvino":
         if frozen_base is not None:
             kernel, bias = model.get_layer("predictions").get_weights()

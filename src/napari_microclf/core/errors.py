@@ -9,6 +9,9 @@ user's script still catches them.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 
 class MicroclfError(Exception):
     """Base of the errors microclf raises with a message meant for the user."""
@@ -45,3 +48,63 @@ class ExportError(MicroclfError, RuntimeError):
 
 class DeviceError(MicroclfError, ValueError):
     """The devices asked for (``--devices``) are not there."""
+
+
+class SettingError(MicroclfError, ValueError):
+    """A ``MICROCLF_*`` environment variable whose value cannot be used; names it and says what
+    it takes."""
+
+
+NO_READER = "no image reader recognises its contents"  # imageio's and Pillow's "unknown file"
+_IMAGEIO_NO_BACKEND = re.compile(
+    r"Could not find a backend to open `[^`]*`*\s+with iomode `\w+`\.?"
+)
+_IMAGEIO_HINTS = re.compile(
+    r"\s*Based on the extension, the following plugins might add capable backends:"
+    r"(?:\s+[\w.-]+:\s+pip install \S+?(?=\)|\s|$))*"
+)
+_TIFF_HEADER = re.compile(r":? ?header=b(['\"]).*?\1$")  # tifffile: the file's first raw bytes
+
+
+def one_line(
+    error: BaseException | str,
+    path: str | Path | None = None,
+    *,
+    named: bool = False,
+    limit: int | None = None,
+) -> str:
+    """``error`` (an exception or a message) as one line for a message that names the file.
+
+    imageio's list of plugins to install is dropped and its "could not find a backend" said
+    as :data:`NO_READER`; whitespace, line breaks included, is collapsed; a leading
+    ``"<path>: "`` or ``"<path> page <n>: "`` is removed (the caller names the file).
+
+    ``named``: a library's exception as one clause, ``"ValueError: <its first line>"``
+    (tifffile's raw header bytes and a closing ``.`` or ``:`` cut); a file that imageio or
+    Pillow does not recognise is just :data:`NO_READER`. ``limit``: at most this many
+    characters, a cut marked by ``...``.
+
+    Examples
+    --------
+    >>> one_line(ValueError("not a TIFF file."), named=True)
+    'ValueError: not a TIFF file'
+    >>> one_line("a.tif page 3: cannot   be read", "a.tif")
+    'cannot be read'
+    """
+    text = str(error).strip()
+    if named:
+        if "Could not find a backend" in text or "cannot identify image file" in text:
+            return NO_READER
+        text = text.splitlines()[0].strip().rstrip(".:") if text else ""
+        text = _TIFF_HEADER.sub("", " ".join(text.split()))
+    else:
+        text = _IMAGEIO_NO_BACKEND.sub(NO_READER, _IMAGEIO_HINTS.sub("", text))
+        text = " ".join(text.split())
+    if path is not None:
+        names = "|".join(re.escape(n) for n in (str(path), Path(path).name))
+        text = re.sub(rf"^(?:{names})(?: page \d+)?: ", "", text, count=1)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if named:
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text or "unknown error"

@@ -1,9 +1,9 @@
-"""Test-set evaluation and a plain-words diagnosis of the training curves.
+"""Test-set evaluation: a saved model scored on its own test list, or on new labelled images.
 
-The report has accuracy, per-class precision/recall/F1, the confusion matrix (rows: true
-class, columns: predicted), the misclassified files, and the diagnosis. Training stores it in
-the bundle as ``report.json`` and ``report.md``, and as a page with curves and thumbnails in
-``report.html`` (:mod:`.report_html`).
+The report (accuracy, per-class precision/recall/F1, the confusion matrix, the misclassified
+files and the diagnosis) is :mod:`.report`'s, which training uses for the report it stores
+in the bundle; the pages are run by the :class:`~.predictor.Predictor`'s engine
+(:func:`~.tta.model_probabilities`).
 
 :func:`evaluate` scores a model on *its own* test list (stored in the bundle's
 ``split.json`` with each file's content hash when it was trained), so a later resplit or a
@@ -15,271 +15,24 @@ never overwrites the training report.
 
 from __future__ import annotations
 
-import json
+import datetime as _dt
 from pathlib import Path
 
-import numpy as np
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-
-
-def classification_report(y_true, probs, class_names, refs=None) -> dict:
-    """Metrics from true labels and predicted probabilities ``(N, n_classes)``."""
-    y_true = np.asarray(y_true, dtype=int)
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(y_true), len(class_names))
-    y_pred = probs.argmax(axis=1) if len(y_true) else np.zeros(0, int)
-    k = len(class_names)
-    cm = np.zeros((k, k), dtype=int)
-    for t, p in zip(y_true, y_pred, strict=True):
-        cm[t, p] += 1
-    per_class = []
-    for i, name in enumerate(class_names):
-        tp = cm[i, i]
-        precision = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
-        recall = tp / cm[i, :].sum() if cm[i, :].sum() else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class.append(
-            {
-                "class": name,
-                "precision": round(float(precision), 4),
-                "recall": round(float(recall), 4),
-                "f1": round(float(f1), 4),
-                "support": int(cm[i, :].sum()),
-            }
-        )
-    pages = []
-    for j in range(len(y_true)):
-        entry = {
-            "true": class_names[y_true[j]],
-            "predicted": class_names[y_pred[j]],
-            "confidence": round(float(probs[j, y_pred[j]]), 4),
-        }
-        if refs is not None:
-            entry.update(file=str(refs[j].path), page=int(refs[j].page))
-        pages.append(entry)
-    mis = [e for e in pages if e["true"] != e["predicted"]]
-    return {
-        "n": int(len(y_true)),
-        "accuracy": round(float((y_pred == y_true).mean()), 4) if len(y_true) else None,
-        "class_names": list(class_names),
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-        "predicted_counts": np.bincount(y_pred, minlength=k).tolist(),
-        "misclassified": mis,
-        "pages": pages,  # every scored page: the cells of the confusion matrix, for review
-    }
-
-
-def diagnose(history: dict, report: dict | None = None) -> list[dict]:
-    """Read the curves the way the training guide teaches; each finding has a remedy."""
-    findings = []
-    acc, val_acc = history.get("accuracy", []), history.get("val_accuracy", [])
-    val_loss = history.get("val_loss", [])
-    if report and report.get("n"):
-        counts = np.asarray(report["predicted_counts"])
-        truth = np.asarray([c["support"] for c in report["per_class"]])
-        top = int(counts.argmax())
-        if counts[top] >= 0.9 * counts.sum() and truth[top] < 0.7 * truth.sum():
-            name = report["class_names"][top]
-            findings.append(
-                {
-                    "finding": "Predicts (almost) only one class",
-                    "evidence": f"{counts[top]} of {counts.sum()} test images were called "
-                    f"{name!r}, which holds {truth[top]} of them.",
-                    "remedy": "Add more examples of the minority classes and keep class weighting "
-                    "on (the default).",
-                }
-            )
-    if acc and val_acc:
-        gap = acc[-1] - val_acc[-1]
-        best = int(np.argmin(val_loss)) if val_loss else len(val_acc) - 1
-        rising = len(val_loss) - 1 - best >= 2 and val_loss[-1] > 1.1 * min(val_loss)
-        if gap > 0.15 or (gap > 0.05 and rising):
-            findings.append(
-                {
-                    "finding": "Overfitting",
-                    "evidence": f"training accuracy {acc[-1]:.2f} vs validation {val_acc[-1]:.2f}"
-                    + (
-                        f"; validation loss lowest at epoch {best + 1} then rising"
-                        if rising
-                        else ""
-                    ),
-                    "remedy": "More data augmentation, fewer epochs (or early stopping), more "
-                    "dropout, more images.",
-                }
-            )
-        if max(acc) < 0.7 and max(val_acc) < 0.7:
-            findings.append(
-                {
-                    "finding": "Underfitting",
-                    "evidence": f"best training accuracy {max(acc):.2f}, best validation "
-                    f"accuracy {max(val_acc):.2f}",
-                    "remedy": "More epochs, a higher learning rate, or unfreeze the top of the "
-                    "base (fine-tuning); check that pretrained weights are used.",
-                }
-            )
-        if len(val_acc) >= 3 and val_acc[-1] - max(val_acc[:-2]) > 0.02 and not findings:
-            findings.append(
-                {
-                    "finding": "Still improving",
-                    "evidence": f"validation accuracy rose to {val_acc[-1]:.2f} in the last epochs",
-                    "remedy": "Train longer (20-30 epochs).",
-                }
-            )
-    if report and report.get("accuracy") is not None and report["accuracy"] < 0.8:
-        weak = [c["class"] for c in report["per_class"] if c["support"] and c["recall"] < 0.8]
-        findings.append(
-            {
-                "finding": "Test accuracy below 80%",
-                "evidence": f"test accuracy {report['accuracy']:.2f}"
-                + (f"; classes recalled below 80%: {', '.join(weak)}" if weak else ""),
-                "remedy": "Add more data for the classes with poor recall, then retrain.",
-            }
-        )
-    if not findings and val_acc:
-        findings.append(
-            {
-                "finding": "Good training run",
-                "evidence": f"final validation accuracy {val_acc[-1]:.2f}, close to training "
-                f"accuracy {acc[-1]:.2f}",
-                "remedy": "Check it on completely new images; add data where errors remain.",
-            }
-        )
-    return findings
-
-
-def format_report_md(report: dict, title: str | None = None) -> str:
-    names = report["class_names"]
-    lines = [f"# {title or report.get('title') or 'microclf test report'}", ""]
-    if report.get("model"):
-        lines += [f"Model: {report['model']}  "]
-    if report.get("data"):
-        lines += [f"Data: {report['data']}  "]
-    if not report.get("n"):
-        lines += [
-            "No images to score: the subset is empty. Add images or raise the test "
-            "fraction to measure the model on unseen data.",
-            "",
-        ]
-    else:
-        groups = f" from {report['groups']} groups (sources)" if report.get("groups") else ""
-        lines += [
-            f"Images: {report['n']}{groups}  ",
-            f"Accuracy: **{report['accuracy']:.2%}**" + _tta_md(report.get("tta")),
-            "",
-            "| class | precision | recall | F1 | support |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {c['class']} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | "
-            f"{c['support']} |"
-            for c in report["per_class"]
-        ]
-        lines += [
-            "",
-            "## Confusion matrix (rows: true, columns: predicted)",
-            "",
-            "| true \\ predicted | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        lines += [
-            f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
-            for i, row in enumerate(report["confusion_matrix"])
-        ]
-    for key, heading in (
-        ("notes", "Notes"),
-        ("flagged", "Excluded: seen in training"),
-        ("missing", "Excluded: missing"),
-        ("changed", "Excluded: changed since training"),
-    ):
-        if report.get(key):
-            lines += ["", f"## {heading}", ""] + [f"- {x}" for x in report[key]]
-    if report.get("diagnosis"):
-        lines += ["", "## Diagnosis", ""]
-    for f in report.get("diagnosis", []):
-        lines.append(f"- **{f['finding']}**: {f['evidence']}. *What to do:* {f['remedy']}")
-    if report.get("misclassified"):
-        lines += [
-            "",
-            "## Misclassified",
-            "",
-            "| file | page | true | predicted | confidence |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {m.get('file', '')} | {m.get('page', '')} | {m['true']} | {m['predicted']} "
-            f"| {m['confidence']:.2f} |"
-            for m in report["misclassified"]
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _tta_md(tta: dict | None) -> str:
-    """The accuracy line's TTA part: how the accuracy above was scored and the other one."""
-    if not tta or tta.get("accuracy") is None:
-        return ""
-    views = tta.get("views", 4)
-    if tta.get("in_metrics"):
-        return (
-            f" with flips (TTA: mean of {views} flipped views per image; plain "
-            f"{tta['plain_accuracy']:.2%})"
-        )
-    seconds = f"; {tta['seconds']:.1f}s" if tta.get("seconds") is not None else ""
-    return (
-        f"  \nAccuracy with flips (TTA: mean of {views} flipped views per image): "
-        f"{tta['accuracy']:.2%}{seconds}"
-    )
-
-
-def report_files(report: dict, stem: str = "report") -> dict[str, str]:
-    return {f"{stem}.json": json.dumps(report, indent=1), f"{stem}.md": format_report_md(report)}
-
-
-def describe_model(meta: dict) -> str:
-    """``efficientnet-lite0, ImageNet weights (imagenet-sha256-579344248a93), frozen base``."""
-    backbone = meta.get("backbone", "efficientnet-b0")
-    weights = meta.get("weights", "?")
-    wid = meta.get("weights_id", "").split(":", 1)[-1]
-    what = {"imagenet": "ImageNet weights", "none": "no pretrained weights"}.get(
-        weights, f"weights from {weights}"
-    )
-    tune = meta.get("fine_tune", 0)
-    tuned = (
-        "frozen base"
-        if not tune
-        else ("whole network trained" if tune == -1 else f"top {tune} of 7 stages fine-tuned")
-    )
-    return f"{backbone}, {what}" + (f" ({wid[:28]})" if wid else "") + f", {tuned}"
-
+from .bundle import load_bundle, own_split
+from .dataset import DatasetError, class_files, list_classes, load_split
+from .engine import check_precision, engine_label, resolve_engine
+from .files import atomic_write_text, file_digest
+from .images import PageRef, count_pages
+from .predict_options import DEFAULTS
+from .predictor import Predictor
+from .report import classification_report, describe_model, diagnose, report_files, tta_summary
+from .tta import model_probabilities
 
 REPORTS_DIR = "reports"
 SUBSETS = ("test", "val", "train")
 
 
-def own_split(bundle_path: str | Path) -> dict | None:
-    """The model's own ``{subset: [{"key", "sha1", "group"}...]}`` (None: an older bundle)."""
-    from .dataset import SPLIT_FILE
-
-    path = Path(bundle_path) / SPLIT_FILE
-    if not path.is_file():
-        return None
-    from .model import BundleError, check_split_schema
-
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise BundleError(
-            f"{path} is corrupt ({exc}); restore the previous model (microclf "
-            f"restore {Path(bundle_path)}) or retrain"
-        ) from exc
-    return check_split_schema(d, path)
-
-
 def _index_by_hash(data_dir: Path, classes: list[str]) -> dict[str, Path]:
-    from .dataset import class_files
-    from .features import file_digest
-
     return {file_digest(p): p for c in classes for p in class_files(data_dir, c)}
 
 
@@ -288,12 +41,12 @@ def evaluate(
     data_dir: str | Path | None = None,
     subset: str = "test",
     all_images: bool = False,
-    batch_size: int = 32,
+    batch_size: int = DEFAULTS.batch_size,
     save: bool = True,
     lists_from: str | Path | None = None,
-    tta: bool = False,
-    engine: str | None = None,
-    precision: str | None = None,
+    tta: bool = DEFAULTS.tta,
+    engine: str | None = DEFAULTS.engine,
+    precision: str | None = DEFAULTS.precision,
 ) -> dict:
     """Score a model on its own ``subset`` (by default its test list), or on every image of a
     labelled folder it never saw (``all_images``).
@@ -331,18 +84,11 @@ def evaluate(
     Returns
     -------
     dict
-        The report (see :func:`classification_report`) with ``title``, ``data``,
+        The report (see :func:`~.report.classification_report`) with ``title``, ``data``,
         ``notes``, ``missing``, ``changed``, ``flagged`` and, when saved, ``saved``.
     """
-    from .dataset import DatasetError, class_files, list_classes, load_split
-    from .features import file_digest
-    from .images import PageRef, count_pages
-    from .model import load_bundle
-
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-    from .engine import check_precision, engine_label, resolve_engine
-
     engine = resolve_engine(engine)
     precision = check_precision(precision, engine)
     bundle = load_bundle(bundle_path, lazy=engine == "openvino")
@@ -470,32 +216,6 @@ def reports_home(bundle) -> Path:
     return bundle.source.with_name(f"{bundle.source.stem}-reports")
 
 
-def tta_summary(
-    accuracy: float | None, y_true, plain_probs, in_metrics: bool, seconds: float | None = None
-) -> dict | None:
-    """``report["tta"]``: the accuracy with flips next to the plain one (None: no images).
-
-    ``in_metrics``: the report's accuracy and metrics are the TTA ones (``evaluate(tta=True)``)
-    rather than the plain ones (the training report).
-    """
-    from .predict import TTA_VIEWS
-
-    y_true = np.asarray(y_true, dtype=int)
-    if accuracy is None or not len(y_true):
-        return None
-    plain = float((np.asarray(plain_probs).argmax(axis=1) == y_true).mean())
-    out = {
-        "accuracy": accuracy,
-        "plain_accuracy": round(plain, 4),
-        "n": int(len(y_true)),
-        "views": TTA_VIEWS,
-        "in_metrics": bool(in_metrics),
-    }
-    if seconds is not None:
-        out["seconds"] = round(float(seconds), 2)
-    return out
-
-
 def _probabilities(
     bundle,
     refs,
@@ -507,11 +227,9 @@ def _probabilities(
     """``(probabilities, plain)`` of ``refs``, read and run in chunks (memory bounded by a
     chunk); with ``tta`` the probabilities are the mean over each page's four flipped views
     and ``plain`` the unflipped views' own, else both are the plain ones. ``engine``:
-    ``"openvino"`` runs the bundle's converted model (see :class:`~.predict.Predictor`)."""
+    ``"openvino"`` runs the bundle's converted model (see :class:`~.predictor.Predictor`)."""
     forward = None
     if engine == "openvino":
-        from .predict import Predictor
-
         predictor = Predictor(bundle, batch_size, engine="openvino", precision=precision)
         forward = predictor._openvino_forward()
     return model_probabilities(
@@ -524,50 +242,8 @@ def _probabilities(
     )
 
 
-def model_probabilities(model, spec, refs, batch_size: int = 32, tta: bool = False, forward=None):
-    """The full ``model``'s probabilities for the pages ``refs``, preprocessed with ``spec``
-    and run in chunks of ``8 * batch_size`` pages: ``(probabilities, plain)``. With ``tta``
-    each page's probabilities are the mean over its four flipped views
-    (:func:`~.predict.tta_probabilities`) and ``plain`` the unflipped views' (same pass);
-    without, both are the plain probabilities. ``forward``: the model as another engine runs
-    it (:func:`~.engine.classifier_forward`), used instead of ``model``."""
-    from .images import preprocess_refs
-    from .predict import flip_views, mean_of_views, tta_probabilities, uses_eager
-
-    if forward is not None:
-        out, plain = [], []
-        for i in range(0, len(refs), max(batch_size, 1)):
-            x = preprocess_refs(refs[i : i + batch_size], spec)
-            probs = forward(flip_views(x) if tta else x)[0]
-            out.append(mean_of_views(probs) if tta else probs)
-            plain.append(probs[: len(x)])
-        if not out:
-            k = forward(np.zeros((0, spec.image_size, spec.image_size, 3), np.float32))[0]
-            return k, k
-        return np.concatenate(out), np.concatenate(plain)
-
-    empty = np.zeros((0, *model.output_shape[1:]), np.float32)
-    out, plain = [empty], [empty]
-    chunk = max(batch_size, 1) * 8
-    eager = uses_eager(model, len(refs), batch_size)
-    for i in range(0, len(refs), chunk):
-        x = preprocess_refs(refs[i : i + chunk], spec)
-        if tta:
-            mean, unflipped = tta_probabilities(model, x, batch_size, with_plain=True, eager=eager)
-            out.append(mean)
-            plain.append(unflipped)
-        else:
-            out.append(model.predict(x, batch_size=batch_size, verbose=0))
-            plain.append(out[-1])
-    return np.concatenate(out), np.concatenate(plain)
-
-
 def save_report(model_dir: str | Path, report: dict) -> Path:
     """Write ``reports/<date>-<subset>.md`` and ``.json`` (a new name each time)."""
-    import datetime as _dt
-
-    from .dataset import atomic_write_text
-
     folder = Path(model_dir) / REPORTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{_dt.datetime.now():%Y-%m-%d-%H%M%S}-{report.get('subset', 'test')}"

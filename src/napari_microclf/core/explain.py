@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MicroclfError, OutputError
-from .images import ImageReadError, PreprocessSpec, array_pages, preprocess
-from .model import Bundle, base_layer, load_bundle
-from .predict import check_page, one_line
+from .bundle import Bundle, load_bundle
+from .errors import MicroclfError, OutputError, one_line
+from .images import ImageReadError, PreprocessSpec, array_pages, open_image, preprocess
+from .model import base_layer
+from .predictor import check_page
 
 FEATURE_LAYER = "top_activation"  # the backbone's last feature map, in both backbones
 
@@ -287,8 +288,6 @@ def explain_file(
     explainer: Explainer, path: str | Path, class_index=None, pages: Iterable[int] | None = None
 ) -> Iterator[Explanation]:
     """Grad-CAM of the pages of one image file (all, or ``pages``)."""
-    from .images import open_image
-
     with open_image(path) as f:
         numbers = range(len(f)) if pages is None else list(pages)
         for p in numbers:

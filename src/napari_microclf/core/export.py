@@ -14,7 +14,7 @@ Four formats (:data:`FORMATS`), each written atomically (a temporary sibling, th
 - ``savedmodel``: a TensorFlow SavedModel (``tf.saved_model.load(path).serve(x)``).
 - ``onnx``: an ONNX file (ONNX Runtime). Needs ``tf2onnx``: ``pip install
   "napari-microclf[onnx]"``.
-- ``zip``: the microclf bundle itself as one ``.zip`` (:func:`~.model.zip_bundle`), which
+- ``zip``: the microclf bundle itself as one ``.zip`` (:func:`~.bundle.zip_bundle`), which
   microclf opens as it opens the folder.
 
 SavedModel and ONNX take the model's own input: ``(batch, S, S, 3)`` float32 pixels in
@@ -38,7 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._version import __version__
+from .bundle import load_bundle, own_split, zip_bundle
 from .errors import BundleError, ExportError, OutputError
+from .images import dtype_range, preprocess, read_page, select_channels
+from .model import base_layer
 
 FORMATS = ("bioimageio", "savedmodel", "onnx", "zip")
 FORMAT_HELP = {
@@ -167,8 +171,6 @@ def export_model(
     t0 = time.perf_counter()
     diff = None
     if fmt == "zip":
-        from .model import zip_bundle  # lazily: the bundle's own zip
-
         with _atomic(out, overwrite) as tmp:
             zip_bundle(bundle_path, tmp)
     elif fmt == "savedmodel":
@@ -243,8 +245,6 @@ def inference_model(model, resize: str | None = None):
     """
     import keras
 
-    from .model import base_layer
-
     size = int(model.input_shape[1])
     if resize is None:
         inputs = keras.Input((size, size, 3), name="image")
@@ -300,8 +300,6 @@ def model_name(bundle) -> str:
 
 
 def _load(bundle_path):
-    from .model import load_bundle
-
     return load_bundle(bundle_path)
 
 
@@ -419,12 +417,8 @@ def example_page(bundle, example: str | Path | None = None) -> tuple[np.ndarray,
     """A real page for the package's test tensors and where it comes from: ``example``'s
     first page, else the first of the bundle's own test (then validation, training) list
     whose file is still in the dataset."""
-    from .images import read_page
-
     if example is not None:
         return read_page(example), Path(example).name
-    from .evaluate import own_split
-
     data_dir = bundle.meta.get("data_dir")
     split = own_split(bundle.path) or {}
     if data_dir:
@@ -454,8 +448,6 @@ def bioimageio_preprocess(x: np.ndarray, spec) -> np.ndarray:
 
 
 def _fixed_range(spec, page: np.ndarray) -> tuple[float, float]:
-    from .images import dtype_range
-
     return (
         tuple(spec.intensity_range) if spec.intensity_range is not None else dtype_range(page.dtype)
     )
@@ -472,8 +464,6 @@ def _export_bioimageio(bundle_path, out: Path, overwrite: bool, example, authors
     import dataclasses
 
     import keras
-
-    from .images import preprocess, select_channels
 
     bundle = _load(bundle_path)
     spec = bundle.preprocess
@@ -525,8 +515,6 @@ def _describe(bundle, spec, work: Path, authors, keras):
     import tensorflow as tf
     from bioimageio.spec import ValidationContext
     from bioimageio.spec.model import v0_5 as bio
-
-    from .. import __version__
 
     names = bundle.class_names
     channel_names = _channel_names(spec)

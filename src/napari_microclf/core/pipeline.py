@@ -22,13 +22,14 @@ Evaluation, familiarity and test-time augmentation read the pages in chunks
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import settings
+from .device import available_memory
 from .images import ImageReadError, PageRef, PreprocessSpec, open_image, preprocess, preprocess_refs
 
 CHUNK_BATCHES = 8  # pages read at once for inference: this many batches
@@ -39,11 +40,9 @@ PAGE_MEMORY_FRACTION = 8  # ... and at most this fraction of the available memor
 def page_memory_budget() -> int:
     """Bytes of decoded pages a training keeps between epochs: ``$MICROCLF_PAGE_MEMORY_MB``
     when set (0 streams every page every epoch), else ``min(1 GiB, available / 8)``."""
-    text = os.environ.get("MICROCLF_PAGE_MEMORY_MB")
-    if text:
-        return max(int(float(text) * 2**20), 0)
-    from .device import available_memory
-
+    memory_mb = settings.page_memory_mb()
+    if memory_mb is not None:
+        return max(int(memory_mb * 2**20), 0)
     available = available_memory()
     if available is None:
         return PAGE_MEMORY_MAX // 4
@@ -99,10 +98,13 @@ class EpochOrder:
         return keras.callbacks.LambdaCallback(on_epoch_begin=begin)
 
 
-def indices(n: int, order: EpochOrder | None = None):
-    """``tf.data`` indices ``0..n-1``, in the ``order`` of the current epoch if given."""
+def indices(n: int, order: EpochOrder | None = None, limit: int | None = None):
+    """``tf.data`` indices ``0..n-1``, in the ``order`` of the current epoch if given; with
+    ``limit`` only the first ``limit`` of them (of each epoch's order)."""
     import tensorflow as tf
 
+    if limit is not None and limit < n:
+        return indices(n, order).take(limit)
     if order is None:
         return tf.data.Dataset.range(n)
 
@@ -190,19 +192,21 @@ class PageSource:
         batch_size: int,
         labels: np.ndarray | None = None,
         order: EpochOrder | None = None,
+        limit: int | None = None,
     ):
         """A ``tf.data.Dataset`` of batches of pages (and labels, if given).
 
         With ``order`` the pages come in that :class:`EpochOrder` (a new one each epoch, over
         the whole subset: the indices are shuffled, not the pixels); pages are read by a
-        parallel map, ``deterministic`` so the order is kept, and prefetched.
+        parallel map, ``deterministic`` so the order is kept, and prefetched. ``limit``: only
+        the first pages of that order (see :func:`indices`).
         """
         import tensorflow as tf
 
         n = len(self.refs)
         s = self.spec.image_size
         autotune = tf.data.AUTOTUNE
-        ds = indices(n, order)
+        ds = indices(n, order, limit)
 
         def read(i):
             return self.read(int(i))
@@ -230,20 +234,22 @@ def gather_dataset(
     batch_size: int,
     order: EpochOrder | None = None,
     pick_view_seed: int | None = None,
+    limit: int | None = None,
 ):
     """Batches of rows of ``features`` (an array or a memory-mapped ``.npy``) by index.
 
     The rows of each batch are gathered from ``features`` only when the batch is needed,
     so a memory-mapped array is never read whole. With ``pick_view_seed`` the features are
     ``(N, views, D)`` and each row of a batch takes one view drawn at random (a training
-    epoch sees one of the cached augmented views of every image).
+    epoch sees one of the cached augmented views of every image). ``limit``: only the first
+    rows of each epoch's order (see :func:`indices`).
     """
     import tensorflow as tf
 
     n = len(labels)
     shape = features.shape[1:]
     dtype = tf.as_dtype(features.dtype)
-    ds = indices(n, order).batch(batch_size)
+    ds = indices(n, order, limit).batch(batch_size)
     y = tf.constant(np.asarray(labels))
 
     def rows(idx):

@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bundle import is_foreign_folder
+from .dataset import SPLIT_FILE, SPLIT_VERSION, check_dataset, class_files, list_classes, load_split
 from .errors import BundleError, DatasetError, ImageReadError, MicroclfError, OutputError
 from .images import aspect_warning, read_header, shape_problem
-from .model import is_foreign_folder
 
 MAX_LISTED = 10  # files named in one message; the rest are counted
 
@@ -94,8 +95,6 @@ def check_out_dir(out: str | Path) -> Path:
 def _split_is_current(root: Path, group_by: str | None) -> str | None:
     """None if ``root/split.json`` lists exactly the dataset's files (so a training writes
     nothing there), else what is missing, in words."""
-    from .dataset import SPLIT_FILE, SPLIT_VERSION, class_files, list_classes, load_split
-
     split = load_split(root)
     if split is None:
         return f"has no {SPLIT_FILE} yet"
@@ -123,8 +122,6 @@ def check_dataset_writable(
     Raises :class:`OutputError` saying how to proceed when the split must be written and
     cannot be.
     """
-    from .dataset import SPLIT_FILE
-
     root = Path(data_dir).expanduser()
     problem = _probe(root)
     if problem is None:
@@ -203,8 +200,6 @@ def scan_images(data_dir: str | Path, channel_map=None) -> ImageScan:
     cheap, as pages are resized before padding), and what tifffile logged about a damaged
     page list. Boolean (mask) images are fine: they are read as 0/1.
     """
-    from .dataset import class_files, list_classes
-
     root = Path(data_dir).expanduser()
     used = [c for c in (channel_map or ()) if c is not None]
     needed = max(used) + 1 if used else 1
@@ -262,15 +257,13 @@ class PreflightResult:
 
 
 def preflight(config) -> PreflightResult:
-    """All checks of a :class:`~napari_microclf.core.train.TrainConfig`, before TensorFlow.
+    """All checks of a :class:`~napari_microclf.core.train_config.TrainConfig`, before TensorFlow.
 
     Raises the first failing check's error: the dataset exists with two classes or more
     (:class:`DatasetError`), the model folder (:class:`OutputError`), the dataset's
     ``split.json`` (:class:`OutputError`), then every image at once (one
     :class:`DatasetError` naming up to :data:`MAX_LISTED` files and counting the rest).
     """
-    from .dataset import check_dataset
-
     check_dataset(config.data_dir)
     check_out_dir(config.out_dir)
     note = check_dataset_writable(config.data_dir, config.resplit, config.group_by)

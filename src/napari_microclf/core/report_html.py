@@ -34,7 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError
+from .bundle import own_split, read_meta
+from .errors import BundleError, ImageReadError
+from .files import atomic_write_text
+from .images import PreprocessSpec, preprocess, read_page
+from .lock import model_lock
+from .report import REPORT_JSON, describe_model, diagnose
+from .train_config import TrainConfig
 
 REPORT_HTML = "report.html"
 THUMB_SIZE = 112  # pixels of a thumbnail's side
@@ -146,8 +152,6 @@ def thumbnail_png(path: str | Path, page: int, spec) -> bytes:
     12-bit image looks right), ``THUMB_SIZE`` pixels square, as PNG bytes."""
     from PIL import Image
 
-    from .images import preprocess, read_page
-
     spec = dataclasses.replace(spec, image_size=THUMB_SIZE)
     rgb = preprocess(read_page(path, page), spec)
     img = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
@@ -205,8 +209,6 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
 
 
 def _settings(config: dict) -> str:
-    from .train import TrainConfig
-
     fields = TrainConfig.__dataclass_fields__
     rows, changed_list = [], []
     for key, value in config.items():
@@ -331,14 +333,12 @@ def render_report_html(
     meta : dict
         The bundle's metadata, as :func:`~.train.train` writes it.
     report : dict, optional
-        The test report (:func:`~.evaluate.classification_report` plus ``diagnosis``).
+        The test report (:func:`~.report.classification_report` plus ``diagnosis``).
     split : dict, optional
         ``{subset: [{"key", "sha1", "group"}, ...]}``, the model's own split.
     title : str, optional
         The heading; default: the model folder's name from the report's title.
     """
-    from .evaluate import describe_model, diagnose
-
     meta, report, split = _plain(meta), _plain(report or {}), _plain(split)
     names = list(meta.get("class_names") or report.get("class_names") or [])
     config = meta.get("config") or {}
@@ -636,16 +636,11 @@ def _unfamiliar_caption(u: dict) -> str:
 
 
 def _spec(meta: dict):
-    from .images import PreprocessSpec
-
     return PreprocessSpec.from_dict(meta.get("preprocessing") or {})
 
 
 def report_html_for_bundle(bundle_path: str | Path) -> str:
     """The report page of a model folder, from its own files (no model is loaded)."""
-    from .evaluate import REPORT_JSON, own_split
-    from .model import BundleError, read_meta
-
     folder = Path(bundle_path).expanduser()
     meta = read_meta(folder)
     path = folder / REPORT_JSON
@@ -663,16 +658,12 @@ def report_html_for_bundle(bundle_path: str | Path) -> str:
 def write_report_html(bundle_path: str | Path, out: str | Path | None = None) -> Path:
     """Write the report page of model folder ``bundle_path`` to ``out`` (default:
     ``bundle_path/report.html``), atomically; returns the file written."""
-    from .dataset import atomic_write_text
-
     folder = Path(bundle_path).expanduser()
     text = report_html_for_bundle(folder)
     target = Path(out).expanduser() if out is not None else folder / REPORT_HTML
     if target.is_dir():
         target = target / REPORT_HTML
     if out is None:
-        from .lock import model_lock
-
         with model_lock(folder, "microclf report"):
             atomic_write_text(target, text)
     else:

@@ -22,7 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset import (
+    TRASH_DIR,
+    _save_split,
+    _unique,
+    add_class,
+    check_class_name,
+    list_classes,
+    load_split,
+)
 from .errors import BundleError, DatasetError
+from .images import count_pages, normalize_percentile, read_page
+from .lock import split_lock
 
 
 def load_report(path: str | Path) -> dict:
@@ -80,8 +91,6 @@ def locate(entry: dict, data_dir: str | Path | None = None) -> Path | None:
     if path.is_file():
         return path
     root = Path(data_dir) if data_dir else path.parent.parent
-    from .dataset import list_classes
-
     for c in list_classes(root):
         cand = root / c / path.name
         if cand.is_file():
@@ -98,8 +107,6 @@ class PageStack:
 
 
 def _display_page(page: np.ndarray, rgb: bool) -> np.ndarray:
-    from .images import normalize_percentile
-
     page = np.asarray(page)
     norm = normalize_percentile(page) / 255.0
     if rgb:
@@ -114,8 +121,6 @@ def page_stack(entries: list[dict], max_side: int = 1024) -> PageStack:
     ``max_side`` are shown subsampled (the dataset files are never changed). A page that
     cannot be read raises an :class:`ImageReadError` naming its file.
     """
-    from .images import count_pages, read_page
-
     pages = [np.asarray(read_page(e["file"], int(e.get("page", 0)))) for e in entries]
     if not pages:
         return PageStack(np.zeros((0, 2, 2), np.float32), [])
@@ -161,8 +166,6 @@ def relabel_example(root: str | Path, path: str | Path, new_class: str) -> Path:
     rename within the dataset (atomic), done while holding the split lock; the class folder
     is created if needed. Returns the new path.
     """
-    from .dataset import add_class, check_class_name
-
     root, path = Path(root), Path(path)
     new_class = check_class_name(new_class)
     if not path.is_file():
@@ -178,8 +181,6 @@ def relabel_example(root: str | Path, path: str | Path, new_class: str) -> Path:
 
 def trash_example(root: str | Path, path: str | Path) -> Path:
     """Move the example ``path`` into ``root/.trash/<class>/`` and drop it from the split."""
-    from .dataset import TRASH_DIR
-
     root, path = Path(root), Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (moved or deleted since the report)")
@@ -191,17 +192,12 @@ def trash_example(root: str | Path, path: str | Path) -> Path:
 
 
 def _free_name(path: Path) -> Path:
-    from .dataset import _unique
-
     return _unique(path)
 
 
 def _move_in_split(root: Path, src: Path, dst: Path, old_key: str, new_key: str | None) -> None:
     """Rename ``src`` to ``dst`` and its split entry ``old_key`` to ``new_key`` (None: drop
     it), holding the split lock so no training reads the split between the two."""
-    from .dataset import _save_split, load_split
-    from .lock import split_lock
-
     with split_lock(root, "microclf review"):
         split = load_split(root)
         if dst.exists():  # never overwrite, even if the name was taken a moment ago

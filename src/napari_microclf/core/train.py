@@ -13,242 +13,58 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
 
 import numpy as np
 
+from .bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    META_FILE,
+    repair_model_folder,
+    versions,
+    write_bundle,
+)
+
 # a bundle keeps its own train/val/test files and hashes under the dataset's file name
-from .dataset import SPLIT_FILE, load_samples
+from .dataset import SPLIT_FILE, class_files, list_classes, load_samples, split_manifest
+from .device import configure_gpus, distribution, even_count, predict_padded, replicas
+from .engine import IR_BIN, IR_XML, classifier_forward, engine_label, ir_bytes, resolve_engine
 from .errors import DeviceError, OutputError
-from .features import DEFAULT_VIEWS, remove_stale_temporaries
-from .images import PreprocessSpec
+from .familiar import FAMILIARITY_FILE, fit_for_training, pooled_features
+from .features import (
+    FeatureCache,
+    FeatureExtractor,
+    cache_key,
+    extract_features,
+    key_fields,
+    prune_cache,
+    remove_stale_temporaries,
+)
+from .images import ImageReadError, count_pages
+from .lock import model_lock
+from .model import (
+    FEATURE_LAYER,
+    FROZEN_RANDOM_WARNING,
+    base_layer,
+    build_classifier,
+    build_head,
+    parse_fine_tune,
+    resolve_weights,
+    set_fine_tune,
+    weights_identity,
+)
+from .pipeline import EpochOrder, PageMemo, PageSource, gather_dataset, page_memory_budget
 from .preflight import preflight
-
-
-def _opt(default, help: str, cli: str | None = None, **extra):
-    """A setting with its one description: the CLI's help and the widget's tip come from it.
-
-    An on/off setting whose flag turns it off (``cli="--no-augment"``) also has ``off``, the
-    help of that flag."""
-    return field(default=default, metadata={"help": help, "cli": cli, **extra})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings; the defaults are the training guide's.
-
-    Each field's ``metadata["help"]`` is its only description: ``microclf train --help`` and
-    the Train widget's tips are made from it.
-
-    Examples
-    --------
-    >>> from napari_microclf import TrainConfig, train
-    >>> result = train(TrainConfig("dataset", out_dir="model", epochs=15))  # doctest: +SKIP
-    """
-
-    data_dir: str
-    out_dir: str = "microclf-model"
-    epochs: int = _opt(15, "passes over the training set (15; 10-20 for small datasets)")
-    batch_size: int = _opt(32, "images per step (32; 8-16 for under 100 images per class)")
-    learning_rate: float = _opt(
-        1e-4, "starting learning rate (1e-4), reduced when the validation loss plateaus"
-    )
-    image_size: int = _opt(
-        224,
-        "model input side in pixels, each image padded (never "
-        "cropped) and resized to it (224, what ImageNet weights expect)",
-    )
-    val_split: float = _opt(
-        0.2,
-        "validation fraction or percent (0.2), measured after each epoch (val_loss, val_accuracy)",
-        parse="fraction",
-    )
-    test_split: float = _opt(
-        0.1,
-        "test fraction or percent (0.1), kept apart until the "
-        "end: the test accuracy is the true performance",
-        parse="fraction",
-    )
-    augment: bool = _opt(
-        True,
-        "random flips, rotation, zoom and contrast of the training images",
-        cli="--no-augment",
-        off="no flips/rotation/zoom/contrast",
-    )
-    augment_strength: float = _opt(
-        0.05, "rotation/zoom/contrast range (0.05 = ±5%%; 0.1-0.2 for larger datasets)"
-    )
-    dropout: float = _opt(
-        0.2,
-        "dropout before the last layer (0.2; 0.3-0.4 for very small "
-        "datasets, 0.1-0.2 for large ones; a remedy for overfitting)",
-    )
-    class_weights: bool = _opt(
-        True,
-        "rarer classes weigh more in the loss (balanced class weights)",
-        cli="--no-class-weights",
-        off="do not weight rare classes more",
-    )
-    early_stopping: bool = _opt(
-        True,
-        "stop when the validation loss has not improved for 5 "
-        "epochs and keep the best epoch's weights",
-        cli="--no-early-stopping",
-        off="always run every epoch (no early stopping)",
-    )
-    early_stopping_patience: int = 5
-    reduce_lr_patience: int = 3
-    reduce_lr_factor: float = 0.2
-    min_lr: float = 1e-7
-    backbone: str = _opt(
-        "efficientnet-b0",
-        "efficientnet-b0 (the guide's) or "
-        "efficientnet-lite0 (ImageNet weights installed with microclf, no "
-        "network needed)",
-        choices=("efficientnet-b0", "efficientnet-lite0"),
-    )
-    weights: str | None = _opt(
-        "auto",
-        "'auto' (ImageNet B0 if in the Keras cache or "
-        "downloadable, else ImageNet Lite0), 'imagenet', a .h5 file, "
-        "or 'none'",
-    )
-    fine_tune: int | str = _opt(
-        0,
-        "unfreeze the top N of 7 stages, or 'all' (0: frozen "
-        "base); a pretrained base first trains its head frozen",
-    )
-    head_epochs: int = _opt(
-        5,
-        "fine-tuning, phase 1: epochs of the head on the frozen base "
-        "before the top stages unfreeze (5)",
-    )
-    fine_tune_lr_factor: float = _opt(
-        0.1, "fine-tuning, phase 2: learning rate multiplied by this (0.1)"
-    )
-    seed: int = _opt(0, "random seed of the split, the augmentation and the head (0)")
-    pmin: float = 1.0
-    pmax: float = 99.8
-    intensity: str = _opt(
-        "percentile",
-        "'percentile' (1-99.8%% per channel), 'fixed' "
-        "(the dtype's range) or 'fixed:MIN,MAX' to keep absolute "
-        "brightness",
-        parse="intensity",
-    )
-    intensity_range: tuple | None = None
-    channel_map: tuple | None = _opt(
-        None, "channel map to RGB, e.g. '0,1,-' (auto)", cli="--channels", parse="channels"
-    )
-    resize_mode: str = _opt(
-        "pad",
-        "pad to square then resize (no cropping), or stretch",
-        cli="--resize",
-        choices=("pad", "stretch"),
-    )
-    group_by: str | None = _opt(
-        None,
-        "regular expression taking an image's group from its "
-        "file name, e.g. '^(plate\\d+_well[A-Z]\\d+)'; images of a group "
-        "stay in one subset (default: the source file)",
-    )
-    resplit: bool = _opt(False, "draw a new split.json (the test set changes)")
-    # Frozen base: train the head on backbone features computed once (cached in the
-    # dataset) for each image and `views` augmented views of it.
-    cache: bool = _opt(
-        True,
-        "frozen base: compute the backbone's features once per image "
-        "and view and keep them in the dataset (fast retraining)",
-        cli="--no-cache",
-        off="frozen base: run the full pipeline every epoch instead of cached backbone features",
-    )
-    views: int = _opt(
-        DEFAULT_VIEWS,
-        f"augmented views per training image whose backbone features are cached ({DEFAULT_VIEWS})",
-    )
-    engine: str = _opt(
-        "auto",
-        "what runs the frozen backbone's features and the test-set evaluation: 'auto' "
-        "(OpenVINO when installed, else TensorFlow), 'openvino' or 'tensorflow'; the "
-        "training itself runs on TensorFlow",
-        choices=("auto", "openvino", "tensorflow"),
-    )
-    devices: str = _opt(
-        "all",
-        "GPUs to train on: 'all' or numbers such as '0,1'; with two or more, each batch "
-        "is split across them (MirroredStrategy) at the same learning rate",
-    )
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        from .device import parse_devices
-
-        parse_devices(self.devices)  # a bad spelling is said now, not after the images load
-        from .engine import check_engine
-
-        object.__setattr__(self, "engine", check_engine(self.engine))  # frozen dataclass
-        if self.views < 0:
-            raise ValueError(f"views must be 0 or more, got {self.views}")
-        if not 0 <= self.augment_strength <= 0.5:
-            raise ValueError(
-                f"augmentation strength must be in [0, 0.5], got {self.augment_strength}"
-            )
-        if self.head_epochs < 0:
-            raise ValueError(f"head epochs must be 0 or more, got {self.head_epochs}")
-        if not 0 < self.fine_tune_lr_factor <= 1:
-            raise ValueError(
-                f"fine-tuning learning-rate factor must be in (0, 1], got "
-                f"{self.fine_tune_lr_factor}"
-            )
-        if ":" in self.intensity or "," in self.intensity:  # "fixed:0,4095" in one string
-            from .images import parse_intensity
-
-            mode, rng = parse_intensity(self.intensity)
-            object.__setattr__(self, "intensity", mode)
-            object.__setattr__(self, "intensity_range", rng)
-        if self.intensity_range is not None:
-            object.__setattr__(self, "intensity_range", tuple(self.intensity_range))
-        if self.group_by:
-            import re
-
-            try:
-                re.compile(self.group_by)
-            except re.error as exc:
-                raise ValueError(
-                    f"group-by pattern {self.group_by!r} is not a valid regular expression ({exc})"
-                ) from None
-        self.preprocessing  # noqa: B018 - checks the preprocessing settings now
-
-    @property
-    def preprocessing(self) -> PreprocessSpec:
-        return PreprocessSpec(
-            self.image_size,
-            self.pmin,
-            self.pmax,
-            self.channel_map,
-            self.resize_mode,
-            self.intensity,
-            self.intensity_range,
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def help_of(name: str) -> str:
-    """The one description of a TrainConfig setting (CLI help, widget tip)."""
-    return TrainConfig.__dataclass_fields__[name].metadata.get("help", "").replace("%%", "%")
-
+from .report import classification_report, describe_model, diagnose, report_files, tta_summary
+from .report_html import REPORT_HTML, render_report_html
+from .train_config import TrainConfig
+from .tta import model_probabilities
 
 # Without pretrained weights a frozen base learns nothing; this is the recipe that trains the
 # whole network from scratch reliably on the sample data (150 images per class: test accuracy
@@ -334,9 +150,6 @@ def suggest_settings(n_images: int) -> Preset:
 
 def count_images(data_dir: str | Path) -> int:
     """Pages in the dataset's class folders (a multi-page file counts each page)."""
-    from .dataset import class_files, list_classes
-    from .images import ImageReadError, count_pages
-
     n = 0
     for c in list_classes(data_dir):
         for p in class_files(data_dir, c):
@@ -522,13 +335,9 @@ def _holding_model_lock(fn):
     """``train`` holds its model folder's lock (``OUT/.microclf.lock``) for its whole run,
     so a second training into the same folder is refused at once, naming this one; an
     interrupted swap left there by a killed run is completed first."""
-    from functools import wraps
 
     @wraps(fn)
     def locked(config, on_update=None, should_stop=None):
-        from .lock import model_lock
-        from .model import repair_model_folder
-
         with model_lock(config.out_dir, "microclf train") as lock:
             notes = ([lock.note] if lock.note else []) + repair_model_folder(config.out_dir)
             for note in notes if on_update is not None else ():
@@ -543,12 +352,9 @@ def _keeping_global_random_state(fn):
     Python's and NumPy's global generators too; napari and the user's own code draw from
     those, so their states are put back when the training ends (TensorFlow's global seed
     stays: nothing else in napari uses it)."""
-    from functools import wraps
 
     @wraps(fn)
     def kept(*args, **kwargs):
-        import random
-
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             return fn(*args, **kwargs)
@@ -589,8 +395,6 @@ def train(
     (``head_epochs``, from cached features), then the top stages unfrozen at the learning
     rate times ``fine_tune_lr_factor`` for the remaining epochs, starting from that head.
     """
-    from .model import META_FILE
-
     t_start = time.perf_counter()
 
     def emit(update):
@@ -616,8 +420,6 @@ def train(
         emit(Message(note))
     for warning in checked.warnings:
         emit(Message(warning, "warning"))
-    from .device import configure_gpus
-
     configure_gpus()  # memory growth on: TensorFlow takes what it uses, not the whole card
     with _on_devices(config, emit):
         return _train(config, emit, should_stop, stopped_result, t_start)
@@ -656,12 +458,26 @@ def reads_cached_features(config: TrainConfig, fine_tune: int, weights) -> bool:
     return config.cache and (fine_tune == 0 or has_head_phase(config, fine_tune, weights))
 
 
+# Keras traces the whole network's training step before its first batch: about a minute
+# for EfficientNet's forward and backward pass on a 2-core CPU, what a few dozen eager steps
+# cost. A training of a few steps (a handful of images, an epoch or two) therefore runs
+# eagerly: the same steps and numbers, without the trace. The head on cached features is a
+# small graph, traced in a fraction of a second, and a MirroredStrategy wants its graph.
+EAGER_TRAIN_STEPS = 12
+
+
+def runs_eagerly(cached: bool, n_train: int, batch_size: int, epochs: int) -> bool:
+    """Whether a phase of ``epochs`` over ``n_train`` images runs Keras eagerly: the whole
+    network trains (not the cached-features head), on one device, for at most
+    :data:`EAGER_TRAIN_STEPS` training steps in all."""
+    steps = -(-int(n_train) // max(int(batch_size), 1)) * max(int(epochs), 0)
+    return not cached and replicas() == 1 and steps <= EAGER_TRAIN_STEPS
+
+
 @contextlib.contextmanager
 def _on_devices(config: TrainConfig, emit):
     """Run the training inside a MirroredStrategy's scope when ``config.devices`` names two or
     more devices (:func:`~.device.distribution`), saying so; else on TensorFlow's default."""
-    from .device import distribution
-
     try:
         strategy = distribution(config.devices)
     except ValueError as exc:
@@ -686,28 +502,6 @@ def _on_devices(config: TrainConfig, emit):
 
 def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: float) -> TrainResult:
     """:func:`train` after its checks, inside the devices' scope (see :func:`_on_devices`)."""
-    from .dataset import split_manifest
-    from .evaluate import (
-        classification_report,
-        describe_model,
-        diagnose,
-        model_probabilities,
-        report_files,
-        tta_summary,
-    )
-    from .model import (
-        BUNDLE_FORMAT,
-        BUNDLE_VERSION,
-        FROZEN_RANDOM_WARNING,
-        build_classifier,
-        parse_fine_tune,
-        resolve_weights,
-        set_fine_tune,
-        versions,
-        weights_identity,
-        write_bundle,
-    )
-
     if n_stale := remove_stale_temporaries(config.data_dir):
         emit(Message(f"Removed {n_stale} half-written cache file(s) left by an interrupted run."))
     resolved = resolve_weights(config.backbone, config.weights)
@@ -734,8 +528,6 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         emit(Message(FROZEN_RANDOM_WARNING, "warning"))
     spec = config.preprocessing
     emit(Message(f"Backbone: {backbone}, weights: {weights or 'none (random start)'}"))
-    from .engine import classifier_forward, engine_label, resolve_engine
-
     engine = resolve_engine(config.engine)
     emit(
         Message(
@@ -845,7 +637,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     if len(y["test"]):
         emit(Progress("evaluating", 0, len(y["test"])))
         if cached:
-            probs = trained.predict(inputs["test"], batch_size=config.batch_size, verbose=0)
+            probs = predict_padded(trained, inputs["test"], config.batch_size)
         else:  # read from the files in chunks
             probs = model_probabilities(
                 trained, spec, samples.test, config.batch_size, forward=forward
@@ -876,16 +668,12 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
     report["diagnosis"] = diagnose(history, report)
     # where the training data lie in feature space, to flag unfamiliar images (familiar.py)
-    from .familiar import FAMILIARITY_FILE, fit_for_training
-
     familiarity, fit_seconds = fit_for_training(
         model, inputs, y, len(names), cached, config.batch_size, config.seed, forward
     )
     cal = familiarity.calibration
     report["unfamiliar"], report["unfamiliar_threshold"] = [], 1.0  # scores: over threshold
     if len(y["test"]):  # the test images beyond it (report.html shows them)
-        from .familiar import pooled_features
-
         test_f = (
             inputs["test"]
             if cached
@@ -958,13 +746,8 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     manifest = split_manifest(config.data_dir, samples.split)
     extra[SPLIT_FILE] = json.dumps(manifest, indent=1)
     # report.html is one of the bundle's own files: a retraining moves it into previous/
-    from .report_html import REPORT_HTML, render_report_html
-
     extra[REPORT_HTML] = render_report_html(meta, report, manifest)
     if ov_model is not None:  # predictions need no conversion (nor TensorFlow) later
-        from .engine import IR_BIN, IR_XML, ir_bytes
-        from .familiar import FEATURE_LAYER
-
         extra[IR_XML], extra[IR_BIN] = ir_bytes(ov_model)
         meta["openvino"] = {"xml": IR_XML, "outputs": [FEATURE_LAYER]}
     bundle = write_bundle(config.out_dir, model, meta, extra)
@@ -1011,32 +794,43 @@ class _Fitter:
         import keras
         import tensorflow as tf
 
-        from .model import base_layer, build_head
-        from .pipeline import EpochOrder, gather_dataset
-
         config, y = self.config, self.y
         trained = build_head(model, inputs["train"].shape[-1]) if cached else model
         trained.compile(
             optimizer=keras.optimizers.Adam(lr),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
+            run_eagerly=runs_eagerly(cached, len(y["train"]), config.batch_size, last - first),
         )
         # The page order is shuffled each epoch (same seed, same order as shuffling the
         # arrays); rows or pages are read per batch, so neither cached features (maybe
         # memory-mapped) nor images are ever copied whole into the pipeline.
         bs = config.batch_size
+        # on several devices, a last batch too short to give each one an image is left out
+        n_devices = replicas()
+        n_train, n_val = (even_count(len(y[s]), bs, n_devices) for s in ("train", "val"))
+        if n_val < len(y["val"]):
+            self.reporter.emit(
+                Message(
+                    f"The last {len(y['val']) - n_val} of {len(y['val'])} validation images "
+                    f"are left out of validation: a batch must give each of the {n_devices} "
+                    "devices an image."
+                )
+            )
         order = EpochOrder(len(y["train"]), config.seed + phase - 1)
         if cached:  # each epoch sees one of the cached views of every training image
-            train_ds = gather_dataset(inputs["train"], y["train"], bs, order, config.seed)
+            train_ds = gather_dataset(
+                inputs["train"], y["train"], bs, order, config.seed, limit=n_train
+            )
         else:
-            train_ds = inputs["train"].dataset(bs, y["train"], order)
-        has_val = len(y["val"]) > 0
+            train_ds = inputs["train"].dataset(bs, y["train"], order, limit=n_train)
+        has_val = n_val > 0
         val_ds = None
         if has_val:
             val_ds = (
-                gather_dataset(inputs["val"], y["val"], bs, None)
+                gather_dataset(inputs["val"], y["val"], bs, None, limit=n_val)
                 if cached
-                else inputs["val"].dataset(bs, y["val"])
+                else inputs["val"].dataset(bs, y["val"], limit=n_val)
             )
         monitor = "val_loss" if has_val else "loss"
         callbacks = [
@@ -1105,8 +899,6 @@ class _Fitter:
 def _images(config: TrainConfig, samples) -> dict:
     """Each subset's pages as a :class:`~.pipeline.PageSource`: read from the files as the
     training needs them, never all in memory (see core/pipeline.py)."""
-    from .pipeline import PageMemo, PageSource, page_memory_budget
-
     spec = config.preprocessing
     memo = PageMemo(page_memory_budget())  # small datasets: decoded once, as before
     return {s: PageSource(getattr(samples, s), spec, memo) for s in ("train", "val", "test")}
@@ -1125,15 +917,6 @@ def _features(
 ) -> dict | None:
     """Backbone features from the dataset's cache, computing only what is missing; with
     ``converted``, its ``"backbone"`` is the OpenVINO backbone used (None on TensorFlow)."""
-    from .features import (
-        FeatureCache,
-        FeatureExtractor,
-        cache_key,
-        extract_features,
-        key_fields,
-        prune_cache,
-    )
-
     spec = config.preprocessing
     views = 1 + (config.views if config.augment else 0)
     strength = config.augment_strength if config.augment else None

@@ -1,0 +1,58 @@
+"""Files on disk: a file's content digest (memoised) and a text file written atomically.
+
+What every layer above needs and nothing else: the dataset names its files by content, a
+bundle records its files' SHA-256, the feature cache keys entries by content, and reports
+and ``split.json`` are replaced whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+DIGEST_MEMO_SIZE = 4096  # file digests remembered (a few hundred kB), least recently used out
+_DIGEST_MEMO: OrderedDict = OrderedDict()
+_DIGEST_LOCK = threading.Lock()
+
+
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """The hex digest of the file's bytes, memoised by (path, size, mtime, inode).
+
+    The memo keeps the :data:`DIGEST_MEMO_SIZE` most recently used digests, so a long session
+    over many datasets does not grow without bound.
+    """
+    st = os.stat(path)
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, algorithm)
+    with _DIGEST_LOCK:
+        digest = _DIGEST_MEMO.get(memo_key)
+        if digest is not None:
+            _DIGEST_MEMO.move_to_end(memo_key)
+            return digest
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _DIGEST_LOCK:
+        _DIGEST_MEMO[memo_key] = digest
+        while len(_DIGEST_MEMO) > DIGEST_MEMO_SIZE:
+            _DIGEST_MEMO.popitem(last=False)
+    return digest
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, then rename it into
+    place: a reader sees the old file or the new one, never half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
