@@ -66,9 +66,10 @@ def pytest_configure(config):
 
 @dataclass(frozen=True)
 class Trained:
-    """A training shared by the session: its result, every update it sent, the sample it
-    trained on (``dataset``, ``stack``, ``stack_labels``) and its files per subset."""
+    """A training shared by the session: its config and result, every update it sent, the
+    sample it trained on (``dataset``, ``stack``, ``stack_labels``) and its files per subset."""
 
+    config: object
     result: object
     updates: list
     sample: dict
@@ -87,10 +88,11 @@ def _trained(sample: dict, out: Path, **settings) -> Trained:
     from napari_microclf.core.train import TrainConfig, train
 
     updates = []
-    result = train(TrainConfig(str(sample["dataset"]), str(out), **settings), updates.append)
+    config = TrainConfig(str(sample["dataset"]), str(out), **settings)
+    result = train(config, updates.append)
     split = json.loads((result.bundle / "split.json").read_text())
     files = {s: [sample["dataset"] / e["key"] for e in split[s]] for s in ("train", "val", "test")}
-    return Trained(result, updates, sample, files)
+    return Trained(config, result, updates, sample, files)
 
 
 @pytest.fixture(scope="session")
