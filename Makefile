@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv lint clean system-deps demo-deps
+.PHONY: demo test test-slow venv lint clean system-deps demo-deps
 # Prerequisites in the order listed, also under -j: the system check comes before anything else.
 .NOTPARALLEL:
 
@@ -35,8 +35,13 @@ demo: demo-deps $(STAMP)
 		$(BIN)/microclf demo --out demo-output; \
 	fi
 
+# The whole suite but the tests marked slow (what cannot be made fast): about 15 minutes.
 test: system-deps $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# The slow tests alone (CI runs them after `make test`); pytest's 5 is "none selected".
+test-slow: system-deps $(STAMP)
+	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench docs scripts

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import _common  # noqa: E402
+import _common
 
 
 def child(data: str, out: str, fine_tune: str, image_size: int, epochs: int) -> None:

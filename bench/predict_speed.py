@@ -93,7 +93,7 @@ def main() -> None:
         try:
             xla = raw_rate(pages, True)
             print(f"raw model with XLA:  {xla:7.1f} images/s  ({xla / raw:.2f}x)", flush=True)
-        except Exception as exc:  # XLA not available for this build/device
+        except Exception as exc:  # noqa: BLE001 - XLA not available for this build/device
             print(f"raw model with XLA:  not available ({type(exc).__name__})")
     del pages
 

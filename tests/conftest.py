@@ -8,6 +8,7 @@ collection (and after pytest-xvfb has started the display) an OpenGL context is 
 and TensorFlow imported the safe way.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -30,6 +31,15 @@ os.environ.setdefault("MICROCLF_ENGINE", "tensorflow")
 os.environ["MICROCLF_SETTINGS"] = str(
     Path(tempfile.mkdtemp(prefix="microclf-settings-")) / "settings.json"
 )
+
+
+@pytest.fixture(autouse=True)
+def _collect_then_freeze():
+    """Collect the previous test's garbage, then freeze what survives: napari's viewer
+    fixture runs full collections, which would otherwise walk every object TensorFlow and
+    the session's models ever made (5-6 s each, late in the suite, against 0.4 s)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +153,13 @@ def copy_of(path: Path, into: Path) -> Path:
 def private_copy(tmp_path):
     """``private_copy(folder)``: :func:`copy_of` into this test's ``tmp_path``."""
     return lambda path: copy_of(path, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A 2-worker local Dask cluster, started once (its workers import TensorFlow)."""
+    from napari_microclf.core.cluster import connect
+
+    c = connect("local:2")
+    yield c
+    c.close()

@@ -365,9 +365,11 @@ def test_a_lock_from_another_host_is_stale_only_when_old(tmp_path):
         "time": time.time() - 3600,
     }
     (out / lock.MODEL_LOCK).write_text(json.dumps(info))
-    with pytest.raises(LockedError, match="pid 1 on elsewhere, started 2024-01-01 10:02"):
-        with lock.model_lock(out):
-            pass
+    with (
+        pytest.raises(LockedError, match="pid 1 on elsewhere, started 2024-01-01 10:02"),
+        lock.model_lock(out),
+    ):
+        pass
     info["time"] = time.time() - lock.STALE_AFTER_S - 60
     (out / lock.MODEL_LOCK).write_text(json.dumps(info))
     with lock.model_lock(out) as held:

@@ -26,7 +26,7 @@ from napari_microclf.core.train import TrainConfig
 
 # small and quick: a random frozen base (weights none) reads cached features like any other
 OPTIONS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--views", "1"]
-SETTINGS = dict(weights=None, image_size=32, batch_size=8, views=1, epochs=1)
+SETTINGS = {"weights": None, "image_size": 32, "batch_size": 8, "views": 1, "epochs": 1}
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +40,6 @@ def sample(tmp_path_factory):
 def data(sample, tmp_path):
     """A fresh copy of the sample dataset (its own split and cache)."""
     return shutil.copytree(sample, tmp_path / "data")
-
-
-@pytest.fixture(scope="module")
-def client():
-    from napari_microclf.core.cluster import connect
-
-    c = connect("local:2")
-    yield c
-    c.close()
 
 
 def _entries(data, config):

@@ -22,7 +22,7 @@ from napari_microclf.core.cluster import ClusterError, connect, plan_tasks
 from napari_microclf.core.errors import OutputError
 from napari_microclf.core.folder_runs import predict_folder
 from napari_microclf.core.images import PreprocessSpec
-from napari_microclf.core.model import build_classifier
+from napari_microclf.core.model import LITE0, build_classifier
 from napari_microclf.core.predict import predict
 from napari_microclf.core.predictor import Predictor
 
@@ -43,7 +43,7 @@ def _stack(path: Path, pages: int) -> None:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A two-class bundle of a random 32 px model: prediction mechanics, not accuracy."""
-    model = build_classifier(2, 32, None, fine_tune="all", augment=False)
+    model = build_classifier(2, 32, None, fine_tune="all", augment=False, backbone=LITE0)
     return write_bundle(
         tmp_path_factory.mktemp("bundle") / "b",
         model,
@@ -77,13 +77,6 @@ def single_csv(bundle, folder, tmp_path_factory):
     result = predict_folder(Predictor(bundle, BATCH), folder, out)
     assert len(result.errors) == 3 and result.csv_path == out
     return out.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def client():
-    client = connect("local:2")
-    yield client
-    client.close()
 
 
 def test_tasks_cut_stacks_into_page_ranges(folder):

@@ -186,9 +186,9 @@ def test_without_cached_features_the_models_own_base_describes_the_images(tmp_pa
     a training: fine-tuning compiles the whole network's gradients for minutes.)"""
     from napari_microclf.core.bundle import write_bundle
     from napari_microclf.core.images import PreprocessSpec
-    from napari_microclf.core.model import build_classifier
+    from napari_microclf.core.model import LITE0, build_classifier
 
-    model = build_classifier(3, 32, None, fine_tune="all", augment=False, seed=0)
+    model = build_classifier(3, 32, None, backbone=LITE0, fine_tune="all", augment=False, seed=0)
     rng = np.random.default_rng(3)
     images = {
         "train": rng.uniform(0, 255, (15, 32, 32, 3)).astype(np.float32),

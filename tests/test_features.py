@@ -12,7 +12,7 @@ import tifffile
 from napari_microclf.core.bundle import write_bundle
 from napari_microclf.core.features import CACHE_DIR, FeatureExtractor, cache_key
 from napari_microclf.core.images import PreprocessSpec, preprocess_refs
-from napari_microclf.core.model import build_classifier
+from napari_microclf.core.model import LITE0, build_classifier
 from napari_microclf.core.predictor import Predictor
 from napari_microclf.core.sample import make_image, write_sample
 from napari_microclf.core.train import Message, TrainConfig, train
@@ -24,16 +24,16 @@ def data(tmp_path):
 
 
 def _run(data, out, **kw):
-    args = dict(
-        epochs=1,
-        batch_size=8,
-        image_size=32,
-        weights=None,
-        augment=False,
-        dropout=0.0,
-        early_stopping=False,
-        seed=0,
-    )
+    args = {
+        "epochs": 1,
+        "batch_size": 8,
+        "image_size": 32,
+        "weights": None,
+        "augment": False,
+        "dropout": 0.0,
+        "early_stopping": False,
+        "seed": 0,
+    }
     args.update(kw)
     msgs = []
     result = train(
@@ -232,7 +232,7 @@ def _peak_bytes(predictor, path):
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     """A two-class bundle of a random 32 px model: prediction mechanics, not accuracy."""
-    model = build_classifier(2, 32, None, fine_tune="all", augment=False)
+    model = build_classifier(2, 32, None, fine_tune="all", augment=False, backbone=LITE0)
     return write_bundle(
         tmp_path_factory.mktemp("bundle") / "b",
         model,

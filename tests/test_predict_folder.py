@@ -21,7 +21,7 @@ from napari_microclf.core.csv_format import write_csv
 from napari_microclf.core.errors import ImageReadError, OutputError
 from napari_microclf.core.folder_runs import predict_folder
 from napari_microclf.core.images import PreprocessSpec
-from napari_microclf.core.model import build_classifier
+from napari_microclf.core.model import LITE0, build_classifier
 from napari_microclf.core.predict import predict
 from napari_microclf.core.predictor import Predictor
 from napari_microclf.core.results import FileError, FolderResult, PagePrediction
@@ -32,7 +32,7 @@ RNG = np.random.default_rng(0)
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A two-class bundle of a random 32 px model: prediction mechanics, not accuracy."""
-    model = build_classifier(2, 32, None, fine_tune="all", augment=False)
+    model = build_classifier(2, 32, None, fine_tune="all", augment=False, backbone=LITE0)
     return write_bundle(
         tmp_path_factory.mktemp("bundle") / "b",
         model,

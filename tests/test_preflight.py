@@ -342,9 +342,9 @@ def test_library_hints_are_condensed_to_one_line(tmp_path, capfd):
     info, notes = read_header(tmp_path / "damaged.tif")
     assert info.n_pages == 3 and notes and "corrupted tag list" in notes[0]
     assert capfd.readouterr().err == ""
-    with library_log() as outer:  # nested collection keeps the inner lines for the outer
-        with library_log() as inner:
-            read_header(tmp_path / "damaged.tif")
+    # nested collection keeps the inner lines for the outer
+    with library_log() as outer, library_log() as inner:
+        read_header(tmp_path / "damaged.tif")
     assert inner and outer == inner
 
 

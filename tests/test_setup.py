@@ -15,7 +15,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "system-deps.sh"
 BASH = shutil.which("bash")
-ALL = (
+ALL = (  # noqa: SIM905 - the packages as scripts/system-deps.sh lists them
     "xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 "
     "libxkbcommon-x11-0 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-image0 libgl1 "
     "libegl1 libfontconfig1 libdbus-1-3"

@@ -256,7 +256,7 @@ def test_rename_and_removal_keep_the_groups(tmp_path):
 
 
 def test_split_lines_and_few_groups_warning(tmp_path):
-    stacks = {0: "round", 1: "round", **{s: "long" for s in range(2, 10)}}
+    stacks = {0: "round", 1: "round", **dict.fromkeys(range(2, 10), "long")}
     _annotate(tmp_path, stacks, pages=range(5))
     samples = ds.load_samples(tmp_path, 0.0, 0.2)  # no validation set: round goes train/test
     n = {s: len(getattr(samples, s)) for s in ds.SUBSETS}

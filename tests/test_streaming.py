@@ -100,15 +100,17 @@ def test_full_image_training_never_decodes_a_whole_subset(sample, tmp_path, monk
         str(sample["dataset"]),
         str(tmp_path / "m"),
         epochs=2,
-        batch_size=2,
+        batch_size=4,
         image_size=32,
-        weights=None,
-        fine_tune="all",
+        backbone="efficientnet-lite0",  # frozen, images through the base each batch (no
+        weights="imagenet",  # cache): the pipeline of fine-tuning at a fraction of its cost
+        cache=False,
         early_stopping=False,
         seed=1,
     )
     result = train(config)
     assert result.bundle is not None and result.report["n"] > 0
+    assert not result.meta["cached_features"]
     samples = load_samples(sample["dataset"], config.val_split, config.test_split, config.seed)
     n_train, n_val = len(samples.train), len(samples.val)
     epochs_reading = 2 if memory_mb == "0" else 1

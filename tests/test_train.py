@@ -179,15 +179,15 @@ def test_cli_evaluate_predict_and_errors(lite0, tmp_path, capsys):
 
 
 def _tiny_config(sample, out, **kw):
-    args = dict(
-        epochs=1,
-        batch_size=8,
-        image_size=32,
-        weights=None,
-        fine_tune="all",
-        early_stopping=False,
-        seed=1,
-    )
+    args = {
+        "epochs": 1,
+        "batch_size": 8,
+        "image_size": 32,
+        "weights": None,
+        "fine_tune": "all",
+        "early_stopping": False,
+        "seed": 1,
+    }
     args.update(kw)
     return TrainConfig(str(sample["dataset"]), str(out), **args)
 
@@ -363,3 +363,17 @@ def test_fine_tuning_starts_from_the_trained_head(lite0, tmp_path):
     assert len(lines) == 4 and all(EPOCH_LINE.match(t) for t in lines)
     # each epoch's update already knows its phase (the curves mark phase 2 as it runs)
     assert [u.history["phase"] for u in updates if isinstance(u, EpochEnd)][2] == [1, 1, 2]
+
+
+def test_a_few_steps_of_the_whole_network_run_eagerly():
+    """Tracing EfficientNet's training step costs about 25 s on 2 cores: a training of a few
+    steps runs eagerly instead (same numbers); longer ones, larger images and the head on
+    cached features keep the traced graph."""
+    from napari_microclf.core.train import runs_eagerly
+
+    assert runs_eagerly(False, 16, 8, 2, 32)  # 4 steps at 32 px
+    assert runs_eagerly(False, 42, 4, 2, 32)  # 22 steps at 32 px
+    assert not runs_eagerly(True, 16, 8, 2, 32)  # the head on cached features
+    assert not runs_eagerly(False, 315, 16, 20, 48)  # 400 steps
+    assert runs_eagerly(False, 32, 16, 2, 224)  # 4 steps at 224 px
+    assert not runs_eagerly(False, 64, 16, 3, 224)  # 12 steps at 224 px: tracing pays

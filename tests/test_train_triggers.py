@@ -2,7 +2,8 @@
 multichannel images and ``--channels`` through the real reading and preprocessing into a
 training and a prediction, and ``--resplit`` from the command line.
 
-Tiny from-scratch models (32 px, weights none), as everywhere in the suite.
+Tiny models at 32 px: from scratch (weights none, a few eager steps) or a frozen Lite0 with
+its head on cached features where many epochs are needed.
 """
 
 import json
@@ -40,8 +41,8 @@ def test_plateau_reduces_the_learning_rate_then_stops_early_at_the_best_epoch(tm
         batch_size=8,
         learning_rate=lr,
         image_size=32,
-        weights=None,
-        fine_tune="all",
+        backbone="efficientnet-lite0",  # frozen, the head on cached features: 30 quick epochs
+        weights="imagenet",
         augment=False,
         class_weights=False,
         early_stopping=True,
@@ -142,10 +143,10 @@ def test_channels_option_trains_and_predicts_multichannel_images(tmp_path, capsy
                 "8",
                 "--image-size",
                 "32",
+                "--backbone",  # frozen, the head on cached features: seconds
+                "efficientnet-lite0",
                 "--weights",
-                "none",
-                "--fine-tune",
-                "all",
+                "imagenet",
                 "--no-augment",
             ]
         )
@@ -198,10 +199,10 @@ def test_resplit_from_the_command_line_draws_a_new_split_and_says_so(tmp_path, c
         "8",
         "--image-size",
         "32",
+        "--backbone",
+        "efficientnet-lite0",
         "--weights",
-        "none",
-        "--fine-tune",
-        "all",
+        "imagenet",
         "--no-augment",
     ]
     assert cli_main(["train", str(data), "--out", str(tmp_path / "m1"), *args]) == 0

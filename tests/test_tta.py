@@ -10,6 +10,7 @@ Predictor's TTA predicts.
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,7 +312,7 @@ def test_evaluate_with_tta_scores_the_averaged_probabilities(
     ):
         low, high = _accuracy_bounds(preds, truth)
         assert low - 1e-4 <= tta[key] <= high + 1e-4, key
-    saved = open(report["saved"], encoding="utf-8").read()
+    saved = Path(report["saved"]).read_text(encoding="utf-8")
     assert f"Accuracy: **{report['accuracy']:.2%}** with flips (TTA" in saved
     assert f"plain {tta['plain_accuracy']:.2%}" in saved
     # the CLI's --tta reaches evaluate (the evaluation itself is the one above)

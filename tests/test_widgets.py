@@ -311,7 +311,7 @@ def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_da
 def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
     viewer = make_napari_viewer()
     widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
-    _tiny(widget, epochs=20)
+    _tiny(widget, epochs=6)  # 12 steps: eager, no trace
     worker = widget.start()
 
     def stop_on_first_batch(update):
@@ -321,7 +321,7 @@ def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, 
     worker.yielded.connect(stop_on_first_batch)
     with qtbot.waitSignal(worker.finished, timeout=240000):
         pass
-    assert widget.result.stopped and widget.result.epochs_run < 20
+    assert widget.result.stopped and widget.result.epochs_run < 6
     assert not (tmp_path / "model").exists()
     assert widget.state is State.IDLE and "no model was written" in widget.status.text()
 
@@ -341,7 +341,7 @@ def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
     shutil.copytree(trained_bundle, out)
     before = (out / "model.keras").read_bytes()
     widget = TrainWidget(viewer, tiny_dataset, out)
-    _tiny(widget, epochs=20)
+    _tiny(widget, epochs=6)  # 12 steps: eager, no trace
     worker = widget.start()
     assert isinstance(widget.epochs_pbar, cancelable_progress)
     assert widget.epochs_pbar in progress._all_instances  # what the activity dock shows
@@ -355,7 +355,7 @@ def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
     worker.yielded.connect(cancel_on_first_batch)
     with qtbot.waitSignal(worker.finished, timeout=240000):
         pass
-    assert widget.result.stopped and widget.result.epochs_run < 20
+    assert widget.result.stopped and widget.result.epochs_run < 6
     assert (out / "model.keras").read_bytes() == before  # the last good model stays
     assert widget.state is State.IDLE and "no model was written" in widget.status.text()
     assert widget.start_btn.text() == "Start training" and widget.start_btn.isEnabled()
@@ -736,19 +736,19 @@ def test_widgets_remember_folders_and_settings(make_napari_viewer, tmp_path):
     predict.tta.setChecked(True)
 
     SESSION.last_bundle = SESSION.dataset = None  # a new napari session
-    again = TrainWidget(make_napari_viewer())
+    again = TrainWidget(viewer)
     assert again.data_edit.text() == str(tmp_path / "ds")
     assert again.out_edit.text() == str(tmp_path / "model")
     f = again.form
     assert (f.epochs.value, f.batch_size.value, f.fine_tune.value) == (7, 4, "all")
     assert f.learning_rate.value == pytest.approx(0.002)
     assert f.backbone.value == train.form.backbone.value
-    p = PredictWidget(make_napari_viewer())
+    p = PredictWidget(viewer)
     assert p.bundle() == str(tmp_path / "model")
     assert p.threshold.value() == pytest.approx(0.7) and p.tta.isChecked()
     SESSION.dataset = None
-    assert AnnotateWidget(make_napari_viewer()).root == (tmp_path / "annotated").resolve()
+    assert AnnotateWidget(viewer).root == (tmp_path / "annotated").resolve()
     # folders given to a widget (or a model Train just wrote) come first
     SESSION.last_bundle = str(tmp_path / "new")
-    assert PredictWidget(make_napari_viewer()).bundle() == str(tmp_path / "new")
-    assert TrainWidget(make_napari_viewer(), tmp_path / "x").data_edit.text() == str(tmp_path / "x")
+    assert PredictWidget(viewer).bundle() == str(tmp_path / "new")
+    assert TrainWidget(viewer, tmp_path / "x").data_edit.text() == str(tmp_path / "x")

@@ -158,7 +158,7 @@ class CurvesCanvas(Canvas):
             hspace=m["gap"] / axes_h,
         )
 
-    def resizeEvent(self, event):  # noqa: N802 - Qt's name
+    def resizeEvent(self, event):
         super().resizeEvent(event)  # sets the figure's new size, then asks for a draw
         self._fit()
 

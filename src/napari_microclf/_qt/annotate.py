@@ -373,7 +373,7 @@ class AnnotateWidget(QWidget):
 
     def layer(self):
         name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def _update_layer_info(self, *_) -> None:
         layer = self.layer()

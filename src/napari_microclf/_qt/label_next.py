@@ -359,6 +359,6 @@ class LabelNextWidget(QWidget):
         _notify("info", result.summary())
         SESSION.set_bundle(result.bundle)
 
-    def closeEvent(self, event):  # noqa: N802 - Qt's name
+    def closeEvent(self, event):
         self._stop.set()
         super().closeEvent(event)

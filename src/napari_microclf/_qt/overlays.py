@@ -125,7 +125,7 @@ class PageLabels:
 
     def _label_layer(self, name: str):
         pname = points_name(name)
-        return self.viewer.layers[pname] if pname in self.viewer.layers else None
+        return self.viewer.layers[pname] if pname in self.viewer.layers else None  # noqa: SIM401
 
     # -- a label follows its image -----------------------------------------------------------
     def _link(self, layer, name: str) -> None:

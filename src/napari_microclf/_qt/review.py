@@ -297,7 +297,7 @@ class ReviewWidget(QWidget):
         if self.cell is None:
             return None
         name = self.layer_name(*self.cell)
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def _go_to(self, row: int) -> None:
         layer = self.layer()

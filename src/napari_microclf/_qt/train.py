@@ -8,6 +8,7 @@ The Settings tab is made from :class:`TrainConfig`'s fields (``train_form``). Tr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import traceback
@@ -292,10 +293,8 @@ class TrainWidget(QWidget):
             widget = getattr(self.form, name, None)
             if widget is None or value is None:
                 continue
-            try:
+            with contextlib.suppress(ValueError, TypeError):  # another version's: the default
                 widget.value = value
-            except (ValueError, TypeError):  # a setting another version wrote: the default
-                pass
         if dataset is None and SESSION.dataset is None and saved.get("dataset"):
             self.data_edit.setText(str(saved["dataset"]))
         if out_dir is None and saved.get("model"):
@@ -699,6 +698,6 @@ class TrainWidget(QWidget):
     def _say(self, text: str) -> None:
         self.status.setText(text)
 
-    def closeEvent(self, event):  # noqa: N802 - Qt's name
+    def closeEvent(self, event):
         self._stop.set()
         super().closeEvent(event)

@@ -70,7 +70,7 @@ class Bundle:
     that OpenVINO runs needs no TensorFlow until then)."""
 
     path: Path
-    model: object = _LazyModel()  # noqa: RUF009 (a descriptor: loaded on first use)
+    model: object = _LazyModel()
     meta: dict = field(default_factory=dict)
     source: Path | None = None
     loader: object = field(default=None, repr=False, compare=False)
@@ -293,7 +293,7 @@ def write_bundle(
             f"{out} exists and is not a microclf model folder; choose another "
             "output folder (nothing was written)"
         )
-    extra = {k: v for k, v in (extra_files or {}).items()}
+    extra = dict(extra_files or {})
     bad = [n for n in extra if not _own_name(n) or n in (MODEL_FILE, META_FILE)]
     if bad:
         raise ValueError(f"bundle files must be plain file names, got {bad}")
@@ -561,11 +561,11 @@ def load_bundle(path: str | Path, *, lazy: bool = False) -> Bundle:
         raise unreadable("not a complete .keras archive: truncated, overwritten or not a model")
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - Keras raises anything on a file it cannot read
         reason = one_line(exc, named=True, limit=200)
         try:
             model = rebuild_model(meta, model_path)
-        except Exception as exc2:
+        except Exception as exc2:  # noqa: BLE001 - said with the first reason, below
             rec_keras, keras_now = _recorded_and_installed(meta)[:2]
             other = (
                 f" (it was saved by Keras {rec_keras}, this is Keras {keras_now}: "

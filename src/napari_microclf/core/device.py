@@ -74,10 +74,8 @@ def configure_gpus() -> int:
     if os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH", "").lower() == "false":
         return len(gpus)
     for gpu in gpus:
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # already initialised
             tf.config.experimental.set_memory_growth(gpu, True)
-        except (RuntimeError, ValueError):  # already initialised
-            pass
     return len(gpus)
 
 

@@ -27,6 +27,7 @@ entries on a Dask cluster (``microclf features DATA --cluster ...``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -258,10 +259,8 @@ class FeatureCache:
             return None
         if out.shape != shape or out.dtype != np.float32:
             return None
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # recently used: kept by _drop_old_assembled
-        except OSError:
-            pass
         return out
 
     def new_assembled(self, shape: tuple) -> tuple[np.memmap, str] | None:

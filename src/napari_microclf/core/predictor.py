@@ -408,7 +408,7 @@ def _prefetch(iterable, depth: int = 1):
                 if not put(item):
                     return
             put(end)
-        except BaseException as exc:  # handed to the consumer, raised there
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             put(_Failed(exc))
 
     worker = threading.Thread(target=produce, name="microclf-prefetch", daemon=True)

@@ -236,13 +236,13 @@ def _settings(config: dict) -> str:
 
 def _split_counts(split: dict | None, names: list[str]):
     """Per class and subset: files and groups; per subset: groups (a group counted once)."""
-    files = {c: {s: 0 for s in ("train", "val", "test")} for c in names}
+    files = {c: dict.fromkeys(("train", "val", "test"), 0) for c in names}
     groups = {c: {s: set() for s in ("train", "val", "test")} for c in names}
     total = {s: set() for s in ("train", "val", "test")}
     for subset in ("train", "val", "test"):
         for entry in (split or {}).get(subset, []):
             cls = str(entry.get("key", "")).split("/", 1)[0]
-            files.setdefault(cls, {s: 0 for s in ("train", "val", "test")})
+            files.setdefault(cls, dict.fromkeys(("train", "val", "test"), 0))
             groups.setdefault(cls, {s: set() for s in ("train", "val", "test")})
             files[cls][subset] += 1
             group = entry.get("group", entry.get("key"))

@@ -458,20 +458,26 @@ def reads_cached_features(config: TrainConfig, fine_tune: int, weights) -> bool:
     return config.cache and (fine_tune == 0 or has_head_phase(config, fine_tune, weights))
 
 
-# Keras traces the whole network's training step before its first batch: about a minute
-# for EfficientNet's forward and backward pass on a 2-core CPU, what a few dozen eager steps
-# cost. A training of a few steps (a handful of images, an epoch or two) therefore runs
-# eagerly: the same steps and numbers, without the trace. The head on cached features is a
-# small graph, traced in a fraction of a second, and a MirroredStrategy wants its graph.
-EAGER_TRAIN_STEPS = 12
+# Keras traces the whole network's training step before its first batch. Measured on this
+# project's 2-core CPU (EfficientNet-B0, every layer trained): the trace costs about 26 s; an
+# eager step costs about 0.9 s more than a traced one, plus 3e-6 s per pixel of its batch
+# (32 px, batch 8: 0.9 s more; 224 px, batch 16: 3.4 s more). A training of a few steps (a
+# handful of images, an epoch or two) whose eager extra stays under the trace runs eagerly:
+# the same steps and numbers, sooner. The head on cached features is a small graph, traced
+# in a fraction of a second, and a MirroredStrategy wants its graph.
+TRACE_SECONDS = 25.0
+EAGER_STEP_SECONDS = 0.9
+EAGER_PIXEL_SECONDS = 3e-6
 
 
-def runs_eagerly(cached: bool, n_train: int, batch_size: int, epochs: int) -> bool:
-    """Whether a phase of ``epochs`` over ``n_train`` images runs Keras eagerly: the whole
-    network trains (not the cached-features head), on one device, for at most
-    :data:`EAGER_TRAIN_STEPS` training steps in all."""
-    steps = -(-int(n_train) // max(int(batch_size), 1)) * max(int(epochs), 0)
-    return not cached and replicas() == 1 and steps <= EAGER_TRAIN_STEPS
+def runs_eagerly(cached: bool, n_train: int, batch_size: int, epochs: int, size: int) -> bool:
+    """Whether a phase of ``epochs`` over ``n_train`` images of ``size`` px runs Keras
+    eagerly: the whole network trains (not the cached-features head), on one device, and
+    its steps' eager extra (see :data:`TRACE_SECONDS`) is less than the trace would cost."""
+    batch = max(int(batch_size), 1)
+    steps = -(-int(n_train) // batch) * max(int(epochs), 0)
+    extra = steps * (EAGER_STEP_SECONDS + EAGER_PIXEL_SECONDS * batch * size * size)
+    return not cached and replicas() == 1 and extra < TRACE_SECONDS
 
 
 @contextlib.contextmanager
@@ -800,7 +806,9 @@ class _Fitter:
             optimizer=keras.optimizers.Adam(lr),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
-            run_eagerly=runs_eagerly(cached, len(y["train"]), config.batch_size, last - first),
+            run_eagerly=runs_eagerly(
+                cached, len(y["train"]), config.batch_size, last - first, config.image_size
+            ),
         )
         # The page order is shuffled each epoch (same seed, same order as shuffling the
         # arrays); rows or pages are read per batch, so neither cached features (maybe
