@@ -202,3 +202,13 @@ def test_a_killed_worker_loses_and_repeats_no_page(bundle, folder, single_csv, c
     )
     assert killed
     assert out.read_bytes() == single_csv
+
+
+def test_a_cluster_does_not_take_over_dask_in_this_process(client):
+    """napari reads large stacks as dask arrays: they keep computing in this process, not on
+    the workers a classification connected to (whose pickling they may not survive)."""
+    import dask
+    import dask.array as da
+
+    assert dask.base.get_scheduler() is not client.get
+    assert int(da.ones(4, chunks=2).sum().compute()) == 4

@@ -1,8 +1,7 @@
 """Export a model bundle: bioimage.io package (validated by bioimageio.spec), TensorFlow
 SavedModel, ONNX (ONNX Runtime), the bundle as one zip; the CLI and the Qt row.
 
-One tiny random bundle (Lite0 at 32 px, weights=None: it converts in a third of B0's
-time) per module; each format is exported once and
+One tiny random bundle (32 px, weights=None) per module; each format is exported once and
 its result shared by the tests that look at it.
 """
 
@@ -21,7 +20,7 @@ from napari_microclf.core import export as ex
 from napari_microclf.core.bundle import load_bundle, write_bundle
 from napari_microclf.core.errors import MicroclfError, OutputError
 from napari_microclf.core.images import PreprocessSpec, preprocess, read_page
-from napari_microclf.core.model import LITE0, build_classifier
+from napari_microclf.core.model import build_classifier
 
 SIZE = 32
 CLASSES = ["round", "long"]
@@ -39,9 +38,7 @@ def bundle(tmp_path_factory):
             img = rng.integers(0, 4000, (SIZE, SIZE)).astype(np.uint16)
             img[8:20, 4 + 8 * i : 14 + 8 * i] += 3000  # some structure
             tifffile.imwrite(root / "data" / c / f"{i}.tif", img)
-    model = build_classifier(
-        2, SIZE, None, backbone=LITE0, fine_tune="all", augment=False, warn=False, seed=0
-    )
+    model = build_classifier(2, SIZE, None, fine_tune="all", augment=False, warn=False, seed=0)
     # a random base's pooled features hardly vary: a head scaled to their spread gives logits
     # that differ by a few units between images, as a trained head's do
     import keras

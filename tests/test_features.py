@@ -24,11 +24,12 @@ def data(tmp_path):
 
 
 def _run(data, out, **kw):
-    args = {
+    args = {  # Lite0 (ImageNet, installed): the cache works alike for both, Lite0 runs sooner
         "epochs": 1,
         "batch_size": 8,
         "image_size": 32,
-        "weights": None,
+        "backbone": LITE0,
+        "weights": "imagenet",
         "augment": False,
         "dropout": 0.0,
         "early_stopping": False,
@@ -217,7 +218,7 @@ def test_old_and_oversized_cache_folders_are_pruned(data, tmp_path):
 
 
 def test_fine_tuning_uses_the_full_pipeline(data, tmp_path):
-    result, counts, _ = _run(data, tmp_path / "m", fine_tune=1)
+    result, counts, _ = _run(data, tmp_path / "m", fine_tune=1, head_epochs=0)
     assert counts is None and not result.meta["cached_features"]
 
 

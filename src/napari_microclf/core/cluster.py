@@ -90,6 +90,7 @@ def connect(spec, *, timeout: float | None = None):
         # classifies at 0.6x the pace of this process. Its other settings stay.
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             return Client(
+                set_as_default=False,  # napari's lazy (dask) layers keep computing here
                 n_workers=value,
                 threads_per_worker=1,
                 processes=True,
@@ -103,7 +104,7 @@ def connect(spec, *, timeout: float | None = None):
             )
     address = value
     try:
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if len(reason) > 160:
@@ -372,7 +373,7 @@ def classify_on_cluster(
     pending: dict = {}  # future -> task number
     finished: dict[int, list] = {}  # task number -> items, waiting for the tasks before it
     state = {"submitted": 0, "exhausted": False, "threads": 1, "asked": 0.0}
-    running = as_completed()
+    running = as_completed(loop=client.loop)  # the client is not the default (connect)
 
     def window() -> int:
         now = time.monotonic()

@@ -296,20 +296,29 @@ def fit_familiarity(
     )
 
 
-def pooled_features(model, images, batch_size: int = 32, forward=None) -> np.ndarray:
+def base_features(model, batch_size: int = 32, forward=None):
+    """A function from preprocessed images ``(N, H, W, 3)`` to their ``(N, D)`` pooled
+    features through ``model``'s own base (fine-tuned or not), in inference mode. Make it
+    once for all the subsets of a model: TensorFlow traces the base once per function.
+    ``forward``: the classifier as another engine runs it (:func:`~.engine.classifier_forward`)."""
+    if forward is None:
+        return FeatureExtractor(model, seed=0, batch_size=batch_size)
+
+    def extract(x):
+        step = max(batch_size, 1)
+        parts = [forward(x[i : i + step])[1] for i in range(0, len(x), step)]
+        return np.concatenate(parts) if parts else forward(x)[1]
+
+    return extract
+
+
+def pooled_features(model, images, batch_size: int = 32, forward=None, extract=None) -> np.ndarray:
     """``(N, D)`` pooled backbone features through ``model``'s own base (fine-tuned or not),
     in inference mode, of preprocessed ``images`` (an array) or of the pages of a
-    :class:`~.pipeline.PageSource` (read in chunks, never all at once). ``forward``: the
-    classifier as another engine runs it (:func:`~.engine.classifier_forward`)."""
-    if forward is None:
-        extract = FeatureExtractor(model, seed=0, batch_size=batch_size)
-    else:
-
-        def extract(x):
-            step = max(batch_size, 1)
-            parts = [forward(x[i : i + step])[1] for i in range(0, len(x), step)]
-            return np.concatenate(parts) if parts else forward(x)[1]
-
+    :class:`~.pipeline.PageSource` (read in chunks, never all at once); ``extract``: a
+    :func:`base_features` of ``model`` made before (else one is made)."""
+    if extract is None:
+        extract = base_features(model, batch_size, forward)
     if isinstance(images, np.ndarray):
         return extract(np.asarray(images, np.float32))
     parts = [extract(chunk) for chunk in images.chunks(CHUNK_BATCHES * batch_size)]
@@ -325,19 +334,19 @@ def fit_for_training(
     batch_size: int = 32,
     seed: int = 0,
     forward=None,
+    extract=None,
 ) -> tuple[Familiarity, float]:
     """:func:`fit_familiarity` from a training's inputs: cached features as they are, or
-    images through the trained model's base (run by ``forward`` where given: see
-    :func:`pooled_features`). Returns it and the seconds it took."""
+    images through the trained model's base (run by ``forward`` where given, or by
+    ``extract``: see :func:`pooled_features`). Returns it and the seconds it took."""
     t0 = time.perf_counter()
     if cached:
         train_f, val_f = inputs["train"], inputs["val"]
     else:
-        train_f = pooled_features(model, inputs["train"], batch_size, forward)
+        extract = extract or base_features(model, batch_size, forward)
+        train_f = pooled_features(model, inputs["train"], extract=extract)
         val_f = (
-            pooled_features(model, inputs["val"], batch_size, forward)
-            if len(inputs["val"])
-            else None
+            pooled_features(model, inputs["val"], extract=extract) if len(inputs["val"]) else None
         )
     fam = fit_familiarity(train_f, y["train"], n_classes, val_f, seed=seed)
     return fam, time.perf_counter() - t0

@@ -318,7 +318,8 @@ def _run_on_cluster(client, settings, tasks, record, should_stop) -> bool:
         of[future] = task
         return future
 
-    running = as_completed([f for f in (submit() for _ in range(window)) if f is not None])
+    first = [f for f in (submit() for _ in range(window)) if f is not None]
+    running = as_completed(first, loop=client.loop)  # the client is not the default
     try:
         for future in running:
             task = of.pop(future)

@@ -36,7 +36,7 @@ from .dataset import SPLIT_FILE, class_files, list_classes, load_samples, split_
 from .device import configure_gpus, distribution, even_count, predict_padded, replicas
 from .engine import IR_BIN, IR_XML, classifier_forward, engine_label, ir_bytes, resolve_engine
 from .errors import DeviceError, OutputError
-from .familiar import FAMILIARITY_FILE, fit_for_training, pooled_features
+from .familiar import FAMILIARITY_FILE, base_features, fit_for_training, pooled_features
 from .features import (
     FeatureCache,
     FeatureExtractor,
@@ -674,16 +674,15 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
     report["diagnosis"] = diagnose(history, report)
     # where the training data lie in feature space, to flag unfamiliar images (familiar.py)
+    extract = None if cached else base_features(model, config.batch_size, forward)
     familiarity, fit_seconds = fit_for_training(
-        model, inputs, y, len(names), cached, config.batch_size, config.seed, forward
+        model, inputs, y, len(names), cached, config.batch_size, config.seed, forward, extract
     )
     cal = familiarity.calibration
     report["unfamiliar"], report["unfamiliar_threshold"] = [], 1.0  # scores: over threshold
     if len(y["test"]):  # the test images beyond it (report.html shows them)
         test_f = (
-            inputs["test"]
-            if cached
-            else pooled_features(model, inputs["test"], config.batch_size, forward)
+            inputs["test"] if cached else pooled_features(model, inputs["test"], extract=extract)
         )
         for ref, score, t, p in zip(
             samples.test, familiarity.scores(test_f), y["test"], probs, strict=True
