@@ -344,9 +344,11 @@ def fit_for_training(
         train_f, val_f = inputs["train"], inputs["val"]
     else:
         extract = extract or base_features(model, batch_size, forward)
-        train_f = pooled_features(model, inputs["train"], extract=extract)
+        train_f = pooled_features(model, inputs["train"], batch_size, extract=extract)
         val_f = (
-            pooled_features(model, inputs["val"], extract=extract) if len(inputs["val"]) else None
+            pooled_features(model, inputs["val"], batch_size, extract=extract)
+            if len(inputs["val"])
+            else None
         )
     fam = fit_familiarity(train_f, y["train"], n_classes, val_f, seed=seed)
     return fam, time.perf_counter() - t0

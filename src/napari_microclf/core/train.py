@@ -682,7 +682,9 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     report["unfamiliar"], report["unfamiliar_threshold"] = [], 1.0  # scores: over threshold
     if len(y["test"]):  # the test images beyond it (report.html shows them)
         test_f = (
-            inputs["test"] if cached else pooled_features(model, inputs["test"], extract=extract)
+            inputs["test"]
+            if cached
+            else pooled_features(model, inputs["test"], config.batch_size, extract=extract)
         )
         for ref, score, t, p in zip(
             samples.test, familiarity.scores(test_f), y["test"], probs, strict=True
