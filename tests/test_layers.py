@@ -35,6 +35,7 @@ LAYERS: dict[str, set[str]] = {
         "familiar",
         "tta",
         "report",
+        "metrics",
         "train_config",
         "predict_options",
         "results",

@@ -12,8 +12,8 @@ from napari_microclf.core.train_config import help_of
 @pytest.mark.parametrize(
     "n, row, batch, lr, dropout, fine_tune",
     [
-        (60, "very small dataset", 8, 5e-5, 0.35, 0),
-        (600, "medium dataset", 32, 1e-4, 0.2, 0),
+        (60, "very small dataset", 8, 1e-3, 0.35, 0),
+        (600, "medium dataset", 32, 1e-3, 0.2, 0),
         (1600, "large dataset", 64, 1e-3, 0.15, 2),
     ],
 )
@@ -42,15 +42,46 @@ def test_cli_preset_fills_only_what_was_not_given(tmp_path, capsys):
     assert count_images(data) == 60
     parser = build_parser()
     args = parser.parse_args(
-        ["train", str(data), "--out", "m", "--preset", "auto", "--learning-rate", "0.001"]
+        ["train", str(data), "--out", "m", "--preset", "auto", "--learning-rate", "0.003"]
     )
     config = _config_from_args(args, "m")
     out = capsys.readouterr().out
     assert "very small dataset" in out and "Kept from the command line: learning_rate" in out
     assert config.batch_size == 8 and config.dropout == 0.35  # from the preset
-    assert config.learning_rate == 0.001  # given, kept
+    assert config.learning_rate == 0.003  # given, kept
     plain = _config_from_args(parser.parse_args(["train", str(data), "--out", "m"]), "m")
-    assert plain == TrainConfig(str(data), "m")  # no preset: the guide's defaults
+    assert plain == TrainConfig(str(data), "m")  # no preset: the defaults
+
+
+def test_the_guides_recipe_is_one_option_away(tmp_path, capsys):
+    """``--preset guide`` gives the training guide's exact recipe; the defaults that depart
+    from it are said in the log, each with why, and not when the user set them."""
+    from napari_microclf.core.train_config import GUIDE, guide_departures
+
+    parser = build_parser()
+    args = parser.parse_args(["train", str(tmp_path), "--out", "m", "--preset", "guide"])
+    config = _config_from_args(args, "m")
+    assert "training guide" in capsys.readouterr().out
+    assert (config.learning_rate, config.epochs, config.class_weights, config.intensity) == (
+        1e-4,
+        15,
+        "balanced",
+        "percentile",
+    )
+    assert all(getattr(config, k) == v for k, v in GUIDE.items())
+    assert guide_departures(config) == []
+    said = " ".join(guide_departures(TrainConfig("d")))
+    assert all(w in said for w in ("1e-3", "200 epochs", "'sqrt'", "'auto'"))
+    own = guide_departures(TrainConfig("d", learning_rate=3e-4, class_weights="none"))
+    assert not any("learning rate" in w or "class weights" in w for w in own)
+
+
+@pytest.mark.parametrize("old, now", [(True, "balanced"), (False, "none")])
+def test_settings_of_older_models_still_load(old, now):
+    """Bundles from before the weighting choice stored class_weights as a boolean."""
+    assert TrainConfig("d", class_weights=old).class_weights == now
+    with pytest.raises(ValueError, match="class weights must be one of"):
+        TrainConfig("d", class_weights="inverse")
 
 
 def test_cli_options_come_from_the_config_fields():

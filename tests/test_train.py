@@ -343,8 +343,8 @@ def test_fine_tuning_starts_from_the_trained_head(lite0, tmp_path):
             str(tmp_path / "m"),
             image_size=64,
             fine_tune=2,
-            epochs=4,
             head_epochs=2,
+            fine_tune_epochs=2,
             early_stopping=False,
         ),
         on_update=updates.append,
@@ -355,7 +355,7 @@ def test_fine_tuning_starts_from_the_trained_head(lite0, tmp_path):
     assert len(phase2) == 1 and phase2[0].epoch == 3 and "top 2 of 7" in phase2[0].text
     # phase 2 continues from the head of phase 1, not from a random head
     assert h["loss"][2] <= h["loss"][1], h["loss"]
-    assert h["lr"][2] == pytest.approx(1e-5) and h["lr"][1] == pytest.approx(1e-4)
+    assert h["lr"][2] == pytest.approx(1e-4) and h["lr"][1] == pytest.approx(1e-3)
     p1, p2 = result.meta["phases"]
     assert (p1["epochs"], p1["trained"]) == ([1, 2], "head on cached features")
     assert (p2["epochs"], p2["trained"]) == ([3, 4], "head and unfrozen stages")

@@ -286,7 +286,9 @@ def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_da
     the log says when phase 2 starts, the curves mark it, report and Predict name the start."""
     viewer = make_napari_viewer()
     widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
-    _tiny(widget, weights="auto", fine_tune=1, head_epochs=1, epochs=2, learning_rate=1e-4)
+    _tiny(
+        widget, weights="auto", fine_tune=1, head_epochs=1, fine_tune_epochs=1, learning_rate=1e-4
+    )
     assert widget.form.head_epochs.enabled
     worker = widget.start()
     with qtbot.waitSignal(worker.finished, timeout=240000):

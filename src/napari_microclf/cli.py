@@ -119,7 +119,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args, out: str):
     from .core.images import parse_channel_map
-    from .core.train import TrainConfig, count_images, suggest_settings
+    from .core.train import TrainConfig, preset_for
 
     given = {
         k: v
@@ -128,8 +128,8 @@ def _config_from_args(args, out: str):
     }
     if "channel_map" in given:
         given["channel_map"] = parse_channel_map(given["channel_map"])
-    if getattr(args, "preset", "none") == "auto":
-        preset = suggest_settings(count_images(args.data))
+    preset = preset_for(getattr(args, "preset", "none"), args.data)
+    if preset is not None:
         kept = sorted(k for k in preset.settings if k in given)
         print(
             preset.text + (f" Kept from the command line: {', '.join(kept)}." if kept else ""),
@@ -606,10 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="model folder to write (replaced only on success)")
     t.add_argument(
         "--preset",
-        choices=["auto", "none"],
+        choices=["auto", "guide", "none"],
         default="none",
-        help="auto: the training guide's settings for the dataset's size (under 100, "
-        "100-1000, over 1000 images) for every option not given",
+        help="auto: settings for the dataset's size (under 100, 100-1000, over 1000 "
+        "images; the guide's rows at the measured head learning rate) for every option not "
+        "given; guide: the training guide's exact recipe (learning rate 1e-4, 15 epochs, "
+        "balanced class weights, percentile intensity)",
     )
     _add_config_arguments(t)
     t.set_defaults(func=cmd_train)
@@ -666,9 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fe.add_argument(
         "--preset",
-        choices=["auto", "none"],
+        choices=["auto", "guide", "none"],
         default="none",
-        help="as train's --preset: the training guide's settings for the dataset's size",
+        help="as train's --preset",
     )
     _add_config_arguments(fe)
     fe.set_defaults(func=cmd_features)

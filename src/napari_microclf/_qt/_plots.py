@@ -170,7 +170,7 @@ class CurvesCanvas(Canvas):
         axes = fig.subplots(3, 1, sharex=True)
         panels = (
             ("Loss (lower is better)", "loss", "val_loss"),
-            ("Accuracy (higher is better)", "accuracy", "val_accuracy"),
+            ("Accuracy, validation macro-F1 (higher is better)", "accuracy", "val_accuracy"),
             ("Learning rate", "lr", None),
         )
         marker = phase_two_start(history)
@@ -184,6 +184,9 @@ class CurvesCanvas(Canvas):
             if val_key and history.get(val_key):
                 v = history[val_key]
                 ax.plot(np.arange(1, len(v) + 1), v, "o-", color=VAL, ms=3, label="validation")
+            if key == "accuracy" and history.get("val_macro_f1"):  # what imbalance cannot fool
+                f1 = history["val_macro_f1"]
+                ax.plot(np.arange(1, len(f1) + 1), f1, "--", color=VAL, lw=1, label="val. macro-F1")
             if key == "lr" and len(y):
                 ax.set_yscale("log")
             if key == "accuracy":

@@ -50,6 +50,7 @@ from ..core.train import (
     TrainConfig,
     TrainResult,
     count_images,
+    most_epochs,
     suggest_settings,
     train,
 )
@@ -334,6 +335,7 @@ class TrainWidget(QWidget):
         # two phases (head first, then the unfrozen stages) need a pretrained, unfrozen base
         two_phase = f.fine_tune.value != 0 and f.weights.value != "none"
         f.head_epochs.enabled = f.fine_tune_lr_factor.enabled = two_phase
+        f.fine_tune_epochs.enabled = two_phase
 
     def apply_settings(self, settings: dict) -> None:
         """Set form fields from a dict of TrainConfig values (each stays editable)."""
@@ -489,7 +491,7 @@ class TrainWidget(QWidget):
         self._close_pbars()
         self.batches_pbar = None
         self.epochs_pbar = self._pbars["epochs"] = stoppable_progress(
-            config.epochs, "Training epochs", self.stop
+            most_epochs(config), "Training epochs", self.stop
         )
 
     def _batch_pbar(self, total: int, desc: str):
@@ -548,15 +550,15 @@ class TrainWidget(QWidget):
             if pbar is not None:
                 self._move(pbar, u.batch, u.steps)
             logs = " - ".join(
-                f"{k}: {v:.4f}" for k, v in u.logs.items() if k in ("loss", "accuracy")
+                f"{k}: {v:.4f}" for k, v in u.logs.items() if k in ("loss", "accuracy", "macro_f1")
             )
             self._say(f"Epoch {u.epoch}/{u.epochs} - batch {u.batch}/{u.steps} - {logs}")
         elif isinstance(u, EpochEnd):
             self._append(u.text)
             self.history = u.history
             pbar = self._pbars.get("epochs")
-            if pbar is not None:
-                self._move(pbar, u.epoch)
+            if pbar is not None:  # early stopping and phase 2 settle the total as they go
+                self._move(pbar, u.epoch, u.epochs)
             self.curves.plot(u.history)
             if u.epoch == 1:
                 self.tabs.setCurrentWidget(self.curves)
@@ -583,10 +585,17 @@ class TrainWidget(QWidget):
         self.curves.plot(result.history)  # the final history, its phases complete
         self.show_report(result.report or {}, result.bundle, result.meta)
         SESSION.set_bundle(result.bundle)
-        acc = (result.report or {}).get("accuracy")
+        report = result.report or {}
+        acc, bal = report.get("accuracy"), report.get("balanced_accuracy")
         self._say(
             f"Done in {result.seconds:.0f}s: model saved to {result.bundle}"
-            + (f"; test accuracy {acc:.1%}." if acc is not None else ".")
+            + (f"; test accuracy {acc:.1%}" if acc is not None else "")
+            + (
+                f", balanced {bal:.1%}, macro-F1 {report['macro_f1']:.2f}"
+                if bal is not None
+                else ""
+            )
+            + "."
         )
         show_info(f"Model saved to {result.bundle}; the Predict widget will use it.")
 
@@ -609,6 +618,11 @@ class TrainWidget(QWidget):
                 f"on {report['n']} images{self._from_groups(report, meta)}, never seen in "
                 "training."
             )
+            if report.get("balanced_accuracy") is not None:
+                head += (
+                    f"<br>Balanced accuracy {report['balanced_accuracy']:.1%} (the mean recall "
+                    f"of the classes), macro-F1 {report['macro_f1']:.2f}."
+                )
             tta = report.get("tta") or {}
             if tta.get("accuracy") is not None:
                 head += (

@@ -31,6 +31,11 @@ from ..core.train import Preset
 from ..core.train_config import TrainConfig, help_of
 
 BACKBONE_NAMES = {B0: "EfficientNet-B0", LITE0: "EfficientNet-Lite0"}
+CLASS_WEIGHT_NAMES = {
+    "sqrt": "sqrt (rare classes count more)",
+    "balanced": "balanced (the guide's)",
+    "none": "none",
+}
 ENGINE_NAMES = {
     "auto": "auto (OpenVINO if installed)",
     "openvino": "OpenVINO",
@@ -102,6 +107,7 @@ FORM = (
         ],
     ),
     Row("head_epochs", "head-only epochs", min=0, max=1000),
+    Row("fine_tune_epochs", "fine-tuning epochs", min=1, max=1000),
     Row("fine_tune_lr_factor", "fine-tuning rate factor", min=0.001, max=1, step=0.05),
     # the training run
     Row("epochs", min=1, max=1000),
@@ -110,13 +116,17 @@ FORM = (
     Row("dropout", min=0, max=0.9, step=0.05),
     Row("augment", "augmentation"),
     Row("augment_strength", "augmentation strength", min=0, max=0.5, step=0.01),
-    Row("class_weights", "class weights"),
+    Row("class_weights", "class weights", choices=CLASS_WEIGHT_NAMES),
     Row("early_stopping", "early stopping"),
     # the images
     Row("image_size", "image size (px)", min=32, max=1024, step=16),
     Row(
         "intensity",
-        choices=[("percentile (per channel)", "percentile"), ("fixed (keep brightness)", "fixed")],
+        choices=[
+            ("auto (8-bit kept, else percentile)", "auto"),
+            ("percentile (per channel)", "percentile"),
+            ("fixed (keep brightness)", "fixed"),
+        ],
     ),
     # the split
     Row("val_split", "validation split", min=0, max=0.5, step=0.05),

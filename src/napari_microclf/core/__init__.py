@@ -18,7 +18,8 @@ Layer 2, networks, engines, bundles, the feature cache and what both sides share
 and ``model`` (the networks), ``bundle`` (a trained model on disk, its own split),
 ``engine`` (OpenVINO or TensorFlow), ``features`` (the backbone's cached features),
 ``familiar`` (out-of-distribution scores), ``tta`` (flipped views; a model's probabilities
-over pages), ``report`` (metrics, diagnosis, Markdown), ``train_config`` (``TrainConfig``),
+over pages), ``report`` (metrics, diagnosis, Markdown), ``metrics`` (balanced accuracy and
+macro-F1, in numpy and as Keras metrics), ``train_config`` (``TrainConfig``),
 ``predict_options`` (``PredictOptions``), ``results`` and ``csv_format`` (what a prediction
 gives, as rows of a CSV).
 

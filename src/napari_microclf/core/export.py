@@ -466,8 +466,9 @@ def _export_bioimageio(bundle_path, out: Path, overwrite: bool, example, authors
     import keras
 
     bundle = _load(bundle_path)
-    spec = bundle.preprocess
     page, source = example_page(bundle, example)
+    # "auto" decided by the example's dtype: the package declares one fixed preprocessing
+    spec = bundle.preprocess.resolved(page.dtype)
     if spec.intensity == "fixed":
         spec = dataclasses.replace(spec, intensity_range=_fixed_range(spec, page))
     rgb = select_channels(page if page.ndim == 3 else page[..., None], spec.channel_map)

@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -634,7 +634,10 @@ def count_pages(path: str | Path) -> int:
 class PreprocessSpec:
     """How a page becomes the model's ``(size, size, 3)`` float input in [0, 255].
 
-    - ``intensity``: ``"percentile"`` (the default) maps the per-channel percentiles
+    - ``intensity``: ``"auto"`` (the default) keeps the range of 8-bit images (``"fixed"``:
+      0-255 stays 0-255, so brightness still tells classes apart) and stretches every other
+      dtype by percentiles (a 12-bit camera in a 16-bit container uses a narrow part of its
+      range); measured in docs/validity.md. ``"percentile"`` maps the per-channel percentiles
       ``pmin``/``pmax`` to 0 and 255 (then clips), so a 12-bit image in a 16-bit container
       and an 8-bit image look alike to the model; where the two percentiles coincide (a small
       bright object on an empty background) the channel's min and max are used instead, so a
@@ -655,7 +658,7 @@ class PreprocessSpec:
     pmax: float = 99.8
     channel_map: tuple[int | None, int | None, int | None] | None = None
     resize_mode: str = "pad"
-    intensity: str = "percentile"
+    intensity: str = "auto"
     intensity_range: tuple[float, float] | None = None
 
     def __post_init__(self):
@@ -693,21 +696,38 @@ class PreprocessSpec:
         for k in ("channel_map", "intensity_range"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
+        d.setdefault("intensity", "percentile")  # bundles from before "auto" stretched all
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def normalize(self, page: np.ndarray) -> np.ndarray:
         """``(Y, X, C)`` page to float32 in [0, 255] by this spec's intensity mode."""
-        if self.intensity == "fixed":
-            return normalize_fixed(page, self.intensity_range)
-        return normalize_percentile(page, self.pmin, self.pmax)
+        spec = self.resolved(np.asarray(page).dtype)
+        if spec.intensity == "fixed":
+            return normalize_fixed(page, spec.intensity_range)
+        return normalize_percentile(page, spec.pmin, spec.pmax)
+
+    def resolved(self, dtype) -> PreprocessSpec:
+        """This spec for a page of ``dtype``: ``"auto"`` becomes ``"fixed"`` (the dtype's
+        range) for 8-bit and boolean pages and ``"percentile"`` for any other dtype."""
+        if self.intensity != "auto":
+            return self
+        if keeps_range(dtype):
+            return replace(self, intensity="fixed", intensity_range=dtype_range(dtype))
+        return replace(self, intensity="percentile")
 
 
-INTENSITY_MODES = ("percentile", "fixed")
+INTENSITY_MODES = ("auto", "percentile", "fixed")
+
+
+def keeps_range(dtype) -> bool:
+    """Whether ``intensity="auto"`` keeps a dtype's own range: 8-bit and boolean pages."""
+    return np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(bool))
 
 
 def parse_intensity(text: str | None) -> tuple[str, tuple[float, float] | None]:
-    """``"percentile"`` | ``"fixed"`` | ``"fixed:MIN,MAX"`` (or ``"MIN,MAX"``) -> (mode, range)."""
-    text = (text or "percentile").strip().lower()
+    """``"auto"`` | ``"percentile"`` | ``"fixed"`` | ``"fixed:MIN,MAX"`` (or ``"MIN,MAX"``) ->
+    (mode, range)."""
+    text = (text or "auto").strip().lower()
     if text in INTENSITY_MODES:
         return text, None
     rng = text.removeprefix("fixed").lstrip(":= ")
@@ -715,7 +735,7 @@ def parse_intensity(text: str | None) -> tuple[str, tuple[float, float] | None]:
         lo, hi = (float(v) for v in rng.split(","))
     except ValueError:
         raise ValueError(
-            f"intensity must be 'percentile', 'fixed' or 'fixed:MIN,MAX' (e.g. "
+            f"intensity must be 'auto', 'percentile', 'fixed' or 'fixed:MIN,MAX' (e.g. "
             f"'fixed:0,4095'), got {text!r}"
         ) from None
     if not hi > lo:

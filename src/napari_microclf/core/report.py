@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 
+from .metrics import balanced_accuracy, macro_f1
 from .tta import TTA_VIEWS
 
 REPORT_JSON = "report.json"
@@ -59,6 +60,8 @@ def classification_report(y_true, probs, class_names, refs=None) -> dict:
     return {
         "n": int(len(y_true)),
         "accuracy": round(float((y_pred == y_true).mean()), 4) if len(y_true) else None,
+        "balanced_accuracy": _rounded(balanced_accuracy(cm)),
+        "macro_f1": _rounded(macro_f1(cm)),
         "class_names": list(class_names),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -66,6 +69,10 @@ def classification_report(y_true, probs, class_names, refs=None) -> dict:
         "misclassified": mis,
         "pages": pages,  # every scored page: the cells of the confusion matrix, for review
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def diagnose(history: dict, report: dict | None = None) -> list[dict]:
@@ -85,25 +92,39 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
                     "evidence": f"{counts[top]} of {counts.sum()} test images were called "
                     f"{name!r}, which holds {truth[top]} of them.",
                     "remedy": "Add more examples of the minority classes and keep class weighting "
-                    "on (the default).",
+                    "on ('sqrt', the default; 'balanced' weighs rare classes more).",
+                }
+            )
+        bal = report.get("balanced_accuracy")
+        if bal is not None and report["accuracy"] - bal > 0.15:
+            findings.append(
+                {
+                    "finding": "Rare classes missed",
+                    "evidence": f"test accuracy {report['accuracy']:.2f} but balanced accuracy "
+                    f"{bal:.2f} (the mean recall of the classes): the large classes carry "
+                    "the accuracy",
+                    "remedy": "Add examples of the classes with poor recall; weigh rare classes "
+                    "more (class weights 'balanced' instead of 'sqrt').",
                 }
             )
     if acc and val_acc:
-        gap = acc[-1] - val_acc[-1]
+        # the kept weights are the best epoch's (early stopping restores them)
         best = int(np.argmin(val_loss)) if val_loss else len(val_acc) - 1
+        gap = acc[best] - val_acc[best]
         rising = len(val_loss) - 1 - best >= 2 and val_loss[-1] > 1.1 * min(val_loss)
         if gap > 0.15 or (gap > 0.05 and rising):
             findings.append(
                 {
                     "finding": "Overfitting",
-                    "evidence": f"training accuracy {acc[-1]:.2f} vs validation {val_acc[-1]:.2f}"
+                    "evidence": f"training accuracy {acc[best]:.2f} vs validation "
+                    f"{val_acc[best]:.2f} at the kept epoch {best + 1}"
                     + (
                         f"; validation loss lowest at epoch {best + 1} then rising"
                         if rising
                         else ""
                     ),
-                    "remedy": "More data augmentation, fewer epochs (or early stopping), more "
-                    "dropout, more images.",
+                    "remedy": "More data augmentation, more dropout, more images; keep early "
+                    "stopping on (the default) so that the best epoch's weights are kept.",
                 }
             )
         if max(acc) < 0.7 and max(val_acc) < 0.7:
@@ -112,8 +133,9 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
                     "finding": "Underfitting",
                     "evidence": f"best training accuracy {max(acc):.2f}, best validation "
                     f"accuracy {max(val_acc):.2f}",
-                    "remedy": "More epochs, a higher learning rate, or unfreeze the top of the "
-                    "base (fine-tuning); check that pretrained weights are used.",
+                    "remedy": "Check that pretrained weights are used and that the intensity "
+                    "setting keeps what tells the classes apart; unfreeze the top of the base "
+                    "(fine-tuning: --fine-tune 2, or --preset auto on over 1,000 images).",
                 }
             )
         if len(val_acc) >= 3 and val_acc[-1] - max(val_acc[:-2]) > 0.02 and not findings:
@@ -121,7 +143,8 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
                 {
                     "finding": "Still improving",
                     "evidence": f"validation accuracy rose to {val_acc[-1]:.2f} in the last epochs",
-                    "remedy": "Train longer (20-30 epochs).",
+                    "remedy": "Train longer (raise the epochs; early stopping still ends the "
+                    "training when it converges).",
                 }
             )
     if report and report.get("accuracy") is not None and report["accuracy"] < 0.8:
@@ -134,12 +157,12 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
                 "remedy": "Add more data for the classes with poor recall, then retrain.",
             }
         )
-    if not findings and val_acc:
+    if not findings and val_acc and acc:
         findings.append(
             {
                 "finding": "Good training run",
-                "evidence": f"final validation accuracy {val_acc[-1]:.2f}, close to training "
-                f"accuracy {acc[-1]:.2f}",
+                "evidence": f"validation accuracy {val_acc[best]:.2f} at the kept epoch "
+                f"{best + 1}, close to training accuracy {acc[best]:.2f}",
                 "remedy": "Check it on completely new images; add data where errors remain.",
             }
         )
@@ -163,7 +186,8 @@ def format_report_md(report: dict, title: str | None = None) -> str:
         groups = f" from {report['groups']} groups (sources)" if report.get("groups") else ""
         lines += [
             f"Images: {report['n']}{groups}  ",
-            f"Accuracy: **{report['accuracy']:.2%}**" + _tta_md(report.get("tta")),
+            f"Accuracy: **{report['accuracy']:.2%}**" + _tta_md(report.get("tta")) + "  ",
+            *_balanced_md(report),
             "",
             "| class | precision | recall | F1 | support |",
             "|---|---|---|---|---|",
@@ -210,6 +234,16 @@ def format_report_md(report: dict, title: str | None = None) -> str:
             for m in report["misclassified"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def _balanced_md(report: dict) -> list[str]:
+    """The scores that give every class the same say (reports from before 0.9 lack them)."""
+    if report.get("balanced_accuracy") is None:
+        return []
+    return [
+        f"Balanced accuracy (mean recall of the classes): **{report['balanced_accuracy']:.2%}**"
+        f" · macro-F1: **{report['macro_f1']:.2f}**"
+    ]
 
 
 def _tta_md(tta: dict | None) -> str:

@@ -75,6 +75,9 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+CURVE_LABELS = {"val_macro_f1": "validation macro-F1"}
+
+
 def curves_png(history: dict) -> bytes | None:
     """Loss, accuracy and learning rate per epoch (training and validation), fine-tuning's
     phase 2 marked by a dashed line; a PNG drawn with matplotlib's Agg ``Figure``."""
@@ -91,14 +94,20 @@ def curves_png(history: dict) -> bytes | None:
     FigureCanvasAgg(fig)
     panels = (
         ("loss", "Loss", ("loss", "val_loss")),
-        ("accuracy", "Accuracy", ("accuracy", "val_accuracy")),
+        (
+            "accuracy",
+            "Accuracy and validation macro-F1",
+            ("accuracy", "val_accuracy", "val_macro_f1"),
+        ),
         ("lr", "Learning rate", ("lr",)),
     )
     for ax, (_key, title, keys) in zip(fig.subplots(1, 3), panels, strict=True):
-        for key, colour in zip(keys, ("#1f77b4", "#ff7f0e"), strict=False):
+        for key, colour in zip(keys, ("#1f77b4", "#ff7f0e", "#2ca02c"), strict=False):
             values = history.get(key) or []
             if values:
-                label = "validation" if key.startswith("val_") else "training"
+                label = CURVE_LABELS.get(
+                    key, "validation" if key.startswith("val_") else "training"
+                )
                 ax.plot(
                     epochs[: len(values)],
                     values,
@@ -355,6 +364,14 @@ def render_report_html(
     groups = report.get("groups")
     cards = [
         (f"{acc:.1%}" if acc is not None else "-", "test accuracy"),
+        *(
+            [
+                (f"{report['balanced_accuracy']:.1%}", "balanced accuracy"),
+                (f"{report['macro_f1']:.2f}", "macro-F1"),
+            ]
+            if report.get("balanced_accuracy") is not None
+            else []
+        ),
         (str(report.get("n", 0)), "test images" + (f" from {groups} groups" if groups else "")),
         (str(len(names)), "classes"),
         (str(meta.get("epochs_run", len(history.get("loss") or []))), "epochs run"),

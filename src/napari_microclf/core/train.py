@@ -48,6 +48,7 @@ from .features import (
 )
 from .images import ImageReadError, count_pages
 from .lock import model_lock
+from .metrics import epoch_metrics
 from .model import (
     FEATURE_LAYER,
     FROZEN_RANDOM_WARNING,
@@ -63,7 +64,7 @@ from .pipeline import EpochOrder, PageMemo, PageSource, gather_dataset, page_mem
 from .preflight import preflight
 from .report import classification_report, describe_model, diagnose, report_files, tta_summary
 from .report_html import REPORT_HTML, render_report_html
-from .train_config import TrainConfig
+from .train_config import GUIDE, TrainConfig, guide_departures
 from .tta import model_probabilities
 
 # Without pretrained weights a frozen base learns nothing; this is the recipe that trains the
@@ -100,8 +101,9 @@ class Preset:
 
 
 def suggest_settings(n_images: int) -> Preset:
-    """The training guide's advice for very small (< 100), medium (100-1000) and large
-    (> 1000) datasets, as settings. Every value stays editable."""
+    """Settings for very small (< 100), medium (100-1000) and large (> 1000) datasets: the
+    training guide's rows, with the head's measured learning rate (docs/validity.md). Every
+    value stays editable."""
     if n_images < 100:
         return Preset(
             "very small dataset",
@@ -110,11 +112,10 @@ def suggest_settings(n_images: int) -> Preset:
             {
                 "augment": True,
                 "augment_strength": 0.1,
-                "learning_rate": 5e-5,
+                "learning_rate": 1e-3,
                 "batch_size": 8,
                 "dropout": 0.35,
                 "fine_tune": 0,
-                "epochs": 15,
             },
         )
     if n_images <= 1000:
@@ -125,11 +126,10 @@ def suggest_settings(n_images: int) -> Preset:
             {
                 "augment": True,
                 "augment_strength": 0.05,
-                "learning_rate": 1e-4,
+                "learning_rate": 1e-3,
                 "batch_size": 32,
                 "dropout": 0.2,
                 "fine_tune": 0,
-                "epochs": 15,
             },
         )
     return Preset(
@@ -143,9 +143,25 @@ def suggest_settings(n_images: int) -> Preset:
             "batch_size": 64,
             "dropout": 0.15,
             "fine_tune": 2,
-            "epochs": 15,
+            "fine_tune_epochs": 15,
         },
     )
+
+
+def guide_preset() -> Preset:
+    """The training guide's exact recipe (``--preset guide``): learning rate 1e-4, 15
+    epochs, balanced class weights, percentile intensity (see ``train_config.GUIDE``)."""
+    return Preset("training guide", 0, "the guide's recipe as written", dict(GUIDE))
+
+
+def preset_for(name: str, data_dir) -> Preset | None:
+    """``--preset``'s settings: ``"auto"`` (by the dataset's size), ``"guide"`` or
+    ``"none"`` (None)."""
+    if name == "auto":
+        return suggest_settings(count_images(data_dir))
+    if name == "guide":
+        return guide_preset()
+    return None
 
 
 def count_images(data_dir: str | Path) -> int:
@@ -248,7 +264,7 @@ class TrainResult:
 def format_epoch_line(steps: int, seconds: float, logs: dict, lr: float | None) -> str:
     """The Keras-style line of the training guide."""
     parts = [f"{steps}/{steps}", f"{seconds:.0f}s"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+    for key in EPOCH_LINE_KEYS:
         if key in logs:
             parts.append(f"{key}: {logs[key]:.4f}")
     if lr is not None:
@@ -258,10 +274,37 @@ def format_epoch_line(steps: int, seconds: float, logs: dict, lr: float | None) 
     return " - ".join(parts)
 
 
+# The guide's four values, then the two that imbalance does not fool (core/metrics.py)
+EPOCH_LINE_KEYS = (
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+)
+HISTORY_KEYS = (*EPOCH_LINE_KEYS, "balanced_accuracy", "macro_f1")
+
+
 def balanced_class_weights(distribution: dict[int, int]) -> dict[int, float]:
     """n_samples / (n_classes * n_class): rarer classes weigh more."""
     total, k = sum(distribution.values()), len(distribution)
     return {c: (total / (k * n) if n else 0.0) for c, n in distribution.items()}
+
+
+def class_weights_for(distribution: dict[int, int], kind: str) -> dict[int, float] | None:
+    """The class weights of ``kind``: ``"balanced"`` (:func:`balanced_class_weights`, the
+    guide's), ``"sqrt"`` (their square roots, scaled so that an image weighs 1 on average:
+    rare classes count more without outvoting the rest) or ``"none"`` (None)."""
+    if kind == "none":
+        return None
+    weights = balanced_class_weights(distribution)
+    if kind == "balanced":
+        return weights
+    root = {c: float(np.sqrt(w)) for c, w in weights.items()}
+    total = sum(distribution.values())
+    mean = sum(root[c] * n for c, n in distribution.items()) / total if total else 1.0
+    return {c: w / mean for c, w in root.items()}
 
 
 # -- the Keras callback -------------------------------------------------------------------
@@ -279,6 +322,7 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
             self.epochs_run = 0
             self.history, self.emit = history, emit
             self.phase = 1  # fine-tuning's phase of the epochs now running
+            self.epochs = epochs  # the most epochs; known for sure once phase 1 has ended
 
         def _check_stop(self):
             if should_stop is not None and should_stop():
@@ -287,11 +331,11 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.perf_counter()
-            emit(EpochStart(epoch + 1, epochs))
+            emit(EpochStart(epoch + 1, self.epochs))
             self._check_stop()
 
         def on_train_batch_end(self, batch, logs=None):
-            emit(BatchEnd(self._epoch_now(), epochs, batch + 1, steps, _floats(logs)))
+            emit(BatchEnd(self._epoch_now(), self.epochs, batch + 1, steps, _floats(logs)))
             self._check_stop()
 
         def _epoch_now(self):
@@ -303,7 +347,7 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
             seconds = time.perf_counter() - self._t0
             logs = _floats(logs)
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            for key in HISTORY_KEYS:
                 if key in logs:
                     history.setdefault(key, []).append(logs[key])
             history.setdefault("lr", []).append(lr)
@@ -312,7 +356,7 @@ def _make_callback(epochs: int, steps: int, emit, should_stop, history: dict):
             emit(
                 EpochEnd(
                     epoch + 1,
-                    epochs,
+                    self.epochs,
                     steps,
                     seconds,
                     logs,
@@ -450,7 +494,21 @@ def samples_of(config: TrainConfig):
 
 def has_head_phase(config: TrainConfig, fine_tune: int, weights) -> bool:
     """Whether fine-tuning (``fine_tune`` parsed) first trains the head on the frozen base."""
-    return fine_tune != 0 and weights is not None and config.head_epochs > 0 and config.epochs > 1
+    return fine_tune != 0 and weights is not None and config.head_epochs > 0
+
+
+def most_epochs(config: TrainConfig) -> int:
+    """:func:`planned_epochs` before the weights are resolved (a progress bar's total)."""
+    pretrained = str(config.weights).lower() != "none"
+    return planned_epochs(
+        config, parse_fine_tune(config.fine_tune) != 0 and pretrained and config.head_epochs > 0
+    )
+
+
+def planned_epochs(config: TrainConfig, two_phase: bool) -> int:
+    """The most epochs the training runs: ``epochs``, or with fine-tuning's two phases the
+    head's most epochs and the fine-tuning epochs (early stopping may end either sooner)."""
+    return config.head_epochs + config.fine_tune_epochs if two_phase else config.epochs
 
 
 def reads_cached_features(config: TrainConfig, fine_tune: int, weights) -> bool:
@@ -514,7 +572,10 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     if resolved.note:
         emit(Message(resolved.note, resolved.level))
     if resolved.weights is None and str(config.weights).lower() == "auto":
-        config = dataclasses.replace(config, **{**FROM_SCRATCH, "epochs": config.epochs})
+        # the recipe's own epochs unless the user chose theirs
+        chosen = config.epochs != TrainConfig.__dataclass_fields__["epochs"].default
+        epochs = config.epochs if chosen else FROM_SCRATCH["epochs"]
+        config = dataclasses.replace(config, **{**FROM_SCRATCH, "epochs": epochs})
     backbone, weights = resolved.backbone, resolved.weights
     fine_tune = parse_fine_tune(config.fine_tune)
     samples = samples_of(config)
@@ -548,14 +609,26 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
 
     distribution = samples.distribution("train")
     emit(Message(f"Class distribution: {distribution}"))
-    class_weight = None
-    if config.class_weights:
-        class_weight = balanced_class_weights(distribution)
-        emit(Message(f"Class weights: { {k: round(v, 2) for k, v in class_weight.items()} }"))
+    class_weight = class_weights_for(distribution, config.class_weights)
+    if class_weight:
+        emit(
+            Message(
+                f"Class weights ({config.class_weights}): "
+                f"{ {k: round(v, 2) for k, v in class_weight.items()} }"
+            )
+        )
+    if departures := guide_departures(config):
+        emit(
+            Message(
+                "Defaults that depart from the training guide, measured on real data "
+                f"(docs/validity.md): {'; '.join(departures)}. The guide's recipe: "
+                "--preset guide."
+            )
+        )
 
     # Fine-tuning a pretrained base starts from a head trained on the frozen base.
     two_phase = has_head_phase(config, fine_tune, weights)
-    head_epochs = min(config.head_epochs, config.epochs - 1) if two_phase else config.epochs
+    head_epochs = config.head_epochs if two_phase else config.epochs
     model = build_classifier(
         len(names),
         config.image_size,
@@ -594,7 +667,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
 
     history: dict = {}
     steps = int(np.ceil(len(y["train"]) / config.batch_size))
-    reporter = _make_callback(config.epochs, steps, emit, should_stop, history)
+    reporter = _make_callback(planned_epochs(config, two_phase), steps, emit, should_stop, history)
     fit = _Fitter(config, y, class_weight, reporter)
     # Phase 1 (or the only phase). With cached features only the head is trained; it shares
     # the classifier's layers.
@@ -604,18 +677,20 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     if two_phase:
         lr2 = config.learning_rate * config.fine_tune_lr_factor
         stages = "all stages" if fine_tune == -1 else f"the top {fine_tune} of 7 stages"
+        first, last = reporter.epochs_run, reporter.epochs_run + config.fine_tune_epochs
+        reporter.epochs = last  # phase 1 ended early: the total is now known
         emit(
             PhaseStart(
                 2,
-                reporter.epochs_run + 1,
+                first + 1,
                 f"Phase 2: fine-tuning {stages} from the trained head, learning rate "
-                f"{lr2:.1e}, epochs {reporter.epochs_run + 1}-{config.epochs}",
+                f"{lr2:.1e}, epochs {first + 1}-{last}",
             )
         )
         set_fine_tune(model, fine_tune)
         if cached:  # phase 2 needs the images themselves
             inputs = _images(config, samples)
-        trained = fit.run(model, inputs, False, lr2, reporter.epochs_run, config.epochs, phase=2)
+        trained = fit.run(model, inputs, False, lr2, first, last, phase=2)
         cached = False
         if reporter.stopped:
             return stopped_result(names, history, reporter.epochs_run)
@@ -763,6 +838,8 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
             Message(
                 f"Test accuracy: {report['accuracy']:.4f} on {report['n']} images"
                 + (f" from {report['groups']} groups" if report.get("groups") else "")
+                + f"; balanced accuracy {report['balanced_accuracy']:.4f}, macro-F1 "
+                f"{report['macro_f1']:.4f}"
             )
         )
     if report.get("tta"):
@@ -796,6 +873,10 @@ class _Fitter:
         self.config, self.y, self.class_weight, self.reporter = config, y, class_weight, reporter
         self.phases: list[dict] = []
 
+    def _monitored(self, monitor: str) -> str:
+        words = monitor.replace("_", " ").replace("val ", "validation ")
+        return words + (" (class-weighted)" if self.class_weight else "")
+
     def run(self, model, inputs: dict, cached: bool, lr: float, first: int, last: int, phase: int):
         """Train epochs ``first+1..last``; returns the model that maps inputs to classes."""
         import keras
@@ -803,10 +884,11 @@ class _Fitter:
 
         config, y = self.config, self.y
         trained = build_head(model, inputs["train"].shape[-1]) if cached else model
+        n_classes = int(trained.output_shape[-1])
         trained.compile(
             optimizer=keras.optimizers.Adam(lr),
             loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
+            metrics=["accuracy", *epoch_metrics(n_classes)],
             run_eagerly=runs_eagerly(
                 cached, len(y["train"]), config.batch_size, last - first, config.image_size
             ),
@@ -841,6 +923,11 @@ class _Fitter:
                 if cached
                 else inputs["val"].dataset(bs, y["val"], limit=n_val)
             )
+            if self.class_weight:  # the validation loss weighs the classes as training does
+                table = tf.constant(
+                    [self.class_weight.get(c, 0.0) for c in range(n_classes)], tf.float32
+                )
+                val_ds = val_ds.map(lambda x, label: (x, label, tf.gather(table, label)))
         monitor = "val_loss" if has_val else "loss"
         callbacks = [
             order.callback(),
@@ -892,12 +979,27 @@ class _Fitter:
             if cached
             else ("head and unfrozen stages" if base_trains else "head on the frozen base"),
         }
+        if (
+            early is not None
+            and early.stopped_epoch == 0
+            and early.best_weights is not None
+            and early.best_epoch + 1 < first + ran
+            and not self.reporter.stopped
+        ):  # the last epoch came first; Keras restores only when it stops early
+            trained.set_weights(early.best_weights)
+            info["best_epoch"] = early.best_epoch + 1
+            self.reporter.emit(
+                Message(
+                    f"Ran all {first + ran} epochs; the weights of epoch {early.best_epoch + 1} "
+                    f"(the best {self._monitored(monitor)}) are kept."
+                )
+            )
         if early is not None and early.stopped_epoch > 0 and not self.reporter.stopped:
             best = early.best_epoch + 1
             info["early_stopped"] = {"after_epoch": first + ran, "best_epoch": best}
             self.reporter.emit(
                 Message(
-                    f"Early stopping after epoch {first + ran}: the {monitor.replace('_', ' ')} "
+                    f"Early stopping after epoch {first + ran}: the {self._monitored(monitor)} "
                     f"stopped improving; the weights of epoch {best} (the best) are kept."
                 )
             )
