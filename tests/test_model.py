@@ -226,3 +226,24 @@ def test_write_bundle_refuses_a_file_and_foreign_names(tmp_path):
         bundles.write_bundle(tmp_path / "other", Unsaved(), meta, {"../escape.txt": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert target.read_text() == "a file, not a folder"
+
+
+def test_the_pipeline_and_the_cached_views_vary_contrast_alike():
+    """±strength both ways, as the guide says and as the cached views do (Keras 3.15 reads
+    ``RandomContrast(s)`` as factors in [1, 1 + s] only)."""
+    from napari_microclf.core.features import make_augment
+
+    yy, xx = np.mgrid[:32, :32] / 31.0
+    smooth = 128 + 60 * np.cos(np.pi * yy) * np.cos(np.pi * xx)  # survives rotation and zoom
+    x = np.repeat(smooth[None, ..., None], 64, axis=0).repeat(3, axis=-1).astype("float32")
+    spread = x.std(axis=(1, 2))
+
+    def factors(y):
+        return (np.asarray(y).std(axis=(1, 2)) / spread).ravel()
+
+    contrast = m.build_augmentation(0.2, seed=1).layers[-1]
+    pipeline = factors(contrast(x, training=True))
+    cached = factors(make_augment(0.2, seed=1)(x))  # flips and rotation keep the spread
+    for f in (pipeline, cached):
+        assert f.min() < 0.9 and f.max() > 1.1, (f.min(), f.max())
+    assert 0.78 < pipeline.min() and pipeline.max() < 1.22  # contrast alone: within ±20 %

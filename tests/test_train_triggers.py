@@ -71,7 +71,8 @@ def test_plateau_reduces_the_learning_rate_then_stops_early_at_the_best_epoch(tm
     assert result.epochs_run == best_epoch + stop_patience < epochs, (val, result.epochs_run)
     texts = [u.text for u in updates if isinstance(u, Message)]
     assert (
-        f"Early stopping after epoch {result.epochs_run}: the val loss stopped improving; "
+        f"Early stopping after epoch {result.epochs_run}: the validation loss stopped "
+        "improving; "
         f"the weights of epoch {best_epoch} (the best) are kept."
     ) in texts
     assert result.meta["phases"][0]["early_stopped"] == {

@@ -403,7 +403,8 @@ def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_group
     f = widget.form
     config = widget.config()
     assert (config.backbone, config.weights, config.group_by) == ("efficientnet-b0", "auto", None)
-    assert (config.intensity, config.intensity_range) == ("percentile", None)
+    assert (config.intensity, config.intensity_range) == ("auto", None)
+    assert (config.class_weights, f.class_weights.value) == ("sqrt", "sqrt")
     # tips come from the settings' one description
     assert f.head_epochs.tooltip.lower().startswith(help_of("head_epochs")[:30].lower())
     assert f.augment.tooltip.lower().startswith(help_of("augment")[:30].lower())

@@ -532,9 +532,9 @@ def cmd_demo(args) -> int:
     config = TrainConfig(
         str(info["dataset"]),
         str(out / "model"),
-        epochs=args.epochs,
         image_size=args.image_size or 224,
         weights="auto",
+        **({"epochs": args.epochs} if args.epochs else {}),
     )
     bar = _Bar()
     result = train(config, on_update=lambda u: _print_update(u, bar))
@@ -846,7 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")
     d.add_argument("--out", default="microclf-demo")
-    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument(
+        "--epochs", type=int, default=None, help="most epochs (default: train's, 200, early stopped)"
+    )
     d.add_argument("--per-class", type=int, default=150)
     d.add_argument("--image-size", type=int, default=None)
     d.set_defaults(func=cmd_demo)

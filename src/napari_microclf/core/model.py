@@ -220,7 +220,9 @@ def build_augmentation(strength: float = 0.05, seed: int | None = None):
         layers += [
             keras.layers.RandomRotation(strength, fill_mode="reflect", seed=seed),
             keras.layers.RandomZoom(strength, fill_mode="reflect", seed=seed),
-            keras.layers.RandomContrast(strength, seed=seed),
+            # (s, s), not s: Keras 3.15 reads a single number as factors in [1, 1 + s] (only
+            # ever more contrast); the guide's ±s, as the cached views (features.make_augment)
+            keras.layers.RandomContrast((strength, strength), seed=seed),
         ]
     return keras.Sequential(layers, name="augmentation")
 

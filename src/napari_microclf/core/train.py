@@ -613,8 +613,8 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     if class_weight:
         emit(
             Message(
-                f"Class weights ({config.class_weights}): "
-                f"{ {k: round(v, 2) for k, v in class_weight.items()} }"
+                f"Class weights: { {k: round(v, 2) for k, v in class_weight.items()} } "
+                f"({config.class_weights})"
             )
         )
     if departures := guide_departures(config):
