@@ -34,17 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine
 from real_data import SETS, real_dataset
 
-RECIPES = ("default", "auto", "guide")
+# "auto-unlimited": --preset auto without its time budget (the same recipe, every epoch)
+RECIPES = ("default", "auto", "auto-unlimited", "guide")
 
 
-def config_of(recipe: str, data: Path, out: Path, seed: int, image_size: int):
+def config_of(recipe: str, data: Path, out: Path, seed: int, image_size: int, **override):
     from napari_microclf.core.train import TrainConfig, preset_for
 
-    preset = preset_for(recipe if recipe != "default" else "none", data)
+    name = {"default": "none", "auto-unlimited": "auto"}.get(recipe, recipe)
+    preset = preset_for(name, data)
     settings = dict(preset.settings) if preset else {}
-    return TrainConfig(
-        str(data), str(out), seed=seed, resplit=True, image_size=image_size, **settings
-    )
+    if recipe == "auto-unlimited":
+        settings["time_budget"] = None
+    settings.update(override)
+    settings = {"resplit": True, **settings}
+    return TrainConfig(str(data), str(out), seed=seed, image_size=image_size, **settings)
 
 
 def cached_features(config):
@@ -100,17 +104,68 @@ def logistic_reference(feats: dict, y: dict) -> dict:
         "macro_f1": f1_score(y["test"], p, average="macro"),
         "C": c,
         "class_weight": weighting or "none",
+        "predicted": [int(v) for v in p],
     }
 
 
-def run(recipe: str, name: str, seed: int, image_size: int, root: Path) -> dict:
+def _log(update) -> None:
+    """The training's lines (not its per-batch updates) on stderr, to follow a long run."""
+    from napari_microclf.core.train import BatchEnd, Progress
+
+    if not isinstance(update, (BatchEnd, Progress)) and hasattr(update, "text"):
+        print(update.text, file=sys.stderr, flush=True)
+
+
+def write_fold(data: Path, fold: int, k: int) -> None:
+    """``data/split.json`` for fold ``fold`` of a stratified ``k``-fold cross-validation:
+    each class's files (in a fixed shuffled order) are dealt into ``k`` folds; fold ``fold``
+    is the test set, the next one the validation set, the rest the training set. Over the
+    ``k`` folds every image is tested exactly once."""
+    import random
+
+    from napari_microclf.core.dataset import (
+        Split,
+        _save_split,
+        class_files,
+        list_classes,
+        update_split,
+    )
+
+    update_split(data, 0.2, 0.2, 0, resplit=True)  # the groups and hashes of every file
+    from napari_microclf.core.dataset import load_split
+
+    split: Split = load_split(data)
+    for c in list_classes(data):
+        files = sorted(f"{c}/{p.name}" for p in class_files(data, c))
+        random.Random(0).shuffle(files)
+        for i, key in enumerate(files):
+            f = i % k
+            split.assignments[key] = (
+                "test" if f == fold else "val" if f == (fold + 1) % k else "train"
+            )
+    split.val_fraction = split.test_fraction = 1 / k
+    _save_split(data, split)
+
+
+def run(
+    recipe: str,
+    name: str,
+    seed: int,
+    image_size: int,
+    root: Path,
+    fold: tuple[int, int] | None = None,
+    **override,
+) -> dict:
     from napari_microclf.core.train import train
 
     data = real_dataset(name, root)
+    if fold is not None:  # (fold, k): the fold's split, kept (no resplit)
+        write_fold(data, *fold)
+        override = {**override, "resplit": False}
     with tempfile.TemporaryDirectory(prefix="microclf-validity-") as out:
-        config = config_of(recipe, data, Path(out) / "model", seed, image_size)
+        config = config_of(recipe, data, Path(out) / "model", seed, image_size, **override)
         t0 = time.perf_counter()
-        result = train(config)
+        result = train(config, on_update=_log)
         minutes = (time.perf_counter() - t0) / 60
     report = result.report
     counts = np.asarray([c["support"] for c in report["per_class"]])
@@ -127,6 +182,11 @@ def run(recipe: str, name: str, seed: int, image_size: int, root: Path) -> dict:
         "epochs": result.epochs_run,
         "minutes": round(minutes, 2),
         "phases": result.meta.get("phases"),
+        "override": override,
+        "fold": list(fold) if fold else None,
+        # each test image's true and predicted class: folds pool into one score
+        "true": [report["class_names"].index(p["true"]) for p in report["pages"]],
+        "predicted": [report["class_names"].index(p["predicted"]) for p in report["pages"]],
     }
     if result.meta.get("cached_features") and result.meta.get("fine_tune") == 0:
         row["logistic"] = logistic_reference(*cached_features(config))
@@ -160,7 +220,40 @@ def summary(rows: list[dict]) -> str:
             f"{ms([r['majority'] for r in rs])} | {ms([r['epochs'] for r in rs])} | "
             f"{ms([r['minutes'] for r in rs])} |"
         )
+    pooled = [r for r in rows if r.get("fold")]
+    for s, recipe in sorted({(r["set"], r["recipe"]) for r in pooled}):
+        rs = [r for r in pooled if r["set"] == s and r["recipe"] == recipe]
+        k = rs[0]["fold"][1]
+        t = np.concatenate([r["true"] for r in rs])
+        scores = {"microclf": np.concatenate([r["predicted"] for r in rs])}
+        if all("logistic" in r for r in rs):
+            scores["logistic regression"] = np.concatenate([r["logistic"]["predicted"] for r in rs])
+        for who, p in scores.items():
+            lines.append(
+                f"\n{s}, {recipe}, {len(rs)} of {k} folds pooled ({len(t)} test images), "
+                f"{who}: accuracy {np.mean(p == t):.3f}, balanced accuracy "
+                f"{_balanced(t, p):.3f}, macro-F1 {_macro_f1(t, p):.3f}"
+            )
     return "\n".join(lines)
+
+
+def _confusion(t, p) -> np.ndarray:
+    k = int(max(t.max(), p.max())) + 1
+    cm = np.zeros((k, k))
+    np.add.at(cm, (t, p), 1)
+    return cm
+
+
+def _balanced(t, p) -> float:
+    from napari_microclf.core.metrics import balanced_accuracy
+
+    return balanced_accuracy(_confusion(t, p))
+
+
+def _macro_f1(t, p) -> float:
+    from napari_microclf.core.metrics import macro_f1
+
+    return macro_f1(_confusion(t, p))
 
 
 def main(argv=None) -> None:
@@ -171,13 +264,42 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
     parser.add_argument("--json", type=Path, help="append each run as a JSON line")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig setting over the recipe's (e.g. fine_tune_lr_factor=0.3)",
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        help="k-fold cross-validation instead of seeds (every image tested once; for the "
+        "105-image plankton set)",
+    )
+    parser.add_argument("--summary", type=Path, help="only print the table of a --json file")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary([json.loads(line) for line in args.summary.read_text().splitlines()]))
+        return
+    override = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            override[key] = json.loads(value)
+        except json.JSONDecodeError:
+            override[key] = value
     print(f"# validity on {machine()}", flush=True)
     rows = []
     for name in args.sets:
         for recipe in args.recipes:
-            for seed in args.seeds:
-                row = run(recipe, name, seed, args.image_size, args.data)
+            runs = (
+                [(0, (f, args.folds)) for f in range(args.folds)]
+                if args.folds
+                else [(seed, None) for seed in args.seeds]
+            )
+            for seed, fold in runs:
+                row = run(recipe, name, seed, args.image_size, args.data, fold, **override)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json:

@@ -32,6 +32,7 @@ LAYERS: dict[str, set[str]] = {
         "bundle",
         "engine",
         "features",
+        "finetune",
         "familiar",
         "tta",
         "report",

@@ -14,7 +14,7 @@ from napari_microclf.core.train_config import help_of
     [
         (60, "very small dataset", 8, 1e-3, 0.35, 0),
         (600, "medium dataset", 32, 1e-3, 0.2, 0),
-        (1600, "large dataset", 64, 1e-3, 0.15, 2),
+        (1600, "large dataset", 64, 1e-3, 0.2, 2),
     ],
 )
 def test_the_guides_row_for_the_dataset_size(n, row, batch, lr, dropout, fine_tune):

@@ -360,6 +360,7 @@ def test_fine_tuning_starts_from_the_trained_head(lite0, tmp_path):
             head_epochs=2,
             fine_tune_epochs=2,
             early_stopping=False,
+            label_smoothing=0.0,  # the losses of both phases compare
         ),
         on_update=updates.append,
     )
@@ -369,10 +370,19 @@ def test_fine_tuning_starts_from_the_trained_head(lite0, tmp_path):
     assert len(phase2) == 1 and phase2[0].epoch == 3 and "top 2 of 7" in phase2[0].text
     # phase 2 continues from the head of phase 1, not from a random head
     assert h["loss"][2] <= h["loss"][1], h["loss"]
+    # warmed up to 1e-4 in phase 2's first epoch, then decayed along the cosine
     assert h["lr"][2] == pytest.approx(1e-4) and h["lr"][1] == pytest.approx(1e-3)
+    assert h["lr"][3] < 1e-4
     p1, p2 = result.meta["phases"]
     assert (p1["epochs"], p1["trained"]) == ([1, 2], "head on cached features")
-    assert (p2["epochs"], p2["trained"]) == ([3, 4], "head and unfrozen stages")
+    # the frozen stages ran once per image and view; the top 2 stages trained on that
+    assert (p2["epochs"], p2["trained"]) == (
+        [3, 4],
+        "head and unfrozen stages on cached activations",
+    )
+    assert p2["schedule"] == "warm-up and cosine (AdamW)"
+    said = " ".join(u.text for u in updates if isinstance(u, Message))
+    assert re.search(r"training image\(s\) x 8 view\(s\) and \d+ validation", said)
     lines = [u.text for u in updates if isinstance(u, EpochEnd)]
     assert len(lines) == 4 and all(EPOCH_LINE.match(t) for t in lines)
     # each epoch's update already knows its phase (the curves mark phase 2 as it runs)
@@ -419,7 +429,10 @@ def test_the_default_head_converges_where_the_guides_recipe_stops_early(tmp_path
     stopped = ours.meta["phases"][0]["early_stopped"]
     assert stopped["after_epoch"] == len(h["loss"]) < 200  # ended by early stopping
     assert abs(_slope(h["accuracy"][-10:])) < 0.005, h["accuracy"][-10:]  # converged
-    guide = train(TrainConfig(str(data), str(tmp_path / "guide"), **small, **GUIDE))
+    # the guide's head recipe on the same cached features (its intensity would compute them
+    # again: what is compared here is the head's training)
+    head_recipe = {k: v for k, v in GUIDE.items() if k != "intensity"}
+    guide = train(TrainConfig(str(data), str(tmp_path / "guide"), **small, **head_recipe))
     g = guide.history["accuracy"]
     assert len(g) == 15 and _slope(g[-5:]) > 0.005, g  # still rising when it stops
     assert max(h["accuracy"]) > g[-1] + 0.1, (h["accuracy"], g)

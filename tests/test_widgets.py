@@ -449,7 +449,7 @@ def test_invalid_group_by_is_refused_at_start(make_napari_viewer, tiny_dataset, 
 
 @pytest.mark.parametrize(
     ("n_per_class", "row", "batch_size"),
-    [(20, "very small dataset", 8), (200, "medium dataset", 32)],
+    [(20, "very small dataset", 8), (200, "medium dataset", 32), (340, "large dataset", 64)],
 )
 def test_suggest_settings_from_the_dataset_size(
     make_napari_viewer, qtbot, tmp_path, n_per_class, row, batch_size
@@ -469,6 +469,11 @@ def test_suggest_settings_from_the_dataset_size(
     assert f"batch size {batch_size}," in widget.status.text()
     assert said in widget.log.toPlainText()
     assert widget.suggest_btn.isEnabled()
+    if row == "large dataset":  # the fine-tuning recipe, within its time budget
+        config = widget.config()
+        assert (config.fine_tune, config.time_budget, config.fine_tune_epochs) == (2, "30m", 30)
+        assert "time budget (e.g. 30m) 30m" in widget.status.text()
+        assert widget.form.time_budget.enabled
     widget.form.batch_size.value = 12
     assert widget.config().batch_size == 12
 

@@ -334,13 +334,20 @@ class TrainWidget(QWidget):
         self.note.setToolTip(f"The Keras cache: {keras_home() / 'models' / IMAGENET_FILE}")
         # two phases (head first, then the unfrozen stages) need a pretrained, unfrozen base
         two_phase = f.fine_tune.value != 0 and f.weights.value != "none"
-        f.head_epochs.enabled = f.fine_tune_lr_factor.enabled = two_phase
-        f.fine_tune_epochs.enabled = two_phase
+        for name in (
+            "head_epochs",
+            "fine_tune_lr_factor",
+            "fine_tune_epochs",
+            "fine_tune_schedule",
+            "label_smoothing",
+            "time_budget",
+        ):
+            getattr(f, name).enabled = two_phase
 
     def apply_settings(self, settings: dict) -> None:
         """Set form fields from a dict of TrainConfig values (each stays editable)."""
         for name, value in settings.items():
-            getattr(self.form, name).value = value
+            getattr(self.form, name).value = "" if value is None else value  # text: unset
 
     def suggest(self):
         """Count the dataset's images in a worker, then apply the guide's settings for that

@@ -109,6 +109,13 @@ FORM = (
     Row("head_epochs", "head-only epochs", min=0, max=1000),
     Row("fine_tune_epochs", "fine-tuning epochs", min=1, max=1000),
     Row("fine_tune_lr_factor", "fine-tuning rate factor", min=0.001, max=1, step=0.05),
+    Row(
+        "fine_tune_schedule",
+        "fine-tuning schedule",
+        choices={"cosine": "warm-up and cosine (AdamW)", "plateau": "cut on plateaus (guide)"},
+    ),
+    Row("label_smoothing", "label smoothing", min=0, max=0.5, step=0.05),
+    Row("time_budget", "time budget (e.g. 30m)"),
     # the training run
     Row("epochs", min=1, max=1000),
     Row("batch_size", "batch size", min=1, max=1024),
@@ -194,6 +201,7 @@ def form_settings(form: Container) -> dict:
     if values["intensity"] == "fixed" and form.intensity_range.value.strip():
         values["intensity"] = f"fixed:{form.intensity_range.value.strip()}"
     values["group_by"] = values["group_by"].strip() or None
+    values["time_budget"] = values["time_budget"].strip() or None
     return values
 
 
@@ -206,6 +214,8 @@ def preset_text(form: Container, preset: Preset) -> str:
             parts.append(f"{w.text} {'on' if w.value else 'off'}")
         elif isinstance(w, ComboBox):
             parts.append(f"{w.label} {w.current_choice}")
+        elif isinstance(w.value, str):
+            parts.append(f"{w.label} {w.value}")
         else:
             parts.append(f"{w.label} {w.value:g}")
     return (

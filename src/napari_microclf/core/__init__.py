@@ -17,6 +17,7 @@ Layer 1, pages and class folders: ``images`` (reading, pages, normalisation), ``
 Layer 2, networks, engines, bundles, the feature cache and what both sides share: ``lite0``
 and ``model`` (the networks), ``bundle`` (a trained model on disk, its own split),
 ``engine`` (OpenVINO or TensorFlow), ``features`` (the backbone's cached features),
+``finetune`` (fine-tuning's top stages on the frozen stages' cached activations),
 ``familiar`` (out-of-distribution scores), ``tta`` (flipped views; a model's probabilities
 over pages), ``report`` (metrics, diagnosis, Markdown), ``metrics`` (balanced accuracy and
 macro-F1, in numpy and as Keras metrics), ``train_config`` (``TrainConfig``),

@@ -261,7 +261,7 @@ def gather_dataset(
     def take(idx):
         x = tf.numpy_function(rows, [idx], dtype, stateful=False)
         x.set_shape((None, *shape))
-        return x, tf.gather(y, idx)
+        return tf.cast(x, tf.float32), tf.gather(y, idx)  # float16 activations are stored
 
     ds = ds.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if pick_view_seed is not None:

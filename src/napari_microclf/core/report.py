@@ -108,8 +108,11 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
                 }
             )
     if acc and val_acc:
-        # the kept weights are the best epoch's (early stopping restores them)
-        best = int(np.argmin(val_loss)) if val_loss else len(val_acc) - 1
+        # the kept weights are the best epoch's of the last phase (early stopping restores
+        # them; fine-tuning's loss, label-smoothed, does not compare with the head's)
+        phase = history.get("phase") or []
+        start = phase.index(phase[-1]) if len(phase) == len(val_loss) and phase else 0
+        best = start + int(np.argmin(val_loss[start:])) if val_loss else len(val_acc) - 1
         gap = acc[best] - val_acc[best]
         rising = len(val_loss) - 1 - best >= 2 and val_loss[-1] > 1.1 * min(val_loss)
         if gap > 0.15 or (gap > 0.05 and rising):

@@ -46,12 +46,20 @@ from .features import (
     prune_cache,
     remove_stale_temporaries,
 )
+from .finetune import (
+    boundary_activations,
+    make_schedule,
+    parse_duration,
+    smoothed_loss,
+    split_classifier,
+)
 from .images import ImageReadError, count_pages
 from .lock import model_lock
 from .metrics import epoch_metrics
 from .model import (
     FEATURE_LAYER,
     FROZEN_RANDOM_WARNING,
+    N_STAGES,
     base_layer,
     build_classifier,
     build_head,
@@ -83,6 +91,8 @@ FROM_SCRATCH = {
     "reduce_lr_patience": 20,
 }
 
+
+WARMUP_EPOCHS = 2  # fine-tuning's 'cosine' schedule warms the learning rate up this long
 
 # -- the training guide's dataset-size table -------------------------------------------------
 
@@ -141,9 +151,10 @@ def suggest_settings(n_images: int) -> Preset:
             "augment_strength": 0.1,
             "learning_rate": 1e-3,
             "batch_size": 64,
-            "dropout": 0.15,
+            "dropout": 0.2,
             "fine_tune": 2,
-            "fine_tune_epochs": 15,
+            "fine_tune_epochs": 30,
+            "time_budget": "30m",
         },
     )
 
@@ -688,12 +699,21 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
             )
         )
         set_fine_tune(model, fine_tune)
-        if cached:  # phase 2 needs the images themselves
+        net = None
+        if config.cache and 1 <= fine_tune < N_STAGES:
+            # the frozen stages run once per image and view; the open stages train alone
+            acts = _activations(config, samples, model, fine_tune, emit, should_stop)
+            if acts is None:
+                return stopped_result(names, history, reporter.epochs_run)
+            inputs, net, fit.reserve_s = acts
+        elif cached:  # phase 2 needs the images themselves
             inputs = _images(config, samples)
-        trained = fit.run(model, inputs, False, lr2, first, last, phase=2)
-        cached = False
+        fit.run(model, inputs, False, lr2, first, last, phase=2, net=net, t_start=t_start)
+        trained, cached = model, False
         if reporter.stopped:
             return stopped_result(names, history, reporter.epochs_run)
+        if net is not None:  # the test set and familiarity read the images
+            inputs = _images(config, samples)
 
     report = None
     # the trained classifier as the engine runs it: the test set, the familiarity fit and
@@ -872,25 +892,68 @@ class _Fitter:
     def __init__(self, config: TrainConfig, y: dict, class_weight, reporter):
         self.config, self.y, self.class_weight, self.reporter = config, y, class_weight, reporter
         self.phases: list[dict] = []
+        self.reserve_s = 0.0  # a time budget's seconds kept for the test and the saving
+
+    def _budget_said(self, first: int, budget: str | None):
+        """What a time budget's first epoch decided, said and shown as the new total."""
+
+        def said(epochs: int, seconds: float):
+            self.reporter.epochs = first + epochs
+            self.reporter.emit(
+                Message(
+                    f"Time budget {budget}: {epochs} fine-tuning epoch(s) of {seconds:.0f}s "
+                    f"fit (epochs {first + 1}-{first + epochs})"
+                )
+            )
+
+        return said
 
     def _monitored(self, monitor: str) -> str:
         words = monitor.replace("_", " ").replace("val ", "validation ")
         return words + (" (class-weighted)" if self.class_weight else "")
 
-    def run(self, model, inputs: dict, cached: bool, lr: float, first: int, last: int, phase: int):
-        """Train epochs ``first+1..last``; returns the model that maps inputs to classes."""
+    def run(
+        self,
+        model,
+        inputs: dict,
+        cached: bool,
+        lr: float,
+        first: int,
+        last: int,
+        phase: int,
+        net=None,
+        t_start: float | None = None,
+    ):
+        """Train epochs ``first+1..last``; returns the model that maps inputs to classes.
+
+        ``cached``: ``inputs`` are pooled features and the head alone trains; ``net``: the
+        model to train on ``inputs``' rows (the open stages on cached activations). Phase 2
+        follows ``fine_tune_schedule``, with label smoothing; a ``time_budget`` counts from
+        ``t_start``."""
         import keras
         import tensorflow as tf
 
         config, y = self.config, self.y
-        trained = build_head(model, inputs["train"].shape[-1]) if cached else model
+        trained = (
+            net
+            if net is not None
+            else build_head(model, inputs["train"].shape[-1])
+            if cached
+            else model
+        )
+        rows = cached or net is not None  # arrays gathered by rows, not pages read from files
         n_classes = int(trained.output_shape[-1])
+        cosine = phase == 2 and config.fine_tune_schedule == "cosine"
         trained.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss="sparse_categorical_crossentropy",
+            optimizer=(
+                keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+                if cosine
+                else keras.optimizers.Adam(lr)
+            ),
+            loss=smoothed_loss(config.label_smoothing if phase == 2 else 0.0, n_classes),
             metrics=["accuracy", *epoch_metrics(n_classes)],
             run_eagerly=runs_eagerly(
-                cached, len(y["train"]), config.batch_size, last - first, config.image_size
+                rows, len(y["train"]), config.batch_size, last - first, config.image_size
             ),
         )
         # The page order is shuffled each epoch (same seed, same order as shuffling the
@@ -909,7 +972,7 @@ class _Fitter:
                 )
             )
         order = EpochOrder(len(y["train"]), config.seed + phase - 1)
-        if cached:  # each epoch sees one of the cached views of every training image
+        if rows:  # each epoch sees one of the cached views of every training image
             train_ds = gather_dataset(
                 inputs["train"], y["train"], bs, order, config.seed, limit=n_train
             )
@@ -920,7 +983,7 @@ class _Fitter:
         if has_val:
             val_ds = (
                 gather_dataset(inputs["val"], y["val"], bs, None, limit=n_val)
-                if cached
+                if rows
                 else inputs["val"].dataset(bs, y["val"], limit=n_val)
             )
             if self.class_weight:  # the validation loss weighs the classes as training does
@@ -929,17 +992,33 @@ class _Fitter:
                 )
                 val_ds = val_ds.map(lambda x, label: (x, label, tf.gather(table, label)))
         monitor = "val_loss" if has_val else "loss"
-        callbacks = [
-            order.callback(),
-            self.reporter,
-            keras.callbacks.ReduceLROnPlateau(
-                monitor=monitor,
-                factor=config.reduce_lr_factor,
-                patience=config.reduce_lr_patience,
-                min_lr=config.min_lr,
-                verbose=0,
-            ),
-        ]
+        callbacks = [order.callback(), self.reporter]
+        if cosine:
+            budget = parse_duration(config.time_budget)
+            callbacks.insert(
+                0,  # before the reporter, which reads the batch's learning rate
+                make_schedule(
+                    lr,
+                    WARMUP_EPOCHS,
+                    first,
+                    last,
+                    -(-n_train // bs),
+                    budget,
+                    t_start if t_start is not None else time.perf_counter(),
+                    self.reserve_s,
+                    self._budget_said(first, config.time_budget),
+                ),
+            )
+        else:
+            callbacks.append(
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor=monitor,
+                    factor=config.reduce_lr_factor,
+                    patience=config.reduce_lr_patience,
+                    min_lr=config.min_lr,
+                    verbose=0,
+                )
+            )
         early = None
         if config.early_stopping:
             early = keras.callbacks.EarlyStopping(
@@ -975,8 +1054,11 @@ class _Fitter:
             "phase": phase,
             "epochs": [first + 1, first + ran],
             "learning_rate": lr,
+            "schedule": "warm-up and cosine (AdamW)" if cosine else "plateau (Adam)",
             "trained": "head on cached features"
             if cached
+            else "head and unfrozen stages on cached activations"
+            if net is not None
             else ("head and unfrozen stages" if base_trains else "head on the frozen base"),
         }
         if (
@@ -1013,6 +1095,54 @@ def _images(config: TrainConfig, samples) -> dict:
     spec = config.preprocessing
     memo = PageMemo(page_memory_budget())  # small datasets: decoded once, as before
     return {s: PageSource(getattr(samples, s), spec, memo) for s in ("train", "val", "test")}
+
+
+def _activations(config: TrainConfig, samples, model, fine_tune: int, emit, should_stop):
+    """Phase 2 on cached activations (see core/finetune.py): ``(inputs, top, reserve_s)``
+    with the training images' ``fine_tune_views`` views and the validation images at the
+    boundary of the frozen stages, the model of the open stages and the head, and the
+    seconds a time budget keeps for testing and saving; None when stopped."""
+    lower, top = split_classifier(model, fine_tune)
+    spec, memo = config.preprocessing, PageMemo(page_memory_budget())
+    plan = [("train", config.fine_tune_views if config.augment else 1), ("val", 1)]
+    total = sum(len(getattr(samples, s)) * v for s, v in plan)
+    out, done, t0 = {}, 0, time.perf_counter()
+    strength = config.augment_strength if config.augment else 0.0
+    for subset, views in plan:
+        before = done
+
+        def on_batch(n, views=views, before=before):
+            seconds = time.perf_counter() - t0
+            rate = (before + n * views) / seconds if seconds > 0 else None
+            left = total - before - n * views
+            emit(
+                Progress(
+                    "activations", before + n * views, total, rate, left / rate if rate else None
+                )
+            )
+            return bool(should_stop and should_stop())
+
+        source = PageSource(getattr(samples, subset), spec, memo)
+        acts = boundary_activations(
+            source, lower, views, strength, config.seed, config.batch_size, on_batch
+        )
+        if acts is None:
+            return None
+        out[subset] = acts[:, None] if subset == "train" and views == 1 else acts
+        done += len(source) * views
+    seconds = time.perf_counter() - t0
+    rate = done / seconds if seconds > 0 else 50.0
+    shape = "x".join(str(d) for d in out["val"].shape[1:]) if len(out["val"]) else "?"
+    emit(
+        Message(
+            f"Frozen stages: {len(samples.train)} training image(s) x {out['train'].shape[1]} "
+            f"view(s) and {len(samples.val)} validation image(s) at the boundary ({shape}, "
+            f"float16) in {seconds:.1f}s; the top {fine_tune} stage(s) train on them"
+        )
+    )
+    # the test set (plain and 4 flipped views, the whole network) and the saving
+    reserve = 60.0 + 8.0 * len(samples.test) / rate
+    return out, top, reserve
 
 
 def _features(

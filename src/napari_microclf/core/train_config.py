@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from .device import parse_devices
 from .engine import check_engine
 from .features import DEFAULT_VIEWS
+from .finetune import parse_duration
 from .images import PreprocessSpec, parse_intensity
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
+SCHEDULES = ("cosine", "plateau")
 
 
 def _opt(default, help: str, cli: str | None = None, **extra):
@@ -137,6 +139,29 @@ class TrainConfig:
     fine_tune_lr_factor: float = _opt(
         0.1, "fine-tuning, phase 2: learning rate multiplied by this (0.1)"
     )
+    fine_tune_schedule: str = _opt(
+        "cosine",
+        "fine-tuning, phase 2: 'cosine' (AdamW, the learning rate warmed up for 2 epochs "
+        "then decayed to 0 along a cosine, the best epoch kept) or 'plateau' (Adam, cut 5x "
+        "when the validation loss plateaus: the guide's)",
+        choices=SCHEDULES,
+    )
+    label_smoothing: float = _opt(
+        0.1, "fine-tuning, phase 2: label smoothing of the loss (0.1; 0 for none)"
+    )
+    weight_decay: float = _opt(0.05, "fine-tuning, phase 2, 'cosine': AdamW's weight decay (0.05)")
+    fine_tune_views: int = _opt(
+        8,
+        "fine-tuning with the cache: views per training image whose frozen stages' "
+        "activations are computed once (8: its 8 symmetries of the square, 90-degree "
+        "rotations and mirror images, each cropped to 85-100%% of its area, brightness and "
+        "contrast ±augment strength)",
+    )
+    time_budget: str | None = _opt(
+        None,
+        "fine-tuning: the whole training's time, e.g. 30m or 1h30m; the first fine-tuning "
+        "epoch's time sets how many epochs fit (default: no limit)",
+    )
     seed: int = _opt(0, "random seed of the split, the augmentation and the head (0)")
     pmin: float = 1.0
     pmax: float = 99.8
@@ -229,6 +254,14 @@ class TrainConfig:
                 f"fine-tuning learning-rate factor must be in (0, 1], got "
                 f"{self.fine_tune_lr_factor}"
             )
+        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0:
+            raise ValueError(
+                f"label smoothing must be in [0, 1) and weight decay 0 or more, got "
+                f"{self.label_smoothing} and {self.weight_decay}"
+            )
+        if self.fine_tune_views < 1:
+            raise ValueError(f"fine-tuning views must be at least 1, got {self.fine_tune_views}")
+        parse_duration(self.time_budget)  # a bad spelling is said now
         if ":" in self.intensity or "," in self.intensity:  # "fixed:0,4095" in one string
             mode, rng = parse_intensity(self.intensity)
             object.__setattr__(self, "intensity", mode)
@@ -273,7 +306,11 @@ GUIDE = {
     "reduce_lr_patience": 3,
     "head_epochs": 5,
     "fine_tune_epochs": 10,
+    "fine_tune_schedule": "plateau",
+    "label_smoothing": 0.0,
 }
+# said only when the training fine-tunes
+FINE_TUNING = ("head_epochs", "fine_tune_epochs", "fine_tune_schedule", "label_smoothing")
 
 # Why each default differs from the guide, said in the training's log and the README.
 GUIDE_DEPARTURES = {
@@ -286,6 +323,9 @@ GUIDE_DEPARTURES = {
     "intensity": "intensity 'auto': 8-bit images keep their range (the guide: a percentile "
     "stretch per image, which throws away absolute brightness)",
     "early_stopping_patience": "early-stopping patience 10 (the guide: 5)",
+    "fine_tune_schedule": "fine-tuning with AdamW, a 2-epoch warm-up and a cosine decay "
+    "(the guide: Adam, cut when the validation loss plateaus)",
+    "label_smoothing": "fine-tuning with label smoothing 0.1 (the guide: none)",
 }
 
 
@@ -293,10 +333,12 @@ def guide_departures(config: TrainConfig) -> list[str]:
     """The settings of ``config`` that depart from the guide because they are our defaults
     (a value the user chose is theirs, not said)."""
     fields = TrainConfig.__dataclass_fields__
+    tunes = str(config.fine_tune).strip() not in ("0", "", "none", "None", "False")
     return [
         why
         for name, why in GUIDE_DEPARTURES.items()
         if getattr(config, name) == fields[name].default != GUIDE[name]
+        and (tunes or name not in FINE_TUNING)
     ]
 
 
