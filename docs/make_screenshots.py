@@ -68,9 +68,9 @@ def main():
     shot(viewer, "annotate", ann)
     # Train
     tr = w["Train"]
-    # the defaults (auto: a pretrained base), fine-tuned in two phases so the curves show
-    # the marker; 96 px (the sample images' size) keeps phase 2 short on a CPU
-    for name, value in {"fine_tune": 2, "epochs": 10, "head_epochs": 5, "image_size": 96}.items():
+    # the defaults (auto: a pretrained base; the head until it converges), then the top 2
+    # stages fine-tuned so the curves show the marker; 96 px (the sample images' size)
+    for name, value in {"fine_tune": 2, "fine_tune_epochs": 6, "image_size": 96}.items():
         getattr(tr.form, name).value = value
     t0 = time.time()
     wait(tr.start())

@@ -847,7 +847,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")
     d.add_argument("--out", default="microclf-demo")
     d.add_argument(
-        "--epochs", type=int, default=None, help="most epochs (default: train's, 200, early stopped)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="most epochs (default: train's, 200, early stopped)",
     )
     d.add_argument("--per-class", type=int, default=150)
     d.add_argument("--image-size", type=int, default=None)

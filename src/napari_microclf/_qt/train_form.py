@@ -143,6 +143,11 @@ FORM = (
     # speed
     Row("cache", "cache backbone features (fast, frozen base)"),
     Row("views", "augmented views", min=0, max=32),
+    Row(
+        "epoch_views",
+        "views per epoch",
+        choices={"all": "all (every cached view)", "one": "one at random (guide)"},
+    ),
     Row("engine", "inference engine", choices=ENGINE_NAMES),
 )
 

@@ -202,6 +202,13 @@ class TrainConfig:
         DEFAULT_VIEWS,
         f"augmented views per training image whose backbone features are cached ({DEFAULT_VIEWS})",
     )
+    epoch_views: str = _opt(
+        "all",
+        "the head on cached features: each epoch sees 'all' the cached views of every "
+        "training image (as a logistic regression on them would), or 'one' drawn at random "
+        "(the guide's epoch: one augmented view of each image)",
+        choices=("all", "one"),
+    )
     engine: str = _opt(
         "auto",
         "what runs the frozen backbone's features and the test-set evaluation: 'auto' "
@@ -308,6 +315,7 @@ GUIDE = {
     "fine_tune_epochs": 10,
     "fine_tune_schedule": "plateau",
     "label_smoothing": 0.0,
+    "epoch_views": "one",
 }
 # said only when the training fine-tunes
 FINE_TUNING = ("head_epochs", "fine_tune_epochs", "fine_tune_schedule", "label_smoothing")
@@ -326,6 +334,8 @@ GUIDE_DEPARTURES = {
     "fine_tune_schedule": "fine-tuning with AdamW, a 2-epoch warm-up and a cosine decay "
     "(the guide: Adam, cut when the validation loss plateaus)",
     "label_smoothing": "fine-tuning with label smoothing 0.1 (the guide: none)",
+    "epoch_views": "each epoch of the head sees every cached view of each training image "
+    "(the guide: one augmented view per image and epoch)",
 }
 
 
