@@ -126,7 +126,9 @@ def test_bioimageio_weights_give_the_bundles_probabilities(bioimageio_zip, bundl
     page = read_page(Path(load_bundle(bundle).meta["data_dir"]) / "long" / "1.tif")
     assert x.shape == (1, SIZE, SIZE, 3) and np.array_equal(x[0, ..., 0], page[..., 0])
     weights = keras.saving.load_model(folder / "weights.keras", compile=False, safe_mode=True)
-    got = np.asarray(weights(ex.bioimageio_preprocess(x, PreprocessSpec(SIZE))))
+    got = np.asarray(
+        weights(ex.bioimageio_preprocess(x, PreprocessSpec(SIZE).resolved(page.dtype)))
+    )
     b = load_bundle(bundle)
     own = np.asarray(b.model(preprocess(page, b.preprocess)[None], training=False))
     print(f"keras_v3 vs bundle: {np.abs(got - own).max():.2g}")
@@ -146,7 +148,9 @@ def test_bioimageio_weights_resize_any_image(bioimageio_zip, bundle, tmp_path):
     page = rng.integers(0, 4000, (72, 50)).astype(np.uint16)
     page[20:50, 10:30] += 3000
     x = np.repeat(page[None, ..., None], 3, axis=-1).astype(np.float32)
-    got = np.asarray(weights(ex.bioimageio_preprocess(x, PreprocessSpec(SIZE))))
+    got = np.asarray(
+        weights(ex.bioimageio_preprocess(x, PreprocessSpec(SIZE).resolved(page.dtype)))
+    )
     b = load_bundle(bundle)
     own = np.asarray(b.model(preprocess(page, b.preprocess)[None], training=False))
     print(f"72x50 image, resize inside vs microclf: {np.abs(got - own).max():.3g}")
