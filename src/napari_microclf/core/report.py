@@ -75,8 +75,12 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def diagnose(history: dict, report: dict | None = None) -> list[dict]:
-    """Read the curves the way the training guide teaches; each finding has a remedy."""
+def diagnose(history: dict, report: dict | None = None, kept: int | None = None) -> list[dict]:
+    """Read the curves the way the training guide teaches; each finding has a remedy.
+
+    ``kept``: the 1-based epoch whose weights the model kept (early stopping's best, which
+    a fall of the loss under its ``min_delta`` does not move); else the last phase's lowest
+    validation loss."""
     findings = []
     acc, val_acc = history.get("accuracy", []), history.get("val_accuracy", [])
     val_loss = history.get("val_loss", [])
@@ -113,6 +117,8 @@ def diagnose(history: dict, report: dict | None = None) -> list[dict]:
         phase = history.get("phase") or []
         start = phase.index(phase[-1]) if len(phase) == len(val_loss) and phase else 0
         best = start + int(np.argmin(val_loss[start:])) if val_loss else len(val_acc) - 1
+        if kept is not None and 1 <= kept <= len(val_acc):
+            best = kept - 1
         gap = acc[best] - val_acc[best]
         rising = len(val_loss) - 1 - best >= 2 and val_loss[-1] > 1.1 * min(val_loss)
         if gap > 0.15 or (gap > 0.05 and rising):

@@ -769,7 +769,7 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
     report["subset"] = "test"
     report["groups"] = samples.subset_groups.get("test")
     report["title"] = f"Test report: {Path(config.out_dir).name} on its own test set"
-    report["diagnosis"] = diagnose(history, report)
+    report["diagnosis"] = diagnose(history, report, kept=fit.phases[-1].get("kept_epoch"))
     # where the training data lie in feature space, to flag unfamiliar images (familiar.py)
     extract = None if cached else base_features(model, config.batch_size, forward)
     familiarity, fit_seconds = fit_for_training(
@@ -1096,8 +1096,10 @@ class _Fitter:
                     f"(the best {self._monitored(monitor)}) are kept."
                 )
             )
+        info["kept_epoch"] = info.get("best_epoch", first + ran)
         if early is not None and early.stopped_epoch > 0 and not self.reporter.stopped:
             best = early.best_epoch + 1
+            info["kept_epoch"] = best
             info["early_stopped"] = {"after_epoch": first + ran, "best_epoch": best}
             self.reporter.emit(
                 Message(
