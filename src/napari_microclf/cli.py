@@ -381,7 +381,12 @@ def _predict_checked(args):
         from .core.cluster import check_spec
 
         check_spec(args.cluster)
-    return csv_path, find_images(args.paths)
+    files = find_images(args.paths)
+    if csv_path is not None:
+        from .core.files import refuse_destroying
+
+        refuse_destroying(csv_path, inputs=files, protected=[args.model], what="CSV destination")
+    return csv_path, files
 
 
 def _explain_checked(args):
@@ -398,6 +403,11 @@ def _explain_checked(args):
         from .core.images import ImageReadError
 
         raise ImageReadError(f"{args.image} has {n} page(s) (0..{n - 1}), no page {args.page}")
+    from .core.files import refuse_destroying
+
+    refuse_destroying(
+        args.out, inputs=[args.image], protected=[args.model], what="heatmap destination"
+    )
     return check_tiff_destination(args.out)
 
 
@@ -562,7 +572,9 @@ def _export_checked(args) -> Path:
     from .core.export import check_destination, check_format, default_out
 
     fmt = check_format(args.format)
-    return check_destination(args.out or default_out(args.model, fmt), fmt, args.overwrite)
+    return check_destination(
+        args.out or default_out(args.model, fmt), fmt, args.overwrite, args.model
+    )
 
 
 def cmd_export(args) -> int:

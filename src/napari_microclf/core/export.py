@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import numpy as np
 from .._version import __version__
 from .bundle import load_bundle, own_split, zip_bundle
 from .errors import BundleError, ExportError, OutputError
+from .files import refuse_destroying
 from .images import dtype_range, preprocess, read_page, select_channels
 from .model import base_layer
 
@@ -86,13 +88,25 @@ def default_out(bundle_path: str | Path, fmt: str) -> Path:
     return p.parent / (name + suffix)
 
 
-def check_destination(out: str | Path, fmt: str, overwrite: bool = False) -> Path:
-    """Refuse a destination that exists (unless ``overwrite``) or whose folder is missing,
-    before any work is done."""
+def check_destination(
+    out: str | Path, fmt: str, overwrite: bool = False, bundle_path: str | Path | None = None
+) -> Path:
+    """Refuse a destination that exists (unless ``overwrite``, and then only an earlier
+    export of the same format), that would destroy the model, the working directory or a
+    folder above it (:func:`~.files.refuse_destroying`), or whose folder is missing, before
+    any work is done."""
+    refuse_destroying(
+        out, protected=[bundle_path] if bundle_path else (), what="export destination"
+    )
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise OutputError(
             f"{out} exists; choose another destination (--out) or replace it (--overwrite)"
+        )
+    if out.exists() and not _earlier_export(out, fmt):
+        raise OutputError(
+            f"{out} exists and is not an earlier {fmt} export; --overwrite replaces only "
+            "what an export wrote: choose another destination"
         )
     if out.exists() and fmt != "savedmodel" and out.is_dir():
         raise OutputError(
@@ -104,6 +118,18 @@ def check_destination(out: str | Path, fmt: str, overwrite: bool = False) -> Pat
             "create it or choose another destination"
         )
     return out
+
+
+def _earlier_export(out: Path, fmt: str) -> bool:
+    """Whether ``out`` looks like what an export of ``fmt`` writes (so --overwrite may
+    replace it): a SavedModel folder, a zip file, an ONNX file."""
+    if fmt == "savedmodel":
+        return out.is_dir() and (out / "saved_model.pb").is_file()
+    if out.is_dir():
+        return True  # said below: give a file name
+    if fmt == "onnx":
+        return out.suffix.lower() == ".onnx"
+    return zipfile.is_zipfile(out)
 
 
 @dataclass(frozen=True)
@@ -166,7 +192,7 @@ def export_model(
     """:func:`export`, returning an :class:`ExportResult` (path, time, size, check)."""
     fmt = check_format(fmt)
     out = check_destination(
-        out if out is not None else default_out(bundle_path, fmt), fmt, overwrite
+        out if out is not None else default_out(bundle_path, fmt), fmt, overwrite, bundle_path
     )
     t0 = time.perf_counter()
     diff = None

@@ -56,3 +56,41 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def refuse_destroying(
+    out: str | Path, *, inputs=(), protected=(), what: str = "the output"
+) -> None:
+    """Raise OutputError (one line) when writing or replacing ``out`` would destroy what
+    microclf did not write: the working directory or a folder above it, an input (one of the
+    files ``inputs``, or a folder that holds one), or a ``protected`` folder (a model, a
+    dataset), a path inside one or a folder above one. Symbolic links are followed to what
+    they name. Called before any work is done."""
+    from .errors import OutputError
+
+    out = Path(out).expanduser()
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        where = (
+            "the working directory"
+            if real == cwd
+            else f"a folder above the working directory {cwd}"
+        )
+        raise OutputError(f"{what} {out} is {where}; choose a new file or folder to write")
+    for given in inputs:
+        src = Path(given).expanduser().resolve()
+        if real == src:
+            raise OutputError(
+                f"{what} {out} is one of the inputs; writing it would replace it: choose "
+                "another path"
+            )
+        if real in src.parents:
+            raise OutputError(
+                f"{what} {out} is a folder that holds the input {given}; choose another path"
+            )
+    for folder in protected:
+        p = Path(folder).expanduser().resolve()
+        if real == p or p in real.parents or real in p.parents:
+            how = "is" if real == p else "is inside" if p in real.parents else "holds"
+            raise OutputError(f"{what} {out} {how} {p}; choose a path outside it")

@@ -28,6 +28,7 @@ from .csv_format import (
 )
 from .errors import OutputError
 from .familiar import load_familiarity
+from .files import refuse_destroying
 from .images import find_images
 from .predict_options import PredictOptions, options_of
 from .predictor import Predictor
@@ -202,6 +203,9 @@ def iter_folder(
             "one whose PATH.partial holds the rows so far"
         )
     files = find_images(paths)
+    if csv_path is not None:  # never over an image being classified, nor into the model
+        model_folder = [bundle] if isinstance(bundle, (str, Path)) else []
+        refuse_destroying(csv_path, inputs=files, protected=model_folder, what="CSV destination")
     with contextlib.ExitStack() as stack:
         if client is not None:
             client = stack.enter_context(connected(client))
