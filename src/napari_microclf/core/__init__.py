@@ -7,8 +7,8 @@ a module; an import inside a function is for a heavy optional dependency (Tensor
 OpenVINO, Dask, ONNX, matplotlib).
 
 Layer 0, foundations: ``errors`` (the error types), ``settings`` (every ``MICROCLF_*``
-variable), ``files`` (content digests, atomic writes), ``lock`` (one writer at a time),
-``device`` (GPUs, memory).
+variable), ``files`` (content digests, atomic writes, outputs that would destroy an input
+refused), ``lock`` (one writer at a time), ``device`` (GPUs, memory).
 
 Layer 1, pages and class folders: ``images`` (reading, pages, normalisation), ``dataset``
 (class folders, examples, the split), ``pipeline`` (pages streamed to training), ``sample``

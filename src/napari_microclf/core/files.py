@@ -14,6 +14,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from .errors import OutputError
+
 DIGEST_MEMO_SIZE = 4096  # file digests remembered (a few hundred kB), least recently used out
 _DIGEST_MEMO: OrderedDict = OrderedDict()
 _DIGEST_LOCK = threading.Lock()
@@ -66,8 +68,6 @@ def refuse_destroying(
     files ``inputs``, or a folder that holds one), or a ``protected`` folder (a model, a
     dataset), a path inside one or a folder above one. Symbolic links are followed to what
     they name. Called before any work is done."""
-    from .errors import OutputError
-
     out = Path(out).expanduser()
     real = out.resolve()
     cwd = Path.cwd().resolve()
