@@ -129,7 +129,7 @@ def boundary_activations(
     source, lower, views: int, strength: float, seed: int, batch_size: int, on_batch=None
 ) -> np.ndarray | None:
     """``(pages, views, *boundary)`` float16 activations of a :class:`~.pipeline.PageSource`
-    (``views=1``: ``(pages, *boundary)``). ``on_batch(images_done)`` is called after each
+    (view 0: the page itself). ``on_batch(images_done)`` is called after each
     batch; when it returns True the work stops and None is returned."""
     import tensorflow as tf
 
@@ -146,7 +146,7 @@ def boundary_activations(
         done += len(chunk)
         if on_batch is not None and on_batch(done):
             return None
-    return out if views > 1 else out[:, 0]
+    return out
 
 
 def smoothed_loss(label_smoothing: float, n_classes: int):

@@ -512,9 +512,9 @@ def has_head_phase(config: TrainConfig, fine_tune: int, weights) -> bool:
 
 def most_epochs(config: TrainConfig) -> int:
     """:func:`planned_epochs` before the weights are resolved (a progress bar's total)."""
-    pretrained = str(config.weights).lower() != "none"
+    weights = None if str(config.weights).lower() == "none" else config.weights
     return planned_epochs(
-        config, parse_fine_tune(config.fine_tune) != 0 and pretrained and config.head_epochs > 0
+        config, has_head_phase(config, parse_fine_tune(config.fine_tune), weights)
     )
 
 
@@ -986,15 +986,15 @@ class _Fitter:
             n_rows = even_count(len(labels), bs, n_devices)
             order = EpochOrder(len(labels), config.seed + phase - 1)
             train_ds = gather_dataset(flat, labels, bs, order, limit=n_rows)
-            self.reporter.steps = -(-n_rows // bs)
         elif rows:  # each epoch sees one of the cached views of every training image
+            n_rows = n_train
             train_ds = gather_dataset(
                 inputs["train"], y["train"], bs, order, config.seed, limit=n_train
             )
-            self.reporter.steps = -(-n_train // bs)
         else:
+            n_rows = n_train
             train_ds = inputs["train"].dataset(bs, y["train"], order, limit=n_train)
-            self.reporter.steps = -(-n_train // bs)
+        self.reporter.steps = steps = -(-n_rows // bs)
         has_val = n_val > 0
         val_ds = None
         if has_val:
@@ -1019,7 +1019,7 @@ class _Fitter:
                     WARMUP_EPOCHS,
                     first,
                     last,
-                    -(-n_train // bs),
+                    steps,
                     budget,
                     t_start if t_start is not None else time.perf_counter(),
                     self.reserve_s,
@@ -1125,7 +1125,7 @@ def _activations(config: TrainConfig, samples, model, fine_tune: int, emit, shou
     boundary of the frozen stages, the model of the open stages and the head, and the
     seconds a time budget keeps for testing and saving; None when stopped."""
     lower, top = split_classifier(model, fine_tune)
-    spec, memo = config.preprocessing, PageMemo(page_memory_budget())
+    spec = config.preprocessing  # each page read once, in chunks: nothing to memoise
     plan = [("train", config.fine_tune_views if config.augment else 1), ("val", 1)]
     total = sum(len(getattr(samples, s)) * v for s, v in plan)
     out, done, t0 = {}, 0, time.perf_counter()
@@ -1144,13 +1144,13 @@ def _activations(config: TrainConfig, samples, model, fine_tune: int, emit, shou
             )
             return bool(should_stop and should_stop())
 
-        source = PageSource(getattr(samples, subset), spec, memo)
+        source = PageSource(getattr(samples, subset), spec)
         acts = boundary_activations(
             source, lower, views, strength, config.seed, config.batch_size, on_batch
         )
         if acts is None:
             return None
-        out[subset] = acts[:, None] if subset == "train" and views == 1 else acts
+        out[subset] = acts if subset == "train" else acts[:, 0]  # validation: the image
         done += len(source) * views
     seconds = time.perf_counter() - t0
     rate = done / seconds if seconds > 0 else 50.0
