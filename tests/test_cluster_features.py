@@ -116,7 +116,7 @@ def test_large_feature_sets_are_memory_mapped(data, monkeypatch):
     fresh = extract_features(refs, 1, spec, extractor, cache)
     assert isinstance(fresh, np.memmap) and cache.computed == len(refs)
     np.testing.assert_allclose(fresh[:, 0], in_memory[:, 0], rtol=1e-5, atol=1e-5)
-    assert clear_cache(data) > 0 and not (data / CACHE_DIR).exists()
+    assert clear_cache(data)[0] > 0 and not (data / CACHE_DIR).exists()
 
 
 def test_a_corrupt_file_is_named_in_one_line(data, capsys):

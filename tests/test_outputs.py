@@ -5,12 +5,21 @@ refused with one line before any work; --overwrite replaces only an earlier expo
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from napari_microclf.cli import main as cli_main
 from napari_microclf.core.errors import OutputError
+from napari_microclf.core.features import (
+    CACHE_DIR,
+    FeatureCache,
+    cache_entries,
+    prune_cache,
+    remove_stale_temporaries,
+)
 from napari_microclf.core.files import refuse_destroying
 
 
@@ -85,3 +94,56 @@ def test_a_link_to_an_input_is_the_input(tmp_path):
     with pytest.raises(OutputError, match="one of the inputs"):
         refuse_destroying(link, inputs=[image])
     refuse_destroying(tmp_path / "new.csv", inputs=[image], protected=[tmp_path / "model"])
+
+
+def _old(path: Path, days: float = 40) -> None:
+    t = time.time() - days * 86400
+    os.utime(path, (t, t))
+
+
+def _a_key_folder(data: Path, key: str) -> Path:
+    """A cache folder as a training leaves it (key.json, one entry, a last-used stamp), old."""
+    cache = FeatureCache(data, key, {"spec": {}})
+    cache.save("0" * 40, np.zeros((1, 1, 4), np.float32))
+    cache.touch()
+    _old(cache.folder / "last-used")
+    return cache.folder
+
+
+def test_a_linked_feature_cache_is_used_but_never_cleaned_through(tmp_path, capsys):
+    data, scratch = tmp_path / "data", tmp_path / "scratch"
+    data.mkdir()
+    (scratch / "thesis").mkdir(parents=True)
+    (scratch / "thesis" / "chapter.txt").write_text("mine")
+    _old(scratch / "thesis")
+    (data / CACHE_DIR).symlink_to(scratch)
+    ours = _a_key_folder(data, "k1")  # written through the link, into scratch
+    assert ours.resolve().parent == scratch.resolve()
+    assert [e["key"] for e in cache_entries(data)] == ["k1"]  # the user's folder is not ours
+    assert prune_cache(data, max_age_days=0) == [] and remove_stale_temporaries(data) == 0
+    assert (scratch / "thesis" / "chapter.txt").read_text() == "mine" and ours.exists()
+    assert cli_main(["cache", "clear", str(data)]) == 1
+    said = _said(capsys)
+    assert "symbolic link" in said and "Traceback" not in said
+    assert (data / CACHE_DIR).is_symlink() and (scratch / "thesis" / "chapter.txt").exists()
+
+
+def test_cache_cleaning_removes_only_key_folders_microclf_made(tmp_path, capsys):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    (outside / "results").mkdir(parents=True)
+    (outside / "results" / "table.csv").write_text("a,b")
+    ours = _a_key_folder(data, "k1")
+    cache = data / CACHE_DIR
+    (cache / "results-link").symlink_to(outside / "results")  # a link: never followed
+    (cache / "notes").mkdir()  # unmarked: not ours
+    (cache / "notes" / "n.txt").write_text("mine")
+    _old(cache / "notes")
+    assert prune_cache(data, max_age_days=1) == ["k1"] and not ours.exists()
+    assert (cache / "notes" / "n.txt").exists() and (outside / "results" / "table.csv").exists()
+    _a_key_folder(data, "k2")
+    assert cli_main(["cache", "clear", str(data)]) == 0
+    said = _said(capsys)
+    assert "notes" in said and "results-link" in said  # named, left as they were
+    assert sorted(p.name for p in cache.iterdir()) == ["notes", "results-link"]
+    assert (outside / "results" / "table.csv").read_text() == "a,b"

@@ -191,11 +191,16 @@ def cmd_evaluate(args) -> int:
 def cmd_cache(args) -> int:
     import datetime as _dt
 
-    from .core.features import cache_entries, clear_cache
+    from .core.features import CACHE_DIR, cache_entries, clear_cache
 
     if args.action == "clear":
-        freed = clear_cache(args.data)
+        freed, left = clear_cache(args.data)
         print(f"Removed the feature cache of {args.data} ({freed / 2**20:.1f} MB).")
+        if left:
+            print(
+                f"Left in {Path(args.data) / CACHE_DIR} what microclf did not write: "
+                + ", ".join(left)
+            )
         return 0
     entries = cache_entries(args.data)
     if not entries:

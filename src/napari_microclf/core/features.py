@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ import numpy as np
 
 from . import settings
 from .engine import OpenVinoRunner, backbone_ir, engine_label
+from .errors import OutputError
 from .files import file_digest
 from .images import PageRef, PreprocessSpec, preprocess_refs
 
@@ -112,7 +114,14 @@ def _is_entry(path: Path) -> bool:
 
 
 def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes of the files under ``folder``, symbolic links neither followed nor counted."""
+    total = 0
+    for top, _dirs, names in os.walk(folder):  # followlinks=False
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 def _last_used(folder: Path) -> float:
@@ -120,11 +129,37 @@ def _last_used(folder: Path) -> float:
     return (stamp if stamp.exists() else folder).stat().st_mtime
 
 
+def _linked_cache(root: str | Path) -> Path | None:
+    """``root``'s cache folder when it is a symbolic link (to scratch space, or shipped with
+    a downloaded dataset), else None. Features are read and written through it; nothing is
+    ever deleted through it."""
+    base = Path(root) / CACHE_DIR
+    return base if base.is_symlink() else None
+
+
+def _own_folders(base: Path) -> list[Path]:
+    """The key folders microclf made in the cache folder ``base``: real folders (never a
+    symbolic link) named like a key and marked with ``key.json`` or ``last-used``. Anything
+    else there is not ours and is never listed, pruned or cleared."""
+    if not base.is_dir() or base.is_symlink():
+        return []
+    out = []
+    for entry in os.scandir(base):
+        if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+            continue
+        folder = Path(entry.path)
+        if (folder / KEY_FILE).is_file() or (folder / STAMP_FILE).is_file():
+            out.append(folder)
+    return sorted(out)
+
+
 def cache_entries(root: str | Path) -> list[dict]:
     """The cache folders of a dataset, most recently used first, with what made them."""
     base = Path(root) / CACHE_DIR
+    if base.is_symlink():  # listed through the link (read-only), never cleaned through it
+        base = base.resolve()
     out = []
-    for folder in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
+    for folder in _own_folders(base):
         try:
             fields = json.loads((folder / KEY_FILE).read_text())
         except (OSError, ValueError):
@@ -149,18 +184,19 @@ STALE_TMP_S = 600  # a cache entry is written in well under a second: older temp
 def remove_stale_temporaries(root: str | Path, min_age_s: float = STALE_TMP_S) -> int:
     """Remove half-written cache files (``.tmp-*``) that killed runs left in ``root``'s cache.
 
-    Returns how many were removed. Every training calls it, cached or not."""
-    cache = Path(root) / CACHE_DIR
-    if not cache.is_dir():
+    Returns how many were removed. Every training calls it, cached or not; a cache folder
+    that is a symbolic link is left alone."""
+    if _linked_cache(root):
         return 0
     now, n = time.time(), 0
-    for tmp in cache.glob("*/.tmp-*"):
-        try:
-            if now - tmp.stat().st_mtime > min_age_s:
-                tmp.unlink()
-                n += 1
-        except OSError:  # gone meanwhile, or a read-only dataset: nothing to clean there
-            continue
+    for folder in _own_folders(Path(root) / CACHE_DIR):
+        for tmp in folder.glob(".tmp-*"):
+            try:
+                if not tmp.is_symlink() and now - tmp.stat().st_mtime > min_age_s:
+                    tmp.unlink()
+                    n += 1
+            except OSError:  # gone meanwhile, or a read-only dataset: nothing to clean there
+                continue
     return n
 
 
@@ -172,7 +208,10 @@ def prune_cache(
 ) -> list[str]:
     """Remove cache folders unused for ``max_age_days`` and, oldest first, those beyond
     ``max_bytes`` (never ``keep``, the one in use), and temporary files of killed runs.
-    Returns the removed keys."""
+    Returns the removed keys. Only key folders microclf made are removed, and nothing when
+    the cache folder is a symbolic link (its target is not ours to clean)."""
+    if _linked_cache(root):
+        return []
     max_bytes = cache_max_bytes() if max_bytes is None else max_bytes
     remove_stale_temporaries(root)
     now, removed, total = time.time(), [], 0
@@ -182,21 +221,32 @@ def prune_cache(
             continue
         too_old = now - entry["last_used"] > max_age_days * 86400
         if too_old or total + entry["bytes"] > max_bytes:
-            shutil.rmtree(entry["folder"], ignore_errors=True)
+            shutil.rmtree(entry["folder"], ignore_errors=True)  # never follows links inside
             removed.append(entry["key"])
         else:
             total += entry["bytes"]
     return removed
 
 
-def clear_cache(root: str | Path) -> int:
-    """Delete a dataset's whole feature cache (it is derived data); returns bytes freed."""
+def clear_cache(root: str | Path) -> tuple[int, list[str]]:
+    """Delete a dataset's feature cache (derived data): the key folders microclf made, then
+    the cache folder itself if nothing else is in it. Returns (bytes freed, the names left
+    because microclf did not write them). A cache folder that is a symbolic link is refused
+    (OutputError): nothing is deleted through a link."""
+    if link := _linked_cache(root):
+        raise OutputError(
+            f"{link} is a symbolic link to {os.path.realpath(link)}; microclf does not delete "
+            f"through links: remove the link itself (rm {link}) or empty its target yourself"
+        )
     base = Path(root) / CACHE_DIR
-    if not base.is_dir():
-        return 0
-    freed = _folder_bytes(base)
-    shutil.rmtree(base)
-    return freed
+    freed = 0
+    for folder in _own_folders(base):
+        freed += _folder_bytes(folder)
+        shutil.rmtree(folder)
+    left = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+    if base.is_dir() and not left:
+        base.rmdir()
+    return freed, left
 
 
 class FeatureCache:
@@ -222,19 +272,24 @@ class FeatureCache:
         except (OSError, ValueError):  # a damaged cache entry is recomputed
             return None
 
+    def _make_folder(self) -> None:
+        """The key folder with its ``key.json``, which marks it as microclf's (only marked
+        folders are ever pruned or cleared)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / KEY_FILE).exists():
+            (self.folder / KEY_FILE).write_text(json.dumps(self.fields, indent=1))
+
     def touch(self) -> None:
         """Mark the folder as used now (pruning goes by this), writing ``key.json`` once."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if not (self.folder / KEY_FILE).exists():
-                (self.folder / KEY_FILE).write_text(json.dumps(self.fields, indent=1))
+            self._make_folder()
             (self.folder / STAMP_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         except OSError as exc:
             self.unwritable = str(exc)
 
     def save(self, digest: str, feats: np.ndarray) -> None:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self._make_folder()
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.folder)
         except OSError as exc:
             self.unwritable = str(exc)
@@ -267,7 +322,7 @@ class FeatureCache:
         """A writable ``.npy`` memmap in a temporary file of the folder, or None if the
         folder cannot hold it (then the caller assembles in memory)."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self._make_folder()
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.folder)
             os.close(fd)
             return np.lib.format.open_memmap(tmp, "w+", np.float32, shape), tmp
