@@ -147,3 +147,54 @@ def test_cache_cleaning_removes_only_key_folders_microclf_made(tmp_path, capsys)
     assert "notes" in said and "results-link" in said  # named, left as they were
     assert sorted(p.name for p in cache.iterdir()) == ["notes", "results-link"]
     assert (outside / "results" / "table.csv").read_text() == "a,b"
+
+
+def test_training_into_the_dataset_or_a_locked_folder_is_refused_before_tensorflow(
+    small_sample, tmp_path, monkeypatch, capsys
+):
+    import threading
+
+    import napari_microclf.cli as cli
+    from napari_microclf.core.lock import model_lock
+
+    def no_tensorflow():
+        raise AssertionError("TensorFlow started before the refusal")
+
+    monkeypatch.setattr(cli, "_start_tensorflow_quietly", no_tensorflow)
+    data = small_sample["dataset"]
+    for out in (data / "model", data, data.parent):  # inside, the dataset, above it
+        assert cli_main(["train", str(data), "--out", str(out)]) == 1
+        assert "model folder" in _said(capsys)
+    assert not (data / "model").exists()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # another thread is refused as another process is
+        with model_lock(tmp_path / "m", "microclf train (the first)"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(30)
+        assert cli_main(["train", str(data), "--out", str(tmp_path / "m")]) == 1
+        assert "is being written by microclf train (the first)" in _said(capsys)
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_sample_never_lands_among_other_files(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "round").mkdir(parents=True)
+    (mine / "round" / "real.tif").write_bytes(b"real")
+    assert cli_main(["sample", str(mine), "--per-class", "2", "--size", "32"]) == 1
+    assert "not a microclf sample" in _said(capsys)
+    assert [p.name for p in (mine / "round").iterdir()] == ["real.tif"]
+    fresh = tmp_path / "fresh"
+    args = ["sample", str(fresh), "--per-class", "2", "--size", "32"]
+    assert cli_main(args) == 0 and cli_main(args) == 0  # a rerun keeps the same sample
+    assert len(list((fresh / "dataset" / "round").iterdir())) == 2
+    assert cli_main(["sample", str(fresh), "--per-class", "3", "--size", "32"]) == 1
+    assert "other settings" in _said(capsys)
+    assert len(list((fresh / "dataset" / "round").iterdir())) == 2

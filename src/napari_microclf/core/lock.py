@@ -211,6 +211,21 @@ def is_locked(folder: str | Path) -> bool:
     return stale_reason(path, info) is None
 
 
+def _model_refusal(folder: Path, holder: str) -> str:
+    return (
+        f"model folder {folder} is being written by {holder}; wait for it to finish "
+        "or choose another --out"
+    )
+
+
+def refuse_if_locked(folder: str | Path) -> None:
+    """Raise the LockedError :func:`model_lock` would, naming the holder, when another
+    process holds the model folder's lock now: said before TensorFlow starts, not after."""
+    if is_locked(folder):
+        path = Path(folder).expanduser().resolve()
+        raise LockedError(_model_refusal(path, holder_text(read_lock(path / MODEL_LOCK) or {})))
+
+
 @contextlib.contextmanager
 def model_lock(folder: str | Path, command: str = "microclf") -> Iterator[Lock]:
     """Hold ``FOLDER/.microclf.lock`` (creating the folder if needed) for the block.
@@ -230,14 +245,8 @@ def model_lock(folder: str | Path, command: str = "microclf") -> Iterator[Lock]:
             "choose another output folder"
         ) from exc
 
-    def refusal(holder: str) -> str:
-        return (
-            f"model folder {folder} is being written by {holder}; wait for it to finish "
-            "or choose another --out"
-        )
-
     try:
-        lock = _acquire(folder / MODEL_LOCK, command, 0.0, refusal)
+        lock = _acquire(folder / MODEL_LOCK, command, 0.0, lambda h: _model_refusal(folder, h))
     except PermissionError as exc:
         raise OutputError(
             f"cannot write in the model folder {folder} (permission denied); "

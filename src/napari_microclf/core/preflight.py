@@ -27,7 +27,9 @@ from pathlib import Path
 from .bundle import is_foreign_folder
 from .dataset import SPLIT_FILE, SPLIT_VERSION, check_dataset, class_files, list_classes, load_split
 from .errors import BundleError, DatasetError, ImageReadError, MicroclfError, OutputError
+from .files import refuse_destroying
 from .images import aspect_warning, read_header, shape_problem
+from .lock import refuse_if_locked
 
 MAX_LISTED = 10  # files named in one message; the rest are counted
 
@@ -260,12 +262,16 @@ def preflight(config) -> PreflightResult:
     """All checks of a :class:`~napari_microclf.core.train_config.TrainConfig`, before TensorFlow.
 
     Raises the first failing check's error: the dataset exists with two classes or more
-    (:class:`DatasetError`), the model folder (:class:`OutputError`), the dataset's
+    (:class:`DatasetError`), the model folder (:class:`OutputError`: not the dataset, inside
+    it or above it, nor the working directory; :class:`LockedError` while another training
+    writes it), the dataset's
     ``split.json`` (:class:`OutputError`), then every image at once (one
     :class:`DatasetError` naming up to :data:`MAX_LISTED` files and counting the rest).
     """
     check_dataset(config.data_dir)
+    refuse_destroying(config.out_dir, protected=[config.data_dir], what="model folder")
     check_out_dir(config.out_dir)
+    refuse_if_locked(config.out_dir)
     note = check_dataset_writable(config.data_dir, config.resplit, config.group_by)
     scan = scan_images(config.data_dir, config.channel_map)
     error = scan.error(config.data_dir)

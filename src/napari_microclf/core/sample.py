@@ -11,9 +11,13 @@ the same pixels.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+
+from .errors import OutputError
+from .files import atomic_write_text
 
 CLASSES = ("elongated", "fragmented", "round")
 
@@ -117,11 +121,56 @@ def write_sample_stack(
     return path, labels
 
 
+SAMPLE_MARKER = ".microclf-sample.json"  # what made a sample folder (its settings)
+
+
+def _check_sample_folder(out: Path, settings: dict) -> None:
+    """A sample is written into a new or empty folder, or into an earlier sample made with
+    the same settings (then nothing changes); never among the user's files (OutputError)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out} is a file; choose a new folder for the sample")
+    marker = out / SAMPLE_MARKER
+    if marker.is_file():
+        try:
+            made = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            made = None
+        if made == settings:
+            return
+        said = ", ".join(f"{k} {v}" for k, v in made.items()) if isinstance(made, dict) else "?"
+        raise OutputError(
+            f"{out} holds a sample made with other settings ({said}); choose a new folder "
+            "or remove that one"
+        )
+    if any(out.iterdir()):
+        raise OutputError(
+            f"{out} already holds files and is not a microclf sample; choose a new or empty "
+            "folder (nothing was written)"
+        )
+
+
 def write_sample(
     out: str | Path, n_per_class: int = 40, size: int = 96, seed: int = 0, stack_pages: int = 12
 ) -> dict:
-    """The dataset in ``out/dataset`` and the stack in ``out/mixed_stack.tif``."""
+    """The dataset in ``out/dataset`` and the stack in ``out/mixed_stack.tif``.
+
+    ``out`` is new or empty, or an earlier sample with the same settings (recorded in
+    ``out/.microclf-sample.json``; a rerun keeps it as it is); a folder of other files is
+    refused with OutputError, so no synthetic image ever lands among real ones."""
+    import tifffile
+
     out = Path(out)
+    settings = {"n_per_class": n_per_class, "size": size, "seed": seed, "stack_pages": stack_pages}
+    _check_sample_folder(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SAMPLE_MARKER, json.dumps(settings))
     data = make_sample_dataset(out / "dataset", n_per_class, size, seed)
-    stack, labels = write_sample_stack(out / "mixed_stack.tif", stack_pages, size, seed + 1)
-    return {"dataset": data, "stack": stack, "stack_labels": labels}
+    stack_path = out / "mixed_stack.tif"
+    if stack_path.exists():  # the same settings made it: its pages are in its description
+        with tifffile.TiffFile(stack_path) as tif:
+            labels = list(tif.shaped_metadata[0]["labels"])
+    else:
+        stack_path, labels = write_sample_stack(stack_path, stack_pages, size, seed + 1)
+    return {"dataset": data, "stack": stack_path, "stack_labels": labels}
