@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -111,11 +112,19 @@ def _train(sample, out, engine, **kw):
     return result, msgs
 
 
-def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sample, tmp_path):
-    result, msgs = _train(sample, tmp_path / "m", "openvino")
+@pytest.fixture(scope="module")
+def on_openvino(sample, tmp_path_factory):
+    """A training on OpenVINO (read-only): its bundle holds its OpenVINO copy."""
+    return _train(sample, tmp_path_factory.mktemp("ov") / "m", "openvino")
+
+
+def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(
+    sample, on_openvino, tmp_path
+):
+    result, msgs = on_openvino
     features = next(m for m in msgs if m.startswith("Backbone features"))
     assert "computed" in features and any("Inference engine: openvino" in m for m in msgs)
-    meta = json.loads((tmp_path / "m" / "microclf.json").read_text())
+    meta = json.loads((result.bundle / "microclf.json").read_text())
     assert meta["engine"]["features"].startswith("openvino ")
     assert meta["engine"]["evaluation"].startswith("openvino ")
     assert engine_mod.IR_XML in meta["files"] and engine_mod.IR_BIN in meta["files"]
@@ -137,7 +146,7 @@ def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sampl
         f"""
         import json, sys
         from napari_microclf.core.predictor import Predictor
-        p = Predictor({str(tmp_path / "m")!r}, engine="openvino")
+        p = Predictor({str(result.bundle)!r}, engine="openvino")
         rows = [
             (r.class_name, r.probabilities, r.unfamiliar_score)
             for r in p.predict_file({str(stack)!r})
@@ -152,12 +161,44 @@ def test_a_training_on_openvino_records_it_and_predicts_without_tensorflow(sampl
     )
     assert out.returncode == 0, out.stderr[-2000:]
     ov_rows = json.loads(out.stdout.strip().splitlines()[-1])
-    tf_rows = list(Predictor(tmp_path / "m", engine="tensorflow").predict_file(stack))
+    tf_rows = list(Predictor(result.bundle, engine="tensorflow").predict_file(stack))
     assert len(ov_rows) == len(tf_rows) == 12
     for (name, probs, score), row in zip(ov_rows, tf_rows, strict=True):
         assert name == row.class_name
         assert max(abs(probs[k] - row.probabilities[k]) for k in probs) < 1e-4
         assert score == pytest.approx(row.unfamiliar_score, rel=1e-3, abs=1e-4)
+
+
+def test_a_replaced_model_keras_is_never_shadowed_by_its_old_openvino_copy(
+    on_openvino, private_copy
+):
+    import keras
+
+    written = on_openvino[0].bundle
+    bundle = private_copy(written)
+    model = keras.saving.load_model(bundle / "model.keras", compile=False)
+    kernel, bias = model.get_layer("predictions").get_weights()
+    model.get_layer("predictions").set_weights([kernel[:, ::-1], bias[::-1]])  # other answers
+    model.save(bundle / "model.keras")
+    stack = make_sample_stack(4, size=SIZE, seed=3)[0]
+
+    def probs(predictor):
+        return np.array(
+            [list(r.probabilities.values()) for r in predictor.predict_array(stack, page_axis=0)]
+        )
+
+    with pytest.warns(UserWarning, match="not the file this model folder was written with"):
+        ov = Predictor(bundle, engine="openvino")
+    assert ov.familiarity is None  # fitted on the old model's features: not used
+    with pytest.warns(UserWarning):
+        tf = Predictor(bundle, engine="tensorflow")
+    np.testing.assert_allclose(probs(ov), probs(tf), atol=1e-4)  # the new model.keras answers
+    # the bundle as written: its own copy, no warning, other answers than the replaced one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = Predictor(written, engine="openvino")
+    assert before.familiarity is not None
+    assert np.abs(probs(before) - probs(ov)).max() > 1e-3
 
 
 def test_int8_calibrates_on_the_training_images_once(sample, tmp_path):

@@ -304,6 +304,9 @@ def write_bundle(
         incoming.mkdir()
         try:
             model.save(incoming / MODEL_FILE)
+            # what the derived files (the OpenVINO copy, familiarity.npz, the report) were
+            # made from: a model.keras replaced later no longer matches (model_changed)
+            meta["model_sha256"] = file_digest(incoming / MODEL_FILE, "sha256")
             for name, content in extra.items():  # text, or bytes (familiarity.npz)
                 if isinstance(content, bytes):
                     (incoming / name).write_bytes(content)
@@ -318,6 +321,20 @@ def write_bundle(
         _step("incoming")
         _swap(out, incoming.name, files)
     return out
+
+
+def model_sha256(folder: str | Path) -> str:
+    """The SHA-256 of the bundle's ``model.keras`` (memoised by path, size and time)."""
+    return file_digest(Path(folder) / MODEL_FILE, "sha256")
+
+
+def model_changed(folder: str | Path, meta: dict) -> bool:
+    """Whether ``model.keras`` is no longer the file the bundle was written with: its
+    SHA-256 differs from the one in ``microclf.json``. Then the files derived from it (the
+    OpenVINO copy, the familiarity description, the report) do not describe it. Bundles
+    from before the record are taken as they are (False)."""
+    recorded = meta.get("model_sha256")
+    return isinstance(recorded, str) and recorded != model_sha256(folder)
 
 
 def restore_previous(out: str | Path) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import settings
-from .bundle import MODEL_FILE
+from .bundle import model_sha256
 from .device import stderr_muted
 from .errors import MicroclfError
 from .model import FEATURE_LAYER
@@ -338,32 +338,25 @@ class OpenVinoRunner:
             ]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def bundle_ir(
     folder: str | Path, meta: dict, load_model: Callable[[], object], outputs=()
 ) -> object:
-    """The ``openvino.Model`` of a bundle: its own :data:`IR_XML` when it has one made from
-    the same ``model.keras`` (recorded by SHA-256 in its metadata), else a cached
-    conversion keyed by ``model.keras``'s SHA-256 (``load_model()`` gives the Keras model
-    when it must be converted)."""
+    """The ``openvino.Model`` of a bundle: its own :data:`IR_XML` when it was made from this
+    very ``model.keras`` (its SHA-256 recorded in ``microclf.json`` as ``model_sha256``),
+    else a cached conversion keyed by ``model.keras``'s SHA-256 (``load_model()`` gives the
+    Keras model when it must be converted). So a replaced ``model.keras`` is never shadowed
+    by the OpenVINO copy of the one before: predict, Grad-CAM and export use the same model."""
     ov = import_openvino()
     folder = Path(folder)
+    sha = model_sha256(folder)
     own = meta.get("openvino") if isinstance(meta.get("openvino"), dict) else None
-    if own and list(own.get("outputs", [])) == list(outputs):
+    if own and meta.get("model_sha256") == sha and list(own.get("outputs", [])) == list(outputs):
         xml = folder / own.get("xml", IR_XML)
         if xml.is_file() and xml.with_suffix(".bin").is_file():
             try:
                 return ov.Core().read_model(xml)
             except RuntimeError:
                 pass  # written by a newer OpenVINO: convert below
-    sha = file_sha256(folder / MODEL_FILE)
     key = cache_key(kind="bundle", model_sha256=sha, outputs=list(outputs))
     return cached_ir(key, lambda: convert(load_model(), outputs))
 

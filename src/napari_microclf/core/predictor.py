@@ -17,12 +17,21 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import META_FILE, MODEL_FILE, Bundle, load_bundle, own_split
+from .bundle import (
+    META_FILE,
+    MODEL_FILE,
+    Bundle,
+    load_bundle,
+    model_changed,
+    model_sha256,
+    own_split,
+)
 from .engine import (
     INT8_CALIBRATION,
     EngineError,
@@ -31,7 +40,6 @@ from .engine import (
     cache_key,
     cached_ir,
     check_precision,
-    file_sha256,
     quantize_int8,
     resolve_engine,
 )
@@ -114,6 +122,16 @@ class Predictor:
         self._forward = None
         # None for bundles trained before it existed: their pages get no unfamiliar score
         self.familiarity = load_familiarity(self.bundle.path, self.bundle.meta)
+        if model_changed(self.bundle.path, self.bundle.meta):
+            shown = self.bundle.source or self.bundle.path
+            warnings.warn(
+                f"{MODEL_FILE} in {shown} is not the file this model folder was written with "
+                f"(its SHA-256 differs from {META_FILE}'s): it predicts as it is (its OpenVINO "
+                "copy is made again from it), without unfamiliar scores, and the folder's test "
+                "report does not describe it; retrain, or restore the previous model",
+                stacklevel=2,
+            )
+            self.familiarity = None
 
     def _outputs(
         self, batch: np.ndarray, tta: bool = False
@@ -184,7 +202,7 @@ class Predictor:
         chosen = [keys[int(i * step)] for i in range(min(len(keys), INT8_CALIBRATION))]
         key = cache_key(
             kind="int8",
-            model_sha256=file_sha256(bundle.path / MODEL_FILE),
+            model_sha256=model_sha256(bundle.path),
             calibration=hashlib.sha1("\n".join(chosen).encode()).hexdigest(),
             outputs=[o.get_any_name() for o in ov_model.outputs],
         )
