@@ -198,3 +198,19 @@ def test_sample_never_lands_among_other_files(tmp_path, capsys):
     assert cli_main(["sample", str(fresh), "--per-class", "3", "--size", "32"]) == 1
     assert "other settings" in _said(capsys)
     assert len(list((fresh / "dataset" / "round").iterdir())) == 2
+
+
+def test_files_written_atomically_follow_the_users_umask(lite0, tmp_path):
+    from napari_microclf.core.bundle import zip_bundle
+    from napari_microclf.core.csv_format import write_csv_rows
+    from napari_microclf.core.files import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "split.json", "{}")
+        write_csv_rows(tmp_path / "p.csv", [["file"], ["a.tif"]])
+        zip_bundle(lite0.bundle, tmp_path / "m.zip")
+    finally:
+        os.umask(old)
+    for name in ("split.json", "p.csv", "m.zip"):  # 0666 less the umask, not mkstemp's 0600
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

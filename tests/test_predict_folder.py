@@ -446,3 +446,47 @@ def test_classify_folder_shows_an_unexpected_error_with_its_traceback(
     assert exc_type is TypeError and "a bug" in str(exc) and tb is not None
     assert widget.worker is None and widget.folder_btn.isEnabled()
     assert not any("a bug" in m for m in _notifications("error"))  # not a bare one-liner
+
+
+def _stopped_after_a_batch(bundle, tmp_path, names):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        tifffile.imwrite(folder / name, _gray())
+    out = tmp_path / "out.csv"
+    stopped = predict_folder(bundle, folder, out, batch_size=2, should_stop=lambda: True)
+    assert stopped.stopped and len(stopped) == 2
+    return folder, out, out.with_name("out.csv.partial")
+
+
+def test_resume_never_mixes_two_models_or_two_settings(bundle, tmp_path):
+    folder, out, partial = _stopped_after_a_batch(bundle, tmp_path, [f"{i}.tif" for i in range(5)])
+    before = partial.read_bytes()
+    # another model with the same classes (so the same columns): refused, nothing appended
+    other = write_bundle(
+        tmp_path / "other",
+        build_classifier(2, 32, None, fine_tune="all", augment=False, backbone=LITE0, seed=7),
+        {"class_names": ["a", "b"], "preprocessing": PreprocessSpec(32).to_dict()},
+    )
+    with pytest.raises(OutputError, match="another model or settings.*model.keras SHA-256"):
+        predict_folder(other, folder, out, resume=True)
+    with pytest.raises(OutputError, match="threshold 0.0, now threshold 0.5"):
+        predict_folder(bundle, folder, out, resume=True, threshold=0.5)
+    with pytest.raises(OutputError, match="tta False, now tta True"):
+        predict_folder(bundle, folder, out, resume=True, tta=True)
+    assert partial.read_bytes() == before
+    # the same model and settings continue it; the record goes with the partial file
+    result = predict_folder(bundle, folder, out, resume=True)
+    assert result.resumed == 2 and len(_rows(out)) == 5
+    assert not partial.exists() and not partial.with_name("out.csv.partial.json").exists()
+
+
+def test_a_torn_record_with_a_line_break_in_its_file_name_is_dropped_on_resume(bundle, tmp_path):
+    names = ["a\nb.tif", "c.tif", "d\ne.tif", "f.tif"]
+    folder, out, partial = _stopped_after_a_batch(bundle, tmp_path, names)
+    with open(partial, "ab") as f:  # killed while writing the next record, after its \n
+        f.write(b'"' + str(folder / "d").encode() + b'\ne.tif",0,a,0.5')
+    predict_folder(bundle, folder, out, resume=True)
+    rows = list(csv.reader(out.open(newline="", encoding="utf-8")))
+    assert all(len(r) == len(rows[0]) for r in rows)
+    assert sorted(Path(r[0]).name for r in rows[1:]) == sorted(names)

@@ -36,7 +36,7 @@ from .._version import __version__
 from . import settings
 from .dataset import SPLIT_FILE
 from .errors import BundleError, LockedError, OutputError, one_line
-from .files import file_digest
+from .files import file_digest, mkstemp_for_user
 from .images import PreprocessSpec
 from .lock import MODEL_LOCK, PROCESS_START, is_locked, model_lock
 from .model import B0, build_classifier
@@ -842,7 +842,7 @@ def zip_bundle(folder: str | Path, out_zip: str | Path) -> Path:
             raise BundleError(f"{folder} has no {MODEL_FILE}; retrain the model")
         try:
             out_zip.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
+            fd, tmp = mkstemp_for_user(
                 prefix=f".{out_zip.name}.", suffix=".tmp", dir=out_zip.parent
             )
         except OSError as exc:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .errors import OutputError
+from .files import mkstemp_for_user
 from .predict_options import DEFAULTS
 from .results import FileError, FolderResult, PagePrediction
 
@@ -93,7 +94,7 @@ def write_csv_rows(path: str | Path, rows: Iterable[Sequence]) -> int:
     Returns the number of rows written after the header.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_for_user(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     written = 0
     try:
         with open(fd, "w", encoding="utf-8", newline="") as f:
@@ -206,8 +207,10 @@ def read_partial(partial: Path, header: list[str]) -> tuple[dict, set, int] | No
     the pages written per file (as the CSV's file cell) and ``failed`` the files with an
     error row; None when there is no such file or not even its header.
 
-    A torn last line (the run killed mid-write) is cut off the file, so rows appended next
-    start on a line of their own. A header other than ``header`` (another model's classes)
+    A torn last record (the run killed mid-write) is cut off the file, so rows appended next
+    start on a line of their own: records end with ``\r\n``, which a file name's own line
+    break (quoted, ``\n``) is not; any record still without every column is dropped and the
+    file rewritten without it. A header other than ``header`` (another model's classes)
     raises an OutputError.
     """
     try:
@@ -219,13 +222,16 @@ def read_partial(partial: Path, header: list[str]) -> tuple[dict, set, int] | No
             f"cannot read {partial} to resume ({exc.strerror or exc}); check the file, or run "
             "without resume to start afresh"
         ) from exc
-    end = data.rfind(b"\n") + 1  # rows end with \r\n: what follows the last one is torn
+    end = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0  # what follows is torn
     if end < len(data):
         with open(partial, "r+b") as f:
             f.truncate(end)
-    rows = list(csv.reader(io.StringIO(data[:end].decode("utf-8", errors="replace"))))
+    rows = list(csv.reader(io.StringIO(data[:end].decode("utf-8", errors="replace"), newline="")))
     if not rows:
         return None
+    if rows[0] == header and any(len(r) != len(header) for r in rows[1:]):
+        rows = [r for r in rows if len(r) == len(header)]
+        write_csv_rows(partial, rows)  # the rows as they were written, without the torn one
     if rows[0] != header:
         raise OutputError(
             f"{partial} has the columns {', '.join(rows[0])}, not this model's "

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
-from .files import atomic_write_text, file_digest
+from .files import atomic_write_text, file_digest, mkstemp_for_user
 from .images import ImageReadError, PageRef, count_pages, is_image_file
 from .lock import split_lock
 
@@ -229,7 +228,7 @@ def add_example(
         "class": class_name,
     }
     data, axes = (arr, "YX") if arr.ndim == 2 else (np.moveaxis(arr, -1, 0), "CYX")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tif", dir=folder)
+    fd, tmp = mkstemp_for_user(prefix=".tmp-", suffix=".tif", dir=folder)
     os.close(fd)
     try:
         tifffile.imwrite(

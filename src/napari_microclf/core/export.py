@@ -245,7 +245,10 @@ class _atomic:
 
 
 def _remove(p: Path) -> None:
-    if p.is_dir():
+    """Remove what the export wrote (or replaced); a symbolic link is removed, never followed."""
+    if p.is_symlink():
+        p.unlink()
+    elif p.is_dir():
         shutil.rmtree(p, ignore_errors=True)
     elif p.exists():
         p.unlink()

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +43,7 @@ import numpy as np
 from . import settings
 from .engine import OpenVinoRunner, backbone_ir, engine_label
 from .errors import OutputError
-from .files import file_digest
+from .files import file_digest, mkstemp_for_user
 from .images import PageRef, PreprocessSpec, preprocess_refs
 
 CACHE_DIR = ".microclf-cache"
@@ -290,7 +289,7 @@ class FeatureCache:
     def save(self, digest: str, feats: np.ndarray) -> None:
         try:
             self._make_folder()
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.folder)
+            fd, tmp = mkstemp_for_user(prefix=".tmp-", suffix=".npy", dir=self.folder)
         except OSError as exc:
             self.unwritable = str(exc)
             return
@@ -323,7 +322,7 @@ class FeatureCache:
         folder cannot hold it (then the caller assembles in memory)."""
         try:
             self._make_folder()
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.folder)
+            fd, tmp = mkstemp_for_user(prefix=".tmp-", suffix=".npy", dir=self.folder)
             os.close(fd)
             return np.lib.format.open_memmap(tmp, "w+", np.float32, shape), tmp
         except OSError as exc:

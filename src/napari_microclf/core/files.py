@@ -7,6 +7,7 @@ and ``split.json`` are replaced whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -46,11 +47,36 @@ def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
     return digest
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (another thread may
+    create files meanwhile), else set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mkstemp_for_user(**kwargs) -> tuple[int, str]:
+    """``tempfile.mkstemp`` whose file gets the permissions a plain ``open()`` would give it
+    (0666 less the user's umask), not mkstemp's 0600: a CSV, a ``split.json``, an exported
+    zip or an added image renamed into place is readable as the user's other files are."""
+    fd, tmp = tempfile.mkstemp(**kwargs)
+    with contextlib.suppress(OSError):  # no permissions there (FAT, some shares): as made
+        os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it, then rename it into
     place: a reader sees the old file or the new one, never half of it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_for_user(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

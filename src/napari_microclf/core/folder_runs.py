@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 
-from .bundle import Bundle, read_meta, resolve_bundle_path
+from .bundle import Bundle, model_sha256, read_meta, resolve_bundle_path
 from .cluster import classify_on_cluster, connected
 from .csv_format import (
     check_csv_destination,
@@ -28,7 +29,7 @@ from .csv_format import (
 )
 from .errors import OutputError
 from .familiar import load_familiarity
-from .files import refuse_destroying
+from .files import atomic_write_text, refuse_destroying
 from .images import find_images
 from .predict_options import PredictOptions, options_of
 from .predictor import Predictor
@@ -228,11 +229,20 @@ def iter_folder(
                 csv_cell(v) for v in csv_header(class_names, status=True, unfamiliar=unfamiliar)
             ]
             partial = csv_path.with_name(csv_path.name + ".partial")
-            kept = read_partial(partial, header) if resume else None
+            identity = _run_identity(predictor.bundle.path if predictor else source, options)
+            kept = None
+            if resume and partial.exists():
+                _check_identity(partial, identity)
+                kept = read_partial(partial, header)
             if kept is not None:
                 done, failed, result.resumed = kept
             out = _CsvStream(
-                csv_path, class_names, options.threshold, unfamiliar, append=kept is not None
+                csv_path,
+                class_names,
+                options.threshold,
+                unfamiliar,
+                append=kept is not None,
+                identity=identity,
             )
         finished = False
         batches = None
@@ -290,6 +300,53 @@ def _bundle_columns(bundle) -> tuple[list[str], bool, Path]:
     return list(meta["class_names"]), load_familiarity(folder, meta) is not None, source
 
 
+IDENTITY_SUFFIX = ".json"  # <csv>.partial.json: which model and settings wrote the rows
+
+
+def _run_identity(bundle_path: str | Path, options: PredictOptions) -> dict:
+    """What makes a run's rows what they are: the SHA-256 of the model's ``model.keras`` and
+    the settings that change a row (threshold, test-time augmentation, precision). The
+    engine is left out: OpenVINO and TensorFlow agree within 1e-4 at fp32."""
+    folder = resolve_bundle_path(Path(bundle_path).expanduser())
+    folder = folder.parent if folder.is_file() else folder
+    return {
+        "model_sha256": model_sha256(folder),
+        "threshold": float(options.threshold),
+        "tta": bool(options.tta),
+        "precision": str(options.precision),
+    }
+
+
+def _said(key: str, value) -> str:
+    if key == "model_sha256":
+        return f"model.keras SHA-256 {str(value)[:12]}..."
+    return f"{key} {value}"
+
+
+def _check_identity(partial: Path, identity: dict) -> None:
+    """Refuse (OutputError) to resume ``partial`` unless the same model and settings wrote it
+    (recorded in ``<partial>.json``): its rows and this run's must never be mixed."""
+    side = partial.with_name(partial.name + IDENTITY_SUFFIX)
+    try:
+        recorded = json.loads(side.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == identity:
+        return
+    todo = "remove it (and its .json) or run without resume to start afresh"
+    if not isinstance(recorded, dict):
+        raise OutputError(
+            f"{partial} does not say which model and settings wrote it ({side.name} is missing "
+            f"or unreadable), so its rows cannot be continued safely; {todo}"
+        )
+    differ = [k for k in identity if recorded.get(k) != identity[k]]
+    raise OutputError(
+        f"{partial} was written by another model or settings ("
+        + ", ".join(f"{_said(k, recorded.get(k))}, now {_said(k, identity[k])}" for k in differ)
+        + f"); its rows and this run's would be mixed: {todo}"
+    )
+
+
 def _written(item: PagePrediction | FileError, done: dict[str, set[int]]) -> bool:
     if isinstance(item, FileError):
         return False
@@ -315,10 +372,21 @@ class _CsvStream:
         threshold: float,
         unfamiliar: bool = False,
         append: bool = False,
+        identity: dict | None = None,
     ):
-        """``append``: add to an existing ``.partial`` file (its header written already)."""
+        """``append``: add to an existing ``.partial`` file (its header written already).
+        ``identity``: the model and settings, recorded beside it (:func:`_check_identity`)."""
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
+        self.identity_file = self.partial.with_name(self.partial.name + IDENTITY_SUFFIX)
+        if not append and identity is not None:
+            try:
+                atomic_write_text(self.identity_file, json.dumps(identity))
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write {self.identity_file} ({exc.strerror or exc}); choose "
+                    "another CSV path"
+                ) from exc
         self.class_names = list(class_names)
         self.threshold = threshold
         self.unfamiliar = unfamiliar  # the model scores familiarity: the `unfamiliar` column
@@ -354,5 +422,7 @@ class _CsvStream:
         self.file.close()
         if keep:
             os.replace(self.partial, self.path)
+            with contextlib.suppress(FileNotFoundError):
+                self.identity_file.unlink()
             return self.path
         return self.partial
