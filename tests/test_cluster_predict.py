@@ -138,7 +138,7 @@ def test_resume_completes_an_interrupted_run(bundle, folder, single_csv, client,
 
 def test_resume_refuses_another_models_partial(bundle, folder, tmp_path):
     out = tmp_path / "x.csv"
-    out.with_name("x.csv.partial").write_text("file,page,class,confidence,p,q,status,error\r\n")
+    out.with_name("x.csv.partial").write_text("file,page,class,confidence,p_p,p_q,status,error\r\n")
     with pytest.raises(OutputError, match="does not say which model"):
         predict_folder(Predictor(bundle, BATCH), folder, out, resume=True)
     with pytest.raises(OutputError, match="resume needs"):

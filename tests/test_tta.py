@@ -229,7 +229,7 @@ def test_the_unfamiliar_score_stays_the_unflipped_pages(test_predictions):
 
 def _csv_probs(path) -> np.ndarray:
     with open(path, encoding="utf-8", newline="") as f:
-        return np.array([[float(r[n]) for n in NAMES] for r in csv.DictReader(f)])
+        return np.array([[float(r["p_" + n]) for n in NAMES] for r in csv.DictReader(f)])
 
 
 def test_cli_tta_writes_the_averaged_probabilities(oriented, tmp_path, capsys):
@@ -365,4 +365,4 @@ def test_predict_widgets_flip_option_runs_layers_and_folders_with_tta(
         widget.classify_folder(tmp_path, out)
         qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
         row = next(csv.DictReader(out.open()))
-        np.testing.assert_allclose([float(row[n]) for n in NAMES], want[tta], atol=1e-4)
+        np.testing.assert_allclose([float(row["p_" + n]) for n in NAMES], want[tta], atol=1e-4)

@@ -438,17 +438,57 @@ def _read_meta(path: Path) -> dict:
     except ValueError as exc:
         raise BundleError(f"{meta_path} is corrupt ({exc}); retrain or restore the model") from exc
     check_format(meta, meta_path)
+    problems = meta_problems(meta)
+    if problems:
+        raise BundleError(f"{meta_path}: " + "; ".join(problems) + " (retrain the model)")
+    return meta
+
+
+# Fields a bundle may lack (older bundles) but that must have this type when present.
+_FIELD_TYPES = {
+    "files": list,
+    "config": dict,
+    "metrics": dict,
+    "familiarity": dict,
+    "openvino": dict,
+    "versions": dict,
+    "split": dict,
+    "phases": (dict, list),
+    "history": (dict, list),
+    "backbone": str,
+    "weights": (str, type(None)),
+    "data_dir": (str, type(None)),
+    "date": str,
+    "model_sha256": str,
+}
+
+
+def meta_problems(meta: dict) -> list[str]:
+    """What is wrong with a bundle's ``microclf.json`` (read as a dict), one phrase each:
+    the class names (at least two, text, none empty, none twice), the preprocessing (every
+    setting in range, e.g. an image size of 8 to 1024 px), and the type of every other field
+    microclf reads."""
     problems = []
-    names = meta.get("class_names") if isinstance(meta, dict) else None
+    names = meta.get("class_names")
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
         problems.append("class_names must list at least 2 class names")
+    else:
+        if any(not n.strip() for n in names):
+            problems.append("class_names has an empty name")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"class_names lists {', '.join(map(repr, twice))} more than once")
     try:
         PreprocessSpec.from_dict(meta["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:
         problems.append(f"preprocessing is missing or invalid ({exc})")
-    if problems:
-        raise BundleError(f"{meta_path}: " + "; ".join(problems) + " (retrain the model)")
-    return meta
+    for key, kind in _FIELD_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            problems.append(f"{key} has the wrong type ({type(meta[key]).__name__})")
+    files = meta.get("files")
+    if isinstance(files, list) and not all(isinstance(f, str) and _own_name(f) for f in files):
+        problems.append("files must list plain file names")
+    return problems
 
 
 def _wait_for_swap(folder: Path, timeout: float = 10.0) -> None:

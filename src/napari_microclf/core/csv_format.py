@@ -2,8 +2,9 @@
 rows back.
 
 One row per page: ``file``, ``page``, ``class``, ``confidence``, one probability column per
-class, ``unfamiliar`` (the score, where the model has a familiarity description), and for
-folder runs ``status`` (``ok`` or ``error``) and ``error`` (the reason, one line). UTF-8 with
+class (``p_<class>``, :func:`prob_column`, so no class name can take a fixed column's place),
+``unfamiliar`` (the score, where the model has a familiarity description), and for folder
+runs ``status`` (``ok`` or ``error``) and ``error`` (the reason, one line). UTF-8 with
 ``\\r\\n`` line ends; a text cell that a spreadsheet would run as a formula gets a leading
 ``'`` (:func:`csv_cell`). A complete CSV is written atomically (:func:`write_csv`); a folder run
 streams its rows to ``<csv>.partial`` (:mod:`.folder_runs`), which :func:`read_partial` reads
@@ -42,13 +43,23 @@ def csv_cell(value) -> str:
     return text
 
 
+PROB_PREFIX = "p_"  # a class's probability column: p_<class>, never a fixed column's name
+
+
+def prob_column(class_name: str) -> str:
+    """The CSV column of ``class_name``'s probability: ``p_round`` for ``round``. Fixed
+    columns never start with ``p_``, so a class named ``status`` or ``unfamiliar`` cannot
+    take their place (``p_status`` is its probability)."""
+    return PROB_PREFIX + class_name
+
+
 def csv_header(class_names: Sequence[str], status: bool, unfamiliar: bool = False) -> list[str]:
     return [
         "file",
         "page",
         "class",
         "confidence",
-        *class_names,
+        *(prob_column(c) for c in class_names),
         *(["unfamiliar"] if unfamiliar else []),
         *(["status", "error"] if status else []),
     ]
@@ -118,7 +129,8 @@ def write_csv(
     status: bool | None = None,
     unfamiliar: bool | None = None,
 ) -> int:
-    """CSV with file, page, class, confidence and one probability column per class.
+    """CSV with file, page, class, confidence and one probability column per class
+    (``p_<class>``: a class name never collides with a fixed column).
 
     With ``unfamiliar`` (the default when a prediction has an ``unfamiliar_score``, i.e. the
     model has a familiarity description) a column ``unfamiliar`` after the probabilities

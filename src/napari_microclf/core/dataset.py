@@ -60,7 +60,44 @@ def check_class_name(name: str) -> str:
         )
     if name != name.rstrip(". ") or len(name) > 100:
         raise DatasetError(f"class name {name!r} cannot end with '.' or space or exceed 100 chars")
+    if name.casefold() in RESERVED_CLASS_NAMES:
+        raise DatasetError(_reserved_text(name))
     return name
+
+
+# What a prediction's class reads when it is none of the classes (results.PagePrediction.label):
+# a class of that name could not be told from the flag, so no class may be named so.
+RESERVED_CLASS_NAMES = ("uncertain", "unfamiliar")
+
+
+def _reserved_text(name: str) -> str:
+    return (
+        f"class name {name!r} is reserved: a prediction reads 'uncertain' below the confidence "
+        "threshold and 'unfamiliar' for a page unlike the training images; choose another name"
+    )
+
+
+def _same_name(root: Path, name: str, but: str | None = None) -> str | None:
+    """An existing class whose name equals ``name`` but for case (on Windows and macOS the
+    two are one folder), other than ``but``."""
+    folded = name.casefold()
+    return next(
+        (c for c in list_classes(root) if c.casefold() == folded and c not in (but, name)), None
+    )
+
+
+def nested_image_folders(root: str | Path) -> list[str]:
+    """Sub-folders of class folders that hold images (``round/batch2``): training reads only
+    a class folder's own files, so these are said (preflight warns), not silently skipped."""
+    root = Path(root)
+    out = []
+    for c in list_classes(root):
+        for sub in sorted(p for p in (root / c).iterdir() if p.is_dir()):
+            if sub.name.startswith(".") or sub.is_symlink():
+                continue
+            if any(is_image_file(f) for f in sub.rglob("*") if f.is_file()):
+                out.append(f"{c}/{sub.name}")
+    return out
 
 
 def list_classes(root: str | Path) -> list[str]:
@@ -87,6 +124,11 @@ def class_counts(root: str | Path) -> dict[str, int]:
 
 def add_class(root: str | Path, name: str) -> Path:
     name = check_class_name(name)
+    if other := _same_name(Path(root), name):
+        raise DatasetError(
+            f"class {other!r} already exists in {root}: {name!r} differs only in case (one "
+            "folder on Windows and macOS); use that class or choose another name"
+        )
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -97,8 +139,13 @@ def rename_class(root: str | Path, old: str, new: str) -> Path:
     src, dst = Path(root) / old, Path(root) / new
     if not src.is_dir():
         raise DatasetError(f"class {old!r} does not exist in {root}")
-    if dst.exists():
+    if dst.exists() and new != old:
         raise DatasetError(f"class {new!r} already exists in {root}; choose another name")
+    if other := _same_name(Path(root), new, but=old):
+        raise DatasetError(
+            f"class {other!r} already exists in {root}: {new!r} differs only in case; "
+            "choose another name"
+        )
     src.rename(dst)
     _rename_in_split(Path(root), old, new)
     return dst
@@ -843,6 +890,14 @@ def check_dataset(root: str | Path) -> list[str]:
         raise DatasetError(
             f"class folder(s) {empty} in {root} have no images; add images or remove the folder"
         )
+    for c in counts:
+        if c.casefold() in RESERVED_CLASS_NAMES:
+            raise DatasetError(f"{root}: {_reserved_text(c)} (rename the folder)")
+        if other := _same_name(root, c):
+            raise DatasetError(
+                f"class folders {other!r} and {c!r} in {root} differ only in case (one folder "
+                "on Windows and macOS, two classes here); merge them or rename one"
+            )
     return list(counts)
 
 

@@ -662,8 +662,22 @@ class PreprocessSpec:
     intensity_range: tuple[float, float] | None = None
 
     def __post_init__(self):
-        if self.image_size < 8:
-            raise ValueError(f"image size must be at least 8 pixels, got {self.image_size}")
+        size = self.image_size
+        whole = isinstance(size, (int, float, np.number)) and float(size).is_integer()
+        if isinstance(size, bool) or not whole:
+            raise ValueError(f"image size must be a whole number of pixels, got {size!r}")
+        size = int(size)
+        object.__setattr__(self, "image_size", size)
+        if not 8 <= size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image size must be 8 to {MAX_IMAGE_SIZE} pixels, got {size} (EfficientNet "
+                "is made for 224; beyond a few hundred it only costs memory)"
+            )
+        for name in ("pmin", "pmax"):
+            if isinstance(getattr(self, name), bool) or not isinstance(
+                getattr(self, name), (int, float, np.number)
+            ):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0 <= self.pmin < self.pmax <= 100:
             raise ValueError(
                 f"percentiles must satisfy 0 <= pmin < pmax <= 100, got {self.pmin}, {self.pmax}"
@@ -717,6 +731,7 @@ class PreprocessSpec:
 
 
 INTENSITY_MODES = ("auto", "percentile", "fixed")
+MAX_IMAGE_SIZE = 1024  # a model input side; one 1024 px batch of 32 already takes ~3 GB
 
 
 def keeps_range(dtype) -> bool:

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundle import is_foreign_folder
-from .dataset import SPLIT_FILE, SPLIT_VERSION, check_dataset, class_files, list_classes, load_split
+from .dataset import (
+    SPLIT_FILE,
+    SPLIT_VERSION,
+    check_dataset,
+    class_files,
+    list_classes,
+    load_split,
+    nested_image_folders,
+)
 from .errors import BundleError, DatasetError, ImageReadError, MicroclfError, OutputError
 from .files import refuse_destroying
 from .images import aspect_warning, read_header, shape_problem
@@ -184,6 +192,10 @@ def _map_text(channel_map) -> str:
     return ",".join("-" if c is None else str(c) for c in channel_map)
 
 
+def _plural_folders(n: int) -> str:
+    return "1 folder" if n == 1 else f"{n} folders"
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -240,6 +252,14 @@ def scan_images(data_dir: str | Path, channel_map=None) -> ImageScan:
                     f"{info.n_pages} page(s) can be read: re-export it if "
                     "it should have more"
                 )
+    nested = nested_image_folders(root)
+    if nested:
+        scan.warnings.append(
+            f"{_plural_folders(len(nested))} inside class folders hold images that are not "
+            f"trained on ({', '.join(nested[:MAX_LISTED])}"
+            + (", ..." if len(nested) > MAX_LISTED else "")
+            + "): a class is the images directly in its folder; move them up to use them"
+        )
     scan.warnings += elongated[:MAX_LISTED]
     if len(elongated) > MAX_LISTED:
         scan.warnings.append(
