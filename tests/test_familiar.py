@@ -170,7 +170,13 @@ def test_a_bundle_without_the_description_predicts_without_a_score(lite0, tmp_pa
     path = tmp_path / "old.csv"
     write_csv(pages, path, CLASSES)
     with path.open() as f:
-        assert next(csv.reader(f)) == ["file", "page", "class", "confidence", *(f"p_{c}" for c in CLASSES)]
+        assert next(csv.reader(f)) == [
+            "file",
+            "page",
+            "class",
+            "confidence",
+            *(f"p_{c}" for c in CLASSES),
+        ]
     # listed in the metadata but the file is gone: said, and the classes still come
     meta["familiarity"] = listed
     (old / "microclf.json").write_text(json.dumps(meta))

@@ -344,7 +344,14 @@ def test_predict_takes_an_explicit_page_axis(predictor):
 def test_write_csv_keeps_its_columns_without_errors(tmp_path):
     preds = [PagePrediction("x.tif", 0, "a", 0.9, {"a": 0.9, "b": 0.1})]
     write_csv(preds, tmp_path / "p.csv", ["a", "b"])
-    assert list(_rows(tmp_path / "p.csv")[0]) == ["file", "page", "class", "confidence", "p_a", "p_b"]
+    assert list(_rows(tmp_path / "p.csv")[0]) == [
+        "file",
+        "page",
+        "class",
+        "confidence",
+        "p_a",
+        "p_b",
+    ]
     write_csv([*preds, FileError("y.tif", "=cannot read", None)], tmp_path / "e.csv", ["a", "b"])
     rows = _rows(tmp_path / "e.csv")
     assert [(r["status"], r["error"]) for r in rows] == [("ok", ""), ("error", "'=cannot read")]

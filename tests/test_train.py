@@ -134,7 +134,14 @@ def test_predict_a_stack_page_by_page_and_export_csv(lite0, tmp_path):
     write_csv(preds, csv_path, list(CLASSES), threshold=0.99)
     rows = list(csv.DictReader(csv_path.open()))
     # the model describes its training data: an `unfamiliar` score column (core/familiar.py)
-    assert list(rows[0]) == ["file", "page", "class", "confidence", *(f"p_{c}" for c in CLASSES), "unfamiliar"]
+    assert list(rows[0]) == [
+        "file",
+        "page",
+        "class",
+        "confidence",
+        *(f"p_{c}" for c in CLASSES),
+        "unfamiliar",
+    ]
     assert len(rows) == 12 and rows[3]["page"] == "3"
     for row, p in zip(rows, preds, strict=True):
         assert row["class"] == (
