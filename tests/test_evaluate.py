@@ -95,3 +95,15 @@ def test_evaluations_never_overwrite_the_training_report(setup, capsys):
     assert len(reports) == 3 and len(list((model / "reports").glob("*.json"))) == 3
     assert sum(p.name.endswith("-val.md") for p in reports) == 1
     assert reports[0].read_text().startswith("# Evaluation of model on its own")
+
+
+def test_all_with_nothing_to_score_exits_1_with_a_line(setup, capsys):
+    data, model = setup
+    # every image of the dataset was in the model's train, val or test list: --all scores
+    # only the test ones; with those gone, nothing is left
+    for e in own_split(model)["test"]:
+        (data / e["key"]).unlink()
+    assert cli_main(["evaluate", str(model), str(data), "--all"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to score" in err and "seen in training or validation" in err
+    assert not (model / "reports").exists()  # no empty report saved

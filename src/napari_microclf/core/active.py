@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import PREVIOUS_DIR, read_meta
-from .dataset import hash_index, pixel_hash
+from .dataset import DatasetError, hash_index, pixel_hash
 from .evaluate import evaluate
 from .images import find_images, read_page
 from .predictor import Predictor
@@ -209,6 +209,9 @@ def retrain(model_dir: str | Path, on_update=None, should_stop=None, **changes) 
     if getattr(result, "bundle", None) is None:
         return Retrained(model_dir, None, None, 0, result)
     previous = model_dir / PREVIOUS_DIR
-    old = evaluate(previous, save=False)
-    new = evaluate(model_dir, lists_from=previous, save=False)
+    try:
+        old = evaluate(previous, save=False)
+        new = evaluate(model_dir, lists_from=previous, save=False)
+    except DatasetError:  # the old model's test list is empty (or gone): nothing to compare
+        return Retrained(model_dir, None, None, 0, result)
     return Retrained(model_dir, old["accuracy"], new["accuracy"], int(new["n"]), result)

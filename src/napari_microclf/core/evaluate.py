@@ -169,6 +169,19 @@ def evaluate(
             if (data_dir / key).exists():
                 files.append((data_dir / key, cls))
     refs = [PageRef(p, i, names.index(c)) for p, c in files for i in range(count_pages(p))]
+    if not refs:
+        why = "; ".join(
+            [f"{len(flagged)} image(s) were seen in training or validation"] * bool(flagged)
+            + [f"{len(missing) + len(changed)} listed image(s) are missing or changed"]
+            * bool(missing or changed)
+            + notes
+        )
+        raise DatasetError(
+            f"nothing to score in {data_dir} on {label}"
+            + (f" ({why})" if why else "")
+            + ": add labelled images the model never saw, in folders named like its classes "
+            f"({', '.join(names)})"
+        )
     probs, plain = _probabilities(bundle, refs, batch_size, tta, engine, precision)
     report = classification_report([r.label for r in refs], probs, names, refs)
     report.update(
