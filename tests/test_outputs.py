@@ -77,6 +77,8 @@ def test_predict_csv_and_heatmap_never_replace_an_input_or_the_model(lite0, tmp_
     said = _said(capsys)
     assert "CSV destination" in said and "one of the inputs" in said
     assert image.read_bytes() == before
+    assert cli_main(["label-next", str(lite0.bundle), folder, "--csv", str(image)]) == 1
+    assert "one of the inputs" in _said(capsys) and image.read_bytes() == before
     assert cli_main(["explain", str(lite0.bundle), str(image), "--out", str(image)]) != 0
     assert "heatmap destination" in _said(capsys)
     model_file = Path(lite0.bundle) / "model.keras"

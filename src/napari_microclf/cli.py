@@ -388,10 +388,19 @@ def _predict_checked(args):
         check_spec(args.cluster)
     files = find_images(args.paths)
     if csv_path is not None:
-        from .core.files import refuse_destroying
-
-        refuse_destroying(csv_path, inputs=files, protected=[args.model], what="CSV destination")
+        _csv_checked(csv_path, files, [args.model])
     return csv_path, files
+
+
+def _csv_checked(csv_path, inputs, protected):
+    """A CSV destination that can be written and destroys nothing: not an input image, not
+    in or above the model folder (or the dataset), not the working directory."""
+    from .core.csv_format import check_csv_destination
+    from .core.files import refuse_destroying
+
+    csv_path = check_csv_destination(csv_path)
+    refuse_destroying(csv_path, inputs=inputs, protected=protected, what="CSV destination")
+    return csv_path
 
 
 def _explain_checked(args):
@@ -444,14 +453,14 @@ def cmd_label_next(args) -> int:
     """The pages most worth labelling next, most uncertain first (optionally as a CSV)."""
     from .core.active import label_next
     from .core.bundle import read_meta
-    from .core.csv_format import check_csv_destination, write_csv_rows
+    from .core.csv_format import write_csv_rows
     from .core.images import find_images
 
     meta = read_meta(args.model)
-    find_images(args.paths)  # nothing to rank: a one-line error before TensorFlow
-    if args.csv:
-        check_csv_destination(args.csv)
+    files = find_images(args.paths)  # nothing to rank: a one-line error before TensorFlow
     data = args.data or meta.get("data_dir")
+    if args.csv:
+        _csv_checked(args.csv, files, [args.model, *([data] if data else [])])
     cands = label_next(args.model, args.paths, args.top, args.by, args.unfamiliar, data)
     print(
         f"{len(cands)} page(s) to label next ({args.by} uncertainty, unfamiliar "
