@@ -124,6 +124,8 @@ def class_counts(root: str | Path) -> dict[str, int]:
 
 def add_class(root: str | Path, name: str) -> Path:
     name = check_class_name(name)
+    if (Path(root) / name).is_dir():
+        return Path(root) / name
     if other := _same_name(Path(root), name):
         raise DatasetError(
             f"class {other!r} already exists in {root}: {name!r} differs only in case (one "
