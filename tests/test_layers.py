@@ -25,7 +25,7 @@ CORE = PACKAGE / "core"
 # Lowest first. A new module of the core must be placed here (test_every_module_has_a_layer).
 LAYERS: dict[str, set[str]] = {
     "foundations": {"errors", "settings", "files", "lock", "device"},
-    "pages and class folders": {"images", "dataset", "pipeline", "sample", "review"},
+    "pages and class folders": {"images", "dataset", "pipeline", "sample", "review", "objects"},
     "networks, engines, bundles, the feature cache and the formats both sides share": {
         "lite0",
         "model",

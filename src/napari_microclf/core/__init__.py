@@ -12,7 +12,8 @@ refused), ``lock`` (one writer at a time), ``device`` (GPUs, memory).
 
 Layer 1, pages and class folders: ``images`` (reading, pages, normalisation), ``dataset``
 (class folders, examples, the split), ``pipeline`` (pages streamed to training), ``sample``
-(the synthetic sample data), ``review`` (relabelling and trashing examples).
+(the synthetic sample data), ``review`` (relabelling and trashing examples), ``objects``
+(the crop around each label of a segmentation, and datasets of such crops).
 
 Layer 2, networks, engines, bundles, the feature cache and what both sides share: ``lite0``
 and ``model`` (the networks), ``bundle`` (a trained model on disk, its own split),

@@ -240,15 +240,17 @@ def add_example(
     source: str | Path | None = None,
     page: int | None = None,
     index: dict[str, Path] | None = None,
+    extra: dict | None = None,
 ) -> AddResult:
     """Write ``array`` (``(Y, X)`` or ``(Y, X, C)``) as a TIFF into ``root/class_name``.
 
     The file is written to a temporary name and linked into place, so a crash never leaves
     half a file and an existing file is never overwritten. Provenance (source file, page,
-    date) is stored in the TIFF description. If the same pixels are already anywhere in the
-    dataset the existing file is returned with ``written=False``. ``index`` (from
-    :func:`hash_index`, for adding many examples) is looked up instead of scanning the class
-    folders, and the file written is added to it.
+    date, and ``extra``: an object's label file, label id and box) is stored in the TIFF
+    description; an object's file name ends in its label id (``_l17``). If the same pixels
+    are already anywhere in the dataset the existing file is returned with ``written=False``.
+    ``index`` (from :func:`hash_index`, for adding many examples) is looked up instead of
+    scanning the class folders, and the file written is added to it.
     """
     import tifffile
 
@@ -269,12 +271,14 @@ def add_example(
         return AddResult(existing, False, existing.parent.name)
 
     folder = add_class(root, class_name)
-    final = folder / f"{_stem_for(source, page)}_{digest}.tif"
+    label = f"_l{int(extra['label'])}" if extra and "label" in extra else ""
+    final = folder / f"{_stem_for(source, page)}{label}_{digest}.tif"
     provenance = {
         "source": str(source) if source is not None else None,
         "page": int(page) if page is not None else None,
         "added": _dt.datetime.now().isoformat(timespec="seconds"),
         "class": class_name,
+        **(extra or {}),
     }
     data, axes = (arr, "YX") if arr.ndim == 2 else (np.moveaxis(arr, -1, 0), "CYX")
     fd, tmp = mkstemp_for_user(prefix=".tmp-", suffix=".tif", dir=folder)

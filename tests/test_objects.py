@@ -1,0 +1,144 @@
+"""Objects (issue 23): the crop around each label of a segmentation, on a real photograph
+(scikit-image's coins, segmented by thresholding) and on small arrays whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_microclf.core.dataset import list_classes, read_provenance, update_split
+from napari_microclf.core.errors import DatasetError, ImageReadError
+from napari_microclf.core.objects import (
+    OBJECTS_FILE,
+    CropSpec,
+    add_objects,
+    crop_window,
+    cut_crop,
+    image_objects,
+    objects_of,
+)
+
+
+@pytest.fixture(scope="module")
+def coins(tmp_path_factory):
+    """The coins photograph, its labels (Otsu threshold, small specks dropped), as files."""
+    import tifffile
+    from skimage import data, filters, measure
+
+    image = data.coins()
+    mask = image > filters.threshold_otsu(image)
+    labels = measure.label(mask)
+    sizes = np.bincount(labels.ravel())
+    labels[sizes[labels] < 50] = 0
+    labels = measure.label(labels > 0).astype(np.uint16)
+    root = tmp_path_factory.mktemp("coins")
+    tifffile.imwrite(root / "coins.tif", image)
+    tifffile.imwrite(root / "coins_labels.tif", labels)
+    return root / "coins.tif", root / "coins_labels.tif", image, labels
+
+
+def test_objects_match_regionprops_on_a_real_photograph(coins):
+    from skimage import measure
+
+    _, _, image, labels = coins
+    found = objects_of(labels)
+    props = measure.regionprops(labels)
+    assert len(found) == len(props) > 10
+    for o, p in zip(found, props, strict=True):
+        assert (o.label, o.area, o.bbox) == (p.label, p.area, p.bbox)
+        np.testing.assert_allclose(o.centroid, p.centroid)
+    h, w = labels.shape
+    assert [o.touches_border for o in found] == [
+        p.bbox[0] == 0 or p.bbox[1] == 0 or p.bbox[2] == h or p.bbox[3] == w for p in props
+    ]
+
+
+def test_ids_need_not_be_contiguous():
+    labels = np.zeros((40, 40), np.int32)
+    labels[2:6, 3:9] = 7
+    labels[20:30, 20:25] = 1000
+    found = objects_of(labels)
+    assert [(o.label, o.area, o.bbox) for o in found] == [
+        (7, 24, (2, 3, 6, 9)),
+        (1000, 50, (20, 20, 30, 25)),
+    ]
+
+
+def test_a_crop_is_centred_sized_padded_and_masked():
+    page = np.arange(100 * 100, dtype=np.uint16).reshape(100, 100) + 1
+    labels = np.zeros((100, 100), np.int32)
+    labels[40:60, 45:55] = 1  # 20 x 10, centre (50, 50)
+    labels[0:10, 0:10] = 2  # in the corner: its crop leaves the page
+    labels[62:64, 48:52] = 3  # a neighbour inside object 1's window
+    one, corner, _ = objects_of(labels)
+    spec = CropSpec(margin=0.25)  # side 20 * 1.5 = 30
+    assert crop_window(one, spec) == (35, 35, 30)
+    crop = cut_crop(page, labels, one, spec)
+    np.testing.assert_array_equal(crop, page[35:65, 35:65])
+    assert crop_window(one, CropSpec(size="fixed", context=64)) == (18, 18, 64)
+    padded = cut_crop(page, labels, corner, spec)  # side 15, from (-3, -3)
+    assert padded.shape == (15, 15) and not padded[:3].any() and not padded[:, :3].any()
+    np.testing.assert_array_equal(padded[3:, 3:], page[:12, :12])
+    others = cut_crop(page, labels, one, CropSpec(mask="others"))
+    assert not others[27:29, 13:17].any()  # object 3, at (62-35, 48-35)
+    assert others[15, 15] == page[50, 50]
+    only = cut_crop(page, labels, one, CropSpec(mask="object"))
+    assert (only > 0).sum() == one.area
+    rgb = np.repeat(page[..., None], 3, axis=-1)
+    assert cut_crop(rgb, labels, one, spec).shape == (30, 30, 3)  # channels kept
+
+
+@pytest.mark.parametrize(
+    "labels, said",
+    [
+        (np.zeros((303, 384), np.float32), "not integer labels"),
+        (np.zeros((303, 384), bool), "not integer labels"),
+        (np.zeros((300, 384), np.int32), "must be the segmentation of this very image"),
+        (np.full((303, 384), -1, np.int32), "negative labels"),
+        (np.zeros((3, 303, 384), np.int32), "has 3 pages but the image has 1"),
+    ],
+)
+def test_labels_that_do_not_fit_are_said_in_one_line(coins, labels, said):
+    with pytest.raises(ImageReadError, match=said):
+        list(image_objects(coins[2], labels))
+
+
+def test_a_stack_with_one_label_page_for_all_or_one_per_page(coins):
+    _, _, image, labels = coins
+    stack = np.stack([image, image[::-1]])
+    one = list(image_objects(stack, labels, page_axis=0))
+    assert [len(objs) for _, _, _, objs in one] == [labels.max()] * 2
+    per_page = list(image_objects(stack, np.stack([labels, labels[::-1]]), page_axis=0))
+    assert [o.bbox for o in per_page[1][3]] != [o.bbox for o in per_page[0][3]]
+    assert [p for p, *_ in image_objects(stack, labels, page_axis=0, pages=[1])] == [1]
+
+
+def test_objects_go_into_class_folders_with_provenance_and_one_group(coins, tmp_path):
+    image_path, labels_path, _, labels = coins
+    data = tmp_path / "data"
+    small = [
+        o.label
+        for o in objects_of(labels)
+        if o.area < np.median([o.area for o in objects_of(labels)])
+    ]
+    big = [o.label for o in objects_of(labels) if o.label not in small]
+    add_objects(data, image_path, labels_path, "small", ids=small)
+    added = add_objects(data, image_path, labels_path, {(0, b): "big" for b in big})
+    assert list_classes(data) == ["big", "small"] and len(added) == len(big)
+    assert all(r.written for r in added)
+    assert json.loads((data / OBJECTS_FILE).read_text())["crop"] == CropSpec().to_dict()
+    prov = read_provenance(added[0].path)
+    assert prov["label"] == big[0] and prov["labels"] == str(labels_path)
+    assert prov["source"] == str(image_path) and len(prov["bbox"]) == 4
+    assert added[0].path.name.startswith(f"coins_p0000_l{big[0]}_")
+    # again: nothing new; another crop setting for the same dataset: refused
+    assert not any(
+        r.written for r in add_objects(data, image_path, labels_path, "small", ids=small)
+    )
+    with pytest.raises(DatasetError, match="one crop setting"):
+        add_objects(data, image_path, labels_path, "small", CropSpec(mask="others"), ids=small)
+    # every object of one field of view is in one subset (grouped by the source image)
+    split, _ = update_split(data, seed=0)
+    assert len(set(split.assignments.values())) == 1
