@@ -163,3 +163,36 @@ def client():
     c = connect("local:2")
     yield c
     c.close()
+
+
+# -- the widgets as napari docks them --------------------------------------------------------
+# napari hands a docked plugin widget a PublicOnlyProxy of the viewer (and of every napari
+# object reached through it: each `viewer.layers[name]` is a new proxy), not the viewer.
+# Widget tests dock through the manifest, so they see what the user's widgets see.
+
+WIDGET_NAMES = {
+    "Annotate": "Annotate",
+    "Train": "Train",
+    "Predict": "Predict",
+    "Review": "Review errors",
+    "Label next": "Label next",
+    "All": "Microscopy Classifier",
+}
+
+
+@pytest.fixture
+def docked():
+    """``docked(viewer, "Train")``: the widget napari made and docked through the manifest
+    (``viewer.window.add_plugin_dock_widget``), given a proxy of ``viewer``. Names: Annotate,
+    Train, Predict, Review, Label next, All (the tabs)."""
+
+    def dock(viewer, name: str):
+        _, widget = viewer.window.add_plugin_dock_widget(
+            "napari-microclf", WIDGET_NAMES.get(name, name)
+        )
+        from napari.utils._proxies import PublicOnlyProxy
+
+        assert isinstance(widget.viewer, PublicOnlyProxy)  # what napari really hands it
+        return widget
+
+    return dock

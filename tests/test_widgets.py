@@ -18,7 +18,7 @@ from napari_microclf._qt.label_next import LabelNextWidget
 from napari_microclf._qt.predict import PredictWidget
 from napari_microclf._qt.predictor_cache import cache_info
 from napari_microclf._qt.review import ReviewWidget
-from napari_microclf._qt.train import State, TrainWidget
+from napari_microclf._qt.train import UPDATE_MS, State, TrainWidget
 from napari_microclf.core.sample import make_sample_dataset, make_sample_stack
 from napari_microclf.core.train import BatchEnd
 
@@ -57,6 +57,15 @@ def _messages(level=None):
         for n in notification_manager.records
         if level is None or str(n.severity).lower().endswith(level)
     ]
+
+
+def _late_update_is_ignored(widget: TrainWidget, qtbot, final: str) -> None:
+    """An update of the run delivered after its end (queued before it) leaves the status
+    line on the run's final state."""
+    assert widget.status.text().startswith(final), widget.status.text()
+    widget._on_update(BatchEnd(8, 200, 3, 10, {"loss": 0.5}))
+    qtbot.wait(2 * UPDATE_MS)
+    assert widget.status.text().startswith(final), widget.status.text()
 
 
 def _tiny(widget: TrainWidget, **changes):
@@ -133,7 +142,7 @@ def _press(viewer, qtbot, key: str):
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
 
 
-def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tmp_path):
+def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tmp_path, docked):
     viewer = make_napari_viewer(show=True)
     stack, _ = make_sample_stack(n_pages=4, size=32)
     viewer.add_image(stack, name="stack")
@@ -145,8 +154,8 @@ def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tm
     tifffile.imwrite(path, np.moveaxis(two, -1, 1), metadata={"axes": "ZCYX"})
     viewer.open(str(path), plugin=PLUGIN)
     root = tmp_path / "new" / "dataset"
-    widget = AnnotateWidget(viewer, root)
-    viewer.window.add_dock_widget(widget)
+    widget = docked(viewer, "Annotate")
+    widget.set_dataset(root)
 
     widget.add_class("bad/name")
     assert not root.exists() and any("bad/name" in m for m in _messages())
@@ -232,11 +241,11 @@ def test_annotate_buttons_keys_undo_and_duplicates(make_napari_viewer, qtbot, tm
 
 
 def test_train_runs_to_the_end_and_the_gui_stays_responsive(
-    make_napari_viewer, qtbot, tiny_dataset, tmp_path
+    make_napari_viewer, qtbot, tiny_dataset, tmp_path, docked
 ):
     viewer = make_napari_viewer()
-    widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
-    viewer.window.add_dock_widget(widget)
+    widget = docked(viewer, "Train")
+    widget.set_folders(tiny_dataset, tmp_path / "model")
     _tiny(widget)
     ticks = []
     timer = QTimer()
@@ -258,6 +267,7 @@ def test_train_runs_to_the_end_and_the_gui_stays_responsive(
     assert result is not None and not result.stopped
     assert (result.bundle / "model.keras").exists()
     assert widget.state is State.IDLE and widget.start_btn.text() == "Start training"
+    _late_update_is_ignored(widget, qtbot, "Done in")
     # napari's bars are the progress: the epochs and the batches, both closed at the end
     assert not hasattr(widget, "epoch_bar") and not hasattr(widget, "batch_bar")
     assert widget.epochs_pbar.n == widget.epochs_pbar.total == 2
@@ -278,14 +288,17 @@ def test_train_runs_to_the_end_and_the_gui_stays_responsive(
     assert widget.confusion.figure.axes and "Diagnosis" in widget.diagnosis.text()
     # offered to Predict
     assert SESSION.last_bundle == str(result.bundle)
-    assert PredictWidget(viewer).bundle() == str(result.bundle)
+    assert docked(viewer, "Predict").bundle() == str(result.bundle)
 
 
-def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
+def test_two_phase_training_marks_fine_tuning(
+    make_napari_viewer, qtbot, tiny_dataset, tmp_path, docked
+):
     """The default weights ("auto": ImageNet Lite0 here, offline), fine-tuned in two phases:
     the log says when phase 2 starts, the curves mark it, report and Predict name the start."""
     viewer = make_napari_viewer()
-    widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
+    widget = docked(viewer, "Train")
+    widget.set_folders(tiny_dataset, tmp_path / "model")
     _tiny(
         widget, weights="auto", fine_tune=1, head_epochs=1, fine_tune_epochs=1, learning_rate=1e-4
     )
@@ -306,13 +319,15 @@ def test_two_phase_training_marks_fine_tuning(make_napari_viewer, qtbot, tiny_da
     assert "top 1 of 7 stages fine-tuned, from epoch 2 after 1 head-only epoch(s)" in report
     from napari_microclf.core.lite0 import LITE0_SHA256
 
-    predict = PredictWidget(viewer, result.bundle)
+    predict = docked(viewer, "Predict")
+    predict.set_bundle(result.bundle)
     assert f"Model: efficientnet-lite0 · imagenet {LITE0_SHA256[:12]}" in predict.model_info.text()
 
 
-def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, tmp_path):
+def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, tmp_path, docked):
     viewer = make_napari_viewer()
-    widget = TrainWidget(viewer, tiny_dataset, tmp_path / "model")
+    widget = docked(viewer, "Train")
+    widget.set_folders(tiny_dataset, tmp_path / "model")
     _tiny(widget, epochs=6)  # 12 steps: eager, no trace
     worker = widget.start()
 
@@ -326,11 +341,12 @@ def test_stop_stops_and_writes_nothing(make_napari_viewer, qtbot, tiny_dataset, 
     assert widget.result.stopped and widget.result.epochs_run < 6
     assert not (tmp_path / "model").exists()
     assert widget.state is State.IDLE and "no model was written" in widget.status.text()
+    _late_update_is_ignored(widget, qtbot, "Stopped after")
 
 
 @pytest.mark.parametrize("bar", ["epochs", "batches"])
 def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
-    make_napari_viewer, qtbot, tiny_dataset, trained_bundle, tmp_path, bar
+    make_napari_viewer, qtbot, tiny_dataset, trained_bundle, tmp_path, bar, docked
 ):
     """napari's bars show in the activity dock, cancelable there: Cancel is the Stop button
     (cooperative stop), and a stopped training leaves the last good model as it was."""
@@ -342,7 +358,8 @@ def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
     out = tmp_path / "model"
     shutil.copytree(trained_bundle, out)
     before = (out / "model.keras").read_bytes()
-    widget = TrainWidget(viewer, tiny_dataset, out)
+    widget = docked(viewer, "Train")
+    widget.set_folders(tiny_dataset, out)
     _tiny(widget, epochs=6)  # 12 steps: eager, no trace
     worker = widget.start()
     assert isinstance(widget.epochs_pbar, cancelable_progress)
@@ -360,11 +377,12 @@ def test_cancel_in_the_activity_dock_stops_training_as_stop_does(
     assert widget.result.stopped and widget.result.epochs_run < 6
     assert (out / "model.keras").read_bytes() == before  # the last good model stays
     assert widget.state is State.IDLE and "no model was written" in widget.status.text()
+    _late_update_is_ignored(widget, qtbot, "Stopped after")
     assert widget.start_btn.text() == "Start training" and widget.start_btn.isEnabled()
 
 
 @pytest.mark.parametrize("problem", ["no dataset", "one class", "empty class", "unwritable"])
-def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
+def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem, docked):
     data = tmp_path / "ds"
     out = tmp_path / "model"
     if problem != "no dataset":
@@ -379,7 +397,8 @@ def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
     if problem == "unwritable":
         (tmp_path / "a-file").write_text("x")
         out = tmp_path / "a-file" / "model"
-    widget = TrainWidget(make_napari_viewer(), data, out)
+    widget = docked(make_napari_viewer(), "Train")
+    widget.set_folders(data, out)
     notification_manager.records.clear()
     assert widget.start() is None
     assert widget.state is State.IDLE and widget.worker is None
@@ -396,10 +415,11 @@ def test_bad_setups_are_notifications(make_napari_viewer, tmp_path, problem):
 
 def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_groups(
     make_napari_viewer,
+    docked,
 ):
     from napari_microclf.core.train_config import help_of
 
-    widget = TrainWidget(make_napari_viewer())
+    widget = docked(make_napari_viewer(), "Train")
     f = widget.form
     config = widget.config()
     assert (config.backbone, config.weights, config.group_by) == ("efficientnet-b0", "auto", None)
@@ -423,6 +443,8 @@ def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_group
     f.head_epochs.value = 3
     f.fine_tune_lr_factor.value = 0.2
     f.intensity.value = "fixed"
+    assert f.intensity_range.native.isHidden()  # an advanced setting: hidden until asked
+    f.advanced.value = True
     assert not f.intensity_range.native.isHidden()  # the range field appears
     f.intensity_range.value = "0,4095"
     f.group_by.value = r"^(plate\d+_well\w+)"
@@ -435,8 +457,9 @@ def test_form_builds_the_config_with_backbone_weights_phases_intensity_and_group
     assert widget.config().intensity_range is None
 
 
-def test_invalid_group_by_is_refused_at_start(make_napari_viewer, tiny_dataset, tmp_path):
-    widget = TrainWidget(make_napari_viewer(), tiny_dataset, tmp_path / "model")
+def test_invalid_group_by_is_refused_at_start(make_napari_viewer, tiny_dataset, tmp_path, docked):
+    widget = docked(make_napari_viewer(), "Train")
+    widget.set_folders(tiny_dataset, tmp_path / "model")
     _tiny(widget)
     widget.form.group_by.value = "plate(\\d+"
     notification_manager.records.clear()
@@ -452,10 +475,11 @@ def test_invalid_group_by_is_refused_at_start(make_napari_viewer, tiny_dataset, 
     [(20, "very small dataset", 8), (200, "medium dataset", 32), (340, "large dataset", 64)],
 )
 def test_suggest_settings_from_the_dataset_size(
-    make_napari_viewer, qtbot, tmp_path, n_per_class, row, batch_size
+    make_napari_viewer, qtbot, tmp_path, n_per_class, row, batch_size, docked
 ):
     data = make_sample_dataset(tmp_path / "ds", n_per_class=n_per_class, size=16)
-    widget = TrainWidget(make_napari_viewer(), data, tmp_path / "model")
+    widget = docked(make_napari_viewer(), "Train")
+    widget.set_folders(data, tmp_path / "model")
     widget.form.batch_size.value = 5
     assert widget.suggest() is not None
     assert not widget.suggest_btn.isEnabled()
@@ -478,8 +502,9 @@ def test_suggest_settings_from_the_dataset_size(
     assert widget.config().batch_size == 12
 
 
-def test_suggest_settings_without_a_dataset_says_why(make_napari_viewer, qtbot, tmp_path):
-    widget = TrainWidget(make_napari_viewer(), tmp_path / "missing", tmp_path / "model")
+def test_suggest_settings_without_a_dataset_says_why(make_napari_viewer, qtbot, tmp_path, docked):
+    widget = docked(make_napari_viewer(), "Train")
+    widget.set_folders(tmp_path / "missing", tmp_path / "model")
     notification_manager.records.clear()
     assert widget.suggest() is not None
     qtbot.waitUntil(lambda: widget._counting is None, timeout=60000)
@@ -514,14 +539,14 @@ def test_curves_mark_where_fine_tuning_starts():
 
 
 def test_predict_labels_follow_the_slider_and_csv_matches(
-    make_napari_viewer, qtbot, trained_bundle, tmp_path
+    make_napari_viewer, qtbot, trained_bundle, tmp_path, docked
 ):
     viewer = make_napari_viewer()
     stack, _ = make_sample_stack(n_pages=6, size=40)
     image = viewer.add_image(stack, name="stack", scale=(1, 0.5, 0.5), units=("pixel", "µm", "µm"))
     viewer.add_image(stack[0], name="single")
-    widget = PredictWidget(viewer, trained_bundle)
-    viewer.window.add_dock_widget(widget)
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(trained_bundle)
     widget.threshold.setValue(0.0)
     widget.choose(["stack", "single"])
     loads = cache_info().misses
@@ -574,14 +599,15 @@ def test_predict_labels_follow_the_slider_and_csv_matches(
 
 
 def test_predict_names_the_model_also_for_older_bundles(
-    make_napari_viewer, trained_bundle, tmp_path
+    make_napari_viewer, trained_bundle, tmp_path, docked
 ):
     import json
     import shutil
 
     from napari_microclf.core.bundle import zip_bundle
 
-    widget = PredictWidget(make_napari_viewer(), trained_bundle)
+    widget = docked(make_napari_viewer(), "Predict")
+    widget.set_bundle(trained_bundle)
     assert "Model: efficientnet-b0 · random start" in widget.model_info.text()
     assert widget.export_row.button.isEnabled()  # the model row can share it
     zipped = zip_bundle(trained_bundle, tmp_path / "shared.zip")
@@ -602,13 +628,14 @@ def test_predict_names_the_model_also_for_older_bundles(
     assert "not recorded (older model)" in widget.model_info.toolTip()
 
 
-def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, tmp_path):
+def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, tmp_path, docked):
     folder = tmp_path / "images"
     folder.mkdir()
     stack, _ = make_sample_stack(n_pages=3, size=32)
     tifffile.imwrite(folder / "a.tif", stack, metadata={"axes": "ZYX"})
     tifffile.imwrite(folder / "b.tif", stack[0])
-    widget = PredictWidget(make_napari_viewer(), trained_bundle)
+    widget = docked(make_napari_viewer(), "Predict")
+    widget.set_bundle(trained_bundle)
     worker = widget.classify_folder(folder, tmp_path / "out.csv")
     with qtbot.waitSignal(worker.finished, timeout=120000):
         pass
@@ -626,7 +653,7 @@ def test_classify_folder_writes_csv(make_napari_viewer, qtbot, trained_bundle, t
 
 
 def test_run_and_classify_folder_stop_keep_what_was_done(
-    make_napari_viewer, qtbot, trained_bundle, tmp_path
+    make_napari_viewer, qtbot, trained_bundle, tmp_path, docked
 ):
     """Run and Classify folder turn into Stop while they run; Stop (or Cancel in the
     activity dock) ends them at the next batch, keeps what was done and frees the UI."""
@@ -634,7 +661,8 @@ def test_run_and_classify_folder_stop_keep_what_was_done(
     stack, _ = make_sample_stack(n_pages=3, size=32)
     big = np.concatenate([stack] * 30)  # 90 pages: 3 batches of 32
     viewer.add_image(big, name="big")
-    widget = PredictWidget(viewer, trained_bundle)
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(trained_bundle)
     widget.choose(["big"])
     worker = widget.run()
     assert widget.run_btn.text() == "Stop" and widget.run_btn.isEnabled()
@@ -679,8 +707,8 @@ def test_run_and_classify_folder_stop_keep_what_was_done(
     assert widget.folder_btn.text() == widget.FOLDER and widget.worker is None
 
 
-def test_feature_cache_settings_reach_the_config(make_napari_viewer):
-    widget = TrainWidget(make_napari_viewer())
+def test_feature_cache_settings_reach_the_config(make_napari_viewer, docked):
+    widget = docked(make_napari_viewer(), "Train")
     assert widget.config().cache is True and widget.config().views == 4  # the defaults
     widget.form.cache.value = False
     widget.form.views.value = 2
@@ -697,14 +725,14 @@ def _rgb(colour):
     return to_hex(colour)
 
 
-def test_plots_follow_napari_theme(make_napari_viewer):
+def test_plots_follow_napari_theme(make_napari_viewer, docked):
     from napari.utils.theme import get_theme
 
     from napari_microclf._qt.stackplot import StackPlot
 
     viewer = make_napari_viewer()
-    train = TrainWidget(viewer)
-    predict = PredictWidget(viewer)
+    train = docked(viewer, "Train")
+    predict = docked(viewer, "Predict")
     plot = predict.show_plot()
     assert isinstance(plot, StackPlot)
     train.confusion.plot([[3, 1], [0, 4]], ["a", "b"])
@@ -760,3 +788,206 @@ def test_widgets_remember_folders_and_settings(make_napari_viewer, tmp_path):
     SESSION.last_bundle = str(tmp_path / "new")
     assert PredictWidget(viewer).bundle() == str(tmp_path / "new")
     assert TrainWidget(viewer, tmp_path / "x").data_edit.text() == str(tmp_path / "x")
+
+
+# -- as docked: a proxy of the viewer ------------------------------------------------------
+
+
+def test_labels_follow_their_image_as_docked_also_in_grid_mode(
+    make_napari_viewer, qtbot, trained_bundle, docked
+):
+    """napari hands a docked widget a proxy of the viewer (a new proxy of a layer at each
+    access): the labels still hide, rename and go with their image, and in grid mode (where
+    napari gives every layer its own cell) they hide instead of sitting in empty cells."""
+    viewer = make_napari_viewer()
+    stack, _ = make_sample_stack(n_pages=3, size=32)
+    viewer.add_image(stack, name="stack")
+    viewer.add_image(stack[0], name="single", translate=(0, 40))
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(trained_bundle)
+    widget.choose(["stack", "single"])
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    labels = viewer.layers["stack classes"]
+    assert labels.visible and set(widget.labels.boxes()) == {"stack", "single"}
+    viewer.layers["stack"].visible = False
+    assert not labels.visible and set(widget.labels.boxes()) == {"single"}  # not stacked up
+    viewer.layers["stack"].visible = True
+    assert labels.visible
+    viewer.layers["stack"].name = "cells"
+    assert "cells classes" in viewer.layers and "stack classes" not in viewer.layers
+    assert set(widget.results) == {"cells", "single"}
+    assert viewer.layers["cells classes"].text.string.format.endswith("· cells")
+
+    viewer.layers["single"].visible = False
+    viewer.canvas.grid.enabled = True
+    assert not viewer.layers["cells classes"].visible  # no cell of their own
+    assert not viewer.layers["single classes"].visible
+    viewer.canvas.grid.enabled = False
+    assert viewer.layers["cells classes"].visible  # back with its image
+    assert not viewer.layers["single classes"].visible  # its image is still hidden
+
+    viewer.layers.remove("cells")
+    assert "cells classes" not in viewer.layers and set(widget.results) == {"single"}
+
+
+def test_a_confusion_cell_opens_review_in_the_tabs_and_texts_never_overlap(
+    make_napari_viewer, qtbot, scratch, docked, tmp_path
+):
+    """In the tabbed dock a cell of Train's report opens in the Review tab (napari hands
+    the dock a proxy, which Qt refuses); Review writes above its image, Label next under
+    its own, each hidden with its image and in grid mode."""
+    import json
+
+    viewer = make_napari_viewer()
+    tabs = docked(viewer, "All")
+    report = json.loads((scratch.bundle / "report.json").read_text())
+    names, cm = report["class_names"], report["confusion_matrix"]
+    tabs.train.show_report(report, scratch.bundle)
+    true, predicted = next(
+        (t, p) for i, t in enumerate(names) for j, p in enumerate(names) if cm[i][j]
+    )
+    worker = tabs.train.review_cell(true, predicted)
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    assert tabs.currentWidget() is tabs.review
+    review = viewer.layers[tabs.review.layer_name(true, predicted)]
+    review_text = viewer.layers[tabs.review.points_name(review.name)]
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, page in enumerate(make_sample_stack(n_pages=3, size=40)[0]):
+        tifffile.imwrite(folder / f"u{i}.tif", page)
+    tabs.label_next.bundle_edit.setText(str(scratch.bundle))
+    worker = tabs.label_next.find(folder=str(folder))
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    guesses = viewer.layers["Label next guesses"]
+    # Review's texts hang above the top edge (y < 0), Label next's at the bottom edge
+    assert review_text.text.anchor == "upper_left" and (review_text.data[:, -2] < 0).all()
+    bottom = viewer.layers["Label next"].data.shape[1] - 0.5
+    assert guesses.text.anchor == "lower_left" and (guesses.data[:, -2] >= bottom).all()
+
+    review.visible = False
+    assert not review_text.visible and guesses.visible
+    review.visible = True
+    viewer.canvas.grid.enabled = True
+    assert not review_text.visible and not guesses.visible
+    viewer.canvas.grid.enabled = False
+    assert review_text.visible and guesses.visible
+
+
+# -- Train: the event loop and the report's rough edges ------------------------------------
+
+
+def test_training_never_stalls_the_event_loop(make_napari_viewer, qtbot, tmp_path, docked):
+    """A fast training (a frozen base, its features cached: many epochs and batches a
+    second) in a shown window: a 20 ms timer is never late by 250 ms. The panel coalesces
+    updates (status, bars and log at most every UPDATE_MS, the curves every CURVES_S);
+    before, every update redrew (up to 0.8 s late here, 4 s on a busy machine)."""
+    data = make_sample_dataset(tmp_path / "ds", n_per_class=8, size=32)
+    viewer = make_napari_viewer(show=True)
+    widget = docked(viewer, "Train")
+    widget.set_folders(data, tmp_path / "model")
+    _tiny(widget, weights="auto", fine_tune=0, epochs=25, batch_size=2, views=1)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    t0 = time.perf_counter()
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=240000):
+        pass
+    timer.stop()
+    gaps = np.diff([t0, *ticks])
+    assert widget.result is not None and widget.result.epochs_run == 25
+    assert gaps.max() < 0.25, (gaps.max(), np.sort(gaps)[-5:])
+    # what was coalesced is all there at the end
+    assert "Epoch 25/25" in widget.log.toPlainText()
+    assert [len(line.get_xdata()) for line in widget.curves.figure.axes[0].lines] == [25, 25]
+    assert widget.epochs_pbar.n == 25
+
+
+def test_train_report_and_settings_rough_edges(make_napari_viewer, docked):
+    """The Log wraps; a class without test images reads n/a; a report on a handful of test
+    images says how few; the matrix follows the dark theme; the usual settings come first,
+    the others under Advanced; the backbone field names the backbone that will be used."""
+    from matplotlib.colors import to_hex
+    from napari.utils.theme import get_theme
+    from qtpy.QtWidgets import QPlainTextEdit
+
+    from napari_microclf._qt.train_form import FORM, USUAL
+
+    viewer = make_napari_viewer()
+    viewer.theme = "dark"
+    widget = docked(viewer, "Train")
+    assert widget.log.lineWrapMode() == QPlainTextEdit.WidgetWidth
+
+    row = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    report = {
+        "class_names": ["a", "b", "c"],
+        "n": 4,
+        "accuracy": 0.75,
+        "confusion_matrix": [[2, 0, 0], [1, 1, 0], [0, 0, 0]],
+        "per_class": [
+            {**row, "class": "a", "precision": 0.67, "recall": 1.0, "f1": 0.8, "support": 2},
+            {**row, "class": "b", "precision": 1.0, "recall": 0.5, "f1": 0.67, "support": 2},
+            {**row, "class": "c", "support": 0},
+        ],
+    }
+    widget.show_report(report)
+    cells = [[widget.class_table.item(r, c).text() for c in range(5)] for r in range(3)]
+    assert cells[0][1:4] == ["0.67", "1.00", "0.80"]
+    assert cells[2] == ["c", "n/a", "n/a", "n/a", "0"]
+    assert "Only 4 test images" in widget.report_label.text()
+    widget.show_report({**report, "n": 300})
+    assert "Only" not in widget.report_label.text()
+
+    bg = get_theme("dark").background.as_hex()
+    image = widget.confusion._ax.images[0]
+    assert to_hex(image.cmap(image.norm(0))) == bg  # an empty cell: dark, not white
+    texts = {t.get_text(): t.get_color() for t in widget.confusion._ax.texts}
+    assert texts["0"] == "white"
+
+    f = widget.form
+    names = [w.name for w in f]
+    usual = [r.field for r in FORM if r.field in USUAL]
+    assert [n for n in names[: names.index("advanced")] if n in USUAL] == usual
+    assert set(names[: names.index("advanced")]) == {*USUAL, "weights_file"}
+    assert f.epochs.native.isVisibleTo(f.native) and not f.dropout.native.isVisibleTo(f.native)
+    f.advanced.value = True
+    assert f.dropout.native.isVisibleTo(f.native)
+
+    # offline, no B0 weights in the Keras cache: "auto" trains Lite0, and the field says so
+    f.backbone.value, f.weights.value = "efficientnet-b0", "auto"
+    assert "uses EfficientNet-Lite0" in f.backbone.current_choice
+    assert widget.config().backbone == "efficientnet-b0"  # the value itself is unchanged
+    f.weights.value = "none"
+    assert f.backbone.current_choice == "EfficientNet-B0"
+
+
+def test_predict_refuses_a_csv_path_that_is_an_input(
+    make_napari_viewer, qtbot, trained_bundle, tmp_path, docked
+):
+    """Classify folder never writes its CSV over one of the images it classifies, nor into
+    the model folder: refused before any work, as a notification; the image is intact."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stack, _ = make_sample_stack(n_pages=2, size=32)
+    tifffile.imwrite(folder / "a.tif", stack, metadata={"axes": "ZYX"})
+    before = (folder / "a.tif").read_bytes()
+    widget = docked(make_napari_viewer(), "Predict")
+    widget.set_bundle(trained_bundle)
+    notification_manager.records.clear()
+    assert widget.classify_folder(folder, folder / "a.tif") is None
+    assert widget.worker is None
+    (error,) = _messages("error")
+    assert "a.tif is one of the inputs" in error
+    assert (folder / "a.tif").read_bytes() == before
+    notification_manager.records.clear()
+    assert widget.classify_folder(folder, trained_bundle / "out.csv") is None
+    (error,) = _messages("error")
+    assert "is inside" in error and not (trained_bundle / "out.csv").exists()
+    header = widget.table.horizontalHeaderItem(4)  # the unfamiliar score says what it means
+    assert ">1" in header.text() and "above 1" in header.toolTip()

@@ -19,9 +19,44 @@ other layer is used alone (one gray or one RGB image per page).
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def unwrapped(obj):
+    """The napari object itself behind a ``PublicOnlyProxy`` (else ``obj``).
+
+    A docked widget is handed a proxy of the viewer, and every object reached through it is
+    a proxy again, a new one at each access (``viewer.layers["a"] is viewer.layers["a"]`` is
+    False): a layer is tracked by the layer itself, and a widget given to Qt must be the
+    widget, not its proxy."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def label_visible(viewer, image) -> bool:
+    """Whether a label layer made for ``image`` shows: with its image, and not in grid mode,
+    where napari gives every layer its own cell (a label would sit alone in an empty cell,
+    cut off, away from its image)."""
+    return bool(image.visible) and not viewer.canvas.grid.enabled
+
+
+def follow_visibility(viewer, image, companion) -> None:
+    """Show and hide ``companion`` (a label layer made for ``image``) with ``image``, and
+    hide it in grid mode (:func:`label_visible`)."""
+    image = unwrapped(image)
+    ref = weakref.ref(unwrapped(companion))
+    grid = unwrapped(viewer.canvas.grid)
+
+    def update(*_) -> None:
+        layer = ref()
+        if layer is not None:
+            layer.visible = bool(image.visible) and not grid.enabled
+
+    update()
+    image.events.visible.connect(update)
+    grid.events.enabled.connect(update)
 
 
 def image_layers(viewer) -> list:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 from qtpy.QtCore import Signal
 
 TRAIN, VAL, LR = "#4ea8ff", "#ffa640", "#6fbf3f"
@@ -45,6 +45,20 @@ def phase_two_start(history: dict) -> int | None:
     """The first epoch (1-based) of fine-tuning's phase 2, from ``history["phase"]``."""
     phases = list(history.get("phase") or [])
     return phases.index(2) + 1 if 2 in phases else None
+
+
+def cell_colormap(p: Palette):
+    """Counts from the theme's background (0) to a full blue (the most): a dark theme's
+    matrix is dark where nothing is, not a white patch."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list("counts", [p.bg, "#2f7fd6"])
+
+
+def text_on(colour) -> str:
+    """Black or white, whichever reads better on ``colour``."""
+    r, g, b = colour[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
 class Canvas(FigureCanvasQTAgg):
@@ -104,6 +118,20 @@ class Canvas(FigureCanvasQTAgg):
     def plot(self, *args) -> None:  # each canvas draws its own figure
         raise NotImplementedError
 
+    def draw_idle(self) -> None:
+        """Draw soon, or when shown: a canvas on a hidden tab (the curves while the Log tab
+        is read) is not drawn in the GUI thread for nothing."""
+        if not self.isVisible():
+            self._stale = True
+            return
+        super().draw_idle()
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if getattr(self, "_stale", False):
+            self._stale = False
+            self.draw_idle()
+
     def draw(self) -> None:
         """Draw, unless Qt deleted the canvas meanwhile (a ``draw_idle`` queued before its
         dock closed, or a theme change on the way)."""
@@ -162,12 +190,26 @@ class CurvesCanvas(Canvas):
         super().resizeEvent(event)  # sets the figure's new size, then asks for a draw
         self._fit()
 
+    def _panels(self) -> list:
+        """The three panels, emptied. They are made once and kept: their tick marks, made
+        anew for a new figure, were most of the cost of a redraw after every epoch."""
+        fig = self.figure
+        if len(fig.axes) != 3 or getattr(self, "_theme_of_axes", None) is not self.palette:
+            fig.clear()
+            fig.subplots(3, 1, sharex=True)
+            self._theme_of_axes = self.palette
+        for ax in fig.axes:
+            for artist in [*ax.lines, *ax.texts]:
+                artist.remove()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+            ax.relim()
+        return list(fig.axes)
+
     def plot(self, history: dict) -> None:
         self._args = (history,)
         p = self.palette
-        fig = self.figure
-        fig.clear()
-        axes = fig.subplots(3, 1, sharex=True)
+        axes = self._panels()
         panels = (
             ("Loss (lower is better)", "loss", "val_loss"),
             ("Accuracy, validation macro-F1 (higher is better)", "accuracy", "val_accuracy"),
@@ -187,8 +229,11 @@ class CurvesCanvas(Canvas):
             if key == "accuracy" and history.get("val_macro_f1"):  # what imbalance cannot fool
                 f1 = history["val_macro_f1"]
                 ax.plot(np.arange(1, len(f1) + 1), f1, "--", color=VAL, lw=1, label="val. macro-F1")
-            if key == "lr" and len(y):
-                ax.set_yscale("log")
+            if key == "lr":
+                scale = "log" if len(y) else "linear"
+                if ax.get_yscale() != scale:
+                    ax.set_yscale(scale)
+                    ax.yaxis.set_minor_locator(NullLocator())  # its many ticks
             if key == "accuracy":
                 ax.set_ylim(-0.02, 1.02)
             if marker is not None:
@@ -267,12 +312,17 @@ class ConfusionCanvas(Canvas):
         ax.grid(False)
         cm = np.asarray(matrix, dtype=int)
         k = len(class_names)
-        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        cmap = cell_colormap(p)
+        image = ax.imshow(cm, cmap=cmap, vmin=0, vmax=max(int(cm.max()), 1) if cm.size else 1)
+        # thin lines between the cells: an empty cell has the background's colour
+        ax.set_xticks(np.arange(k + 1) - 0.5, minor=True)
+        ax.set_yticks(np.arange(k + 1) - 0.5, minor=True)
+        ax.grid(True, which="minor", color=p.grid, linewidth=0.8)
+        ax.tick_params(which="minor", length=0)
         ax.set_xticks(range(k), class_names, rotation=30, ha="right")
         ax.set_yticks(range(k), class_names)
         ax.set_xlabel("predicted class", color=p.fg, fontsize=9)
         ax.set_ylabel("true class", color=p.fg, fontsize=9)
-        half = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):
                 ax.text(
@@ -282,7 +332,7 @@ class ConfusionCanvas(Canvas):
                     ha="center",
                     va="center",
                     fontsize=9,
-                    color="white" if cm[i, j] > half else "black",
+                    color=text_on(image.cmap(image.norm(cm[i, j]))),
                 )
         self.setToolTip("Click a cell to review its images in the viewer (Review widget).")
         self.draw_idle()

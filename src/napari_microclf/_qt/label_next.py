@@ -260,8 +260,11 @@ class LabelNextWidget(QWidget):
             "unfamiliar": [" unfamiliar" if c.unfamiliar else "" for c in self.candidates],
             "file": [Path(c.file).name for c in self.candidates],
         }
+        # under the image's bottom edge (Review writes above the top edge, Predict inside
+        # from the top: the texts of the widgets never overlap)
+        bottom = stack.data.shape[1] - 0.5
         pts = self.viewer.add_points(
-            np.array([[i, 0, 0] for i in range(len(self.candidates))], float),
+            np.array([[i, bottom, -0.5] for i in range(len(self.candidates))], float),
             features=features,
             name=f"{LAYER} guesses",
             size=1,
@@ -270,12 +273,13 @@ class LabelNextWidget(QWidget):
             blending="translucent_no_depth",
             text={
                 "string": "#{rank}: model guesses {guess} ({confidence:.2f}){unfamiliar}",
-                "anchor": "upper_left",
+                "anchor": "lower_left",
                 "size": 11,
                 "color": "cyan",
             },
         )
         pts.metadata["microclf"] = {"image_layer": LAYER}
+        _layers.follow_visibility(self.viewer, layer, pts)
         self.viewer.layers.selection.active = layer
 
     def _row_text(self, i: int) -> str:

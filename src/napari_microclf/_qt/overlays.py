@@ -53,12 +53,13 @@ class PageLabels:
         self.in_view = QLabel("")
         self.in_view.setWordWrap(True)
         self.in_view.setStyleSheet("font-weight: bold;")
-        self._linked: dict[int, str] = {}  # id(image layer) -> its name in owner.results
+        self._linked: dict = {}  # image layer (the layer itself, not a proxy) -> its name
         self._boxes: dict[str, tuple] = {}  # see boxes
         viewer.layers.events.removed.connect(self._on_removed)
         viewer.dims.events.current_step.connect(self.update_in_view)
         viewer.layers.selection.events.active.connect(self.update_in_view)
         self._camera().events.zoom.connect(self.place)
+        _layers.unwrapped(viewer.canvas.grid).events.enabled.connect(self._on_grid)
 
     # -- the label layers --------------------------------------------------------------------
     def show(self, name: str, preds: list[PagePrediction]) -> None:
@@ -103,7 +104,7 @@ class PageLabels:
                 units=layer.units[-coords.shape[1] :],
                 translate=layer.translate[-coords.shape[1] :],
                 blending="translucent_no_depth",
-                visible=layer.visible,
+                visible=_layers.label_visible(self.viewer, layer),
             )
             pts.metadata["microclf"] = {"image_layer": name}
         self._link(layer, name)
@@ -130,15 +131,17 @@ class PageLabels:
     # -- a label follows its image -----------------------------------------------------------
     def _link(self, layer, name: str) -> None:
         """Follow ``layer``'s visibility, name and position with its label (once per layer)."""
-        if id(layer) not in self._linked:
+        layer = _layers.unwrapped(layer)
+        if layer not in self._linked:
             layer.events.visible.connect(self._on_visible)
             layer.events.name.connect(self._on_rename)
             layer.events.scale.connect(self.place)
             layer.events.translate.connect(self.place)
-        self._linked[id(layer)] = name
+        self._linked[layer] = name
 
     def _unlink(self, layer) -> str | None:
-        name = self._linked.pop(id(layer), None)
+        layer = _layers.unwrapped(layer)
+        name = self._linked.pop(layer, None)
         if name is not None:
             layer.events.visible.disconnect(self._on_visible)
             layer.events.name.disconnect(self._on_rename)
@@ -147,20 +150,30 @@ class PageLabels:
         return name
 
     def _on_visible(self, event) -> None:
-        name = self._linked.get(id(event.source))
-        pts = self._label_layer(name) if name is not None else None
-        if pts is not None:
-            pts.visible = event.source.visible
+        self._show_labels(event.source)
         self.place()
         self.update_in_view()
+
+    def _show_labels(self, layer) -> None:
+        name = self._linked.get(layer)
+        pts = self._label_layer(name) if name is not None else None
+        if pts is not None:
+            pts.visible = _layers.label_visible(self.viewer, layer)
+
+    def _on_grid(self, *_) -> None:
+        """Grid mode on: the labels hide (napari would give each its own, empty cell); off:
+        they are back with their images."""
+        for layer in list(self._linked):
+            self._show_labels(layer)
+        self.place()
 
     def _on_rename(self, event) -> None:
         """The label layer and (at the owner) the results take the image's new name."""
         layer = event.source
-        old, new = self._linked.get(id(layer)), layer.name
+        old, new = self._linked.get(layer), layer.name
         if old is None or old == new:
             return
-        self._linked[id(layer)] = new
+        self._linked[layer] = new
         _layers.rename_companion(self.viewer, points_name(old), points_name(new), new)
         self.owner.image_renamed(old, new)
         pts = self._label_layer(new)
@@ -219,7 +232,7 @@ class PageLabels:
                 len(label_template(name).format(label=lab, confidence=0.0))
                 for lab in pts.features["label"]
             )
-            shown = image.visible and pts.visible
+            shown = _layers.label_visible(self.viewer, image)
             entries.append((top, left, chars * CHAR_PX / zoom, name, pts, shown))
         placed: list[tuple[float, float, float]] = []  # (top, left, right)
         self._boxes = {}

@@ -50,6 +50,7 @@ from qtpy.QtWidgets import (
 from ..core.bundle import read_meta
 from ..core.csv_format import check_csv_destination, write_csv
 from ..core.errors import BundleError, MicroclfError, one_line
+from ..core.files import refuse_destroying
 from ..core.folder_runs import iter_folder
 from ..core.images import ImageReadError, count_pages, find_images
 from ..core.predict_options import DEFAULTS
@@ -67,6 +68,7 @@ from .predictor_cache import cache_info, forget_model, get_predictor
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 PLOT_NAME = "Probabilities along stack"
+UNFAMILIAR_HEADER = "unfamiliar (>1: unlike training)"  # the score column of the table
 
 
 # The Predict widget's engine choices (see core/engine.py): label -> (engine, precision)
@@ -304,10 +306,13 @@ class PredictWidget(QWidget):
         self.status.setWordWrap(True)
 
         self.table = QTableWidget(0, 5)
-        self.table.setHorizontalHeaderLabels(["layer", "page", "class", "confidence", "unfamiliar"])
+        self.table.setHorizontalHeaderLabels(
+            ["layer", "page", "class", "confidence", UNFAMILIAR_HEADER]
+        )
         self.table.horizontalHeaderItem(4).setToolTip(
-            "Distance from the training images over the model's threshold: above 1 the page "
-            "is unlike them (blank: a model trained before this score existed)."
+            "Unfamiliar score: the distance from the training images over the model's "
+            "threshold. Up to 1 the page is like them; above 1 it is unlike them and reads "
+            "'unfamiliar' (blank: a model trained before this score existed)."
         )
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -783,7 +788,18 @@ class PredictWidget(QWidget):
             if not path:
                 return None
         preds = [p for preds in self.results.values() for p in preds]
-        try:
+        sources = [
+            _layers.source_of(self.viewer.layers[name])
+            for name in self.results
+            if name in self.viewer.layers
+        ]
+        try:  # never over an image of the classified layers, nor into the model folder
+            refuse_destroying(
+                path,
+                inputs=[s for s in sources if Path(s).is_file()],
+                protected=[self.bundle()] if self.bundle() else [],
+                what="CSV destination",
+            )
             n = write_csv(preds, path, self.class_names, self.threshold.value())
         except OSError as exc:
             _notify("error", f"Cannot write {path}: {exc}")
@@ -810,8 +826,14 @@ class PredictWidget(QWidget):
             )
             if not csv_path:
                 return None
-        try:  # before any model is loaded
+        try:  # before any model is loaded: never over an image, nor into the model folder
             check_csv_destination(csv_path)
+            refuse_destroying(
+                csv_path,
+                inputs=find_images([folder]),
+                protected=[self.bundle()],
+                what="CSV destination",
+            )
         except MicroclfError as exc:
             _notify("error", f"Classify folder: {exc}")
             return None

@@ -238,7 +238,9 @@ class ReviewWidget(QWidget):
                 self.viewer.layers.remove(old)
         layer = self.viewer.add_image(stack.data, name=name, rgb=rgb, contrast_limits=(0, 1))
         layer.metadata["microclf"] = meta
-        coords = np.array([[i, 0, 0] for i in range(len(self.entries))], float)
+        # above the image's top edge (Label next writes under its bottom edge, Predict
+        # inside from the top: the texts of the widgets never overlap)
+        coords = np.array([[i, -0.5, -0.5] for i in range(len(self.entries))], float)
         pts = self.viewer.add_points(
             coords,
             features=self._features(),
@@ -256,6 +258,7 @@ class ReviewWidget(QWidget):
             },
         )
         pts.metadata["microclf"] = {"image_layer": name}
+        _layers.follow_visibility(self.viewer, layer, pts)
         self.viewer.layers.selection.active = layer
         self._go_to(0)
 
@@ -394,11 +397,12 @@ def review_dock(viewer) -> ReviewWidget | None:
     window = getattr(viewer, "window", None)
     if window is None:
         return None
-    for inner in dict(getattr(window, "dock_widgets", {}) or {}).values():
+    for docked in dict(getattr(window, "dock_widgets", {}) or {}).values():
+        inner = _layers.unwrapped(docked)  # Qt takes the widget, not napari's proxy of it
         if isinstance(inner, ReviewWidget):
             inner.parent().show()  # the dock around it, if the user closed it
             return inner
-        review = getattr(inner, "review", None)  # the tabbed "Microscopy Classifier" dock
+        review = _layers.unwrapped(getattr(inner, "review", None))  # the tabbed dock
         if isinstance(review, ReviewWidget):
             inner.parent().show()
             inner.setCurrentWidget(review)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from magicgui.widgets import FileEdit
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
     QFormLayout,
@@ -36,6 +37,7 @@ from qtpy.QtWidgets import (
 
 from ..core.dataset import check_dataset
 from ..core.errors import MicroclfError
+from ..core.files import refuse_destroying
 from ..core.model import IMAGENET_FILE
 from ..core.preflight import check_dataset_writable, check_out_dir, user_message
 from ..core.settings import keras_home
@@ -60,7 +62,13 @@ from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
 from ._worker import WorkerError, stoppable_progress, surfaced, updates
-from .train_form import form_settings, preset_text, settings_form, weights_note
+from .train_form import (
+    backbone_choices,
+    form_settings,
+    preset_text,
+    settings_form,
+    weights_note,
+)
 
 DEFAULT_MODEL = "microclf-model"
 
@@ -70,6 +78,13 @@ PHASES = {
     "features": "Computing backbone features",
     "evaluating": "Testing the model",
 }
+
+
+# How often the live panel follows the training: the status, the bars and the log at most
+# every UPDATE_MS, the curves (a redraw of ~0.1-0.3 s) at most every CURVES_S; updates that
+# come in between are coalesced, so that the event loop never waits long for the panel.
+UPDATE_MS = 150
+CURVES_S = 2.0
 
 
 class State(enum.Enum):
@@ -127,6 +142,35 @@ def model_start(meta: dict) -> str:
     )
 
 
+NA = "n/a"
+FEW_TEST_IMAGES = 30  # under this many test images a report says the numbers are rough
+
+
+def class_row(c: dict, predicted: int | None = None) -> tuple[str, ...]:
+    """A row of the per-class table: class, precision, recall, F1, support. A class without
+    test images has no recall nor F1 (n/a, not 0.00), and no precision when no test image
+    was predicted as it either (``predicted``: how many were; None when unknown)."""
+    none = not c["support"]
+    no_precision = none and not predicted
+    return (
+        c["class"],
+        NA if no_precision else f"{c['precision']:.2f}",
+        NA if none else f"{c['recall']:.2f}",
+        NA if none else f"{c['f1']:.2f}",
+        str(c["support"]),
+    )
+
+
+def few_test_images(n: int) -> str:
+    """A warning for a report on a handful of test images ('' from FEW_TEST_IMAGES up)."""
+    if not n or n >= FEW_TEST_IMAGES:
+        return ""
+    return (
+        f"Only {n} test image{'' if n == 1 else 's'}: each is {1 / n:.0%} of the accuracy, "
+        "so these numbers are rough; more images (or a larger test split) make them firm."
+    )
+
+
 class TrainWidget(QWidget):
     """Settings, Start/Stop, progress, and a live panel: log, curves, test report."""
 
@@ -150,6 +194,16 @@ class TrainWidget(QWidget):
         # the last run's bars (closed when it ended; what they reached stays readable)
         self.epochs_pbar = self.batches_pbar = None
         self._dataset_set_by_user = dataset is not None
+        # the run's updates not shown yet (see _on_update and _flush)
+        self._ended = True  # the run's final state is shown: later updates are stale
+        self._log_lines: list[str] = []
+        self._status: str | None = None
+        self._bars: dict = {}  # bar name -> (description or None, n, total)
+        self._curves_due = False  # self.history is newer than the curves
+        self._curves_at = 0.0  # when the curves were drawn last
+        self._flush_timer = QTimer(self)
+        self._flush_timer.setSingleShot(True)
+        self._flush_timer.timeout.connect(self._flush)
 
         # -- folders
         self.data_edit = QLineEdit(str(dataset or SESSION.dataset or "microclf-dataset"))
@@ -205,7 +259,7 @@ class TrainWidget(QWidget):
         # -- live panel
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
-        self.log.setLineWrapMode(QPlainTextEdit.NoWrap)
+        self.log.setLineWrapMode(QPlainTextEdit.WidgetWidth)  # long lines wrap, no scrolling
         mono = QFont("Monospace")
         mono.setStyleHint(QFont.TypeWriter)
         mono.setPointSize(8)
@@ -328,6 +382,11 @@ class TrainWidget(QWidget):
     def _update_note(self, *_) -> None:
         """Say what the model starts from; offer the fine-tuning phases only where they run."""
         f = self.form
+        words = backbone_choices(f.backbone.value, f.weights.value)
+        combo = f.backbone.native  # each backbone's words: the one that will be used
+        text_of = {value: text for text, value in words}
+        for i in range(combo.count()):
+            combo.setItemText(i, text_of.get(combo.itemData(i), combo.itemText(i)))
         text, level = weights_note(f.backbone.value, f.weights.value, f.fine_tune.value)
         self.note.setText(text)
         self.note.setStyleSheet("color: #ffbf5f;" if level == "warning" else "")
@@ -435,11 +494,15 @@ class TrainWidget(QWidget):
         try:  # quick checks here; the worker's preflight checks every image
             check_dataset(config.data_dir)
             check_out_dir(config.out_dir)
+            # a model folder replaces an earlier model only: never the dataset (or a folder
+            # holding it, or one inside it) nor the working directory
+            refuse_destroying(config.out_dir, protected=[config.data_dir], what="model folder")
             check_dataset_writable(config.data_dir, config.resplit, config.group_by)
         except MicroclfError as exc:
             self._fail(str(exc))
             return None
         self._reset_panel(config)
+        self._ended = False
         self._stop = threading.Event()
         worker = thread_worker(_train_job, ignore_errors=True)(config, self._stop)
         worker.yielded.connect(self._on_update)
@@ -477,6 +540,7 @@ class TrainWidget(QWidget):
         notification, whose details (and napari's console) show the traceback too."""
         from napari.utils.notifications import notification_manager
 
+        self._end_run()
         if isinstance(exc, WorkerError) and exc.__cause__ is not None:
             exc = exc.__cause__  # a RuntimeError, carried past superqt under another type
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -492,6 +556,8 @@ class TrainWidget(QWidget):
     def _reset_panel(self, config: TrainConfig) -> None:
         self.result = None
         self.history = {}
+        self._log_lines, self._status, self._bars = [], None, {}
+        self._curves_due, self._curves_at = False, 0.0
         self.log.clear()
         self.curves.plot({})
         self.tabs.setCurrentWidget(self.log)
@@ -533,42 +599,76 @@ class TrainWidget(QWidget):
         self.log.appendPlainText(("Warning: " if warning else "") + text)
 
     def _on_update(self, u) -> None:
-        if u is None:
+        """Take an update from the training: only noted here (cheap), shown by :meth:`_flush`
+        at most every UPDATE_MS. Updates after the run's end (one queued before it, delivered
+        late) are ignored: the status line ends on the final state."""
+        if u is None or self._ended:
             return
         if isinstance(u, Message):
-            self._append(u.text, u.level == "warning")
+            self._log_lines.append(("Warning: " if u.level == "warning" else "") + u.text)
         elif isinstance(u, PhaseStart):
-            self._append(u.text)
-            self._say(u.text)
+            self._log_lines.append(u.text)
+            self._status = u.text
         elif isinstance(u, Progress):
-            self._say(u.text)
-            desc = PHASES.get(u.phase, u.phase)
-            pbar = self._pbars.get("batches")
-            if pbar is None or str(pbar.desc) != desc:
-                pbar = self._batch_pbar(max(u.total, 1), desc)
-            if pbar is not None:
-                self._move(pbar, u.done, max(u.total, 1))
+            self._status = u.text
+            self._bars["batches"] = (PHASES.get(u.phase, u.phase), u.done, max(u.total, 1))
         elif isinstance(u, EpochStart):
-            self._append(u.text)
-            self._say(f"{u.text}...")
-            self._batch_pbar(1, u.text)
+            self._log_lines.append(u.text)
+            self._status = f"{u.text}..."
+            self._bars["batches"] = (u.text, 0, 1)
         elif isinstance(u, BatchEnd):
-            pbar = self._pbars.get("batches")
-            if pbar is not None:
-                self._move(pbar, u.batch, u.steps)
+            desc = self._bars.get("batches", (None,))[0]
+            self._bars["batches"] = (desc, u.batch, u.steps)
             logs = " - ".join(
                 f"{k}: {v:.4f}" for k, v in u.logs.items() if k in ("loss", "accuracy", "macro_f1")
             )
-            self._say(f"Epoch {u.epoch}/{u.epochs} - batch {u.batch}/{u.steps} - {logs}")
+            self._status = f"Epoch {u.epoch}/{u.epochs} - batch {u.batch}/{u.steps} - {logs}"
         elif isinstance(u, EpochEnd):
-            self._append(u.text)
+            self._log_lines.append(u.text)
             self.history = u.history
-            pbar = self._pbars.get("epochs")
-            if pbar is not None:  # early stopping and phase 2 settle the total as they go
-                self._move(pbar, u.epoch, u.epochs)
-            self.curves.plot(u.history)
-            if u.epoch == 1:
-                self.tabs.setCurrentWidget(self.curves)
+            # early stopping and phase 2 settle the total as they go
+            self._bars["epochs"] = (None, u.epoch, u.epochs)
+            self._curves_due = True
+        if "batches" in self._bars and "batches" not in self._pbars:
+            self._flush()  # the batches' bar at once: Cancel in the activity dock from the start
+        elif not self._flush_timer.isActive():
+            self._flush_timer.start(UPDATE_MS)
+
+    def _flush(self, final: bool = False) -> None:
+        """Show the updates noted since the last flush: the log lines in one go, the newest
+        status and bar positions, and the curves when CURVES_S passed since their last
+        redraw (or ``final``)."""
+        if self._ended:
+            return
+        lines, self._log_lines = self._log_lines, []
+        status, self._status = self._status, None
+        bars, self._bars = self._bars, {}
+        if lines:
+            self.log.appendPlainText("\n".join(lines))
+        if status is not None and self.state is State.RUNNING:  # "Stopping..." stays
+            self._say(status)
+        for name, (desc, n, total) in bars.items():
+            pbar = self._pbars.get(name)
+            if name == "batches" and desc is not None and (pbar is None or str(pbar.desc) != desc):
+                pbar = self._batch_pbar(total, desc)  # may run the event loop
+            if pbar is not None:
+                self._move(pbar, n, total)
+        if self._curves_due:
+            wait = self._curves_at + CURVES_S - time.perf_counter()
+            if final or wait <= 0:
+                first = not self._curves_at
+                self._curves_due, self._curves_at = False, time.perf_counter()
+                self.curves.plot(self.history)
+                if first:
+                    self.tabs.setCurrentWidget(self.curves)
+            elif not self._flush_timer.isActive():
+                self._flush_timer.start(int(wait * 1000) + 1)
+
+    def _end_run(self) -> None:
+        """Show what the run sent until its end, then take no more of its updates."""
+        self._flush_timer.stop()
+        self._flush(final=True)
+        self._ended = True
 
     @staticmethod
     def _move(pbar, n: int, total: int | None = None) -> None:
@@ -581,6 +681,7 @@ class TrainWidget(QWidget):
     def _on_returned(self, result) -> None:
         from napari.utils.notifications import show_info
 
+        self._end_run()
         if isinstance(result, Failed):
             self._fail(result.message)
             return
@@ -589,8 +690,10 @@ class TrainWidget(QWidget):
             self._say(f"Stopped after {result.epochs_run} epoch(s); no model was written.")
             return
         self.history = result.history
-        self.curves.plot(result.history)  # the final history, its phases complete
+        # the report first: its tab hides the curves, drawn again when shown (one draw less
+        # in the event loop at the end)
         self.show_report(result.report or {}, result.bundle, result.meta)
+        self.curves.plot(result.history)  # the final history, its phases complete
         SESSION.set_bundle(result.bundle)
         report = result.report or {}
         acc, bal = report.get("accuracy"), report.get("balanced_accuracy")
@@ -607,6 +710,7 @@ class TrainWidget(QWidget):
         show_info(f"Model saved to {result.bundle}; the Predict widget will use it.")
 
     def _on_finished(self) -> None:
+        self._end_run()
         self._close_pbars()
         self._set_state(State.IDLE)
         self.worker = None
@@ -630,6 +734,9 @@ class TrainWidget(QWidget):
                     f"<br>Balanced accuracy {report['balanced_accuracy']:.1%} (the mean recall "
                     f"of the classes), macro-F1 {report['macro_f1']:.2f}."
                 )
+            few = few_test_images(report["n"])
+            if few:
+                head += f"<br><i>{escape(few)}</i>"
             tta = report.get("tta") or {}
             if tta.get("accuracy") is not None:
                 head += (
@@ -645,19 +752,21 @@ class TrainWidget(QWidget):
             head += f"<br>Saved in {escape(str(bundle))} (report.md inside)"
         self.report_label.setText(head)
         rows = report.get("per_class", [])
+        cm = report.get("confusion_matrix")
         self.class_table.setRowCount(len(rows))
         for r, c in enumerate(rows):
-            for col, text in enumerate(
-                (
-                    c["class"],
-                    f"{c['precision']:.2f}",
-                    f"{c['recall']:.2f}",
-                    f"{c['f1']:.2f}",
-                    str(c["support"]),
-                )
-            ):
+            predicted = None
+            if cm is not None and c["class"] in names:  # test images predicted as the class
+                predicted = sum(row[names.index(c["class"])] for row in cm)
+            for col, text in enumerate(class_row(c, predicted)):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignCenter)
+                if text == NA:
+                    item.setToolTip(
+                        "No test images of this class"
+                        + (" and none predicted as it" if col == 1 else "")
+                        + ": nothing to measure."
+                    )
                 self.class_table.setItem(r, col, item)
         if names and report.get("confusion_matrix") is not None:
             self.confusion.plot(report["confusion_matrix"], names)

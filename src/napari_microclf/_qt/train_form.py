@@ -84,7 +84,7 @@ class Row:
         return kind(value=value, **kwargs)
 
 
-# The form, top to bottom
+# The form, top to bottom: the usual settings, then (under "Advanced settings") the rest
 FORM = (
     # the model and where it starts from
     Row("backbone", choices=BACKBONE_NAMES),
@@ -150,6 +150,21 @@ FORM = (
     ),
     Row("engine", "inference engine", choices=ENGINE_NAMES),
 )
+# The settings most trainings change, shown first; the others are under "Advanced settings"
+USUAL = (
+    "backbone",
+    "weights",
+    "fine_tune",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "augment",
+    "image_size",
+    "val_split",
+    "test_split",
+)
+FORM = tuple(r for r in FORM if r.field in USUAL) + tuple(r for r in FORM if r.field not in USUAL)
+ADVANCED = "advanced"  # the check box that shows the advanced settings
 
 # The form's own rows, each shown under the setting it completes (hidden until it applies)
 COMPANIONS = {
@@ -163,6 +178,8 @@ COMPANIONS = {
 
 # Tips of the form's own rows (the fields' tips come from their one description, ``help_of``)
 WIDGET_TIPS = {
+    ADVANCED: "Show the settings most trainings leave at their defaults: fine-tuning's second "
+    "phase, regularisation, intensity, the split's grouping and seed, speed.",
     "weights_file": "An EfficientNet-B0 or -Lite0 weights file without its top (.h5), of the "
     "backbone chosen above.",
     "intensity_range": "With fixed intensity: the MIN,MAX values shown as black and white, "
@@ -183,16 +200,35 @@ def settings_form() -> Container:
     widget with its tip; a companion shows when its setting asks for it."""
     widgets = []
     for row in FORM:
+        if row.field not in USUAL and not any(w.name == ADVANCED for w in widgets):
+            widgets.append(CheckBox(name=ADVANCED, text="Advanced settings", value=False))
         widgets.append(row.widget())
         if row.field in COMPANIONS:
             widgets.append(COMPANIONS[row.field]())
     form = Container(widgets=widgets, labels=True)
     for w in form:
         w.tooltip = tip(w.name)
+    advanced = list(form[form.index(getattr(form, ADVANCED)) + 1 :])
+
+    def shown(w) -> bool:  # a companion shows only when its setting asks for it
+        if w.name == "weights_file":
+            return form.weights.value == "file"
+        if w.name == "intensity_range":
+            return form.intensity.value == "fixed"
+        return True
+
+    def show_advanced(on: bool) -> None:
+        for w in advanced:
+            w.visible = on and shown(w)
+
+    getattr(form, ADVANCED).changed.connect(show_advanced)
+    show_advanced(False)
     form.intensity_range.native.setPlaceholderText("MIN,MAX (empty: full range)")
     form.group_by.native.setPlaceholderText("empty: by source file")
     form.weights.changed.connect(lambda v: setattr(form.weights_file, "visible", v == "file"))
-    form.intensity.changed.connect(lambda v: setattr(form.intensity_range, "visible", v == "fixed"))
+    form.intensity.changed.connect(
+        lambda v: setattr(form.intensity_range, "visible", v == "fixed" and form[ADVANCED].value)
+    )
     form.augment.changed.connect(lambda v: setattr(form.augment_strength, "enabled", v))
     return form
 
@@ -227,6 +263,18 @@ def preset_text(form: Container, preset: Preset) -> str:
         f"Suggested settings for a {preset.row} ({preset.reason}): "
         f"{', '.join(parts)}. Every value can still be changed."
     )
+
+
+def backbone_choices(backbone: str, weights: str) -> list[tuple[str, str]]:
+    """The backbone list's words, the chosen one saying which backbone will be used when
+    ``weights="auto"`` takes another (no EfficientNet-B0 weights on this computer)."""
+    words = dict(BACKBONE_NAMES)
+    if weights == "auto":
+        used = resolve_weights(backbone, weights, allow_download=False).backbone
+        if used != backbone:
+            how = "uses" if env.offline() else "uses, unless B0's weights download,"
+            words[backbone] += f" ({how} {BACKBONE_NAMES[used]}: no B0 weights here)"
+    return [(text, value) for value, text in words.items()]
 
 
 def weights_note(backbone: str, weights: str, fine_tune=0) -> tuple[str, str]:
