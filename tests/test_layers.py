@@ -50,6 +50,7 @@ LAYERS: dict[str, set[str]] = {
         "evaluate",
         "folder_runs",
         "predict",
+        "predict_objects",
         "explain",
         "cluster",
         "export",
@@ -62,7 +63,15 @@ LAYERS: dict[str, set[str]] = {
 SIDE_BY_SIDE = 3  # the layer of SIDES: there a module imports only modules of its own side
 SIDES: dict[str, set[str]] = {
     "training": {"train", "preflight", "report_html"},
-    "inference": {"predictor", "evaluate", "folder_runs", "predict", "explain", "cluster"},
+    "inference": {
+        "predictor",
+        "evaluate",
+        "folder_runs",
+        "predict",
+        "predict_objects",
+        "explain",
+        "cluster",
+    },
     "bundle tools": {"export"},
 }
 LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}

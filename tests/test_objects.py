@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -142,3 +143,54 @@ def test_objects_go_into_class_folders_with_provenance_and_one_group(coins, tmp_
     # every object of one field of view is in one subset (grouped by the source image)
     split, _ = update_split(data, seed=0)
     assert len(set(split.assignments.values())) == 1
+
+
+# -- a model of objects ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_on_objects(tmp_path_factory):
+    """A model trained on the cells of 4 synthetic fields (their truth tables), and a 5th
+    field it never saw."""
+    from napari_microclf.core.sample import write_sample_fields
+    from napari_microclf.core.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("objects")
+    fields = write_sample_fields(root / "fields", n_fields=5, size=192, n_cells=18, seed=3)
+    data = root / "data"
+    for f in fields[:4]:
+        add_objects(data, f["image"], f["labels"], {(0, k): v for k, v in f["truth"].items()})
+    config = TrainConfig(str(data), str(root / "model"), image_size=64, epochs=30, seed=0)
+    return train(config), fields[4]
+
+
+def test_a_model_of_objects_classifies_each_object_of_a_new_field(trained_on_objects, tmp_path):
+    from napari_microclf.core.csv_format import write_csv
+    from napari_microclf.core.predict_objects import predict_objects
+
+    result, field = trained_on_objects
+    assert result.meta["objects"]["crop"] == CropSpec().to_dict()
+    rows = list(predict_objects(result.bundle, field["image"], field["labels"]))
+    assert [r.object_label for r in rows] == sorted(field["truth"])
+    right = sum(r.class_name == field["truth"][r.object_label] for r in rows)
+    print(f"objects of a new field: {right} of {len(rows)} right")
+    assert right / len(rows) >= 0.8, (right, len(rows))
+    labels = tifffile_read(field["labels"])
+    for r in rows:
+        ys, xs = np.nonzero(labels == r.object_label)
+        assert r.area == len(ys) and r.centroid == pytest.approx((ys.mean(), xs.mean()))
+    out = tmp_path / "objects.csv"
+    write_csv(rows, out, result.class_names)
+    with out.open(newline="") as f:
+        header = next(csv.reader(f))
+    probs = [f"p_{c}" for c in result.class_names]
+    assert header == [
+        "file", "page", "label", "class", "confidence", *probs, "centroid_y", "centroid_x",
+        "area", "unfamiliar",
+    ]  # fmt: skip
+
+
+def tifffile_read(path):
+    import tifffile
+
+    return tifffile.imread(path)

@@ -28,7 +28,8 @@ gives, as rows of a CSV).
 Layer 3, training and inference side by side; neither side imports the other, what both
 need is in layer 2. Training: ``train``, ``preflight`` (its checks before TensorFlow starts),
 ``report_html`` (the report page). Inference: ``predictor``, ``predict`` (the entry point),
-``folder_runs`` (folders into a CSV, resumed), ``cluster`` (on Dask), ``evaluate`` (a model
+``folder_runs`` (folders into a CSV, resumed), ``predict_objects`` (each object of
+a segmentation), ``cluster`` (on Dask), ``evaluate`` (a model
 scored on its own test list), ``explain`` (heatmaps). Bundle tools: ``export``.
 
 Layer 4, workflows that use both: ``active`` (label-next: rank pages, retrain, score old and

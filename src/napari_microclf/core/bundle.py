@@ -40,6 +40,7 @@ from .files import file_digest, mkstemp_for_user
 from .images import PreprocessSpec
 from .lock import MODEL_LOCK, PROCESS_START, is_locked, model_lock
 from .model import B0, build_classifier
+from .objects import model_crop_spec
 
 MODEL_FILE = "model.keras"
 META_FILE = "microclf.json"
@@ -488,6 +489,11 @@ def meta_problems(meta: dict) -> list[str]:
     files = meta.get("files")
     if isinstance(files, list) and not all(isinstance(f, str) and _own_name(f) for f in files):
         problems.append("files must list plain file names")
+    if "objects" in meta:
+        try:
+            model_crop_spec(meta)
+        except (AttributeError, TypeError, ValueError) as exc:
+            problems.append(f"objects has invalid crop settings ({exc})")
     return problems
 
 

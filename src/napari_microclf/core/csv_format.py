@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import OutputError
 from .files import mkstemp_for_user
 from .predict_options import DEFAULTS
-from .results import FileError, FolderResult, PagePrediction
+from .results import FileError, FolderResult, ObjectPrediction, PagePrediction
 
 # Cells a spreadsheet program would run as a formula (OWASP, "CSV Injection"): these starts.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -53,13 +53,22 @@ def prob_column(class_name: str) -> str:
     return PROB_PREFIX + class_name
 
 
-def csv_header(class_names: Sequence[str], status: bool, unfamiliar: bool = False) -> list[str]:
+OBJECT_COLUMNS = ("centroid_y", "centroid_x", "area")  # after the probabilities, for objects
+
+
+def csv_header(
+    class_names: Sequence[str], status: bool, unfamiliar: bool = False, objects: bool = False
+) -> list[str]:
+    """The columns; ``objects``: a ``label`` column after ``page`` and the object's centroid
+    and area after the probabilities (one row per object)."""
     return [
         "file",
         "page",
+        *(["label"] if objects else []),
         "class",
         "confidence",
         *(prob_column(c) for c in class_names),
+        *(OBJECT_COLUMNS if objects else []),
         *(["unfamiliar"] if unfamiliar else []),
         *(["status", "error"] if status else []),
     ]
@@ -71,6 +80,7 @@ def csv_row(
     threshold: float,
     status: bool,
     unfamiliar: bool = False,
+    objects: bool = False,
 ) -> list:
     if isinstance(item, FileError):
         if not status:
@@ -80,20 +90,27 @@ def csv_row(
         return [
             item.path,
             "" if item.page is None else item.page,
+            *([""] if objects else []),
             "",
             "",
             *("" for _ in class_names),
+            *("" for _ in OBJECT_COLUMNS if objects),
             *([""] if unfamiliar else []),
             "error",
             item.message,
         ]
     score = item.unfamiliar_score
+    where = []
+    if objects:
+        where = [f"{item.centroid[0]:.1f}", f"{item.centroid[1]:.1f}", item.area]
     return [
         item.file or "",
         item.page,
+        *([item.object_label] if objects else []),
         item.label(threshold),
         f"{item.confidence:.4f}",
         *(f"{item.probabilities[c]:.4f}" for c in class_names),
+        *where,
         *([("" if score is None else f"{score:.4f}")] if unfamiliar else []),
         *(["ok", ""] if status else []),
     ]
@@ -137,6 +154,10 @@ def write_csv(
     holds the score (above 1: unlike the training images; the class then reads
     ``unfamiliar``); empty for pages without a score.
 
+    Objects (:class:`ObjectPrediction`, one row each) add a ``label`` column (the object's
+    label id) after ``page`` and ``centroid_y``, ``centroid_x`` and ``area`` (pixels) after
+    the probabilities.
+
     With ``status`` (the default when ``predictions`` is a :class:`FolderResult` or holds a
     :class:`FileError`) two more columns: ``status`` (``ok`` or ``error``) and ``error`` (the
     reason, one line); a FileError becomes a row with empty class and probabilities. A
@@ -156,11 +177,12 @@ def write_csv(
         status = any(isinstance(i, FileError) for i in items)
     if unfamiliar is None:
         unfamiliar = any(getattr(i, "unfamiliar_score", None) is not None for i in items)
+    objects = any(isinstance(i, ObjectPrediction) for i in items)
 
     def rows():
-        yield csv_header(class_names, status, unfamiliar)
+        yield csv_header(class_names, status, unfamiliar, objects)
         for item in items:
-            yield csv_row(item, class_names, threshold, status, unfamiliar)
+            yield csv_row(item, class_names, threshold, status, unfamiliar, objects)
 
     return write_csv_rows(path, rows())
 

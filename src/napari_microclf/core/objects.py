@@ -271,6 +271,13 @@ def object_crops(
             yield info, cut_crop(img, lab, info, spec)
 
 
+def model_crop_spec(meta: dict) -> CropSpec | None:
+    """The crop settings a model was trained with (``microclf.json``'s ``objects``), None for
+    a model of whole images."""
+    info = meta.get("objects")
+    return None if info is None else CropSpec.from_dict(info.get("crop", {}))
+
+
 # -- a dataset of objects ------------------------------------------------------------------
 
 

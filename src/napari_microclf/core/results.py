@@ -46,6 +46,19 @@ class PagePrediction:
 
 
 @dataclass(frozen=True)
+class ObjectPrediction(PagePrediction):
+    """A :class:`PagePrediction` of one object: the crop around label ``object_label`` of
+    ``page`` (see :mod:`.objects`), with where it is (``centroid`` ``(y, x)``, ``bbox``
+    ``(y0, x0, y1, x1)``), its ``area`` in pixels and whether it touches the page's border."""
+
+    object_label: int = 0
+    centroid: tuple[float, float] = (float("nan"), float("nan"))
+    area: int = 0
+    bbox: tuple[int, int, int, int] = (0, 0, 0, 0)
+    touches_border: bool = False
+
+
+@dataclass(frozen=True)
 class FileError:
     """A file (or the rest of a file, from ``page`` on) that could not be classified.
 

@@ -121,6 +121,106 @@ def write_sample_stack(
     return path, labels
 
 
+# -- a field of labelled cells (objects) -------------------------------------------------------
+
+CELL = 40  # a cell's patch side in a field, pixels
+
+
+def _cell(class_name: str, rng: np.random.Generator) -> np.ndarray:
+    """One cell of ``class_name`` in a ``(CELL, CELL)`` float patch, centred, in [0, ~1.3]."""
+    yy, xx = np.mgrid[0:CELL, 0:CELL].astype(np.float32)
+    c = CELL / 2 - 0.5
+    bright = rng.uniform(0.6, 1.0)
+    if class_name == "round":
+        r = rng.uniform(8, 11)
+        cell = _ellipse(yy, xx, c, c, r * rng.uniform(0.9, 1.1), r, rng.uniform(0, np.pi))
+        return bright * cell * (1 + 0.15 * _blur(rng.standard_normal((CELL, CELL)), 1.5))
+    if class_name == "elongated":
+        w = rng.uniform(3.5, 4.5)
+        return bright * _ellipse(yy, xx, c, c, w, w * rng.uniform(3.2, 4.2), rng.uniform(0, np.pi))
+    img = np.zeros((CELL, CELL), np.float32)
+    for _ in range(int(rng.integers(6, 13))):
+        oy, ox = np.clip(rng.normal(0, 4.5, 2), -10, 10)
+        r = rng.uniform(1.2, 2.2)
+        img += (
+            1.3
+            * bright
+            * _ellipse(yy, xx, c + oy, c + ox, r, r * rng.uniform(1, 2), rng.uniform(0, np.pi))
+        )
+    return img
+
+
+def make_field(
+    size: int = 256, n_cells: int = 24, seed: int = 0, classes: tuple[str, ...] = CLASSES
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """A fluorescence field of ``n_cells`` cells of ``classes`` (apart from each other, some
+    at the border), its label image and each label's class: ``(image uint16, labels uint16,
+    {label: class})``. A cell's label is where its own signal is above a tenth of its peak,
+    slightly grown (a segmentation's usual outline); fragmented cells are one label."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    signal = np.zeros((size + CELL, size + CELL), np.float32)  # a margin: cells may be cut
+    labels = np.zeros(signal.shape, np.uint16)
+    truth: dict[int, str] = {}
+    centres: list[tuple[float, float]] = []
+    for _ in range(n_cells * 50):
+        if len(truth) == n_cells:
+            break
+        cy, cx = rng.uniform(CELL / 2 + 4, size + CELL / 2 - 4, 2)
+        if any((cy - y) ** 2 + (cx - x) ** 2 < (CELL * 0.9) ** 2 for y, x in centres):
+            continue
+        cls = classes[len(truth) % len(classes)]
+        patch = _cell(cls, rng)
+        y0, x0 = int(cy - CELL / 2), int(cx - CELL / 2)
+        mask = ndimage.binary_dilation(patch > 0.1 * patch.max(), iterations=2)
+        mask = ndimage.binary_closing(mask, iterations=3)  # fragments: one object
+        label = len(truth) + 1
+        signal[y0 : y0 + CELL, x0 : x0 + CELL] += patch
+        labels[y0 : y0 + CELL, x0 : x0 + CELL][mask] = label
+        truth[label] = cls
+        centres.append((cy, cx))
+    m = CELL // 2
+    signal, labels = signal[m : m + size, m : m + size], labels[m : m + size, m : m + size]
+    present = set(np.unique(labels)) - {0}
+    truth = {k: v for k, v in truth.items() if k in present}
+    img = _blur(signal, rng.uniform(0.6, 1.0))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    gy, gx = rng.uniform(-0.3, 0.3, 2)
+    background = 0.08 * (1 + gy * (yy / size - 0.5) + gx * (xx / size - 0.5))
+    photons = rng.poisson(np.clip(img + background, 0, None) * rng.uniform(800, 3000))
+    counts = 100 + photons.astype(np.float32) + rng.normal(0, 6, img.shape)
+    return np.clip(counts, 0, 65535).astype(np.uint16), labels, truth
+
+
+def write_sample_fields(
+    out: str | Path, n_fields: int = 4, size: int = 256, n_cells: int = 24, seed: int = 0
+) -> list[dict]:
+    """``out/field_XX.tif`` with ``out/field_XX_labels.tif`` and ``out/field_XX_classes.csv``
+    (columns ``label,class``: the truth) per field; returns their paths and truth."""
+    import tifffile
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = []
+    for i in range(n_fields):
+        image, labels, truth = make_field(size, n_cells, seed + i)
+        stem = out / f"field_{i:02d}"
+        tifffile.imwrite(f"{stem}.tif", image, photometric="minisblack")
+        tifffile.imwrite(f"{stem}_labels.tif", labels, photometric="minisblack")
+        table = "label,class\n" + "".join(f"{k},{v}\n" for k, v in sorted(truth.items()))
+        atomic_write_text(f"{stem}_classes.csv", table)
+        fields.append(
+            {
+                "image": Path(f"{stem}.tif"),
+                "labels": Path(f"{stem}_labels.tif"),
+                "table": Path(f"{stem}_classes.csv"),
+                "truth": truth,
+            }
+        )
+    return fields
+
+
 SAMPLE_MARKER = ".microclf-sample.json"  # what made a sample folder (its settings)
 
 

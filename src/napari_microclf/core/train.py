@@ -68,6 +68,7 @@ from .model import (
     set_fine_tune,
     weights_identity,
 )
+from .objects import dataset_crop_spec
 from .pipeline import EpochOrder, PageMemo, PageSource, gather_dataset, page_memory_budget
 from .preflight import preflight
 from .report import classification_report, describe_model, diagnose, report_files, tta_summary
@@ -844,6 +845,9 @@ def _train(config: TrainConfig, emit, should_stop, stopped_result, t_start: floa
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "data_dir": str(Path(config.data_dir).resolve()),
     }
+    crop = dataset_crop_spec(config.data_dir)
+    if crop is not None:  # a dataset of objects: prediction cuts the same crops from labels
+        meta["objects"] = {"crop": crop.to_dict()}
     report["model"] = describe_model(meta)
     extra = report_files(report)
     extra[FAMILIARITY_FILE] = familiarity.to_bytes()
