@@ -300,7 +300,7 @@ def test_every_training_removes_a_killed_runs_cache_temporaries(tmp_path):
 
     from napari_microclf.core.features import remove_stale_temporaries
 
-    folder = tmp_path / CACHE_DIR / "somekey"
+    folder = tmp_path / CACHE_DIR / "0123456789abcdef"  # a key folder, named as keys are
     folder.mkdir(parents=True)
     killed, writing = folder / ".tmp-killed.npy", folder / ".tmp-writing.npy"
     killed.write_bytes(b"x")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_microclf.core.dataset import list_classes, read_provenance, update_split
-from napari_microclf.core.errors import DatasetError, ImageReadError
+from napari_microclf.core.errors import BundleError, DatasetError, ImageReadError
 from napari_microclf.core.objects import (
     OBJECTS_FILE,
     CropSpec,
@@ -194,3 +194,67 @@ def tifffile_read(path):
     import tifffile
 
     return tifffile.imread(path)
+
+
+def test_objects_from_the_command_line_and_python(trained_on_objects, lite0, tmp_path, capsys):
+    import shutil
+
+    import tifffile
+
+    from napari_microclf.cli import main as cli_main
+    from napari_microclf.core.predict import predict
+
+    result, field = trained_on_objects
+    model = str(result.bundle)
+    images = tmp_path / "images"
+    images.mkdir()
+    for key in ("image", "labels"):
+        shutil.copy(field[key], images / field[key].name)
+    tifffile.imwrite(images / "no_labels.tif", tifffile.imread(field["image"])[::-1])
+    out = tmp_path / "o.csv"
+    # a folder: each image with its <name>_labels file; one without is named
+    assert cli_main(["predict", model, str(images), "--labels-suffix", "_labels"]) == 1
+    assert "no_labels.tif" in capsys.readouterr().err
+    (images / "no_labels.tif").unlink()
+    assert (
+        cli_main(["predict", model, str(images), "--labels-suffix", "_labels", "--csv", str(out)])
+        == 0
+    )
+    said = capsys.readouterr().out
+    assert f"Classified {len(field['truth'])} object(s) on 1 page(s)" in said
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["label"]) for r in rows] == sorted(field["truth"])
+    assert {r["status"] for r in rows} == {"ok"}
+    # Python: arrays too, the same classes
+    image, labels = tifffile.imread(field["image"]), tifffile.imread(field["labels"])
+    objects = predict(model, image, labels=labels)
+    assert [o.class_name for o in objects] == [r["class"] for r in rows]
+    # the wrong kind of model, either way: one line, before any work
+    assert cli_main(["predict", model, str(field["image"])]) == 1
+    assert "classifies objects" in capsys.readouterr().err
+    args = ["predict", str(lite0.bundle), str(field["image"]), "--labels", str(field["labels"])]
+    assert cli_main(args) == 1
+    assert "trained on whole images" in capsys.readouterr().err
+    with pytest.raises(BundleError, match="classifies objects"):
+        predict(model, image)
+
+
+def test_objects_add_from_the_command_line(coins, tmp_path, capsys):
+    from napari_microclf.cli import main as cli_main
+
+    image, labels_path, _, labels = coins
+    data = tmp_path / "data"
+    args = ["objects", "add", str(data), str(image), str(labels_path)]
+    assert cli_main([*args, "--class", "coin", "--ids", "1,2,3", "--mask", "others"]) == 0
+    assert "Added 3 object(s)" in capsys.readouterr().out
+    table = tmp_path / "t.csv"
+    table.write_text("label,class\n4,coin\n5,dark\n6,\n")
+    assert cli_main([*args, "--table", str(table)]) == 0
+    assert "Added 2 object(s)" in capsys.readouterr().out
+    assert sorted(p.parent.name for p in data.glob("*/*.tif")) == ["coin"] * 4 + ["dark"]
+    table.write_text("id,kind\n1,coin\n")
+    assert cli_main([*args, "--table", str(table)]) == 1
+    assert "needs the columns label and class" in capsys.readouterr().err
+    assert cli_main([*args, "--class", "coin", "--ids", "1,x"]) == 1
+    assert "give label numbers" in capsys.readouterr().err

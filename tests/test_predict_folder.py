@@ -115,7 +115,7 @@ def test_a_folder_with_bad_files_is_classified_to_the_end(bundle, tmp_path, caps
             0 if name in ("a_stack.tif", "c_mask.tif", "e_good.png", "h_rgb.png") else 1
         ), name
         for r in bad:
-            assert r["class"] == "" and r["a"] == "" and "\n" not in r["error"]
+            assert r["class"] == "" and r["p_a"] == "" and "\n" not in r["error"]
             assert name not in r["error"]  # the file column names it already
     reasons = {name: rs[-1]["error"] for name, rs in by_file.items()}
     assert "cannot read this image" in reasons["b_corrupt.png"]

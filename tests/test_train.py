@@ -148,7 +148,7 @@ def test_predict_a_stack_page_by_page_and_export_csv(lite0, tmp_path):
             "unfamiliar" if p.unfamiliar else p.class_name if p.confidence >= 0.99 else "uncertain"
         )
         assert float(row["unfamiliar"]) == round(p.unfamiliar_score, 4)
-        assert abs(float(row[p.class_name]) - p.probabilities[p.class_name]) < 1e-4
+        assert abs(float(row[f"p_{p.class_name}"]) - p.probabilities[p.class_name]) < 1e-4
     # an in-memory page gives the same answer as the file
     predictor = Predictor(result.bundle)
     from napari_microclf.core.images import read_page

@@ -282,6 +282,8 @@ def cmd_predict(args) -> int:
 
     csv_path, files = args.checked if hasattr(args, "checked") else _predict_checked(args)
     options = _predict_options(args)
+    if args.labels or args.labels_suffix:
+        return _predict_objects(args, csv_path, files, options)
     if args.cluster:  # the workers load the model; here only its description is needed
         from .core.bundle import read_meta
 
@@ -366,14 +368,52 @@ def cmd_predict(args) -> int:
     return 0 if result.ok else 1
 
 
+def _predict_objects(args, csv_path, pairs, options) -> int:
+    """``predict --labels``: one row per object (printed, and in the CSV)."""
+    from .core.csv_format import write_csv
+    from .core.predict_objects import classify_objects
+    from .core.predictor import Predictor
+    from .core.results import FileError
+
+    predictor = Predictor(args.model, options=options)
+
+    def show(item) -> None:
+        if args.quiet:
+            return
+        if isinstance(item, FileError):
+            print(f"{item.path}\t\terror\t{item.message}", flush=True)
+        else:
+            print(
+                f"{item.file}\tpage {item.page}\tlabel {item.object_label}\t"
+                f"{item.label(args.threshold)}\t{item.confidence:.3f}",
+                flush=True,
+            )
+
+    result = classify_objects(predictor, pairs, tta=options.tta, on_item=show)
+    if csv_path is not None:
+        write_csv(
+            [*result.predictions, *result.errors],
+            csv_path,
+            predictor.class_names,
+            options.threshold,
+            status=True,
+            objects=True,
+        )
+    print(result.summary() + (f". CSV: {csv_path}" if csv_path else ""), flush=True)
+    return 0 if result.predictions else 1
+
+
 def _predict_checked(args):
     """Before TensorFlow starts: the model folder, where the CSV goes, and that there is
     something to classify (each a one-line error)."""
     from .core.bundle import read_meta
     from .core.csv_format import check_csv_destination
     from .core.images import find_images
+    from .core.predict_objects import check_model_kind, label_pairs
 
-    read_meta(args.model)
+    meta = read_meta(args.model)
+    objects = bool(args.labels or args.labels_suffix)
+    check_model_kind(meta, args.model, objects)  # a model of objects needs labels, and back
     csv_path = check_csv_destination(args.csv) if args.csv else None
     if args.resume and csv_path is None:
         from .core.errors import OutputError
@@ -386,10 +426,17 @@ def _predict_checked(args):
         from .core.cluster import check_spec
 
         check_spec(args.cluster)
-    files = find_images(args.paths)
+    if objects and (args.cluster or args.resume):
+        from .core.errors import MicroclfError
+
+        raise MicroclfError(
+            "objects (--labels) are classified here: --cluster and --resume are for images"
+        )
+    pairs = label_pairs(args.paths, args.labels, args.labels_suffix) if objects else None
+    files = [f for pair in pairs for f in pair] if objects else find_images(args.paths)
     if csv_path is not None:
         _csv_checked(csv_path, files, [args.model])
-    return csv_path, files
+    return csv_path, pairs or files
 
 
 def _csv_checked(csv_path, inputs, protected):
@@ -523,6 +570,66 @@ def cmd_report(args) -> int:
     path = write_report_html(args.model, args.out)
     print(f"Report written to {path} (open it in a web browser)")
     return 0
+
+
+def _class_table(path) -> dict:
+    """``{(page, label): class}`` from a CSV with columns ``label`` and ``class`` (and ``page``
+    for stacks; 0 when absent)."""
+    import csv
+
+    from .core.errors import DatasetError
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"label", "class"} <= set(rows[0]):
+        raise DatasetError(f"{path} needs the columns label and class (and page for a stack)")
+    table = {}
+    for n, row in enumerate(rows, start=2):
+        try:
+            key = (int(row.get("page") or 0), int(row["label"]))
+        except ValueError:
+            raise DatasetError(
+                f"{path} line {n}: label {row['label']!r} and page must be whole numbers"
+            ) from None
+        if row["class"].strip():
+            table[key] = row["class"].strip()
+    return table
+
+
+def cmd_objects_add(args) -> int:
+    """Put objects of IMAGE (segmented by LABELS) into DATA's class folders."""
+    from collections import Counter
+
+    from .core.errors import DatasetError
+    from .core.objects import CropSpec, add_objects, dataset_crop_spec
+
+    given = {
+        k: v
+        for k, v in {
+            "size": args.crop_size,
+            "margin": args.margin,
+            "context": args.context,
+            "mask": args.mask,
+        }.items()
+        if v is not None
+    }
+    spec = CropSpec(**given) if given else None
+    assign = _class_table(args.table) if args.table else args.class_name
+    try:
+        ids = [int(i) for i in args.ids.split(",") if i.strip()] if args.ids else None
+    except ValueError:
+        raise DatasetError(f"--ids {args.ids!r}: give label numbers, e.g. 3,7,12") from None
+    results = add_objects(args.data, args.image, args.labels, assign, spec, ids=ids)
+    written = Counter(r.class_name for r in results if r.written)
+    n_new = sum(written.values())
+    per_class = ", ".join(f"{c}: {n}" for c, n in sorted(written.items()))
+    print(
+        f"Added {n_new} object(s) to {args.data}"
+        + (f" ({per_class})" if per_class else "")
+        + (f"; {len(results) - n_new} were there already" if len(results) > n_new else "")
+        + f". Crops: {dataset_crop_spec(args.data).describe()}."
+    )
+    return 0 if results else 1
 
 
 def cmd_sample(args) -> int:
@@ -738,6 +845,19 @@ def build_parser() -> argparse.ArgumentParser:
         "spread a short run over more workers",
     )
     pr.add_argument(
+        "--labels",
+        metavar="LABELS",
+        help="classify the objects of the one image given: LABELS is its label image (each "
+        "object its own whole number, 0 background; one page per image page, or one for all), "
+        "for a model trained on objects (microclf objects add); one row per object",
+    )
+    pr.add_argument(
+        "--labels-suffix",
+        metavar="SUFFIX",
+        help="classify the objects of every image, each with the label file named after it "
+        "plus SUFFIX beside it (x.tif with x_labels.tif: --labels-suffix _labels)",
+    )
+    pr.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run: keep the rows of CSV.partial (needs --csv, the "
@@ -862,6 +982,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(func=cmd_export)
+
+    ob = sub.add_parser("objects", help="put segmented objects (cells) into a dataset")
+    obs = ob.add_subparsers(dest="objects_command", required=True)
+    oa = obs.add_parser(
+        "add",
+        help="put the objects of IMAGE, segmented by LABELS, into DATA's class folders",
+        description="Each object (a label of LABELS) becomes an example: the square crop "
+        "around it, cut as the dataset's crop settings say (recorded in DATA/objects.json by "
+        "the first objects added). A model trained on DATA classifies the objects of other "
+        "images: microclf predict MODEL IMAGE --labels LABELS.",
+    )
+    oa.add_argument("data", help="the dataset folder (one sub-folder per class)")
+    oa.add_argument("image", help="the image (2D or a stack)")
+    oa.add_argument("labels", help="its label image: one whole number per object, 0 background")
+    which = oa.add_mutually_exclusive_group(required=True)
+    which.add_argument("--class", dest="class_name", help="the class of the objects added")
+    which.add_argument(
+        "--table",
+        help="a CSV with columns label and class (and page for a stack): each "
+        "object's class; objects not in it are left out",
+    )
+    oa.add_argument("--ids", help="with --class: only these labels, e.g. 3,7,12")
+    oa.add_argument(
+        "--crop-size", choices=["object", "fixed"], default=None,
+        help="object: the object's box plus --margin on each side (default); fixed: --context "
+        "pixels whatever the object's size",
+    )  # fmt: skip
+    oa.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="context on each side, as a fraction of the object (0.25)",
+    )
+    oa.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="with --crop-size fixed: the crop's side in pixels (64)",
+    )
+    oa.add_argument(
+        "--mask", choices=["none", "others", "object"], default=None,
+        help="none: the neighbourhood as it is (default); others: other objects set to 0; "
+        "object: everything but the object set to 0",
+    )  # fmt: skip
+    oa.set_defaults(func=cmd_objects_add)
 
     s = sub.add_parser("sample", help="write the synthetic sample dataset and stack")
     s.add_argument("out")

@@ -145,6 +145,7 @@ def write_csv(
     *,
     status: bool | None = None,
     unfamiliar: bool | None = None,
+    objects: bool | None = None,
 ) -> int:
     """CSV with file, page, class, confidence and one probability column per class
     (``p_<class>``: a class name never collides with a fixed column).
@@ -154,9 +155,9 @@ def write_csv(
     holds the score (above 1: unlike the training images; the class then reads
     ``unfamiliar``); empty for pages without a score.
 
-    Objects (:class:`ObjectPrediction`, one row each) add a ``label`` column (the object's
-    label id) after ``page`` and ``centroid_y``, ``centroid_x`` and ``area`` (pixels) after
-    the probabilities.
+    Objects (``objects``, the default when an item is an :class:`ObjectPrediction`; one row
+    each) add a ``label`` column (the object's label id) after ``page`` and ``centroid_y``,
+    ``centroid_x`` and ``area`` (pixels) after the probabilities.
 
     With ``status`` (the default when ``predictions`` is a :class:`FolderResult` or holds a
     :class:`FileError`) two more columns: ``status`` (``ok`` or ``error``) and ``error`` (the
@@ -177,7 +178,8 @@ def write_csv(
         status = any(isinstance(i, FileError) for i in items)
     if unfamiliar is None:
         unfamiliar = any(getattr(i, "unfamiliar_score", None) is not None for i in items)
-    objects = any(isinstance(i, ObjectPrediction) for i in items)
+    if objects is None:
+        objects = any(isinstance(i, ObjectPrediction) for i in items)
 
     def rows():
         yield csv_header(class_names, status, unfamiliar, objects)

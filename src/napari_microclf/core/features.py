@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -136,10 +137,13 @@ def _linked_cache(root: str | Path) -> Path | None:
     return base if base.is_symlink() else None
 
 
+_KEY_NAME = re.compile(r"[0-9a-f]{16}")  # what cache_key gives
+
+
 def _own_folders(base: Path) -> list[Path]:
     """The key folders microclf made in the cache folder ``base``: real folders (never a
-    symbolic link) named like a key and marked with ``key.json`` or ``last-used``. Anything
-    else there is not ours and is never listed, pruned or cleared."""
+    symbolic link) named as :func:`cache_key` names them or marked with ``key.json`` or
+    ``last-used``. Anything else there is not ours and is never listed, pruned or cleared."""
     if not base.is_dir() or base.is_symlink():
         return []
     out = []
@@ -147,7 +151,8 @@ def _own_folders(base: Path) -> list[Path]:
         if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
             continue
         folder = Path(entry.path)
-        if (folder / KEY_FILE).is_file() or (folder / STAMP_FILE).is_file():
+        marked = (folder / KEY_FILE).is_file() or (folder / STAMP_FILE).is_file()
+        if marked or _KEY_NAME.fullmatch(entry.name):
             out.append(folder)
     return sorted(out)
 

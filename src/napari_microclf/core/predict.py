@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import Bundle, read_meta
 from .errors import ImageReadError
 from .folder_runs import predict_folder
+from .predict_objects import check_model_kind, predict_objects
 from .predict_options import PredictOptions, options_of
 from .predictor import Predictor
 
@@ -30,6 +32,7 @@ def predict(
     engine: str | None = None,
     precision: str | None = None,
     options: PredictOptions | None = None,
+    labels=None,
 ):
     """Classify an image array, a stack array, an image file, a folder or a list of paths.
 
@@ -62,6 +65,12 @@ def predict(
     options : PredictOptions, optional
         All of these settings at once (:class:`~.predict_options.PredictOptions`); the
         keywords above override it.
+    labels : numpy.ndarray, str or Path, optional
+        The image's label image (a Labels layer's data, or a file): every object (label) is
+        classified on its own, by a model trained on objects (:mod:`.objects`), and one
+        :class:`~.results.ObjectPrediction` per object and page comes back. A model trained
+        on objects refuses to classify without labels, and a model of whole images with
+        them.
 
     Returns
     -------
@@ -91,6 +100,16 @@ def predict(
         options, batch_size=batch_size, tta=tta, engine=engine, precision=precision
     )
     predictor = bundle if isinstance(bundle, Predictor) else None
+    loaded = predictor.bundle if predictor is not None else bundle
+    if isinstance(loaded, Bundle):
+        check_model_kind(loaded.meta, loaded.source or loaded.path, labels is not None)
+    else:
+        check_model_kind(read_meta(loaded), loaded, labels is not None)
+    if labels is not None:
+        predictor = predictor or Predictor(bundle, options=options)
+        return list(
+            predict_objects(predictor, image_or_path, labels, page_axis=page_axis, tta=options.tta)
+        )
     if isinstance(image_or_path, np.ndarray):
         predictor = predictor or Predictor(bundle, options=options)
         return predictor.predict_array(image_or_path, page_axis, tta=options.tta)

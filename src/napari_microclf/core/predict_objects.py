@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
-from .images import array_pages, count_pages
+from .errors import BundleError, DatasetError, ImageReadError, one_line
+from .images import array_pages, count_pages, find_images, is_image_file
 from .objects import CropSpec, model_crop_spec, object_crops
 from .predictor import Predictor
-from .results import ObjectPrediction, PagePrediction
+from .results import FileError, ObjectPrediction, PagePrediction
 
 
 def check_model_kind(meta: dict, shown, objects: bool) -> CropSpec | None:
@@ -98,3 +98,102 @@ def _n_pages(image, page_axis) -> int:
         return count_pages(image)
     stack = array_pages(np.asarray(image), page_axis)
     return 1 if stack is None else len(stack)
+
+
+def label_pairs(
+    paths, labels: str | Path | None = None, suffix: str | None = None
+) -> list[tuple[Path, Path]]:
+    """``(image, labels)`` pairs: one image with ``labels``, or every image under ``paths``
+    with the file of the same name plus ``suffix`` beside it (``x.tif`` with
+    ``x_labels.tif`` for ``suffix="_labels"``; the label files themselves are not images to
+    classify). An ImageReadError names an image without its labels."""
+    files = find_images(paths)
+    if labels is not None:
+        if len(files) != 1:
+            raise ImageReadError(
+                f"--labels pairs one image with one label file, but {len(files)} images were "
+                "given; for many, name the label files after their images and give "
+                "--labels-suffix (x.tif with x_labels.tif: --labels-suffix _labels)"
+            )
+        return [(files[0], Path(labels))]
+    if not suffix:
+        raise ImageReadError("objects need their labels: give --labels or --labels-suffix")
+    stems = {(f.parent, f.stem) for f in files}
+    images = [  # a file is a label file when its image (its name less the suffix) is here
+        f
+        for f in files
+        if not (f.stem.endswith(suffix) and (f.parent, f.stem[: -len(suffix)]) in stems)
+    ]
+    pairs, missing = [], []
+    for f in images:
+        found = [p for p in f.parent.glob(f"{f.stem}{suffix}.*") if is_image_file(p)]
+        (pairs.append((f, sorted(found)[0])) if found else missing.append(f.name))
+    if missing:
+        raise ImageReadError(
+            f"{len(missing)} image(s) have no label file named <image>{suffix}.<ext> beside "
+            f"them: {', '.join(missing[:5])}" + (", ..." if len(missing) > 5 else "")
+        )
+    return pairs
+
+
+@dataclass
+class ObjectsResult:
+    """What :func:`classify_objects` did: the objects (in image, page and label order), the
+    images it could not classify, and the pages without objects."""
+
+    predictions: list[ObjectPrediction] = field(default_factory=list)
+    errors: list[FileError] = field(default_factory=list)
+    empty_pages: list[tuple[str, int]] = field(default_factory=list)
+    n_images: int = 0
+    stopped: bool = False
+
+    def summary(self) -> str:
+        n = len(self.predictions)
+        pages = len({(p.file, p.page) for p in self.predictions})
+        images = len({p.file for p in self.predictions})
+        text = (
+            f"Classified {n} object(s) on {pages} page(s) of {images} of {self.n_images} image(s)"
+        )
+        if border := sum(p.touches_border for p in self.predictions):
+            text += f"; {border} touch the image's border (their crops are padded with zeros)"
+        if self.empty_pages:
+            shown = ", ".join(f"{Path(f).name} page {p}" for f, p in self.empty_pages[:3])
+            more = ", ..." if len(self.empty_pages) > 3 else ""
+            text += f"; {len(self.empty_pages)} page(s) have no objects ({shown}{more})"
+        if self.errors:
+            text += f"; {len(self.errors)} image(s) could not be classified: " + "; ".join(
+                str(e) for e in self.errors[:3]
+            )
+        return text + (" before the run was stopped" if self.stopped else "")
+
+
+def classify_objects(
+    predictor: Predictor,
+    pairs: list[tuple[Path, Path]],
+    *,
+    tta: bool | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_item: Callable[[ObjectPrediction | FileError], None] | None = None,
+) -> ObjectsResult:
+    """Every object of every ``(image, labels)`` pair; an image whose labels do not fit (or
+    that cannot be read) is a FileError and the others go on."""
+    result = ObjectsResult(n_images=len(pairs))
+    for image, labels in pairs:
+        empty: list[int] = []
+        try:
+            for item in predict_objects(
+                predictor, image, labels, tta=tta, should_stop=should_stop, empty_pages=empty
+            ):
+                result.predictions.append(item)
+                if on_item is not None:
+                    on_item(item)
+        except (ImageReadError, DatasetError) as exc:
+            error = FileError(str(image), one_line(exc, image))
+            result.errors.append(error)
+            if on_item is not None:
+                on_item(error)
+        result.empty_pages += [(str(image), p) for p in empty]
+        if should_stop is not None and should_stop():
+            result.stopped = True
+            break
+    return result

@@ -167,7 +167,7 @@ def make_field(
     for _ in range(n_cells * 50):
         if len(truth) == n_cells:
             break
-        cy, cx = rng.uniform(CELL / 2 + 4, size + CELL / 2 - 4, 2)
+        cy, cx = rng.uniform(CELL / 2 + 10, size + CELL / 2 - 10, 2)
         if any((cy - y) ** 2 + (cx - x) ** 2 < (CELL * 0.9) ** 2 for y, x in centres):
             continue
         cls = classes[len(truth) % len(classes)]
