@@ -258,3 +258,27 @@ def test_objects_add_from_the_command_line(coins, tmp_path, capsys):
     assert "needs the columns label and class" in capsys.readouterr().err
     assert cli_main([*args, "--class", "coin", "--ids", "1,x"]) == 1
     assert "give label numbers" in capsys.readouterr().err
+
+
+def test_objects_on_a_cluster_give_the_single_process_csv(trained_on_objects, client, tmp_path):
+    import shutil
+
+    import tifffile
+
+    from napari_microclf.cli import main as cli_main
+
+    result, field = trained_on_objects
+    images = tmp_path / "images"
+    images.mkdir()
+    for key in ("image", "labels"):
+        shutil.copy(field[key], images / field[key].name)
+    stack = np.stack([tifffile.imread(field["image"])] * 2)  # a 2-page stack, one label page
+    tifffile.imwrite(images / "stack.tif", stack)
+    shutil.copy(field["labels"], images / "stack_labels.tif")
+    argv = ["predict", str(result.bundle), str(images), "--labels-suffix", "_labels", "--quiet"]
+    assert cli_main([*argv, "--csv", str(tmp_path / "one.csv")]) == 0
+    address = client.scheduler.address
+    assert cli_main([*argv, "--csv", str(tmp_path / "two.csv"), "--cluster", address]) == 0
+    one = (tmp_path / "one.csv").read_bytes()
+    assert one == (tmp_path / "two.csv").read_bytes()
+    assert one.count(b"\r\n") == 1 + 3 * len(field["truth"])  # the field, the stack's 2 pages

@@ -370,12 +370,11 @@ def cmd_predict(args) -> int:
 
 def _predict_objects(args, csv_path, pairs, options) -> int:
     """``predict --labels``: one row per object (printed, and in the CSV)."""
+    from .core.bundle import read_meta
     from .core.csv_format import write_csv
     from .core.predict_objects import classify_objects
     from .core.predictor import Predictor
     from .core.results import FileError
-
-    predictor = Predictor(args.model, options=options)
 
     def show(item) -> None:
         if args.quiet:
@@ -389,18 +388,52 @@ def _predict_objects(args, csv_path, pairs, options) -> int:
                 flush=True,
             )
 
-    result = classify_objects(predictor, pairs, tta=options.tta, on_item=show)
+    if args.cluster:  # the workers load the model; here only its classes are needed
+        class_names = read_meta(args.model)["class_names"]
+        result = _objects_on_cluster(args, pairs, options, show)
+    else:
+        predictor = Predictor(args.model, options=options)
+        class_names = predictor.class_names
+        result = classify_objects(predictor, pairs, tta=options.tta, on_item=show)
     if csv_path is not None:
         write_csv(
             [*result.predictions, *result.errors],
             csv_path,
-            predictor.class_names,
+            class_names,
             options.threshold,
             status=True,
             objects=True,
         )
     print(result.summary() + (f". CSV: {csv_path}" if csv_path else ""), flush=True)
     return 0 if result.predictions else 1
+
+
+def _objects_on_cluster(args, pairs, options, show):
+    """``predict --labels ... --cluster``: each image's pages as tasks on the workers."""
+    from .core.cluster import classify_on_cluster, connected
+    from .core.predict_objects import ObjectsResult
+    from .core.results import FileError
+
+    result = ObjectsResult(n_images=len(pairs))
+    labels = {str(image): lab for image, lab in pairs}
+    with connected(args.cluster) as client:
+        batches = classify_on_cluster(
+            client,
+            args.model,
+            [image for image, _ in pairs],
+            options=options,
+            chunk_pages=args.chunk_pages or 1,
+            labels=labels,
+        )
+        try:
+            for batch in batches:
+                for item in batch:
+                    is_error = isinstance(item, FileError)
+                    (result.errors if is_error else result.predictions).append(item)
+                    show(item)
+        finally:
+            batches.close()
+    return result
 
 
 def _predict_checked(args):
@@ -426,12 +459,11 @@ def _predict_checked(args):
         from .core.cluster import check_spec
 
         check_spec(args.cluster)
-    if objects and (args.cluster or args.resume):
+    if objects and args.resume:
         from .core.errors import MicroclfError
 
-        raise MicroclfError(
-            "objects (--labels) are classified here: --cluster and --resume are for images"
-        )
+        raise MicroclfError("--resume is for images; objects (--labels) are classified afresh")
+
     pairs = label_pairs(args.paths, args.labels, args.labels_suffix) if objects else None
     files = [f for pair in pairs for f in pair] if objects else find_images(args.paths)
     if csv_path is not None:
