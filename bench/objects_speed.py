@@ -93,8 +93,8 @@ def main() -> None:
         with tifffile.TiffWriter(stack) as ti, tifffile.TiffWriter(labels) as tl:
             for p in range(args.pages):
                 im, lb = (img, lab) if p == 0 else _field(p)
-                ti.write(im, contiguous=False)
-                tl.write(lb, contiguous=False)
+                ti.write(im, contiguous=True)
+                tl.write(lb, contiguous=True)
     spec, crop = PreprocessSpec(args.image_size), CropSpec()
     model = build_classifier(3, args.image_size, "auto", backbone=LITE0, warn=False)
     meta = {"class_names": ["a", "b", "c"], "preprocessing": spec.to_dict()}

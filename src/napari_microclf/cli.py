@@ -667,17 +667,26 @@ def cmd_objects_add(args) -> int:
 def cmd_sample(args) -> int:
     from .core.sample import write_sample
 
-    info = write_sample(args.out, n_per_class=args.per_class, size=args.size, seed=args.seed)
+    info = write_sample(
+        args.out, n_per_class=args.per_class, size=args.size, seed=args.seed, fields=args.fields
+    )
     print(f"Dataset: {info['dataset']} ({args.per_class} images in each of 3 classes)")
     print(
         f"Stack:   {info['stack']} ({len(info['stack_labels'])} pages: "
         f"{', '.join(info['stack_labels'])})"
     )
+    if info["fields"]:
+        cells = info["fields"][0]["image"].parent
+        print(
+            f"Cells:   {cells} ({len(info['fields'])} fields of labelled cells, each with its "
+            "_labels.tif and its _classes.csv: microclf objects add DATA IMAGE LABELS --table ...)"
+        )
     return 0
 
 
 def cmd_demo(args) -> int:
-    """Headless end to end: sample data, a training with the defaults, prediction of a stack."""
+    """Headless end to end: sample data, a training with the defaults, prediction of a stack;
+    then the same for objects (cells of labelled fields)."""
     from .core.csv_format import write_csv
     from .core.predictor import Predictor
     from .core.sample import write_sample
@@ -685,10 +694,10 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    info = write_sample(out, n_per_class=args.per_class, size=96, seed=0)
+    info = write_sample(out, n_per_class=args.per_class, size=96, seed=0, fields=4)
     print(
-        f"Sample data in {out}: 3 classes x {args.per_class} images, and a "
-        f"{len(info['stack_labels'])}-page mixed stack"
+        f"Sample data in {out}: 3 classes x {args.per_class} images, a "
+        f"{len(info['stack_labels'])}-page mixed stack and 4 fields of labelled cells"
     )
     # weights "auto": ImageNet B0 if cached or downloadable, else ImageNet Lite0 (installed
     # with microclf), else the from-scratch recipe; frozen base, head on cached features
@@ -715,9 +724,55 @@ def cmd_demo(args) -> int:
     write_csv(preds, csv, predictor.class_names)
     print(
         f"{right}/{len(preds)} pages right; CSV: {csv}; model: {result.bundle}; "
-        f"report: {result.bundle / 'report.md'}; {time.perf_counter() - t0:.0f}s in all"
+        f"report: {result.bundle / 'report.md'}"
     )
+    if _demo_objects(out, info["fields"], args) is None:
+        return 2
+    print(f"{time.perf_counter() - t0:.0f}s in all")
     return 0
+
+
+def _demo_objects(out: Path, fields: list[dict], args):
+    """The demo's second part: cells of labelled fields into a dataset of objects, a model
+    trained on them, and every cell of a field it never saw classified (None: stopped)."""
+    from collections import Counter
+
+    from .core.csv_format import write_csv
+    from .core.objects import add_objects
+    from .core.predict_objects import predict_objects
+    from .core.predictor import Predictor
+    from .core.train import TrainConfig, train
+
+    data = out / "cells-dataset"
+    for f in fields[:-1]:
+        add_objects(data, f["image"], f["labels"], {(0, k): v for k, v in f["truth"].items()})
+    print(
+        f"\nObjects: the cells of {len(fields) - 1} labelled fields into {data} (one crop "
+        "each, grouped by field in the split)"
+    )
+    config = TrainConfig(
+        str(data),
+        str(out / "cells-model"),
+        image_size=args.image_size or 224,
+        **({"epochs": args.epochs} if args.epochs else {}),
+    )
+    bar = _Bar()
+    result = train(config, on_update=lambda u: _print_update(u, bar))
+    bar.clear()
+    if result.stopped:
+        return None
+    new = fields[-1]
+    cells = list(predict_objects(Predictor(result.bundle), new["image"], new["labels"]))
+    right = sum(c.class_name == new["truth"][c.object_label] for c in cells)
+    counts = Counter(c.class_name for c in cells)
+    csv = out / "cells_predictions.csv"
+    write_csv(cells, csv, result.class_names)
+    per_class = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+    print(
+        f"Cells of {new['image'].name}: {per_class}; {right}/{len(cells)} right; CSV: {csv}; "
+        f"model: {result.bundle}"
+    )
+    return cells
 
 
 def _export_checked(args) -> Path:
@@ -1065,6 +1120,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=int, default=40)
     s.add_argument("--size", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--fields", type=int, default=4, help="fields of labelled cells (objects) to write (4)"
+    )
     s.set_defaults(func=cmd_sample)
 
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")
