@@ -282,3 +282,12 @@ def test_objects_on_a_cluster_give_the_single_process_csv(trained_on_objects, cl
     one = (tmp_path / "one.csv").read_bytes()
     assert one == (tmp_path / "two.csv").read_bytes()
     assert one.count(b"\r\n") == 1 + 3 * len(field["truth"])  # the field, the stack's 2 pages
+
+
+def test_objects_of_an_array_are_grouped_by_the_source_given(coins, tmp_path):
+    _, _, image, labels = coins
+    with pytest.raises(ValueError, match="needs source="):
+        add_objects(tmp_path / "d", image, labels, "coin", ids=[1])
+    added = add_objects(tmp_path / "d", image, labels, "coin", ids=[1, 2], source="plate 3.tif")
+    assert [read_provenance(r.path)["source"] for r in added] == ["plate 3.tif"] * 2
+    assert added[0].path.name.startswith("plate_3_p0000_l1_")

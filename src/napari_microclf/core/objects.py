@@ -318,12 +318,23 @@ def add_objects(
     spec: CropSpec | None = None,
     *,
     ids: Iterable[int] | None = None,
+    source: str | Path | None = None,
+    page_axis: int | None = None,
 ) -> list[AddResult]:
-    """Put objects of ``image`` (segmented by ``labels``) into dataset ``root``'s class
-    folders. ``assign``: one class name for every object (or those in ``ids``), or a dict
-    ``{(page, label): class}`` (a table). Returns one AddResult per object (``written`` False
-    where the same crop was there already). ``spec``: the dataset's crop settings (recorded
-    in ``objects.json`` by the first call; a different one is refused)."""
+    """Put objects of ``image`` (a path, or an array with ``source``) segmented by ``labels``
+    into dataset ``root``'s class folders. ``assign``: one class name for every object (or
+    those in ``ids``), or a dict ``{(page, label): class}`` (a table). Returns one AddResult
+    per object (``written`` False where the same crop was there already). ``spec``: the
+    dataset's crop settings (recorded in ``objects.json`` by the first call; a different one
+    is refused). ``source``: the image's file (default: ``image`` itself when it is a path),
+    recorded with each crop: the split keeps the objects of one source in one subset, so an
+    array needs it."""
+    if source is None and not isinstance(image, (str, Path)):
+        raise ValueError(
+            "add_objects of an array needs source=, the image's file or name: the split keeps "
+            "the objects of one field of view together by it"
+        )
+    source = image if source is None else source
     root = Path(root)
     spec = spec or dataset_crop_spec(root) or CropSpec()
     _use_crop_spec(root, spec)
@@ -332,7 +343,7 @@ def add_objects(
         ids = {label for _page, label in table}
     index = hash_index(root)
     out = []
-    for info, crop in object_crops(image, labels, spec, ids=ids):
+    for info, crop in object_crops(image, labels, spec, ids=ids, page_axis=page_axis):
         cls = assign if table is None else table.get((info.page, info.label))
         if cls is None:
             continue
@@ -341,7 +352,7 @@ def add_objects(
                 root,
                 cls,
                 crop,
-                source=image,
+                source=source,
                 page=info.page,
                 index=index,
                 extra={"labels": str(labels), "label": info.label, "bbox": list(info.bbox)},
