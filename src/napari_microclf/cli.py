@@ -529,34 +529,58 @@ def cmd_explain(args) -> int:
 
 
 def cmd_label_next(args) -> int:
-    """The pages most worth labelling next, most uncertain first (optionally as a CSV)."""
+    """The pages (or objects) most worth labelling next, most uncertain first (optionally as
+    a CSV)."""
     from .core.active import label_next
     from .core.bundle import read_meta
     from .core.csv_format import write_csv_rows
     from .core.images import find_images
+    from .core.predict_objects import check_model_kind, label_pairs
 
     meta = read_meta(args.model)
-    files = find_images(args.paths)  # nothing to rank: a one-line error before TensorFlow
+    objects = bool(args.labels or args.labels_suffix)
+    check_model_kind(meta, args.model, objects)
+    # nothing to rank, or an image without its labels: a one-line error before TensorFlow
+    if objects:
+        files = [
+            f for pair in label_pairs(args.paths, args.labels, args.labels_suffix) for f in pair
+        ]
+    else:
+        files = find_images(args.paths)
     data = args.data or meta.get("data_dir")
     if args.csv:
         _csv_checked(args.csv, files, [args.model, *([data] if data else [])])
-    cands = label_next(args.model, args.paths, args.top, args.by, args.unfamiliar, data)
+    cands = label_next(
+        args.model,
+        args.paths,
+        args.top,
+        args.by,
+        args.unfamiliar,
+        data,
+        labels=args.labels,
+        labels_suffix=args.labels_suffix,
+    )
+    what = "object" if objects else "page"
     print(
-        f"{len(cands)} page(s) to label next ({args.by} uncertainty, unfamiliar "
-        f"{args.unfamiliar}; pages already in {data} left out):"
+        f"{len(cands)} {what}(s) to label next ({args.by} uncertainty, unfamiliar "
+        f"{args.unfamiliar}; {what}s already in {data} left out):"
     )
     for i, c in enumerate(cands, 1):
         print(
-            f"{i:3d}. {c.file}\tpage {c.page}\tguess {c.guess} ({c.confidence:.3f})\t"
-            f"uncertainty {c.uncertainty:.3f}" + ("\tunfamiliar" if c.unfamiliar else "")
+            f"{i:3d}. {c.file}\tpage {c.page}"
+            + (f"\tlabel {c.label}" if objects else "")
+            + f"\tguess {c.guess} ({c.confidence:.3f})\tuncertainty {c.uncertainty:.3f}"
+            + ("\tunfamiliar" if c.unfamiliar else "")
         )
     if args.csv:
-        header = ["rank", "file", "page", "guess", "confidence", "uncertainty", "unfamiliar"]
+        header = ["rank", "file", "page", *(["label"] if objects else []), "guess"]
+        header += ["confidence", "uncertainty", "unfamiliar"]
         rows = [
             [
                 i,
                 c.file,
                 c.page,
+                *([c.label] if objects else []),
                 c.guess,
                 f"{c.confidence:.4f}",
                 f"{c.uncertainty:.4f}",
@@ -1003,6 +1027,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where pages unlike the training images go (first)",
     )
     ln.add_argument("--data", help="the dataset whose pages are left out (default: the model's)")
+    ln.add_argument(
+        "--labels",
+        metavar="LABELS",
+        help="a model of objects: the one image's label image; its objects are ranked",
+    )
+    ln.add_argument(
+        "--labels-suffix",
+        metavar="SUFFIX",
+        help="a model of objects: each image with the label file named after it plus SUFFIX",
+    )
     ln.add_argument("--csv", help="also write the list to this CSV file")
     ln.set_defaults(func=cmd_label_next)
 
