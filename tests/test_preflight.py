@@ -409,10 +409,10 @@ def _wait_idle(qtbot, widget, worker) -> None:
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
 
 
-def _tiny_widget(viewer, data, out):
-    from napari_microclf._qt.train import TrainWidget
-
-    widget = TrainWidget(viewer, data, out)
+def _tiny_widget(docked, viewer, data, out):
+    """The Train widget as napari docks it, on ``data`` and ``out``, set to train tiny."""
+    widget = docked(viewer, "Train")
+    widget.set_folders(data, out)
     for name, value in {
         "epochs": 1,
         "batch_size": 8,
@@ -425,14 +425,14 @@ def _tiny_widget(viewer, data, out):
 
 
 def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
-    make_napari_viewer, qtbot, data, tmp_path, no_model
+    make_napari_viewer, qtbot, data, tmp_path, no_model, docked
 ):
     from napari.utils.notifications import notification_manager
 
     cls = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
     for kind in ("1x1", "corrupt", "empty"):
         _write_bad(data / cls, kind)
-    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    widget = _tiny_widget(docked, make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     worker = widget.start()  # the quick checks pass; the worker's preflight finds the images
     _wait_idle(qtbot, widget, worker)
@@ -449,7 +449,7 @@ def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
     assert widget.tabs.currentWidget() is widget.log
 
 
-def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch):
+def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked):
     """A Train widget whose training is ``broken`` (it raises at once), run to its end.
     Returns the widget and what napari's error notification received (type, exception,
     traceback)."""
@@ -458,20 +458,20 @@ def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatc
     monkeypatch.setattr("napari_microclf._qt.train.train", broken)
     received = []
     monkeypatch.setattr(notification_manager, "receive_error", lambda *args: received.append(args))
-    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    widget = _tiny_widget(docked, make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     _wait_idle(qtbot, widget, widget.start())
     return widget, received
 
 
 def test_widget_shows_an_unexpected_error_with_its_traceback(
-    make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked
 ):
     def broken(config, on_update=None, should_stop=None):
         raise TypeError("unsupported operand type(s)")
 
     widget, received = _train_raising(
-        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked
     )
     log = widget.log.toPlainText()
     assert "unexpected error (a bug in microclf" in log and "Traceback (most recent call" in log
@@ -492,7 +492,7 @@ def test_widget_shows_an_unexpected_error_with_its_traceback(
     ],
 )
 def test_widget_recovers_from_a_runtime_error(
-    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, error
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, error, docked
 ):
     """superqt drops a generator worker's RuntimeError without ``finished``: the widget would
     stay busy for good. Ours (a LockedError) is one line; others come with their traceback."""
@@ -501,7 +501,7 @@ def test_widget_recovers_from_a_runtime_error(
         raise error
 
     widget, received = _train_raising(
-        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked
     )
     assert widget.start_btn.text() == "Start training"
     if isinstance(error, LockedError):
