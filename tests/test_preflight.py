@@ -511,3 +511,56 @@ def test_widget_recovers_from_a_runtime_error(
         assert exc is error and tb is not None
         assert "raise error" in widget.log.toPlainText()
         assert widget.status.text().startswith("Training failed: RuntimeError: Graph execution")
+
+
+def _files(folder):
+    """Every file and folder under ``folder``: relative path -> (size, mtime) of a file,
+    None for a folder."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        if p.is_file()
+        else None
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.parametrize(
+    "where", ["inside the dataset", "the working directory", "the working directory, a model's"]
+)
+def test_widget_refuses_a_model_folder_in_the_dataset_or_the_working_directory(
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, no_model, where, docked
+):
+    """Start refuses a model folder whose writing could destroy what microclf did not write
+    (the dataset's images, the files of the working directory, even one that holds a model):
+    one line says why, no training starts and nothing is written, in the dataset or there."""
+    from pathlib import Path
+
+    from napari.utils.notifications import notification_manager
+
+    from napari_microclf._qt.train import State
+
+    started = []
+    monkeypatch.setattr("napari_microclf._qt.train.train", lambda *a, **k: started.append(a))
+    work = tmp_path / "work"
+    work.mkdir()
+    if where == "the working directory, a model's":  # not refused as a folder of other files
+        (work / "microclf.json").write_text("{}")
+        (work / "notes.txt").write_text("the user's own file")
+    monkeypatch.chdir(work)
+    inside = where == "inside the dataset"
+    out = data / "model" if inside else Path(".")
+    widget = _tiny_widget(docked, make_napari_viewer(), data, out)
+    before = _files(data), _files(work)
+    notification_manager.records.clear()
+
+    assert widget.start() is None
+    qtbot.wait(100)  # a worker started by mistake would have run by now
+    assert widget.state is State.IDLE and widget.worker is None
+    assert not started and not no_model
+    (error,) = _widget_messages("error")
+    why = f"model folder {out} is inside {data}" if inside else "is the working directory"
+    assert error.startswith("Cannot train: model folder") and why in error
+    assert widget.status.text() == error
+    assert widget.start_btn.isEnabled() and widget.start_btn.text() == "Start training"
+    assert (_files(data), _files(work)) == before
+    assert not (data / "model").exists() and not (data / "split.json").exists()
