@@ -20,9 +20,9 @@ def _pages(n, size=16, seed=0):
     return np.random.default_rng(seed).integers(0, 60000, (n, size, size)).astype(np.uint16)
 
 
-def _widget(qtbot, root, viewer=None):
+def _widget(qtbot, root):
     """An Annotate widget on a bare ``ViewerModel`` (no window: for its logic alone)."""
-    viewer = viewer or ViewerModel()
+    viewer = ViewerModel()
     widget = AnnotateWidget(viewer, root)
     qtbot.addWidget(widget)
     return viewer, widget
