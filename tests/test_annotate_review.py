@@ -20,11 +20,19 @@ def _pages(n, size=16, seed=0):
     return np.random.default_rng(seed).integers(0, 60000, (n, size, size)).astype(np.uint16)
 
 
-def _widget(qtbot, root, viewer=None):
-    viewer = viewer or ViewerModel()
+def _widget(qtbot, root):
+    """An Annotate widget on a bare ``ViewerModel`` (no window: for its logic alone)."""
+    viewer = ViewerModel()
     widget = AnnotateWidget(viewer, root)
     qtbot.addWidget(widget)
     return viewer, widget
+
+
+def _docked(docked, viewer, root):
+    """The Annotate widget as napari docks it (given a proxy of ``viewer``), on ``root``."""
+    widget = docked(viewer, "Annotate")
+    widget.set_dataset(root)
+    return widget
 
 
 def _examples(root):
@@ -71,7 +79,9 @@ def test_undo_never_crosses_datasets(qtbot, tmp_path):
 # -- channel layers of two openings --------------------------------------------------------
 
 
-def test_same_file_opened_twice_keeps_its_channel_layers_apart(make_napari_viewer, qtbot, tmp_path):
+def test_same_file_opened_twice_keeps_its_channel_layers_apart(
+    make_napari_viewer, tmp_path, docked
+):
     data = _pages(6, 20).reshape(3, 2, 20, 20)  # Z, C, Y, X
     path = tmp_path / "cells.tif"
     tifffile.imwrite(path, data, metadata={"axes": "ZCYX"})
@@ -93,7 +103,7 @@ def test_same_file_opened_twice_keeps_its_channel_layers_apart(make_napari_viewe
     assert _layers.channel_group(viewer, second[1]) == list(second)
     assert _layers.channel_group(viewer, dup) == [dup, second[1]]
 
-    _, widget = _widget(qtbot, tmp_path / "ds", viewer)
+    widget = _docked(docked, viewer, tmp_path / "ds")
     widget.add_class("x")
     viewer.dims.set_current_step(0, 1)
     result = widget.add_slice("x", second[1])
@@ -102,11 +112,35 @@ def test_same_file_opened_twice_keeps_its_channel_layers_apart(make_napari_viewe
     np.testing.assert_array_equal(saved, data[1])
 
 
+def test_another_readers_channel_layers_are_saved_together_as_docked(
+    make_napari_viewer, tmp_path, docked
+):
+    """The layer the docked widget picks is a proxy (a new one at each access): its channel
+    group (napari's reader, ``channel_axis``) is found all the same, and both channels saved."""
+    data = _pages(6, 20).reshape(3, 2, 20, 20)  # Z, C, Y, X
+    path = tmp_path / "cells.tif"
+    tifffile.imwrite(path, data)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari", channel_axis=1)
+    assert len(layers) == 2 and not layers[0].metadata
+    widget = _docked(docked, viewer, tmp_path / "ds")
+    widget.add_class("x")
+    viewer.layers.selection.active = layers[1]
+    widget.layer_combo.setCurrentText(layers[1].name)
+    assert "2 channels saved together" in widget.layer_info.text()
+    viewer.dims.set_current_step(0, 2)
+    result = widget.add_slice("x")  # the picked layer, as the Add button does
+    saved = tifffile.imread(result.path)
+    assert saved.shape == (2, 20, 20)
+    np.testing.assert_array_equal(saved, data[2])
+
+
 # -- Add all slices -------------------------------------------------------------------------
 
 
 def _add_all(qtbot, widget, layer, stop_after=None, how="button"):
-    """Run "Add all slices"; returns (pages done, pages written, seconds)."""
+    """Run "Add all slices" on ``layer`` (None: the picked one, as the button does); returns
+    (pages done, pages written, seconds)."""
     results = []
 
     def step(result):
@@ -171,13 +205,17 @@ def _setup(qtbot, root, n):
 
 
 @pytest.mark.parametrize("how", ["button", "activity dock"])
-def test_stopping_add_all_keeps_exactly_what_was_written(qtbot, tmp_path, how):
+def test_stopping_add_all_keeps_exactly_what_was_written(
+    make_napari_viewer, qtbot, tmp_path, how, docked
+):
     root = tmp_path / "ds"
-    viewer, widget = _widget(qtbot, root)
+    viewer = make_napari_viewer()
+    widget = _docked(docked, viewer, root)
     widget.add_class("x")
     n = 300
     layer = viewer.add_image(_pages(n), name="stack")
-    done, written, _ = _add_all(qtbot, widget, layer, stop_after=25, how=how)
+    assert widget.layer().name == "stack"  # picked: the widget's own (proxy) of it
+    done, written, _ = _add_all(qtbot, widget, None, stop_after=25, how=how)
     assert 25 <= written == done < n
     files = _examples(root)
     assert len(files) == written == widget.counts()["x"] == len(widget.history)
@@ -190,6 +228,6 @@ def test_stopping_add_all_keeps_exactly_what_was_written(qtbot, tmp_path, how):
     assert widget.add_all_btn.text() == widget.ADD_ALL and widget.add_all_btn.isEnabled()
 
     # run again: the pages already saved are recognised, the rest written
-    done, more, _ = _add_all(qtbot, widget, layer)
+    done, more, _ = _add_all(qtbot, widget, None)
     assert done == n and more == n - written
     assert len(_examples(root)) == n == widget.counts()["x"]

@@ -44,11 +44,9 @@ def test_an_explicit_no_growth_setting_is_kept(fake_gpus, monkeypatch):
     assert grown == []
 
 
-def test_this_cpu_machine_says_cpu(make_napari_viewer):
-    from napari_microclf._qt.train import TrainWidget
-
+def test_this_cpu_machine_says_cpu(make_napari_viewer, docked):
     assert device.describe_device().startswith("CPU")
-    widget = TrainWidget(make_napari_viewer())
+    widget = docked(make_napari_viewer(), "Train")
     assert widget.device.text() == f"Runs on: {device.describe_device()}"
 
 

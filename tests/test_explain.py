@@ -264,13 +264,12 @@ def test_cli_writes_the_heatmaps_as_a_tiff(b0_bundle, b0, tmp_path, capsys):
 # -- widget ----------------------------------------------------------------------------------
 
 
-def test_widget_adds_an_aligned_heatmap_layer(make_napari_viewer, qtbot, b0_bundle, b0):
-    from napari_microclf._qt.predict import PredictWidget
-
+def test_widget_adds_an_aligned_heatmap_layer(make_napari_viewer, qtbot, b0_bundle, b0, docked):
     viewer = make_napari_viewer()
     stack = np.random.default_rng(4).random((3, 40, 52)).astype(np.float32)
     image = viewer.add_image(stack, name="stack", scale=(2, 0.5, 0.25), translate=(0, 10, -4))
-    widget = PredictWidget(viewer, b0_bundle)
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(b0_bundle)
     assert [widget.explain_class.itemText(i) for i in range(widget.explain_class.count())] == [
         "predicted class",
         "round",

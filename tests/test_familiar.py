@@ -274,17 +274,18 @@ def test_few_validation_images_add_out_of_fold_training_distances(tmp_path):
     np.testing.assert_allclose(back.scores(val), enough.scores(val), rtol=1e-5)
 
 
-def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qtbot):
+def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qtbot, docked):
     import tifffile
     from skimage import data
 
-    from napari_microclf._qt.predict import PredictWidget
+    from napari_microclf._qt.predict import UNFAMILIAR_HEADER
 
     result, files = lite0.result, lite0.files
     viewer = make_napari_viewer()
     viewer.add_image(tifffile.imread(files["test"][0]), name="cells")
     viewer.add_image(data.camera(), name="camera")
-    widget = PredictWidget(viewer, str(result.bundle))
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(result.bundle)
     widget.threshold.setValue(0.0)
     widget.choose(["cells", "camera"])
     worker = widget.run()
@@ -301,7 +302,8 @@ def test_the_predict_widget_marks_unfamiliar_pages(lite0, make_napari_viewer, qt
         )
         for r in range(widget.table.rowCount())
     }
-    assert header == "unfamiliar" and table["camera"][0] == "unfamiliar"
+    # the score column (its header renamed in c09c421: "unfamiliar (>1: unlike training)")
+    assert header == UNFAMILIAR_HEADER and table["camera"][0] == "unfamiliar"
     assert table["camera"][1] == pytest.approx(camera["unfamiliar"][0], abs=0.01)
     pages = viewer.layers["camera"].metadata["microclf"]["predictions"]["pages"]
     assert pages[0]["unfamiliar_score"] == pytest.approx(camera["unfamiliar"][0], abs=1e-3)

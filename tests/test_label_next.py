@@ -89,18 +89,19 @@ def test_cli_lists_the_pages_to_label_next(starved, tmp_path, capsys):
 
 
 def test_pages_of_open_layers_are_ranked_and_shown_in_their_own_layers(
-    make_napari_viewer, qtbot, starved
+    make_napari_viewer, qtbot, starved, docked
 ):
     import tifffile
 
-    from napari_microclf._qt.label_next import LAYERS, LabelNextWidget
+    from napari_microclf._qt.label_next import LAYERS
 
     root, pool, model, _ = starved
     files = sorted(pool.rglob("*.tif"))[:4]
     viewer = make_napari_viewer()
     for f in files:
         viewer.add_image(tifffile.imread(f), name=f.stem + "_" + f.parent.name)
-    widget = LabelNextWidget(viewer, bundle=model)
+    widget = docked(viewer, "Label next")
+    widget.bundle_edit.setText(str(model))
     widget.top.setValue(3)
     assert widget.find(source=LAYERS) is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
@@ -116,12 +117,11 @@ def test_pages_of_open_layers_are_ranked_and_shown_in_their_own_layers(
 
 
 def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
-    make_napari_viewer, qtbot, starved
+    make_napari_viewer, qtbot, starved, docked
 ):
     """One class starved in training; labelling the 5 pages the model is least sure about in
     a pool of new images, then Retrain, changes the accuracy on the old test list."""
-    from napari_microclf._qt.annotate import AnnotateWidget
-    from napari_microclf._qt.label_next import LAYER, LabelNextWidget
+    from napari_microclf._qt.label_next import LAYER
     from napari_microclf.core.evaluate import evaluate
 
     root, pool, model, first = starved
@@ -131,8 +131,10 @@ def test_find_label_with_keys_retrain_and_compare_on_the_same_test_list(
 
     SESSION.last_bundle = None
     viewer = make_napari_viewer()
-    annotate = AnnotateWidget(viewer, dataset=root)
-    widget = LabelNextWidget(viewer, bundle=model)
+    annotate = docked(viewer, "Annotate")
+    annotate.set_dataset(root)
+    widget = docked(viewer, "Label next")
+    widget.bundle_edit.setText(str(model))
     widget.top.setValue(5)
     assert widget.find(folder=pool) is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)

@@ -402,12 +402,11 @@ def _notifications(level):
 
 
 def test_classify_folder_in_the_widget_goes_past_a_bad_file(
-    make_napari_viewer, qtbot, bundle, tmp_path
+    make_napari_viewer, qtbot, bundle, tmp_path, docked
 ):
-    from napari_microclf._qt.predict import PredictWidget
-
     expected = _mixed_folder(tmp_path / "images")
-    widget = PredictWidget(make_napari_viewer(), bundle)
+    widget = docked(make_napari_viewer(), "Predict")
+    widget.set_bundle(bundle)
     # a CSV destination that cannot work is refused before anything starts
     assert widget.classify_folder(tmp_path / "images", tmp_path / "no" / "out.csv") is None
     assert any("does not exist; create it" in m for m in _notifications("error"))
@@ -428,7 +427,7 @@ def test_classify_folder_in_the_widget_goes_past_a_bad_file(
 
 
 def test_classify_folder_shows_an_unexpected_error_with_its_traceback(
-    make_napari_viewer, qtbot, bundle, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, bundle, tmp_path, monkeypatch, docked
 ):
     """Not a MicroclfError: re-raised in the main thread, where napari's excepthook shows it as
     a notification with its traceback (pytest-qt captures it here)."""
@@ -442,7 +441,8 @@ def test_classify_folder_shows_an_unexpected_error_with_its_traceback(
     images = tmp_path / "images"
     images.mkdir()
     tifffile.imwrite(images / "a.tif", _gray())
-    widget = qt_predict.PredictWidget(make_napari_viewer(), bundle)
+    widget = docked(make_napari_viewer(), "Predict")
+    widget.set_bundle(bundle)
     with qtbot.capture_exceptions() as raised:
         worker = widget.classify_folder(images, tmp_path / "out.csv")
         assert worker is not None

@@ -409,10 +409,10 @@ def _wait_idle(qtbot, widget, worker) -> None:
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
 
 
-def _tiny_widget(viewer, data, out):
-    from napari_microclf._qt.train import TrainWidget
-
-    widget = TrainWidget(viewer, data, out)
+def _tiny_widget(docked, viewer, data, out):
+    """The Train widget as napari docks it, on ``data`` and ``out``, set to train tiny."""
+    widget = docked(viewer, "Train")
+    widget.set_folders(data, out)
     for name, value in {
         "epochs": 1,
         "batch_size": 8,
@@ -425,14 +425,14 @@ def _tiny_widget(viewer, data, out):
 
 
 def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
-    make_napari_viewer, qtbot, data, tmp_path, no_model
+    make_napari_viewer, qtbot, data, tmp_path, no_model, docked
 ):
     from napari.utils.notifications import notification_manager
 
     cls = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
     for kind in ("1x1", "corrupt", "empty"):
         _write_bad(data / cls, kind)
-    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    widget = _tiny_widget(docked, make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     worker = widget.start()  # the quick checks pass; the worker's preflight finds the images
     _wait_idle(qtbot, widget, worker)
@@ -449,7 +449,7 @@ def test_widget_lists_bad_images_in_the_log_and_one_line_notification(
     assert widget.tabs.currentWidget() is widget.log
 
 
-def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch):
+def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked):
     """A Train widget whose training is ``broken`` (it raises at once), run to its end.
     Returns the widget and what napari's error notification received (type, exception,
     traceback)."""
@@ -458,20 +458,20 @@ def _train_raising(broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatc
     monkeypatch.setattr("napari_microclf._qt.train.train", broken)
     received = []
     monkeypatch.setattr(notification_manager, "receive_error", lambda *args: received.append(args))
-    widget = _tiny_widget(make_napari_viewer(), data, tmp_path / "model")
+    widget = _tiny_widget(docked, make_napari_viewer(), data, tmp_path / "model")
     notification_manager.records.clear()
     _wait_idle(qtbot, widget, widget.start())
     return widget, received
 
 
 def test_widget_shows_an_unexpected_error_with_its_traceback(
-    make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked
 ):
     def broken(config, on_update=None, should_stop=None):
         raise TypeError("unsupported operand type(s)")
 
     widget, received = _train_raising(
-        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked
     )
     log = widget.log.toPlainText()
     assert "unexpected error (a bug in microclf" in log and "Traceback (most recent call" in log
@@ -492,7 +492,7 @@ def test_widget_shows_an_unexpected_error_with_its_traceback(
     ],
 )
 def test_widget_recovers_from_a_runtime_error(
-    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, error
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, error, docked
 ):
     """superqt drops a generator worker's RuntimeError without ``finished``: the widget would
     stay busy for good. Ours (a LockedError) is one line; others come with their traceback."""
@@ -501,7 +501,7 @@ def test_widget_recovers_from_a_runtime_error(
         raise error
 
     widget, received = _train_raising(
-        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch
+        broken, make_napari_viewer, qtbot, data, tmp_path, monkeypatch, docked
     )
     assert widget.start_btn.text() == "Start training"
     if isinstance(error, LockedError):
@@ -511,3 +511,56 @@ def test_widget_recovers_from_a_runtime_error(
         assert exc is error and tb is not None
         assert "raise error" in widget.log.toPlainText()
         assert widget.status.text().startswith("Training failed: RuntimeError: Graph execution")
+
+
+def _files(folder):
+    """Every file and folder under ``folder``: relative path -> (size, mtime) of a file,
+    None for a folder."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        if p.is_file()
+        else None
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.parametrize(
+    "where", ["inside the dataset", "the working directory", "the working directory, a model's"]
+)
+def test_widget_refuses_a_model_folder_in_the_dataset_or_the_working_directory(
+    make_napari_viewer, qtbot, data, tmp_path, monkeypatch, no_model, where, docked
+):
+    """Start refuses a model folder whose writing could destroy what microclf did not write
+    (the dataset's images, the files of the working directory, even one that holds a model):
+    one line says why, no training starts and nothing is written, in the dataset or there."""
+    from pathlib import Path
+
+    from napari.utils.notifications import notification_manager
+
+    from napari_microclf._qt.train import State
+
+    started = []
+    monkeypatch.setattr("napari_microclf._qt.train.train", lambda *a, **k: started.append(a))
+    work = tmp_path / "work"
+    work.mkdir()
+    if where == "the working directory, a model's":  # not refused as a folder of other files
+        (work / "microclf.json").write_text("{}")
+        (work / "notes.txt").write_text("the user's own file")
+    monkeypatch.chdir(work)
+    inside = where == "inside the dataset"
+    out = data / "model" if inside else Path(".")
+    widget = _tiny_widget(docked, make_napari_viewer(), data, out)
+    before = _files(data), _files(work)
+    notification_manager.records.clear()
+
+    assert widget.start() is None
+    qtbot.wait(100)  # a worker started by mistake would have run by now
+    assert widget.state is State.IDLE and widget.worker is None
+    assert not started and not no_model
+    (error,) = _widget_messages("error")
+    why = f"model folder {out} is inside {data}" if inside else "is the working directory"
+    assert error.startswith("Cannot train: model folder") and why in error
+    assert widget.status.text() == error
+    assert widget.start_btn.isEnabled() and widget.start_btn.text() == "Start training"
+    assert (_files(data), _files(work)) == before
+    assert not (data / "model").exists() and not (data / "split.json").exists()

@@ -211,10 +211,10 @@ def test_a_bundle_without_split_or_history_still_renders(trained, tmp_path):
     assert "Training curves" not in html and "No test images" in html
 
 
-def test_the_train_widget_opens_the_html_report_in_the_browser(trained, qtbot, monkeypatch):
+def test_the_train_widget_opens_the_html_report_in_the_browser(
+    trained, qtbot, monkeypatch, make_napari_viewer, docked
+):
     from qtpy.QtGui import QDesktopServices
-
-    from napari_microclf._qt.train import TrainWidget
 
     _, bundle = trained
     opened = []
@@ -223,8 +223,7 @@ def test_the_train_widget_opens_the_html_report_in_the_browser(trained, qtbot, m
         "openUrl",
         staticmethod(lambda url: opened.append(url.toLocalFile()) or True),
     )
-    widget = TrainWidget()
-    qtbot.addWidget(widget)
+    widget = docked(make_napari_viewer(), "Train")
     assert not widget.html_btn.isEnabled()  # nothing trained yet
     report = json.loads((bundle / "report.json").read_text())
     meta = json.loads((bundle / "microclf.json").read_text())

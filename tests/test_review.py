@@ -155,19 +155,17 @@ def _open(widget, qtbot, true, pred):
 
 
 def test_click_on_a_train_report_cell_opens_its_images_and_a_move_updates_annotate(
-    make_napari_viewer, qtbot, dataset
+    make_napari_viewer, qtbot, dataset, docked
 ):
     from qtpy.QtCore import QPoint, Qt
 
-    from napari_microclf._qt.annotate import AnnotateWidget
     from napari_microclf._qt.review import ReviewWidget
-    from napari_microclf._qt.train import TrainWidget
 
     SESSION.last_bundle = None
     viewer = make_napari_viewer()
-    annotate = AnnotateWidget(viewer, dataset=dataset)
-    train = TrainWidget(viewer)
-    viewer.window.add_dock_widget(train)
+    annotate = docked(viewer, "Annotate")
+    annotate.set_dataset(dataset)
+    train = docked(viewer, "Train")
     report, refs, probs = _report(dataset, seed=5)
     train.show_report(report)
     names = report["class_names"]
@@ -228,16 +226,15 @@ def test_click_on_a_train_report_cell_opens_its_images_and_a_move_updates_annota
 
 
 def test_review_widget_opens_a_diagonal_cell_of_a_model_folder(
-    make_napari_viewer, qtbot, dataset, tmp_path
+    make_napari_viewer, qtbot, dataset, tmp_path, docked
 ):
-    from napari_microclf._qt.review import ReviewWidget
-
     report, refs, probs = _report(dataset, seed=2)
     model = tmp_path / "model"
     model.mkdir()
     (model / "report.json").write_text(json.dumps(report))
     viewer = make_napari_viewer()
-    widget = ReviewWidget(viewer, bundle=model)
+    widget = docked(viewer, "Review")
+    assert widget.load(bundle=model)
     assert widget.report is not None and widget.data_dir == dataset
     names = report["class_names"]
     cm = np.array(report["confusion_matrix"])
@@ -251,12 +248,10 @@ def test_review_widget_opens_a_diagonal_cell_of_a_model_folder(
 
 
 def test_an_example_added_from_a_review_stack_is_the_files_own_page(
-    make_napari_viewer, dataset, tmp_path
+    make_napari_viewer, dataset, tmp_path, docked
 ):
     """Annotate adds the original pixels with the original file as provenance, not the
     normalised, padded display page."""
-    from napari_microclf._qt.annotate import AnnotateWidget
-
     entries = [
         {"file": str(dataset / CLASSES[0] / "stack.tif"), "page": 1},
         {"file": str(dataset / CLASSES[1] / "sample_001.tif"), "page": 0},
@@ -266,7 +261,8 @@ def test_an_example_added_from_a_review_stack_is_the_files_own_page(
     layer = viewer.add_image(stack.data, name="mixed")
     layer.metadata["microclf"] = {"origins": stack.origins}
     other = tmp_path / "other"
-    widget = AnnotateWidget(viewer, dataset=other)
+    widget = docked(viewer, "Annotate")
+    widget.set_dataset(other)
     widget.add_class("picked")
     viewer.dims.set_current_step(0, 0)
     result = widget.add_slice("picked", layer)
@@ -277,13 +273,12 @@ def test_an_example_added_from_a_review_stack_is_the_files_own_page(
     assert prov["source"] == entries[0]["file"] and prov["page"] == 1
 
 
-def test_a_cell_click_in_the_tabbed_dock_uses_its_review_tab(make_napari_viewer):
+def test_a_cell_click_in_the_tabbed_dock_uses_its_review_tab(make_napari_viewer, docked):
     from napari_microclf._qt.review import review_dock
-    from napari_microclf._qt.tabs import MicroclfWidget
 
     viewer = make_napari_viewer()
-    tabs = MicroclfWidget(viewer)
-    viewer.window.add_dock_widget(tabs, name="Microscopy Classifier")
+    tabs = docked(viewer, "All")
     assert review_dock(viewer) is tabs.review
+    assert review_dock(tabs.train.viewer) is tabs.review  # as Train calls it: with its proxy
     assert tabs.currentWidget() is tabs.review
     assert len(viewer.window.dock_widgets) == 1  # no second Review dock

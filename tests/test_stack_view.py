@@ -11,7 +11,7 @@ from matplotlib.backend_bases import MouseEvent
 
 from napari_microclf._qt import _layers
 from napari_microclf._qt.overlays import OVERLAY, points_name
-from napari_microclf._qt.predict import PLOT_NAME, PredictWidget
+from napari_microclf._qt.predict import PLOT_NAME
 from napari_microclf._qt.stackplot import StackPlot
 from napari_microclf.core.sample import make_sample_stack
 
@@ -22,17 +22,17 @@ def bundle(scratch):
     return scratch.bundle
 
 
-def _classified(make_napari_viewer, qtbot, bundle, **big_kwargs):
+def _classified(make_napari_viewer, qtbot, docked, bundle, **big_kwargs):
     """A viewer with two stacks of different sizes at the same origin, both classified by
-    the Run worker: "big" (7 pages of 48 px) and "small" (4 pages of 24 px, pixels twice
-    as large)."""
+    the Run worker of a docked Predict widget: "big" (7 pages of 48 px) and "small" (4
+    pages of 24 px, pixels twice as large)."""
     viewer = make_napari_viewer()
     big, _ = make_sample_stack(n_pages=7, size=48, seed=3)
     small, _ = make_sample_stack(n_pages=4, size=24, seed=4)
     viewer.add_image(big, name="big", **big_kwargs)
     viewer.add_image(small, name="small", scale=(1, 2, 2))
-    widget = PredictWidget(viewer, bundle)
-    viewer.window.add_dock_widget(widget)
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(bundle)
     widget.threshold.setValue(0.0)
     widget.choose(["big", "small"])
     assert widget.run() is not None
@@ -52,9 +52,9 @@ def _drawn_at(viewer, pts) -> np.ndarray:
 
 
 def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
-    make_napari_viewer, qtbot, bundle
+    make_napari_viewer, qtbot, bundle, docked
 ):
-    viewer, widget = _classified(make_napari_viewer, qtbot, bundle)
+    viewer, widget = _classified(make_napari_viewer, qtbot, docked, bundle)
     big, small = viewer.layers["big"], viewer.layers["small"]
     for zoom in (0.2, 1.0, 8.0, 40.0):  # text keeps its size on screen, pixels do not
         viewer.scene.camera.zoom = zoom
@@ -110,10 +110,12 @@ def test_labels_of_two_stacks_never_overlap_and_follow_their_images(
     assert set(widget.labels.boxes()) == {"big"}
 
 
-def test_overlay_names_the_active_layer_and_the_page_in_view(make_napari_viewer, qtbot, bundle):
-    viewer, widget = _classified(make_napari_viewer, qtbot, bundle)
+def test_overlay_names_the_active_layer_and_the_page_in_view(
+    make_napari_viewer, qtbot, bundle, docked
+):
+    viewer, widget = _classified(make_napari_viewer, qtbot, docked, bundle)
     overlay = viewer.canvas.overlays[OVERLAY]
-    assert widget.labels.overlay is overlay
+    assert _layers.unwrapped(widget.labels.overlay) is overlay  # the widget sees a proxy
     big, small = viewer.layers["big"], viewer.layers["small"]
 
     def expected(name, page):
@@ -158,10 +160,10 @@ def _click(plot: StackPlot, page: float) -> None:
     MouseEvent("button_press_event", plot.canvas, x, y, button=1)._process()
 
 
-def test_plot_along_the_stack_is_linked_with_the_slider(make_napari_viewer, qtbot, bundle):
+def test_plot_along_the_stack_is_linked_with_the_slider(make_napari_viewer, qtbot, bundle, docked):
     # the big stack's pages are 2 world units apart, from 10: the slider's world coordinates
     viewer, widget = _classified(
-        make_napari_viewer, qtbot, bundle, scale=(2, 1, 1), translate=(10, 0, 0)
+        make_napari_viewer, qtbot, docked, bundle, scale=(2, 1, 1), translate=(10, 0, 0)
     )
     big, small = viewer.layers["big"], viewer.layers["small"]
     plot = widget.plot

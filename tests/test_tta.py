@@ -339,17 +339,16 @@ def test_batched_tta_through_keras_predict_gives_the_same_mean(oriented):
 
 
 def test_predict_widgets_flip_option_runs_layers_and_folders_with_tta(
-    make_napari_viewer, qtbot, oriented, tmp_path
+    make_napari_viewer, qtbot, oriented, tmp_path, docked
 ):
     """Predict's "Average over flips": the layer's probabilities and the folder CSV's are the
     averaged ones, and unchecked they are the plain ones."""
-    from napari_microclf._qt.predict import PredictWidget
-
     page = _page()
     tifffile.imwrite(tmp_path / "one.tif", page)
     viewer = make_napari_viewer()
     viewer.add_image(page, name="one")
-    widget = PredictWidget(viewer, bundle=oriented)
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(oriented)
     want = {}
     for tta in (False, True):
         want[tta] = _probs(Predictor(oriented).predict_array(page, tta=tta))[0]

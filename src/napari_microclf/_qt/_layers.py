@@ -147,8 +147,11 @@ def _opened_together(viewer, layer) -> list:
     openings mixed would not. Moving a channel layer away from the others leaves it alone;
     making the first channel layer of the second opening additive would join two openings.
     """
+    # by identity: the layers themselves, not a docked widget's proxies of them (a new one
+    # at each access, never ``is`` another)
+    layer = unwrapped(layer)
     path, plugin = layer.source.path, layer.source.reader_plugin
-    layers = image_layers(viewer)
+    layers = [unwrapped(lyr) for lyr in image_layers(viewer)]
     if not path or not any(lyr is layer for lyr in layers):
         return [layer]
 
