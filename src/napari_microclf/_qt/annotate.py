@@ -38,6 +38,7 @@ from . import _layers, _settings
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import stoppable_progress, surfaced
+from .annotate_objects import ObjectAnnotator
 
 KEYS = [str(i) for i in range(1, 10)]
 DEFAULT_DATASET = "microclf-dataset"
@@ -157,6 +158,7 @@ class AnnotateWidget(QWidget):
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.objects = ObjectAnnotator(self)
 
         layout = QVBoxLayout(self)
         intro = QLabel("Save slices of your images as training examples, one folder per class.")
@@ -166,6 +168,7 @@ class AnnotateWidget(QWidget):
         layout.addLayout(dataset_row)
         layout.addWidget(classes_box)
         layout.addWidget(add_box)
+        layout.addWidget(self.objects)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
@@ -181,6 +184,7 @@ class AnnotateWidget(QWidget):
         self._refresh_layers()
         self.refresh()
         connect_widget(SESSION.dataset_edited, self, "_dataset_edited")
+        self.table.itemSelectionChanged.connect(self.objects._update_info)
 
     ADD_ALL, STOP_ADDING = "Add all slices", "Stop adding"
 
@@ -242,6 +246,8 @@ class AnnotateWidget(QWidget):
         )
         SESSION.set_dataset(self.root)
         _settings.save("annotate", {"dataset": str(_key(self.root))})
+        if hasattr(self, "objects"):
+            self.objects.refresh_dataset()
 
     def _update_keys_label(self, counts: dict | None = None) -> None:
         names = list(counts if counts is not None else ds.class_counts(self.root))
@@ -376,6 +382,8 @@ class AnnotateWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def _update_layer_info(self, *_) -> None:
+        if hasattr(self, "objects"):
+            self.objects.refresh_layers()
         layer = self.layer()
         if layer is None:
             self.layer_info.setText("Open an image (File > Open) to add examples.")
@@ -569,6 +577,7 @@ class AnnotateWidget(QWidget):
                 except (ds.DatasetError, OSError) as exc:
                     _notify("error", f"Cannot undo: {exc}")
                     return None
+                self.objects.forget(path)
                 self.refresh()
                 self._say(f"Moved {path.name} to {dst.parent}.")
                 return dst
@@ -581,7 +590,8 @@ class AnnotateWidget(QWidget):
 
     # -- keys 1-9 -----------------------------------------------------------------------------
     def key_pressed(self, number: int):
-        """Put the slice in view of the active image layer into class ``number`` (1-based)."""
+        """Put the selected object (a Labels layer chosen in Objects) or else the slice in
+        view of the active image layer into class ``number`` (1-based)."""
         names = self.classes()
         if number > len(names):
             _notify(
@@ -589,6 +599,9 @@ class AnnotateWidget(QWidget):
                 f"Key {number}: there is no class {number} (the dataset has {len(names)}).",
             )
             return None
+        if self.objects.active():
+            self.select_class(names[number - 1])
+            return self.objects.add_selected(names[number - 1])
         layer = self._layer_for_keys()
         if layer is None:
             _notify("warning", "Select an image layer first.")
@@ -623,7 +636,7 @@ class AnnotateWidget(QWidget):
         if on:
             for i, key in enumerate(KEYS, 1):
                 self.viewer.bind_key(key, self._make_handler(i), overwrite=True)
-            for layer in _layers.image_layers(self.viewer):
+            for layer in _key_layers(self.viewer):
                 self._bind_layer(layer)
         else:
             _unbind_keys(self.viewer)
@@ -634,9 +647,9 @@ class AnnotateWidget(QWidget):
             layer.bind_key(key, self._make_handler(i), overwrite=True)
 
     def _bind_layer_keys(self, event) -> None:
-        from napari.layers import Image
+        from napari.layers import Image, Labels
 
-        if self._keys_active and isinstance(event.value, Image):
+        if self._keys_active and isinstance(event.value, Image | Labels):
             self._bind_layer(event.value)
 
 
@@ -645,8 +658,16 @@ def _unbind_keys(viewer) -> None:
     bindings answer again). No reference to the widget: it also runs when the widget is gone."""
     from napari.utils.key_bindings import coerce_keybinding
 
-    for owner in [viewer, *_layers.image_layers(viewer)]:
+    for owner in [viewer, *_key_layers(viewer)]:
         for key in KEYS:
             func = owner.keymap.get(coerce_keybinding(key))
             if getattr(func, "__name__", "").startswith("microclf_assign_class_"):
                 owner.bind_key(key, None)
+
+
+def _key_layers(viewer) -> list:
+    """The layers whose own 1-9 shortcuts the Annotate keys replace while on: the image
+    layers, and the Labels layers (whose 1-6 choose painting modes) for objects."""
+    from napari.layers import Labels
+
+    return [*_layers.image_layers(viewer), *(x for x in viewer.layers if isinstance(x, Labels))]

@@ -318,12 +318,18 @@ def add_objects(
     spec: CropSpec | None = None,
     *,
     ids: Iterable[int] | None = None,
+    page: int | None = None,
+    source: str | None = None,
+    labels_source: str | None = None,
 ) -> list[AddResult]:
     """Put objects of ``image`` (segmented by ``labels``) into dataset ``root``'s class
     folders. ``assign``: one class name for every object (or those in ``ids``), or a dict
     ``{(page, label): class}`` (a table). Returns one AddResult per object (``written`` False
     where the same crop was there already). ``spec``: the dataset's crop settings (recorded
-    in ``objects.json`` by the first call; a different one is refused)."""
+    in ``objects.json`` by the first call; a different one is refused).
+
+    ``page``: ``image`` and ``labels`` are that one page of a stack (recorded so);
+    ``source`` and ``labels_source``: the names recorded for arrays (default: the paths)."""
     root = Path(root)
     spec = spec or dataset_crop_spec(root) or CropSpec()
     _use_crop_spec(root, spec)
@@ -332,8 +338,11 @@ def add_objects(
         ids = {label for _page, label in table}
     index = hash_index(root)
     out = []
+    source = image if source is None else source
+    labels_source = str(labels) if labels_source is None else labels_source
     for info, crop in object_crops(image, labels, spec, ids=ids):
-        cls = assign if table is None else table.get((info.page, info.label))
+        at = info.page if page is None else page
+        cls = assign if table is None else table.get((at, info.label))
         if cls is None:
             continue
         out.append(
@@ -341,10 +350,10 @@ def add_objects(
                 root,
                 cls,
                 crop,
-                source=image,
-                page=info.page,
+                source=source,
+                page=at,
                 index=index,
-                extra={"labels": str(labels), "label": info.label, "bbox": list(info.bbox)},
+                extra={"labels": labels_source, "label": info.label, "bbox": list(info.bbox)},
             )
         )
     return out

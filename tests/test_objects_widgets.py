@@ -1,0 +1,128 @@
+"""Objects in the widgets (issue 23, items 2-3): annotate the cells of a Labels layer by
+clicking them and pressing 1-9, and classify every cell of an image with a model of objects,
+as napari docks the widgets (a proxy of the viewer) and as a user clicks and types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from napari.utils.notifications import notification_manager
+from qtpy.QtCore import QPoint, Qt
+
+from napari_microclf.core.dataset import read_provenance
+from napari_microclf.core.objects import CropSpec, cut_crop, dataset_crop_spec, objects_of
+from napari_microclf.core.sample import make_field
+
+
+def _messages() -> list[str]:
+    return [str(n.message) for n in notification_manager.records]
+
+
+def _press(viewer, qtbot, key: str) -> None:
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
+
+
+def _click(viewer, qtbot, y: float, x: float) -> None:
+    """A left click on the canvas where the world point ``(y, x)`` is shown (2D view)."""
+    canvas = viewer.window._qt_viewer.canvas
+    native = canvas.native
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    cy, cx = camera.center[-2:]
+    zoom = camera.zoom
+    h, w = native.height(), native.width()
+    point = QPoint(int(round((x - cx) * zoom + w / 2)), int(round((y - cy) * zoom + h / 2)))
+    qtbot.mouseClick(native, Qt.LeftButton, pos=point)
+
+
+@pytest.fixture(scope="module")
+def field():
+    image, labels, truth = make_field(size=128, n_cells=10, seed=4)
+    return image, labels, truth
+
+
+def _inside(labels: np.ndarray, label: int) -> tuple[int, int]:
+    """A pixel well inside object ``label`` (the one farthest from its outline)."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(labels == label)
+    y, x = np.unravel_index(np.argmax(dist), dist.shape)
+    return int(y), int(x)
+
+
+# -- annotate ------------------------------------------------------------------------------
+
+
+def test_click_a_cell_press_a_key_undo_and_all_on_page(
+    make_napari_viewer, qtbot, tmp_path, docked, field
+):
+    image, labels, truth = field
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(image, name="cells")
+    seg = viewer.add_labels(labels, name="cells labels")
+    widget = docked(viewer, "Annotate")
+    root = tmp_path / "data"
+    widget.set_dataset(root)
+    for name in ("round", "elongated", "fragmented"):
+        widget.add_class(name)
+    objects = widget.objects
+    assert objects.labels_combo.isEnabled()
+    objects.choose_labels("cells labels")
+    assert objects.active()
+    widget.keys_toggle.setChecked(True)
+    viewer.layers.selection.active = seg  # its own 1-6 choose paint modes: ours win
+
+    # click inside a cell, press 1: exactly that object's crop in "elongated"
+    label = next(k for k, v in truth.items() if v == "elongated")
+    y, x = _inside(labels, label)
+    _click(viewer, qtbot, y, x)
+    assert objects.selected == (0, label), objects.info.text()
+    overlay = viewer.layers["cells labels annotated"]
+    assert set(np.unique(overlay.data[labels == label])) == {255}  # selected: white
+    assert widget.classes() == ["elongated", "fragmented", "round"]  # keys 1, 2, 3
+    _press(viewer, qtbot, "1")
+    assert seg.mode == "pan_zoom", _messages()
+    assert list((root / "elongated").glob("*.tif")), _messages()
+    (file,) = (root / "elongated").glob("*.tif")
+    info = next(o for o in objects_of(labels) if o.label == label)
+    np.testing.assert_array_equal(tifffile.imread(file), cut_crop(image, labels, info, CropSpec()))
+    prov = read_provenance(file)
+    assert (prov["label"], prov["labels"], prov["source"]) == (label, "cells labels", "cells")
+    assert widget.counts() == {"elongated": 1, "fragmented": 0, "round": 0}
+    # coloured in the class's colour, the other objects and the user's labels untouched
+    assert set(np.unique(overlay.data[labels == label])) == {1}
+    assert not overlay.data[labels != label].any()
+    assert np.array_equal(viewer.layers["cells labels"].data, labels)
+    colour = overlay.colormap.map(np.array([1]))[0]
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_microclf._qt.annotate_objects import class_colour
+
+    np.testing.assert_allclose(colour, transform_color(class_colour(0))[0])
+    assert dataset_crop_spec(root) == CropSpec()  # the dataset records its crop settings
+    assert not objects.crop_box.isEnabled()  # ... and the settings are locked to it
+
+    # a click on the background selects nothing and a key then adds nothing
+    _click(viewer, qtbot, *np.argwhere(labels == 0)[0])
+    assert objects.selected is None
+    _press(viewer, qtbot, "3")
+    assert widget.counts()["round"] == 0
+
+    # undo: the file goes to the trash and the colour with it
+    widget.undo()
+    assert not file.exists() and (root / ".trash" / "elongated" / file.name).exists()
+    assert not overlay.data.any()
+    assert widget.counts()["elongated"] == 0
+
+    # all objects on this page as the selected class
+    widget.select_class("round")
+    assert "'round'" in objects.all_btn.text()
+    worker = objects.add_page()
+    with qtbot.waitSignal(worker.finished, timeout=30000):
+        pass
+    assert widget.counts() == {"elongated": 0, "fragmented": 0, "round": len(truth)}
+    assert sorted(read_provenance(f)["label"] for f in (root / "round").glob("*.tif")) == sorted(
+        truth
+    )
+    assert set(np.unique(overlay.data[labels > 0])) == {3}
+    widget.keys_toggle.setChecked(False)
