@@ -4,6 +4,8 @@ as napari docks the widgets (a proxy of the viewer) and as a user clicks and typ
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -126,3 +128,139 @@ def test_click_a_cell_press_a_key_undo_and_all_on_page(
     )
     assert set(np.unique(overlay.data[labels > 0])) == {3}
     widget.keys_toggle.setChecked(False)
+
+
+# -- predict -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def objects_model(tmp_path_factory):
+    """A tiny model of objects, trained once on the cells of 4 small synthetic fields."""
+    from napari_microclf.core.objects import add_objects
+    from napari_microclf.core.sample import write_sample_fields
+    from napari_microclf.core.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("objects-model")
+    fields = write_sample_fields(root / "fields", n_fields=4, size=160, n_cells=14, seed=3)
+    data = root / "data"
+    for f in fields:
+        add_objects(data, f["image"], f["labels"], {(0, k): v for k, v in f["truth"].items()})
+    config = TrainConfig(str(data), str(root / "model"), image_size=64, epochs=30, seed=0)
+    return train(config).bundle
+
+
+def _predicted(viewer, qtbot, docked, model, field):
+    image, labels, _ = field
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells labels")
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(model)
+    widget.choose(["cells"])
+    worker = widget.run()
+    assert worker is not None, _messages()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        pass
+    return widget
+
+
+def test_predicted_objects_colours_table_csv_and_rows(
+    make_napari_viewer, qtbot, tmp_path, docked, field, objects_model
+):
+    import csv
+
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_microclf._qt.annotate_objects import class_colour
+
+    image, labels, truth = field
+    viewer = make_napari_viewer(show=True)
+    widget = _predicted(viewer, qtbot, docked, objects_model, field)
+    assert "'cells' with 'cells labels'" in widget.status.text()
+    layer = viewer.layers["cells classes"]
+    feats = layer.features
+    assert list(feats["label"]) == sorted(truth)  # one row per object, in label order
+    right = sum(c == truth[k] for k, c in zip(feats["label"], feats["class"], strict=True))
+    print(f"objects right in the widget: {right} of {len(truth)}")
+    # each object is its own value, coloured by its class (gray below the threshold)
+    names = widget.class_names
+    for value, label, cls in zip(feats["index"], feats["label"], feats["class"], strict=True):
+        assert set(np.unique(layer.data[labels == label])) == {value}
+        want = class_colour(names.index(cls)) if cls in names else "#7a7a7a"
+        np.testing.assert_allclose(
+            layer.colormap.map(np.array([value]))[0], transform_color(want)[0], atol=1e-6
+        )
+    assert not layer.data[labels == 0].any()
+    assert np.array_equal(viewer.layers["cells labels"].data, labels)  # the user's: untouched
+    for c in names:
+        assert c in widget.objects.legend.text()
+
+    # the table shows the features, and Export CSV writes the table
+    table = widget.table
+    header = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    rows = [
+        [table.item(r, c).text() for c in range(table.columnCount())]
+        for r in range(table.rowCount())
+    ]
+    assert header[:4] == ["layer", "page", "label", "class"]
+    assert len(rows) == len(feats)
+    for row, (_, f) in zip(rows, feats.iterrows(), strict=True):
+        cells = dict(zip(header, row, strict=True))
+        assert (cells["layer"], int(cells["label"]), cells["class"]) == (
+            "cells",
+            f["label"],
+            f["class"],
+        )
+        for col in ("confidence", *(f"p_{c}" for c in names), "centroid_y", "centroid_x"):
+            assert float(cells[col]) == pytest.approx(f[col], abs=1e-4)
+        assert int(cells["area"]) == f["area"] == (labels == f["label"]).sum()
+    out = widget.export_csv(tmp_path / "objects.csv")
+    with out.open(newline="") as fh:
+        written = list(csv.reader(fh))
+    assert written[0] == ["file", *header[1:]]
+    assert written[1:] == rows
+
+    # clicking a row shows that object: the view centred on it, selected in the layer
+    row = len(rows) // 2
+    label = int(rows[row][2])
+    rect = table.visualItemRect(table.item(row, 1))
+    qtbot.mouseClick(table.viewport(), Qt.LeftButton, pos=rect.center())
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    ys, xs = np.nonzero(labels == label)
+    np.testing.assert_allclose(camera.center[-2:], (ys.mean(), xs.mean()), atol=0.1)
+    assert layer.selected_label == label
+    assert viewer.layers.selection.active.name == "cells classes"
+
+    # a threshold above every confidence: every object uncertain, gray
+    widget.threshold.setValue(1.0)
+    assert set(layer.features["class"]) == {"uncertain"}
+    assert table.item(0, 3).text() == "uncertain"
+
+
+def test_the_wrong_kind_of_model_is_said_in_one_line(
+    make_napari_viewer, qtbot, tmp_path, docked, field, objects_model
+):
+    import json
+    import shutil
+
+    image, labels, _ = field
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    widget = docked(viewer, "Predict")
+    widget.set_bundle(objects_model)
+    widget.choose(["cells"])
+    # a model of objects and no Labels layer
+    assert widget.run() is None
+    said = _messages()[-1]
+    assert "classifies objects" in said and "\n" not in said
+    # a model of whole images (the same model, its objects record taken away) with labels
+    images_model = Path(shutil.copytree(objects_model, tmp_path / "images-model"))
+    meta = json.loads((images_model / "microclf.json").read_text())
+    del meta["objects"]
+    (images_model / "microclf.json").write_text(json.dumps(meta))
+    viewer.add_labels(labels, name="cells labels")
+    widget.set_bundle(images_model)
+    widget.choose_labels("cells labels")
+    assert widget.run() is None
+    said = _messages()[-1]
+    assert "trained on whole images" in said and "'cells labels'" in said and "\n" not in said
+    assert "cells classes" not in viewer.layers

@@ -52,28 +52,6 @@ def overlay_name(labels_name: str) -> str:
     return f"{labels_name} annotated"
 
 
-def _is_ours(layer) -> bool:
-    return bool(_layers._meta(layer))  # our overlays and predicted classes carry metadata
-
-
-def labels_for(viewer, image) -> list:
-    """The user's Labels layers that segment ``image``: shaped like its pages (one label
-    page per image page, or one for every page)."""
-    from napari.layers import Labels
-
-    if image is None:
-        return []
-    lead = _layers.lead_shape(image)
-    page = tuple(_layers._data(image).shape[len(lead) : len(lead) + 2])
-    return [
-        lyr
-        for lyr in viewer.layers
-        if isinstance(lyr, Labels)
-        and not _is_ours(lyr)
-        and tuple(lyr.data.shape) in (lead + page, page)
-    ]
-
-
 def _notify(kind: str, text: str) -> None:
     from napari.utils import notifications
 
@@ -183,7 +161,7 @@ class ObjectAnnotator(QGroupBox):
 
     def refresh_layers(self) -> None:
         current = self.labels_combo.currentText()
-        names = [lyr.name for lyr in labels_for(self.viewer, self.image())]
+        names = [lyr.name for lyr in _layers.labels_for(self.viewer, self.image())]
         self.labels_combo.blockSignals(True)
         self.labels_combo.clear()
         self.labels_combo.addItems([NONE, *names])
