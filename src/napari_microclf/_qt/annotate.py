@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -38,7 +39,7 @@ from . import _layers, _settings
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import stoppable_progress, surfaced
-from .annotate_objects import ObjectAnnotator
+from .annotate_objects import ObjectAnnotator, class_colour
 
 KEYS = [str(i) for i in range(1, 10)]
 DEFAULT_DATASET = "microclf-dataset"
@@ -161,7 +162,10 @@ class AnnotateWidget(QWidget):
         self.objects = ObjectAnnotator(self)
 
         layout = QVBoxLayout(self)
-        intro = QLabel("Save slices of your images as training examples, one folder per class.")
+        intro = QLabel(
+            "Save slices of your images, or the cells of their Labels layers, as training "
+            "examples, one folder per class."
+        )
         intro.setWordWrap(True)
         layout.addWidget(intro)
         layout.addWidget(QLabel("Dataset folder"))
@@ -219,12 +223,15 @@ class AnnotateWidget(QWidget):
         selected = self.selected_class()
         counts = ds.class_counts(self.root)
         self.table.setRowCount(len(counts))
+        objects = getattr(self, "objects", None) is not None and self.objects.active()
         for row, (name, n) in enumerate(counts.items()):
             key = KEYS[row] if row < len(KEYS) else ""
             for col, text in enumerate((key, name, str(n))):
                 item = QTableWidgetItem(text)
                 if col != 1:
                     item.setTextAlignment(Qt.AlignCenter)
+                elif objects:  # the colour of the class's annotated cells
+                    item.setData(Qt.DecorationRole, QColor(class_colour(row)))
                 self.table.setItem(row, col, item)
         if selected in counts:
             self.table.selectRow(list(counts).index(selected))
@@ -254,6 +261,8 @@ class AnnotateWidget(QWidget):
         mapping = ", ".join(f"{KEYS[i]} = {c}" for i, c in enumerate(names[:9]))
         if not mapping:
             text = "Keys: add classes to use keys 1-9."
+        elif self._keys_active and getattr(self, "objects", None) and self.objects.active():
+            text = f"Keys: {mapping} puts the clicked cell into that class."
         elif self._keys_active:
             text = (
                 f"Keys: {mapping} puts the slice in view of the selected image layer into "

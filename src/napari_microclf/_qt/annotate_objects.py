@@ -181,6 +181,7 @@ class ObjectAnnotator(QGroupBox):
         self.selected = None
         self.redraw()
         self._update_info()
+        self.owner.refresh()  # the keys' text and the classes' colours
 
     def _page(self) -> int:
         image = self.image()
