@@ -264,3 +264,46 @@ def test_the_wrong_kind_of_model_is_said_in_one_line(
     said = _messages()[-1]
     assert "trained on whole images" in said and "'cells labels'" in said and "\n" not in said
     assert "cells classes" not in viewer.layers
+
+
+def test_objects_of_a_stack_keep_their_page(
+    make_napari_viewer, qtbot, tmp_path, docked, field, objects_model
+):
+    image, labels, truth = field
+    stack, seg = np.stack([image, image[:, ::-1]]), np.stack([labels, labels[:, ::-1]])
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="stack")
+    viewer.add_labels(seg, name="stack labels")
+    # annotate: object 3 of page 1, its crop cut from page 1
+    annotate = docked(viewer, "Annotate")
+    annotate.set_dataset(tmp_path / "data")
+    annotate.add_class("round")
+    annotate.objects.choose_labels("stack labels")
+    viewer.dims.set_current_step(0, 1)
+    annotate.objects.select_at((1, *_inside(seg[1], 3)))
+    assert annotate.objects.selected == (1, 3)
+    result = annotate.objects.add_selected("round")
+    prov = read_provenance(result.path)
+    assert (prov["page"], prov["label"], prov["source"]) == (1, 3, "stack")
+    info = next(o for o in objects_of(seg[1]) if o.label == 3)
+    crop = cut_crop(stack[1], seg[1], info, CropSpec())
+    np.testing.assert_array_equal(tifffile.imread(result.path), crop)
+    overlay = viewer.layers["stack labels annotated"]
+    assert overlay.data[1][seg[1] == 3].all() and not overlay.data[0].any()
+    # predict: every object of both pages, its own value though labels repeat across pages
+    predict = docked(viewer, "Predict")
+    predict.set_bundle(objects_model)
+    predict.choose(["stack"])
+    with qtbot.waitSignal(predict.run().finished, timeout=60000):
+        pass
+    layer = viewer.layers["stack classes"]
+    feats = layer.features
+    assert layer.data.shape == seg.shape
+    assert list(feats["page"]) == [0] * len(truth) + [1] * len(truth)
+    assert len(set(feats["index"])) == len(feats)
+    for value, page, label in zip(feats["index"], feats["page"], feats["label"], strict=True):
+        assert set(np.unique(layer.data[page][seg[page] == label])) == {value}
+    assert "stack page 1:" in predict.objects.legend.text()
+    predict.objects.go_to_row(len(truth) + 2)
+    assert viewer.dims.current_step[0] == 1
+    assert layer.selected_label == feats["index"][len(truth) + 2]
