@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,14 +162,14 @@ def trained_on_objects(tmp_path_factory):
     for f in fields[:4]:
         add_objects(data, f["image"], f["labels"], {(0, k): v for k, v in f["truth"].items()})
     config = TrainConfig(str(data), str(root / "model"), image_size=64, epochs=30, seed=0)
-    return train(config), fields[4]
+    return train(config), fields[4], fields[0]
 
 
 def test_a_model_of_objects_classifies_each_object_of_a_new_field(trained_on_objects, tmp_path):
     from napari_microclf.core.csv_format import write_csv
     from napari_microclf.core.predict_objects import predict_objects
 
-    result, field = trained_on_objects
+    result, field, _ = trained_on_objects
     assert result.meta["objects"]["crop"] == CropSpec().to_dict()
     rows = list(predict_objects(result.bundle, field["image"], field["labels"]))
     assert [r.object_label for r in rows] == sorted(field["truth"])
@@ -204,7 +205,7 @@ def test_objects_from_the_command_line_and_python(trained_on_objects, lite0, tmp
     from napari_microclf.cli import main as cli_main
     from napari_microclf.core.predict import predict
 
-    result, field = trained_on_objects
+    result, field, _ = trained_on_objects
     model = str(result.bundle)
     images = tmp_path / "images"
     images.mkdir()
@@ -258,3 +259,56 @@ def test_objects_add_from_the_command_line(coins, tmp_path, capsys):
     assert "needs the columns label and class" in capsys.readouterr().err
     assert cli_main([*args, "--class", "coin", "--ids", "1,x"]) == 1
     assert "give label numbers" in capsys.readouterr().err
+
+
+def test_objects_on_a_cluster_give_the_single_process_csv(trained_on_objects, client, tmp_path):
+    import shutil
+
+    import tifffile
+
+    from napari_microclf.cli import main as cli_main
+
+    result, field, _ = trained_on_objects
+    images = tmp_path / "images"
+    images.mkdir()
+    for key in ("image", "labels"):
+        shutil.copy(field[key], images / field[key].name)
+    stack = np.stack([tifffile.imread(field["image"])] * 2)  # a 2-page stack, one label page
+    tifffile.imwrite(images / "stack.tif", stack)
+    shutil.copy(field["labels"], images / "stack_labels.tif")
+    argv = ["predict", str(result.bundle), str(images), "--labels-suffix", "_labels", "--quiet"]
+    assert cli_main([*argv, "--csv", str(tmp_path / "one.csv")]) == 0
+    address = client.scheduler.address
+    assert cli_main([*argv, "--csv", str(tmp_path / "two.csv"), "--cluster", address]) == 0
+    one = (tmp_path / "one.csv").read_bytes()
+    assert one == (tmp_path / "two.csv").read_bytes()
+    assert one.count(b"\r\n") == 1 + 3 * len(field["truth"])  # the field, the stack's 2 pages
+
+
+def test_objects_of_an_array_are_grouped_by_the_source_given(coins, tmp_path):
+    _, _, image, labels = coins
+    with pytest.raises(ValueError, match="needs source="):
+        add_objects(tmp_path / "d", image, labels, "coin", ids=[1])
+    added = add_objects(tmp_path / "d", image, labels, "coin", ids=[1, 2], source="plate 3.tif")
+    assert [read_provenance(r.path)["source"] for r in added] == ["plate 3.tif"] * 2
+    assert added[0].path.name.startswith("plate_3_p0000_l1_")
+
+
+def test_label_next_ranks_the_objects_not_yet_in_the_dataset(trained_on_objects, tmp_path):
+    import shutil
+
+    from napari_microclf.core.active import label_next
+
+    result, new, seen = trained_on_objects
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for f in (new, seen):  # a field the model trained on: its cells are examples already
+        for key in ("image", "labels"):
+            shutil.copy(f[key], pool / f[key].name)
+    cands = label_next(
+        result.bundle, pool, 100, dataset=result.meta["data_dir"], labels_suffix="_labels"
+    )
+    assert {Path(c.file).name for c in cands} == {new["image"].name}
+    assert sorted(c.label for c in cands) == sorted(new["truth"])
+    u = [c.uncertainty for c in cands if not c.unfamiliar]
+    assert u == sorted(u, reverse=True)

@@ -370,12 +370,11 @@ def cmd_predict(args) -> int:
 
 def _predict_objects(args, csv_path, pairs, options) -> int:
     """``predict --labels``: one row per object (printed, and in the CSV)."""
+    from .core.bundle import read_meta
     from .core.csv_format import write_csv
     from .core.predict_objects import classify_objects
     from .core.predictor import Predictor
     from .core.results import FileError
-
-    predictor = Predictor(args.model, options=options)
 
     def show(item) -> None:
         if args.quiet:
@@ -389,18 +388,52 @@ def _predict_objects(args, csv_path, pairs, options) -> int:
                 flush=True,
             )
 
-    result = classify_objects(predictor, pairs, tta=options.tta, on_item=show)
+    if args.cluster:  # the workers load the model; here only its classes are needed
+        class_names = read_meta(args.model)["class_names"]
+        result = _objects_on_cluster(args, pairs, options, show)
+    else:
+        predictor = Predictor(args.model, options=options)
+        class_names = predictor.class_names
+        result = classify_objects(predictor, pairs, tta=options.tta, on_item=show)
     if csv_path is not None:
         write_csv(
             [*result.predictions, *result.errors],
             csv_path,
-            predictor.class_names,
+            class_names,
             options.threshold,
             status=True,
             objects=True,
         )
     print(result.summary() + (f". CSV: {csv_path}" if csv_path else ""), flush=True)
     return 0 if result.predictions else 1
+
+
+def _objects_on_cluster(args, pairs, options, show):
+    """``predict --labels ... --cluster``: each image's pages as tasks on the workers."""
+    from .core.cluster import classify_on_cluster, connected
+    from .core.predict_objects import ObjectsResult
+    from .core.results import FileError
+
+    result = ObjectsResult(n_images=len(pairs))
+    labels = {str(image): lab for image, lab in pairs}
+    with connected(args.cluster) as client:
+        batches = classify_on_cluster(
+            client,
+            args.model,
+            [image for image, _ in pairs],
+            options=options,
+            chunk_pages=args.chunk_pages or 1,
+            labels=labels,
+        )
+        try:
+            for batch in batches:
+                for item in batch:
+                    is_error = isinstance(item, FileError)
+                    (result.errors if is_error else result.predictions).append(item)
+                    show(item)
+        finally:
+            batches.close()
+    return result
 
 
 def _predict_checked(args):
@@ -426,12 +459,11 @@ def _predict_checked(args):
         from .core.cluster import check_spec
 
         check_spec(args.cluster)
-    if objects and (args.cluster or args.resume):
+    if objects and args.resume:
         from .core.errors import MicroclfError
 
-        raise MicroclfError(
-            "objects (--labels) are classified here: --cluster and --resume are for images"
-        )
+        raise MicroclfError("--resume is for images; objects (--labels) are classified afresh")
+
     pairs = label_pairs(args.paths, args.labels, args.labels_suffix) if objects else None
     files = [f for pair in pairs for f in pair] if objects else find_images(args.paths)
     if csv_path is not None:
@@ -497,34 +529,58 @@ def cmd_explain(args) -> int:
 
 
 def cmd_label_next(args) -> int:
-    """The pages most worth labelling next, most uncertain first (optionally as a CSV)."""
+    """The pages (or objects) most worth labelling next, most uncertain first (optionally as
+    a CSV)."""
     from .core.active import label_next
     from .core.bundle import read_meta
     from .core.csv_format import write_csv_rows
     from .core.images import find_images
+    from .core.predict_objects import check_model_kind, label_pairs
 
     meta = read_meta(args.model)
-    files = find_images(args.paths)  # nothing to rank: a one-line error before TensorFlow
+    objects = bool(args.labels or args.labels_suffix)
+    check_model_kind(meta, args.model, objects)
+    # nothing to rank, or an image without its labels: a one-line error before TensorFlow
+    if objects:
+        files = [
+            f for pair in label_pairs(args.paths, args.labels, args.labels_suffix) for f in pair
+        ]
+    else:
+        files = find_images(args.paths)
     data = args.data or meta.get("data_dir")
     if args.csv:
         _csv_checked(args.csv, files, [args.model, *([data] if data else [])])
-    cands = label_next(args.model, args.paths, args.top, args.by, args.unfamiliar, data)
+    cands = label_next(
+        args.model,
+        args.paths,
+        args.top,
+        args.by,
+        args.unfamiliar,
+        data,
+        labels=args.labels,
+        labels_suffix=args.labels_suffix,
+    )
+    what = "object" if objects else "page"
     print(
-        f"{len(cands)} page(s) to label next ({args.by} uncertainty, unfamiliar "
-        f"{args.unfamiliar}; pages already in {data} left out):"
+        f"{len(cands)} {what}(s) to label next ({args.by} uncertainty, unfamiliar "
+        f"{args.unfamiliar}; {what}s already in {data} left out):"
     )
     for i, c in enumerate(cands, 1):
         print(
-            f"{i:3d}. {c.file}\tpage {c.page}\tguess {c.guess} ({c.confidence:.3f})\t"
-            f"uncertainty {c.uncertainty:.3f}" + ("\tunfamiliar" if c.unfamiliar else "")
+            f"{i:3d}. {c.file}\tpage {c.page}"
+            + (f"\tlabel {c.label}" if objects else "")
+            + f"\tguess {c.guess} ({c.confidence:.3f})\tuncertainty {c.uncertainty:.3f}"
+            + ("\tunfamiliar" if c.unfamiliar else "")
         )
     if args.csv:
-        header = ["rank", "file", "page", "guess", "confidence", "uncertainty", "unfamiliar"]
+        header = ["rank", "file", "page", *(["label"] if objects else []), "guess"]
+        header += ["confidence", "uncertainty", "unfamiliar"]
         rows = [
             [
                 i,
                 c.file,
                 c.page,
+                *([c.label] if objects else []),
                 c.guess,
                 f"{c.confidence:.4f}",
                 f"{c.uncertainty:.4f}",
@@ -635,17 +691,26 @@ def cmd_objects_add(args) -> int:
 def cmd_sample(args) -> int:
     from .core.sample import write_sample
 
-    info = write_sample(args.out, n_per_class=args.per_class, size=args.size, seed=args.seed)
+    info = write_sample(
+        args.out, n_per_class=args.per_class, size=args.size, seed=args.seed, fields=args.fields
+    )
     print(f"Dataset: {info['dataset']} ({args.per_class} images in each of 3 classes)")
     print(
         f"Stack:   {info['stack']} ({len(info['stack_labels'])} pages: "
         f"{', '.join(info['stack_labels'])})"
     )
+    if info["fields"]:
+        cells = info["fields"][0]["image"].parent
+        print(
+            f"Cells:   {cells} ({len(info['fields'])} fields of labelled cells, each with its "
+            "_labels.tif and its _classes.csv: microclf objects add DATA IMAGE LABELS --table ...)"
+        )
     return 0
 
 
 def cmd_demo(args) -> int:
-    """Headless end to end: sample data, a training with the defaults, prediction of a stack."""
+    """Headless end to end: sample data, a training with the defaults, prediction of a stack;
+    then the same for objects (cells of labelled fields)."""
     from .core.csv_format import write_csv
     from .core.predictor import Predictor
     from .core.sample import write_sample
@@ -653,10 +718,10 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    info = write_sample(out, n_per_class=args.per_class, size=96, seed=0)
+    info = write_sample(out, n_per_class=args.per_class, size=96, seed=0, fields=4)
     print(
-        f"Sample data in {out}: 3 classes x {args.per_class} images, and a "
-        f"{len(info['stack_labels'])}-page mixed stack"
+        f"Sample data in {out}: 3 classes x {args.per_class} images, a "
+        f"{len(info['stack_labels'])}-page mixed stack and 4 fields of labelled cells"
     )
     # weights "auto": ImageNet B0 if cached or downloadable, else ImageNet Lite0 (installed
     # with microclf), else the from-scratch recipe; frozen base, head on cached features
@@ -683,9 +748,55 @@ def cmd_demo(args) -> int:
     write_csv(preds, csv, predictor.class_names)
     print(
         f"{right}/{len(preds)} pages right; CSV: {csv}; model: {result.bundle}; "
-        f"report: {result.bundle / 'report.md'}; {time.perf_counter() - t0:.0f}s in all"
+        f"report: {result.bundle / 'report.md'}"
     )
+    if _demo_objects(out, info["fields"], args) is None:
+        return 2
+    print(f"{time.perf_counter() - t0:.0f}s in all")
     return 0
+
+
+def _demo_objects(out: Path, fields: list[dict], args):
+    """The demo's second part: cells of labelled fields into a dataset of objects, a model
+    trained on them, and every cell of a field it never saw classified (None: stopped)."""
+    from collections import Counter
+
+    from .core.csv_format import write_csv
+    from .core.objects import add_objects
+    from .core.predict_objects import predict_objects
+    from .core.predictor import Predictor
+    from .core.train import TrainConfig, train
+
+    data = out / "cells-dataset"
+    for f in fields[:-1]:
+        add_objects(data, f["image"], f["labels"], {(0, k): v for k, v in f["truth"].items()})
+    print(
+        f"\nObjects: the cells of {len(fields) - 1} labelled fields into {data} (one crop "
+        "each, grouped by field in the split)"
+    )
+    config = TrainConfig(
+        str(data),
+        str(out / "cells-model"),
+        image_size=args.image_size or 224,
+        **({"epochs": args.epochs} if args.epochs else {}),
+    )
+    bar = _Bar()
+    result = train(config, on_update=lambda u: _print_update(u, bar))
+    bar.clear()
+    if result.stopped:
+        return None
+    new = fields[-1]
+    cells = list(predict_objects(Predictor(result.bundle), new["image"], new["labels"]))
+    right = sum(c.class_name == new["truth"][c.object_label] for c in cells)
+    counts = Counter(c.class_name for c in cells)
+    csv = out / "cells_predictions.csv"
+    write_csv(cells, csv, result.class_names)
+    per_class = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+    print(
+        f"Cells of {new['image'].name}: {per_class}; {right}/{len(cells)} right; CSV: {csv}; "
+        f"model: {result.bundle}"
+    )
+    return cells
 
 
 def _export_checked(args) -> Path:
@@ -916,6 +1027,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where pages unlike the training images go (first)",
     )
     ln.add_argument("--data", help="the dataset whose pages are left out (default: the model's)")
+    ln.add_argument(
+        "--labels",
+        metavar="LABELS",
+        help="a model of objects: the one image's label image; its objects are ranked",
+    )
+    ln.add_argument(
+        "--labels-suffix",
+        metavar="SUFFIX",
+        help="a model of objects: each image with the label file named after it plus SUFFIX",
+    )
     ln.add_argument("--csv", help="also write the list to this CSV file")
     ln.set_defaults(func=cmd_label_next)
 
@@ -1033,6 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=int, default=40)
     s.add_argument("--size", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--fields", type=int, default=4, help="fields of labelled cells (objects) to write (4)"
+    )
     s.set_defaults(func=cmd_sample)
 
     d = sub.add_parser("demo", help="headless end to end: sample, short training, prediction")

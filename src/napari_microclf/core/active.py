@@ -23,6 +23,8 @@ from .bundle import PREVIOUS_DIR, read_meta
 from .dataset import DatasetError, hash_index, pixel_hash
 from .evaluate import evaluate
 from .images import find_images, read_page
+from .objects import object_crops
+from .predict_objects import check_model_kind, classify_objects, label_pairs
 from .predictor import Predictor
 from .train import train
 from .train_config import TrainConfig
@@ -80,6 +82,7 @@ class Candidate:
     uncertainty: float
     unfamiliar: bool
     probabilities: dict
+    label: int | None = None  # an object's label id (a model of objects), else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +111,7 @@ def ranked(
             float(u[i]),
             bool(p.unfamiliar),
             dict(p.probabilities),
+            getattr(p, "object_label", None),
         )
 
 
@@ -119,24 +123,41 @@ def label_next(
     unfamiliar_order: str = "first",
     dataset: str | Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    labels: str | Path | None = None,
+    labels_suffix: str | None = None,
 ) -> list[Candidate]:
-    """The ``n`` pages of ``inputs`` (folders, files) most worth labelling next.
+    """The ``n`` pages of ``inputs`` (folders, files) most worth labelling next; for a model
+    of objects, the ``n`` objects (each image with its ``labels``, or with the label file
+    named after it plus ``labels_suffix``: see :func:`~.predict_objects.label_pairs`).
 
-    Files inside ``dataset`` are skipped, and so are pages whose pixels are already an
-    example of it (added before from this very file). Unreadable files are skipped (they are
-    listed by ``microclf predict``).
+    Files inside ``dataset`` are skipped, and so are pages (objects) whose pixels are already
+    an example of it (added before from this very file). Unreadable files are skipped (they
+    are listed by ``microclf predict``).
     """
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle)
+    meta = predictor.bundle.meta
+    crop = check_model_kind(
+        meta, predictor.bundle.source or predictor.bundle.path, bool(labels or labels_suffix)
+    )
     root = Path(dataset).resolve() if dataset is not None else None
-    paths = [
-        p for p in find_images(inputs) if root is None or root not in Path(p).resolve().parents
-    ]
-    preds = [
-        p
-        for batch in predictor.classify_paths(paths, should_stop=should_stop)
-        for p in batch
-        if hasattr(p, "probabilities")
-    ]
+
+    def outside(path) -> bool:
+        return root is None or root not in Path(path).resolve().parents
+
+    label_files: dict[str, Path] = {}
+    if crop is None:
+        paths = [p for p in find_images(inputs) if outside(p)]
+        preds = [
+            p
+            for batch in predictor.classify_paths(paths, should_stop=should_stop)
+            for p in batch
+            if hasattr(p, "probabilities")
+        ]
+    else:
+        pairs = [pair for pair in label_pairs(inputs, labels, labels_suffix) if outside(pair[0])]
+        preds = classify_objects(predictor, pairs, should_stop=should_stop).predictions
+        label_files = {str(image): lab for image, lab in pairs}
     known = hash_index(root) if root is not None and root.is_dir() else {}
     out = []
     for c in ranked(
@@ -144,14 +165,24 @@ def label_next(
         predictor.class_names,
         method,
         unfamiliar_order,
-        keys=[(p.file, p.page) for p in preds],
+        keys=[(p.file, p.page, getattr(p, "object_label", 0)) for p in preds],
     ):
-        if known and pixel_hash(_example_pixels(read_page(c.file, c.page))) in known:
+        if known and pixel_hash(_pixels(c, crop, label_files)) in known:
             continue
         out.append(c)
         if len(out) >= n:
             break
     return out
+
+
+def _pixels(c: Candidate, crop, label_files: dict) -> np.ndarray:
+    """The pixels an example of candidate ``c`` holds: its page (``dataset.add_example``),
+    or for an object the crop ``objects.add_objects`` cuts with the model's ``crop``."""
+    if crop is None:
+        return _example_pixels(read_page(c.file, c.page))
+    pages = [c.page]
+    ((_, pixels),) = object_crops(c.file, label_files[c.file], crop, pages=pages, ids=[c.label])
+    return _example_pixels(pixels)
 
 
 def _example_pixels(page: np.ndarray) -> np.ndarray:

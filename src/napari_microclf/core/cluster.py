@@ -16,13 +16,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from .bundle import resolve_bundle_path
 from .csv_format import csv_cell, resume_start
 from .device import stderr_muted
-from .errors import MicroclfError
+from .errors import MicroclfError, one_line
 from .images import TIFF_SUFFIXES, count_pages
+from .predict_objects import predict_objects
 from .predict_options import DEFAULTS, PredictOptions
 from .predictor import Predictor
 from .results import FileError
@@ -259,6 +261,28 @@ def classify_refs(bundle: str, refs: list, options: PredictOptions = DEFAULTS) -
     return [item for batch in predictor._classify(entries, tta=options.tta) for item in batch]
 
 
+def classify_object_refs(
+    bundle: str, refs: list, labels: dict[str, str], options: PredictOptions = DEFAULTS
+) -> list:
+    """On a worker: the ObjectPrediction items of the pages ``refs`` name (each image with
+    its label file, ``labels[path]``), in order, or a FileError where an image or its labels
+    cannot be used (the rest of that image is left out, as in one process)."""
+    predictor = worker_predictor(bundle, options)
+    out: list = []
+    for name, path, start, stop in refs:
+        try:
+            end = count_pages(path) if stop is None else stop
+            out += [
+                replace(item, file=name)
+                for item in predict_objects(
+                    predictor, path, labels[path], pages=range(start, end), tta=options.tta
+                )
+            ]
+        except MicroclfError as exc:
+            out.append(FileError(name, one_line(exc, path), start))
+    return out
+
+
 def _page_counts(files: list[Path], threads: int = 8) -> Iterator[int | None]:
     """Each file's page count from its header, read a few files ahead in threads (a shared
     file system answers in parallel); None for a PNG/JPEG/BMP (one page, not read here) and
@@ -353,9 +377,12 @@ def classify_on_cluster(
     done: dict[str, set[int]] | None = None,
     failed: set[str] | frozenset = frozenset(),
     should_stop=None,
+    labels: dict[str, str | Path] | None = None,
 ) -> Iterator[list]:
     """The items of ``files`` classified on ``client``'s workers, one list per task, in input
-    order (tasks that complete early wait in memory for those before them). ``options`` go
+    order (tasks that complete early wait in memory for those before them). ``labels``
+    (``{image: its label file}``): each object of the images is classified instead
+    (:func:`~.predict_objects.predict_objects` on the workers). ``options`` go
     to the workers with each task (batch size, TTA, engine and precision; the engine
     ``"auto"`` is each worker's default); ``chunk_pages``: pages per task (default: the batch
     size, one forward pass per task).
@@ -389,13 +416,12 @@ def classify_on_cluster(
                 state["exhausted"] = True
                 return
             i = state["submitted"]
-            future = client.submit(
-                classify_refs,
-                bundle,
-                refs,
-                options,
-                key=f"microclf-{token}-{i}",
-            )
+            key = f"microclf-{token}-{i}"
+            if labels is None:
+                future = client.submit(classify_refs, bundle, refs, options, key=key)
+            else:
+                pairs = {read: os.path.abspath(labels[name]) for name, read, *_ in refs}
+                future = client.submit(classify_object_refs, bundle, refs, pairs, options, key=key)
             pending[future] = (i, refs)
             running.add(future)
             state["submitted"] += 1

@@ -45,6 +45,7 @@ from .errors import BundleError, ExportError, OutputError
 from .files import refuse_destroying
 from .images import dtype_range, preprocess, read_page, select_channels
 from .model import base_layer
+from .objects import model_crop_spec
 
 FORMATS = ("bioimageio", "savedmodel", "onnx", "zip")
 FORMAT_HELP = {
@@ -673,6 +674,17 @@ def _sample_png(path: Path, image: np.ndarray) -> None:
     iio.imwrite(path, np.clip(image, 0, 255).astype(np.uint8))
 
 
+def _objects_note(crop) -> list[str]:
+    """A model of objects: what its input image is (the crop around one object)."""
+    return [
+        "This model classifies **objects**: its input is the square crop around one object "
+        f"(one label of a segmentation) of the image: {crop.describe()} (masked pixels are "
+        "0), zero-padded beyond the image's border. Cut the crops so (napari-microclf does: "
+        "`microclf predict MODEL IMAGE --labels LABELS`) and classify each.",
+        "",
+    ]
+
+
 def _readme(bundle, spec, source: str, diff: float, shape) -> str:
     names = bundle.class_names
     report = bundle.path / "report.md"
@@ -712,6 +724,7 @@ def _readme(bundle, spec, source: str, diff: float, shape) -> str:
         "",
         f"Preprocessing (in the package): {pre}. The model itself takes pixels in [0, 255].",
         "",
+        *(_objects_note(crop) if (crop := model_crop_spec(bundle.meta)) else []),
         "## Output",
         "",
         "`probabilities`, axes `batch, channel`: one softmax probability per class, in this "

@@ -318,18 +318,28 @@ def add_objects(
     spec: CropSpec | None = None,
     *,
     ids: Iterable[int] | None = None,
+    source: str | Path | None = None,
+    page_axis: int | None = None,
     page: int | None = None,
-    source: str | None = None,
     labels_source: str | None = None,
 ) -> list[AddResult]:
-    """Put objects of ``image`` (segmented by ``labels``) into dataset ``root``'s class
-    folders. ``assign``: one class name for every object (or those in ``ids``), or a dict
-    ``{(page, label): class}`` (a table). Returns one AddResult per object (``written`` False
-    where the same crop was there already). ``spec``: the dataset's crop settings (recorded
-    in ``objects.json`` by the first call; a different one is refused).
+    """Put objects of ``image`` (a path, or an array with ``source``) segmented by ``labels``
+    into dataset ``root``'s class folders. ``assign``: one class name for every object (or
+    those in ``ids``), or a dict ``{(page, label): class}`` (a table). Returns one AddResult
+    per object (``written`` False where the same crop was there already). ``spec``: the
+    dataset's crop settings (recorded in ``objects.json`` by the first call; a different one
+    is refused). ``source``: the image's file (default: ``image`` itself when it is a path),
+    recorded with each crop: the split keeps the objects of one source in one subset, so an
+    array needs it.
 
     ``page``: ``image`` and ``labels`` are that one page of a stack (recorded so);
-    ``source`` and ``labels_source``: the names recorded for arrays (default: the paths)."""
+    ``labels_source``: the labels' name recorded for an array (default: the path)."""
+    if source is None and not isinstance(image, (str, Path)):
+        raise ValueError(
+            "add_objects of an array needs source=, the image's file or name: the split keeps "
+            "the objects of one field of view together by it"
+        )
+    source = image if source is None else source
     root = Path(root)
     spec = spec or dataset_crop_spec(root) or CropSpec()
     _use_crop_spec(root, spec)
@@ -338,9 +348,8 @@ def add_objects(
         ids = {label for _page, label in table}
     index = hash_index(root)
     out = []
-    source = image if source is None else source
     labels_source = str(labels) if labels_source is None else labels_source
-    for info, crop in object_crops(image, labels, spec, ids=ids):
+    for info, crop in object_crops(image, labels, spec, ids=ids, page_axis=page_axis):
         at = info.page if page is None else page
         cls = assign if table is None else table.get((at, info.label))
         if cls is None:

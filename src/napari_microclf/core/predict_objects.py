@@ -12,7 +12,7 @@ an object model asked to classify whole images (:func:`check_model_kind`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -53,13 +53,14 @@ def predict_objects(
     labels,
     *,
     page_axis: int | None = None,
+    pages: Iterable[int] | None = None,
     tta: bool | None = None,
     should_stop: Callable[[], bool] | None = None,
     empty_pages: list[int] | None = None,
 ) -> Iterator[ObjectPrediction]:
     """Classify every object of ``image`` (a path or an array; ``page_axis`` for an array
     stack) segmented by ``labels`` (a path or an integer array: one label page per image
-    page, or one for all), in page and label order.
+    page, or one for all), in page and label order; ``pages``: only these pages.
 
     ``empty_pages``: a list that receives the pages without any object (they give no rows).
     ``tta`` and ``should_stop``: see :meth:`~.predictor.Predictor.predict_pages`.
@@ -73,7 +74,7 @@ def predict_objects(
     pages_seen: set[int] = set()
 
     def crops():
-        for info, arr in object_crops(image, labels, crop, page_axis=page_axis):
+        for info, arr in object_crops(image, labels, crop, page_axis=page_axis, pages=pages):
             pages_seen.add(info.page)
             infos.append(info)
             yield file, info.page, arr
@@ -89,8 +90,8 @@ def predict_objects(
             touches_border=info.touches_border,
         )
     if empty_pages is not None:
-        n = _n_pages(image, page_axis)
-        empty_pages.extend(p for p in range(n) if p not in pages_seen)
+        chosen = range(_n_pages(image, page_axis)) if pages is None else pages
+        empty_pages.extend(p for p in chosen if p not in pages_seen)
 
 
 def _n_pages(image, page_axis) -> int:

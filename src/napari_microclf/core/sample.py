@@ -252,9 +252,16 @@ def _check_sample_folder(out: Path, settings: dict) -> None:
 
 
 def write_sample(
-    out: str | Path, n_per_class: int = 40, size: int = 96, seed: int = 0, stack_pages: int = 12
+    out: str | Path,
+    n_per_class: int = 40,
+    size: int = 96,
+    seed: int = 0,
+    stack_pages: int = 12,
+    fields: int = 0,
 ) -> dict:
-    """The dataset in ``out/dataset`` and the stack in ``out/mixed_stack.tif``.
+    """The dataset in ``out/dataset``, the stack in ``out/mixed_stack.tif`` and, with
+    ``fields``, that many fields of labelled cells in ``out/cells/`` (each image with its
+    ``_labels.tif`` and its ``_classes.csv``: :func:`write_sample_fields`).
 
     ``out`` is new or empty, or an earlier sample with the same settings (recorded in
     ``out/.microclf-sample.json``; a rerun keeps it as it is); a folder of other files is
@@ -263,6 +270,8 @@ def write_sample(
 
     out = Path(out)
     settings = {"n_per_class": n_per_class, "size": size, "seed": seed, "stack_pages": stack_pages}
+    if fields:
+        settings["fields"] = fields
     _check_sample_folder(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SAMPLE_MARKER, json.dumps(settings))
@@ -273,4 +282,5 @@ def write_sample(
             labels = list(tif.shaped_metadata[0]["labels"])
     else:
         stack_path, labels = write_sample_stack(stack_path, stack_pages, size, seed + 1)
-    return {"dataset": data, "stack": stack_path, "stack_labels": labels}
+    cells = write_sample_fields(out / "cells", fields, seed=seed) if fields else []
+    return {"dataset": data, "stack": stack_path, "stack_labels": labels, "fields": cells}
