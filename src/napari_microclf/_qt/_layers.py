@@ -279,3 +279,21 @@ def rename_companion(viewer, old: str, new: str, image: str) -> None:
         layer = viewer.layers[old]
         layer.metadata["microclf"] = {**layer.metadata.get("microclf", {}), "image_layer": image}
         layer.name = new
+
+
+def user_labels(viewer) -> list:
+    """The user's Labels layers (not those the widgets made: annotated objects, predicted
+    classes, which carry microclf metadata)."""
+    from napari.layers import Labels
+
+    return [lyr for lyr in viewer.layers if isinstance(lyr, Labels) and not _meta(lyr)]
+
+
+def labels_for(viewer, image) -> list:
+    """The user's Labels layers that can segment image layer ``image``: shaped like its
+    pages, one label page per image page or one for every page."""
+    if image is None:
+        return []
+    lead = lead_shape(image)
+    page = tuple(_data(image).shape[len(lead) : len(lead) + 2])
+    return [lyr for lyr in user_labels(viewer) if tuple(lyr.data.shape) in (lead + page, page)]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -38,6 +39,7 @@ from . import _layers, _settings
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import stoppable_progress, surfaced
+from .annotate_objects import ObjectAnnotator, class_colour
 
 KEYS = [str(i) for i in range(1, 10)]
 DEFAULT_DATASET = "microclf-dataset"
@@ -157,15 +159,20 @@ class AnnotateWidget(QWidget):
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.objects = ObjectAnnotator(self)
 
         layout = QVBoxLayout(self)
-        intro = QLabel("Save slices of your images as training examples, one folder per class.")
+        intro = QLabel(
+            "Save slices of your images, or the cells of their Labels layers, as training "
+            "examples, one folder per class."
+        )
         intro.setWordWrap(True)
         layout.addWidget(intro)
         layout.addWidget(QLabel("Dataset folder"))
         layout.addLayout(dataset_row)
         layout.addWidget(classes_box)
         layout.addWidget(add_box)
+        layout.addWidget(self.objects)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
@@ -181,6 +188,7 @@ class AnnotateWidget(QWidget):
         self._refresh_layers()
         self.refresh()
         connect_widget(SESSION.dataset_edited, self, "_dataset_edited")
+        self.table.itemSelectionChanged.connect(self.objects._update_info)
 
     ADD_ALL, STOP_ADDING = "Add all slices", "Stop adding"
 
@@ -215,12 +223,15 @@ class AnnotateWidget(QWidget):
         selected = self.selected_class()
         counts = ds.class_counts(self.root)
         self.table.setRowCount(len(counts))
+        objects = getattr(self, "objects", None) is not None and self.objects.active()
         for row, (name, n) in enumerate(counts.items()):
             key = KEYS[row] if row < len(KEYS) else ""
             for col, text in enumerate((key, name, str(n))):
                 item = QTableWidgetItem(text)
                 if col != 1:
                     item.setTextAlignment(Qt.AlignCenter)
+                elif objects:  # the colour of the class's annotated cells
+                    item.setData(Qt.DecorationRole, QColor(class_colour(row)))
                 self.table.setItem(row, col, item)
         if selected in counts:
             self.table.selectRow(list(counts).index(selected))
@@ -242,12 +253,16 @@ class AnnotateWidget(QWidget):
         )
         SESSION.set_dataset(self.root)
         _settings.save("annotate", {"dataset": str(_key(self.root))})
+        if hasattr(self, "objects"):
+            self.objects.refresh_dataset()
 
     def _update_keys_label(self, counts: dict | None = None) -> None:
         names = list(counts if counts is not None else ds.class_counts(self.root))
         mapping = ", ".join(f"{KEYS[i]} = {c}" for i, c in enumerate(names[:9]))
         if not mapping:
             text = "Keys: add classes to use keys 1-9."
+        elif self._keys_active and getattr(self, "objects", None) and self.objects.active():
+            text = f"Keys: {mapping} puts the clicked cell into that class."
         elif self._keys_active:
             text = (
                 f"Keys: {mapping} puts the slice in view of the selected image layer into "
@@ -376,6 +391,8 @@ class AnnotateWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def _update_layer_info(self, *_) -> None:
+        if hasattr(self, "objects"):
+            self.objects.refresh_layers()
         layer = self.layer()
         if layer is None:
             self.layer_info.setText("Open an image (File > Open) to add examples.")
@@ -569,6 +586,7 @@ class AnnotateWidget(QWidget):
                 except (ds.DatasetError, OSError) as exc:
                     _notify("error", f"Cannot undo: {exc}")
                     return None
+                self.objects.forget(path)
                 self.refresh()
                 self._say(f"Moved {path.name} to {dst.parent}.")
                 return dst
@@ -581,7 +599,8 @@ class AnnotateWidget(QWidget):
 
     # -- keys 1-9 -----------------------------------------------------------------------------
     def key_pressed(self, number: int):
-        """Put the slice in view of the active image layer into class ``number`` (1-based)."""
+        """Put the selected object (a Labels layer chosen in Objects) or else the slice in
+        view of the active image layer into class ``number`` (1-based)."""
         names = self.classes()
         if number > len(names):
             _notify(
@@ -589,6 +608,9 @@ class AnnotateWidget(QWidget):
                 f"Key {number}: there is no class {number} (the dataset has {len(names)}).",
             )
             return None
+        if self.objects.active():
+            self.select_class(names[number - 1])
+            return self.objects.add_selected(names[number - 1])
         layer = self._layer_for_keys()
         if layer is None:
             _notify("warning", "Select an image layer first.")
@@ -623,7 +645,7 @@ class AnnotateWidget(QWidget):
         if on:
             for i, key in enumerate(KEYS, 1):
                 self.viewer.bind_key(key, self._make_handler(i), overwrite=True)
-            for layer in _layers.image_layers(self.viewer):
+            for layer in _key_layers(self.viewer):
                 self._bind_layer(layer)
         else:
             _unbind_keys(self.viewer)
@@ -634,9 +656,9 @@ class AnnotateWidget(QWidget):
             layer.bind_key(key, self._make_handler(i), overwrite=True)
 
     def _bind_layer_keys(self, event) -> None:
-        from napari.layers import Image
+        from napari.layers import Image, Labels
 
-        if self._keys_active and isinstance(event.value, Image):
+        if self._keys_active and isinstance(event.value, Image | Labels):
             self._bind_layer(event.value)
 
 
@@ -645,8 +667,16 @@ def _unbind_keys(viewer) -> None:
     bindings answer again). No reference to the widget: it also runs when the widget is gone."""
     from napari.utils.key_bindings import coerce_keybinding
 
-    for owner in [viewer, *_layers.image_layers(viewer)]:
+    for owner in [viewer, *_key_layers(viewer)]:
         for key in KEYS:
             func = owner.keymap.get(coerce_keybinding(key))
             if getattr(func, "__name__", "").startswith("microclf_assign_class_"):
                 owner.bind_key(key, None)
+
+
+def _key_layers(viewer) -> list:
+    """The layers whose own 1-9 shortcuts the Annotate keys replace while on: the image
+    layers, and the Labels layers (whose 1-6 choose painting modes) for objects."""
+    from napari.layers import Labels
+
+    return [*_layers.image_layers(viewer), *(x for x in viewer.layers if isinstance(x, Labels))]

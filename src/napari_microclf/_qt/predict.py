@@ -53,6 +53,7 @@ from ..core.errors import BundleError, MicroclfError, one_line
 from ..core.files import refuse_destroying
 from ..core.folder_runs import iter_folder
 from ..core.images import ImageReadError, count_pages, find_images
+from ..core.objects import model_crop_spec
 from ..core.predict_options import DEFAULTS
 from ..core.report import describe_model
 from ..core.results import PagePrediction
@@ -64,10 +65,14 @@ from ._worker import stoppable_progress, surfaced
 from .export import ExportRow
 from .heatmaps import PREDICTED, explain_layers, rename_heatmap, show_heatmap
 from .overlays import PageLabels
+from .predict_objects import ObjectJob, ObjectResults, predict_object_layers
 from .predictor_cache import cache_info, forget_model, get_predictor
 
 ERRORS = (BundleError, ImageReadError, ValueError, OSError)
 PLOT_NAME = "Probabilities along stack"
+LABELS_AUTO = "auto: the Labels layer of the image's shape"
+LABELS_NONE = "none: classify whole pages"
+PAGE_HEADER = ["layer", "page", "class", "confidence"]
 UNFAMILIAR_HEADER = "unfamiliar (>1: unlike training)"  # the score column of the table
 
 
@@ -238,6 +243,12 @@ class PredictWidget(QWidget):
         layer_row = QHBoxLayout()
         layer_row.addWidget(self.layer_list, 1)
         layer_row.addWidget(all_btn, 0, Qt.AlignTop)
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip(
+            "The segmentation to classify object by object with a model of objects (trained "
+            "on cells of a Labels layer): auto pairs each image with the Labels layer of its "
+            "shape. A model of whole images classifies pages and takes no labels."
+        )
 
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 1.0)
@@ -306,20 +317,14 @@ class PredictWidget(QWidget):
         self.status.setWordWrap(True)
 
         self.table = QTableWidget(0, 5)
-        self.table.setHorizontalHeaderLabels(
-            ["layer", "page", "class", "confidence", UNFAMILIAR_HEADER]
-        )
-        self.table.horizontalHeaderItem(4).setToolTip(
-            "Unfamiliar score: the distance from the training images over the model's "
-            "threshold. Up to 1 the page is like them; above 1 it is unlike them and reads "
-            "'unfamiliar' (blank: a model trained before this score existed)."
-        )
+        self._page_header()
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.table.setMinimumHeight(180)
         self.table.cellDoubleClicked.connect(self._go_to_row)
+        self.table.cellClicked.connect(self._row_clicked)
+        self.objects = ObjectResults(self)  # a model of objects: its layers, legend, rows
         self.export_btn = QPushButton("Export CSV...")
         self.export_btn.clicked.connect(lambda: self.export_csv())
         self.plot_btn = QPushButton("Plot along stack")
@@ -347,6 +352,7 @@ class PredictWidget(QWidget):
         self.export_row = ExportRow(self)
         form.addRow(self.export_row)
         form.addRow("Image layers", layer_row)
+        form.addRow("Labels layer", self.labels_combo)
         form.addRow("Confidence threshold", self.threshold)
         form.addRow(self.tta)
         form.addRow("Engine", self.engine)
@@ -356,6 +362,7 @@ class PredictWidget(QWidget):
         layout.addLayout(explain_row)
         layout.addWidget(self.status)
         layout.addWidget(self.in_view)
+        layout.addWidget(self.objects.legend)
         layout.addWidget(self.table, 1)
         layout.addLayout(result_row)
 
@@ -467,6 +474,23 @@ class PredictWidget(QWidget):
         self.layer_list.addItems(names)
         for i, name in enumerate(names):
             self.layer_list.item(i).setSelected(name in chosen)
+        if hasattr(self, "labels_combo"):
+            current = self.labels_combo.currentText()
+            items = [
+                LABELS_AUTO,
+                LABELS_NONE,
+                *(lyr.name for lyr in _layers.user_labels(self.viewer)),
+            ]
+            self.labels_combo.blockSignals(True)
+            self.labels_combo.clear()
+            self.labels_combo.addItems(items)
+            if current in items:
+                self.labels_combo.setCurrentText(current)
+            self.labels_combo.blockSignals(False)
+
+    def choose_labels(self, name: str) -> None:
+        """The Labels layer row: a layer's name, ``LABELS_AUTO`` or ``LABELS_NONE``."""
+        self.labels_combo.setCurrentText(name)
 
     def chosen_names(self) -> list[str]:
         return [item.text() for item in self.layer_list.selectedItems()]
@@ -516,6 +540,19 @@ class PredictWidget(QWidget):
         if not sources:
             _notify("warning", "Choose an image layer to classify (or open one).")
             return None
+        meta = read_meta(self.bundle())
+        chosen = self.labels_combo.currentText()
+        if model_crop_spec(meta) is not None:
+            jobs = self._object_jobs(sources, chosen)
+            return None if jobs is None else self._run_objects(jobs)
+        if chosen not in (LABELS_AUTO, LABELS_NONE):
+            _notify(
+                "error",
+                f"Cannot predict: {Path(self.bundle()).name} was trained on whole images, not "
+                f"on objects: it cannot classify the cells of '{chosen}'. Set Labels layer to "
+                "none, or choose a model trained on objects (Annotate's Objects group).",
+            )
+            return None
         total = sum(s.n_pages for s in sources)
         self._progress(total, "Classifying pages")
         new: dict[str, list[PagePrediction]] = {s.name: [] for s in sources}
@@ -532,8 +569,10 @@ class PredictWidget(QWidget):
         def on_return(error):
             if error:
                 _notify("error", f"Cannot predict: {error}")
+            self.objects.showing = False
             for name, preds in new.items():
                 if preds:
+                    self.objects.drop(name)
                     self.results[name] = preds
                     self._store(name, bundle)
             self._fill_table()
@@ -562,6 +601,78 @@ class PredictWidget(QWidget):
             "Loading the model..." if not cache_info().currsize else "Classifying...",
             self.run_btn,
         )
+
+    # -- objects (a model trained on the cells of Labels layers) ------------------------------
+    def _object_jobs(self, sources, chosen: str) -> list[ObjectJob] | None:
+        """Each chosen image with its Labels layer (the one chosen, or the one of its shape),
+        said in the status line; None, said in a notification, when one has none."""
+        model = Path(self.bundle()).name
+        if chosen == LABELS_NONE:
+            _notify(
+                "error",
+                f"Cannot predict: {model} classifies objects, not whole pages: choose the "
+                "images' Labels layer (or auto), or a model trained on whole images.",
+            )
+            return None
+        jobs, said = [], []
+        for src in sources:
+            image = self.viewer.layers[src.name]
+            fits = _layers.labels_for(self.viewer, image)
+            if chosen != LABELS_AUTO:
+                fits = [lyr for lyr in fits if lyr.name == chosen]
+            if not fits:
+                what = (
+                    f"'{chosen}' does not have" if chosen != LABELS_AUTO else "no Labels layer has"
+                )
+                _notify(
+                    "error",
+                    f"Cannot predict: {model} classifies objects and {what} the shape of "
+                    f"'{src.name}' {tuple(_layers._data(image).shape)}: open or paint its "
+                    "segmentation (a Labels layer) first.",
+                )
+                return None
+            labels = fits[0]
+            jobs.append(ObjectJob(src.name, src, labels.data, labels.name))
+            more = f" (of {len(fits)} that fit)" if len(fits) > 1 else ""
+            said.append(f"'{src.name}' with '{labels.name}'{more}")
+        self._pairs = "Objects of " + ", ".join(said)
+        return jobs
+
+    def _run_objects(self, jobs: list[ObjectJob]):
+        """Classify every object of each job in a worker; returns the worker."""
+        from napari.qt.threading import thread_worker
+
+        total = sum(j.source.n_pages for j in jobs)
+        self._progress(total, "Classifying objects")
+        new: dict[str, list] = {j.name: [] for j in jobs}
+
+        def on_yield(item):
+            if item[0] == "__model__":
+                self.class_names = list(item[1])
+                return
+            name, _page, preds = item
+            new[name].extend(preds)
+            self.pbar.update(1)
+
+        def on_return(error):
+            if error:
+                _notify("error", f"Cannot predict: {error}")
+            done = [j for j in jobs if new[j.name]]
+            for job in done:
+                self.objects.show(job.name, job, new[job.name])
+            if done:
+                self.objects.showing = True
+            self._fill_table()
+            n = sum(len(p) for p in new.values())
+            text = f"{self._pairs}: {n} object(s) classified."
+            if self._stop.is_set():
+                text = f"Stopped: {text}"
+            self.status.setText(text)
+
+        worker = thread_worker(predict_object_layers, ignore_errors=False)(
+            self.bundle(), jobs, self.tta.isChecked(), self._stop, *self.engine_choice()
+        )
+        return self._start(worker, on_yield, on_return, f"{self._pairs}...", self.run_btn)
 
     RUN, FOLDER, EXPLAIN, STOP = "Run", "Classify folder...", "Explain", "Stop"
 
@@ -710,6 +821,7 @@ class PredictWidget(QWidget):
     def _relabel(self, *_) -> None:
         """The threshold changed: the labels, the table and the plot say it."""
         self.labels.relabel()
+        self.objects.relabel()
         self._fill_table()
         if self.plot is not None:
             self.plot.refresh()
@@ -739,7 +851,25 @@ class PredictWidget(QWidget):
             for p in preds
         ]
 
+    def _page_header(self) -> None:
+        self.table.setColumnCount(5)
+        self.table.setHorizontalHeaderLabels([*PAGE_HEADER, UNFAMILIAR_HEADER])
+        self.table.horizontalHeaderItem(4).setToolTip(
+            "Unfamiliar score: the distance from the training images over the model's "
+            "threshold. Up to 1 the page is like them; above 1 it is unlike them and reads "
+            "'unfamiliar' (blank: a model trained before this score existed)."
+        )
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+
     def _fill_table(self) -> None:
+        """The results table: the objects of the last run of a model of objects, else the
+        pages."""
+        if self.objects.showing:
+            self.objects.fill_table()
+            return
+        self.objects.update_legend()
+        if self.table.columnCount() != 5:
+            self._page_header()
         rows = self.rows()
         scores = [p.unfamiliar_score for preds in self.results.values() for p in preds]
         self.table.setRowCount(len(rows))
@@ -752,7 +882,14 @@ class PredictWidget(QWidget):
                     item.setTextAlignment(Qt.AlignCenter)
                 self.table.setItem(r, c, item)
 
+    def _row_clicked(self, row: int, _col: int) -> None:
+        if self.objects.showing:
+            self.objects.go_to_row(row)
+
     def _go_to_row(self, row: int, _col: int) -> None:
+        if self.objects.showing:
+            self.objects.go_to_row(row)
+            return
         name, page = self.table.item(row, 0).text(), int(self.table.item(row, 1).text())
         self.go_to_page(name, page)
 
@@ -778,7 +915,9 @@ class PredictWidget(QWidget):
 
     # -- CSV -------------------------------------------------------------------------------
     def export_csv(self, path: str | Path | None = None) -> Path | None:
-        if not self.results:
+        """The table as CSV: one row per page, or per object after a model of objects."""
+        results = self.objects.results if self.objects.showing else self.results
+        if not results:
             _notify("warning", "Nothing to export: run a prediction first.")
             return None
         if path is None:
@@ -787,10 +926,10 @@ class PredictWidget(QWidget):
             )
             if not path:
                 return None
-        preds = [p for preds in self.results.values() for p in preds]
+        preds = [p for preds in results.values() for p in preds]
         sources = [
             _layers.source_of(self.viewer.layers[name])
-            for name in self.results
+            for name in results
             if name in self.viewer.layers
         ]
         try:  # never over an image of the classified layers, nor into the model folder

@@ -320,6 +320,8 @@ def add_objects(
     ids: Iterable[int] | None = None,
     source: str | Path | None = None,
     page_axis: int | None = None,
+    page: int | None = None,
+    labels_source: str | None = None,
 ) -> list[AddResult]:
     """Put objects of ``image`` (a path, or an array with ``source``) segmented by ``labels``
     into dataset ``root``'s class folders. ``assign``: one class name for every object (or
@@ -328,7 +330,10 @@ def add_objects(
     dataset's crop settings (recorded in ``objects.json`` by the first call; a different one
     is refused). ``source``: the image's file (default: ``image`` itself when it is a path),
     recorded with each crop: the split keeps the objects of one source in one subset, so an
-    array needs it."""
+    array needs it.
+
+    ``page``: ``image`` and ``labels`` are that one page of a stack (recorded so);
+    ``labels_source``: the labels' name recorded for an array (default: the path)."""
     if source is None and not isinstance(image, (str, Path)):
         raise ValueError(
             "add_objects of an array needs source=, the image's file or name: the split keeps "
@@ -343,8 +348,10 @@ def add_objects(
         ids = {label for _page, label in table}
     index = hash_index(root)
     out = []
+    labels_source = str(labels) if labels_source is None else labels_source
     for info, crop in object_crops(image, labels, spec, ids=ids, page_axis=page_axis):
-        cls = assign if table is None else table.get((info.page, info.label))
+        at = info.page if page is None else page
+        cls = assign if table is None else table.get((at, info.label))
         if cls is None:
             continue
         out.append(
@@ -353,9 +360,9 @@ def add_objects(
                 cls,
                 crop,
                 source=source,
-                page=info.page,
+                page=at,
                 index=index,
-                extra={"labels": str(labels), "label": info.label, "bbox": list(info.bbox)},
+                extra={"labels": labels_source, "label": info.label, "bbox": list(info.bbox)},
             )
         )
     return out
