@@ -307,3 +307,20 @@ def test_objects_of_a_stack_keep_their_page(
     predict.objects.go_to_row(len(truth) + 2)
     assert viewer.dims.current_step[0] == 1
     assert layer.selected_label == feats["index"][len(truth) + 2]
+
+
+def test_annotate_opens_with_a_remembered_dataset_and_a_labels_layer_open(
+    make_napari_viewer, docked, tmp_path
+):
+    """The demo's start: the dataset of the last session is remembered and a Labels layer is
+    open before the dock (the Objects group refreshed before the keys' state existed)."""
+    first = docked(make_napari_viewer(), "Annotate")
+    first.set_dataset(tmp_path / "data")
+    first.add_class("round")
+    image, labels, _ = make_field(size=96, n_cells=6, seed=1)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells labels")
+    tabs = docked(viewer, "All")
+    assert Path(tabs.annotate.root) == tmp_path / "data"
+    assert tabs.annotate.objects.labels_combo.isEnabled()

@@ -1,6 +1,7 @@
 """``python -m napari_microclf._demo``: napari with the plugin's tabbed dock (Annotate, Train,
 Predict, Review errors, Label next) and the sample data open, ready to train on a sample
-dataset written to ``./microclf-demo``.
+dataset written to ``./microclf-demo``; a field of labelled cells and its Labels layer are
+open too (hidden), with three more fields in ``./microclf-demo/cells`` for objects.
 
 ``--out FOLDER`` moves the demo folder. ``docs/make_screenshots.py`` builds the same viewer
 for the docs' screenshots.
@@ -21,8 +22,13 @@ def build(out: Path):
 
     from .core.sample import write_sample
 
-    info = write_sample(out, n_per_class=150, size=96, seed=0)
+    info = write_sample(out, n_per_class=150, size=96, seed=0, fields=4)
     viewer = napari.Viewer(title="napari-microclf demo")
+    # a field of labelled cells and its segmentation, hidden: for the Objects group of
+    # Annotate (click a cell, press a class key) and for Predict with a model of objects
+    field = info["fields"][0]
+    viewer.open(field["image"], name="cells", visible=False)
+    viewer.open(field["labels"], name="cells labels", layer_type="labels", visible=False)
     viewer.open_sample(PLUGIN, "microscopy_classes")
     _, tabs = viewer.window.add_plugin_dock_widget(PLUGIN, "Microscopy Classifier")
     annotate, train, predict = tabs.annotate, tabs.train, tabs.predict

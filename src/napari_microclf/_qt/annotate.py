@@ -159,7 +159,8 @@ class AnnotateWidget(QWidget):
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.objects = ObjectAnnotator(self)
+        self._keys_active = False
+        self.objects = ObjectAnnotator(self)  # refreshes at once when a Labels layer is open
 
         layout = QVBoxLayout(self)
         intro = QLabel(
@@ -182,7 +183,6 @@ class AnnotateWidget(QWidget):
         events.inserted.connect(self._bind_layer_keys)
         self.viewer.layers.selection.events.active.connect(self._follow_active)
         self.viewer.dims.events.current_step.connect(self._update_layer_info)
-        self._keys_active = False
         viewer = self.viewer
         self.destroyed.connect(lambda *_: _unbind_keys(viewer))
         self._refresh_layers()

@@ -226,7 +226,8 @@ SAMPLE_MARKER = ".microclf-sample.json"  # what made a sample folder (its settin
 
 def _check_sample_folder(out: Path, settings: dict) -> None:
     """A sample is written into a new or empty folder, or into an earlier sample made with
-    the same settings (then nothing changes); never among the user's files (OutputError)."""
+    the same settings (then nothing changes, but what these settings add: fields of cells);
+    never among the user's files (OutputError)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -237,8 +238,8 @@ def _check_sample_folder(out: Path, settings: dict) -> None:
             made = json.loads(marker.read_text())
         except (OSError, ValueError):
             made = None
-        if made == settings:
-            return
+        if isinstance(made, dict) and made.items() <= settings.items():
+            return  # the same sample, or one this call adds to (its fields of cells)
         said = ", ".join(f"{k} {v}" for k, v in made.items()) if isinstance(made, dict) else "?"
         raise OutputError(
             f"{out} holds a sample made with other settings ({said}); choose a new folder "
