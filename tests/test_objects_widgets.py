@@ -304,6 +304,15 @@ def test_objects_of_a_stack_keep_their_page(
     for value, page, label in zip(feats["index"], feats["page"], feats["label"], strict=True):
         assert set(np.unique(layer.data[page][seg[page] == label])) == {value}
     assert "stack page 1:" in predict.objects.legend.text()
+    # the stack plot: the objects of each class on each page
+    plot = predict.plot
+    assert plot is not None and plot.layer == "stack" and plot.canvas.ax.get_ylabel() == "objects"
+    lines = {line.get_label(): list(line.get_ydata()) for line in plot.canvas.ax.get_lines()}
+    preds = predict.objects.results["stack"]
+    for c in predict.class_names:
+        want = [sum(p.page == pg and predict.objects.label(p) == c for p in preds) for pg in (0, 1)]
+        assert lines[c] == want, c
+    assert sum(sum(lines[c]) for c in predict.class_names) <= 2 * len(truth)
     predict.objects.go_to_row(len(truth) + 2)
     assert viewer.dims.current_step[0] == 1
     assert layer.selected_label == feats["index"][len(truth) + 2]

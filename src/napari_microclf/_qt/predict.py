@@ -663,6 +663,11 @@ class PredictWidget(QWidget):
             if done:
                 self.objects.showing = True
             self._fill_table()
+            stacks = [j for j in done if _layers.n_pages(self.viewer.layers[j.name]) > 1]
+            if stacks:  # the objects of each class, page by page
+                self.show_plot()
+            elif self.plot is not None:
+                self.plot.refresh()
             n = sum(len(p) for p in new.values())
             text = f"{self._pairs}: {n} object(s) classified."
             if self._stop.is_set():

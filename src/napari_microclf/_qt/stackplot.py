@@ -62,9 +62,16 @@ class ProbabilityCanvas(Canvas):
         self.plot([], {}, None, "")
 
     def plot(
-        self, pages, probabilities: dict[str, list[float]], threshold: float | None, title: str
+        self,
+        pages,
+        probabilities: dict[str, list[float]],
+        threshold: float | None,
+        title: str,
+        ylabel: str = "probability",
     ) -> None:
-        self._args = (pages, probabilities, threshold, title)
+        """One line per class; ``ylabel`` other than probability (objects per page): the
+        y axis fits the values instead of [0, 1]."""
+        self._args = (pages, probabilities, threshold, title, ylabel)
         p = self.palette
         page = self.marker_page()
         fig = self.figure
@@ -75,9 +82,14 @@ class ProbabilityCanvas(Canvas):
             ax.plot(pages, values, "o-", ms=3, lw=1.2, color=COLOURS[i % len(COLOURS)], label=name)
         if threshold:
             ax.axhline(threshold, color=p.grid, linestyle="--", lw=1, gid="threshold")
-        ax.set_ylim(-0.03, 1.03)
+        if ylabel == "probability":
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            top = max((max(v) for v in probabilities.values() if len(v)), default=1)
+            ax.set_ylim(-0.5, top * 1.08 + 0.5)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("page", color=p.fg, fontsize=9)
-        ax.set_ylabel("probability", color=p.fg, fontsize=9)
+        ax.set_ylabel(ylabel, color=p.fg, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(pages):
             ax.set_xlim(-0.5, max(pages) + 0.5)
@@ -114,7 +126,8 @@ class ProbabilityCanvas(Canvas):
 
 
 class StackPlot(QWidget):
-    """Probabilities per page of the active classified stack, linked with the dims slider.
+    """Probabilities per page of the active classified stack (for objects: the objects of each
+    class per page), linked with the dims slider.
 
     ``layer`` is the plotted layer's name (None: nothing plotted), ``marker_page`` the page
     the marker is on, ``summary`` the summary line.
@@ -144,7 +157,20 @@ class StackPlot(QWidget):
     def summary(self) -> str:
         return self.summary_label.text()
 
+    def _objects(self, name) -> bool:
+        """``name``'s objects are shown (the last run was of objects) and it is a stack."""
+        objects = getattr(self.owner, "objects", None)
+        return (
+            objects is not None
+            and objects.showing
+            and name in objects.results
+            and name in self.viewer.layers
+            and _layers.n_pages(self.viewer.layers[name]) > 1
+        )
+
     def _stack(self, name) -> bool:
+        if self._objects(name):
+            return True
         return (
             name in self.owner.results
             and name in self.viewer.layers
@@ -174,15 +200,21 @@ class StackPlot(QWidget):
         stack, else the one shown, else the first classified stack."""
         name = self._active_stack()
         if name is None:
+            objects = getattr(self.owner, "objects", None)
+            shown = [*(objects.results if objects is not None else ()), *self.owner.results]
             name = (
                 self.layer
                 if self._stack(self.layer)
-                else next((n for n in self.owner.results if self._stack(n)), None)
+                else next((n for n in shown if self._stack(n)), None)
             )
         self.plot_layer(name)
 
     def plot_layer(self, name: str | None) -> None:
-        """Plot classified stack ``name`` (None or an unknown name: an empty plot)."""
+        """Plot classified stack ``name`` (None or an unknown name: an empty plot): its
+        probabilities page by page, or for objects its objects of each class per page."""
+        if name is not None and self._objects(name):
+            self._plot_objects(name)
+            return
         if name is None or name not in self.owner.results or name not in self.viewer.layers:
             self.layer = None
             self.summary_label.setText("")
@@ -197,6 +229,22 @@ class StackPlot(QWidget):
         text = summary(preds, [self.owner.label(p) for p in preds], classes)
         self.summary_label.setText(f"{name}: {text}")
         self.canvas.plot(pages, probs, self.owner.threshold.value(), name)
+        self._follow_slider()
+
+    def _plot_objects(self, name: str) -> None:
+        """The objects of each class (and uncertain, unfamiliar) on each page of ``name``."""
+        objects = self.owner.objects
+        preds = objects.results[name]
+        n = _layers.n_pages(self.viewer.layers[name])
+        labels = [objects.label(p) for p in preds]
+        order = [*self.owner.class_names, "uncertain", "unfamiliar"]
+        shown = [c for c in order if c in self.owner.class_names or c in labels]
+        counts = {c: [0] * n for c in shown}
+        for p, label in zip(preds, labels, strict=True):
+            counts[label][p.page] += 1
+        self.layer = name
+        self.summary_label.setText(f"{name}: {len(preds)} objects on {n} pages")
+        self.canvas.plot(list(range(n)), counts, None, f"{name}: objects per page", "objects")
         self._follow_slider()
 
     def _follow_slider(self, *_) -> None:
