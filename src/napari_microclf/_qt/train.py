@@ -204,6 +204,7 @@ class TrainWidget(QWidget):
         self._flush_timer = QTimer(self)
         self._flush_timer.setSingleShot(True)
         self._flush_timer.timeout.connect(self._flush)
+        self._flushing = self._flush_again = False  # see _flush
 
         # -- folders
         self.data_edit = QLineEdit(str(dataset or SESSION.dataset or "microclf-dataset"))
@@ -540,6 +541,8 @@ class TrainWidget(QWidget):
         notification, whose details (and napari's console) show the traceback too."""
         from napari.utils.notifications import notification_manager
 
+        if self._after_flush(self._on_error, exc):
+            return
         self._end_run()
         if isinstance(exc, WorkerError) and exc.__cause__ is not None:
             exc = exc.__cause__  # a RuntimeError, carried past superqt under another type
@@ -637,9 +640,26 @@ class TrainWidget(QWidget):
     def _flush(self, final: bool = False) -> None:
         """Show the updates noted since the last flush: the log lines in one go, the newest
         status and bar positions, and the curves when CURVES_S passed since their last
-        redraw (or ``final``)."""
+        redraw (or ``final``).
+
+        Making a napari progress bar runs the event loop, which may deliver newer updates
+        and a flush inside this one: that inner flush only asks for another round, so an
+        older snapshot is never shown after a newer one (a bar left at epoch 22 of 25)."""
         if self._ended:
             return
+        if self._flushing:
+            self._flush_again = True
+            return
+        self._flushing = True
+        try:
+            self._flush_again = True
+            while self._flush_again and not self._ended:
+                self._flush_again = False
+                self._flush_once(final)
+        finally:
+            self._flushing = False
+
+    def _flush_once(self, final: bool) -> None:
         lines, self._log_lines = self._log_lines, []
         status, self._status = self._status, None
         bars, self._bars = self._bars, {}
@@ -678,9 +698,19 @@ class TrainWidget(QWidget):
         if n != pbar.n:
             pbar.update(n - pbar.n)
 
+    def _after_flush(self, handler, *args) -> bool:
+        """True when a flush is under way (this signal came in through the event loop a bar
+        ran inside it): ``handler(*args)`` then runs right after it, in order."""
+        if not self._flushing:
+            return False
+        QTimer.singleShot(0, lambda: handler(*args))
+        return True
+
     def _on_returned(self, result) -> None:
         from napari.utils.notifications import show_info
 
+        if self._after_flush(self._on_returned, result):
+            return
         self._end_run()
         if isinstance(result, Failed):
             self._fail(result.message)
@@ -710,6 +740,8 @@ class TrainWidget(QWidget):
         show_info(f"Model saved to {result.bundle}; the Predict widget will use it.")
 
     def _on_finished(self) -> None:
+        if self._after_flush(self._on_finished):
+            return
         self._end_run()
         self._close_pbars()
         self._set_state(State.IDLE)
