@@ -291,6 +291,7 @@ def test_objects_of_an_array_are_grouped_by_the_source_given(coins, tmp_path):
         add_objects(tmp_path / "d", image, labels, "coin", ids=[1])
     added = add_objects(tmp_path / "d", image, labels, "coin", ids=[1, 2], source="plate 3.tif")
     assert [read_provenance(r.path)["source"] for r in added] == ["plate 3.tif"] * 2
+    assert read_provenance(added[0].path)["labels"] is None  # not the array's repr
     assert added[0].path.name.startswith("plate_3_p0000_l1_")
 
 

@@ -348,7 +348,8 @@ def add_objects(
         ids = {label for _page, label in table}
     index = hash_index(root)
     out = []
-    labels_source = str(labels) if labels_source is None else labels_source
+    if labels_source is None:  # an array's name, if any, is the caller's to give
+        labels_source = str(labels) if isinstance(labels, (str, Path)) else None
     for info, crop in object_crops(image, labels, spec, ids=ids, page_axis=page_axis):
         at = info.page if page is None else page
         cls = assign if table is None else table.get((at, info.label))
