@@ -11,36 +11,13 @@ A small model of objects is trained first on 4 synthetic fields (about 15 s on a
 from __future__ import annotations
 
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")  # no deprecation toast on the screenshots
 
 import napari  # noqa: E402
-from qtpy.QtCore import QEventLoop, QTimer  # noqa: E402
-from qtpy.QtWidgets import QApplication  # noqa: E402
-
-DOCS = Path(__file__).parent
-
-
-def wait(worker, timeout=600):
-    loop = QEventLoop()
-    worker.finished.connect(loop.quit)
-    QTimer.singleShot(timeout * 1000, loop.quit)
-    loop.exec_()
-
-
-def pause(seconds=0.5):
-    t = time.time()
-    while time.time() - t < seconds:
-        QApplication.processEvents()
-
-
-def save(viewer, name, width=1400):
-    path = DOCS / f"{name}.png"
-    viewer.window._qt_window.grab().scaledToWidth(width).save(str(path), "PNG")
-    print(f"{path}: {path.stat().st_size // 1024} KB")
+from _shots import pause, save, wait  # noqa: E402
 
 
 def train_model(out: Path) -> Path:

@@ -11,25 +11,11 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")  # no PyQt5-deprecation toast on the screenshots
 
-from qtpy.QtCore import QEventLoop, Qt, QTimer  # noqa: E402
-from qtpy.QtWidgets import QApplication, QDockWidget  # noqa: E402
+from _shots import DOCS, pause, wait  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
+from qtpy.QtWidgets import QDockWidget  # noqa: E402
 
 from napari_microclf._demo import build  # noqa: E402
-
-DOCS = Path(__file__).parent
-
-
-def wait(worker, timeout=600):
-    loop = QEventLoop()
-    worker.finished.connect(loop.quit)
-    QTimer.singleShot(timeout * 1000, loop.quit)
-    loop.exec_()
-
-
-def pause(seconds=0.5):
-    t = time.time()
-    while time.time() - t < seconds:
-        QApplication.processEvents()
 
 
 def shot(viewer, name, tab):
