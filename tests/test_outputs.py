@@ -216,3 +216,18 @@ def test_files_written_atomically_follow_the_users_umask(lite0, tmp_path):
         os.umask(old)
     for name in ("split.json", "p.csv", "m.zip"):  # 0666 less the umask, not mkstemp's 0600
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_a_demo_folder_of_an_earlier_version_is_taken_up(tmp_path, capsys):
+    from napari_microclf.core.sample import SAMPLE_MARKER, write_sample
+
+    old = tmp_path / "demo-output"
+    write_sample(old, n_per_class=2, size=32)
+    (old / SAMPLE_MARKER).unlink()  # as microclf wrote it before the marker
+    (old / "model").mkdir()
+    assert write_sample(old, n_per_class=2, size=32, fields=1)["fields"]
+    assert (old / SAMPLE_MARKER).is_file() and (old / "model").is_dir()
+    (old / "dataset" / "round" / "mine.tif").write_bytes(b"x")  # a user's file: refused
+    (old / SAMPLE_MARKER).unlink()
+    assert cli_main(["sample", str(old), "--per-class", "2", "--size", "32"]) == 1
+    assert "not a microclf sample" in _said(capsys)

@@ -12,6 +12,7 @@ the same pixels.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,11 +246,30 @@ def _check_sample_folder(out: Path, settings: dict) -> None:
             f"{out} holds a sample made with other settings ({said}); choose a new folder "
             "or remove that one"
         )
-    if any(out.iterdir()):
+    if any(out.iterdir()) and not _older_sample(out):
         raise OutputError(
             f"{out} already holds files and is not a microclf sample; choose a new or empty "
             "folder (nothing was written)"
         )
+
+
+def _older_sample(out: Path) -> bool:
+    """A sample written before the marker (an earlier ``microclf demo`` folder): its
+    dataset holds only the sample's class folders of ``sample_NNN.tif`` files, beside the
+    stack. Adding to it mixes synthetic images with synthetic images only."""
+    data = out / "dataset"
+    if not (out / "mixed_stack.tif").is_file() or not data.is_dir():
+        return False
+    for folder in data.iterdir():
+        if folder.name.startswith("."):
+            continue  # the feature cache
+        if folder.is_file() and folder.name == "split.json":
+            continue
+        if folder.name not in CLASSES or not folder.is_dir():
+            return False
+        if any(not re.fullmatch(r"sample_\d{3}\.tif", f.name) for f in folder.iterdir()):
+            return False
+    return True
 
 
 def write_sample(
