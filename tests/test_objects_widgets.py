@@ -235,6 +235,14 @@ def test_predicted_objects_colours_table_csv_and_rows(
     assert set(layer.features["class"]) == {"uncertain"}
     assert table.item(0, 3).text() == "uncertain"
 
+    # the image renamed: its classes layer, its rows and its CSV follow
+    viewer.layers["cells"].name = "field 7"
+    assert "field 7 classes" in viewer.layers and "cells classes" not in viewer.layers
+    assert {table.item(r, 0).text() for r in range(table.rowCount())} == {"field 7"}
+    out = widget.export_csv(tmp_path / "renamed.csv")
+    with out.open(newline="") as fh:
+        assert {r[0] for r in list(csv.reader(fh))[1:]} == {"field 7"}
+
 
 def test_the_wrong_kind_of_model_is_said_in_one_line(
     make_napari_viewer, qtbot, tmp_path, docked, field, objects_model

@@ -108,6 +108,7 @@ class ObjectResults:
         self.viewer = owner.viewer
         self.results: dict[str, list[ObjectPrediction]] = {}  # image layer name -> objects
         self.labels_of: dict[str, str] = {}  # image layer name -> the Labels layer used
+        self._named: dict = {}  # image layer (itself, not a proxy) -> its name (renames)
         self.showing = False  # the table shows objects (the last run was of objects)
         self._rows: list[tuple[str, int, ObjectPrediction]] = []  # the table's rows
         self.legend = QLabel("")
@@ -206,8 +207,35 @@ class ObjectResults:
             "class_names": list(self.owner.class_names),
         }
         _layers.follow_visibility(self.viewer, image, layer)
+        self._follow_name(image)
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active
+
+    def _follow_name(self, image) -> None:
+        """A renamed image takes its objects and its classes layer with it (once per layer,
+        tracked by the layer itself: napari hands the widget a new proxy at every access)."""
+        image = _layers.unwrapped(image)
+        if image not in self._named:
+            self._named[image] = image.name
+            image.events.name.connect(self._on_rename)
+
+    def _on_rename(self, event) -> None:
+        layer = event.source
+        old, new = self._named.get(layer), layer.name
+        if old is None or old == new:
+            return
+        self._named[layer] = new
+        if old in self.results:
+            self.results[new] = [replace(p, file=new) for p in self.results.pop(old)]
+            self.labels_of[new] = self.labels_of.pop(old, None)
+            _layers.rename_companion(self.viewer, classes_name(old), classes_name(new), new)
+            plot = self.owner.plot
+            if plot is not None and plot.layer == old:
+                plot.layer = new
+                plot.refresh()
+            if self.showing:
+                self.owner._fill_table()
+            self.update_legend()
 
     def drop_pages(self, name: str) -> None:
         """Page results of ``name`` give way to its objects (one "<image> classes" layer)."""
