@@ -341,3 +341,32 @@ def test_annotate_opens_with_a_remembered_dataset_and_a_labels_layer_open(
     tabs = docked(viewer, "All")
     assert Path(tabs.annotate.root) == tmp_path / "data"
     assert tabs.annotate.objects.labels_combo.isEnabled()
+
+
+def test_a_drag_pans_and_selects_no_cell(make_napari_viewer, qtbot, tmp_path, docked, field):
+    image, labels, truth = field
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells labels")
+    widget = docked(viewer, "Annotate")
+    widget.set_dataset(tmp_path / "data")
+    widget.add_class("round")
+    widget.objects.choose_labels("cells labels")
+    label = next(iter(truth))
+    y, x = _inside(labels, label)
+    native = viewer.window._qt_viewer.canvas.native
+    _click(viewer, qtbot, y, x)
+    assert widget.objects.selected == (0, label)
+    widget.objects.select(None)
+    # press on the cell, move 30 pixels, release: napari's pan, no selection
+    camera = viewer.camera
+    cy, cx = camera.center[-2:]
+    start = QPoint(
+        int(round((x - cx) * camera.zoom + native.width() / 2)),
+        int(round((y - cy) * camera.zoom + native.height() / 2)),
+    )
+    qtbot.mousePress(native, Qt.LeftButton, pos=start)
+    qtbot.mouseMove(native, start + QPoint(15, 0))
+    qtbot.mouseMove(native, start + QPoint(30, 0))
+    qtbot.mouseRelease(native, Qt.LeftButton, pos=start + QPoint(30, 0))
+    assert widget.objects.selected is None

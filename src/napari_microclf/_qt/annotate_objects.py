@@ -41,6 +41,7 @@ NONE = "(none: whole slices)"
 SELECTED = 255  # the overlay's value of the selected object (white)
 SELECTED_COLOUR = "#ffffff"
 CHUNK = 64  # objects per add_objects call of "All objects on this page"
+CLICK_PX = 4  # a press that moves further (canvas pixels) is a pan, not a click
 
 
 def class_colour(i: int) -> str:
@@ -235,10 +236,18 @@ class ObjectAnnotator(QGroupBox):
         self.context.setEnabled(fixed)
 
     # -- selecting ----------------------------------------------------------------------------
-    def _on_click(self, _viewer, event) -> None:
+    def _on_click(self, _viewer, event):
+        """A left click (press and release without moving) selects the cell under it; a
+        press that moves on is napari's pan, and selects nothing."""
         if event.type != "mouse_press" or event.button != 1 or not self.active():
             return
-        self.select_at(event.position)
+        position, start = tuple(event.position), np.asarray(event.pos, float)
+        yield
+        while event.type == "mouse_move":
+            if np.hypot(*(np.asarray(event.pos, float) - start)) > CLICK_PX:
+                return  # a pan
+            yield
+        self.select_at(position)
 
     def select_at(self, position) -> tuple[int, int] | None:
         """Select the object under world ``position`` on the page in view; None: background
