@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
+from ..core.dataset import hash_index
 from ..core.errors import MicroclfError
 from ..core.objects import MASKS, SIZES, CropSpec, add_objects, dataset_crop_spec, objects_of
 from . import _layers
@@ -377,11 +378,13 @@ class ObjectAnnotator(QGroupBox):
         stop = self._stop = threading.Event()
 
         def work():
+            index = hash_index(root)  # one scan of the dataset for the whole page
             for i in range(0, len(ids), CHUNK):
                 if stop.is_set():
                     return
                 chunk = ids[i : i + CHUNK]
-                yield chunk, add_objects(root, assign=name, spec=spec, ids=chunk, **sources)
+                added = add_objects(root, assign=name, spec=spec, ids=chunk, index=index, **sources)
+                yield chunk, added
 
         pbar = stoppable_progress(len(ids), f"Adding the objects of page {page}", stop.set)
         summary = {"written": 0, "duplicate": 0}

@@ -296,9 +296,9 @@ def dataset_crop_spec(root: str | Path) -> CropSpec | None:
         ) from exc
 
 
-def _use_crop_spec(root: Path, spec: CropSpec) -> None:
-    """Record ``spec`` as the dataset's, or refuse one that differs from the recorded."""
-    have = dataset_crop_spec(root)
+def _use_crop_spec(root: Path, spec: CropSpec, have: CropSpec | None) -> None:
+    """Record ``spec`` as the dataset's (``have``: the recorded one, None: none yet), or
+    refuse one that differs from the recorded."""
     if have is None:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / OBJECTS_FILE, json.dumps({"crop": spec.to_dict()}, indent=1))
@@ -322,6 +322,7 @@ def add_objects(
     page_axis: int | None = None,
     page: int | None = None,
     labels_source: str | None = None,
+    index: dict[str, Path] | None = None,
 ) -> list[AddResult]:
     """Put objects of ``image`` (a path, or an array with ``source``) segmented by ``labels``
     into dataset ``root``'s class folders. ``assign``: one class name for every object (or
@@ -333,7 +334,9 @@ def add_objects(
     array needs it.
 
     ``page``: ``image`` and ``labels`` are that one page of a stack (recorded so);
-    ``labels_source``: the labels' name recorded for an array (default: the path)."""
+    ``labels_source``: the labels' name recorded for an array (default: the path).
+    ``index``: as :func:`~.dataset.add_example`'s (from :func:`~.dataset.hash_index`; made
+    here when None), for a caller adding objects in several calls."""
     if source is None and not isinstance(image, (str, Path)):
         raise ValueError(
             "add_objects of an array needs source=, the image's file or name: the split keeps "
@@ -341,12 +344,13 @@ def add_objects(
         )
     source = image if source is None else source
     root = Path(root)
-    spec = spec or dataset_crop_spec(root) or CropSpec()
-    _use_crop_spec(root, spec)
+    have = dataset_crop_spec(root)
+    spec = spec or have or CropSpec()
+    _use_crop_spec(root, spec, have)
     table = assign if isinstance(assign, dict) else None
     if table is not None:
         ids = {label for _page, label in table}
-    index = hash_index(root)
+    index = hash_index(root) if index is None else index
     out = []
     if labels_source is None:  # an array's name, if any, is the caller's to give
         labels_source = str(labels) if isinstance(labels, (str, Path)) else None
