@@ -25,16 +25,20 @@ def _press(viewer, qtbot, key: str) -> None:
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
 
 
-def _click(viewer, qtbot, y: float, x: float) -> None:
-    """A left click on the canvas where the world point ``(y, x)`` is shown (2D view)."""
-    canvas = viewer.window._qt_viewer.canvas
-    native = canvas.native
+def _canvas_point(viewer, y: float, x: float) -> QPoint:
+    """Where on the canvas widget the world point ``(y, x)`` is shown (2D view)."""
+    native = viewer.window._qt_viewer.canvas.native
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     cy, cx = camera.center[-2:]
     zoom = camera.zoom
     h, w = native.height(), native.width()
-    point = QPoint(int(round((x - cx) * zoom + w / 2)), int(round((y - cy) * zoom + h / 2)))
-    qtbot.mouseClick(native, Qt.LeftButton, pos=point)
+    return QPoint(int(round((x - cx) * zoom + w / 2)), int(round((y - cy) * zoom + h / 2)))
+
+
+def _click(viewer, qtbot, y: float, x: float) -> None:
+    """A left click on the canvas where the world point ``(y, x)`` is shown (2D view)."""
+    native = viewer.window._qt_viewer.canvas.native
+    qtbot.mouseClick(native, Qt.LeftButton, pos=_canvas_point(viewer, y, x))
 
 
 @pytest.fixture(scope="module")
@@ -359,12 +363,7 @@ def test_a_drag_pans_and_selects_no_cell(make_napari_viewer, qtbot, tmp_path, do
     assert widget.objects.selected == (0, label)
     widget.objects.select(None)
     # press on the cell, move 30 pixels, release: napari's pan, no selection
-    camera = viewer.camera
-    cy, cx = camera.center[-2:]
-    start = QPoint(
-        int(round((x - cx) * camera.zoom + native.width() / 2)),
-        int(round((y - cy) * camera.zoom + native.height() / 2)),
-    )
+    start = _canvas_point(viewer, y, x)
     qtbot.mousePress(native, Qt.LeftButton, pos=start)
     qtbot.mouseMove(native, start + QPoint(15, 0))
     qtbot.mouseMove(native, start + QPoint(30, 0))
