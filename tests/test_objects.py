@@ -313,3 +313,23 @@ def test_label_next_ranks_the_objects_not_yet_in_the_dataset(trained_on_objects,
     assert sorted(c.label for c in cands) == sorted(new["truth"])
     u = [c.uncertainty for c in cands if not c.unfamiliar]
     assert u == sorted(u, reverse=True)
+
+
+def test_a_page_without_objects_gives_no_rows_and_is_said_once(trained_on_objects):
+    import tifffile
+
+    from napari_microclf.core.predict_objects import ObjectsResult, predict_objects
+
+    result, field, _ = trained_on_objects
+    image, labels = tifffile.imread(field["image"]), tifffile.imread(field["labels"])
+    empty: list[int] = []
+    stack_labels = np.stack([np.zeros_like(labels), labels, np.zeros_like(labels)])
+    rows = list(
+        predict_objects(
+            result.bundle, np.stack([image] * 3), stack_labels, page_axis=0, empty_pages=empty
+        )
+    )
+    assert {r.page for r in rows} == {1} and len(rows) == len(field["truth"])
+    assert empty == [0, 2]
+    said = ObjectsResult(rows, [], [("s.tif", p) for p in empty], 1).summary()
+    assert "2 page(s) have no objects (s.tif page 0, s.tif page 2)" in said

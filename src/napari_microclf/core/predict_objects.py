@@ -16,11 +16,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-
 from .errors import BundleError, DatasetError, ImageReadError, one_line
-from .images import array_pages, count_pages, find_images, is_image_file
-from .objects import CropSpec, model_crop_spec, object_crops
+from .images import find_images, is_image_file
+from .objects import CropSpec, cut_crop, image_objects, model_crop_spec
 from .predictor import Predictor
 from .results import FileError, ObjectPrediction, PagePrediction
 
@@ -71,13 +69,14 @@ def predict_objects(
     crop = check_model_kind(bundle.meta, bundle.source or bundle.path, objects=True)
     file = str(image) if isinstance(image, (str, Path)) else None
     infos: deque = deque()  # filled by the reading thread, in the order the crops are yielded
-    pages_seen: set[int] = set()
 
     def crops():
-        for info, arr in object_crops(image, labels, crop, page_axis=page_axis, pages=pages):
-            pages_seen.add(info.page)
-            infos.append(info)
-            yield file, info.page, arr
+        for page, img, lab, objs in image_objects(image, labels, page_axis=page_axis, pages=pages):
+            if not objs and empty_pages is not None:
+                empty_pages.append(page)
+            for info in objs:
+                infos.append(info)
+                yield file, page, cut_crop(img, lab, info, crop)
 
     for pred in predictor.predict_pages(crops(), should_stop, tta=tta):
         info = infos.popleft()
@@ -89,16 +88,6 @@ def predict_objects(
             bbox=info.bbox,
             touches_border=info.touches_border,
         )
-    if empty_pages is not None:
-        chosen = range(_n_pages(image, page_axis)) if pages is None else pages
-        empty_pages.extend(p for p in chosen if p not in pages_seen)
-
-
-def _n_pages(image, page_axis) -> int:
-    if isinstance(image, (str, Path)):
-        return count_pages(image)
-    stack = array_pages(np.asarray(image), page_axis)
-    return 1 if stack is None else len(stack)
 
 
 def label_pairs(
