@@ -24,7 +24,7 @@ from .csv_format import csv_cell, resume_start
 from .device import stderr_muted
 from .errors import MicroclfError, one_line
 from .images import TIFF_SUFFIXES, count_pages
-from .predict_objects import predict_objects
+from .predict_objects import IMAGE_ERRORS, predict_objects
 from .predict_options import DEFAULTS, PredictOptions
 from .predictor import Predictor
 from .results import FileError
@@ -278,7 +278,7 @@ def classify_object_refs(
                     predictor, path, labels[path], pages=range(start, end), tta=options.tta
                 )
             ]
-        except MicroclfError as exc:
+        except IMAGE_ERRORS as exc:  # as classify_objects: that image, and the others go on
             out.append(FileError(name, one_line(exc, path), start))
     return out
 

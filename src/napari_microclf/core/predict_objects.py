@@ -43,6 +43,9 @@ def check_model_kind(meta: dict, shown, objects: bool) -> CropSpec | None:
 
 
 _PAGE_FIELDS = [f.name for f in fields(PagePrediction)]
+# What an image or its labels may raise that makes that image a FileError, the others going
+# on (an unreadable file, labels that do not fit); anything else stops the run.
+IMAGE_ERRORS = (ImageReadError, DatasetError)
 
 
 def predict_objects(
@@ -177,7 +180,7 @@ def classify_objects(
                 result.predictions.append(item)
                 if on_item is not None:
                     on_item(item)
-        except (ImageReadError, DatasetError) as exc:
+        except IMAGE_ERRORS as exc:
             error = FileError(str(image), one_line(exc, image))
             result.errors.append(error)
             if on_item is not None:
