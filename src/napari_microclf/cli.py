@@ -441,8 +441,7 @@ def _predict_checked(args):
     something to classify (each a one-line error)."""
     from .core.bundle import read_meta
     from .core.csv_format import check_csv_destination
-    from .core.images import find_images
-    from .core.predict_objects import check_model_kind, label_pairs
+    from .core.predict_objects import check_model_kind
 
     meta = read_meta(args.model)
     objects = bool(args.labels or args.labels_suffix)
@@ -464,22 +463,31 @@ def _predict_checked(args):
 
         raise MicroclfError("--resume is for images; objects (--labels) are classified afresh")
 
-    pairs = label_pairs(args.paths, args.labels, args.labels_suffix) if objects else None
-    files = [f for pair in pairs for f in pair] if objects else find_images(args.paths)
+    pairs, files = _inputs(args, objects)
     if csv_path is not None:
-        _csv_checked(csv_path, files, [args.model])
+        _csv_destroys_nothing(csv_path, files, [args.model])
     return csv_path, pairs or files
 
 
-def _csv_checked(csv_path, inputs, protected):
-    """A CSV destination that can be written and destroys nothing: not an input image, not
-    in or above the model folder (or the dataset), not the working directory."""
-    from .core.csv_format import check_csv_destination
+def _inputs(args, objects: bool):
+    """``(pairs, files)``: with labels (``objects``), each image of ``args.paths`` with its
+    label file and every file of them; else ``(None, the images)``. A one-line error when
+    there is nothing, or an image without its labels."""
+    from .core.images import find_images
+    from .core.predict_objects import label_pairs
+
+    if not objects:
+        return None, find_images(args.paths)
+    pairs = label_pairs(args.paths, args.labels, args.labels_suffix)
+    return pairs, [f for pair in pairs for f in pair]
+
+
+def _csv_destroys_nothing(csv_path, inputs, protected) -> None:
+    """A CSV destination (checked writable already) that is not an input image, not in or
+    above the model folder (or the dataset), not the working directory."""
     from .core.files import refuse_destroying
 
-    csv_path = check_csv_destination(csv_path)
     refuse_destroying(csv_path, inputs=inputs, protected=protected, what="CSV destination")
-    return csv_path
 
 
 def _explain_checked(args):
@@ -533,23 +541,17 @@ def cmd_label_next(args) -> int:
     a CSV)."""
     from .core.active import label_next
     from .core.bundle import read_meta
-    from .core.csv_format import write_csv_rows
-    from .core.images import find_images
-    from .core.predict_objects import check_model_kind, label_pairs
+    from .core.csv_format import check_csv_destination, write_csv_rows
+    from .core.predict_objects import check_model_kind
 
     meta = read_meta(args.model)
     objects = bool(args.labels or args.labels_suffix)
     check_model_kind(meta, args.model, objects)
-    # nothing to rank, or an image without its labels: a one-line error before TensorFlow
-    if objects:
-        files = [
-            f for pair in label_pairs(args.paths, args.labels, args.labels_suffix) for f in pair
-        ]
-    else:
-        files = find_images(args.paths)
+    _, files = _inputs(args, objects)  # nothing to rank: a one-line error before TensorFlow
     data = args.data or meta.get("data_dir")
     if args.csv:
-        _csv_checked(args.csv, files, [args.model, *([data] if data else [])])
+        check_csv_destination(args.csv)
+        _csv_destroys_nothing(args.csv, files, [args.model, *([data] if data else [])])
     cands = label_next(
         args.model,
         args.paths,
