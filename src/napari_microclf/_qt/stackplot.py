@@ -159,10 +159,9 @@ class StackPlot(QWidget):
 
     def _objects(self, name) -> bool:
         """``name``'s objects are shown (the last run was of objects) and it is a stack."""
-        objects = getattr(self.owner, "objects", None)
+        objects = self.owner.objects
         return (
-            objects is not None
-            and objects.showing
+            objects.showing
             and name in objects.results
             and name in self.viewer.layers
             and _layers.n_pages(self.viewer.layers[name]) > 1
@@ -200,8 +199,7 @@ class StackPlot(QWidget):
         stack, else the one shown, else the first classified stack."""
         name = self._active_stack()
         if name is None:
-            objects = getattr(self.owner, "objects", None)
-            shown = [*(objects.results if objects is not None else ()), *self.owner.results]
+            shown = [*self.owner.objects.results, *self.owner.results]
             name = (
                 self.layer
                 if self._stack(self.layer)
