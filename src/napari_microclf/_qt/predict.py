@@ -474,19 +474,14 @@ class PredictWidget(QWidget):
         self.layer_list.addItems(names)
         for i, name in enumerate(names):
             self.layer_list.item(i).setSelected(name in chosen)
-        if hasattr(self, "labels_combo"):
-            current = self.labels_combo.currentText()
-            items = [
-                LABELS_AUTO,
-                LABELS_NONE,
-                *(lyr.name for lyr in _layers.user_labels(self.viewer)),
-            ]
-            self.labels_combo.blockSignals(True)
-            self.labels_combo.clear()
-            self.labels_combo.addItems(items)
-            if current in items:
-                self.labels_combo.setCurrentText(current)
-            self.labels_combo.blockSignals(False)
+        current = self.labels_combo.currentText()
+        items = [LABELS_AUTO, LABELS_NONE, *(lyr.name for lyr in _layers.user_labels(self.viewer))]
+        self.labels_combo.blockSignals(True)
+        self.labels_combo.clear()
+        self.labels_combo.addItems(items)
+        if current in items:
+            self.labels_combo.setCurrentText(current)
+        self.labels_combo.blockSignals(False)
 
     def choose_labels(self, name: str) -> None:
         """The Labels layer row: a layer's name, ``LABELS_AUTO`` or ``LABELS_NONE``."""
