@@ -189,9 +189,7 @@ def remove_stale_temporaries(root: str | Path, min_age_s: float = STALE_TMP_S) -
     """Remove half-written cache files (``.tmp-*``) that killed runs left in ``root``'s cache.
 
     Returns how many were removed. Every training calls it, cached or not; a cache folder
-    that is a symbolic link is left alone."""
-    if _linked_cache(root):
-        return 0
+    that is a symbolic link is left alone (:func:`_own_folders` finds none in it)."""
     now, n = time.time(), 0
     for folder in _own_folders(Path(root) / CACHE_DIR):
         for tmp in folder.glob(".tmp-*"):
