@@ -37,9 +37,8 @@ from qtpy.QtWidgets import (
 
 from ..core.dataset import check_dataset
 from ..core.errors import MicroclfError
-from ..core.files import refuse_destroying
 from ..core.model import IMAGENET_FILE
-from ..core.preflight import check_dataset_writable, check_out_dir, user_message
+from ..core.preflight import check_folders, user_message
 from ..core.settings import keras_home
 from ..core.train import (
     BatchEnd,
@@ -492,13 +491,8 @@ class TrainWidget(QWidget):
         except (MicroclfError, ValueError) as exc:
             self._fail(str(exc))
             return None
-        try:  # quick checks here; the worker's preflight checks every image
-            check_dataset(config.data_dir)
-            check_out_dir(config.out_dir)
-            # a model folder replaces an earlier model only: never the dataset (or a folder
-            # holding it, or one inside it) nor the working directory
-            refuse_destroying(config.out_dir, protected=[config.data_dir], what="model folder")
-            check_dataset_writable(config.data_dir, config.resplit, config.group_by)
+        try:  # the folders here; the worker's preflight checks every image
+            check_folders(config)
         except MicroclfError as exc:
             self._fail(str(exc))
             return None

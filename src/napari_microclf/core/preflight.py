@@ -278,6 +278,18 @@ class PreflightResult:
     scan: ImageScan
 
 
+def check_folders(config) -> str | None:
+    """The checks of :func:`preflight` but the images' (quick: for a widget's Start): the
+    dataset, the model folder (never the dataset, inside it or above it, nor the working
+    directory; writable; not being written by another training) and the dataset's
+    ``split.json``. Returns the split's note, if any."""
+    check_dataset(config.data_dir)
+    refuse_destroying(config.out_dir, protected=[config.data_dir], what="model folder")
+    check_out_dir(config.out_dir)
+    refuse_if_locked(config.out_dir)
+    return check_dataset_writable(config.data_dir, config.resplit, config.group_by)
+
+
 def preflight(config) -> PreflightResult:
     """All checks of a :class:`~napari_microclf.core.train_config.TrainConfig`, before TensorFlow.
 
@@ -288,11 +300,7 @@ def preflight(config) -> PreflightResult:
     ``split.json`` (:class:`OutputError`), then every image at once (one
     :class:`DatasetError` naming up to :data:`MAX_LISTED` files and counting the rest).
     """
-    check_dataset(config.data_dir)
-    refuse_destroying(config.out_dir, protected=[config.data_dir], what="model folder")
-    check_out_dir(config.out_dir)
-    refuse_if_locked(config.out_dir)
-    note = check_dataset_writable(config.data_dir, config.resplit, config.group_by)
+    note = check_folders(config)
     scan = scan_images(config.data_dir, config.channel_map)
     error = scan.error(config.data_dir)
     if error is not None:
