@@ -36,24 +36,15 @@ from qtpy.QtWidgets import (
 
 from ..core import dataset as ds
 from . import _layers, _settings
+from ._notify import notify as _notify
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import stoppable_progress, surfaced
 from .annotate_objects import ObjectAnnotator, class_colour
+from .annotate_objects import ds_key as _key
 
 KEYS = [str(i) for i in range(1, 10)]
 DEFAULT_DATASET = "microclf-dataset"
-
-
-def _notify(kind: str, text: str) -> None:
-    from napari.utils import notifications
-
-    getattr(notifications, f"show_{kind}")(text)
-
-
-def _key(root: Path) -> Path:
-    """One key per dataset folder, however its path is written."""
-    return Path(root).expanduser().resolve()
 
 
 class AnnotateWidget(QWidget):

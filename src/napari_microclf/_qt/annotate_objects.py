@@ -35,6 +35,7 @@ from ..core.dataset import hash_index
 from ..core.errors import MicroclfError
 from ..core.objects import MASKS, SIZES, CropSpec, add_objects, dataset_crop_spec, objects_of
 from . import _layers
+from ._notify import notify as _notify
 from ._worker import stoppable_progress, surfaced
 from .stackplot import COLOURS
 
@@ -52,12 +53,6 @@ def class_colour(i: int) -> str:
 
 def overlay_name(labels_name: str) -> str:
     return f"{labels_name} annotated"
-
-
-def _notify(kind: str, text: str) -> None:
-    from napari.utils import notifications
-
-    getattr(notifications, f"show_{kind}")(text)
 
 
 class ObjectAnnotator(QGroupBox):
@@ -511,6 +506,7 @@ class ObjectAnnotator(QGroupBox):
 
 
 def ds_key(root) -> Path:
+    """One key per dataset folder, however its path is written (Annotate's too)."""
     return Path(root).expanduser().resolve()
 
 

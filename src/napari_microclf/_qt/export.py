@@ -15,6 +15,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QWidget
 
 from ..core.export import FORMAT_HELP, FORMATS, default_out
+from ._notify import notify as _notify
 
 LABELS = {
     "bioimageio": "bioimage.io package",
@@ -22,12 +23,6 @@ LABELS = {
     "onnx": "ONNX",
     "zip": "microclf zip",
 }
-
-
-def _notify(kind: str, text: str) -> None:
-    from napari.utils import notifications
-
-    getattr(notifications, f"show_{kind}")(text)
 
 
 class ExportRow(QWidget):

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 from ..core import active
 from ..core.errors import MicroclfError
 from . import _layers
+from ._notify import notify as _notify
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import surfaced
@@ -37,12 +38,6 @@ from .predictor_cache import get_predictor
 
 LAYER = "Label next"
 FOLDER, LAYERS = "a folder", "the open image layers"
-
-
-def _notify(kind: str, text: str) -> None:
-    from napari.utils import notifications
-
-    getattr(notifications, f"show_{kind}")(text)
 
 
 @surfaced

@@ -58,6 +58,7 @@ from ..core.predict_options import DEFAULTS
 from ..core.report import describe_model
 from ..core.results import PagePrediction
 from . import _layers, _settings
+from ._notify import notify as _notify
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._tf import ensure_tensorflow
@@ -84,12 +85,6 @@ ENGINE_CHOICES = (
     ("OpenVINO int8: fastest, approximate", ("openvino", "int8")),
     ("TensorFlow", ("tensorflow", "f32")),
 )
-
-
-def _notify(kind: str, text: str) -> None:
-    from napari.utils import notifications
-
-    getattr(notifications, f"show_{kind}")(text)
 
 
 @surfaced

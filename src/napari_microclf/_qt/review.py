@@ -27,18 +27,13 @@ from qtpy.QtWidgets import (
 from ..core import review as rv
 from ..core.errors import MicroclfError
 from . import _layers
+from ._notify import notify as _notify
 from ._plots import ConfusionCanvas
 from ._rows import folder_row
 from ._session import SESSION, connect_widget
 from ._worker import surfaced
 
 ARROW = "\u2192"
-
-
-def _notify(kind: str, text: str) -> None:
-    from napari.utils import notifications
-
-    getattr(notifications, f"show_{kind}")(text)
 
 
 @surfaced
